@@ -1,0 +1,241 @@
+//! The run configuration: one TOML file, every field documented and defaulted, validated.
+//!
+//! Unknown keys are refused by serde (`deny_unknown_fields`) with the key's name and position;
+//! out-of-range values are refused by [`RunConfig::validate`] with the dotted key path, e.g.
+//! `optimizer.lr = -0.1: must be positive and finite`. The effective config (defaults and
+//! command-line overrides applied, seed included) is written into every run directory, and a
+//! run can be replayed from it alone.
+
+use std::path::{Path, PathBuf};
+
+use peerless_core::optim::OptimizerConfig;
+use peerless_ml::{Arch, Backend, DatasetName};
+use serde::{Deserialize, Serialize};
+
+/// Configuration errors; each names the key at fault.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file could not be read.
+    #[error("cannot read config {path}: {source}")]
+    Read {
+        /// File.
+        path: PathBuf,
+        /// Cause.
+        source: std::io::Error,
+    },
+    /// The TOML did not parse or named an unknown key (the message names it).
+    #[error("invalid config {origin}: {message}")]
+    Parse {
+        /// File or "command line".
+        origin: String,
+        /// The parser's message, which names the key and position.
+        message: String,
+    },
+    /// A value out of its allowed range.
+    #[error("{key} = {value}: {reason}")]
+    Invalid {
+        /// Dotted key path.
+        key: String,
+        /// The offending value.
+        value: String,
+        /// What is allowed.
+        reason: String,
+    },
+}
+
+fn invalid(key: &str, value: impl ToString, reason: &str) -> ConfigError {
+    ConfigError::Invalid { key: key.into(), value: value.to_string(), reason: reason.into() }
+}
+
+/// How training is organised.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum TrainArch {
+    /// One process, no functions: the reference.
+    #[default]
+    Local,
+    /// Peer-to-peer serverless training.
+    P2p,
+    /// Serverless parameter server.
+    Ps,
+}
+
+/// Everything a run needs. `peerless train --config run.toml` reads it; flags override it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RunConfig {
+    /// Run name; the run directory defaults to `runs/<name>/`. Empty: derived from the
+    /// architecture, model, dataset and start time.
+    pub name: String,
+    /// The one seed every random choice derives from (init, data order, partitions, faults).
+    pub seed: u64,
+    /// Data.
+    pub data: DataConfig,
+    /// Model.
+    pub model: ModelConfig,
+    /// Training loop.
+    pub train: TrainConfig,
+    /// Optimizer; `kind = "sgd"` or `"adam"`.
+    pub optimizer: OptimizerConfig,
+}
+
+impl Default for RunConfig {
+    fn default() -> Self {
+        RunConfig {
+            name: String::new(),
+            seed: 42,
+            data: DataConfig::default(),
+            model: ModelConfig::default(),
+            train: TrainConfig::default(),
+            optimizer: OptimizerConfig::sgd(0.02),
+        }
+    }
+}
+
+/// `[data]`
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DataConfig {
+    /// `digits` (embedded, no set-up), `mnist` or `fashion-mnist`.
+    pub dataset: DatasetName,
+    /// Directory holding `<dataset>/` IDX files. Empty: `$PEERLESS_DATA_DIR`, else the
+    /// user's data directory (`~/.local/share/peerless`).
+    pub dir: PathBuf,
+}
+
+impl Default for DataConfig {
+    fn default() -> Self {
+        DataConfig { dataset: DatasetName::Digits, dir: PathBuf::new() }
+    }
+}
+
+/// `[model]`
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ModelConfig {
+    /// `logreg`, `mlp` or `lenet`.
+    pub arch: Arch,
+    /// MLP hidden widths (default 256, 128: the 784-256-128-10 MLP on MNIST).
+    pub hidden: Vec<usize>,
+    /// burn CPU backend: `auto` (ndarray with OpenBLAS for dense models, flex for the CNN; measured fastest), `ndarray` or `flex`.
+    pub backend: Backend,
+}
+
+impl Default for ModelConfig {
+    fn default() -> Self {
+        ModelConfig { arch: Arch::Mlp, hidden: vec![256, 128], backend: Backend::default() }
+    }
+}
+
+/// `[train]`
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TrainConfig {
+    /// `local`, `p2p` or `ps`.
+    pub arch: TrainArch,
+    /// Passes over the training set (ignored when `rounds` > 0).
+    pub epochs: u32,
+    /// Optimizer steps to run; 0 means `epochs` full passes.
+    pub rounds: u64,
+    /// Mini-batch size (per step).
+    pub batch_size: usize,
+    /// Evaluate on the test split every this many rounds; 0 means once per epoch.
+    pub eval_every: u64,
+    /// Write a checkpoint every this many rounds (and always at the end); 0 means only at the end.
+    pub checkpoint_every: u64,
+}
+
+impl Default for TrainConfig {
+    fn default() -> Self {
+        TrainConfig {
+            arch: TrainArch::Local,
+            epochs: 3,
+            rounds: 0,
+            batch_size: 64,
+            eval_every: 0,
+            checkpoint_every: 200,
+        }
+    }
+}
+
+impl RunConfig {
+    /// Reads and validates a TOML file.
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|source| ConfigError::Read { path: path.to_owned(), source })?;
+        Self::from_toml(&text, &path.display().to_string())
+    }
+
+    /// Parses and validates TOML text; `origin` names it in errors.
+    pub fn from_toml(text: &str, origin: &str) -> Result<Self, ConfigError> {
+        let cfg: RunConfig = toml::from_str(text)
+            .map_err(|e| ConfigError::Parse { origin: origin.into(), message: e.to_string() })?;
+        cfg.validate()?;
+        Ok(cfg)
+    }
+
+    /// The effective config as TOML (what goes into the run directory).
+    pub fn to_toml(&self) -> String {
+        toml::to_string_pretty(self).expect("invariant: RunConfig always serializes")
+    }
+
+    /// Checks every value's range; the error names the key.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let t = &self.train;
+        if t.batch_size == 0 || t.batch_size > 1 << 20 {
+            return Err(invalid("train.batch_size", t.batch_size, "must be in 1..=1048576"));
+        }
+        if t.epochs == 0 && t.rounds == 0 {
+            return Err(invalid("train.epochs", t.epochs, "must be positive when train.rounds = 0"));
+        }
+        if self.model.arch == Arch::Mlp && (self.model.hidden.is_empty() || self.model.hidden.contains(&0)) {
+            return Err(invalid(
+                "model.hidden",
+                format!("{:?}", self.model.hidden),
+                "must list one or more positive widths",
+            ));
+        }
+        self.optimizer.validate().map_err(|e| match e {
+            peerless_core::optim::OptimError::InvalidConfig { key, value, reason } => ConfigError::Invalid {
+                key: format!("optimizer.{}", key.trim_start_matches("optimizer.")),
+                value,
+                reason,
+            },
+            other => invalid("optimizer", "?", &other.to_string()),
+        })?;
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_round_trip_through_toml() {
+        let cfg = RunConfig::default();
+        let back = RunConfig::from_toml(&cfg.to_toml(), "test").unwrap();
+        assert_eq!(cfg, back);
+    }
+
+    #[test]
+    fn unknown_key_is_refused_by_name() {
+        let err = RunConfig::from_toml("[train]\nepochz = 3\n", "x.toml").unwrap_err().to_string();
+        assert!(err.contains("epochz") && err.contains("x.toml"), "{err}");
+        let err = RunConfig::from_toml("[optimizer]\nkind = \"sgd\"\nmomentun = 0.9\n", "x")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("momentun"), "{err}");
+    }
+
+    #[test]
+    fn out_of_range_values_name_the_key() {
+        let err =
+            RunConfig::from_toml("[optimizer]\nkind = \"sgd\"\nlr = -0.1\n", "x").unwrap_err().to_string();
+        assert!(err.starts_with("optimizer.lr = -0.1"), "{err}");
+        let err = RunConfig::from_toml("[train]\nbatch_size = 0\n", "x").unwrap_err().to_string();
+        assert!(err.starts_with("train.batch_size = 0"), "{err}");
+        let err = RunConfig::from_toml("[model]\narch = \"transformer\"\n", "x").unwrap_err().to_string();
+        assert!(err.contains("transformer"), "{err}");
+    }
+}

@@ -1,0 +1,325 @@
+//! Command-line arguments (clap derive) and dispatch to the subcommands.
+
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+use anyhow::{Context, Result, bail};
+use clap::{Args, Parser, Subcommand};
+use peerless_core::optim::OptimizerConfig;
+use peerless_ml::{Arch, Backend, DatasetName};
+use peerless_runtime::config::{RunConfig, TrainArch};
+
+/// peerless: serverless peer-to-peer ML training, and the parameter-server baseline it is
+/// measured against.
+#[derive(Debug, Parser)]
+#[command(name = "peerless", version, about)]
+pub struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Train a model (`--arch local` in one process).
+    Train(Box<TrainArgs>),
+    /// Datasets: fetch, verify.
+    #[command(subcommand)]
+    Data(DataCommand),
+    /// Benchmarks that report ratios against a reference measured in the same run.
+    #[command(subcommand)]
+    Bench(BenchCommand),
+}
+
+#[derive(Debug, Subcommand)]
+enum BenchCommand {
+    /// One MLP training step (flat vectors in and out) against PyTorch on one thread.
+    Step {
+        /// burn backend: `ndarray` or `flex`; `all` measures both.
+        #[arg(long, default_value = "all")]
+        backend: String,
+        /// Steps per measurement.
+        #[arg(long, default_value_t = 500)]
+        steps: usize,
+        /// Also write the results as JSON to this file.
+        #[arg(long)]
+        json: Option<PathBuf>,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum DataCommand {
+    /// Obtain a dataset into the data directory and verify its checksums.
+    Fetch {
+        /// `mnist`, `fashion-mnist` or `digits` (embedded; nothing to fetch).
+        name: DatasetName,
+        #[command(flatten)]
+        dir: DataDirArg,
+    },
+    /// Verify a dataset's files against their pinned checksums and load them.
+    Verify {
+        /// Dataset name.
+        name: DatasetName,
+        #[command(flatten)]
+        dir: DataDirArg,
+    },
+}
+
+#[derive(Debug, Args)]
+struct DataDirArg {
+    /// Directory holding `<dataset>/` IDX files [default: $PEERLESS_DATA_DIR, else
+    /// ~/.local/share/peerless].
+    #[arg(long)]
+    data_dir: Option<PathBuf>,
+}
+
+/// `peerless train`. Flags override the `--config` file, which overrides the defaults.
+#[derive(Debug, Args)]
+pub struct TrainArgs {
+    /// TOML configuration file (every key documented in the README; unknown keys are errors).
+    #[arg(long)]
+    pub config: Option<PathBuf>,
+    /// Continue the run in this directory from its last checkpoint.
+    #[arg(long, conflicts_with = "config")]
+    pub resume: Option<PathBuf>,
+    /// `local` (one process), `p2p` or `ps`.
+    #[arg(long)]
+    pub arch: Option<TrainArchArg>,
+    /// `logreg`, `mlp` or `lenet`.
+    #[arg(long)]
+    pub model: Option<String>,
+    /// `digits` (embedded), `mnist` or `fashion-mnist`.
+    #[arg(long)]
+    pub dataset: Option<DatasetName>,
+    /// Directory of IDX datasets.
+    #[arg(long)]
+    pub data_dir: Option<PathBuf>,
+    /// Passes over the training set.
+    #[arg(long)]
+    pub epochs: Option<u32>,
+    /// Optimizer steps (overrides --epochs when > 0).
+    #[arg(long)]
+    pub rounds: Option<u64>,
+    /// Mini-batch size.
+    #[arg(long)]
+    pub batch_size: Option<usize>,
+    /// Learning rate.
+    #[arg(long, allow_hyphen_values = true)]
+    pub lr: Option<f64>,
+    /// `sgd` or `adam` (with that optimizer's default hyper-parameters).
+    #[arg(long)]
+    pub optimizer: Option<String>,
+    /// The seed every random choice derives from.
+    #[arg(long)]
+    pub seed: Option<u64>,
+    /// burn CPU backend: `auto`, `ndarray` or `flex`.
+    #[arg(long)]
+    pub backend: Option<String>,
+    /// Evaluate every this many rounds (0: once per epoch).
+    #[arg(long)]
+    pub eval_every: Option<u64>,
+    /// Checkpoint every this many rounds (0: only at the end).
+    #[arg(long)]
+    pub checkpoint_every: Option<u64>,
+    /// Run name (the run directory is `runs/<name>/` unless --out is given).
+    #[arg(long)]
+    pub name: Option<String>,
+    /// Run directory.
+    #[arg(long)]
+    pub out: Option<PathBuf>,
+    /// Stop after this many rounds with a checkpoint, as if interrupted (for tests of resume).
+    #[arg(long, hide = true)]
+    pub halt_at_round: Option<u64>,
+}
+
+/// `--arch` values.
+#[derive(Debug, Clone, Copy, clap::ValueEnum)]
+pub enum TrainArchArg {
+    /// One process.
+    Local,
+    /// Peer-to-peer serverless.
+    P2p,
+    /// Parameter server.
+    Ps,
+}
+
+impl TrainArgs {
+    /// Applies the flags that change what is computed onto `cfg`.
+    pub fn apply(&self, cfg: &mut RunConfig) -> Result<()> {
+        if let Some(a) = self.arch {
+            cfg.train.arch = match a {
+                TrainArchArg::Local => TrainArch::Local,
+                TrainArchArg::P2p => TrainArch::P2p,
+                TrainArchArg::Ps => TrainArch::Ps,
+            };
+        }
+        if let Some(m) = &self.model {
+            cfg.model.arch = m.parse::<Arch>().context("--model")?;
+        }
+        if let Some(b) = &self.backend {
+            cfg.model.backend = b.parse::<Backend>().context("--backend")?;
+        }
+        if let Some(d) = self.dataset {
+            cfg.data.dataset = d;
+        }
+        if let Some(d) = &self.data_dir {
+            cfg.data.dir = d.clone();
+        }
+        if let Some(s) = self.seed {
+            cfg.seed = s;
+        }
+        if let Some(b) = self.batch_size {
+            cfg.train.batch_size = b;
+        }
+        // `--optimizer` switches to that optimizer with its default hyper-parameters (unless the
+        // config already uses it); `--lr` then overrides the learning rate.
+        if let Some(o) = self.optimizer.as_deref().filter(|o| *o != cfg.optimizer.name()) {
+            cfg.optimizer = match o {
+                "sgd" => OptimizerConfig::sgd(0.02),
+                "adam" => OptimizerConfig::adam(1e-3),
+                other => bail!("--optimizer {other:?}: expected sgd or adam"),
+            };
+        }
+        if let Some(lr) = self.lr {
+            cfg.optimizer = cfg.optimizer.clone().with_lr(lr);
+        }
+        if let Some(n) = &self.name {
+            cfg.name = n.clone();
+        }
+        self.apply_schedule(cfg);
+        Ok(())
+    }
+
+    /// Flags that only change how long a run goes or how often it reports (allowed on resume).
+    pub fn apply_schedule(&self, cfg: &mut RunConfig) {
+        if let Some(e) = self.epochs {
+            cfg.train.epochs = e;
+            if self.rounds.is_none() {
+                cfg.train.rounds = 0;
+            }
+        }
+        if let Some(r) = self.rounds {
+            cfg.train.rounds = r;
+        }
+        if let Some(k) = self.eval_every {
+            cfg.train.eval_every = k;
+        }
+        if let Some(k) = self.checkpoint_every {
+            cfg.train.checkpoint_every = k;
+        }
+    }
+
+    /// Names of flags given that would change the computation (refused on resume).
+    pub fn computation_flags(&self) -> Vec<&'static str> {
+        let mut v = Vec::new();
+        let checks: [(&'static str, bool); 11] = [
+            ("--arch", self.arch.is_some()),
+            ("--model", self.model.is_some()),
+            ("--dataset", self.dataset.is_some()),
+            ("--seed", self.seed.is_some()),
+            ("--batch-size", self.batch_size.is_some()),
+            ("--lr", self.lr.is_some()),
+            ("--optimizer", self.optimizer.is_some()),
+            ("--backend", self.backend.is_some()),
+            ("--name", self.name.is_some()),
+            ("--out", self.out.is_some()),
+            ("--config", self.config.is_some()),
+        ];
+        for (name, given) in checks {
+            if given {
+                v.push(name);
+            }
+        }
+        v
+    }
+}
+
+/// The data directory: the flag, else `$PEERLESS_DATA_DIR`, else `$XDG_DATA_HOME/peerless`,
+/// else `~/.local/share/peerless`.
+pub fn data_dir(flag: Option<&Path>) -> PathBuf {
+    if let Some(p) = flag.filter(|p| !p.as_os_str().is_empty()) {
+        return p.to_owned();
+    }
+    if let Some(p) = std::env::var_os("PEERLESS_DATA_DIR").filter(|p| !p.is_empty()) {
+        return PathBuf::from(p);
+    }
+    if let Some(p) = std::env::var_os("XDG_DATA_HOME").filter(|p| !p.is_empty()) {
+        return PathBuf::from(p).join("peerless");
+    }
+    let home = std::env::var_os("HOME").map(PathBuf::from).unwrap_or_else(|| PathBuf::from("."));
+    home.join(".local/share/peerless")
+}
+
+/// Runs the parsed command.
+pub fn run(cli: Cli) -> Result<ExitCode> {
+    match cli.command {
+        Command::Train(args) => crate::train::run(*args),
+        Command::Data(DataCommand::Fetch { name, dir }) => {
+            let dir = data_dir(dir.data_dir.as_deref());
+            let report = peerless_ml::data::fetch(name, &dir)?;
+            if report.embedded {
+                println!("{name} is embedded in the binary; nothing to fetch");
+                return Ok(ExitCode::SUCCESS);
+            }
+            for a in &report.attempts {
+                match &a.error {
+                    None => println!("  {}: ok ({} files)", a.source, a.installed.len()),
+                    Some(e) => println!("  {}: {} file(s), then failed: {e}", a.source, a.installed.len()),
+                }
+            }
+            println!(
+                "{name}: verified in {} ({} already present, {} fetched)",
+                report.dir.display(),
+                report.already_present.len(),
+                report.fetched.len()
+            );
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Bench(BenchCommand::Step { backend, steps, json }) => {
+            let backends = match backend.as_str() {
+                "all" => vec![Backend::Ndarray, Backend::Flex],
+                b => vec![b.parse::<Backend>()?],
+            };
+            let mut results = Vec::new();
+            for b in backends {
+                let r = crate::bench::step(b, steps.max(1))?;
+                println!(
+                    "{:<8} {}: {:>6.0} steps/s  load {:>4.1} %  flatten {:>4.1} %  flatten+load {:>4.1} %",
+                    r.backend,
+                    r.model,
+                    r.steps_per_s,
+                    100.0 * r.load_fraction,
+                    100.0 * r.flatten_fraction,
+                    100.0 * (r.load_fraction + r.flatten_fraction)
+                );
+                match (r.torch_steps_per_s, r.ratio_vs_torch, &r.torch_note) {
+                    (Some(t), Some(ratio), _) => {
+                        println!(
+                            "         PyTorch (same run, 1 thread): {t:.0} steps/s; peerless/PyTorch = {ratio:.2}"
+                        )
+                    }
+                    (_, _, note) => {
+                        println!("         {}", note.as_deref().unwrap_or("no PyTorch reference"))
+                    }
+                }
+                results.push(r);
+            }
+            if let Some(path) = json {
+                std::fs::write(&path, serde_json::to_string_pretty(&results)?)
+                    .with_context(|| format!("writing {}", path.display()))?;
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Data(DataCommand::Verify { name, dir }) => {
+            let dir = data_dir(dir.data_dir.as_deref());
+            let split = peerless_ml::data::load(name, &dir)?;
+            println!(
+                "{name}: ok — {} train / {} test samples, {:?} inputs, {} classes",
+                split.train.len(),
+                split.test.len(),
+                split.train.shape,
+                split.train.classes
+            );
+            Ok(ExitCode::SUCCESS)
+        }
+    }
+}

@@ -1,0 +1,111 @@
+//! Bad input gets a clear error naming what is wrong, never a panic.
+
+use std::path::Path;
+
+use crate::{peerless, run};
+
+fn fails_with(cmd: &mut std::process::Command, needles: &[&str]) {
+    let o = run(cmd);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success(), "expected failure");
+    assert!(!err.contains("panicked"), "panic instead of an error: {err}");
+    for n in needles {
+        assert!(err.contains(n), "error should mention {n:?}: {err}");
+    }
+}
+
+#[test]
+fn unknown_config_key_is_named() {
+    let tmp = tempfile::tempdir().unwrap();
+    let cfg = tmp.path().join("run.toml");
+    std::fs::write(&cfg, "seed = 1\n[train]\nepochs = 2\nbatchsize = 32\n").unwrap();
+    fails_with(
+        peerless().args(["train", "--config"]).arg(&cfg).arg("--out").arg(tmp.path().join("r")),
+        &["batchsize"],
+    );
+}
+
+#[test]
+fn negative_learning_rate_is_refused_by_key() {
+    let tmp = tempfile::tempdir().unwrap();
+    fails_with(
+        peerless().args(["train", "--lr", "-0.1", "--out"]).arg(tmp.path().join("r")),
+        &["optimizer.lr", "-0.1"],
+    );
+    let cfg = tmp.path().join("run.toml");
+    std::fs::write(&cfg, "[optimizer]\nkind = \"adam\"\nbeta1 = 1.5\n").unwrap();
+    fails_with(peerless().args(["train", "--config"]).arg(&cfg), &["optimizer.beta1"]);
+}
+
+fn write_truncated_mnist(dir: &Path) {
+    let d = dir.join("mnist");
+    std::fs::create_dir_all(&d).unwrap();
+    // A header promising 60000 28×28 images, followed by far fewer bytes.
+    let mut images = vec![0, 0, 8, 3];
+    for v in [60000u32, 28, 28] {
+        images.extend(v.to_be_bytes());
+    }
+    images.extend(vec![0u8; 1000]);
+    std::fs::write(d.join("train-images-idx3-ubyte"), &images).unwrap();
+    let mut labels = vec![0, 0, 8, 1];
+    labels.extend(60000u32.to_be_bytes());
+    labels.extend(vec![0u8; 60000]);
+    std::fs::write(d.join("train-labels-idx1-ubyte"), &labels).unwrap();
+}
+
+#[test]
+fn truncated_idx_file_is_reported_with_the_fix() {
+    let tmp = tempfile::tempdir().unwrap();
+    write_truncated_mnist(tmp.path());
+    fails_with(
+        peerless()
+            .args(["train", "--dataset", "mnist", "--data-dir"])
+            .arg(tmp.path())
+            .arg("--out")
+            .arg(tmp.path().join("r")),
+        &["train-images-idx3-ubyte", "peerless data fetch mnist"],
+    );
+}
+
+#[test]
+fn missing_dataset_says_what_to_run() {
+    let tmp = tempfile::tempdir().unwrap();
+    fails_with(
+        peerless()
+            .args(["train", "--dataset", "fashion-mnist", "--data-dir"])
+            .arg(tmp.path())
+            .arg("--out")
+            .arg(tmp.path().join("r")),
+        &["peerless data fetch fashion-mnist"],
+    );
+}
+
+#[test]
+fn checkpoint_of_another_model_is_refused() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("r");
+    assert!(run(peerless().args(["train", "--rounds", "5", "--out"]).arg(&out)).status.success());
+    // Point the run's config at another model; its checkpoint no longer fits.
+    let cfg = std::fs::read_to_string(out.join("config.toml"))
+        .unwrap()
+        .replace("arch = \"mlp\"", "arch = \"logreg\"");
+    std::fs::write(out.join("config.toml"), cfg).unwrap();
+    fails_with(
+        peerless().args(["train", "--rounds", "10", "--resume"]).arg(&out),
+        &["mlp-64-256-128-10", "logreg-64-10"],
+    );
+}
+
+#[test]
+fn corrupt_checkpoint_is_refused() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("r");
+    assert!(run(peerless().args(["train", "--rounds", "5", "--out"]).arg(&out)).status.success());
+    let ck = out.join("checkpoint.safetensors");
+    let bytes = std::fs::read(&ck).unwrap();
+    std::fs::write(&ck, &bytes[..bytes.len() / 2]).unwrap();
+    fails_with(
+        peerless().args(["train", "--rounds", "10", "--resume"]).arg(&out),
+        &["checkpoint", "corrupt"],
+    );
+}
