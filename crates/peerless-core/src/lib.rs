@@ -4,10 +4,14 @@
 //! - [`rng`] — the seeded, checkpointable PRNG behind every random choice.
 //! - [`flat`] — flat `f32` parameter/gradient vectors and their layout (names, shapes, offsets).
 //! - [`optim`] — SGD (momentum, weight decay) and Adam on flat vectors, with flat state.
+//! - [`function`] — wire types of the gradient function and the invocation ledger.
+//! - [`cost`] — Lambda-style and per-hour billing in integer pico-dollars.
 //!
 //! Nothing here reads a clock, touches the network or the disk, or uses a global RNG.
 #![warn(missing_docs)]
 
+pub mod cost;
 pub mod flat;
+pub mod function;
 pub mod optim;
 pub mod rng;
