@@ -188,6 +188,84 @@ impl ModelSpec {
             Arch::Lenet => format!("lenet-{c}x{h}x{w}-{}", self.classes),
         }
     }
+
+    /// Parses a model id (see [`ModelSpec::id`]): `logreg-<features>-<classes>`,
+    /// `mlp-<features>[-<hidden>…]-<classes>` or `lenet-<c>x<h>x<w>-<classes>`.
+    ///
+    /// The logreg and MLP ids carry only the flattened feature count, so their spec gets the
+    /// input shape `[1, 1, features]`; a caller that knows the dataset replaces it with the
+    /// dataset's `[c, h, w]` after checking the product matches. Numbers must be written
+    /// canonically (decimal digits, no sign, no leading zeros) and be positive, with at least
+    /// 2 classes, so that `ModelSpec::from_id(id)?.id() == id` for every accepted id.
+    pub fn from_id(id: &str) -> Result<ModelSpec> {
+        let bad = |why: String| {
+            ModelError::Config(format!(
+                "id {id:?} is invalid ({why}); expected e.g. logreg-64-10, \
+                 mlp-784-256-128-10 or lenet-1x28x28-10"
+            ))
+        };
+        let num = |what: &str, s: &str| -> Result<usize> {
+            let canonical = !s.is_empty()
+                && s.bytes().all(|b| b.is_ascii_digit())
+                && !(s.len() > 1 && s.starts_with('0'));
+            match s.parse::<usize>() {
+                Ok(n) if canonical && n > 0 => Ok(n),
+                _ => Err(bad(format!("{what} {s:?} is not a positive decimal number"))),
+            }
+        };
+        let parts: Vec<&str> = id.split('-').collect();
+        let (arch, rest) = match parts.split_first() {
+            Some((a, rest)) => (*a, rest),
+            None => return Err(bad("empty".into())),
+        };
+        let arch = match arch {
+            "logreg" => Arch::Logreg,
+            "mlp" => Arch::Mlp,
+            "lenet" => Arch::Lenet,
+            other => {
+                return Err(bad(format!("unknown architecture {other:?}; expected logreg, mlp or lenet")));
+            }
+        };
+        let classes_of = |s: &str| -> Result<usize> {
+            let k = num("class count", s)?;
+            if k < 2 {
+                return Err(bad(format!("{k} classes; at least 2 are needed")));
+            }
+            Ok(k)
+        };
+        let spec = match (arch, rest) {
+            (Arch::Logreg, [features, classes]) => {
+                ModelSpec::new(arch, [1, 1, num("feature count", features)?], classes_of(classes)?)
+            }
+            (Arch::Logreg, _) => return Err(bad(format!("logreg takes 2 numbers, got {}", rest.len()))),
+            (Arch::Mlp, [features, hidden @ .., classes]) => ModelSpec {
+                arch,
+                input: [1, 1, num("feature count", features)?],
+                classes: classes_of(classes)?,
+                hidden: hidden.iter().map(|h| num("hidden width", h)).collect::<Result<_>>()?,
+            },
+            (Arch::Mlp, _) => return Err(bad("mlp takes a feature count and a class count".into())),
+            (Arch::Lenet, [shape, classes]) => {
+                let dims: Vec<&str> = shape.split('x').collect();
+                let [c, h, w] = dims[..] else {
+                    return Err(bad(format!("lenet input {shape:?} is not <c>x<h>x<w>")));
+                };
+                let input = [num("channels", c)?, num("height", h)?, num("width", w)?];
+                ModelSpec::new(arch, input, classes_of(classes)?)
+            }
+            (Arch::Lenet, _) => {
+                return Err(bad(format!(
+                    "lenet takes <c>x<h>x<w> and a class count, got {} parts",
+                    rest.len()
+                )));
+            }
+        };
+        let [c, h, w] = spec.input;
+        if c.checked_mul(h).and_then(|ch| ch.checked_mul(w)).is_none() {
+            return Err(bad(format!("input {c}x{h}x{w} overflows")));
+        }
+        Ok(spec)
+    }
 }
 
 /// LeNet geometry, derived from the input size: conv1 pads by 2 (as LeNet-5 on 28×28 MNIST
@@ -597,4 +675,230 @@ fn contiguous_data<const D: usize>(t: Tensor<D>) -> TensorData {
 
 fn read_f32<const D: usize>(t: Tensor<D>) -> Result<Vec<f32>> {
     t.into_data().try_into_vec::<f32>().map_err(|e| ModelError::Backend(format!("{e:?}")))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::data::{DatasetName, load};
+
+    /// A deterministic synthetic batch: `n` samples of `features` values in [-1, 1], labels
+    /// cycling through `classes`.
+    fn synthetic_batch(n: usize, features: usize, classes: usize, seed: u64) -> Batch {
+        let mut rng = Rng::derive(seed, "model-test-batch", 0);
+        let x = (0..n * features).map(|_| (rng.f64() * 2.0 - 1.0) as f32).collect();
+        let y = (0..n).map(|i| (i % classes) as u8).collect();
+        Batch { x, y, shape: [1, 1, features] }
+    }
+
+    fn digits_batch(n: usize) -> (Dataset, Batch) {
+        let split = load(DatasetName::Digits, std::path::Path::new("/unused")).unwrap();
+        let idx: Vec<usize> = (0..n).map(|i| (i * 37) % split.train.len()).collect();
+        let batch = split.train.gather(&idx);
+        (split.train, batch)
+    }
+
+    #[test]
+    fn from_id_round_trips_every_arch() {
+        let ids = [
+            "logreg-64-10",
+            "logreg-784-10",
+            "mlp-784-256-128-10",
+            "mlp-64-32-10",
+            "mlp-64-10",
+            "lenet-1x28x28-10",
+            "lenet-1x8x8-10",
+            "lenet-3x32x32-100",
+        ];
+        for id in ids {
+            let spec = ModelSpec::from_id(id).unwrap_or_else(|e| panic!("{id}: {e}"));
+            assert_eq!(spec.id(), id);
+            Model::new(spec, Backend::Auto).unwrap_or_else(|e| panic!("{id}: {e}"));
+        }
+        // Spec -> id -> spec: the id keeps everything but the [c, h, w] split of a dense
+        // model's input, which comes back as [1, 1, features].
+        for arch in [Arch::Logreg, Arch::Mlp, Arch::Lenet] {
+            for input in [[1, 8, 8], [1, 28, 28]] {
+                let spec = ModelSpec::new(arch, input, 10);
+                let back = ModelSpec::from_id(&spec.id()).unwrap();
+                assert_eq!(back.id(), spec.id());
+                let expected_input = if arch == Arch::Lenet { input } else { [1, 1, input[1] * input[2]] };
+                assert_eq!(back, ModelSpec { input: expected_input, ..spec });
+            }
+        }
+        let custom = ModelSpec { hidden: vec![7, 5, 3], ..ModelSpec::new(Arch::Mlp, [1, 4, 4], 4) };
+        assert_eq!(ModelSpec::from_id(&custom.id()).unwrap().hidden, [7, 5, 3]);
+    }
+
+    #[test]
+    fn from_id_rejects_garbage_naming_the_problem() {
+        let cases = [
+            ("", "unknown architecture \"\""),
+            ("resnet-64-10", "unknown architecture \"resnet\""),
+            ("logreg", "logreg takes 2 numbers, got 0"),
+            ("logreg-64", "logreg takes 2 numbers, got 1"),
+            ("logreg-64-10-3", "logreg takes 2 numbers, got 3"),
+            ("logreg-+64-10", "feature count \"+64\""),
+            ("logreg-064-10", "feature count \"064\""),
+            ("logreg-64-10 ", "class count \"10 \""),
+            ("logreg-64-1", "1 classes"),
+            ("logreg-64-0", "class count \"0\""),
+            ("mlp-0-10", "feature count \"0\""),
+            ("mlp-784", "mlp takes a feature count and a class count"),
+            ("mlp-784-x-10", "hidden width \"x\""),
+            ("mlp-784--10", "hidden width \"\""),
+            ("mlp-99999999999999999999999-10", "feature count \"99999999999999999999999\""),
+            ("lenet-28x28-10", "lenet input \"28x28\" is not <c>x<h>x<w>"),
+            ("lenet-1x28x28x3-10", "is not <c>x<h>x<w>"),
+            ("lenet-1x28x-10", "width \"\""),
+            ("lenet-1x28x28", "lenet takes <c>x<h>x<w> and a class count, got 1 parts"),
+            ("lenet-4294967296x4294967296x4294967296-10", "overflows"),
+            ("MLP-784-10", "unknown architecture \"MLP\""),
+        ];
+        for (id, why) in cases {
+            let err = ModelSpec::from_id(id).expect_err(id);
+            let msg = err.to_string();
+            assert!(matches!(err, ModelError::Config(_)), "{id}: {err:?}");
+            assert!(msg.starts_with(&format!("model id {id:?} is invalid (")), "{id}: {msg}");
+            assert!(msg.contains(why), "{id}: expected {why:?} in {msg}");
+            assert!(msg.contains("expected e.g. logreg-64-10"), "{msg}");
+        }
+    }
+
+    /// Central finite differences of the f32 loss against the analytic gradient on a few
+    /// coordinates: in each parameter tensor, the coordinate with the largest |gradient|.
+    ///
+    /// Tolerance: the loss is ≈ 1 (3 classes) and computed in f32, so each evaluation is off by
+    /// at most ~1e-6 (a few ulps per reduction); with h = 1e-2 the rounding error of the
+    /// central difference is ≤ 2e-6 / 2h = 1e-4, and the truncation error h²/6 · |L'''| is of
+    /// the same order for these inputs (|x| ≤ 1, |θ| ≲ 0.5). Checking only coordinates with
+    /// |g| ≥ 1e-2 therefore bounds the relative error by ≈ 1e-2 in the worst case (measured:
+    /// absolute errors 2–5e-6, relative ≤ 1.5e-4). The perturbed value is rounded to f32, so
+    /// the step actually taken is used.
+    fn check_gradient(model: &Model, params: &[f32], batch: &Batch, h: f32) {
+        let (loss, grad) = model.loss_and_grad(params, batch).unwrap();
+        assert!(loss.is_finite() && loss > 0.0, "{loss}");
+        let loss_at = |p: &[f32]| f64::from(model.loss_and_grad(p, batch).unwrap().0);
+        for e in model.layout().entries() {
+            let range = e.offset..e.offset + e.len();
+            let i = range.clone().max_by(|&a, &b| grad[a].abs().total_cmp(&grad[b].abs())).unwrap();
+            let g = f64::from(grad[i]);
+            assert!(g.abs() >= 1e-2, "{}[{}]: gradient {g} too small for a meaningful check", e.name, i);
+            let (mut plus, mut minus) = (params.to_vec(), params.to_vec());
+            plus[i] += h;
+            minus[i] -= h;
+            let step = f64::from(plus[i]) - f64::from(minus[i]);
+            let fd = (loss_at(&plus) - loss_at(&minus)) / step;
+            let rel = (fd - g).abs() / fd.abs().max(g.abs());
+            assert!(
+                rel < 1e-2,
+                "{}[{}]: finite difference {fd}, analytic {g}, relative error {rel}",
+                e.name,
+                i
+            );
+        }
+    }
+
+    #[test]
+    fn logreg_gradient_matches_finite_differences() {
+        let spec = ModelSpec::new(Arch::Logreg, [1, 1, 6], 3);
+        let model = Model::new(spec, Backend::Ndarray).unwrap();
+        let params = model.init(11);
+        check_gradient(&model, &params, &synthetic_batch(8, 6, 3, 1), 1e-2);
+    }
+
+    #[test]
+    fn mlp_gradient_matches_finite_differences() {
+        let spec = ModelSpec { hidden: vec![5], ..ModelSpec::new(Arch::Mlp, [1, 1, 6], 3) };
+        let model = Model::new(spec, Backend::Ndarray).unwrap();
+        let params = model.init(12);
+        let batch = synthetic_batch(8, 6, 3, 2);
+        let h = 1e-2f32;
+        // ReLU has a kink at 0: make sure no hidden pre-activation is within reach of a
+        // perturbation (a first-layer weight moves it by h·|x| ≤ h, a bias by h), so the loss
+        // is smooth along every perturbed coordinate and finite differences apply.
+        let (w, b) = (model.layout().get("fc0.weight").unwrap(), model.layout().get("fc0.bias").unwrap());
+        for (s, x) in batch.x.chunks_exact(6).enumerate() {
+            for j in 0..5 {
+                let a: f64 = f64::from(params[b.offset + j])
+                    + (0..6).map(|i| f64::from(x[i]) * f64::from(params[w.offset + i * 5 + j])).sum::<f64>();
+                assert!(
+                    a.abs() > 2.0 * f64::from(h),
+                    "sample {s} unit {j}: pre-activation {a} near the kink"
+                );
+            }
+        }
+        check_gradient(&model, &params, &batch, h);
+    }
+
+    #[test]
+    fn gradients_are_deterministic_bit_for_bit() {
+        let (train, batch) = digits_batch(32);
+        for (arch, backend) in
+            [(Arch::Mlp, Backend::Ndarray), (Arch::Lenet, Backend::Flex), (Arch::Logreg, Backend::Flex)]
+        {
+            let model = Model::new(ModelSpec::new(arch, train.shape, train.classes), backend).unwrap();
+            let params = model.init(5);
+            let (l1, g1) = model.loss_and_grad(&params, &batch).unwrap();
+            let (l2, g2) = model.loss_and_grad(&params, &batch).unwrap();
+            let mut g3 = vec![f32::NAN; model.num_params()];
+            let l3 = model.loss_and_grad_into(&params, &batch, &mut g3).unwrap();
+            assert_eq!(l1.to_bits(), l2.to_bits(), "{arch}");
+            assert_eq!(l1.to_bits(), l3.to_bits(), "{arch}");
+            let bits = |g: &[f32]| g.iter().map(|v| v.to_bits()).collect::<Vec<_>>();
+            assert_eq!(bits(&g1), bits(&g2), "{arch}: gradient differs between two identical calls");
+            assert_eq!(bits(&g1), bits(&g3), "{arch}: loss_and_grad_into differs from loss_and_grad");
+            assert!(g1.iter().all(|v| v.is_finite()) && g1.iter().any(|&v| v != 0.0), "{arch}");
+        }
+    }
+
+    #[test]
+    fn bad_inputs_are_errors_not_panics() {
+        let (train, batch) = digits_batch(4);
+        let model =
+            Model::new(ModelSpec::new(Arch::Mlp, train.shape, train.classes), Backend::Ndarray).unwrap();
+        let params = model.init(1);
+        let n = model.num_params();
+
+        let err = model.loss_and_grad(&params[..n - 1], &batch).unwrap_err();
+        assert!(
+            matches!(err, ModelError::ParamLength { expected, got, .. } if expected == n && got == n - 1)
+        );
+        assert_eq!(
+            err.to_string(),
+            format!("parameters for mlp-64-256-128-10 have {} values, expected {n}", n - 1)
+        );
+        assert!(matches!(model.evaluate(&[], &train), Err(ModelError::ParamLength { got: 0, .. })));
+        let mut short = vec![0.0; n + 1];
+        assert!(matches!(
+            model.loss_and_grad_into(&params, &batch, &mut short),
+            Err(ModelError::ParamLength { .. })
+        ));
+
+        let bad_batch = |b: Batch, want: &str| {
+            let err = model.loss_and_grad(&params, &b).unwrap_err();
+            let msg = err.to_string();
+            assert!(matches!(err, ModelError::BadBatch { .. }), "{msg}");
+            assert!(msg.starts_with("batch for mlp-64-256-128-10: "), "{msg}");
+            assert!(msg.contains(want), "expected {want:?} in {msg}");
+        };
+        bad_batch(
+            Batch { shape: [1, 4, 16], ..batch.clone() },
+            "input shape [1, 4, 16], model expects [1, 8, 8]",
+        );
+        bad_batch(
+            Batch { x: batch.x[1..].to_vec(), ..batch.clone() },
+            "255 input values for 4 labels of 64 features",
+        );
+        bad_batch(Batch { x: Vec::new(), y: Vec::new(), shape: batch.shape }, "empty batch");
+        let mut labels = batch.clone();
+        labels.y[2] = 10;
+        bad_batch(labels, "label 10 out of range for 10 classes");
+        let mut nan = batch.clone();
+        nan.x[70] = f32::NAN;
+        bad_batch(nan, "non-finite input value NaN at index 70");
+        let mut inf = batch.clone();
+        inf.x[0] = f32::NEG_INFINITY;
+        bad_batch(inf, "non-finite input value -inf at index 0");
+    }
 }

@@ -8,5 +8,8 @@
 
 pub mod checkpoint;
 pub mod config;
+pub mod function;
+pub mod gradient;
 pub mod local;
 pub mod rundir;
+pub mod store;

@@ -28,10 +28,20 @@ enum Command {
     /// Benchmarks that report ratios against a reference measured in the same run.
     #[command(subcommand)]
     Bench(BenchCommand),
+    /// Run as a function instance (a Lambda custom runtime); started by the function runtime,
+    /// which sets AWS_LAMBDA_RUNTIME_API and the other Lambda variables.
+    #[command(hide = true)]
+    Function,
+    /// Invoke a function once on a local function runtime; prints the answer, then each
+    /// attempt's ledger record (JSON lines).
+    Invoke(Box<crate::function_cmd::InvokeArgs>),
 }
 
 #[derive(Debug, Subcommand)]
 enum BenchCommand {
+    /// Warm invocation overhead of `echo` through the local function runtime against a direct
+    /// in-process call, and cold-start time.
+    Invoke(crate::function_cmd::BenchInvokeArgs),
     /// One MLP training step (flat vectors in and out) against PyTorch on one thread.
     Step {
         /// burn backend: `ndarray` or `flex`; `all` measures both.
@@ -253,6 +263,9 @@ pub fn data_dir(flag: Option<&Path>) -> PathBuf {
 pub fn run(cli: Cli) -> Result<ExitCode> {
     match cli.command {
         Command::Train(args) => crate::train::run(*args),
+        Command::Function => crate::function_cmd::run_function(),
+        Command::Invoke(args) => crate::function_cmd::run_invoke(*args),
+        Command::Bench(BenchCommand::Invoke(args)) => crate::function_cmd::run_bench_invoke(args),
         Command::Data(DataCommand::Fetch { name, dir }) => {
             let dir = data_dir(dir.data_dir.as_deref());
             let report = peerless_ml::data::fetch(name, &dir)?;

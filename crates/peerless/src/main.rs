@@ -2,6 +2,7 @@
 
 mod bench;
 mod cli;
+mod function_cmd;
 mod progress;
 mod train;
 

@@ -1,6 +1,8 @@
 //! End-to-end tests of the `peerless` binary: real processes, real files, real signals.
 
 mod bad_input;
+mod function;
+mod gradient;
 mod local;
 mod resume;
 

@@ -1,0 +1,611 @@
+//! The invoking side: the [`Invoker`] trait and [`LocalRuntime`], its process-based default.
+//!
+//! An invocation is one or more *attempts*. Each attempt is throttled, or runs on a warm or
+//! freshly started instance, and leaves exactly one [`InvocationRecord`] in the ledger.
+//! Retryable outcomes ([`Outcome::is_retryable`]) are retried up to `max_retries` times with
+//! exponential backoff and seeded jitter; an invocation reports success at most once (the
+//! first answer ends it, and a killed attempt's late answer is refused by the Runtime API).
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use bytes::Bytes;
+use peerless_core::cost::{Prices, billed_ms};
+use peerless_core::function::{InvocationRecord, Outcome, SYNC_PAYLOAD_LIMIT};
+use peerless_core::rng::Rng;
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+use tokio::sync::watch;
+
+use super::api::{Event, FunctionError};
+use super::config::Config;
+use super::faults::{Fault, FaultInjector};
+use super::instance::{FunctionCommand, Instance, RunEnd, SpawnError, Watch};
+use super::metrics::{Counters, Ledger, Summary};
+use super::pool::{Acquire, Pools};
+use crate::config::ConfigError;
+
+/// Who invokes, for the ledger, fault decisions and request ids.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct InvokeCtx {
+    /// Invoking node (peer or worker id).
+    pub node: String,
+    /// Round.
+    pub round: u64,
+    /// Batch within the round.
+    pub batch: u32,
+}
+
+impl InvokeCtx {
+    /// A context.
+    pub fn new(node: impl Into<String>, round: u64, batch: u32) -> Self {
+        InvokeCtx { node: node.into(), round, batch }
+    }
+}
+
+/// The result of an invocation (after retries).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Invocation {
+    /// How the last attempt ended.
+    pub outcome: Outcome,
+    /// The function's answer when `outcome` is `Ok`.
+    pub response: Option<Value>,
+    /// The error document otherwise (function error, or the runtime's description of a
+    /// crash, timeout, OOM kill or throttle, Lambda-style).
+    pub error: Option<FunctionError>,
+    /// Request id of the last attempt.
+    pub request_id: String,
+    /// Every attempt's ledger record, in order.
+    pub attempts: Vec<InvocationRecord>,
+    /// Pid of the instance that ran the last attempt (none when throttled or never started).
+    pub pid: Option<u32>,
+    /// Duration of the last attempt, µs (cold start excluded).
+    pub duration_us: u64,
+}
+
+impl Invocation {
+    /// Whether the function answered.
+    pub fn is_ok(&self) -> bool {
+        self.outcome == Outcome::Ok
+    }
+
+    /// The last attempt's record.
+    pub fn last(&self) -> Option<&InvocationRecord> {
+        self.attempts.last()
+    }
+}
+
+/// Failures to invoke at all (no attempt was made or could be recorded).
+#[derive(Debug, thiserror::Error)]
+pub enum InvokeError {
+    /// The payload is over Lambda's 6 MB synchronous limit (Lambda: 413
+    /// `RequestEntityTooLargeException`); large data travels through the store.
+    #[error("request payload of {size} bytes exceeds the {SYNC_PAYLOAD_LIMIT}-byte synchronous limit")]
+    RequestTooLarge {
+        /// Its size, bytes.
+        size: usize,
+    },
+    /// The function's program could not be executed.
+    #[error("cannot start an instance of {function}: {reason}")]
+    Spawn {
+        /// Function.
+        function: String,
+        /// Cause.
+        reason: String,
+    },
+    /// The runtime has been shut down.
+    #[error("the function runtime is shut down")]
+    ShutDown,
+}
+
+/// A boxed invocation future (the trait is object-safe so `Arc<dyn Invoker>` works).
+pub type InvokeFuture<'a> = Pin<Box<dyn Future<Output = Result<Invocation, InvokeError>> + Send + 'a>>;
+
+/// Something that invokes functions: [`LocalRuntime`] here, AWS Lambda as an optional backend.
+///
+/// Dyn-compatible on purpose (boxed futures instead of `async fn`): the peer and PS loops hold
+/// an `Arc<dyn Invoker>` chosen by configuration; one allocation per invocation is noise next
+/// to a process round trip.
+pub trait Invoker: Send + Sync + std::fmt::Debug {
+    /// Invokes `function` with `payload`, retrying retryable outcomes per the configuration.
+    /// Cancel-safe: dropping the future kills the instance of the attempt in flight.
+    fn invoke<'a>(&'a self, function: &'a str, payload: Value, ctx: InvokeCtx) -> InvokeFuture<'a>;
+    /// A snapshot of the ledger (one record per attempt).
+    fn ledger(&self) -> Vec<InvocationRecord>;
+    /// Counters and latency quantiles so far.
+    fn summary(&self) -> Summary;
+}
+
+#[derive(Debug)]
+struct Inner {
+    config: Config,
+    prices: Prices,
+    command: FunctionCommand,
+    seed: u64,
+    faults: FaultInjector,
+    pools: Arc<Pools>,
+    ledger: Ledger,
+    counters: Mutex<Counters>,
+    ids: Mutex<Rng>,
+    next_instance: AtomicU64,
+    shutdown: watch::Sender<bool>,
+}
+
+impl Inner {
+    fn counters(&self) -> MutexGuard<'_, Counters> {
+        self.counters.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+impl Drop for Inner {
+    fn drop(&mut self) {
+        // Idle instances are killed and reaped by their supervisors when dropped here.
+        self.shutdown.send_replace(true);
+        drop(self.pools.close());
+    }
+}
+
+/// The local function runtime: real OS processes speaking the Lambda Runtime API, with warm
+/// pools, concurrency limits, timeouts, memory limits, retries, fault injection and a ledger.
+///
+/// Cheap to clone (clones share everything). Create it inside a tokio runtime. Dropping the
+/// last clone kills every idle instance; [`LocalRuntime::shutdown`] also kills busy ones and
+/// waits until all are reaped.
+#[derive(Debug, Clone)]
+pub struct LocalRuntime {
+    inner: Arc<Inner>,
+}
+
+impl LocalRuntime {
+    /// Starts a runtime that spawns `command` as function instances; `seed` drives request
+    /// ids, backoff jitter and fault injection. Validates `config` (the error names the key).
+    pub fn start(config: Config, command: FunctionCommand, seed: u64) -> Result<LocalRuntime, ConfigError> {
+        config.validate()?;
+        let prices = config.prices.prices().map_err(|e| ConfigError::Invalid {
+            key: format!("function.prices.{}", e.key),
+            value: e.value.to_string(),
+            reason: "must be a finite, non-negative dollar amount".into(),
+        })?;
+        let (shutdown, _) = watch::channel(false);
+        let inner = Arc::new(Inner {
+            faults: FaultInjector::new(config.faults.clone(), seed),
+            pools: Pools::new(config.concurrency),
+            prices,
+            command,
+            seed,
+            ledger: Ledger::default(),
+            counters: Mutex::new(Counters::default()),
+            ids: Mutex::new(Rng::derive(seed, "request-id", 0)),
+            next_instance: AtomicU64::new(0),
+            shutdown,
+            config,
+        });
+        tokio::spawn(reaper(Arc::downgrade(&inner), Duration::from_millis(inner.config.keep_alive_ms)));
+        tracing::info!(seed, memory_mb = inner.config.memory_mb, "local function runtime started");
+        Ok(LocalRuntime { inner })
+    }
+
+    /// The configuration in force.
+    pub fn config(&self) -> &Config {
+        &self.inner.config
+    }
+
+    /// The integer prices the ledger charges with.
+    pub fn prices(&self) -> Prices {
+        self.inner.prices
+    }
+
+    /// The shared ledger.
+    pub fn ledger_handle(&self) -> Ledger {
+        self.inner.ledger.clone()
+    }
+
+    /// Writes `ledger.csv`.
+    pub fn write_ledger_csv(&self, path: &std::path::Path) -> std::io::Result<()> {
+        self.inner.ledger.write_csv(path)
+    }
+
+    /// Idle (warm) instances of `function`.
+    pub fn idle_instances(&self, function: &str) -> usize {
+        self.inner.pools.idle(function)
+    }
+
+    /// Invocations of `function` currently holding a concurrency unit.
+    pub fn in_flight(&self, function: &str) -> u32 {
+        self.inner.pools.in_flight(function)
+    }
+
+    /// Retires every idle instance now (as if their keep-alive had passed) and waits until
+    /// they are reaped; returns how many. The next invocation of each function is cold.
+    pub async fn retire_idle(&self) -> usize {
+        let gone = self.inner.pools.take_expired(Duration::ZERO);
+        let n = gone.len();
+        self.inner.counters().retired += n as u64;
+        for mut i in gone {
+            i.kill_and_reap().await;
+        }
+        n
+    }
+
+    /// Kills every instance, idle or busy (their attempts end as `Crashed`), waits until the
+    /// idle ones are reaped, and refuses later invocations.
+    pub async fn shutdown(&self) {
+        self.inner.shutdown.send_replace(true);
+        for mut i in self.inner.pools.close() {
+            i.kill_and_reap().await;
+        }
+    }
+
+    fn request_id(&self, ctx: &InvokeCtx, attempt: u32) -> (String, String) {
+        let (a, b, c) = {
+            let mut r = self.inner.ids.lock().unwrap_or_else(|e| e.into_inner());
+            (r.next_u64(), r.next_u64(), r.next_u64())
+        };
+        let node: String = ctx
+            .node
+            .chars()
+            .map(|ch| if ch.is_ascii_alphanumeric() || ch == '.' || ch == '_' { ch } else { '_' })
+            .take(64)
+            .collect();
+        let node = if node.is_empty() { "local".to_owned() } else { node };
+        let id = format!("{node}-{}-{}-{attempt}-{a:016x}", ctx.round, ctx.batch);
+        let trace = format!("Root=1-{:08x}-{:016x}{:08x};Sampled=0", b as u32, c, (b >> 32) as u32);
+        (id, trace)
+    }
+
+    /// Backoff before retry `attempt` (≥ 1): equal jitter over an exponentially growing cap.
+    fn backoff(&self, function: &str, ctx: &InvokeCtx, attempt: u32) -> Duration {
+        let c = &self.inner.config;
+        let cap = c.backoff_base_ms.saturating_mul(1u64 << (attempt - 1).min(20)).min(c.backoff_max_ms);
+        let mut rng = Rng::derive(
+            self.inner.seed,
+            &format!("backoff/{function}/{}/{}/{}", ctx.node, ctx.round, ctx.batch),
+            u64::from(attempt),
+        );
+        let half = cap / 2;
+        let jitter = if cap - half > 0 { rng.below(cap - half + 1) } else { 0 };
+        Duration::from_millis(half + jitter)
+    }
+
+    fn record(&self, rec: InvocationRecord, latency_us: Option<u64>, injected: bool) -> InvocationRecord {
+        {
+            let mut c = self.inner.counters();
+            c.record(&rec);
+            if let Some(l) = latency_us {
+                c.latencies_us.push(l);
+            }
+            if injected {
+                c.injected += 1;
+            }
+        }
+        self.inner.ledger.push(rec.clone());
+        rec
+    }
+
+    /// Like [`Invoker::invoke`] with an explicit retry bound (0: a single attempt, as AWS does
+    /// for synchronous `RequestResponse` invocations). Cancel-safe: dropping the future kills
+    /// the instance of the attempt in flight and frees its concurrency unit; that attempt
+    /// leaves no ledger record.
+    #[tracing::instrument(skip_all, fields(function, node = %ctx.node, round = ctx.round, batch = ctx.batch))]
+    pub async fn invoke_with_retries(
+        &self,
+        function: &str,
+        payload: Value,
+        ctx: InvokeCtx,
+        max_retries: u32,
+    ) -> Result<Invocation, InvokeError> {
+        let body = serde_json::to_vec(&payload).map_err(|e| InvokeError::Spawn {
+            function: function.to_owned(),
+            reason: format!("payload does not serialize: {e}"),
+        })?;
+        if body.len() > SYNC_PAYLOAD_LIMIT {
+            return Err(InvokeError::RequestTooLarge { size: body.len() });
+        }
+        let body = Bytes::from(body);
+        let mut attempts = Vec::new();
+        let max = max_retries;
+        for attempt in 0..=max {
+            if attempt > 0 {
+                let wait = self.backoff(function, &ctx, attempt);
+                tracing::debug!(function, node = %ctx.node, round = ctx.round, batch = ctx.batch, attempt, wait_ms = wait.as_millis() as u64, "retrying");
+                tokio::time::sleep(wait).await;
+            }
+            let mut inv = self.attempt(function, &body, &ctx, attempt).await?;
+            attempts.append(&mut inv.attempts);
+            if !inv.outcome.is_retryable() || attempt == max {
+                inv.attempts = attempts;
+                return Ok(inv);
+            }
+        }
+        unreachable!("the loop returns on its last attempt")
+    }
+
+    /// One attempt; its record is in `attempts[0]` of the result.
+    async fn attempt(
+        &self,
+        function: &str,
+        body: &Bytes,
+        ctx: &InvokeCtx,
+        attempt: u32,
+    ) -> Result<Invocation, InvokeError> {
+        let inner = &self.inner;
+        let cfg = &inner.config;
+        let plan = inner.faults.plan(function, &ctx.node, ctx.round, ctx.batch, attempt);
+        let (request_id, trace_id) = self.request_id(ctx, attempt);
+        let mut rec = InvocationRecord {
+            function: function.to_owned(),
+            request_id: request_id.clone(),
+            node: ctx.node.clone(),
+            round: ctx.round,
+            batch: ctx.batch,
+            attempt,
+            memory_mb: cfg.memory_mb,
+            billed_ms: 0,
+            cold_start: false,
+            init_us: 0,
+            outcome: Outcome::Throttled,
+            cost_pico: 0,
+        };
+        let done =
+            |rec: InvocationRecord, error: Option<FunctionError>, response, pid, duration_us| Invocation {
+                outcome: rec.outcome,
+                response,
+                error,
+                request_id: rec.request_id.clone(),
+                attempts: vec![rec],
+                pid,
+                duration_us,
+            };
+        let throttled = |injected: bool| {
+            let what = if injected { "injected throttle" } else { "concurrency limit reached" };
+            FunctionError::new("TooManyRequestsException", format!("Rate Exceeded: {what} for {function}"))
+        };
+        if plan.fault == Fault::Throttle {
+            tracing::debug!(function, request_id, "injected throttle");
+            let rec = self.record(rec, None, true);
+            return Ok(done(rec, Some(throttled(true)), None, None, 0));
+        }
+        let slot = match inner.pools.acquire(function) {
+            Acquire::Closed => return Err(InvokeError::ShutDown),
+            Acquire::Throttled => {
+                let rec = self.record(rec, None, false);
+                return Ok(done(rec, Some(throttled(false)), None, None, 0));
+            }
+            Acquire::Slot(s) => s,
+        };
+        let mut slot = slot;
+        let (mut inst, cold) = match slot.warm.take() {
+            Some(i) => (i, false),
+            None => {
+                let id = inner.next_instance.fetch_add(1, Ordering::Relaxed);
+                let init_timeout = Duration::from_millis(cfg.init_timeout_ms);
+                let started = std::time::Instant::now();
+                match Instance::spawn(&inner.command, function, cfg.memory_mb, id, init_timeout).await {
+                    Ok((i, init_us)) => {
+                        rec.init_us = init_us;
+                        (i, true)
+                    }
+                    Err(SpawnError::Exec { program, source }) => {
+                        return Err(InvokeError::Spawn {
+                            function: function.to_owned(),
+                            reason: format!("{program}: {source}"),
+                        });
+                    }
+                    Err(SpawnError::Api(e)) => {
+                        return Err(InvokeError::Spawn {
+                            function: function.to_owned(),
+                            reason: e.to_string(),
+                        });
+                    }
+                    Err(e) => {
+                        // Init failed: billed like Lambda bills a custom runtime's init.
+                        let init_us = u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX);
+                        let (outcome, fe) = match e {
+                            SpawnError::Init(fe) => (Outcome::FunctionError, fe),
+                            SpawnError::InitTimeout => (
+                                Outcome::Timeout,
+                                FunctionError::new(
+                                    "Runtime.InitTimeout",
+                                    "the instance did not initialise in time",
+                                ),
+                            ),
+                            other => {
+                                (Outcome::Crashed, FunctionError::new("Runtime.ExitError", other.to_string()))
+                            }
+                        };
+                        rec.cold_start = true;
+                        rec.init_us = init_us;
+                        rec.outcome = outcome;
+                        rec.billed_ms = billed_ms(init_us);
+                        rec.cost_pico = inner.prices.invocation_pico(rec.billed_ms, rec.memory_mb);
+                        tracing::warn!(function, request_id, error = %fe, "instance failed to initialise");
+                        let rec = self.record(rec, Some(init_us), false);
+                        return Ok(done(rec, Some(fe), None, None, 0));
+                    }
+                }
+            }
+        };
+        if cold && plan.slow_cold_start_ms > 0 {
+            tracing::debug!(function, request_id, ms = plan.slow_cold_start_ms, "injected slow cold start");
+            tokio::time::sleep(Duration::from_millis(plan.slow_cold_start_ms)).await;
+            rec.init_us += plan.slow_cold_start_ms * 1000;
+        }
+        rec.cold_start = cold;
+        let now_ms = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0);
+        let event = Event {
+            request_id: request_id.clone(),
+            deadline_unix_ms: now_ms + cfg.timeout_ms,
+            function_arn: format!("arn:aws:lambda:local:000000000000:function:{function}"),
+            trace_id,
+            body: body.clone(),
+        };
+        let (end, duration_us) = inst
+            .run(
+                event,
+                Watch {
+                    timeout: Duration::from_millis(cfg.timeout_ms),
+                    limit_kb: cfg.memory_mb * 1024,
+                    poll: Duration::from_millis(cfg.memory_poll_ms),
+                    fault: plan.fault,
+                    expected: inner.pools.expected(function),
+                    shutdown: inner.shutdown.subscribe(),
+                },
+            )
+            .await;
+        let pid = Some(inst.pid);
+        let (outcome, response, error) = match end {
+            RunEnd::Ok(bytes) => match serde_json::from_slice::<Value>(&bytes) {
+                Ok(v) => (Outcome::Ok, Some(v), None),
+                Err(e) => (
+                    Outcome::FunctionError,
+                    None,
+                    Some(FunctionError::new("Runtime.InvalidResponseBody", e.to_string())),
+                ),
+            },
+            RunEnd::Error(fe) => (Outcome::FunctionError, None, Some(fe)),
+            RunEnd::Crashed(what) => (
+                Outcome::Crashed,
+                None,
+                Some(FunctionError::new(
+                    "Runtime.ExitError",
+                    format!("RequestId: {request_id} Error: {what}"),
+                )),
+            ),
+            RunEnd::Timeout => (
+                Outcome::Timeout,
+                None,
+                Some(FunctionError::new(
+                    "Sandbox.Timedout",
+                    format!("RequestId: {request_id} Error: Task timed out after {} ms", cfg.timeout_ms),
+                )),
+            ),
+            RunEnd::OutOfMemory { rss_kb } => (
+                Outcome::OutOfMemory,
+                None,
+                Some(FunctionError::new(
+                    "Runtime.OutOfMemory",
+                    format!(
+                        "RequestId: {request_id} Error: Runtime exited with error: signal: killed (resident {} MB > {} MB)",
+                        rss_kb / 1024,
+                        cfg.memory_mb
+                    ),
+                )),
+            ),
+        };
+        if outcome == Outcome::Ok {
+            inner.pools.observe_ok(function, duration_us);
+        }
+        slot.release(inst);
+        let total_us = duration_us + if cold { rec.init_us } else { 0 };
+        rec.outcome = outcome;
+        rec.billed_ms = billed_ms(total_us);
+        rec.cost_pico = inner.prices.invocation_pico(rec.billed_ms, rec.memory_mb);
+        if outcome != Outcome::Ok {
+            tracing::debug!(function, request_id, ?outcome, error = ?error, "attempt failed");
+        }
+        let rec = self.record(
+            rec,
+            Some(total_us),
+            plan.fault != Fault::None || plan.slow_cold_start_ms > 0 && cold,
+        );
+        Ok(done(rec, error, response, pid, duration_us))
+    }
+}
+
+impl Invoker for LocalRuntime {
+    fn invoke<'a>(&'a self, function: &'a str, payload: Value, ctx: InvokeCtx) -> InvokeFuture<'a> {
+        Box::pin(self.invoke_with_retries(function, payload, ctx, self.inner.config.max_retries))
+    }
+
+    fn ledger(&self) -> Vec<InvocationRecord> {
+        self.inner.ledger.snapshot()
+    }
+
+    fn summary(&self) -> Summary {
+        self.inner.counters().summary()
+    }
+}
+
+/// Retires idle instances past their keep-alive; ends when the runtime is dropped.
+async fn reaper(inner: std::sync::Weak<Inner>, keep_alive: Duration) {
+    let period = (keep_alive / 2).clamp(Duration::from_millis(5), Duration::from_secs(1));
+    loop {
+        tokio::time::sleep(period).await;
+        let Some(inner) = inner.upgrade() else { return };
+        if *inner.shutdown.borrow() {
+            return;
+        }
+        let gone = inner.pools.take_expired(keep_alive);
+        if !gone.is_empty() {
+            tracing::debug!(n = gone.len(), "retiring idle instances");
+            inner.counters().retired += gone.len() as u64;
+        }
+        drop(inner);
+        for mut i in gone {
+            i.kill_and_reap().await;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn rt(cfg: Config) -> LocalRuntime {
+        LocalRuntime::start(cfg, FunctionCommand::new("/nonexistent/peerless-function"), 7).unwrap()
+    }
+
+    #[tokio::test]
+    async fn request_ids_carry_the_attempt_and_are_unique() {
+        let r = rt(Config::for_test());
+        let ctx = InvokeCtx::new("peer/0", 3, 4);
+        let (a, trace) = r.request_id(&ctx, 1);
+        let (b, _) = r.request_id(&ctx, 1);
+        assert!(a.starts_with("peer_0-3-4-1-"), "{a}");
+        assert_ne!(a, b);
+        assert!(trace.starts_with("Root=1-"));
+        assert!(a.chars().all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c)));
+    }
+
+    #[tokio::test]
+    async fn backoff_grows_is_capped_and_replays() {
+        let cfg = Config { backoff_base_ms: 100, backoff_max_ms: 300, ..Config::for_test() };
+        let r = rt(cfg.clone());
+        let ctx = InvokeCtx::new("p", 1, 0);
+        let b1 = r.backoff("f", &ctx, 1);
+        let b3 = r.backoff("f", &ctx, 3);
+        assert!((50..=100).contains(&(b1.as_millis() as u64)), "{b1:?}");
+        assert!((150..=300).contains(&(b3.as_millis() as u64)), "{b3:?}");
+        assert_eq!(b1, rt(cfg).backoff("f", &ctx, 1));
+    }
+
+    #[tokio::test]
+    async fn unstartable_program_and_oversize_payload_are_errors_not_attempts() {
+        let r = rt(Config::for_test());
+        let err = r.invoke("echo", Value::Null, InvokeCtx::default()).await.unwrap_err();
+        assert!(matches!(err, InvokeError::Spawn { .. }), "{err}");
+        let big = Value::String("x".repeat(SYNC_PAYLOAD_LIMIT));
+        let err = r.invoke("echo", big, InvokeCtx::default()).await.unwrap_err();
+        assert!(matches!(err, InvokeError::RequestTooLarge { .. }), "{err}");
+        assert!(r.ledger().is_empty());
+        assert_eq!(r.in_flight("echo"), 0, "the slot was freed");
+    }
+
+    #[tokio::test]
+    async fn injected_throttles_are_recorded_free_and_retried() {
+        let mut cfg = Config::for_test().with_max_retries(2);
+        cfg.faults.throttle_rate = 1.0;
+        let r = rt(cfg);
+        let inv = r.invoke("echo", Value::Null, InvokeCtx::new("n", 0, 0)).await.unwrap();
+        assert_eq!(inv.outcome, Outcome::Throttled);
+        assert_eq!(inv.attempts.len(), 3);
+        assert!(inv.attempts.iter().all(|a| a.billed_ms == 0 && a.cost_pico == 0));
+        assert_eq!(inv.attempts.iter().map(|a| a.attempt).collect::<Vec<_>>(), vec![0, 1, 2]);
+        let s = r.summary();
+        assert_eq!((s.invocations, s.throttles, s.retries, s.faults_injected), (3, 3, 2, 3));
+        assert_eq!(inv.error.unwrap().error_type, "TooManyRequestsException");
+    }
+}

@@ -1,0 +1,192 @@
+//! AWS's Invoke API on a loopback port, in front of a [`LocalRuntime`].
+//!
+//! `POST /2015-03-31/functions/{name}/invocations` with the payload as body answers like AWS:
+//! 200 with the function's result; 200 with `X-Amz-Function-Error: Unhandled` and the error
+//! document when the function failed, crashed, timed out or ran out of memory; 429
+//! `TooManyRequestsException` when throttled; 413 `RequestEntityTooLargeException` over 6 MB.
+//! `X-Amz-Invocation-Type: Event` answers 202 at once and runs the invocation (with the
+//! runtime's retries) in the background; `DryRun` answers 204. Synchronous invocations are
+//! not retried, as on AWS. So `peerless invoke` and the AWS SDK (with `endpoint_url`) can
+//! call local functions.
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU32, Ordering};
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full, Limited};
+use hyper::body::Incoming;
+use hyper::{Method, Request, Response, StatusCode, header};
+use hyper_util::rt::TokioIo;
+use peerless_core::function::{Outcome, SYNC_PAYLOAD_LIMIT};
+use serde_json::{Value, json};
+use tokio::net::TcpListener;
+use tokio::task::{JoinHandle, JoinSet};
+
+use super::invoke::{InvokeCtx, Invoker, LocalRuntime};
+
+/// A running Invoke API server. Dropping it stops the server (not the runtime).
+#[derive(Debug)]
+pub struct InvokeApi {
+    addr: SocketAddr,
+    task: JoinHandle<()>,
+}
+
+#[derive(Debug)]
+struct State {
+    runtime: LocalRuntime,
+    seq: AtomicU32,
+}
+
+impl InvokeApi {
+    /// Serves `runtime` on `addr` (use port 0 for any free port, e.g. `127.0.0.1:0`).
+    pub async fn bind(runtime: LocalRuntime, addr: SocketAddr) -> std::io::Result<InvokeApi> {
+        let listener = TcpListener::bind(addr).await?;
+        let addr = listener.local_addr()?;
+        let state = Arc::new(State { runtime, seq: AtomicU32::new(0) });
+        let task = tokio::spawn(async move {
+            let mut conns = JoinSet::new();
+            loop {
+                tokio::select! {
+                    accepted = listener.accept() => {
+                        let Ok((stream, _)) = accepted else { continue };
+                        let state = state.clone();
+                        conns.spawn(async move {
+                            let svc = hyper::service::service_fn(move |req| handle(state.clone(), req));
+                            let _ = hyper::server::conn::http1::Builder::new()
+                                .serve_connection(TokioIo::new(stream), svc)
+                                .await;
+                        });
+                    }
+                    Some(_) = conns.join_next(), if !conns.is_empty() => {}
+                }
+            }
+        });
+        Ok(InvokeApi { addr, task })
+    }
+
+    /// The bound address.
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+}
+
+impl Drop for InvokeApi {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+type Resp = Response<Full<Bytes>>;
+
+fn respond(status: StatusCode, body: Bytes, headers: &[(&'static str, String)]) -> Resp {
+    let mut r = Response::new(Full::new(body));
+    *r.status_mut() = status;
+    r.headers_mut().insert(header::CONTENT_TYPE, header::HeaderValue::from_static("application/json"));
+    for (k, v) in headers {
+        if let Ok(v) = header::HeaderValue::from_str(v) {
+            r.headers_mut().insert(*k, v);
+        }
+    }
+    r
+}
+
+/// An AWS service error (`x-amzn-ErrorType` + `{"Type", "message"}`).
+fn service_error(status: StatusCode, kind: &str, message: &str) -> Resp {
+    let body = json!({ "Type": "User", "message": message });
+    respond(status, Bytes::from(body.to_string()), &[("x-amzn-errortype", kind.to_owned())])
+}
+
+async fn handle(state: Arc<State>, req: Request<Incoming>) -> Result<Resp, Infallible> {
+    let path = req.uri().path().to_owned();
+    let parts: Vec<&str> = path.trim_start_matches('/').split('/').collect();
+    let name = match parts.as_slice() {
+        ["2015-03-31", "functions", name, "invocations"] => (*name).to_owned(),
+        _ => {
+            return Ok(service_error(
+                StatusCode::NOT_FOUND,
+                "UnknownOperationException",
+                "unknown operation",
+            ));
+        }
+    };
+    if req.method() != Method::POST {
+        return Ok(service_error(StatusCode::METHOD_NOT_ALLOWED, "UnknownOperationException", "use POST"));
+    }
+    // The SDK sends ARNs or partial ARNs too: keep the last `:`-separated name component.
+    let name = name.rsplit(':').next().unwrap_or(&name).to_owned();
+    let kind = req
+        .headers()
+        .get("x-amz-invocation-type")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("RequestResponse")
+        .to_owned();
+    let body = match Limited::new(req.into_body(), SYNC_PAYLOAD_LIMIT).collect().await {
+        Ok(b) => b.to_bytes(),
+        Err(_) => {
+            return Ok(service_error(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "RequestEntityTooLargeException",
+                "Request must be smaller than 6291456 bytes for the InvokeFunction operation",
+            ));
+        }
+    };
+    let payload = if body.iter().all(u8::is_ascii_whitespace) {
+        Value::Null
+    } else {
+        match serde_json::from_slice::<Value>(&body) {
+            Ok(v) => v,
+            Err(e) => {
+                return Ok(service_error(
+                    StatusCode::BAD_REQUEST,
+                    "InvalidRequestContentException",
+                    &format!("Could not parse request body into json: {e}"),
+                ));
+            }
+        }
+    };
+    let ctx = InvokeCtx::new("invoke-api", 0, state.seq.fetch_add(1, Ordering::Relaxed));
+    match kind.as_str() {
+        "DryRun" => return Ok(respond(StatusCode::NO_CONTENT, Bytes::new(), &[])),
+        "Event" => {
+            let rt = state.runtime.clone();
+            tokio::spawn(async move {
+                if let Err(e) = rt.invoke(&name, payload, ctx).await {
+                    tracing::warn!(function = %name, cause = %e, "asynchronous invocation failed");
+                }
+            });
+            return Ok(respond(StatusCode::ACCEPTED, Bytes::new(), &[]));
+        }
+        "RequestResponse" => {}
+        other => {
+            return Ok(service_error(
+                StatusCode::BAD_REQUEST,
+                "InvalidParameterValueException",
+                &format!("unknown X-Amz-Invocation-Type {other:?}"),
+            ));
+        }
+    }
+    let inv = match state.runtime.invoke_with_retries(&name, payload, ctx, 0).await {
+        Ok(inv) => inv,
+        Err(e) => {
+            return Ok(service_error(StatusCode::INTERNAL_SERVER_ERROR, "ServiceException", &e.to_string()));
+        }
+    };
+    let id = ("x-amzn-requestid", inv.request_id.clone());
+    let version = ("x-amz-executed-version", "$LATEST".to_owned());
+    Ok(match (inv.outcome, inv.response, inv.error) {
+        (Outcome::Ok, Some(v), _) => respond(StatusCode::OK, Bytes::from(v.to_string()), &[id, version]),
+        (Outcome::Throttled, _, _) => {
+            service_error(StatusCode::TOO_MANY_REQUESTS, "TooManyRequestsException", "Rate Exceeded.")
+        }
+        (_, _, err) => {
+            let err = err.unwrap_or_else(|| super::FunctionError::new("Unhandled", "no answer"));
+            respond(
+                StatusCode::OK,
+                err.to_json(),
+                &[id, version, ("x-amz-function-error", "Unhandled".to_owned())],
+            )
+        }
+    })
+}

@@ -1,0 +1,32 @@
+//! The local function runtime: AWS Lambda's contract (Runtime API, limits, billing) on local processes.
+//!
+//! # Layout
+//! - [`handler`] — the function side: [`serve`] (a Lambda custom runtime) and [`Handlers`].
+//! - [`api`] — the Runtime API server each instance polls (`/2018-06-01/runtime/…`).
+//! - `instance` — one instance: an OS process, its supervisor, timeout/memory watch.
+//! - `pool` — warm pools, concurrency limits, keep-alive.
+//! - [`invoke`] — the [`Invoker`] trait and [`LocalRuntime`]: attempts, retries, ledger.
+//! - [`faults`] — seeded fault injection (crash, hang, throttle, slow cold start).
+//! - [`metrics`] — the ledger (`ledger.csv`) and the [`Summary`] counters.
+//! - [`invoke_api`] — AWS's Invoke API (`POST /2015-03-31/functions/{name}/invocations`)
+//!   in front of a [`LocalRuntime`].
+//! - [`config`] — [`Config`] with Lambda's defaults and validation.
+
+pub mod api;
+pub mod config;
+pub mod faults;
+pub mod handler;
+pub(crate) mod instance;
+pub mod invoke;
+pub mod invoke_api;
+pub mod metrics;
+pub(crate) mod pool;
+
+pub use api::FunctionError;
+pub use config::Config;
+pub use faults::{Fault, FaultConfig, FaultInjector, FaultPlan};
+pub use handler::{HandlerError, HandlerFuture, Handlers, ServeError, serve};
+pub use instance::FunctionCommand;
+pub use invoke::{Invocation, InvokeCtx, InvokeError, InvokeFuture, Invoker, LocalRuntime};
+pub use invoke_api::InvokeApi;
+pub use metrics::{Ledger, Summary};

@@ -1,0 +1,813 @@
+//! The embedded store: a small in-memory RESP2 server owned by the invoking node, served on loopback.
+//!
+//! Function instances reach it with the same client as a real Redis ([`super::RedisStore`]).
+//! It implements the few commands that client and the [`super::Store`] operations need:
+//! `AUTH`, `HELLO` (RESP2 only), `PING`, `ECHO`, `QUIT`, `SELECT 0`, `CLIENT SETNAME|SETINFO|
+//! GETNAME`, `GET`, `SET`, `MGET`, `DEL`, `EXISTS`, and two of its own:
+//!
+//! - `PEERLESS.PING` → `+PEERLESS`: lets a client tell this server from a real Redis.
+//! - `PEERLESS.ACCUM key token blob` → `:1` if applied, `:0` if `token` was already applied to
+//!   `key`. Adds the little-endian `f32` vector `blob` element-wise into the value at `key`
+//!   (creating it on first use), records the token in the set `key:tokens` and increments the
+//!   integer at `key:n` — the same layout the Lua script keeps on a real Redis, so the
+//!   accumulator is read back with `MGET key key:n` on either backend. A blob whose length
+//!   differs from the accumulator's, or is not a multiple of 4, is refused with
+//!   `-WRONGLEN ...` and nothing changes.
+//!
+//! # Limits and lifecycle
+//! Connections are capped by a semaphore ([`EmbeddedServer::max_connections`]); each has its
+//! own task. Frames are bounded by [`super::resp::Limits`]; malformed input gets
+//! `-ERR Protocol error: ...` and the connection is closed. [`EmbeddedHandle::shutdown`] stops
+//! accepting, lets each connection finish the command in hand (for up to
+//! [`SHUTDOWN_GRACE`]) and then aborts what is left. Dropping the handle also stops the server,
+//! without waiting.
+//!
+//! The data lives in a `HashMap` behind a std `Mutex`: every command is a short, synchronous
+//! critical section and the lock is never held across an `.await` (mini-redis's reasoning).
+//! There is no memory cap on the data itself: the owner deletes what it no longer needs.
+
+use std::collections::{HashMap, HashSet};
+use std::io;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::time::Duration;
+
+use bytes::{Buf, Bytes, BytesMut};
+use tokio::io::{AsyncReadExt, AsyncWriteExt, BufWriter};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{Semaphore, watch};
+use tokio::task::{JoinHandle, JoinSet};
+use tracing::{debug, info, trace, warn};
+
+use super::resp::{Limits, Parsed, Reply, parse_command, write_reply};
+
+/// Default cap on simultaneous connections.
+pub const DEFAULT_MAX_CONNECTIONS: usize = 1024;
+/// How long [`EmbeddedHandle::shutdown`] lets connections finish before aborting them.
+pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
+
+/// Read buffer growth step.
+const READ_CHUNK: usize = 64 * 1024;
+/// A connection's idle read buffer above this capacity is given back after a large command.
+const IDLE_BUFFER: usize = 1024 * 1024;
+
+/// Builder for an embedded store server.
+///
+/// ```no_run
+/// # async fn f() -> std::io::Result<()> {
+/// use peerless_runtime::store::embedded::EmbeddedServer;
+/// let server = EmbeddedServer::spawn("127.0.0.1:0".parse().expect("addr"), Some("s3cret".into()))?;
+/// let url = server.url(); // hand this to function instances
+/// # let _ = url;
+/// server.shutdown().await;
+/// # Ok(()) }
+/// ```
+pub struct EmbeddedServer {
+    bind: SocketAddr,
+    password: Option<String>,
+    max_connections: usize,
+}
+
+impl std::fmt::Debug for EmbeddedServer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("EmbeddedServer")
+            .field("bind", &self.bind)
+            .field("password", &self.password.as_ref().map(|_| "<elided>"))
+            .field("max_connections", &self.max_connections)
+            .finish()
+    }
+}
+
+impl EmbeddedServer {
+    /// A server that will listen on `bind` (`127.0.0.1:0` picks a free port), without a
+    /// password and with [`DEFAULT_MAX_CONNECTIONS`].
+    pub fn new(bind: SocketAddr) -> Self {
+        Self { bind, password: None, max_connections: DEFAULT_MAX_CONNECTIONS }
+    }
+
+    /// Requires clients to `AUTH` with `password` (as the `default` user) before anything else.
+    #[must_use]
+    pub fn password(mut self, password: Option<String>) -> Self {
+        self.password = password;
+        self
+    }
+
+    /// Caps simultaneous connections (at least 1); further clients wait in the accept backlog.
+    #[must_use]
+    pub fn max_connections(mut self, n: usize) -> Self {
+        self.max_connections = n.max(1);
+        self
+    }
+
+    /// Binds and serves with defaults; see [`EmbeddedServer::start`].
+    ///
+    /// # Errors
+    /// As [`EmbeddedServer::start`].
+    pub fn spawn(bind: SocketAddr, password: Option<String>) -> io::Result<EmbeddedHandle> {
+        Self::new(bind).password(password).start()
+    }
+
+    /// Binds the listener and starts serving on the current tokio runtime.
+    ///
+    /// # Errors
+    /// If binding fails, or if called outside a tokio runtime.
+    pub fn start(self) -> io::Result<EmbeddedHandle> {
+        let runtime = tokio::runtime::Handle::try_current().map_err(io::Error::other)?;
+        let std_listener = std::net::TcpListener::bind(self.bind)?;
+        std_listener.set_nonblocking(true)?;
+        let listener = {
+            let _guard = runtime.enter();
+            TcpListener::from_std(std_listener)?
+        };
+        let addr = listener.local_addr()?;
+        let url = store_url(addr, self.password.as_deref());
+        let shared = Arc::new(Shared { db: Mutex::new(HashMap::new()), password: self.password });
+        let (stop_tx, stop_rx) = watch::channel(false);
+        let limit = Arc::new(Semaphore::new(self.max_connections));
+        let task = runtime.spawn(accept_loop(listener, shared, limit, stop_rx));
+        info!(%addr, max_connections = self.max_connections, "embedded store listening");
+        Ok(EmbeddedHandle { addr, url, stop: stop_tx, task: Some(task) })
+    }
+}
+
+/// A running embedded store. Dropping it stops the server (without waiting).
+pub struct EmbeddedHandle {
+    addr: SocketAddr,
+    url: String,
+    stop: watch::Sender<bool>,
+    task: Option<JoinHandle<()>>,
+}
+
+impl std::fmt::Debug for EmbeddedHandle {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("EmbeddedHandle").field("addr", &self.addr).finish_non_exhaustive()
+    }
+}
+
+impl EmbeddedHandle {
+    /// The bound address.
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// `redis://:password@127.0.0.1:port/` (password percent-encoded), or
+    /// `redis://127.0.0.1:port/` without one. **Contains the password**: pass it to function
+    /// instances, never log it.
+    pub fn url(&self) -> String {
+        self.url.clone()
+    }
+
+    /// Stops accepting, lets open connections finish their current command (up to
+    /// [`SHUTDOWN_GRACE`]), aborts the rest, and returns when all tasks are gone.
+    pub async fn shutdown(mut self) {
+        self.stop.send_replace(true);
+        if let Some(task) = self.task.take()
+            && let Err(e) = task.await
+        {
+            warn!(error = %e, "embedded store task failed");
+        }
+    }
+}
+
+impl Drop for EmbeddedHandle {
+    fn drop(&mut self) {
+        self.stop.send_replace(true);
+    }
+}
+
+/// `redis://[:password@]ip:port/`.
+fn store_url(addr: SocketAddr, password: Option<&str>) -> String {
+    match password {
+        Some(p) => format!("redis://:{}@{addr}/", percent_encode(p)),
+        None => format!("redis://{addr}/"),
+    }
+}
+
+/// Percent-encodes everything but RFC 3986 unreserved characters.
+fn percent_encode(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for b in s.bytes() {
+        if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_' | b'~') {
+            out.push(char::from(b));
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
+}
+
+async fn accept_loop(
+    listener: TcpListener,
+    shared: Arc<Shared>,
+    limit: Arc<Semaphore>,
+    mut stop: watch::Receiver<bool>,
+) {
+    let mut conns = JoinSet::new();
+    loop {
+        while let Some(done) = conns.try_join_next() {
+            log_join(done);
+        }
+        let permit = tokio::select! {
+            _ = stopped(&mut stop) => break,
+            p = Arc::clone(&limit).acquire_owned() => match p {
+                Ok(p) => p,
+                Err(_) => break,
+            },
+        };
+        let accepted = tokio::select! {
+            _ = stopped(&mut stop) => break,
+            a = listener.accept() => a,
+        };
+        let (stream, peer) = match accepted {
+            Ok(a) => a,
+            Err(e) => {
+                // E.g. out of file descriptors: back off instead of spinning.
+                warn!(error = %e, "embedded store accept failed");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        if let Err(e) = stream.set_nodelay(true) {
+            debug!(%peer, error = %e, "set_nodelay failed");
+        }
+        let shared = Arc::clone(&shared);
+        let stop = stop.clone();
+        conns.spawn(async move {
+            let _permit = permit;
+            debug!(%peer, "store connection opened");
+            match serve(stream, &shared, stop).await {
+                Ok(()) => debug!(%peer, "store connection closed"),
+                Err(e) => debug!(%peer, error = %e, "store connection ended with an error"),
+            }
+        });
+    }
+    drop(listener);
+    let drain = async {
+        while let Some(done) = conns.join_next().await {
+            log_join(done);
+        }
+    };
+    if tokio::time::timeout(SHUTDOWN_GRACE, drain).await.is_err() {
+        warn!(open = conns.len(), "embedded store: aborting connections still busy after the grace period");
+        conns.shutdown().await;
+    }
+    info!("embedded store stopped");
+}
+
+fn log_join(done: Result<(), tokio::task::JoinError>) {
+    if let Err(e) = done
+        && !e.is_cancelled()
+    {
+        warn!(error = %e, "store connection task failed");
+    }
+}
+
+/// Resolves once a stop is requested or the handle is gone.
+async fn stopped(stop: &mut watch::Receiver<bool>) {
+    // `wait_for` looks at the current value first, so a stop sent before this receiver was
+    // cloned is not missed. An error means the sender was dropped: stop too.
+    let _ = stop.wait_for(|s| *s).await;
+}
+
+/// Serves one connection until EOF, `QUIT`, a protocol error or a stop request.
+async fn serve(stream: TcpStream, shared: &Shared, mut stop: watch::Receiver<bool>) -> io::Result<()> {
+    let (mut rd, wr) = stream.into_split();
+    let mut wr = BufWriter::with_capacity(READ_CHUNK, wr);
+    let mut buf = BytesMut::with_capacity(16 * 1024);
+    let mut conn = Connection { authenticated: shared.password.is_none() };
+    let mut need = 1;
+    loop {
+        while buf.len() >= need {
+            let limits = if conn.authenticated { &Limits::AUTHENTICATED } else { &Limits::UNAUTHENTICATED };
+            match parse_command(&buf, limits) {
+                Ok(Parsed::Command { args, consumed }) => {
+                    buf.advance(consumed);
+                    need = 1;
+                    if args.is_empty() {
+                        continue;
+                    }
+                    let (reply, next) = conn.execute(shared, &args);
+                    write_reply(&mut wr, &reply).await?;
+                    if next == Next::Close {
+                        return wr.flush().await;
+                    }
+                }
+                Ok(Parsed::Incomplete { need: n }) => {
+                    need = n;
+                    break;
+                }
+                Err(e) => {
+                    debug!(error = %e, "closing store connection");
+                    write_reply(&mut wr, &Reply::error(format!("ERR {e}"))).await?;
+                    return wr.flush().await;
+                }
+            }
+        }
+        wr.flush().await?;
+        if buf.is_empty() && buf.capacity() > IDLE_BUFFER {
+            buf = BytesMut::with_capacity(16 * 1024);
+        }
+        // Grow by a fixed step, never by what a header claims; `BytesMut` amortises.
+        buf.reserve(READ_CHUNK);
+        let n = tokio::select! {
+            biased;
+            _ = stopped(&mut stop) => return Ok(()),
+            r = rd.read_buf(&mut buf) => r?,
+        };
+        if n == 0 {
+            return Ok(());
+        }
+    }
+}
+
+/// What the connection does after replying.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Next {
+    Continue,
+    Close,
+}
+
+/// A stored value.
+#[derive(Debug, Clone)]
+enum Entry {
+    Str(Bytes),
+    Set(HashSet<Bytes>),
+}
+
+/// State shared by all connections.
+struct Shared {
+    db: Mutex<HashMap<Bytes, Entry>>,
+    password: Option<String>,
+}
+
+impl Shared {
+    fn db(&self) -> MutexGuard<'_, HashMap<Bytes, Entry>> {
+        // Nothing panics while holding the lock, so poisoning cannot leave it inconsistent.
+        self.db.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+}
+
+/// Per-connection state.
+#[derive(Debug)]
+struct Connection {
+    authenticated: bool,
+}
+
+const WRONGTYPE: &str = "WRONGTYPE Operation against a key holding the wrong kind of value";
+const NOAUTH: &str = "NOAUTH Authentication required.";
+const WRONGPASS: &str = "WRONGPASS invalid username-password pair or user is disabled.";
+
+fn arity(name: &str) -> Reply {
+    Reply::error(format!("ERR wrong number of arguments for '{}' command", name.to_ascii_lowercase()))
+}
+
+/// Up to 64 bytes of client-supplied text for an error message.
+fn quote(b: &[u8]) -> String {
+    let s = String::from_utf8_lossy(&b[..b.len().min(64)]);
+    s.chars().filter(|c| !c.is_control()).collect()
+}
+
+impl Connection {
+    /// Runs one command. Holds the data lock only inside, never across an await.
+    fn execute(&mut self, shared: &Shared, args: &[Bytes]) -> (Reply, Next) {
+        let Some((name, rest)) = args.split_first() else {
+            return (Reply::error("ERR empty command"), Next::Continue);
+        };
+        let name = String::from_utf8_lossy(name).to_ascii_uppercase();
+        trace!(command = %quote(name.as_bytes()), args = rest.len(), "store command");
+        if !self.authenticated && !matches!(name.as_str(), "AUTH" | "HELLO" | "QUIT") {
+            return (Reply::error(NOAUTH), Next::Continue);
+        }
+        let reply = match name.as_str() {
+            "QUIT" => return (Reply::ok(), Next::Close),
+            "AUTH" => match rest {
+                [password] => self.auth(shared, None, password),
+                [user, password] => self.auth(shared, Some(user), password),
+                _ => arity(&name),
+            },
+            "HELLO" => self.hello(shared, rest),
+            "PING" => match rest {
+                [] => Reply::Simple("PONG".to_owned()),
+                [msg] => Reply::Bulk(msg.clone()),
+                _ => arity(&name),
+            },
+            "ECHO" => match rest {
+                [msg] => Reply::Bulk(msg.clone()),
+                _ => arity(&name),
+            },
+            "SELECT" => match rest {
+                [db] if db.as_ref() == b"0" => Reply::ok(),
+                [_] => Reply::error("ERR DB index is out of range"),
+                _ => arity(&name),
+            },
+            "CLIENT" => client(rest),
+            "PEERLESS.PING" => match rest {
+                [] => Reply::Simple("PEERLESS".to_owned()),
+                _ => arity(&name),
+            },
+            "GET" => match rest {
+                [key] => match shared.db().get(key) {
+                    None => Reply::Null,
+                    Some(Entry::Str(v)) => Reply::Bulk(v.clone()),
+                    Some(Entry::Set(_)) => Reply::error(WRONGTYPE),
+                },
+                _ => arity(&name),
+            },
+            "MGET" if !rest.is_empty() => {
+                let db = shared.db();
+                Reply::Array(
+                    rest.iter()
+                        .map(|k| match db.get(k) {
+                            Some(Entry::Str(v)) => Reply::Bulk(v.clone()),
+                            _ => Reply::Null,
+                        })
+                        .collect(),
+                )
+            }
+            "SET" => match rest {
+                [key, value] => {
+                    shared.db().insert(key.clone(), Entry::Str(value.clone()));
+                    Reply::ok()
+                }
+                [_, _, ..] => Reply::error("ERR syntax error (SET options are not supported)"),
+                _ => arity(&name),
+            },
+            "DEL" if !rest.is_empty() => {
+                let mut db = shared.db();
+                Reply::Integer(rest.iter().filter(|k| db.remove(*k).is_some()).count() as i64)
+            }
+            "EXISTS" if !rest.is_empty() => {
+                let db = shared.db();
+                Reply::Integer(rest.iter().filter(|k| db.contains_key(*k)).count() as i64)
+            }
+            "MGET" | "DEL" | "EXISTS" => arity(&name),
+            "PEERLESS.ACCUM" => match rest {
+                [key, token, blob] => accumulate(&mut shared.db(), key, token, blob),
+                _ => arity(&name),
+            },
+            _ => Reply::error(format!(
+                "ERR unknown command '{}', with args beginning with: {}",
+                quote(name.as_bytes()),
+                rest.iter().take(3).map(|a| format!("'{}' ", quote(a))).collect::<String>()
+            )),
+        };
+        (reply, Next::Continue)
+    }
+
+    fn auth(&mut self, shared: &Shared, user: Option<&Bytes>, password: &[u8]) -> Reply {
+        let Some(expected) = &shared.password else {
+            return Reply::error(
+                "ERR AUTH <password> called without any password configured for the default user. \
+                 Are you sure your configuration is correct?",
+            );
+        };
+        let user_ok = user.is_none_or(|u| u.as_ref() == b"default");
+        // Evaluate both, in constant time for the password, before deciding.
+        let password_ok = constant_time_eq(expected.as_bytes(), password);
+        if user_ok && password_ok {
+            self.authenticated = true;
+            Reply::ok()
+        } else {
+            warn!("store client failed to authenticate");
+            Reply::error(WRONGPASS)
+        }
+    }
+
+    /// `HELLO [protover [AUTH user pass] [SETNAME name]]`, RESP2 only.
+    fn hello(&mut self, shared: &Shared, rest: &[Bytes]) -> Reply {
+        let mut it = rest.iter();
+        if let Some(v) = it.next()
+            && v.as_ref() != b"2"
+        {
+            return Reply::error("NOPROTO unsupported protocol version");
+        }
+        while let Some(opt) = it.next() {
+            if opt.eq_ignore_ascii_case(b"AUTH") {
+                let (Some(user), Some(pass)) = (it.next(), it.next()) else {
+                    return Reply::error("ERR Syntax error in HELLO option 'auth'");
+                };
+                if let Reply::Error(e) = self.auth(shared, Some(user), pass) {
+                    return Reply::Error(e);
+                }
+            } else if opt.eq_ignore_ascii_case(b"SETNAME") {
+                if it.next().is_none() {
+                    return Reply::error("ERR Syntax error in HELLO option 'setname'");
+                }
+            } else {
+                return Reply::error(format!("ERR Syntax error in HELLO option '{}'", quote(opt)));
+            }
+        }
+        if !self.authenticated {
+            return Reply::error(NOAUTH);
+        }
+        let s = |x: &'static str| Reply::Bulk(Bytes::from_static(x.as_bytes()));
+        Reply::Array(vec![
+            s("server"),
+            s("peerless"),
+            s("version"),
+            s(env!("CARGO_PKG_VERSION")),
+            s("proto"),
+            Reply::Integer(2),
+            s("mode"),
+            s("standalone"),
+            s("role"),
+            s("master"),
+            s("modules"),
+            Reply::Array(vec![]),
+        ])
+    }
+}
+
+/// `CLIENT SETNAME|SETINFO|GETNAME`: accepted so client handshakes succeed; names are not kept.
+fn client(rest: &[Bytes]) -> Reply {
+    let Some((sub, args)) = rest.split_first() else {
+        return arity("client");
+    };
+    let sub = String::from_utf8_lossy(sub).to_ascii_uppercase();
+    match (sub.as_str(), args.len()) {
+        ("SETNAME", 1) | ("SETINFO", 2) => Reply::ok(),
+        ("GETNAME", 0) => Reply::Null,
+        ("SETNAME" | "SETINFO" | "GETNAME", _) => arity(&format!("client|{sub}")),
+        _ => Reply::error(format!("ERR unknown subcommand '{}'. Try CLIENT HELP.", quote(sub.as_bytes()))),
+    }
+}
+
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    let mut diff = a.len() ^ b.len();
+    for (i, x) in a.iter().enumerate() {
+        diff |= usize::from(x ^ b.get(i).copied().unwrap_or(!x));
+    }
+    diff == 0
+}
+
+fn suffixed(key: &[u8], suffix: &[u8]) -> Bytes {
+    let mut k = Vec::with_capacity(key.len() + suffix.len());
+    k.extend_from_slice(key);
+    k.extend_from_slice(suffix);
+    Bytes::from(k)
+}
+
+/// `PEERLESS.ACCUM key token blob`. All checks come before any change, so a refused call
+/// leaves the accumulator, its tokens and its count untouched.
+fn accumulate(db: &mut HashMap<Bytes, Entry>, key: &Bytes, token: &Bytes, blob: &Bytes) -> Reply {
+    let tokens_key = suffixed(key, b":tokens");
+    let count_key = suffixed(key, b":n");
+    match db.get(&tokens_key) {
+        Some(Entry::Set(tokens)) if tokens.contains(token) => return Reply::Integer(0),
+        Some(Entry::Set(_)) | None => {}
+        Some(Entry::Str(_)) => return Reply::error(WRONGTYPE),
+    }
+    if !blob.len().is_multiple_of(4) {
+        return Reply::error(format!("WRONGLEN blob length {} is not a multiple of 4", blob.len()));
+    }
+    let count = match db.get(&count_key) {
+        None => 0,
+        Some(Entry::Str(v)) => match std::str::from_utf8(v).ok().and_then(|s| s.parse::<i64>().ok()) {
+            Some(n) => n,
+            None => return Reply::error("ERR value is not an integer or out of range"),
+        },
+        Some(Entry::Set(_)) => return Reply::error(WRONGTYPE),
+    };
+    let Some(count) = count.checked_add(1) else {
+        return Reply::error("ERR increment or decrement would overflow");
+    };
+    let sum = match db.get(key) {
+        None => blob.clone(),
+        Some(Entry::Set(_)) => return Reply::error(WRONGTYPE),
+        Some(Entry::Str(cur)) if cur.len() != blob.len() => {
+            return Reply::error(format!("WRONGLEN accumulator has {} bytes, got {}", cur.len(), blob.len()));
+        }
+        Some(Entry::Str(cur)) => {
+            let mut out = Vec::with_capacity(cur.len());
+            for (a, b) in cur.chunks_exact(4).zip(blob.chunks_exact(4)) {
+                let s = f32::from_le_bytes([a[0], a[1], a[2], a[3]])
+                    + f32::from_le_bytes([b[0], b[1], b[2], b[3]]);
+                out.extend_from_slice(&s.to_le_bytes());
+            }
+            Bytes::from(out)
+        }
+    };
+    db.insert(key.clone(), Entry::Str(sum));
+    match db.entry(tokens_key).or_insert_with(|| Entry::Set(HashSet::new())) {
+        Entry::Set(tokens) => {
+            tokens.insert(token.clone());
+        }
+        // Checked above; unreachable, but refuse rather than panic.
+        Entry::Str(_) => return Reply::error(WRONGTYPE),
+    }
+    db.insert(count_key, Entry::Str(Bytes::from(count.to_string())));
+    Reply::Integer(1)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn b(s: &str) -> Bytes {
+        Bytes::copy_from_slice(s.as_bytes())
+    }
+
+    fn shared(password: Option<&str>) -> Shared {
+        Shared { db: Mutex::new(HashMap::new()), password: password.map(str::to_owned) }
+    }
+
+    fn run(conn: &mut Connection, sh: &Shared, args: &[&[u8]]) -> Reply {
+        let args: Vec<Bytes> = args.iter().map(|a| Bytes::copy_from_slice(a)).collect();
+        conn.execute(sh, &args).0
+    }
+
+    fn floats(v: &[f32]) -> Vec<u8> {
+        v.iter().flat_map(|x| x.to_le_bytes()).collect()
+    }
+
+    #[test]
+    fn auth_gates_everything_but_auth_hello_quit() {
+        let sh = shared(Some("pw"));
+        let mut c = Connection { authenticated: false };
+        assert_eq!(run(&mut c, &sh, &[b"PING"]), Reply::error(NOAUTH));
+        assert_eq!(run(&mut c, &sh, &[b"GET", b"k"]), Reply::error(NOAUTH));
+        assert_eq!(run(&mut c, &sh, &[b"HELLO"]), Reply::error(NOAUTH));
+        assert_eq!(run(&mut c, &sh, &[b"AUTH", b"nope"]), Reply::error(WRONGPASS));
+        assert_eq!(run(&mut c, &sh, &[b"AUTH", b"bob", b"pw"]), Reply::error(WRONGPASS));
+        assert!(!c.authenticated);
+        assert_eq!(run(&mut c, &sh, &[b"auth", b"default", b"pw"]), Reply::ok());
+        assert_eq!(run(&mut c, &sh, &[b"PING"]), Reply::Simple("PONG".into()));
+        let mut c = Connection { authenticated: false };
+        assert!(matches!(run(&mut c, &sh, &[b"HELLO", b"2", b"AUTH", b"default", b"pw"]), Reply::Array(_)));
+        assert!(c.authenticated);
+        assert_eq!(run(&mut c, &sh, &[b"HELLO", b"3"]), Reply::error("NOPROTO unsupported protocol version"));
+        assert_eq!(c.execute(&sh, &[b("QUIT")]).1, Next::Close);
+    }
+
+    #[test]
+    fn auth_without_password_configured_is_an_error() {
+        let sh = shared(None);
+        let mut c = Connection { authenticated: true };
+        assert!(matches!(run(&mut c, &sh, &[b"AUTH", b"x"]), Reply::Error(e) if e.starts_with("ERR AUTH")));
+    }
+
+    #[test]
+    fn handshake_commands() {
+        let sh = shared(None);
+        let mut c = Connection { authenticated: true };
+        assert_eq!(run(&mut c, &sh, &[b"CLIENT", b"SETINFO", b"LIB-NAME", b"redis-rs"]), Reply::ok());
+        assert_eq!(run(&mut c, &sh, &[b"CLIENT", b"SETNAME", b"fn-1"]), Reply::ok());
+        assert_eq!(run(&mut c, &sh, &[b"SELECT", b"0"]), Reply::ok());
+        assert_eq!(run(&mut c, &sh, &[b"SELECT", b"1"]), Reply::error("ERR DB index is out of range"));
+        assert_eq!(run(&mut c, &sh, &[b"PEERLESS.PING"]), Reply::Simple("PEERLESS".into()));
+        assert!(
+            matches!(run(&mut c, &sh, &[b"FLUSHALL"]), Reply::Error(e) if e.starts_with("ERR unknown command 'FLUSHALL'"))
+        );
+        assert_eq!(run(&mut c, &sh, &[b"GET"]), arity("GET"));
+    }
+
+    #[test]
+    fn strings_and_keys() {
+        let sh = shared(None);
+        let mut c = Connection { authenticated: true };
+        assert_eq!(run(&mut c, &sh, &[b"GET", b"k"]), Reply::Null);
+        assert_eq!(run(&mut c, &sh, &[b"SET", b"k", b"v"]), Reply::ok());
+        assert!(matches!(run(&mut c, &sh, &[b"SET", b"k", b"v", b"EX", b"1"]), Reply::Error(_)));
+        assert_eq!(run(&mut c, &sh, &[b"GET", b"k"]), Reply::Bulk(b("v")));
+        assert_eq!(run(&mut c, &sh, &[b"EXISTS", b"k", b"k", b"z"]), Reply::Integer(2));
+        assert_eq!(
+            run(&mut c, &sh, &[b"MGET", b"k", b"z"]),
+            Reply::Array(vec![Reply::Bulk(b("v")), Reply::Null])
+        );
+        assert_eq!(run(&mut c, &sh, &[b"DEL", b"k", b"z"]), Reply::Integer(1));
+        assert_eq!(run(&mut c, &sh, &[b"GET", b"k"]), Reply::Null);
+    }
+
+    #[test]
+    fn accumulate_semantics() {
+        let sh = shared(None);
+        let mut c = Connection { authenticated: true };
+        let acc = |c: &mut Connection, tok: &[u8], v: &[f32]| {
+            run(c, &sh, &[b"PEERLESS.ACCUM", b"g", tok, &floats(v)])
+        };
+        assert_eq!(acc(&mut c, b"t1", &[1.0, 2.0]), Reply::Integer(1));
+        assert_eq!(acc(&mut c, b"t2", &[10.0, 20.0]), Reply::Integer(1));
+        assert_eq!(acc(&mut c, b"t1", &[100.0, 100.0]), Reply::Integer(0));
+        assert!(matches!(acc(&mut c, b"t3", &[1.0]), Reply::Error(e) if e.starts_with("WRONGLEN")));
+        assert!(matches!(
+            run(&mut c, &sh, &[b"PEERLESS.ACCUM", b"g", b"t4", b"abc"]),
+            Reply::Error(e) if e.starts_with("WRONGLEN")
+        ));
+        assert_eq!(
+            run(&mut c, &sh, &[b"MGET", b"g", b"g:n"]),
+            Reply::Array(vec![Reply::Bulk(Bytes::from(floats(&[11.0, 22.0]))), Reply::Bulk(b("2"))])
+        );
+        // A refused call recorded no token: t3 can still be applied with the right length.
+        assert_eq!(acc(&mut c, b"t3", &[0.5, 0.5]), Reply::Integer(1));
+        assert_eq!(run(&mut c, &sh, &[b"GET", b"g:tokens"]), Reply::error(WRONGTYPE));
+        assert_eq!(run(&mut c, &sh, &[b"SET", b"h:tokens", b"x"]), Reply::ok());
+        assert_eq!(run(&mut c, &sh, &[b"PEERLESS.ACCUM", b"h", b"t", b""]), Reply::error(WRONGTYPE));
+        assert_eq!(run(&mut c, &sh, &[b"EXISTS", b"h"]), Reply::Integer(0));
+    }
+
+    #[test]
+    fn constant_time_eq_is_eq() {
+        assert!(constant_time_eq(b"abc", b"abc"));
+        assert!(!constant_time_eq(b"abc", b"abd"));
+        assert!(!constant_time_eq(b"abc", b"ab"));
+        assert!(!constant_time_eq(b"", b"a"));
+        assert!(constant_time_eq(b"", b""));
+    }
+
+    #[test]
+    fn url_encodes_the_password() {
+        let addr: SocketAddr = "127.0.0.1:7000".parse().expect("addr");
+        assert_eq!(store_url(addr, None), "redis://127.0.0.1:7000/");
+        assert_eq!(store_url(addr, Some("a b@c:d/é")), "redis://:a%20b%40c%3Ad%2F%C3%A9@127.0.0.1:7000/");
+    }
+
+    async fn roundtrip(stream: &mut TcpStream, send: &[u8]) -> Vec<u8> {
+        stream.write_all(send).await.expect("write");
+        let mut out = vec![0u8; 4096];
+        let n = tokio::time::timeout(Duration::from_secs(5), stream.read(&mut out))
+            .await
+            .expect("timely")
+            .expect("read");
+        out.truncate(n);
+        out
+    }
+
+    #[tokio::test]
+    async fn protocol_error_closes_the_connection() {
+        let server = EmbeddedServer::spawn("127.0.0.1:0".parse().expect("addr"), None).expect("spawn");
+        let mut s = TcpStream::connect(server.addr()).await.expect("connect");
+        assert_eq!(roundtrip(&mut s, b"*1\r\n$4\r\nPING\r\n").await, b"+PONG\r\n");
+        let reply = roundtrip(&mut s, b"*1\r\n$-3\r\n").await;
+        assert!(reply.starts_with(b"-ERR Protocol error: invalid bulk length"), "{reply:?}");
+        let mut rest = Vec::new();
+        let n = tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut rest)).await.expect("closed");
+        assert_eq!(n.expect("eof"), 0);
+        server.shutdown().await;
+    }
+
+    #[tokio::test]
+    async fn unauthenticated_big_frame_is_refused() {
+        let server =
+            EmbeddedServer::spawn("127.0.0.1:0".parse().expect("addr"), Some("pw".into())).expect("spawn");
+        let mut s = TcpStream::connect(server.addr()).await.expect("connect");
+        let reply = roundtrip(&mut s, b"*3\r\n$3\r\nSET\r\n$1\r\nk\r\n$100000000\r\n").await;
+        assert!(reply.starts_with(b"-ERR Protocol error: invalid bulk length"), "{reply:?}");
+        server.shutdown().await;
+    }
+
+    #[tokio::test]
+    async fn pipelined_and_split_commands() {
+        let server = EmbeddedServer::spawn("127.0.0.1:0".parse().expect("addr"), None).expect("spawn");
+        let mut s = TcpStream::connect(server.addr()).await.expect("connect");
+        let frames = b"*3\r\n$3\r\nSET\r\n$1\r\nk\r\n$2\r\nvv\r\n*2\r\n$3\r\nGET\r\n$1\r\nk\r\n";
+        for chunk in frames.chunks(5) {
+            s.write_all(chunk).await.expect("write");
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+        let mut got = Vec::new();
+        while got.len() < b"+OK\r\n$2\r\nvv\r\n".len() {
+            let mut tmp = [0u8; 64];
+            let n = s.read(&mut tmp).await.expect("read");
+            assert!(n > 0, "closed early");
+            got.extend_from_slice(&tmp[..n]);
+        }
+        assert_eq!(got, b"+OK\r\n$2\r\nvv\r\n");
+        server.shutdown().await;
+    }
+
+    #[tokio::test]
+    async fn connections_are_capped() {
+        let server = EmbeddedServer::new("127.0.0.1:0".parse().expect("addr"))
+            .max_connections(1)
+            .start()
+            .expect("start");
+        let mut a = TcpStream::connect(server.addr()).await.expect("connect a");
+        assert_eq!(roundtrip(&mut a, b"*1\r\n$4\r\nPING\r\n").await, b"+PONG\r\n");
+        let mut b = TcpStream::connect(server.addr()).await.expect("connect b (backlog)");
+        b.write_all(b"*1\r\n$4\r\nPING\r\n").await.expect("write");
+        let mut tmp = [0u8; 16];
+        assert!(
+            tokio::time::timeout(Duration::from_millis(200), b.read(&mut tmp)).await.is_err(),
+            "second connection must wait for a permit"
+        );
+        drop(a);
+        let n = tokio::time::timeout(Duration::from_secs(5), b.read(&mut tmp))
+            .await
+            .expect("served")
+            .expect("read");
+        assert_eq!(&tmp[..n], b"+PONG\r\n");
+        server.shutdown().await;
+    }
+
+    #[tokio::test]
+    async fn shutdown_closes_idle_connections_and_the_listener() {
+        let server = EmbeddedServer::spawn("127.0.0.1:0".parse().expect("addr"), None).expect("spawn");
+        let addr = server.addr();
+        let mut s = TcpStream::connect(addr).await.expect("connect");
+        assert_eq!(roundtrip(&mut s, b"*1\r\n$4\r\nPING\r\n").await, b"+PONG\r\n");
+        tokio::time::timeout(Duration::from_secs(2), server.shutdown()).await.expect("prompt shutdown");
+        let mut rest = Vec::new();
+        assert_eq!(s.read_to_end(&mut rest).await.expect("eof"), 0);
+        assert!(TcpStream::connect(addr).await.is_err(), "listener closed");
+    }
+}

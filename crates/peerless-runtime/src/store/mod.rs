@@ -1,0 +1,83 @@
+//! Stores where functions read parameters and write gradients: one trait, two backends.
+//!
+//! Both backends speak the Redis protocol (RESP2), so function instances reach either with
+//! one client ([`RedisStore`]): the **embedded** store ([`embedded::EmbeddedServer`]) is a
+//! small RESP server owned by the invoking node and served on loopback; the **Redis** backend
+//! is a real `redis-server`. Gradients are aggregated where they land (in-store aggregation,
+//! SPIRT's in-database operation): [`Store::accumulate`] adds a gradient into a running sum
+//! at most once per idempotency key, so the invoking node reads one sum instead of k copies.
+//!
+//! Values are raw bytes; vectors are little-endian `f32`.
+
+pub mod embedded;
+pub mod redis;
+mod resp;
+
+use std::future::Future;
+
+pub use self::embedded::{EmbeddedHandle, EmbeddedServer};
+pub use self::redis::{Backend, RedisStore, RedisStoreConfig};
+
+/// Store errors.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// Could not connect or authenticate.
+    #[error("store {url}: cannot connect: {reason}")]
+    Connect {
+        /// Store URL with the password elided.
+        url: String,
+        /// Cause.
+        reason: String,
+    },
+    /// The server answered with an error or the connection broke.
+    #[error("store command {command} failed: {reason}")]
+    Command {
+        /// Command name.
+        command: String,
+        /// Cause.
+        reason: String,
+    },
+    /// A stored value is not what the caller expected (e.g. a vector of the wrong length).
+    #[error("store key {key}: {reason}")]
+    BadValue {
+        /// Key.
+        key: String,
+        /// What is wrong.
+        reason: String,
+    },
+}
+
+/// The running sum at an accumulator key.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Accumulated {
+    /// Element-wise sum of the accepted vectors.
+    pub sum: Vec<f32>,
+    /// How many vectors were accepted.
+    pub count: u64,
+}
+
+/// The operations functions and nodes need. Implementations are cheap to clone and safe to use
+/// from many tasks.
+pub trait Store: Send + Sync {
+    /// Sets `key` to `value`.
+    fn put(&self, key: &str, value: &[u8]) -> impl Future<Output = Result<(), StoreError>> + Send;
+    /// The value at `key`, if any.
+    fn get(&self, key: &str) -> impl Future<Output = Result<Option<Vec<u8>>, StoreError>> + Send;
+    /// Deletes keys (and accumulator bookkeeping for them); missing keys are fine.
+    fn delete(&self, keys: &[&str]) -> impl Future<Output = Result<(), StoreError>> + Send;
+    /// Adds `grad` element-wise into the accumulator at `key` unless `token` was already
+    /// applied to it; creates the accumulator on first use. All vectors added to one key must
+    /// have the same length (else [`StoreError::BadValue`], nothing changed). Returns whether
+    /// this call was applied. Atomic: concurrent calls never lose an addition.
+    fn accumulate(
+        &self,
+        key: &str,
+        token: &str,
+        grad: &[f32],
+    ) -> impl Future<Output = Result<bool, StoreError>> + Send;
+    /// The accumulator at `key`: sum and count (`None` if nothing was accumulated).
+    fn read_accumulated(
+        &self,
+        key: &str,
+    ) -> impl Future<Output = Result<Option<Accumulated>, StoreError>> + Send;
+}

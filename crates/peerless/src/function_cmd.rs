@@ -1,0 +1,247 @@
+//! `peerless function` (a function instance), `peerless invoke` and `peerless bench invoke`.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Instant;
+
+use anyhow::{Context, Result, bail};
+use clap::Args;
+use peerless_runtime::function::{self, FunctionCommand, Handlers, InvokeCtx, Invoker, LocalRuntime};
+use serde::Serialize;
+use serde_json::Value;
+
+/// The handlers a `peerless function` instance serves: register new functions here.
+pub fn handlers() -> Handlers {
+    Handlers::builtin().with("gradient", peerless_runtime::gradient::GradientFunction::new().into_handler())
+}
+
+/// `peerless function`: runs this process as a function instance (a Lambda custom runtime).
+/// It needs Lambda's environment (`AWS_LAMBDA_RUNTIME_API`, …), which the function runtime
+/// (or AWS Lambda) sets.
+pub fn run_function() -> Result<ExitCode> {
+    // One thread, like one Lambda vCPU; a current-thread runtime also starts fastest.
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().context("tokio runtime")?;
+    rt.block_on(function::serve(handlers()))?;
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `peerless invoke`.
+#[derive(Debug, Args)]
+pub struct InvokeArgs {
+    /// Function name (e.g. `echo`, `sleep`, `fail`, `gradient`).
+    #[arg(long)]
+    pub function: String,
+    /// The payload: JSON text, or `@path` to read it from a file.
+    #[arg(long, default_value = "null")]
+    pub payload: String,
+    /// Function runtime configuration (TOML, the `[function]` keys).
+    #[arg(long)]
+    pub config: Option<PathBuf>,
+    /// Memory, MB (overrides the config).
+    #[arg(long)]
+    pub memory_mb: Option<u64>,
+    /// Timeout, ms (overrides the config).
+    #[arg(long)]
+    pub timeout_ms: Option<u64>,
+    /// Retries after retryable failures (overrides the config).
+    #[arg(long)]
+    pub max_retries: Option<u32>,
+    /// Seed of request ids, backoff jitter and fault injection.
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// Also write the ledger (one line per attempt) as CSV here.
+    #[arg(long)]
+    pub ledger: Option<PathBuf>,
+}
+
+fn load_config(path: Option<&PathBuf>) -> Result<function::Config> {
+    let Some(p) = path else { return Ok(function::Config::default()) };
+    let text = std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display()))?;
+    toml::from_str(&text).with_context(|| format!("invalid function config {}", p.display()))
+}
+
+fn runtime_command() -> Result<FunctionCommand> {
+    let exe = std::env::current_exe().context("locating the peerless executable")?;
+    Ok(FunctionCommand::peerless(exe))
+}
+
+/// `peerless invoke`: one invocation on a fresh local runtime. Prints the answer (or the
+/// error document) on the first line and each attempt's ledger record as a JSON line after it.
+pub fn run_invoke(args: InvokeArgs) -> Result<ExitCode> {
+    let mut cfg = load_config(args.config.as_ref())?;
+    if let Some(m) = args.memory_mb {
+        cfg.memory_mb = m;
+    }
+    if let Some(t) = args.timeout_ms {
+        cfg.timeout_ms = t;
+    }
+    if let Some(r) = args.max_retries {
+        cfg.max_retries = r;
+    }
+    let payload: Value = match args.payload.strip_prefix('@') {
+        Some(path) => {
+            let text = std::fs::read_to_string(path).with_context(|| format!("reading payload {path}"))?;
+            serde_json::from_str(&text).with_context(|| format!("payload {path} is not JSON"))?
+        }
+        None => {
+            serde_json::from_str(&args.payload).context("--payload is not JSON (use @file to read a file)")?
+        }
+    };
+    let command = runtime_command()?;
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
+    rt.block_on(async move {
+        let runtime = LocalRuntime::start(cfg, command, args.seed)?;
+        let inv = runtime.invoke(&args.function, payload, InvokeCtx::new("cli", 0, 0)).await;
+        runtime.shutdown().await;
+        let inv = inv?;
+        match (&inv.response, &inv.error) {
+            (Some(v), _) => println!("{v}"),
+            (None, Some(e)) => println!("{}", serde_json::to_string(e)?),
+            (None, None) => println!("null"),
+        }
+        for rec in &inv.attempts {
+            println!("{}", serde_json::to_string(rec)?);
+        }
+        if let Some(path) = &args.ledger {
+            runtime.write_ledger_csv(path).with_context(|| format!("writing {}", path.display()))?;
+        }
+        Ok(if inv.is_ok() { ExitCode::SUCCESS } else { ExitCode::FAILURE })
+    })
+}
+
+/// `peerless bench invoke`.
+#[derive(Debug, Args)]
+pub struct BenchInvokeArgs {
+    /// Warm invocations measured (after 20 warm-ups).
+    #[arg(long, default_value_t = 500)]
+    pub n: usize,
+    /// Cold starts measured.
+    #[arg(long, default_value_t = 30)]
+    pub cold: usize,
+    /// Also write the results as JSON to this file.
+    #[arg(long)]
+    pub json: Option<PathBuf>,
+}
+
+/// Results of `peerless bench invoke` (µs).
+#[derive(Debug, Serialize)]
+pub struct InvokeBench {
+    /// Direct in-process `echo` call, median.
+    pub direct_p50_us: f64,
+    /// Direct call, 99th percentile.
+    pub direct_p99_us: f64,
+    /// Warm invocation through the local runtime (process + Runtime API), median.
+    pub warm_p50_us: f64,
+    /// Warm invocation, 99th percentile.
+    pub warm_p99_us: f64,
+    /// Warm overhead over the direct call, median.
+    pub warm_overhead_p50_us: f64,
+    /// Warm overhead, 99th percentile.
+    pub warm_overhead_p99_us: f64,
+    /// Cold start (spawn until the first `GET /next`), median.
+    pub cold_start_p50_us: f64,
+    /// Cold start, 99th percentile.
+    pub cold_start_p99_us: f64,
+    /// Cold invocation end to end (cold start + invocation), median.
+    pub cold_invoke_p50_us: f64,
+    /// Targets: warm overhead ≤ 1000 µs p50, cold start ≤ 50000 µs p50.
+    pub meets_targets: bool,
+}
+
+fn q(v: &mut [f64], p: f64) -> f64 {
+    if v.is_empty() {
+        return 0.0;
+    }
+    v.sort_by(f64::total_cmp);
+    let rank = ((p * v.len() as f64).ceil() as usize).clamp(1, v.len());
+    v[rank - 1]
+}
+
+/// `peerless bench invoke`: warm invocation overhead of `echo` against a direct in-process
+/// call, and cold-start time.
+pub fn run_bench_invoke(args: BenchInvokeArgs) -> Result<ExitCode> {
+    let n = args.n.max(1);
+    let command = runtime_command()?;
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
+    let res = rt.block_on(async move {
+        let payload = serde_json::json!({ "x": 1, "tag": "bench" });
+        let handlers = handlers();
+        let mut direct = Vec::with_capacity(n);
+        for _ in 0..n {
+            let t = Instant::now();
+            let v = handlers.call("echo", payload.clone()).await;
+            direct.push(t.elapsed().as_secs_f64() * 1e6);
+            std::hint::black_box(v).ok();
+        }
+        let cfg = function::Config { memory_mb: 256, max_retries: 0, ..function::Config::default() };
+        let runtime = LocalRuntime::start(cfg, command, 0)?;
+        let mut warm = Vec::with_capacity(n);
+        for i in 0..(n + 20) {
+            let t = Instant::now();
+            let inv = runtime.invoke("echo", payload.clone(), InvokeCtx::new("bench", 0, i as u32)).await?;
+            let us = t.elapsed().as_secs_f64() * 1e6;
+            if !inv.is_ok() {
+                bail!("warm echo failed: {:?}", inv.error);
+            }
+            if i >= 20 {
+                warm.push(us);
+            }
+        }
+        let mut cold = Vec::new();
+        let mut cold_total = Vec::new();
+        for i in 0..args.cold {
+            runtime.retire_idle().await;
+            let t = Instant::now();
+            let inv =
+                runtime.invoke("echo", payload.clone(), InvokeCtx::new("bench-cold", 0, i as u32)).await?;
+            cold_total.push(t.elapsed().as_secs_f64() * 1e6);
+            let rec = inv.last().context("no record")?;
+            if !inv.is_ok() || !rec.cold_start {
+                bail!("cold echo failed or was not cold: {:?}", inv.error);
+            }
+            cold.push(rec.init_us as f64);
+        }
+        runtime.shutdown().await;
+        let (d50, d99) = (q(&mut direct, 0.5), q(&mut direct, 0.99));
+        let (w50, w99) = (q(&mut warm, 0.5), q(&mut warm, 0.99));
+        let c50 = q(&mut cold, 0.5);
+        Ok(InvokeBench {
+            direct_p50_us: d50,
+            direct_p99_us: d99,
+            warm_p50_us: w50,
+            warm_p99_us: w99,
+            warm_overhead_p50_us: w50 - d50,
+            warm_overhead_p99_us: w99 - d99,
+            cold_start_p50_us: c50,
+            cold_start_p99_us: q(&mut cold, 0.99),
+            cold_invoke_p50_us: q(&mut cold_total, 0.5),
+            meets_targets: w50 - d50 <= 1000.0 && (args.cold == 0 || c50 <= 50_000.0),
+        })
+    })?;
+    println!(
+        "echo direct (in-process): p50 {:>8.1} µs  p99 {:>8.1} µs",
+        res.direct_p50_us, res.direct_p99_us
+    );
+    println!(
+        "echo warm (local runtime): p50 {:>8.1} µs  p99 {:>8.1} µs  overhead p50 {:.1} µs (target ≤ 1000), {:.0}× the direct call",
+        res.warm_p50_us,
+        res.warm_p99_us,
+        res.warm_overhead_p50_us,
+        res.warm_p50_us / res.direct_p50_us.max(1e-3)
+    );
+    if args.cold > 0 {
+        println!(
+            "cold start:               p50 {:>8.1} µs  p99 {:>8.1} µs  (target ≤ 50000 p50); cold invoke p50 {:.1} µs = {:.1}× a warm one",
+            res.cold_start_p50_us,
+            res.cold_start_p99_us,
+            res.cold_invoke_p50_us,
+            res.cold_invoke_p50_us / res.warm_p50_us.max(1e-3)
+        );
+    }
+    println!("targets {}", if res.meets_targets { "met" } else { "NOT met" });
+    if let Some(path) = args.json {
+        std::fs::write(&path, serde_json::to_string_pretty(&res)?)
+            .with_context(|| format!("writing {}", path.display()))?;
+    }
+    Ok(ExitCode::SUCCESS)
+}
