@@ -5,6 +5,13 @@
 //! - [`checkpoint`] — safetensors checkpoints (params, optimizer state, round, RNG), atomic writes.
 //! - [`rundir`] — a run's directory: effective config, `metrics.csv`, `events.jsonl`, `summary.json`.
 //! - [`local`] — single-process training, the reference for the distributed architectures.
+//! - [`function`] — the local function runtime with AWS Lambda's contract: Runtime API server
+//!   per instance, instance processes, warm pools, limits, retries, fault injection, the Invoke
+//!   API, the ledger; and the function side (`serve`) that `peerless function` runs.
+//! - [`gradient`] — the gradient function: request → parameters from the store → gradient
+//!   aggregated into the store, with the caches a warm instance may keep.
+//! - [`store`] — the store trait; the embedded RESP server and the Redis backend, with
+//!   in-store aggregation that counts each gradient once.
 
 pub mod checkpoint;
 pub mod config;

@@ -16,7 +16,7 @@
 //!
 //! # Limits and lifecycle
 //! Connections are capped by a semaphore ([`EmbeddedServer::max_connections`]); each has its
-//! own task. Frames are bounded by [`super::resp::Limits`]; malformed input gets
+//! own task. Frames are bounded by the codec's `Limits`; malformed input gets
 //! `-ERR Protocol error: ...` and the connection is closed. [`EmbeddedHandle::shutdown`] stops
 //! accepting, lets each connection finish the command in hand (for up to
 //! [`SHUTDOWN_GRACE`]) and then aborts what is left. Dropping the handle also stops the server,
