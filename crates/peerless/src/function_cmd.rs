@@ -146,6 +146,98 @@ pub struct InvokeBench {
     pub cold_invoke_p50_us: f64,
     /// Targets: warm overhead ≤ 1000 µs p50, cold start ≤ 50000 µs p50.
     pub meets_targets: bool,
+    /// The gradient function itself (MLP, batch 64) against a direct in-process `loss_and_grad`.
+    pub gradient: Option<GradientBench>,
+}
+
+/// The MLP gradient through the runtime and store vs the same gradient computed in-process (µs).
+#[derive(Debug, Serialize)]
+pub struct GradientBench {
+    /// Dataset used (MNIST when present in the data directory, else the embedded digits).
+    pub dataset: String,
+    /// Model id.
+    pub model: String,
+    /// Direct `loss_and_grad` on the same batch, median.
+    pub direct_p50_us: f64,
+    /// Direct, 99th percentile.
+    pub direct_p99_us: f64,
+    /// Warm `gradient` invocation (parameters read from and gradient accumulated into the
+    /// embedded store), median.
+    pub warm_p50_us: f64,
+    /// Warm invocation, 99th percentile.
+    pub warm_p99_us: f64,
+    /// `warm_p50_us / direct_p50_us`.
+    pub ratio_p50: f64,
+}
+
+/// Times the gradient function warm through `runtime` against the direct computation.
+async fn bench_gradient(runtime: &LocalRuntime, n: usize) -> Result<GradientBench> {
+    use peerless_core::flat::{digest, to_le_bytes};
+    use peerless_core::function::{GradientRequest, OutputMode, StoreRef};
+    use peerless_ml::{Arch, Backend, DatasetName, Model, ModelSpec};
+    use peerless_runtime::store::{RedisStore, Store, embedded::EmbeddedServer};
+
+    let data_dir = crate::cli::data_dir(None);
+    let name = if peerless_ml::data::load(DatasetName::Mnist, &data_dir).is_ok() {
+        DatasetName::Mnist
+    } else {
+        DatasetName::Digits
+    };
+    let split = peerless_ml::data::load(name, &data_dir)?;
+    let model = Model::new(ModelSpec::new(Arch::Mlp, split.train.shape, split.train.classes), Backend::Auto)?;
+    let params = model.init(0);
+    let indices: Vec<u32> = (0..64).collect();
+    let batch = split.train.gather(&indices.iter().map(|&i| i as usize).collect::<Vec<_>>());
+    let mut direct = Vec::with_capacity(n);
+    for _ in 0..n {
+        let t = Instant::now();
+        std::hint::black_box(model.loss_and_grad(&params, &batch)?);
+        direct.push(t.elapsed().as_secs_f64() * 1e6);
+    }
+    let server = EmbeddedServer::spawn(([127, 0, 0, 1], 0).into(), Some("bench".into()))?;
+    let store = RedisStore::connect(&server.url()).await?;
+    store.put("params/0", &to_le_bytes(&params)).await?;
+    let mut warm = Vec::with_capacity(n);
+    for i in 0..(n + 5) {
+        let req = GradientRequest {
+            node: "bench".into(),
+            round: 0,
+            batch: i as u32,
+            attempt: 0,
+            model: model.id(),
+            backend: "auto".into(),
+            params_key: "params/0".into(),
+            params_digest: digest(&params).to_string(),
+            dataset: name.to_string(),
+            data_dir: data_dir.display().to_string(),
+            indices: indices.clone(),
+            output_key: "grad/bench".into(),
+            output_mode: OutputMode::Accumulate,
+            store: StoreRef { url: server.url() },
+        };
+        let t = Instant::now();
+        let inv = runtime
+            .invoke("gradient", serde_json::to_value(&req)?, InvokeCtx::new("bench", 0, i as u32))
+            .await?;
+        let us = t.elapsed().as_secs_f64() * 1e6;
+        if !inv.is_ok() {
+            bail!("gradient invocation failed: {:?}", inv.error);
+        }
+        if i >= 5 {
+            warm.push(us);
+        }
+    }
+    server.shutdown().await;
+    let (d50, w50) = (q(&mut direct, 0.5), q(&mut warm, 0.5));
+    Ok(GradientBench {
+        dataset: name.to_string(),
+        model: model.id(),
+        direct_p50_us: d50,
+        direct_p99_us: q(&mut direct, 0.99),
+        warm_p50_us: w50,
+        warm_p99_us: q(&mut warm, 0.99),
+        ratio_p50: w50 / d50.max(1e-3),
+    })
 }
 
 fn q(v: &mut [f64], p: f64) -> f64 {
@@ -173,7 +265,7 @@ pub fn run_bench_invoke(args: BenchInvokeArgs) -> Result<ExitCode> {
             direct.push(t.elapsed().as_secs_f64() * 1e6);
             std::hint::black_box(v).ok();
         }
-        let cfg = function::Config { memory_mb: 256, max_retries: 0, ..function::Config::default() };
+        let cfg = function::Config { max_retries: 0, ..function::Config::default() };
         let runtime = LocalRuntime::start(cfg, command, 0)?;
         let mut warm = Vec::with_capacity(n);
         for i in 0..(n + 20) {
@@ -201,6 +293,7 @@ pub fn run_bench_invoke(args: BenchInvokeArgs) -> Result<ExitCode> {
             }
             cold.push(rec.init_us as f64);
         }
+        let gradient = bench_gradient(&runtime, n.min(200)).await?;
         runtime.shutdown().await;
         let (d50, d99) = (q(&mut direct, 0.5), q(&mut direct, 0.99));
         let (w50, w99) = (q(&mut warm, 0.5), q(&mut warm, 0.99));
@@ -216,6 +309,7 @@ pub fn run_bench_invoke(args: BenchInvokeArgs) -> Result<ExitCode> {
             cold_start_p99_us: q(&mut cold, 0.99),
             cold_invoke_p50_us: q(&mut cold_total, 0.5),
             meets_targets: w50 - d50 <= 1000.0 && (args.cold == 0 || c50 <= 50_000.0),
+            gradient: Some(gradient),
         })
     })?;
     println!(
@@ -236,6 +330,12 @@ pub fn run_bench_invoke(args: BenchInvokeArgs) -> Result<ExitCode> {
             res.cold_start_p99_us,
             res.cold_invoke_p50_us,
             res.cold_invoke_p50_us / res.warm_p50_us.max(1e-3)
+        );
+    }
+    if let Some(g) = &res.gradient {
+        println!(
+            "gradient {} on {}: direct p50 {:.0} µs p99 {:.0} µs; warm invocation (store in, store out) p50 {:.0} µs p99 {:.0} µs = {:.2}× direct",
+            g.model, g.dataset, g.direct_p50_us, g.direct_p99_us, g.warm_p50_us, g.warm_p99_us, g.ratio_p50
         );
     }
     println!("targets {}", if res.meets_targets { "met" } else { "NOT met" });
