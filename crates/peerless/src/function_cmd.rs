@@ -178,12 +178,10 @@ async fn bench_gradient(runtime: &LocalRuntime, n: usize) -> Result<GradientBenc
     use peerless_runtime::store::{RedisStore, Store, embedded::EmbeddedServer};
 
     let data_dir = crate::cli::data_dir(None);
-    let name = if peerless_ml::data::load(DatasetName::Mnist, &data_dir).is_ok() {
-        DatasetName::Mnist
-    } else {
-        DatasetName::Digits
+    let (name, split) = match peerless_ml::data::load(DatasetName::Mnist, &data_dir) {
+        Ok(split) => (DatasetName::Mnist, split),
+        Err(_) => (DatasetName::Digits, peerless_ml::data::load(DatasetName::Digits, &data_dir)?),
     };
-    let split = peerless_ml::data::load(name, &data_dir)?;
     let model = Model::new(ModelSpec::new(Arch::Mlp, split.train.shape, split.train.classes), Backend::Auto)?;
     let params = model.init(0);
     let indices: Vec<u32> = (0..64).collect();

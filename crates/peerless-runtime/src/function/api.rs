@@ -388,11 +388,7 @@ async fn answer(state: &State, id: &str, req: Request<Incoming>, is_error: bool)
     if let Some(resp) = refuse(state, id) {
         return resp;
     }
-    let header_type = req
-        .headers()
-        .get("lambda-runtime-function-error-type")
-        .and_then(|v| v.to_str().ok())
-        .map(str::to_owned);
+    let header_type = error_type_header(&req);
     let body = match read_body(req).await {
         Body::Ok(b) => b,
         Body::TooLarge(n) => {
@@ -415,13 +411,7 @@ async fn answer(state: &State, id: &str, req: Request<Incoming>, is_error: bool)
         }
     };
     let reply = if is_error {
-        let mut fe = serde_json::from_slice::<FunctionError>(&body).unwrap_or_else(|_| {
-            FunctionError::new("", String::from_utf8_lossy(&body[..body.len().min(4096)]).into_owned())
-        });
-        if fe.error_type.is_empty() {
-            fe.error_type = header_type.unwrap_or_else(|| "Unhandled".to_owned());
-        }
-        Reply::Error(fe)
+        Reply::Error(function_error(&body, header_type, "Unhandled"))
     } else if let Err(e) = serde_json::from_slice::<serde::de::IgnoredAny>(&body) {
         let msg = format!("the function's response is not valid JSON: {e}");
         complete(state, id, Reply::Error(FunctionError::new("Runtime.InvalidResponseBody", msg.clone())));
@@ -437,12 +427,25 @@ async fn answer(state: &State, id: &str, req: Request<Incoming>, is_error: bool)
     }
 }
 
+/// The `Lambda-Runtime-Function-Error-Type` header, if present.
+fn error_type_header(req: &Request<Incoming>) -> Option<String> {
+    req.headers().get("lambda-runtime-function-error-type").and_then(|v| v.to_str().ok()).map(str::to_owned)
+}
+
+/// An error body as Lambda reads it: `{"errorType","errorMessage"}` JSON, else the (truncated)
+/// text as the message; the type falls back to the header, then to `default_type`.
+fn function_error(body: &[u8], header_type: Option<String>, default_type: &str) -> FunctionError {
+    let mut fe = serde_json::from_slice::<FunctionError>(body).unwrap_or_else(|_| {
+        FunctionError::new("", String::from_utf8_lossy(&body[..body.len().min(4096)]).into_owned())
+    });
+    if fe.error_type.is_empty() {
+        fe.error_type = header_type.unwrap_or_else(|| default_type.to_owned());
+    }
+    fe
+}
+
 async fn init_error(state: &State, req: Request<Incoming>) -> Resp {
-    let header_type = req
-        .headers()
-        .get("lambda-runtime-function-error-type")
-        .and_then(|v| v.to_str().ok())
-        .map(str::to_owned);
+    let header_type = error_type_header(&req);
     let body = match read_body(req).await {
         Body::Ok(b) => b,
         Body::TooLarge(_) => {
@@ -460,13 +463,7 @@ async fn init_error(state: &State, req: Request<Incoming>) -> Resp {
             );
         }
     };
-    let mut fe = serde_json::from_slice::<FunctionError>(&body).unwrap_or_else(|_| {
-        FunctionError::new("", String::from_utf8_lossy(&body[..body.len().min(4096)]).into_owned())
-    });
-    if fe.error_type.is_empty() {
-        fe.error_type = header_type.unwrap_or_else(|| "Runtime.InitError".to_owned());
-    }
-    state.status.send_replace(Status::InitError(fe));
+    state.status.send_replace(Status::InitError(function_error(&body, header_type, "Runtime.InitError")));
     accepted()
 }
 
