@@ -6,12 +6,18 @@
 //! - [`optim`] — SGD (momentum, weight decay) and Adam on flat vectors, with flat state.
 //! - [`function`] — wire types of the gradient function and the invocation ledger.
 //! - [`cost`] — Lambda-style and per-hour billing in integer pico-dollars.
+//! - [`wire`] — the peer-to-peer messages and their validating codec.
+//! - [`aggregate`] — aggregation rules behind one trait.
+//! - [`p2p`] — the P2P round protocol as an I/O-free state machine.
 //!
 //! Nothing here reads a clock, touches the network or the disk, or uses a global RNG.
 #![warn(missing_docs)]
 
+pub mod aggregate;
 pub mod cost;
 pub mod flat;
 pub mod function;
 pub mod optim;
+pub mod p2p;
 pub mod rng;
+pub mod wire;

@@ -77,6 +77,10 @@ pub struct RunConfig {
     pub train: TrainConfig,
     /// Optimizer; `kind = "sgd"` or `"adam"`.
     pub optimizer: OptimizerConfig,
+    /// Peer-to-peer training (`train.arch = "p2p"`).
+    pub p2p: P2pConfig,
+    /// The function runtime gradients are computed in.
+    pub function: crate::function::Config,
 }
 
 impl Default for RunConfig {
@@ -88,6 +92,8 @@ impl Default for RunConfig {
             model: ModelConfig::default(),
             train: TrainConfig::default(),
             optimizer: OptimizerConfig::sgd(0.02),
+            p2p: P2pConfig::default(),
+            function: crate::function::Config::default(),
         }
     }
 }
@@ -158,6 +164,94 @@ impl Default for TrainConfig {
     }
 }
 
+/// Where a peer's gradients are computed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Compute {
+    /// Gradient function invocations (serverless).
+    #[default]
+    Functions,
+    /// In the peer process (the serverful baseline).
+    Local,
+}
+
+/// `[p2p]`
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct P2pConfig {
+    /// Peers the launcher starts.
+    pub peers: u32,
+    /// Gradient functions each peer invokes per round, one mini-batch of `train.batch_size`
+    /// each; a round's global batch is `peers × functions_per_peer × batch_size`.
+    pub functions_per_peer: u32,
+    /// `functions` (serverless) or `local` (gradients in the peer process).
+    pub compute: Compute,
+    /// Shortest round deadline, ms.
+    pub deadline_floor_ms: u64,
+    /// Longest round deadline, ms.
+    pub deadline_ceiling_ms: u64,
+    /// Deadline = this × the smoothed observed wait, within floor and ceiling.
+    pub deadline_factor: f64,
+    /// How long peers wait for each other at start (and a joiner for a live peer), ms.
+    pub start_timeout_ms: u64,
+    /// Survivors take over the shards of peers that left, so their data is still trained on.
+    pub takeover: bool,
+    /// Aggregation rule.
+    pub aggregator: peerless_core::aggregate::Rule,
+    /// The run secret: peer identities and the allow-list derive from it. Empty: the launcher
+    /// draws one at random (and writes it into the peers' configs).
+    pub secret: String,
+    /// The store functions read parameters from and accumulate gradients into: `embedded`
+    /// (served by each peer), or a `redis://` URL of a Redis server.
+    pub store: String,
+}
+
+impl Default for P2pConfig {
+    fn default() -> Self {
+        P2pConfig {
+            peers: 4,
+            functions_per_peer: 4,
+            compute: Compute::Functions,
+            deadline_floor_ms: 1_000,
+            deadline_ceiling_ms: 10_000,
+            deadline_factor: 4.0,
+            start_timeout_ms: 20_000,
+            takeover: true,
+            aggregator: peerless_core::aggregate::Rule::Mean,
+            secret: String::new(),
+            store: "embedded".into(),
+        }
+    }
+}
+
+impl P2pConfig {
+    fn validate(&self) -> Result<(), ConfigError> {
+        if !(1..=64).contains(&self.peers) {
+            return Err(invalid("p2p.peers", self.peers, "must be in 1..=64"));
+        }
+        if !(1..=64).contains(&self.functions_per_peer) {
+            return Err(invalid("p2p.functions_per_peer", self.functions_per_peer, "must be in 1..=64"));
+        }
+        if self.deadline_floor_ms == 0 {
+            return Err(invalid("p2p.deadline_floor_ms", 0, "must be positive"));
+        }
+        if self.deadline_ceiling_ms < self.deadline_floor_ms {
+            return Err(invalid(
+                "p2p.deadline_ceiling_ms",
+                self.deadline_ceiling_ms,
+                "must be at least p2p.deadline_floor_ms",
+            ));
+        }
+        if !(self.deadline_factor.is_finite() && self.deadline_factor >= 1.0) {
+            return Err(invalid("p2p.deadline_factor", self.deadline_factor, "must be finite and ≥ 1"));
+        }
+        if self.store != "embedded" && !self.store.starts_with("redis://") {
+            return Err(invalid("p2p.store", &self.store, "must be \"embedded\" or a redis:// URL"));
+        }
+        Ok(())
+    }
+}
+
 impl RunConfig {
     /// Reads and validates a TOML file.
     pub fn load(path: &Path) -> Result<Self, ConfigError> {
@@ -195,6 +289,8 @@ impl RunConfig {
                 "must list one or more positive widths",
             ));
         }
+        self.p2p.validate()?;
+        self.function.validate()?;
         self.optimizer.validate().map_err(|e| match e {
             peerless_core::optim::OptimError::InvalidConfig { key, value, reason } => ConfigError::Invalid {
                 key: format!("optimizer.{}", key.trim_start_matches("optimizer.")),

@@ -1,0 +1,845 @@
+//! The P2P round protocol as an I/O-free state machine (raft-rs style).
+//!
+//! A [`Round`] machine is fed [`Input`]s — a connection came or went, a gradient or a join
+//! announcement arrived, the local gradient functions finished, a state transfer arrived, time
+//! passed — each with the current time in milliseconds, and answers with [`Action`]s for its
+//! driver to carry out: compute, broadcast, apply an update, checkpoint, request or serve state,
+//! adopt a state, record an event. It owns no socket, clock, file or model; the driver in
+//! `peerless-runtime` does, and tests drive it directly with simulated peers.
+//!
+//! # One round `r`
+//! 1. `Compute { round: r }`: the driver invokes its functions; gradients from faster peers that
+//!    arrive meanwhile are kept.
+//! 2. [`Input::LocalGradient`] → `Broadcast` to every connected peer, then collect.
+//! 3. The round closes when every *expected* peer's gradient for `r` is in, or at the deadline.
+//!    Expected = connected, announced as active from a round ≤ `r`, and not suspected. A peer
+//!    whose connection drops leaves at once ([`EventKind::PeerLeft`]); one that is silent at the
+//!    deadline is suspected ([`EventKind::PeerSuspected`]) and not waited for again until it
+//!    speaks.
+//! 4. `Apply` with the gradients of the peers that share this peer's model digest, ordered by
+//!    peer index, so replicas that saw the same inputs stay bit-identical.
+//!
+//! # Reconciliation rule
+//! Every gradient carries the digest of the parameters it was computed at. When the digests
+//! of a round differ (views differed in an earlier round, e.g. a straggler's gradient reached
+//! some peers before their deadline and others after), the **majority digest wins**: the
+//! digest held by the most peers among those heard from, ties broken towards the group with the
+//! lowest peer index. Peers of the majority apply the round with only the majority's
+//! gradients; a peer in the minority does not apply, but fetches the state (parameters and
+//! optimizer state, at the next round boundary) from the lowest-indexed majority peer and
+//! re-enters at that round. Adopting a whole replica rather than averaging models keeps the
+//! optimizer state consistent with the parameters, makes every replica again bit-identical
+//! (which averaging would not), and needs no extra round; the cost is that the minority's last
+//! round of work is discarded, which only happens after a fault.
+//!
+//! # Joining
+//! A new or restarted peer starts in [`Start::Join`]: it asks a connected peer for its state,
+//! which that peer sends at its next round boundary, adopts it (unless its own checkpoint is
+//! newer), announces `Join { round }` and enters that round.
+//!
+//! # Deadline
+//! Adaptive: `clamp(factor × ewma(wait), floor, ceiling)`, where `wait` is the time from this
+//! peer's own gradient being ready to the last expected gradient arriving, in rounds that
+//! closed complete.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use serde::{Deserialize, Serialize};
+
+use crate::flat::Digest;
+use crate::wire::{GradientMsg, StateMsg};
+
+/// Wait between state requests after one failed, ms.
+const RETRY_MS: u64 = 200;
+
+/// A peer's index in its run (its rank; 0-based). Aggregation order is by index.
+pub type PeerIdx = u32;
+
+/// Bounds of the adaptive round deadline.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct DeadlinePolicy {
+    /// Never wait less than this, ms.
+    pub floor_ms: u64,
+    /// Never wait more than this, ms.
+    pub ceiling_ms: u64,
+    /// Multiple of the smoothed observed wait.
+    pub factor: f64,
+}
+
+impl Default for DeadlinePolicy {
+    fn default() -> Self {
+        DeadlinePolicy { floor_ms: 1_000, ceiling_ms: 10_000, factor: 4.0 }
+    }
+}
+
+/// Static configuration of a peer's round machine.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RoundConfig {
+    /// This peer.
+    pub me: PeerIdx,
+    /// The run's initial members (this peer included).
+    pub members: Vec<PeerIdx>,
+    /// Train until this round is done.
+    pub total_rounds: u64,
+    /// Checkpoint after every this many rounds (0: only at the end).
+    pub checkpoint_every: u64,
+    /// Round deadline.
+    pub deadline: DeadlinePolicy,
+    /// How long to wait for the initial members (or, joining, for a live peer) before going
+    /// on without them, ms.
+    pub start_timeout_ms: u64,
+}
+
+/// How a peer enters the run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Start {
+    /// With the rest of the run, at `round` (0, or the round of a checkpoint every member
+    /// resumes from), once all initial members are connected or the start timeout passed.
+    Fresh {
+        /// First round.
+        round: u64,
+    },
+    /// Late or after a restart: fetch the state from a live peer; `own` is the round of this
+    /// peer's own checkpoint, used if it is newer or if no peer answers in time.
+    Join {
+        /// Round of this peer's checkpoint, if it has one.
+        own: Option<u64>,
+    },
+}
+
+/// What happened, as far as the driver can tell.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Input {
+    /// An authenticated connection to a peer of the run is up.
+    Connected(PeerIdx),
+    /// The last connection to a peer closed.
+    Disconnected(PeerIdx),
+    /// A peer's gradient arrived (already validated by the codec).
+    Gradient(PeerIdx, GradientMsg),
+    /// A peer announced it takes part from `round` on.
+    Join(PeerIdx, u64),
+    /// A peer asks for this peer's state.
+    StateRequested(PeerIdx),
+    /// The state this peer asked for.
+    State(PeerIdx, StateMsg),
+    /// A state request failed (refused, or the connection broke).
+    StateFailed(PeerIdx),
+    /// This peer's own functions finished round `round`.
+    LocalGradient {
+        /// Round.
+        round: u64,
+        /// Digest of this peer's parameters at that round.
+        digest: Digest,
+        /// Mean gradient over its batches.
+        grad: Vec<f32>,
+    },
+    /// The digest of this peer's final parameters (the answer to [`Action::Finalize`]).
+    FinalDigest(Digest),
+    /// A peer's final digest.
+    Final(PeerIdx, u64, Digest),
+    /// Time passed (the driver calls this at [`Round::next_timer`] at the latest).
+    Tick,
+}
+
+/// What the driver must do, in order.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Action {
+    /// Compute this peer's gradient for `round` (invoke its functions). `view` is the set of
+    /// active members at the start of the round, this peer included (for shard take-over).
+    Compute {
+        /// Round.
+        round: u64,
+        /// Active members.
+        view: Vec<PeerIdx>,
+    },
+    /// Send this peer's gradient of `round` to `to`.
+    Broadcast {
+        /// Round.
+        round: u64,
+        /// Recipients.
+        to: Vec<PeerIdx>,
+    },
+    /// Aggregate these gradients (ordered by peer index; this peer's included) and take an
+    /// optimizer step; the model becomes version `round + 1`.
+    Apply {
+        /// Round.
+        round: u64,
+        /// Contributions, ordered by peer index.
+        inputs: Vec<(PeerIdx, Vec<f32>)>,
+    },
+    /// Write a checkpoint of model version `round`.
+    Checkpoint {
+        /// Model version (rounds done).
+        round: u64,
+    },
+    /// Send the current state (model version `round`) to these peers.
+    ServeState {
+        /// Recipients.
+        to: Vec<PeerIdx>,
+        /// Model version being served.
+        round: u64,
+    },
+    /// Refuse a state request.
+    RefuseState {
+        /// Requester.
+        to: PeerIdx,
+        /// Why.
+        reason: String,
+    },
+    /// Ask `from` for its state.
+    RequestState {
+        /// Peer asked.
+        from: PeerIdx,
+    },
+    /// Replace parameters and optimizer state with these.
+    Adopt(StateMsg),
+    /// Tell `to` this peer takes part from `round` on.
+    AnnounceJoin {
+        /// Round.
+        round: u64,
+        /// Recipients.
+        to: Vec<PeerIdx>,
+    },
+    /// Record an event.
+    Event(Event),
+    /// The last round is applied: report the final parameters' digest
+    /// ([`Input::FinalDigest`]) so the replicas can check they agree.
+    Finalize {
+        /// Rounds done.
+        round: u64,
+    },
+    /// Send this peer's final digest to `to`.
+    AnnounceFinal {
+        /// Rounds done.
+        round: u64,
+        /// Digest of the final parameters.
+        digest: Digest,
+        /// Recipients.
+        to: Vec<PeerIdx>,
+    },
+    /// Training is over at model version `round`, and the replicas heard from agree.
+    Finished {
+        /// Rounds done.
+        round: u64,
+    },
+}
+
+/// A timestamped protocol event (for `events.jsonl`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Event {
+    /// Driver time, ms.
+    pub at_ms: u64,
+    /// What.
+    #[serde(flatten)]
+    pub kind: EventKind,
+}
+
+/// Protocol events.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "event", rename_all = "snake_case")]
+pub enum EventKind {
+    /// Round `round` started (only logged for the first round and after a (re)join).
+    Entered {
+        /// Round.
+        round: u64,
+        /// Members expected.
+        view: Vec<PeerIdx>,
+    },
+    /// A peer announced it takes part from `round`.
+    PeerJoined {
+        /// Peer.
+        peer: PeerIdx,
+        /// Round.
+        round: u64,
+    },
+    /// A peer's connection closed; it left the view at once.
+    PeerLeft {
+        /// Peer.
+        peer: PeerIdx,
+        /// Round in progress.
+        round: u64,
+    },
+    /// A peer was silent at the round deadline; it is not waited for until it speaks again.
+    PeerSuspected {
+        /// Peer.
+        peer: PeerIdx,
+        /// Round.
+        round: u64,
+        /// How long this peer waited after its own gradient was ready, ms.
+        waited_ms: u64,
+    },
+    /// A gradient for a round already closed arrived and was dropped.
+    LateGradient {
+        /// Sender.
+        peer: PeerIdx,
+        /// Its round.
+        round: u64,
+        /// This peer's round.
+        current: u64,
+    },
+    /// A gradient computed on a different model (digest) was left out of the aggregate.
+    Excluded {
+        /// Sender.
+        peer: PeerIdx,
+        /// Round.
+        round: u64,
+    },
+    /// This peer's model is in the minority (or behind): it fetches the majority's state.
+    Reconcile {
+        /// Round.
+        round: u64,
+        /// Peer it fetches from.
+        from: PeerIdx,
+        /// Why: `"minority digest"` or `"behind"`.
+        reason: String,
+    },
+    /// This peer adopted a state and enters `round`.
+    Synced {
+        /// Round entered.
+        round: u64,
+        /// Where the state came from (none: own checkpoint).
+        from: Option<PeerIdx>,
+    },
+    /// A round closed.
+    RoundClosed {
+        /// Round.
+        round: u64,
+        /// Contributors.
+        contributors: usize,
+        /// Whether it closed at the deadline.
+        timed_out: bool,
+        /// The deadline in force, ms.
+        deadline_ms: u64,
+    },
+}
+
+#[derive(Debug, Clone, Default)]
+struct Member {
+    connected: bool,
+    /// First round it contributes to; `None` until it announced itself.
+    active_from: Option<u64>,
+    /// Silent at a deadline; not waited for until it speaks.
+    suspected: bool,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+enum Phase {
+    Starting {
+        since: u64,
+    },
+    /// Fetching a state: `asked` (since `asked_at`) is the peer asked, if any.
+    Syncing {
+        since: u64,
+        asked: Option<PeerIdx>,
+        asked_at: u64,
+        tried: BTreeSet<PeerIdx>,
+    },
+    Computing,
+    Collecting {
+        since: u64,
+    },
+    /// All rounds applied; comparing final digests (a view that differed in the last round
+    /// has no next round to show it).
+    Finalizing {
+        since: u64,
+        mine: Option<Digest>,
+    },
+    Done,
+}
+
+/// The round state machine of one peer.
+#[derive(Debug)]
+pub struct Round {
+    cfg: RoundConfig,
+    start: Start,
+    round: u64,
+    phase: Phase,
+    members: BTreeMap<PeerIdx, Member>,
+    mine: Option<(Digest, Vec<f32>)>,
+    received: BTreeMap<PeerIdx, GradientMsg>,
+    /// Gradients for the next round that arrived early (while syncing: each peer's newest).
+    early: BTreeMap<PeerIdx, GradientMsg>,
+    pending_state: Vec<PeerIdx>,
+    finals: BTreeMap<PeerIdx, Digest>,
+    final_digest: Option<Digest>,
+    wait_ewma_ms: Option<f64>,
+    out: Vec<Action>,
+}
+
+impl Round {
+    /// A machine at time `now_ms`. Call [`Round::handle`] with [`Input::Tick`] to get going.
+    pub fn new(cfg: RoundConfig, start: Start, now_ms: u64) -> Round {
+        let members = cfg.members.iter().filter(|&&p| p != cfg.me).map(|&p| (p, Member::default())).collect();
+        let (round, phase) = match start {
+            Start::Fresh { round } => (round, Phase::Starting { since: now_ms }),
+            Start::Join { own } => (
+                own.unwrap_or(0),
+                Phase::Syncing { since: now_ms, asked: None, asked_at: now_ms, tried: BTreeSet::new() },
+            ),
+        };
+        Round {
+            cfg,
+            start,
+            round,
+            phase,
+            members,
+            mine: None,
+            received: BTreeMap::new(),
+            early: BTreeMap::new(),
+            pending_state: Vec::new(),
+            finals: BTreeMap::new(),
+            final_digest: None,
+            wait_ewma_ms: None,
+            out: Vec::new(),
+        }
+    }
+
+    /// The round in progress (= the model version this peer holds).
+    pub fn round(&self) -> u64 {
+        self.round
+    }
+
+    /// Whether training is over.
+    pub fn is_done(&self) -> bool {
+        self.phase == Phase::Done
+    }
+
+    /// Whether this peer is fetching a state.
+    pub fn is_syncing(&self) -> bool {
+        matches!(self.phase, Phase::Syncing { .. })
+    }
+
+    /// The deadline in force, ms.
+    pub fn deadline_ms(&self) -> u64 {
+        let d = &self.cfg.deadline;
+        let est = self.wait_ewma_ms.map_or(0.0, |w| w * d.factor);
+        (est as u64).clamp(d.floor_ms, d.ceiling_ms.max(d.floor_ms))
+    }
+
+    /// Peers expected to contribute to the current round (this peer excluded).
+    pub fn expected(&self) -> Vec<PeerIdx> {
+        self.expected_at(self.round)
+    }
+
+    /// Connected peers of the run.
+    pub fn connected(&self) -> Vec<PeerIdx> {
+        self.members.iter().filter(|(_, m)| m.connected).map(|(&p, _)| p).collect()
+    }
+
+    /// When the driver must call [`Input::Tick`] next, ms (driver time), if any.
+    pub fn next_timer(&self) -> Option<u64> {
+        match &self.phase {
+            Phase::Starting { since } => Some(since + self.cfg.start_timeout_ms),
+            Phase::Syncing { asked: None, asked_at, .. } => {
+                Some(asked_at + RETRY_MS.min(self.cfg.start_timeout_ms).max(1))
+            }
+            Phase::Syncing { asked_at, .. } => Some(asked_at + self.state_timeout_ms()),
+            Phase::Collecting { since } | Phase::Finalizing { since, mine: Some(_) } => {
+                Some(since + self.deadline_ms())
+            }
+            Phase::Computing | Phase::Finalizing { mine: None, .. } | Phase::Done => None,
+        }
+    }
+
+    /// How long a state request may go unanswered before another peer is asked: the peer
+    /// asked answers at its next round boundary, which is at most a deadline away.
+    fn state_timeout_ms(&self) -> u64 {
+        2 * self.cfg.deadline.ceiling_ms + self.cfg.start_timeout_ms
+    }
+
+    fn expected_at(&self, round: u64) -> Vec<PeerIdx> {
+        self.members
+            .iter()
+            .filter(|(_, m)| m.connected && !m.suspected && m.active_from.is_some_and(|a| a <= round))
+            .map(|(&p, _)| p)
+            .collect()
+    }
+
+    fn event(&mut self, now: u64, kind: EventKind) {
+        self.out.push(Action::Event(Event { at_ms: now, kind }));
+    }
+
+    fn member(&mut self, p: PeerIdx) -> &mut Member {
+        self.members.entry(p).or_default()
+    }
+
+    /// Feeds one input at driver time `now_ms`; returns the actions to carry out, in order.
+    pub fn handle(&mut self, now_ms: u64, input: Input) -> Vec<Action> {
+        let now = now_ms;
+        match input {
+            Input::Connected(p) if p != self.cfg.me => {
+                let starting = matches!(self.phase, Phase::Starting { .. });
+                let round = self.round;
+                let m = self.member(p);
+                m.connected = true;
+                if starting {
+                    // Initial members take part from the first round.
+                    m.active_from = Some(round);
+                }
+            }
+            Input::Disconnected(p) if p != self.cfg.me => {
+                let m = self.member(p);
+                let was = m.connected;
+                m.connected = false;
+                // It must announce itself again (a restarted peer syncs first).
+                m.active_from = None;
+                m.suspected = false;
+                self.pending_state.retain(|&q| q != p);
+                if was {
+                    self.event(now, EventKind::PeerLeft { peer: p, round: self.round });
+                }
+                if let Phase::Syncing { asked, asked_at, .. } = &mut self.phase
+                    && *asked == Some(p)
+                {
+                    *asked = None;
+                    *asked_at = now;
+                }
+            }
+            Input::Join(p, round) if p != self.cfg.me => {
+                let m = self.member(p);
+                m.connected = true;
+                m.suspected = false;
+                m.active_from = Some(round);
+                self.event(now, EventKind::PeerJoined { peer: p, round });
+            }
+            Input::Gradient(p, g) if p != self.cfg.me => self.on_gradient(now, p, g),
+            Input::StateRequested(p) => match self.phase {
+                Phase::Computing | Phase::Collecting { .. } => {
+                    if !self.pending_state.contains(&p) {
+                        self.pending_state.push(p);
+                    }
+                }
+                Phase::Starting { .. } | Phase::Finalizing { .. } | Phase::Done => {
+                    self.out.push(Action::ServeState { to: vec![p], round: self.round })
+                }
+                Phase::Syncing { .. } => self.out.push(Action::RefuseState {
+                    to: p,
+                    reason: "this peer is itself fetching a state".into(),
+                }),
+            },
+            Input::State(p, s) => self.on_state(now, p, s),
+            Input::StateFailed(p) => {
+                if let Phase::Syncing { asked, asked_at, .. } = &mut self.phase
+                    && *asked == Some(p)
+                {
+                    *asked = None;
+                    *asked_at = now;
+                }
+            }
+            Input::LocalGradient { round, digest, grad } => {
+                if round == self.round && self.phase == Phase::Computing {
+                    self.mine = Some((digest, grad));
+                    let to = self.connected();
+                    self.out.push(Action::Broadcast { round, to });
+                    self.phase = Phase::Collecting { since: now };
+                }
+            }
+            Input::FinalDigest(d) => {
+                if let Phase::Finalizing { mine: mine @ None, .. } = &mut self.phase {
+                    *mine = Some(d);
+                    self.final_digest = Some(d);
+                    let to = self.connected();
+                    self.out.push(Action::AnnounceFinal { round: self.round, digest: d, to });
+                }
+            }
+            Input::Final(p, round, d) if p != self.cfg.me && round == self.cfg.total_rounds => {
+                self.member(p).connected = true;
+                let known = self.finals.insert(p, d);
+                match self.phase {
+                    Phase::Done => {
+                        if known != Some(d) && self.final_digest != Some(d) {
+                            // A replica that ended differently: compare again.
+                            if let Some(mine) = self.final_digest {
+                                self.out.push(Action::AnnounceFinal { round, digest: mine, to: vec![p] });
+                            }
+                            self.decide_final(now);
+                        }
+                    }
+                    Phase::Computing | Phase::Collecting { .. } | Phase::Starting { .. }
+                        if self.round + 1 < round =>
+                    {
+                        // The sender finished while this peer is more than a round behind.
+                        let r = self.round;
+                        self.event(now, EventKind::Reconcile { round: r, from: p, reason: "behind".into() });
+                        self.begin_sync(now, p);
+                    }
+                    _ => {}
+                }
+            }
+            Input::Tick => {}
+            // Inputs about this peer itself are ignored.
+            Input::Connected(_)
+            | Input::Disconnected(_)
+            | Input::Join(..)
+            | Input::Gradient(..)
+            | Input::Final(..) => {}
+        }
+        self.advance(now);
+        std::mem::take(&mut self.out)
+    }
+
+    fn on_gradient(&mut self, now: u64, p: PeerIdx, g: GradientMsg) {
+        let m = self.member(p);
+        m.connected = true;
+        m.suspected = false;
+        if m.active_from.is_none_or(|a| a > g.round) {
+            m.active_from = Some(g.round);
+        }
+        let r = self.round;
+        match self.phase {
+            Phase::Done | Phase::Finalizing { mine: Some(_), .. } => {
+                // The sender is still training: tell it training is over, so it catches up.
+                if let Some(digest) = self.final_digest {
+                    self.out.push(Action::AnnounceFinal { round: r, digest, to: vec![p] });
+                }
+            }
+            _ if g.round < r => {
+                self.event(now, EventKind::LateGradient { peer: p, round: g.round, current: r })
+            }
+            Phase::Computing | Phase::Collecting { .. } if g.round == r => {
+                self.received.entry(p).or_insert(g);
+            }
+            Phase::Starting { .. } | Phase::Syncing { .. } if g.round == r => {
+                self.early.entry(p).or_insert(g);
+            }
+            _ if g.round == r + 1 => {
+                self.early.entry(p).or_insert(g);
+            }
+            Phase::Syncing { .. } => {
+                // The round this peer will enter is not known yet: keep each peer's newest.
+                if self.early.get(&p).is_none_or(|e| e.round < g.round) {
+                    self.early.insert(p, g);
+                }
+            }
+            _ => {
+                // The sender is more than a round ahead: this peer fell behind.
+                self.event(now, EventKind::Reconcile { round: r, from: p, reason: "behind".into() });
+                self.begin_sync(now, p);
+            }
+        }
+    }
+
+    fn on_state(&mut self, now: u64, p: PeerIdx, s: StateMsg) {
+        let Phase::Syncing { .. } = self.phase else { return };
+        let own = match self.start {
+            Start::Join { own: Some(o) } => Some(o),
+            _ => None,
+        };
+        if own.is_some_and(|o| o > s.round) {
+            // This peer's own checkpoint is newer than what the live peer has.
+            self.enter(now, self.round, None);
+            return;
+        }
+        let round = s.round;
+        self.out.push(Action::Adopt(s));
+        self.enter(now, round, Some(p));
+    }
+
+    fn begin_sync(&mut self, now: u64, from: PeerIdx) {
+        self.mine = None;
+        self.received.clear();
+        self.out.push(Action::RequestState { from });
+        self.phase =
+            Phase::Syncing { since: now, asked: Some(from), asked_at: now, tried: BTreeSet::from([from]) };
+    }
+
+    /// Enters `round` after a sync (or from the own checkpoint) and announces it.
+    fn enter(&mut self, now: u64, round: u64, from: Option<PeerIdx>) {
+        // The own checkpoint only competes with the first state fetched.
+        self.start = Start::Fresh { round };
+        self.round = round;
+        self.mine = None;
+        self.received.clear();
+        self.early.retain(|_, g| g.round >= round);
+        self.event(now, EventKind::Synced { round, from });
+        let to = self.connected();
+        self.out.push(Action::AnnounceJoin { round, to });
+        // Peers heard from in this round are active; the one served from certainly is.
+        if let Some(p) = from {
+            let m = self.member(p);
+            m.active_from = Some(m.active_from.map_or(round, |a| a.min(round)));
+        }
+        self.start_round(now, true);
+    }
+
+    fn start_round(&mut self, now: u64, log: bool) {
+        if self.round >= self.cfg.total_rounds {
+            self.phase = Phase::Finalizing { since: now, mine: None };
+            self.out.push(Action::Finalize { round: self.round });
+            return;
+        }
+        let r = self.round;
+        let early = std::mem::take(&mut self.early);
+        for (p, g) in early {
+            if g.round == r {
+                self.received.insert(p, g);
+            } else if g.round == r + 1 {
+                self.early.insert(p, g);
+            }
+        }
+        self.mine = None;
+        let mut view = self.expected_at(r);
+        view.push(self.cfg.me);
+        view.sort_unstable();
+        if log {
+            self.event(now, EventKind::Entered { round: r, view: view.clone() });
+        }
+        self.phase = Phase::Computing;
+        self.out.push(Action::Compute { round: r, view });
+    }
+
+    /// Moves on where inputs allow: starts, gives up waiting, closes rounds.
+    fn advance(&mut self, now: u64) {
+        let state_timeout = self.state_timeout_ms();
+        match &mut self.phase {
+            Phase::Starting { since } => {
+                let all = self.members.values().all(|m| m.connected);
+                if all || now >= *since + self.cfg.start_timeout_ms {
+                    self.start_round(now, true);
+                }
+            }
+            Phase::Syncing { since, asked, asked_at, tried } => {
+                if asked.is_some() && now >= *asked_at + state_timeout {
+                    // No answer: ask someone else.
+                    *asked = None;
+                    *asked_at = now;
+                }
+                if asked.is_none() && now >= *asked_at + RETRY_MS.min(self.cfg.start_timeout_ms).max(1) {
+                    let candidates: Vec<PeerIdx> =
+                        self.members.iter().filter(|(_, m)| m.connected).map(|(&p, _)| p).collect();
+                    let pick = candidates.iter().find(|p| !tried.contains(p)).copied();
+                    if let Some(p) = pick {
+                        *asked = Some(p);
+                        *asked_at = now;
+                        tried.insert(p);
+                        self.out.push(Action::RequestState { from: p });
+                    } else if now >= *since + self.cfg.start_timeout_ms {
+                        // Nobody to ask, or everyone refused (they are syncing too): go on
+                        // from this peer's own state (its checkpoint when joining, from
+                        // scratch without one). Differing replicas reconcile a round later.
+                        self.enter(now, self.round, None);
+                    } else {
+                        // Ask everyone again after the retry pause.
+                        tried.clear();
+                        *asked_at = now;
+                    }
+                }
+            }
+            Phase::Collecting { since } => {
+                let since = *since;
+                let missing: Vec<PeerIdx> =
+                    self.expected().into_iter().filter(|p| !self.received.contains_key(p)).collect();
+                let waited = now.saturating_sub(since);
+                if missing.is_empty() {
+                    let w = waited as f64;
+                    self.wait_ewma_ms = Some(self.wait_ewma_ms.map_or(w, |e| 0.8 * e + 0.2 * w));
+                    self.close_round(now, false);
+                } else if waited >= self.deadline_ms() {
+                    for p in missing {
+                        self.member(p).suspected = true;
+                        self.event(
+                            now,
+                            EventKind::PeerSuspected { peer: p, round: self.round, waited_ms: waited },
+                        );
+                    }
+                    self.close_round(now, true);
+                }
+            }
+            Phase::Finalizing { since, mine: Some(_) } => {
+                let since = *since;
+                // Wait for the final digest of every connected peer, up to a deadline.
+                let missing = self.connected().iter().any(|p| !self.finals.contains_key(p));
+                if !missing || now >= since + self.deadline_ms() {
+                    self.decide_final(now);
+                }
+            }
+            Phase::Computing | Phase::Finalizing { mine: None, .. } | Phase::Done => {}
+        }
+    }
+
+    /// Compares this peer's final digest with those of the connected peers: done when it is
+    /// the majority's, else fetch the majority's state.
+    fn decide_final(&mut self, now: u64) {
+        let Some(mine) = self.final_digest else { return };
+        let mut groups: BTreeMap<Digest, Vec<PeerIdx>> = BTreeMap::new();
+        groups.entry(mine).or_default().push(self.cfg.me);
+        for p in self.connected() {
+            if let Some(d) = self.finals.get(&p) {
+                groups.entry(*d).or_default().push(p);
+            }
+        }
+        let (majority, from) = majority(&groups);
+        if majority == mine {
+            if self.phase != Phase::Done {
+                self.phase = Phase::Done;
+                self.out.push(Action::Finished { round: self.round });
+            }
+        } else {
+            let r = self.round;
+            self.event(now, EventKind::Reconcile { round: r, from, reason: "minority final digest".into() });
+            self.final_digest = None;
+            self.begin_sync(now, from);
+        }
+    }
+
+    fn close_round(&mut self, now: u64, timed_out: bool) {
+        let r = self.round;
+        let Some((my_digest, my_grad)) = self.mine.take() else { return };
+        let received = std::mem::take(&mut self.received);
+        // Group the peers heard from by model digest.
+        let mut groups: BTreeMap<Digest, Vec<PeerIdx>> = BTreeMap::new();
+        groups.entry(my_digest).or_default().push(self.cfg.me);
+        for (&p, g) in &received {
+            groups.entry(g.digest).or_default().push(p);
+        }
+        let (majority, from) = majority(&groups);
+        if majority != my_digest {
+            self.event(now, EventKind::Reconcile { round: r, from, reason: "minority digest".into() });
+            // Requests this peer deferred are answered by the majority instead.
+            for p in std::mem::take(&mut self.pending_state) {
+                self.out.push(Action::RefuseState { to: p, reason: "this peer is resynchronising".into() });
+            }
+            self.begin_sync(now, from);
+            return;
+        }
+        let mut inputs = vec![(self.cfg.me, my_grad)];
+        for (p, g) in received {
+            if g.digest == my_digest {
+                inputs.push((p, g.grad));
+            } else {
+                self.event(now, EventKind::Excluded { peer: p, round: r });
+            }
+        }
+        inputs.sort_by_key(|(p, _)| *p);
+        let deadline_ms = self.deadline_ms();
+        self.event(
+            now,
+            EventKind::RoundClosed { round: r, contributors: inputs.len(), timed_out, deadline_ms },
+        );
+        self.out.push(Action::Apply { round: r, inputs });
+        self.round = r + 1;
+        let ck = self.cfg.checkpoint_every;
+        if self.round >= self.cfg.total_rounds || (ck > 0 && self.round.is_multiple_of(ck)) {
+            self.out.push(Action::Checkpoint { round: self.round });
+        }
+        if !self.pending_state.is_empty() {
+            let to = std::mem::take(&mut self.pending_state);
+            self.out.push(Action::ServeState { to, round: self.round });
+        }
+        self.start_round(now, false);
+    }
+}
+
+#[cfg(test)]
+mod tests;
+
+/// The majority digest of `groups` (digest → peers holding it) and its lowest-indexed peer;
+/// ties go to the group holding the lowest peer index.
+fn majority(groups: &BTreeMap<Digest, Vec<PeerIdx>>) -> (Digest, PeerIdx) {
+    groups
+        .iter()
+        .map(|(d, ps)| (*d, ps.len(), *ps.iter().min().expect("groups are non-empty")))
+        .max_by(|a, b| a.1.cmp(&b.1).then_with(|| b.2.cmp(&a.2)))
+        .map(|(d, _, p)| (d, p))
+        .expect("invariant: this peer's own group exists")
+}

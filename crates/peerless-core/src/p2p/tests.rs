@@ -1,0 +1,489 @@
+//! The round machine driven by a deterministic simulation: peers with a toy model, a network
+//! with seeded latencies, crashes, silences and restarts; invariants checked throughout.
+
+use std::collections::{BTreeMap, BinaryHeap};
+
+use super::*;
+use crate::flat::digest;
+use crate::optim::OptimizerState;
+use crate::rng::Rng;
+
+const N_PARAMS: usize = 4;
+
+#[derive(Debug)]
+enum Delivery {
+    Input(Input),
+    /// The local gradient of `round`, computed at model version `version`.
+    Local {
+        round: u64,
+        version: Digest,
+    },
+}
+
+#[derive(Debug)]
+struct Peer {
+    machine: Round,
+    alive: bool,
+    /// Messages from the peer are not delivered (a SIGSTOPped process: connections stay up).
+    silent: bool,
+    params: Vec<f32>,
+    /// Rounds applied, in order (reset by an adoption).
+    applied: Vec<u64>,
+    checkpoint: Option<(u64, Vec<f32>)>,
+    events: Vec<Event>,
+    incarnation: u32,
+}
+
+struct Sim {
+    now: u64,
+    seq: u64,
+    rng: Rng,
+    peers: Vec<Peer>,
+    /// (time, seq) → (to, incarnation, delivery); min-heap by time.
+    queue: BinaryHeap<std::cmp::Reverse<(u64, u64, u32)>>,
+    pending: BTreeMap<u64, (u32, u32, Delivery)>,
+    cfg: RoundConfig,
+    /// Extra latency of messages *from* a peer, ms.
+    slow: BTreeMap<u32, u64>,
+}
+
+fn grad_of(peer: u32, round: u64, params: &[f32]) -> Vec<f32> {
+    (0..N_PARAMS)
+        .map(|j| ((peer as f32 + 1.0) * (round as f32 + j as f32)).sin() * 0.1 + params[j] * 0.05)
+        .collect()
+}
+
+impl Sim {
+    fn new(n: u32, total: u64, seed: u64) -> Sim {
+        let cfg = RoundConfig {
+            me: 0,
+            members: (0..n).collect(),
+            total_rounds: total,
+            checkpoint_every: 5,
+            deadline: DeadlinePolicy { floor_ms: 300, ceiling_ms: 2_000, factor: 4.0 },
+            start_timeout_ms: 1_000,
+        };
+        let peers = (0..n)
+            .map(|i| Peer {
+                machine: Round::new(RoundConfig { me: i, ..cfg.clone() }, Start::Fresh { round: 0 }, 0),
+                alive: true,
+                silent: false,
+                params: vec![1.0; N_PARAMS],
+                applied: Vec::new(),
+                checkpoint: None,
+                events: Vec::new(),
+                incarnation: 0,
+            })
+            .collect();
+        let mut sim = Sim {
+            now: 0,
+            seq: 0,
+            rng: Rng::new(seed),
+            peers,
+            queue: BinaryHeap::new(),
+            pending: BTreeMap::new(),
+            cfg,
+            slow: BTreeMap::new(),
+        };
+        for i in 0..n {
+            for j in 0..n {
+                if i != j {
+                    let d = 1 + sim.rng.below(20);
+                    sim.schedule(d, j, Delivery::Input(Input::Connected(i)));
+                }
+            }
+        }
+        sim
+    }
+
+    fn schedule(&mut self, delay: u64, to: u32, d: Delivery) {
+        self.seq += 1;
+        let inc = self.peers[to as usize].incarnation;
+        self.queue.push(std::cmp::Reverse((self.now + delay, self.seq, to)));
+        self.pending.insert(self.seq, (to, inc, d));
+    }
+
+    /// A message from `from` to `to` over the simulated network.
+    fn send(&mut self, from: u32, to: u32, input: Input) {
+        let (f, t) = (&self.peers[from as usize], &self.peers[to as usize]);
+        if !f.alive || !t.alive || f.silent {
+            return;
+        }
+        let delay = 1 + self.rng.below(15) + self.slow.get(&from).copied().unwrap_or(0);
+        self.schedule(delay, to, Delivery::Input(input));
+    }
+
+    fn run_actions(&mut self, i: u32, actions: Vec<Action>) {
+        let mut follow_up = Vec::new();
+        for a in actions {
+            let p = &mut self.peers[i as usize];
+            match a {
+                Action::Compute { round, view } => {
+                    assert!(view.contains(&i), "a peer's view contains itself");
+                    let version = digest(&p.params);
+                    let d = 5 + self.rng.below(40);
+                    self.schedule(d, i, Delivery::Local { round, version });
+                }
+                Action::Broadcast { round, to } => {
+                    let msg = GradientMsg {
+                        round,
+                        digest: digest(&p.params),
+                        samples: 64,
+                        loss: 1.0,
+                        grad: grad_of(i, round, &p.params),
+                    };
+                    for t in to {
+                        self.send(i, t, Input::Gradient(i, msg.clone()));
+                    }
+                }
+                Action::Apply { round, inputs } => {
+                    assert!(inputs.iter().any(|(q, _)| *q == i), "own gradient is always applied");
+                    assert!(inputs.windows(2).all(|w| w[0].0 < w[1].0), "inputs ordered by peer");
+                    if let Some(&last) = p.applied.last() {
+                        assert_eq!(round, last + 1, "peer {i} applied {round} after {last}");
+                    }
+                    p.applied.push(round);
+                    let n = inputs.len() as f32;
+                    for j in 0..N_PARAMS {
+                        let g: f32 = inputs.iter().map(|(_, v)| v[j]).sum::<f32>() / n;
+                        p.params[j] -= 0.1 * g;
+                    }
+                }
+                Action::Checkpoint { round } => p.checkpoint = Some((round, p.params.clone())),
+                Action::ServeState { to, round } => {
+                    assert_eq!(round, p.machine.round());
+                    let s = StateMsg {
+                        round,
+                        digest: digest(&p.params),
+                        params: p.params.clone(),
+                        optimizer: OptimizerState { kind: "sgd".into(), steps: round, buffers: vec![] },
+                    };
+                    for t in to {
+                        self.send(i, t, Input::State(i, s.clone()));
+                    }
+                }
+                Action::RefuseState { to, .. } => self.send(i, to, Input::StateFailed(i)),
+                Action::RequestState { from } => self.send(i, from, Input::StateRequested(i)),
+                Action::Adopt(s) => {
+                    p.params = s.params;
+                    p.applied.clear();
+                }
+                Action::AnnounceJoin { round, to } => {
+                    for t in to {
+                        self.send(i, t, Input::Join(i, round));
+                    }
+                }
+                Action::Event(e) => p.events.push(e),
+                Action::Finalize { round } => {
+                    assert_eq!(round, self.cfg.total_rounds);
+                    follow_up.push(Input::FinalDigest(digest(&p.params)));
+                }
+                Action::AnnounceFinal { round, digest, to } => {
+                    for t in to {
+                        self.send(i, t, Input::Final(i, round, digest));
+                    }
+                }
+                Action::Finished { round } => assert_eq!(round, self.cfg.total_rounds),
+            }
+        }
+        for input in follow_up {
+            self.input(i, input);
+        }
+    }
+
+    fn input(&mut self, i: u32, input: Input) {
+        let now = self.now;
+        let actions = self.peers[i as usize].machine.handle(now, input);
+        self.run_actions(i, actions);
+    }
+
+    /// Advances to the next delivery or timer; false when nothing is left to happen.
+    fn step(&mut self) -> bool {
+        let next_msg = self.queue.peek().map(|r| r.0.0);
+        let next_timer = self.peers.iter().filter(|p| p.alive).filter_map(|p| p.machine.next_timer()).min();
+        let t = match (next_msg, next_timer) {
+            (None, None) => return false,
+            (Some(a), None) | (None, Some(a)) => a,
+            (Some(a), Some(b)) => a.min(b),
+        };
+        self.now = self.now.max(t);
+        if next_msg == Some(t) {
+            let std::cmp::Reverse((_, seq, _)) = self.queue.pop().expect("peeked");
+            let (to, inc, d) = self.pending.remove(&seq).expect("scheduled");
+            let p = &self.peers[to as usize];
+            if !p.alive || p.incarnation != inc {
+                return true;
+            }
+            let input = match d {
+                Delivery::Input(input) => input,
+                Delivery::Local { round, version } => {
+                    let p = &self.peers[to as usize];
+                    if digest(&p.params) != version || p.machine.round() != round {
+                        return true; // the model changed under the computation (adopted)
+                    }
+                    Input::LocalGradient { round, digest: version, grad: grad_of(to, round, &p.params) }
+                }
+            };
+            self.input(to, input);
+        } else {
+            for i in 0..self.peers.len() as u32 {
+                let p = &self.peers[i as usize];
+                if p.alive && p.machine.next_timer().is_some_and(|x| x <= self.now) {
+                    self.input(i, Input::Tick);
+                }
+            }
+        }
+        true
+    }
+
+    fn run_to_end(&mut self) {
+        let mut steps = 0;
+        while self.step() {
+            steps += 1;
+            if steps >= 2_000_000 {
+                for p in &self.peers {
+                    eprintln!(
+                        "alive {} phase {:?} round {} timer {:?} now {}",
+                        p.alive,
+                        p.machine.phase,
+                        p.machine.round(),
+                        p.machine.next_timer(),
+                        self.now
+                    );
+                }
+                panic!("simulation does not terminate");
+            }
+        }
+    }
+
+    fn run_until(&mut self, t: u64) {
+        let mut steps = 0;
+        while self.now < t && self.step() {
+            steps += 1;
+            if steps >= 2_000_000 {
+                for p in &self.peers {
+                    eprintln!(
+                        "alive {} phase {:?} timer {:?} now {}",
+                        p.alive,
+                        p.machine.phase,
+                        p.machine.next_timer(),
+                        self.now
+                    );
+                }
+                panic!("simulation does not advance");
+            }
+        }
+    }
+
+    fn kill(&mut self, k: u32) {
+        self.peers[k as usize].alive = false;
+        for j in 0..self.peers.len() as u32 {
+            if j != k && self.peers[j as usize].alive {
+                self.schedule(1, j, Delivery::Input(Input::Disconnected(k)));
+            }
+        }
+    }
+
+    fn restart(&mut self, k: u32) {
+        let own = self.peers[k as usize].checkpoint.clone();
+        let cfg = RoundConfig { me: k, ..self.cfg.clone() };
+        let p = &mut self.peers[k as usize];
+        p.incarnation += 1;
+        p.alive = true;
+        p.silent = false;
+        p.applied.clear();
+        p.params = own.as_ref().map_or(vec![1.0; N_PARAMS], |c| c.1.clone());
+        p.machine = Round::new(cfg, Start::Join { own: own.map(|c| c.0) }, self.now);
+        for j in 0..self.peers.len() as u32 {
+            if j != k && self.peers[j as usize].alive {
+                self.schedule(2, j, Delivery::Input(Input::Connected(k)));
+                self.schedule(2, k, Delivery::Input(Input::Connected(j)));
+            }
+        }
+    }
+
+    fn digests(&self) -> Vec<Digest> {
+        self.peers.iter().filter(|p| p.alive).map(|p| digest(&p.params)).collect()
+    }
+
+    fn assert_converged(&self) {
+        for (i, p) in self.peers.iter().enumerate() {
+            if p.alive {
+                assert!(p.machine.is_done(), "peer {i} not done at round {}", p.machine.round());
+                assert_eq!(p.machine.round(), self.cfg.total_rounds);
+            }
+        }
+        let d = self.digests();
+        assert!(d.windows(2).all(|w| w[0] == w[1]), "replicas differ: {d:?}");
+    }
+
+    fn events_of(&self, i: u32) -> &[Event] {
+        &self.peers[i as usize].events
+    }
+}
+
+fn count(events: &[Event], f: impl Fn(&EventKind) -> bool) -> usize {
+    events.iter().filter(|e| f(&e.kind)).count()
+}
+
+#[test]
+fn four_peers_train_in_lockstep_to_identical_replicas() {
+    let mut sim = Sim::new(4, 30, 1);
+    sim.run_to_end();
+    sim.assert_converged();
+    for i in 0..4 {
+        let ev = sim.events_of(i);
+        assert_eq!(count(ev, |k| matches!(k, EventKind::PeerSuspected { .. })), 0);
+        let closed: Vec<usize> = ev
+            .iter()
+            .filter_map(|e| match e.kind {
+                EventKind::RoundClosed { contributors, timed_out, .. } => {
+                    assert!(!timed_out);
+                    Some(contributors)
+                }
+                _ => None,
+            })
+            .collect();
+        assert_eq!(closed.len(), 30);
+        assert!(closed.iter().all(|&c| c == 4), "every round aggregates all four: {closed:?}");
+        assert_eq!(sim.peers[i as usize].applied, (0..30).collect::<Vec<_>>());
+    }
+}
+
+#[test]
+fn a_crashed_peer_leaves_at_once_and_the_survivors_do_not_wait_for_the_deadline() {
+    let mut sim = Sim::new(4, 40, 2);
+    sim.run_until(400);
+    let crash_at = sim.now;
+    sim.kill(3);
+    sim.run_to_end();
+    sim.assert_converged();
+    for i in 0..3 {
+        let ev = sim.events_of(i);
+        let left = ev.iter().find(|e| matches!(e.kind, EventKind::PeerLeft { peer: 3, .. })).unwrap();
+        assert!(left.at_ms - crash_at <= 2, "detected at {} after crash at {crash_at}", left.at_ms);
+        assert_eq!(count(ev, |k| matches!(k, EventKind::RoundClosed { timed_out: true, .. })), 0);
+        assert_eq!(count(ev, |k| matches!(k, EventKind::PeerSuspected { .. })), 0);
+    }
+}
+
+#[test]
+fn a_silent_peer_is_suspected_at_the_deadline_once() {
+    let mut sim = Sim::new(3, 20, 3);
+    sim.run_until(300);
+    sim.peers[2].silent = true;
+    sim.run_until(20_000);
+    sim.peers[2].alive = false; // stays stopped; do not require it to finish
+    sim.run_to_end();
+    for i in 0..2 {
+        let p = &sim.peers[i];
+        assert!(p.machine.is_done());
+        let ev = &p.events;
+        assert_eq!(count(ev, |k| matches!(k, EventKind::PeerSuspected { peer: 2, .. })), 1, "{ev:?}");
+        let timed_out: Vec<&Event> =
+            ev.iter().filter(|e| matches!(e.kind, EventKind::RoundClosed { timed_out: true, .. })).collect();
+        assert_eq!(timed_out.len(), 1, "only the first round without it waits");
+        let floor = sim.cfg.deadline.floor_ms;
+        let EventKind::RoundClosed { deadline_ms, .. } = timed_out[0].kind else { unreachable!() };
+        assert!((floor..=sim.cfg.deadline.ceiling_ms).contains(&deadline_ms));
+    }
+    assert_eq!(digest(&sim.peers[0].params), digest(&sim.peers[1].params));
+}
+
+#[test]
+fn a_restarted_peer_catches_up_from_a_live_peer_and_ends_identical() {
+    let mut sim = Sim::new(4, 60, 4);
+    sim.run_until(300);
+    sim.kill(1);
+    sim.run_until(900);
+    sim.restart(1);
+    sim.run_to_end();
+    sim.assert_converged();
+    let ev = sim.events_of(1);
+    let synced = ev.iter().find_map(|e| match e.kind {
+        EventKind::Synced { round, from } => Some((round, from)),
+        _ => None,
+    });
+    let (round, from) = synced.expect("the restarted peer synced");
+    assert!(from.is_some() && round > 5, "synced at {round} from {from:?}");
+    // The others took it back into their aggregates.
+    let joined = count(sim.events_of(0), |k| matches!(k, EventKind::PeerJoined { peer: 1, .. }));
+    assert_eq!(joined, 1, "{:#?}", sim.events_of(0));
+    let last = sim.events_of(0).iter().rev().find_map(|e| match e.kind {
+        EventKind::RoundClosed { contributors, .. } => Some(contributors),
+        _ => None,
+    });
+    assert_eq!(last, Some(4));
+}
+
+#[test]
+fn a_restarted_peer_alone_resumes_from_its_own_checkpoint() {
+    let mut sim = Sim::new(1, 20, 5);
+    sim.run_until(1_400);
+    sim.kill(0);
+    let ck = sim.peers[0].checkpoint.clone().expect("checkpointed").0;
+    sim.restart(0);
+    sim.run_to_end();
+    sim.assert_converged();
+    let synced = sim.events_of(0).iter().find_map(|e| match e.kind {
+        EventKind::Synced { round, from } => Some((round, from)),
+        _ => None,
+    });
+    assert_eq!(synced, Some((ck, None)));
+}
+
+#[test]
+fn differing_views_are_reconciled_to_the_majority() {
+    // Peer 2's gradients are slow: some peers' deadlines pass before they arrive, others not.
+    let mut sim = Sim::new(5, 40, 6);
+    sim.run_until(200);
+    sim.slow.insert(2, 290);
+    sim.run_until(3_000);
+    sim.slow.clear();
+    sim.run_to_end();
+    sim.assert_converged();
+}
+
+#[test]
+fn invariants_hold_under_random_crashes_restarts_and_stragglers() {
+    for seed in 0..300u64 {
+        let mut rng = Rng::new(seed);
+        let n = 2 + rng.below(4) as u32;
+        let mut sim = Sim::new(n, 50, seed);
+        let mut t = 0;
+        for _ in 0..3 {
+            t += 100 + rng.below(600);
+            sim.run_until(t);
+            let k = rng.below(n as u64) as u32;
+            match rng.below(3) {
+                0 if sim.peers[k as usize].alive && sim.peers.iter().filter(|p| p.alive).count() > 1 => {
+                    sim.kill(k);
+                    t += 50 + rng.below(500);
+                    sim.run_until(t);
+                    sim.restart(k);
+                }
+                1 => {
+                    sim.slow.insert(k, rng.below(700));
+                }
+                _ => sim.slow.clear(),
+            }
+        }
+        sim.slow.clear();
+        sim.run_to_end();
+        let d = sim.digests();
+        if !d.windows(2).all(|w| w[0] == w[1]) {
+            for (i, p) in sim.peers.iter().enumerate() {
+                eprintln!("peer {i} alive {} digest {}", p.alive, digest(&p.params).short());
+                for e in p
+                    .events
+                    .iter()
+                    .filter(|e| !matches!(e.kind, EventKind::RoundClosed { timed_out: false, .. }))
+                {
+                    eprintln!("   {e:?}");
+                }
+            }
+            panic!("seed {seed}: replicas differ");
+        }
+        sim.assert_converged();
+    }
+}

@@ -1,0 +1,441 @@
+//! The peer-to-peer wire format: what peers send each other, and its validating codec.
+//!
+//! Every message is `b"PLS1"`, a one-byte kind, then the kind's fields in little-endian order;
+//! vectors are a `u32` length followed by raw `f32`s, strings a `u16` length and UTF-8. Raw
+//! floats rather than a self-describing format: a gradient is a megabyte of numbers, and the
+//! measured cost of a generic encoder (cbor) on it is several times a memcpy.
+//!
+//! [`decode`] validates before anything is used: the magic, the kind, every length against the
+//! bytes present and against [`Limits`] (a gradient or state must have exactly the model's
+//! length), finiteness of every value, and no trailing bytes. It never panics on any input
+//! (a property test feeds it arbitrary bytes). Round numbers are checked by the state machine,
+//! which knows the current round.
+
+use crate::flat::Digest;
+use crate::optim::OptimizerState;
+
+const MAGIC: &[u8; 4] = b"PLS1";
+
+/// A message between peers.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Message {
+    /// A peer's aggregated gradient `G_i^r` for round `round`.
+    Gradient(GradientMsg),
+    /// "I take part from round `round` on" (after a join or a resynchronisation).
+    Join {
+        /// First round the sender will contribute to.
+        round: u64,
+    },
+    /// The sender applied its last round; `digest` is its final parameters' digest.
+    Final {
+        /// Rounds done.
+        round: u64,
+        /// Digest of the final parameters.
+        digest: Digest,
+    },
+    /// A request for the sender's state at its next round boundary.
+    StateRequest,
+    /// The answer to any request that is not a state request.
+    Ack,
+    /// The answer to a [`Message::StateRequest`].
+    State(StateMsg),
+    /// A request was refused; the reason says why.
+    Refused {
+        /// Why.
+        reason: String,
+    },
+}
+
+/// One peer's gradient for one round.
+#[derive(Debug, Clone, PartialEq)]
+pub struct GradientMsg {
+    /// Round (= model version the gradient was computed at).
+    pub round: u64,
+    /// Digest of the sender's parameters at that version.
+    pub digest: Digest,
+    /// Samples behind the gradient.
+    pub samples: u64,
+    /// Mean training loss over those samples.
+    pub loss: f32,
+    /// The gradient (mean over the sender's batches).
+    pub grad: Vec<f32>,
+}
+
+/// A peer's full training state at the start of round `round`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct StateMsg {
+    /// The next round to run (parameters are model version `round`).
+    pub round: u64,
+    /// Digest of `params`.
+    pub digest: Digest,
+    /// Parameters.
+    pub params: Vec<f32>,
+    /// Optimizer state.
+    pub optimizer: OptimizerState,
+}
+
+/// What a receiver accepts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Limits {
+    /// The model's parameter count: every gradient, parameter and optimizer vector must have
+    /// exactly this length.
+    pub params: usize,
+}
+
+/// Why bytes were not a valid message.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum WireError {
+    /// Not a peerless message (or another version of the protocol).
+    #[error("bad magic: not a peerless message of protocol PLS1")]
+    BadMagic,
+    /// An unknown message kind.
+    #[error("unknown message kind {0}")]
+    UnknownKind(u8),
+    /// The message ended before a field.
+    #[error("truncated message: {field} needs {need} more bytes, {have} left")]
+    Truncated {
+        /// Field being read.
+        field: &'static str,
+        /// Bytes needed.
+        need: usize,
+        /// Bytes left.
+        have: usize,
+    },
+    /// A vector of the wrong length.
+    #[error("{field} has {got} values, the model has {expected}")]
+    WrongLength {
+        /// Field.
+        field: String,
+        /// Length found.
+        got: usize,
+        /// Length required.
+        expected: usize,
+    },
+    /// A NaN or infinity.
+    #[error("{field} has a non-finite value ({value}) at index {index}")]
+    NonFinite {
+        /// Field.
+        field: String,
+        /// Position.
+        index: usize,
+        /// The value.
+        value: f32,
+    },
+    /// Bytes after the end of the message.
+    #[error("{0} trailing bytes after the message")]
+    Trailing(usize),
+    /// Text that is not UTF-8, or another malformed field.
+    #[error("malformed {field}: {reason}")]
+    Malformed {
+        /// Field.
+        field: &'static str,
+        /// What is wrong.
+        reason: String,
+    },
+}
+
+mod kind {
+    pub const GRADIENT: u8 = 1;
+    pub const JOIN: u8 = 2;
+    pub const STATE_REQUEST: u8 = 3;
+    pub const ACK: u8 = 4;
+    pub const STATE: u8 = 5;
+    pub const REFUSED: u8 = 6;
+    pub const FINAL: u8 = 7;
+}
+
+/// Encodes a message.
+pub fn encode(msg: &Message) -> Vec<u8> {
+    let mut w = Writer(Vec::with_capacity(64 + payload_len(msg)));
+    w.0.extend_from_slice(MAGIC);
+    match msg {
+        Message::Gradient(g) => {
+            w.u8(kind::GRADIENT);
+            w.u64(g.round);
+            w.0.extend_from_slice(&g.digest.0);
+            w.u64(g.samples);
+            w.f32(g.loss);
+            w.vec(&g.grad);
+        }
+        Message::Join { round } => {
+            w.u8(kind::JOIN);
+            w.u64(*round);
+        }
+        Message::Final { round, digest } => {
+            w.u8(kind::FINAL);
+            w.u64(*round);
+            w.0.extend_from_slice(&digest.0);
+        }
+        Message::StateRequest => w.u8(kind::STATE_REQUEST),
+        Message::Ack => w.u8(kind::ACK),
+        Message::State(s) => {
+            w.u8(kind::STATE);
+            w.u64(s.round);
+            w.0.extend_from_slice(&s.digest.0);
+            w.vec(&s.params);
+            w.str(&s.optimizer.kind);
+            w.u64(s.optimizer.steps);
+            w.u32(s.optimizer.buffers.len() as u32);
+            for (name, v) in &s.optimizer.buffers {
+                w.str(name);
+                w.vec(v);
+            }
+        }
+        Message::Refused { reason } => {
+            w.u8(kind::REFUSED);
+            w.str(reason);
+        }
+    }
+    w.0
+}
+
+fn payload_len(msg: &Message) -> usize {
+    match msg {
+        Message::Gradient(g) => g.grad.len() * 4,
+        Message::State(s) => {
+            (s.params.len() + s.optimizer.buffers.iter().map(|(_, v)| v.len()).sum::<usize>()) * 4
+        }
+        _ => 0,
+    }
+}
+
+/// Decodes and validates a message (see the module docs for what is checked).
+pub fn decode(bytes: &[u8], limits: Limits) -> Result<Message, WireError> {
+    let mut r = Reader { b: bytes, pos: 0 };
+    if r.take("magic", 4)? != MAGIC {
+        return Err(WireError::BadMagic);
+    }
+    let msg = match r.u8("kind")? {
+        kind::GRADIENT => {
+            let round = r.u64("round")?;
+            let digest = r.digest()?;
+            let samples = r.u64("samples")?;
+            let loss = r.f32("loss")?;
+            let grad = r.vec("gradient", limits.params)?;
+            Message::Gradient(GradientMsg { round, digest, samples, loss, grad })
+        }
+        kind::JOIN => Message::Join { round: r.u64("round")? },
+        kind::FINAL => Message::Final { round: r.u64("round")?, digest: r.digest()? },
+        kind::STATE_REQUEST => Message::StateRequest,
+        kind::ACK => Message::Ack,
+        kind::STATE => {
+            let round = r.u64("round")?;
+            let digest = r.digest()?;
+            let params = r.vec("parameters", limits.params)?;
+            let kind = r.str("optimizer kind")?;
+            let steps = r.u64("optimizer steps")?;
+            let n = r.u32("optimizer buffer count")? as usize;
+            if n > 8 {
+                return Err(WireError::Malformed {
+                    field: "optimizer buffer count",
+                    reason: format!("{n} buffers (at most 8)"),
+                });
+            }
+            let mut buffers = Vec::with_capacity(n);
+            for _ in 0..n {
+                let name = r.str("optimizer buffer name")?;
+                let v = r.vec(&format!("optimizer buffer {name}"), limits.params)?;
+                buffers.push((name, v));
+            }
+            Message::State(StateMsg {
+                round,
+                digest,
+                params,
+                optimizer: OptimizerState { kind, steps, buffers },
+            })
+        }
+        kind::REFUSED => Message::Refused { reason: r.str("reason")? },
+        other => return Err(WireError::UnknownKind(other)),
+    };
+    let left = bytes.len() - r.pos;
+    if left != 0 {
+        return Err(WireError::Trailing(left));
+    }
+    Ok(msg)
+}
+
+struct Writer(Vec<u8>);
+
+impl Writer {
+    fn u8(&mut self, v: u8) {
+        self.0.push(v);
+    }
+    fn u32(&mut self, v: u32) {
+        self.0.extend_from_slice(&v.to_le_bytes());
+    }
+    fn u64(&mut self, v: u64) {
+        self.0.extend_from_slice(&v.to_le_bytes());
+    }
+    fn f32(&mut self, v: f32) {
+        self.0.extend_from_slice(&v.to_le_bytes());
+    }
+    fn str(&mut self, s: &str) {
+        let b = &s.as_bytes()[..s.len().min(u16::MAX as usize)];
+        self.0.extend_from_slice(&(b.len() as u16).to_le_bytes());
+        self.0.extend_from_slice(b);
+    }
+    fn vec(&mut self, v: &[f32]) {
+        self.u32(v.len() as u32);
+        self.0.reserve(v.len() * 4);
+        for x in v {
+            self.0.extend_from_slice(&x.to_le_bytes());
+        }
+    }
+}
+
+struct Reader<'a> {
+    b: &'a [u8],
+    pos: usize,
+}
+
+impl<'a> Reader<'a> {
+    fn take(&mut self, field: &'static str, n: usize) -> Result<&'a [u8], WireError> {
+        let have = self.b.len() - self.pos;
+        if n > have {
+            return Err(WireError::Truncated { field, need: n, have });
+        }
+        let s = &self.b[self.pos..self.pos + n];
+        self.pos += n;
+        Ok(s)
+    }
+    fn u8(&mut self, field: &'static str) -> Result<u8, WireError> {
+        Ok(self.take(field, 1)?[0])
+    }
+    fn u16(&mut self, field: &'static str) -> Result<u16, WireError> {
+        Ok(u16::from_le_bytes(self.take(field, 2)?.try_into().expect("2 bytes")))
+    }
+    fn u32(&mut self, field: &'static str) -> Result<u32, WireError> {
+        Ok(u32::from_le_bytes(self.take(field, 4)?.try_into().expect("4 bytes")))
+    }
+    fn u64(&mut self, field: &'static str) -> Result<u64, WireError> {
+        Ok(u64::from_le_bytes(self.take(field, 8)?.try_into().expect("8 bytes")))
+    }
+    fn f32(&mut self, field: &'static str) -> Result<f32, WireError> {
+        let v = f32::from_le_bytes(self.take(field, 4)?.try_into().expect("4 bytes"));
+        if !v.is_finite() {
+            return Err(WireError::NonFinite { field: field.into(), index: 0, value: v });
+        }
+        Ok(v)
+    }
+    fn digest(&mut self) -> Result<Digest, WireError> {
+        Ok(Digest(self.take("digest", 32)?.try_into().expect("32 bytes")))
+    }
+    fn str(&mut self, field: &'static str) -> Result<String, WireError> {
+        let n = self.u16(field)? as usize;
+        let b = self.take(field, n)?;
+        String::from_utf8(b.to_vec())
+            .map_err(|e| WireError::Malformed { field, reason: format!("not UTF-8: {e}") })
+    }
+    fn vec(&mut self, field: &str, expected: usize) -> Result<Vec<f32>, WireError> {
+        let n = self.u32("vector length")? as usize;
+        if n != expected {
+            return Err(WireError::WrongLength { field: field.into(), got: n, expected });
+        }
+        let raw = self.take("vector data", n * 4)?;
+        let mut v = Vec::with_capacity(n);
+        for (i, c) in raw.chunks_exact(4).enumerate() {
+            let x = f32::from_le_bytes(c.try_into().expect("4 bytes"));
+            if !x.is_finite() {
+                return Err(WireError::NonFinite { field: field.into(), index: i, value: x });
+            }
+            v.push(x);
+        }
+        Ok(v)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    const L: Limits = Limits { params: 5 };
+
+    fn samples() -> Vec<Message> {
+        vec![
+            Message::Gradient(GradientMsg {
+                round: 7,
+                digest: Digest([3; 32]),
+                samples: 256,
+                loss: 0.5,
+                grad: vec![1.0, -2.0, 0.0, 3.5, 1e-30],
+            }),
+            Message::Join { round: 12 },
+            Message::Final { round: 40, digest: Digest([7; 32]) },
+            Message::StateRequest,
+            Message::Ack,
+            Message::State(StateMsg {
+                round: 9,
+                digest: Digest([9; 32]),
+                params: vec![0.1; 5],
+                optimizer: OptimizerState {
+                    kind: "sgd".into(),
+                    steps: 9,
+                    buffers: vec![("momentum".into(), vec![0.2; 5])],
+                },
+            }),
+            Message::Refused { reason: "not a member".into() },
+        ]
+    }
+
+    #[test]
+    fn every_kind_round_trips() {
+        for m in samples() {
+            assert_eq!(decode(&encode(&m), L).unwrap(), m);
+        }
+    }
+
+    #[test]
+    fn wrong_length_is_named() {
+        let m = &samples()[0];
+        let err = decode(&encode(m), Limits { params: 6 }).unwrap_err();
+        assert_eq!(err.to_string(), "gradient has 5 values, the model has 6");
+    }
+
+    #[test]
+    fn non_finite_values_are_refused_with_their_position() {
+        for bad in [f32::NAN, f32::INFINITY, f32::NEG_INFINITY] {
+            let mut m = samples()[0].clone();
+            if let Message::Gradient(g) = &mut m {
+                g.grad[3] = bad;
+            }
+            match decode(&encode(&m), L).unwrap_err() {
+                WireError::NonFinite { index, .. } => assert_eq!(index, 3),
+                other => panic!("{other}"),
+            }
+        }
+    }
+
+    #[test]
+    fn truncation_trailing_and_magic_are_refused() {
+        let bytes = encode(&samples()[0]);
+        for cut in [0, 3, 5, 20, bytes.len() - 1] {
+            assert!(decode(&bytes[..cut], L).is_err(), "cut at {cut}");
+        }
+        let mut long = bytes.clone();
+        long.push(0);
+        assert_eq!(decode(&long, L).unwrap_err(), WireError::Trailing(1));
+        let mut bad = bytes;
+        bad[0] = b'X';
+        assert_eq!(decode(&bad, L).unwrap_err(), WireError::BadMagic);
+    }
+
+    proptest! {
+        // The decoder is total: any bytes give a message or an error, never a panic.
+        #[test]
+        fn decoder_never_panics(bytes in proptest::collection::vec(any::<u8>(), 0..200)) {
+            let _ = decode(&bytes, L);
+            let mut prefixed = MAGIC.to_vec();
+            prefixed.extend_from_slice(&bytes);
+            let _ = decode(&prefixed, L);
+        }
+
+        #[test]
+        fn mutated_messages_never_panic(i in 0usize..7, pos in 0usize..200, byte in any::<u8>()) {
+            let mut b = encode(&samples()[i]);
+            let p = pos % b.len();
+            b[p] = byte;
+            let _ = decode(&b, L);
+        }
+    }
+}

@@ -1,0 +1,131 @@
+//! Peer-to-peer serverless training: the peer process and what it reads and writes.
+//!
+//! - [`net`] — libp2p transport, identities, allow-list, the frame codec.
+//! - [`sampler`] — which samples each peer's functions train on in each round.
+//! - [`peer`] — the peer's event loop: drives [`peerless_core::p2p::Round`] with the network,
+//!   the function runtime, the store, the optimizer and the run directory.
+//!
+//! A peer is started with a `peer.toml` ([`PeerFile`]): the run's configuration under `[run]`
+//! and the peer's own settings under `[peer]`.
+
+pub mod net;
+pub mod peer;
+pub mod sampler;
+
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+use crate::config::{ConfigError, RunConfig};
+
+/// `peer.toml`: one peer's configuration.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PeerFile {
+    /// The peer's own settings.
+    pub peer: PeerSection,
+    /// The run's configuration (shared by all peers).
+    pub run: RunConfig,
+}
+
+/// `[peer]`
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct PeerSection {
+    /// This peer's index in the run (0-based).
+    pub index: u32,
+    /// Listen address (multiaddr), e.g. `/ip4/127.0.0.1/tcp/40001`.
+    pub listen: String,
+    /// Addresses of the other peers, dialled at start and redialled while unreachable.
+    pub bootstrap: Vec<String>,
+    /// Peer ids admitted, in index order. Empty: derived from `run.p2p.secret` for indices
+    /// `0..run.p2p.peers`.
+    pub allow: Vec<String>,
+    /// The peer's directory (identity, checkpoint, metrics, events, summary).
+    pub dir: PathBuf,
+    /// Join a run in progress: fetch the state from a live peer (or resume the own checkpoint).
+    pub join: bool,
+    /// Print one JSON progress line per round on stdout (for the launcher).
+    pub progress: bool,
+    /// Stop after this many rounds as if killed (tests).
+    pub halt_at_round: Option<u64>,
+}
+
+impl Default for PeerSection {
+    fn default() -> Self {
+        PeerSection {
+            index: 0,
+            listen: "/ip4/127.0.0.1/tcp/0".into(),
+            bootstrap: Vec::new(),
+            allow: Vec::new(),
+            dir: PathBuf::from("peer"),
+            join: false,
+            progress: false,
+            halt_at_round: None,
+        }
+    }
+}
+
+impl PeerFile {
+    /// Reads and validates a `peer.toml`.
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|source| ConfigError::Read { path: path.to_owned(), source })?;
+        let f: PeerFile = toml::from_str(&text)
+            .map_err(|e| ConfigError::Parse { origin: path.display().to_string(), message: e.to_string() })?;
+        f.run.validate()?;
+        let n = f.run.p2p.peers;
+        if f.peer.index >= n && f.peer.allow.is_empty() {
+            return Err(ConfigError::Invalid {
+                key: "peer.index".into(),
+                value: f.peer.index.to_string(),
+                reason: format!("must be below run.p2p.peers = {n}"),
+            });
+        }
+        Ok(f)
+    }
+
+    /// The file as TOML.
+    pub fn to_toml(&self) -> String {
+        toml::to_string_pretty(self).expect("invariant: PeerFile always serializes")
+    }
+}
+
+/// What a peer reports at the end (its `summary.json`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct PeerSummary {
+    /// Peer index.
+    pub peer: u32,
+    /// libp2p peer id.
+    pub peer_id: String,
+    /// Whether every planned round ran.
+    pub completed: bool,
+    /// Rounds done (model version).
+    pub rounds: u64,
+    /// Test accuracy of the final model.
+    pub test_accuracy: f32,
+    /// Test loss of the final model.
+    pub test_loss: f32,
+    /// SHA-256 of the final parameters.
+    pub param_digest: String,
+    /// Wall time in training, s.
+    pub wall_time_s: f64,
+    /// Samples this peer computed gradients on.
+    pub samples: u64,
+    /// Function invocation attempts.
+    pub invocations: u64,
+    /// Cold starts.
+    pub cold_starts: u64,
+    /// Retries.
+    pub retries: u64,
+    /// Function charges, pico-dollars.
+    pub function_cost_pico: u64,
+    /// This peer's node time, pico-dollars.
+    pub node_cost_pico: u64,
+    /// Bytes received from peers.
+    pub bytes_in: u64,
+    /// Bytes sent to peers.
+    pub bytes_out: u64,
+    /// Connections refused (peer ids off the allow-list).
+    pub refused: u64,
+}
