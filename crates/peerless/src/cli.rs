@@ -20,8 +20,11 @@ pub struct Cli {
 
 #[derive(Debug, Subcommand)]
 enum Command {
-    /// Train a model (`--arch local` in one process).
+    /// Train a model: `--arch local` in one process, `--arch p2p` on a local cluster of peer
+    /// processes.
     Train(Box<TrainArgs>),
+    /// Run one peer of a P2P run (the launcher starts these).
+    Peer(crate::p2p_cmd::PeerArgs),
     /// Datasets: fetch, verify.
     #[command(subcommand)]
     Data(DataCommand),
@@ -139,6 +142,24 @@ pub struct TrainArgs {
     /// Stop after this many rounds with a checkpoint, as if interrupted (for tests of resume).
     #[arg(long, hide = true)]
     pub halt_at_round: Option<u64>,
+    /// P2P: peers to start.
+    #[arg(long)]
+    pub peers: Option<u32>,
+    /// P2P: gradient functions each peer invokes per round (one mini-batch each).
+    #[arg(long)]
+    pub functions_per_peer: Option<u32>,
+    /// P2P: where gradients are computed: `functions` (serverless) or `local` (in the peer).
+    #[arg(long)]
+    pub compute: Option<ComputeArg>,
+}
+
+/// `--compute` values.
+#[derive(Debug, Clone, Copy, clap::ValueEnum)]
+pub enum ComputeArg {
+    /// Gradient function invocations.
+    Functions,
+    /// In the peer process (serverful baseline).
+    Local,
 }
 
 /// `--arch` values.
@@ -195,6 +216,18 @@ impl TrainArgs {
         if let Some(n) = &self.name {
             cfg.name = n.clone();
         }
+        if let Some(n) = self.peers {
+            cfg.p2p.peers = n;
+        }
+        if let Some(k) = self.functions_per_peer {
+            cfg.p2p.functions_per_peer = k;
+        }
+        if let Some(c) = self.compute {
+            cfg.p2p.compute = match c {
+                ComputeArg::Functions => peerless_runtime::config::Compute::Functions,
+                ComputeArg::Local => peerless_runtime::config::Compute::Local,
+            };
+        }
         self.apply_schedule(cfg);
         Ok(())
     }
@@ -221,7 +254,10 @@ impl TrainArgs {
     /// Names of flags given that would change the computation (refused on resume).
     pub fn computation_flags(&self) -> Vec<&'static str> {
         let mut v = Vec::new();
-        let checks: [(&'static str, bool); 11] = [
+        let checks: [(&'static str, bool); 14] = [
+            ("--peers", self.peers.is_some()),
+            ("--functions-per-peer", self.functions_per_peer.is_some()),
+            ("--compute", self.compute.is_some()),
             ("--arch", self.arch.is_some()),
             ("--model", self.model.is_some()),
             ("--dataset", self.dataset.is_some()),
@@ -264,6 +300,7 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
     match cli.command {
         Command::Train(args) => crate::train::run(*args),
         Command::Function => crate::function_cmd::run_function(),
+        Command::Peer(args) => crate::p2p_cmd::run_peer(args),
         Command::Invoke(args) => crate::function_cmd::run_invoke(*args),
         Command::Bench(BenchCommand::Invoke(args)) => crate::function_cmd::run_bench_invoke(args),
         Command::Data(DataCommand::Fetch { name, dir }) => {

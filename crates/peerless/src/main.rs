@@ -3,6 +3,7 @@
 mod bench;
 mod cli;
 mod function_cmd;
+mod p2p_cmd;
 mod progress;
 mod train;
 
@@ -21,6 +22,7 @@ fn main() -> std::process::ExitCode {
     tracing_subscriber::fmt()
         .with_env_filter(EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("warn")))
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     match cli::run(args) {
         Ok(code) => code,

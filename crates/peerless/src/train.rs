@@ -64,6 +64,12 @@ pub fn run(args: TrainArgs) -> Result<ExitCode> {
             (cfg, dir, None)
         }
     };
+    if cfg.train.arch == TrainArch::P2p {
+        if resume.is_some() {
+            bail!("--resume of a P2P run is not supported: restart peers with `peerless peer --join`");
+        }
+        return crate::p2p_cmd::launch(&cfg, &mut dir);
+    }
     if cfg.train.arch != TrainArch::Local {
         bail!("--arch {} is not available in this build yet; use --arch local", arch_name(cfg.train.arch));
     }

@@ -4,6 +4,7 @@ mod bad_input;
 mod function;
 mod gradient;
 mod local;
+mod p2p;
 mod resume;
 
 use std::path::{Path, PathBuf};

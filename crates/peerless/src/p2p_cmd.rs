@@ -1,0 +1,426 @@
+//! `peerless peer` (one peer process) and the local cluster launcher behind
+//! `peerless train --arch p2p`.
+//!
+//! The launcher writes one `peer.toml` per peer under `<run>/peers/<i>/`, starts the peers as
+//! real processes on loopback (free ports), shows one progress bar for the cluster (the peers
+//! print a JSON line per round on stdout), forwards Ctrl-C, and at the end merges every
+//! peer's metrics and events into the run directory and writes the cluster's summary.
+
+use std::io::{BufRead, BufReader, Read};
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitCode, Stdio};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+use clap::Args;
+use indicatif::{ProgressBar, ProgressStyle};
+use peerless_core::cost::pico_to_usd;
+use peerless_runtime::config::{Compute, RunConfig};
+use peerless_runtime::function::FunctionCommand;
+use peerless_runtime::p2p::peer::METRICS_HEADER;
+use peerless_runtime::p2p::{PeerFile, PeerSection, PeerSummary};
+use peerless_runtime::rundir::RunDir;
+use serde::{Deserialize, Serialize};
+
+/// `peerless peer`.
+#[derive(Debug, Args)]
+pub struct PeerArgs {
+    /// The peer's configuration (`[peer]` and `[run]`), as the launcher writes it.
+    #[arg(long)]
+    pub config: PathBuf,
+    /// Join a run in progress (fetch the state from a live peer, or resume the own checkpoint).
+    #[arg(long)]
+    pub join: bool,
+    /// Directory of IDX datasets (overrides `run.data.dir`).
+    #[arg(long)]
+    pub data_dir: Option<PathBuf>,
+}
+
+/// Runs one peer until training is over; SIGINT or SIGTERM stop it after writing its summary.
+pub fn run_peer(args: PeerArgs) -> Result<ExitCode> {
+    let mut file = PeerFile::load(&args.config)?;
+    if args.join {
+        file.peer.join = true;
+    }
+    let data_dir = crate::cli::data_dir(args.data_dir.as_deref().or(Some(&file.run.data.dir)));
+    std::fs::create_dir_all(&file.peer.dir)
+        .with_context(|| format!("creating {}", file.peer.dir.display()))?;
+    std::fs::write(file.peer.dir.join("pid"), std::process::id().to_string())
+        .with_context(|| format!("writing the pid into {}", file.peer.dir.display()))?;
+    let exe = std::env::current_exe().context("locating the peerless executable")?;
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
+    let summary = rt.block_on(async move {
+        let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+        tokio::spawn(async move {
+            let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+                .expect("SIGTERM handler");
+            tokio::select! {
+                _ = tokio::signal::ctrl_c() => {}
+                _ = term.recv() => {}
+            }
+            let _ = stop_tx.send(true);
+        });
+        peerless_runtime::p2p::peer::run(file, FunctionCommand::peerless(exe), data_dir, stop_rx).await
+    })?;
+    eprintln!(
+        "peer {} done: round {}, test accuracy {:.2} %, digest {}",
+        summary.peer,
+        summary.rounds,
+        summary.test_accuracy * 100.0,
+        &summary.param_digest[..16]
+    );
+    Ok(ExitCode::SUCCESS)
+}
+
+/// The cluster's summary (`summary.json` of a P2P run).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ClusterSummary {
+    /// Run directory name.
+    pub run: String,
+    /// `p2p`.
+    pub arch: String,
+    /// `functions` or `local`.
+    pub compute: String,
+    /// Model id.
+    pub model: String,
+    /// Dataset.
+    pub dataset: String,
+    /// Seed.
+    pub seed: u64,
+    /// Peers started.
+    pub peers: u32,
+    /// Whether every peer that finished ran every round.
+    pub completed: bool,
+    /// Rounds done (highest among peers).
+    pub rounds: u64,
+    /// Test accuracy of the lowest-indexed finished peer's model.
+    pub test_accuracy: f32,
+    /// Its test loss.
+    pub test_loss: f32,
+    /// Final model digest of every peer that finished, by index.
+    pub param_digests: Vec<(u32, String)>,
+    /// Whether all those digests are equal.
+    pub replicas_agree: bool,
+    /// Launcher wall time, s.
+    pub wall_time_s: f64,
+    /// Samples computed on by all peers, per second of wall time.
+    pub samples_per_s: f64,
+    /// Function invocation attempts.
+    pub invocations: u64,
+    /// Cold starts.
+    pub cold_starts: u64,
+    /// Function charges, USD.
+    pub function_cost_usd: f64,
+    /// Peer node time, USD.
+    pub node_cost_usd: f64,
+    /// Total, USD.
+    pub total_cost_usd: f64,
+    /// Bytes sent between peers.
+    pub bytes_exchanged: u64,
+    /// Per-peer summaries.
+    pub per_peer: Vec<PeerSummary>,
+}
+
+fn free_ports(n: usize) -> Result<Vec<u16>> {
+    let listeners: Vec<TcpListener> =
+        (0..n).map(|_| TcpListener::bind("127.0.0.1:0")).collect::<std::io::Result<_>>()?;
+    listeners.iter().map(|l| Ok(l.local_addr()?.port())).collect()
+}
+
+fn random_secret() -> String {
+    let mut b = [0u8; 16];
+    if let Ok(mut f) = std::fs::File::open("/dev/urandom") {
+        let _ = f.read_exact(&mut b);
+    }
+    let nanos =
+        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos()).unwrap_or(0);
+    format!(
+        "{}{:x}",
+        b.iter().map(|x| format!("{x:02x}")).collect::<String>(),
+        nanos ^ u128::from(std::process::id())
+    )
+}
+
+/// Writes the peer configurations of a cluster of `cfg.p2p.peers` peers under `dir/peers/`.
+pub fn write_peer_files(cfg: &RunConfig, dir: &Path, secret: &str) -> Result<Vec<PathBuf>> {
+    let n = cfg.p2p.peers as usize;
+    let ports = free_ports(n)?;
+    let addrs: Vec<String> = ports.iter().map(|p| format!("/ip4/127.0.0.1/tcp/{p}")).collect();
+    let mut run = cfg.clone();
+    run.p2p.secret = secret.to_owned();
+    let mut paths = Vec::new();
+    for i in 0..n {
+        let pdir = dir.join("peers").join(i.to_string());
+        std::fs::create_dir_all(&pdir).with_context(|| format!("creating {}", pdir.display()))?;
+        let file = PeerFile {
+            peer: PeerSection {
+                index: i as u32,
+                listen: addrs[i].clone(),
+                bootstrap: addrs
+                    .iter()
+                    .enumerate()
+                    .filter(|(j, _)| *j != i)
+                    .map(|(_, a)| a.clone())
+                    .collect(),
+                allow: Vec::new(),
+                dir: pdir.clone(),
+                join: false,
+                progress: true,
+                halt_at_round: None,
+            },
+            run: run.clone(),
+        };
+        let path = pdir.join("peer.toml");
+        std::fs::write(&path, file.to_toml()).with_context(|| format!("writing {}", path.display()))?;
+        paths.push(path);
+    }
+    Ok(paths)
+}
+
+fn spawn_peer(config: &Path, join: bool) -> Result<Child> {
+    let exe = std::env::current_exe().context("locating the peerless executable")?;
+    let log_path = config.with_file_name("peer.log");
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&log_path)
+        .with_context(|| format!("opening {}", log_path.display()))?;
+    let mut cmd = Command::new(exe);
+    cmd.arg("peer").arg("--config").arg(config);
+    if join {
+        cmd.arg("--join");
+    }
+    if std::env::var_os("RUST_LOG").is_none() {
+        cmd.env("RUST_LOG", "info");
+    }
+    cmd.stdout(Stdio::piped()).stderr(Stdio::from(log)).stdin(Stdio::null());
+    cmd.spawn().with_context(|| format!("starting the peer of {}", config.display()))
+}
+
+#[derive(Debug, Deserialize)]
+struct ProgressLine {
+    peer: u32,
+    round: u64,
+    total: u64,
+    loss: f32,
+    view: usize,
+    test_accuracy: Option<f32>,
+}
+
+/// `peerless train --arch p2p`: starts the cluster and waits for it.
+pub fn launch(cfg: &RunConfig, dir: &mut RunDir) -> Result<ExitCode> {
+    let started = Instant::now();
+    let secret = if cfg.p2p.secret.is_empty() { random_secret() } else { cfg.p2p.secret.clone() };
+    let configs = write_peer_files(cfg, dir.path(), &secret)?;
+    dir.event(
+        "start",
+        serde_json::json!({ "arch": "p2p", "peers": cfg.p2p.peers, "compute": compute_name(cfg.p2p.compute) }),
+    )?;
+    let mut children: Vec<Option<Child>> = Vec::new();
+    let (tx, rx) = mpsc::channel::<ProgressLine>();
+    for path in &configs {
+        let mut child = spawn_peer(path, false)?;
+        let out = child.stdout.take().expect("piped");
+        let tx = tx.clone();
+        std::thread::spawn(move || {
+            for line in BufReader::new(out).lines().map_while(Result::ok) {
+                if let Ok(p) = serde_json::from_str::<ProgressLine>(&line) {
+                    let _ = tx.send(p);
+                }
+            }
+        });
+        children.push(Some(child));
+    }
+    drop(tx);
+
+    let stop = Arc::new(AtomicBool::new(false));
+    {
+        let stop = stop.clone();
+        std::thread::spawn(move || {
+            let Ok(rt) = tokio::runtime::Builder::new_current_thread().enable_io().build() else { return };
+            rt.block_on(async move {
+                if tokio::signal::ctrl_c().await.is_ok() {
+                    eprintln!("\ninterrupt: stopping the peers (they write their summaries)");
+                    stop.store(true, Ordering::Relaxed);
+                }
+            });
+        });
+    }
+
+    let bar = ProgressBar::new(0);
+    bar.set_style(
+        ProgressStyle::with_template("{prefix} [{elapsed_precise}] {wide_bar} {pos}/{len} rounds {msg}")
+            .expect("invariant: valid template"),
+    );
+    bar.set_prefix(format!("p2p×{} {} on {}", cfg.p2p.peers, cfg.model.arch, cfg.data.dataset));
+    let mut rounds = vec![0u64; configs.len()];
+    let mut acc = None::<f32>;
+    let mut exits: Vec<Option<String>> = vec![None; configs.len()];
+    let mut signalled = false;
+    loop {
+        while let Ok(p) = rx.recv_timeout(Duration::from_millis(100)) {
+            bar.set_length(p.total);
+            if let Some(r) = rounds.get_mut(p.peer as usize) {
+                *r = p.round;
+            }
+            if p.test_accuracy.is_some() {
+                acc = p.test_accuracy;
+            }
+            bar.set_position(rounds.iter().copied().max().unwrap_or(0));
+            let a = acc.map(|a| format!(" acc {:.2}%", a * 100.0)).unwrap_or_default();
+            bar.set_message(format!("loss {:.4}{a} view {}", p.loss, p.view));
+        }
+        if stop.load(Ordering::Relaxed) && !signalled {
+            signalled = true;
+            for c in children.iter().flatten() {
+                let _ = Command::new("kill").arg("-INT").arg(c.id().to_string()).status();
+            }
+        }
+        for (i, slot) in children.iter_mut().enumerate() {
+            if let Some(c) = slot
+                && let Ok(Some(status)) = c.try_wait()
+            {
+                let how =
+                    status.code().map_or_else(|| format!("killed ({status})"), |c| format!("exit code {c}"));
+                if !status.success() {
+                    bar.println(format!(
+                        "peer {i} stopped: {how}; see {}",
+                        configs[i].with_file_name("peer.log").display()
+                    ));
+                }
+                dir.event("peer_exit", serde_json::json!({ "peer": i, "status": how }))?;
+                exits[i] = Some(how);
+                *slot = None;
+            }
+        }
+        if children.iter().all(Option::is_none) {
+            break;
+        }
+    }
+    bar.finish_and_clear();
+    let wall = started.elapsed().as_secs_f64();
+    let summary = collect(cfg, dir, &configs, wall)?;
+    print_summary(&summary, dir.path());
+    if signalled {
+        return Ok(ExitCode::from(130));
+    }
+    if !summary.completed || summary.per_peer.is_empty() {
+        bail!(
+            "the cluster did not complete its rounds; see the peer logs under {}",
+            dir.path().join("peers").display()
+        );
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn compute_name(c: Compute) -> &'static str {
+    match c {
+        Compute::Functions => "functions",
+        Compute::Local => "local",
+    }
+}
+
+/// Merges the peers' metrics and events into the run directory and writes the summary.
+fn collect(cfg: &RunConfig, dir: &mut RunDir, configs: &[PathBuf], wall: f64) -> Result<ClusterSummary> {
+    let mut per_peer = Vec::new();
+    let mut metrics = vec![METRICS_HEADER.to_string()];
+    let mut events: Vec<(u64, String)> = Vec::new();
+    for path in configs {
+        let pdir = path.parent().expect("peer.toml has a directory");
+        if let Ok(text) = std::fs::read_to_string(pdir.join("summary.json"))
+            && let Ok(s) = serde_json::from_str::<PeerSummary>(&text)
+        {
+            per_peer.push(s);
+        }
+        if let Ok(text) = std::fs::read_to_string(pdir.join("metrics.csv")) {
+            metrics.extend(text.lines().skip(1).map(str::to_owned));
+        }
+        if let Ok(text) = std::fs::read_to_string(pdir.join("events.jsonl")) {
+            for line in text.lines() {
+                let t = serde_json::from_str::<serde_json::Value>(line)
+                    .ok()
+                    .and_then(|v| v["t_ms"].as_u64())
+                    .unwrap_or(0);
+                events.push((t, line.to_owned()));
+            }
+        }
+    }
+    // Rows sorted by time (then peer), so the file reads as the cluster's timeline.
+    let mut rows: Vec<String> = metrics.split_off(1);
+    rows.sort_by_key(|l| l.split(',').next().and_then(|t| t.parse::<u64>().ok()).unwrap_or(0));
+    metrics.extend(rows);
+    let mpath = dir.path().join("metrics.csv");
+    std::fs::write(&mpath, metrics.join("\n") + "\n")
+        .with_context(|| format!("writing {}", mpath.display()))?;
+    events.sort_by_key(|(t, _)| *t);
+    let epath = dir.path().join("events.jsonl");
+    let mut text = std::fs::read_to_string(&epath).unwrap_or_default();
+    for (_, l) in &events {
+        text.push_str(l);
+        text.push('\n');
+    }
+    std::fs::write(&epath, text).with_context(|| format!("writing {}", epath.display()))?;
+
+    per_peer.sort_by_key(|s| s.peer);
+    let finished: Vec<&PeerSummary> = per_peer.iter().filter(|s| s.completed).collect();
+    let digests: Vec<(u32, String)> = finished.iter().map(|s| (s.peer, s.param_digest.clone())).collect();
+    let first = finished.first();
+    let function_pico: u64 = per_peer.iter().map(|s| s.function_cost_pico).sum();
+    let node_pico: u64 = per_peer.iter().map(|s| s.node_cost_pico).sum();
+    let samples: u64 = per_peer.iter().map(|s| s.samples).sum();
+    let summary = ClusterSummary {
+        run: dir.path().file_name().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default(),
+        arch: "p2p".into(),
+        compute: compute_name(cfg.p2p.compute).into(),
+        model: cfg.model.arch.to_string(),
+        dataset: cfg.data.dataset.to_string(),
+        seed: cfg.seed,
+        peers: cfg.p2p.peers,
+        completed: !finished.is_empty(),
+        rounds: per_peer.iter().map(|s| s.rounds).max().unwrap_or(0),
+        test_accuracy: first.map_or(0.0, |s| s.test_accuracy),
+        test_loss: first.map_or(f32::NAN, |s| s.test_loss),
+        replicas_agree: digests.windows(2).all(|w| w[0].1 == w[1].1),
+        param_digests: digests,
+        wall_time_s: wall,
+        samples_per_s: samples as f64 / wall.max(1e-9),
+        invocations: per_peer.iter().map(|s| s.invocations).sum(),
+        cold_starts: per_peer.iter().map(|s| s.cold_starts).sum(),
+        function_cost_usd: pico_to_usd(function_pico),
+        node_cost_usd: pico_to_usd(node_pico),
+        total_cost_usd: pico_to_usd(function_pico + node_pico),
+        bytes_exchanged: per_peer.iter().map(|s| s.bytes_out).sum(),
+        per_peer,
+    };
+    dir.event(
+        "finish",
+        serde_json::json!({ "rounds": summary.rounds, "test_accuracy": summary.test_accuracy, "replicas_agree": summary.replicas_agree }),
+    )?;
+    dir.summary(&summary)?;
+    Ok(summary)
+}
+
+fn print_summary(s: &ClusterSummary, dir: &Path) {
+    println!("run          {}", dir.display());
+    println!("arch         p2p, {} peers, gradients in {}", s.peers, s.compute);
+    println!("model        {} on {} (seed {})", s.model, s.dataset, s.seed);
+    println!("rounds       {}{}", s.rounds, if s.completed { "" } else { ", incomplete" });
+    println!("test acc     {:.2} %", s.test_accuracy * 100.0);
+    println!("test loss    {:.4}", s.test_loss);
+    println!("wall time    {:.2} s", s.wall_time_s);
+    println!("throughput   {:.0} samples/s", s.samples_per_s);
+    println!("invocations  {} ({} cold starts)", s.invocations, s.cold_starts);
+    println!(
+        "cost         ${:.6} (functions ${:.6}, peer nodes ${:.6})",
+        s.total_cost_usd, s.function_cost_usd, s.node_cost_usd
+    );
+    println!("exchanged    {:.1} MB", s.bytes_exchanged as f64 / 1e6);
+    println!("replicas     {}", if s.replicas_agree { "identical" } else { "DIFFER" });
+    for (p, d) in &s.param_digests {
+        println!("  peer {p}    {d}");
+    }
+}

@@ -1,0 +1,248 @@
+//! P2P training on real peer processes over loopback: accuracy, crash, rejoin, intruder.
+
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use crate::{peerless, real_data, run, summary};
+
+fn events(path: &Path) -> Vec<serde_json::Value> {
+    std::fs::read_to_string(path)
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| serde_json::from_str(l).ok())
+        .collect()
+}
+
+/// Rounds a peer has finished, from its metrics.
+fn peer_round(run: &Path, i: u32) -> u64 {
+    let text = std::fs::read_to_string(run.join(format!("peers/{i}/metrics.csv"))).unwrap_or_default();
+    text.lines().skip(1).filter_map(|l| l.split(',').nth(2)?.parse().ok()).max().unwrap_or(0)
+}
+
+fn wait_for(what: &str, timeout: Duration, mut f: impl FnMut() -> bool) {
+    let t = Instant::now();
+    while !f() {
+        assert!(t.elapsed() < timeout, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+fn launch(args: &[&str], out: &Path) -> Child {
+    peerless()
+        .args(["train", "--arch", "p2p"])
+        .args(args)
+        .arg("--out")
+        .arg(out)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start the launcher")
+}
+
+fn finish(child: Child) -> std::process::Output {
+    let out = child.wait_with_output().expect("launcher exits");
+    if !out.status.success() {
+        eprintln!("stderr: {}", String::from_utf8_lossy(&out.stderr));
+    }
+    out
+}
+
+fn pid_of(run: &Path, i: u32) -> u32 {
+    let p = run.join(format!("peers/{i}/pid"));
+    wait_for("the peer's pid file", Duration::from_secs(60), || p.exists());
+    std::fs::read_to_string(p).unwrap().trim().parse().unwrap()
+}
+
+fn kill9(pid: u32) {
+    assert!(Command::new("kill").args(["-KILL", &pid.to_string()]).status().unwrap().success());
+}
+
+fn digests(s: &serde_json::Value) -> Vec<String> {
+    s["param_digests"].as_array().unwrap().iter().map(|d| d[1].as_str().unwrap().to_owned()).collect()
+}
+
+#[test]
+fn four_peers_train_the_mlp_on_mnist_with_functions_to_97_percent() {
+    let Some(data) = real_data("mnist") else { return };
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("run");
+    let o = run(peerless()
+        .args(["train", "--arch", "p2p", "--peers", "4", "--functions-per-peer", "4"])
+        .args(["--dataset", "mnist", "--epochs", "4", "--lr", "0.2", "--data-dir"])
+        .arg(&data)
+        .arg("--out")
+        .arg(&out));
+    assert!(o.status.success());
+    let s = summary(&out);
+    assert!(s["test_accuracy"].as_f64().unwrap() >= 0.97, "{s}");
+    assert_eq!(s["compute"], "functions");
+    let d = digests(&s);
+    assert_eq!(d.len(), 4);
+    assert!(d.iter().all(|x| *x == d[0]), "replicas differ: {d:?}");
+    assert!(s["invocations"].as_u64().unwrap() > 0);
+    assert!(s["total_cost_usd"].as_f64().unwrap() > 0.0);
+    // The run directory holds the cluster's merged metrics and events and each peer's files.
+    let metrics = std::fs::read_to_string(out.join("metrics.csv")).unwrap();
+    let header = metrics.lines().next().unwrap();
+    for col in ["view", "bytes_in", "invocations", "cold_starts", "compute_ms", "exchange_ms", "cost_pico"] {
+        assert!(header.split(',').any(|c| c == col), "{col} missing from {header}");
+    }
+    assert!(metrics.lines().count() > 4 * 200);
+    for i in 0..4 {
+        for f in ["peer.toml", "identity.key", "checkpoint.safetensors", "ledger.csv", "summary.json"] {
+            assert!(out.join(format!("peers/{i}/{f}")).exists(), "peers/{i}/{f}");
+        }
+    }
+    assert!(out.join("config.toml").exists() && out.join("events.jsonl").exists());
+}
+
+#[test]
+fn survivors_of_a_sigkilled_peer_continue_without_waiting_for_the_deadline() {
+    let Some(data) = real_data("mnist") else { return };
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("run");
+    // A 60 s deadline floor: a survivor that waited for the dead peer instead of dropping it
+    // at once would show it in the round times and as a suspicion.
+    let cfg = tmp.path().join("run.toml");
+    std::fs::write(&cfg, "[p2p]\ndeadline_floor_ms = 60000\ndeadline_ceiling_ms = 60000\n").unwrap();
+    let child = peerless()
+        .args(["train", "--config"])
+        .arg(&cfg)
+        .args(["--arch", "p2p", "--peers", "4", "--functions-per-peer", "4", "--dataset", "mnist"])
+        .args(["--epochs", "4", "--lr", "0.2", "--data-dir"])
+        .arg(&data)
+        .arg("--out")
+        .arg(&out)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let victim = pid_of(&out, 3);
+    wait_for("round 40", Duration::from_secs(300), || peer_round(&out, 3) >= 40);
+    kill9(victim);
+    let killed_at =
+        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_millis() as u64;
+    let o = finish(child);
+    assert!(o.status.success());
+    let s = summary(&out);
+    assert!(s["test_accuracy"].as_f64().unwrap() >= 0.97, "{s}");
+    let d = digests(&s);
+    assert_eq!(d.len(), 3, "three survivors finished");
+    assert!(d.iter().all(|x| *x == d[0]));
+    for i in 0..3 {
+        let ev = events(&out.join(format!("peers/{i}/events.jsonl")));
+        let left = ev
+            .iter()
+            .find(|e| e["event"] == "peer_left" && e["peer"] == 3)
+            .unwrap_or_else(|| panic!("peer {i} never saw peer 3 leave"));
+        let detected = left["t_ms"].as_u64().unwrap();
+        assert!(detected + 50 >= killed_at, "detected before the kill?");
+        assert!(detected < killed_at + 5_000, "detection took {} ms", detected - killed_at);
+        assert!(!ev.iter().any(|e| e["event"] == "peer_suspected"), "peer {i} waited for a deadline");
+        assert!(!ev.iter().any(|e| e["event"] == "round_closed" && e["timed_out"] == true));
+    }
+    let exits = events(&out.join("events.jsonl"));
+    assert!(exits.iter().any(|e| e["event"] == "peer_exit" && e["peer"] == 3));
+}
+
+/// A digits cluster long enough to interfere with.
+fn digits_args() -> Vec<&'static str> {
+    vec!["--peers", "3", "--functions-per-peer", "2", "--rounds", "300", "--lr", "0.05", "--seed", "7"]
+}
+
+#[test]
+fn a_restarted_peer_catches_up_from_a_live_peer_and_ends_with_the_same_digest() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("run");
+    let child = launch(&digits_args(), &out);
+    let victim = pid_of(&out, 1);
+    wait_for("round 30", Duration::from_secs(120), || peer_round(&out, 1) >= 30);
+    kill9(victim);
+    std::thread::sleep(Duration::from_millis(500));
+    let before = peer_round(&out, 0);
+    let restarted = peerless()
+        .args(["peer", "--join", "--config"])
+        .arg(out.join("peers/1/peer.toml"))
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let o = finish(child);
+    assert!(o.status.success());
+    let r = restarted.wait_with_output().unwrap();
+    assert!(r.status.success(), "{}", String::from_utf8_lossy(&r.stderr));
+    let s0 = summary(&out.join("peers/0"));
+    let s1 = summary(&out.join("peers/1"));
+    assert_eq!(s1["completed"], true);
+    assert_eq!(s0["param_digest"], s1["param_digest"], "the restarted peer ends with the others' model");
+    let ev = events(&out.join("peers/1/events.jsonl"));
+    let synced = ev.iter().find(|e| e["event"] == "synced").expect("the restarted peer synced");
+    assert!(synced["from"].is_u64(), "it caught up from a live peer: {synced}");
+    assert!(synced["round"].as_u64().unwrap() >= before, "{synced} (peer 0 was at {before})");
+    let ev0 = events(&out.join("peers/0/events.jsonl"));
+    assert!(ev0.iter().any(|e| e["event"] == "peer_joined" && e["peer"] == 1));
+    assert!(ev0.iter().any(|e| e["event"] == "served_state" && e["to"] == 1));
+}
+
+#[test]
+fn a_peer_off_the_allow_list_is_refused_and_training_is_unaffected() {
+    let tmp = tempfile::tempdir().unwrap();
+    // The reference: the same run undisturbed.
+    let clean = tmp.path().join("clean");
+    assert!(finish(launch(&digits_args(), &clean)).status.success());
+    let out = tmp.path().join("run");
+    let child = launch(&digits_args(), &out);
+    wait_for("round 5", Duration::from_secs(60), || (0..3).all(|i| peer_round(&out, i) >= 5));
+    // An intruder with a key derived from another secret dials every member; it knows their
+    // (public) peer ids and admits them.
+    let ids: Vec<toml::Value> = (0..3)
+        .map(|i| {
+            let ev = events(&out.join(format!("peers/{i}/events.jsonl")));
+            let start = ev.iter().find(|e| e["event"] == "start").expect("start event");
+            toml::Value::from(start["peer_id"].as_str().unwrap())
+        })
+        .collect();
+    let text = std::fs::read_to_string(out.join("peers/0/peer.toml")).unwrap();
+    let mut file: toml::Table = toml::from_str(&text).unwrap();
+    let bootstrap: Vec<toml::Value> = std::iter::once(file["peer"]["listen"].clone())
+        .chain(file["peer"]["bootstrap"].as_array().unwrap().iter().cloned())
+        .collect();
+    let intruder_dir = tmp.path().join("intruder");
+    let peer = file["peer"].as_table_mut().unwrap();
+    peer.insert("listen".into(), "/ip4/127.0.0.1/tcp/0".into());
+    peer.insert("bootstrap".into(), toml::Value::Array(bootstrap));
+    peer.insert("dir".into(), intruder_dir.display().to_string().into());
+    peer.insert("progress".into(), false.into());
+    peer.insert("index".into(), 3.into());
+    peer.insert("allow".into(), toml::Value::Array(ids));
+    let mut p2p = file["run"]["p2p"].as_table().unwrap().clone();
+    p2p.insert("secret".into(), "not-the-run-secret".into());
+    p2p.insert("start_timeout_ms".into(), 60_000.into());
+    p2p.insert("compute".into(), "local".into());
+    file["run"].as_table_mut().unwrap().insert("p2p".into(), p2p.into());
+    let cfg = tmp.path().join("intruder.toml");
+    std::fs::write(&cfg, toml::to_string(&file).unwrap()).unwrap();
+    let mut intruder = peerless()
+        .args(["peer", "--config"])
+        .arg(&cfg)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let o = finish(child);
+    let _ = intruder.kill();
+    let _ = intruder.wait();
+    assert!(o.status.success());
+    let refused: usize = (0..3)
+        .map(|i| {
+            events(&out.join(format!("peers/{i}/events.jsonl")))
+                .iter()
+                .filter(|e| e["event"] == "refused")
+                .count()
+        })
+        .sum();
+    assert!(refused > 0, "no member logged the intruder's refused connection");
+    let (a, b) = (summary(&clean), summary(&out));
+    assert_eq!(digests(&a), digests(&b), "training with an intruder around differs from the clean run");
+}
