@@ -546,14 +546,12 @@ impl Round {
                 self.member(p).connected = true;
                 let known = self.finals.insert(p, d);
                 match self.phase {
-                    Phase::Done => {
-                        if known != Some(d) && self.final_digest != Some(d) {
-                            // A replica that ended differently: compare again.
-                            if let Some(mine) = self.final_digest {
-                                self.out.push(Action::AnnounceFinal { round, digest: mine, to: vec![p] });
-                            }
-                            self.decide_final(now);
+                    Phase::Done if known != Some(d) && self.final_digest != Some(d) => {
+                        // A replica that ended differently: compare again.
+                        if let Some(mine) = self.final_digest {
+                            self.out.push(Action::AnnounceFinal { round, digest: mine, to: vec![p] });
                         }
+                        self.decide_final(now);
                     }
                     Phase::Computing | Phase::Collecting { .. } | Phase::Starting { .. }
                         if self.round + 1 < round =>

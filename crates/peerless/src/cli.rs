@@ -45,6 +45,25 @@ enum BenchCommand {
     /// Warm invocation overhead of `echo` through the local function runtime against a direct
     /// in-process call, and cold-start time.
     Invoke(crate::function_cmd::BenchInvokeArgs),
+    /// P2P rounds on 1, 2 and 4 local peers (time split, samples/s) and the peer network's
+    /// exchange throughput as a ratio of a plain TCP copy.
+    P2p {
+        /// Rounds per cluster size.
+        #[arg(long, default_value_t = 60)]
+        rounds: u64,
+        /// Dataset (default: MNIST when present, else the embedded digits).
+        #[arg(long)]
+        dataset: Option<DatasetName>,
+        /// `functions` or `local`.
+        #[arg(long, default_value = "functions")]
+        compute: ComputeArg,
+        /// Directory for the runs (default: a temporary one).
+        #[arg(long)]
+        out: Option<PathBuf>,
+        /// Also write the results as JSON to this file.
+        #[arg(long)]
+        json: Option<PathBuf>,
+    },
     /// One MLP training step (flat vectors in and out) against PyTorch on one thread.
     Step {
         /// burn backend: `ndarray` or `flex`; `all` measures both.
@@ -303,6 +322,61 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
         Command::Peer(args) => crate::p2p_cmd::run_peer(args),
         Command::Invoke(args) => crate::function_cmd::run_invoke(*args),
         Command::Bench(BenchCommand::Invoke(args)) => crate::function_cmd::run_bench_invoke(args),
+        Command::Bench(BenchCommand::P2p { rounds, dataset, compute, out, json }) => {
+            let mut cfg = RunConfig::default();
+            cfg.data.dir = data_dir(None);
+            cfg.data.dataset = dataset.unwrap_or_else(|| {
+                if peerless_ml::data::load(DatasetName::Mnist, &cfg.data.dir).is_ok() {
+                    DatasetName::Mnist
+                } else {
+                    DatasetName::Digits
+                }
+            });
+            cfg.p2p.compute = match compute {
+                ComputeArg::Functions => peerless_runtime::config::Compute::Functions,
+                ComputeArg::Local => peerless_runtime::config::Compute::Local,
+            };
+            let tmp;
+            let dir = match out {
+                Some(d) => d,
+                None => {
+                    tmp = std::env::temp_dir().join(format!("peerless-bench-p2p-{}", std::process::id()));
+                    tmp
+                }
+            };
+            let r = crate::bench::p2p::run(&cfg, rounds.max(5), &dir)?;
+            println!("\nP2P rounds, {} (medians, ms)", r.dataset);
+            println!("peers  samples/s (steady)  round  compute   wait  exchange  aggregate  update");
+            for c in &r.clusters {
+                println!(
+                    "{:>5} {:>9.0} ({:>6.0}) {:>6.1} {:>8.1} {:>6.1} {:>9.1} {:>10.2} {:>7.2}",
+                    c.peers,
+                    c.samples_per_s,
+                    c.steady_samples_per_s,
+                    c.round_ms,
+                    c.compute_ms,
+                    c.wait_ms,
+                    c.exchange_ms,
+                    c.aggregate_ms,
+                    c.update_ms
+                );
+            }
+            println!("\nexchange throughput on loopback (libp2p TCP+Noise+Yamux vs plain TCP, same run)");
+            for e in &r.exchange {
+                println!(
+                    "{:>6.1} MB: libp2p {:>7.0} MB/s, TCP {:>7.0} MB/s, ratio {:.2}",
+                    e.bytes as f64 / (1 << 20) as f64,
+                    e.libp2p_mb_s,
+                    e.tcp_mb_s,
+                    e.ratio
+                );
+            }
+            if let Some(path) = json {
+                std::fs::write(&path, serde_json::to_string_pretty(&r)?)
+                    .with_context(|| format!("writing {}", path.display()))?;
+            }
+            Ok(ExitCode::SUCCESS)
+        }
         Command::Data(DataCommand::Fetch { name, dir }) => {
             let dir = data_dir(dir.data_dir.as_deref());
             let report = peerless_ml::data::fetch(name, &dir)?;

@@ -102,6 +102,7 @@ struct LocalResult {
 }
 
 /// Where gradients are computed.
+#[allow(clippy::large_enum_variant)] // one per peer, behind an Arc
 enum Backend {
     Functions {
         runtime: LocalRuntime,
@@ -163,6 +164,8 @@ struct RoundStats {
     broadcast_at: Option<Instant>,
     acks_pending: usize,
     exchange_ms: Option<f64>,
+    /// Round whose gradient was broadcast.
+    round: Option<u64>,
     loss: f32,
     samples: u64,
 }
@@ -316,6 +319,8 @@ pub async fn run(
     let backend = Arc::new(backend);
     let mut actions: Vec<Action> = Vec::new();
     let mut my_msg: Option<(u64, Bytes)> = None;
+    // Let the machine start without waiting for a first network event (a lone peer has none).
+    net_state.queued.push(Input::Tick);
 
     loop {
         // Redial peers we are not connected to, once a second.
@@ -392,6 +397,7 @@ pub async fn run(
                             && *r == round
                         {
                             stats.broadcast_at = Some(Instant::now());
+                            stats.round = Some(round);
                             stats.acks_pending = 0;
                             for p in to {
                                 if net_state.send(&mut swarm, p, bytes.clone(), Pending::Gradient(round)) {
@@ -538,8 +544,8 @@ pub async fn run(
             }
         }
         // Exchange time: broadcast until every recipient acknowledged.
-        if let (Some(b), None) = (stats.broadcast_at, stats.exchange_ms)
-            && net_state.take_acks(&mut stats.acks_pending)
+        if let (Some(b), None, Some(r)) = (stats.broadcast_at, stats.exchange_ms, stats.round)
+            && net_state.take_acks(r, &mut stats.acks_pending)
         {
             stats.exchange_ms = Some(b.elapsed().as_secs_f64() * 1e3);
         }
@@ -743,7 +749,8 @@ struct NetState {
     addr_of: HashMap<PeerId, Multiaddr>,
     outbound: HashMap<OutboundRequestId, (PeerIdx, Pending)>,
     state_channels: BTreeMap<PeerIdx, Vec<ResponseChannel<Bytes>>>,
-    acks: usize,
+    /// Rounds of the gradient acknowledgements received since last asked.
+    acks: Vec<u64>,
     queued: Vec<Input>,
     bytes_in: u64,
     bytes_out: u64,
@@ -771,9 +778,11 @@ impl NetState {
         }
     }
 
-    /// Consumes gradient acknowledgements; true when none is pending any more.
-    fn take_acks(&mut self, pending: &mut usize) -> bool {
-        *pending = pending.saturating_sub(std::mem::take(&mut self.acks));
+    /// Consumes the acknowledgements of `round`'s gradient; true when none is pending.
+    fn take_acks(&mut self, round: u64, pending: &mut usize) -> bool {
+        let n = self.acks.iter().filter(|&&r| r == round).count();
+        self.acks.clear();
+        *pending = pending.saturating_sub(n);
         *pending == 0
     }
 
@@ -893,8 +902,8 @@ impl NetState {
                 self.bytes_in += response.len() as u64;
                 let (from, kind) = self.outbound.remove(&request_id)?;
                 match kind {
-                    Pending::Gradient(_) => {
-                        self.acks += 1;
+                    Pending::Gradient(r) => {
+                        self.acks.push(r);
                         None
                     }
                     Pending::Other => None,
@@ -922,8 +931,8 @@ impl NetState {
                 tracing::debug!(peer = me, to, %error, "request failed");
                 match kind {
                     Pending::State => Some(Input::StateFailed(to)),
-                    Pending::Gradient(_) => {
-                        self.acks += 1;
+                    Pending::Gradient(r) => {
+                        self.acks.push(r);
                         None
                     }
                     Pending::Other => None,

@@ -7,6 +7,8 @@
 //! `python3` when `torch` imports; the report gives the ratio of the two and the share of the
 //! step spent in load + flatten.
 
+pub mod p2p;
+
 use std::process::Command;
 use std::time::{Duration, Instant};
 
