@@ -10,6 +10,7 @@
 //!   API, the ledger; and the function side (`serve`) that `peerless function` runs.
 //! - [`gradient`] — the gradient function: request → parameters from the store → gradient
 //!   aggregated into the store, with the caches a warm instance may keep.
+//! - [`node`] — what peers, the PS and workers share: files, gradient backend, round work.
 //! - [`p2p`] — peer-to-peer training: the libp2p network, the peer process, its sampler.
 //! - [`store`] — the store trait; the embedded RESP server and the Redis backend, with
 //!   in-store aggregation that counts each gradient once.
@@ -19,6 +20,7 @@ pub mod config;
 pub mod function;
 pub mod gradient;
 pub mod local;
+pub mod node;
 pub mod p2p;
 pub mod rundir;
 pub mod store;

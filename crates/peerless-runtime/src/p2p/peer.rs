@@ -14,19 +14,16 @@
 //! ```
 
 use std::collections::{BTreeMap, HashMap};
-use std::fs::{File, OpenOptions};
-use std::io::{BufWriter, Write};
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::Arc;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use futures::StreamExt;
 use libp2p::request_response::{self, OutboundRequestId, ResponseChannel};
 use libp2p::swarm::SwarmEvent;
 use libp2p::{Multiaddr, PeerId, Swarm};
-use peerless_core::flat::{Digest, digest, to_le_bytes};
-use peerless_core::function::{GradientRequest, GradientResponse, OutputMode, StoreRef};
+use peerless_core::flat::digest;
 use peerless_core::optim::Optimizer;
 use peerless_core::p2p::{Action, DeadlinePolicy, Input, PeerIdx, Round, RoundConfig, Start};
 use peerless_core::wire::{self, GradientMsg, Limits, Message, StateMsg};
@@ -38,122 +35,15 @@ use super::net::{self, Behaviour, BehaviourEvent};
 use super::sampler::Sampler;
 use super::{PeerFile, PeerSummary};
 use crate::checkpoint::Checkpoint;
-use crate::config::Compute;
-use crate::function::{FunctionCommand, InvokeCtx, Invoker, LocalRuntime};
-use crate::store::embedded::{EmbeddedHandle, EmbeddedServer};
-use crate::store::{RedisStore, Store};
+use crate::function::FunctionCommand;
+
+pub use crate::node::NodeError;
+use crate::node::{Backend, Files, Job, LocalResult, io_err, unix_ms};
 
 /// Columns of a peer's `metrics.csv`.
 pub const METRICS_HEADER: &str = "t_ms,peer,round,epoch,wall_s,train_loss,view,contributors,samples,\
 bytes_in,bytes_out,invocations,cold_starts,retries,compute_ms,wait_ms,exchange_ms,aggregate_ms,\
 update_ms,cost_pico,eval_round,test_loss,test_accuracy";
-
-/// Why a peer stopped with an error.
-#[derive(Debug, thiserror::Error)]
-pub enum PeerError {
-    /// Bad configuration or identity.
-    #[error("{0}")]
-    Config(String),
-    /// Model or data.
-    #[error(transparent)]
-    Model(#[from] peerless_ml::ModelError),
-    /// Dataset.
-    #[error(transparent)]
-    Data(#[from] peerless_ml::data::DataError),
-    /// Files in the peer directory.
-    #[error("{path}: {source}")]
-    Io {
-        /// File.
-        path: PathBuf,
-        /// Cause.
-        source: std::io::Error,
-    },
-    /// The network could not be set up.
-    #[error("network: {0}")]
-    Network(String),
-    /// Gradient work failed beyond retries.
-    #[error("computing the gradient of round {round}: {reason}")]
-    Compute {
-        /// Round.
-        round: u64,
-        /// Cause.
-        reason: String,
-    },
-    /// Checkpoint.
-    #[error(transparent)]
-    Checkpoint(#[from] crate::checkpoint::CheckpointError),
-    /// Optimizer.
-    #[error(transparent)]
-    Optim(#[from] peerless_core::optim::OptimError),
-}
-
-fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> PeerError + '_ {
-    move |source| PeerError::Io { path: path.to_owned(), source }
-}
-
-/// The result of one round's gradient work.
-#[derive(Debug)]
-struct LocalResult {
-    round: u64,
-    digest: Digest,
-    grad: Vec<f32>,
-    loss: f32,
-    samples: u64,
-}
-
-/// Where gradients are computed.
-#[allow(clippy::large_enum_variant)] // one per peer, behind an Arc
-enum Backend {
-    Functions {
-        runtime: LocalRuntime,
-        store: RedisStore,
-        store_url: String,
-        embedded: Option<EmbeddedHandle>,
-    },
-    Local,
-}
-
-struct Files {
-    dir: PathBuf,
-    metrics: BufWriter<File>,
-    events: BufWriter<File>,
-}
-
-fn unix_ms() -> u64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
-}
-
-impl Files {
-    fn open(dir: &Path) -> Result<Files, PeerError> {
-        std::fs::create_dir_all(dir).map_err(io_err(dir))?;
-        let mp = dir.join("metrics.csv");
-        let fresh = !mp.exists();
-        let f = OpenOptions::new().create(true).append(true).open(&mp).map_err(io_err(&mp))?;
-        let mut metrics = BufWriter::new(f);
-        if fresh {
-            writeln!(metrics, "{METRICS_HEADER}").map_err(io_err(&mp))?;
-        }
-        let ep = dir.join("events.jsonl");
-        let f = OpenOptions::new().create(true).append(true).open(&ep).map_err(io_err(&ep))?;
-        Ok(Files { dir: dir.to_owned(), metrics, events: BufWriter::new(f) })
-    }
-
-    fn event(&mut self, peer: PeerIdx, v: serde_json::Value) {
-        let mut obj = json!({ "t_ms": unix_ms(), "peer": peer });
-        if let (Some(o), serde_json::Value::Object(extra)) = (obj.as_object_mut(), v) {
-            o.extend(extra);
-        }
-        if writeln!(self.events, "{obj}").and_then(|_| self.events.flush()).is_err() {
-            tracing::warn!(dir = %self.dir.display(), "cannot write events.jsonl");
-        }
-    }
-
-    fn metrics(&mut self, line: &str) {
-        if writeln!(self.metrics, "{line}").and_then(|_| self.metrics.flush()).is_err() {
-            tracing::warn!(dir = %self.dir.display(), "cannot write metrics.csv");
-        }
-    }
-}
 
 /// Per-round timings and counters, reset when a row is written.
 #[derive(Debug, Default)]
@@ -176,24 +66,24 @@ pub async fn run(
     command: FunctionCommand,
     data_dir: PathBuf,
     mut stop: watch::Receiver<bool>,
-) -> Result<PeerSummary, PeerError> {
+) -> Result<PeerSummary, NodeError> {
     let run = &file.run;
     let me = file.peer.index;
     let p2p = &run.p2p;
     let dir = file.peer.dir.clone();
-    let mut files = Files::open(&dir)?;
+    let mut files = Files::open(&dir, METRICS_HEADER)?;
 
     // Identity and allow-list.
     let allow: Vec<PeerId> = if file.peer.allow.is_empty() {
         if p2p.secret.is_empty() {
-            return Err(PeerError::Config("p2p.secret is empty and peer.allow lists no peer ids".into()));
+            return Err(NodeError::Config("p2p.secret is empty and peer.allow lists no peer ids".into()));
         }
         (0..p2p.peers).map(|i| net::derive_peer_id(&p2p.secret, i)).collect()
     } else {
         file.peer
             .allow
             .iter()
-            .map(|s| s.parse::<PeerId>().map_err(|e| PeerError::Config(format!("peer.allow: {s:?}: {e}"))))
+            .map(|s| s.parse::<PeerId>().map_err(|e| NodeError::Config(format!("peer.allow: {s:?}: {e}"))))
             .collect::<Result<_, _>>()?
     };
     let key_path = dir.join("identity.key");
@@ -230,7 +120,7 @@ pub async fn run(
     let own = match Checkpoint::read(&ck_path) {
         Ok(ck) if ck.model == model.id() && ck.layout == model.layout().fingerprint() => Some(ck),
         Ok(ck) => {
-            return Err(PeerError::Config(format!(
+            return Err(NodeError::Config(format!(
                 "{} holds a checkpoint of model {}, not {}",
                 ck_path.display(),
                 ck.model,
@@ -251,40 +141,21 @@ pub async fn run(
     };
 
     // Gradient backend.
-    let backend = match p2p.compute {
-        Compute::Local => Backend::Local,
-        Compute::Functions => {
-            let runtime =
-                LocalRuntime::start(run.function.clone(), command, run.seed ^ (u64::from(me) << 40))
-                    .map_err(|e| PeerError::Config(e.to_string()))?;
-            let (embedded, store_url) = if p2p.store == "embedded" {
-                let h = EmbeddedServer::spawn(([127, 0, 0, 1], 0).into(), Some(p2p.secret.clone()))
-                    .map_err(|e| PeerError::Network(format!("embedded store: {e}")))?;
-                let url = h.url();
-                (Some(h), url)
-            } else {
-                (None, p2p.store.clone())
-            };
-            let store = RedisStore::connect(&store_url)
-                .await
-                .map_err(|e| PeerError::Network(format!("store {store_url}: {e}")))?;
-            Backend::Functions { runtime, store, store_url, embedded }
-        }
-    };
-    let prices = run.function.prices.prices().map_err(|e| PeerError::Config(e.to_string()))?;
+    let backend = Backend::start(run, me, command).await?;
+    let prices = run.function.prices.prices().map_err(|e| NodeError::Config(e.to_string()))?;
 
     // Network.
     let request_timeout = Duration::from_millis(3 * p2p.deadline_ceiling_ms + p2p.start_timeout_ms);
     let mut swarm =
-        net::build_swarm(keypair, &allow, request_timeout).map_err(|e| PeerError::Network(e.to_string()))?;
+        net::build_swarm(keypair, &allow, request_timeout).map_err(|e| NodeError::Network(e.to_string()))?;
     let listen: Multiaddr =
-        file.peer.listen.parse().map_err(|e| PeerError::Config(format!("peer.listen: {e}")))?;
-    swarm.listen_on(listen).map_err(|e| PeerError::Network(format!("listen: {e}")))?;
+        file.peer.listen.parse().map_err(|e| NodeError::Config(format!("peer.listen: {e}")))?;
+    swarm.listen_on(listen).map_err(|e| NodeError::Network(format!("listen: {e}")))?;
     let bootstrap: Vec<Multiaddr> = file
         .peer
         .bootstrap
         .iter()
-        .map(|a| a.parse().map_err(|e| PeerError::Config(format!("peer.bootstrap {a:?}: {e}"))))
+        .map(|a| a.parse().map_err(|e| NodeError::Config(format!("peer.bootstrap {a:?}: {e}"))))
         .collect::<Result<_, _>>()?;
 
     let cfg = RoundConfig {
@@ -306,7 +177,7 @@ pub async fn run(
     tracing::info!(peer = me, id = %my_id, total, "peer starting");
 
     let aggregator = run.p2p.aggregator.build();
-    let (tx, mut rx) = mpsc::channel::<Result<LocalResult, PeerError>>(4);
+    let (tx, mut rx) = mpsc::channel::<Result<LocalResult, NodeError>>(4);
     let (eval_tx, mut eval_rx) = mpsc::channel::<(u64, f32, f32)>(4);
     let mut net_state = NetState { index_of, swarm_ids: allow.clone(), ..NetState::default() };
     let mut stats = RoundStats::default();
@@ -412,7 +283,7 @@ pub async fn run(
                         let refs: Vec<&[f32]> = inputs.iter().map(|(_, g)| g.as_slice()).collect();
                         aggregator
                             .aggregate(&refs, &mut agg)
-                            .map_err(|e| PeerError::Compute { round, reason: e.to_string() })?;
+                            .map_err(|e| NodeError::Compute { round, reason: e.to_string() })?;
                         let aggregate_ms = t.elapsed().as_secs_f64() * 1e3;
                         let t = Instant::now();
                         optimizer.step(&mut params, &agg)?;
@@ -432,10 +303,7 @@ pub async fn run(
                                 }
                             });
                         }
-                        let inv = match &*backend {
-                            Backend::Functions { runtime, .. } => runtime.summary(),
-                            Backend::Local => Default::default(),
-                        };
+                        let inv = backend.summary();
                         let node_pico = prices.node_pico(t0.elapsed().as_millis() as u64);
                         let ev = pending_eval.take();
                         let opt = |v: Option<f32>| v.map(|x| format!("{x:.6}")).unwrap_or_default();
@@ -568,16 +436,10 @@ pub async fn run(
         let (m, s, p) = (model.clone(), split.clone(), params.clone());
         tokio::task::spawn_blocking(move || m.evaluate(&p, &s.test))
             .await
-            .map_err(|e| PeerError::Compute { round: machine.round(), reason: e.to_string() })??
+            .map_err(|e| NodeError::Compute { round: machine.round(), reason: e.to_string() })??
     };
-    let inv = match &*backend {
-        Backend::Functions { runtime, .. } => {
-            let path = dir.join("ledger.csv");
-            runtime.write_ledger_csv(&path).map_err(io_err(&path))?;
-            runtime.summary()
-        }
-        Backend::Local => Default::default(),
-    };
+    backend.write_ledger(&dir)?;
+    let inv = backend.summary();
     let summary = PeerSummary {
         peer: me,
         peer_id: my_id.to_string(),
@@ -601,134 +463,10 @@ pub async fn run(
     let sp = dir.join("summary.json");
     let text = serde_json::to_string_pretty(&summary).expect("invariant: summary serializes");
     crate::checkpoint::write_atomic(&sp, text.as_bytes()).map_err(io_err(&sp))?;
-    if let Ok(b) = Arc::try_unwrap(backend)
-        && let Backend::Functions { runtime, embedded, .. } = b
-    {
-        runtime.shutdown().await;
-        if let Some(h) = embedded {
-            h.shutdown().await;
-        }
+    if let Ok(b) = Arc::try_unwrap(backend) {
+        b.shutdown().await;
     }
     Ok(summary)
-}
-
-/// One round's gradient work.
-struct Job {
-    me: PeerIdx,
-    round: u64,
-    params: Arc<Vec<f32>>,
-    batches: Vec<Vec<u32>>,
-    model: Arc<Model>,
-    split: Arc<Split>,
-    backend: Arc<Backend>,
-    dataset: String,
-    data_dir: PathBuf,
-    backend_name: String,
-}
-
-impl Job {
-    async fn run(self) -> Result<LocalResult, PeerError> {
-        let round = self.round;
-        let fail = |reason: String| PeerError::Compute { round, reason };
-        let d = digest(&self.params);
-        match &*self.backend {
-            Backend::Local => {
-                let (model, split, params, batches) =
-                    (self.model.clone(), self.split.clone(), self.params.clone(), self.batches.clone());
-                let (grad, loss, samples) = tokio::task::spawn_blocking(move || {
-                    let mut sum = vec![0f32; params.len()];
-                    let mut g = vec![0f32; params.len()];
-                    let (mut loss, mut samples) = (0f64, 0u64);
-                    for b in &batches {
-                        let idx: Vec<usize> = b.iter().map(|&i| i as usize).collect();
-                        let l = model.loss_and_grad_into(&params, &split.train.gather(&idx), &mut g)?;
-                        peerless_core::flat::add_assign(&mut sum, &g);
-                        loss += f64::from(l);
-                        samples += idx.len() as u64;
-                    }
-                    let k = batches.len().max(1) as f32;
-                    sum.iter_mut().for_each(|x| *x /= k);
-                    Ok::<_, peerless_ml::ModelError>((sum, (loss / f64::from(k)) as f32, samples))
-                })
-                .await
-                .map_err(|e| fail(e.to_string()))??;
-                Ok(LocalResult { round, digest: d, grad, loss, samples })
-            }
-            Backend::Functions { runtime, store, store_url, .. } => {
-                let node = format!("peer{}", self.me);
-                let pkey = format!("{node}/params/{round}");
-                let gkey = format!("{node}/grad/{round}");
-                store
-                    .put(&pkey, &to_le_bytes(&self.params))
-                    .await
-                    .map_err(|e| fail(format!("store put: {e}")))?;
-                let calls = self.batches.iter().enumerate().map(|(j, b)| {
-                    let req = GradientRequest {
-                        node: node.clone(),
-                        round,
-                        batch: j as u32,
-                        attempt: 0,
-                        model: self.model.id(),
-                        backend: self.backend_name.clone(),
-                        params_key: pkey.clone(),
-                        params_digest: d.to_string(),
-                        dataset: self.dataset.clone(),
-                        data_dir: self.data_dir.display().to_string(),
-                        indices: b.clone(),
-                        output_key: gkey.clone(),
-                        output_mode: OutputMode::Accumulate,
-                        store: StoreRef { url: store_url.clone() },
-                    };
-                    let payload = serde_json::to_value(&req).expect("invariant: requests serialize");
-                    runtime.invoke("gradient", payload, InvokeCtx::new(node.clone(), round, j as u32))
-                });
-                let results = futures::future::join_all(calls).await;
-                let (mut loss, mut ok) = (0f64, 0u32);
-                let mut errors = Vec::new();
-                for r in results {
-                    match r {
-                        Ok(inv) if inv.is_ok() => {
-                            let resp: Option<GradientResponse> =
-                                inv.response.and_then(|v| serde_json::from_value(v).ok());
-                            if let Some(resp) = resp {
-                                loss += f64::from(resp.loss);
-                                ok += 1;
-                            }
-                        }
-                        Ok(inv) => errors.push(format!(
-                            "{:?}: {:?}",
-                            inv.outcome,
-                            inv.error.map(|e| e.error_message)
-                        )),
-                        Err(e) => errors.push(e.to_string()),
-                    }
-                }
-                let acc =
-                    store.read_accumulated(&gkey).await.map_err(|e| fail(format!("store read: {e}")))?;
-                let _ = store.delete(&[&pkey, &gkey]).await;
-                let Some(acc) = acc.filter(|a| a.count > 0) else {
-                    return Err(fail(format!("every invocation failed: {}", errors.join("; "))));
-                };
-                if !errors.is_empty() {
-                    tracing::warn!(
-                        round,
-                        failed = errors.len(),
-                        "some gradient invocations failed after retries; using the rest"
-                    );
-                }
-                let n = acc.count as f32;
-                let grad: Vec<f32> = acc.sum.iter().map(|x| x / n).collect();
-                let samples = acc.count * self.batches.first().map_or(0, |b| b.len() as u64);
-                Ok(LocalResult {
-                    round,
-                    digest: d,
-                    grad,
-                    loss: (loss / f64::from(ok.max(1))) as f32,
-                    samples,
-                })
-            }
-        }
-    }
 }
 
 /// What an outbound request was.
