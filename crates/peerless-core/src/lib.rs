@@ -9,6 +9,7 @@
 //! - [`wire`] — the peer-to-peer messages and their validating codec.
 //! - [`aggregate`] — aggregation rules behind one trait.
 //! - [`p2p`] — the P2P round protocol as an I/O-free state machine.
+//! - [`ps`] — the parameter server's round protocol, likewise.
 //!
 //! Nothing here reads a clock, touches the network or the disk, or uses a global RNG.
 #![warn(missing_docs)]
@@ -19,5 +20,6 @@ pub mod flat;
 pub mod function;
 pub mod optim;
 pub mod p2p;
+pub mod ps;
 pub mod rng;
 pub mod wire;

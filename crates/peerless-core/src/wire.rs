@@ -33,6 +33,12 @@ pub enum Message {
         /// Digest of the final parameters.
         digest: Digest,
     },
+    /// A worker asks the parameter server for model version `round` or newer (answered with
+    /// a [`Message::State`] without optimizer buffers once that version is published).
+    ParamsRequest {
+        /// Lowest version wanted.
+        round: u64,
+    },
     /// A request for the sender's state at its next round boundary.
     StateRequest,
     /// The answer to any request that is not a state request.
@@ -142,6 +148,7 @@ mod kind {
     pub const STATE: u8 = 5;
     pub const REFUSED: u8 = 6;
     pub const FINAL: u8 = 7;
+    pub const PARAMS_REQUEST: u8 = 8;
 }
 
 /// Encodes a message.
@@ -165,6 +172,10 @@ pub fn encode(msg: &Message) -> Vec<u8> {
             w.u8(kind::FINAL);
             w.u64(*round);
             w.0.extend_from_slice(&digest.0);
+        }
+        Message::ParamsRequest { round } => {
+            w.u8(kind::PARAMS_REQUEST);
+            w.u64(*round);
         }
         Message::StateRequest => w.u8(kind::STATE_REQUEST),
         Message::Ack => w.u8(kind::ACK),
@@ -216,6 +227,7 @@ pub fn decode(bytes: &[u8], limits: Limits) -> Result<Message, WireError> {
         }
         kind::JOIN => Message::Join { round: r.u64("round")? },
         kind::FINAL => Message::Final { round: r.u64("round")?, digest: r.digest()? },
+        kind::PARAMS_REQUEST => Message::ParamsRequest { round: r.u64("round")? },
         kind::STATE_REQUEST => Message::StateRequest,
         kind::ACK => Message::Ack,
         kind::STATE => {
@@ -362,6 +374,7 @@ mod tests {
             }),
             Message::Join { round: 12 },
             Message::Final { round: 40, digest: Digest([7; 32]) },
+            Message::ParamsRequest { round: 3 },
             Message::StateRequest,
             Message::Ack,
             Message::State(StateMsg {
@@ -431,7 +444,7 @@ mod tests {
         }
 
         #[test]
-        fn mutated_messages_never_panic(i in 0usize..7, pos in 0usize..200, byte in any::<u8>()) {
+        fn mutated_messages_never_panic(i in 0usize..8, pos in 0usize..200, byte in any::<u8>()) {
             let mut b = encode(&samples()[i]);
             let p = pos % b.len();
             b[p] = byte;

@@ -79,8 +79,26 @@ pub struct RunConfig {
     pub optimizer: OptimizerConfig,
     /// Peer-to-peer training (`train.arch = "p2p"`).
     pub p2p: P2pConfig,
+    /// The parameter-server baseline (`train.arch = "ps"`); its workers are sized by `[p2p]`'s
+    /// `peers` and `functions_per_peer`, and it shares the deadline, store and compute keys.
+    pub ps: PsSection,
     /// The function runtime gradients are computed in.
     pub function: crate::function::Config,
+}
+
+/// `[ps]`
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct PsSection {
+    /// When the PS process dies, the launcher (standing in for the cloud) restarts it after
+    /// this long, ms.
+    pub restart_delay_ms: u64,
+}
+
+impl Default for PsSection {
+    fn default() -> Self {
+        PsSection { restart_delay_ms: 1_000 }
+    }
 }
 
 impl Default for RunConfig {
@@ -93,6 +111,7 @@ impl Default for RunConfig {
             train: TrainConfig::default(),
             optimizer: OptimizerConfig::sgd(0.02),
             p2p: P2pConfig::default(),
+            ps: PsSection::default(),
             function: crate::function::Config::default(),
         }
     }

@@ -12,6 +12,7 @@
 //!   aggregated into the store, with the caches a warm instance may keep.
 //! - [`node`] — what peers, the PS and workers share: files, gradient backend, round work.
 //! - [`p2p`] — peer-to-peer training: the libp2p network, the peer process, its sampler.
+//! - [`ps`] — the parameter-server baseline: the PS process and its workers.
 //! - [`store`] — the store trait; the embedded RESP server and the Redis backend, with
 //!   in-store aggregation that counts each gradient once.
 
@@ -22,5 +23,6 @@ pub mod gradient;
 pub mod local;
 pub mod node;
 pub mod p2p;
+pub mod ps;
 pub mod rundir;
 pub mod store;

@@ -25,6 +25,10 @@ enum Command {
     Train(Box<TrainArgs>),
     /// Run one peer of a P2P run (the launcher starts these).
     Peer(crate::p2p_cmd::PeerArgs),
+    /// Run the parameter server of a PS run (the launcher starts it).
+    Ps(crate::p2p_cmd::PeerArgs),
+    /// Run one worker of a PS run (the launcher starts these).
+    Worker(crate::p2p_cmd::PeerArgs),
     /// Datasets: fetch, verify.
     #[command(subcommand)]
     Data(DataCommand),
@@ -161,11 +165,12 @@ pub struct TrainArgs {
     /// Stop after this many rounds with a checkpoint, as if interrupted (for tests of resume).
     #[arg(long, hide = true)]
     pub halt_at_round: Option<u64>,
-    /// P2P: peers to start.
-    #[arg(long)]
+    /// P2P: peers to start (PS: workers; `--workers` is the same flag).
+    #[arg(long, alias = "workers")]
     pub peers: Option<u32>,
-    /// P2P: gradient functions each peer invokes per round (one mini-batch each).
-    #[arg(long)]
+    /// P2P: gradient functions each peer invokes per round, one mini-batch each (PS: per
+    /// worker; `--functions-per-worker` is the same flag).
+    #[arg(long, alias = "functions-per-worker")]
     pub functions_per_peer: Option<u32>,
     /// P2P: where gradients are computed: `functions` (serverless) or `local` (in the peer).
     #[arg(long)]
@@ -319,7 +324,9 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
     match cli.command {
         Command::Train(args) => crate::train::run(*args),
         Command::Function => crate::function_cmd::run_function(),
-        Command::Peer(args) => crate::p2p_cmd::run_peer(args),
+        Command::Peer(args) => crate::p2p_cmd::run_node(crate::p2p_cmd::Role::Peer, args),
+        Command::Ps(args) => crate::p2p_cmd::run_node(crate::p2p_cmd::Role::Ps, args),
+        Command::Worker(args) => crate::p2p_cmd::run_node(crate::p2p_cmd::Role::Worker, args),
         Command::Invoke(args) => crate::function_cmd::run_invoke(*args),
         Command::Bench(BenchCommand::Invoke(args)) => crate::function_cmd::run_bench_invoke(args),
         Command::Bench(BenchCommand::P2p { rounds, dataset, compute, out, json }) => {

@@ -40,8 +40,19 @@ pub struct PeerArgs {
     pub data_dir: Option<PathBuf>,
 }
 
-/// Runs one peer until training is over; SIGINT or SIGTERM stop it after writing its summary.
-pub fn run_peer(args: PeerArgs) -> Result<ExitCode> {
+/// Which node a process runs.
+#[derive(Debug, Clone, Copy)]
+pub enum Role {
+    /// A P2P peer.
+    Peer,
+    /// The parameter server.
+    Ps,
+    /// A PS worker.
+    Worker,
+}
+
+/// Runs one node until training is over; SIGINT or SIGTERM stop it after writing its summary.
+pub fn run_node(role: Role, args: PeerArgs) -> Result<ExitCode> {
     let mut file = PeerFile::load(&args.config)?;
     if args.join {
         file.peer.join = true;
@@ -64,14 +75,19 @@ pub fn run_peer(args: PeerArgs) -> Result<ExitCode> {
             }
             let _ = stop_tx.send(true);
         });
-        peerless_runtime::p2p::peer::run(file, FunctionCommand::peerless(exe), data_dir, stop_rx).await
+        let command = FunctionCommand::peerless(exe);
+        match role {
+            Role::Peer => peerless_runtime::p2p::peer::run(file, command, data_dir, stop_rx).await,
+            Role::Ps => peerless_runtime::ps::run_server(file, data_dir, stop_rx).await,
+            Role::Worker => peerless_runtime::ps::run_worker(file, command, data_dir, stop_rx).await,
+        }
     })?;
     eprintln!(
-        "peer {} done: round {}, test accuracy {:.2} %, digest {}",
+        "{role:?} {} done: round {}, test accuracy {:.2} %, digest {}",
         summary.peer,
         summary.rounds,
         summary.test_accuracy * 100.0,
-        &summary.param_digest[..16]
+        summary.param_digest.get(..16).unwrap_or("-")
     );
     Ok(ExitCode::SUCCESS)
 }
@@ -181,16 +197,16 @@ pub fn write_peer_files(cfg: &RunConfig, dir: &Path, secret: &str) -> Result<Vec
     Ok(paths)
 }
 
-fn spawn_peer(config: &Path, join: bool) -> Result<Child> {
+fn spawn_node(sub: &str, config: &Path, join: bool) -> Result<Child> {
     let exe = std::env::current_exe().context("locating the peerless executable")?;
-    let log_path = config.with_file_name("peer.log");
+    let log_path = config.with_file_name(format!("{sub}.log"));
     let log = std::fs::OpenOptions::new()
         .create(true)
         .append(true)
         .open(&log_path)
         .with_context(|| format!("opening {}", log_path.display()))?;
     let mut cmd = Command::new(exe);
-    cmd.arg("peer").arg("--config").arg(config);
+    cmd.arg(sub).arg("--config").arg(config);
     if join {
         cmd.arg("--join");
     }
@@ -213,29 +229,87 @@ struct ProgressLine {
 
 /// `peerless train --arch p2p`: starts the cluster and waits for it.
 pub fn launch(cfg: &RunConfig, dir: &mut RunDir) -> Result<ExitCode> {
-    let started = Instant::now();
     let secret = if cfg.p2p.secret.is_empty() { random_secret() } else { cfg.p2p.secret.clone() };
     let configs = write_peer_files(cfg, dir.path(), &secret)?;
+    let nodes: Vec<Node> =
+        configs.into_iter().map(|config| Node { sub: "peer", config, restart: None }).collect();
+    run_cluster(cfg, dir, "p2p", nodes)
+}
+
+/// `peerless train --arch ps`: the parameter server and its workers.
+pub fn launch_ps(cfg: &RunConfig, dir: &mut RunDir) -> Result<ExitCode> {
+    let secret = if cfg.p2p.secret.is_empty() { random_secret() } else { cfg.p2p.secret.clone() };
+    let n = cfg.p2p.peers as usize;
+    let ports = free_ports(n + 1)?;
+    let ps_addr = format!("/ip4/127.0.0.1/tcp/{}", ports[n]);
+    let mut run = cfg.clone();
+    run.p2p.secret = secret;
+    let mut nodes = Vec::new();
+    for (i, port) in ports.iter().enumerate() {
+        let is_ps = i == n;
+        let ndir = if is_ps { dir.path().join("ps") } else { dir.path().join("workers").join(i.to_string()) };
+        std::fs::create_dir_all(&ndir).with_context(|| format!("creating {}", ndir.display()))?;
+        let file = PeerFile {
+            peer: PeerSection {
+                index: i as u32,
+                listen: format!("/ip4/127.0.0.1/tcp/{port}"),
+                bootstrap: if is_ps { Vec::new() } else { vec![ps_addr.clone()] },
+                allow: Vec::new(),
+                dir: ndir.clone(),
+                join: false,
+                progress: is_ps,
+                halt_at_round: None,
+            },
+            run: run.clone(),
+        };
+        let config = ndir.join(if is_ps { "ps.toml" } else { "worker.toml" });
+        std::fs::write(&config, file.to_toml()).with_context(|| format!("writing {}", config.display()))?;
+        nodes.push(Node {
+            sub: if is_ps { "ps" } else { "worker" },
+            config,
+            restart: is_ps.then(|| Duration::from_millis(cfg.ps.restart_delay_ms)),
+        });
+    }
+    run_cluster(cfg, dir, "ps", nodes)
+}
+
+/// One process of a local cluster.
+#[derive(Debug, Clone)]
+struct Node {
+    /// `peer`, `ps` or `worker`.
+    sub: &'static str,
+    config: PathBuf,
+    /// Restart after this delay when it dies (the PS: the cloud restarting its instance).
+    restart: Option<Duration>,
+}
+
+fn start_node(node: &Node, tx: &mpsc::Sender<ProgressLine>) -> Result<Child> {
+    let mut child = spawn_node(node.sub, &node.config, false)?;
+    let out = child.stdout.take().expect("piped");
+    let tx = tx.clone();
+    std::thread::spawn(move || {
+        for line in BufReader::new(out).lines().map_while(Result::ok) {
+            if let Ok(p) = serde_json::from_str::<ProgressLine>(&line) {
+                let _ = tx.send(p);
+            }
+        }
+    });
+    Ok(child)
+}
+
+fn run_cluster(cfg: &RunConfig, dir: &mut RunDir, arch: &str, nodes: Vec<Node>) -> Result<ExitCode> {
+    let started = Instant::now();
     dir.event(
         "start",
-        serde_json::json!({ "arch": "p2p", "peers": cfg.p2p.peers, "compute": compute_name(cfg.p2p.compute) }),
+        serde_json::json!({ "arch": arch, "nodes": nodes.len(), "compute": compute_name(cfg.p2p.compute) }),
     )?;
+    let configs: Vec<PathBuf> = nodes.iter().map(|n| n.config.clone()).collect();
     let mut children: Vec<Option<Child>> = Vec::new();
     let (tx, rx) = mpsc::channel::<ProgressLine>();
-    for path in &configs {
-        let mut child = spawn_peer(path, false)?;
-        let out = child.stdout.take().expect("piped");
-        let tx = tx.clone();
-        std::thread::spawn(move || {
-            for line in BufReader::new(out).lines().map_while(Result::ok) {
-                if let Ok(p) = serde_json::from_str::<ProgressLine>(&line) {
-                    let _ = tx.send(p);
-                }
-            }
-        });
-        children.push(Some(child));
+    for node in &nodes {
+        children.push(Some(start_node(node, &tx)?));
     }
-    drop(tx);
+    let mut restarts: Vec<Option<Instant>> = vec![None; nodes.len()];
 
     let stop = Arc::new(AtomicBool::new(false));
     {
@@ -257,7 +331,7 @@ pub fn launch(cfg: &RunConfig, dir: &mut RunDir) -> Result<ExitCode> {
             .expect("invariant: valid template"),
     );
     bar.set_prefix(format!("p2p×{} {} on {}", cfg.p2p.peers, cfg.model.arch, cfg.data.dataset));
-    let mut rounds = vec![0u64; configs.len()];
+    let mut rounds = vec![0u64; configs.len() + 1];
     let mut acc = None::<f32>;
     let mut exits: Vec<Option<String>> = vec![None; configs.len()];
     let mut signalled = false;
@@ -286,24 +360,43 @@ pub fn launch(cfg: &RunConfig, dir: &mut RunDir) -> Result<ExitCode> {
             {
                 let how =
                     status.code().map_or_else(|| format!("killed ({status})"), |c| format!("exit code {c}"));
+                let node = &nodes[i];
                 if !status.success() {
-                    bar.println(format!(
-                        "peer {i} stopped: {how}; see {}",
-                        configs[i].with_file_name("peer.log").display()
-                    ));
+                    let log = node.config.with_file_name(format!("{}.log", node.sub));
+                    bar.println(format!("{} {i} stopped: {how}; see {}", node.sub, log.display()));
                 }
-                dir.event("peer_exit", serde_json::json!({ "peer": i, "status": how }))?;
+                dir.event("node_exit", serde_json::json!({ "node": node.sub, "index": i, "status": how }))?;
+                if node.sub == "peer" {
+                    dir.event("peer_exit", serde_json::json!({ "peer": i, "status": how }))?;
+                }
+                if !status.success()
+                    && !signalled
+                    && let Some(delay) = node.restart
+                {
+                    restarts[i] = Some(Instant::now() + delay);
+                }
                 exits[i] = Some(how);
                 *slot = None;
             }
         }
-        if children.iter().all(Option::is_none) {
+        for (i, at) in restarts.iter_mut().enumerate() {
+            if at.is_some_and(|t| Instant::now() >= t) {
+                *at = None;
+                if !signalled {
+                    children[i] = Some(start_node(&nodes[i], &tx)?);
+                    dir.event("node_restart", serde_json::json!({ "node": nodes[i].sub, "index": i }))?;
+                    bar.println(format!("{} restarted", nodes[i].sub));
+                }
+            }
+        }
+        if children.iter().all(Option::is_none) && restarts.iter().all(Option::is_none) {
             break;
         }
     }
     bar.finish_and_clear();
     let wall = started.elapsed().as_secs_f64();
-    let summary = collect(cfg, dir, &configs, wall)?;
+    drop(tx);
+    let summary = collect(cfg, dir, arch, &configs, wall)?;
     print_summary(&summary, dir.path());
     if signalled {
         return Ok(ExitCode::from(130));
@@ -325,7 +418,13 @@ fn compute_name(c: Compute) -> &'static str {
 }
 
 /// Merges the peers' metrics and events into the run directory and writes the summary.
-fn collect(cfg: &RunConfig, dir: &mut RunDir, configs: &[PathBuf], wall: f64) -> Result<ClusterSummary> {
+fn collect(
+    cfg: &RunConfig,
+    dir: &mut RunDir,
+    arch: &str,
+    configs: &[PathBuf],
+    wall: f64,
+) -> Result<ClusterSummary> {
     let mut per_peer = Vec::new();
     let mut metrics = vec![METRICS_HEADER.to_string()];
     let mut events: Vec<(u64, String)> = Vec::new();
@@ -366,7 +465,9 @@ fn collect(cfg: &RunConfig, dir: &mut RunDir, configs: &[PathBuf], wall: f64) ->
     std::fs::write(&epath, text).with_context(|| format!("writing {}", epath.display()))?;
 
     per_peer.sort_by_key(|s| s.peer);
-    let finished: Vec<&PeerSummary> = per_peer.iter().filter(|s| s.completed).collect();
+    // Nodes holding a model: every peer, or the PS (workers report no digest).
+    let finished: Vec<&PeerSummary> =
+        per_peer.iter().filter(|s| s.completed && !s.param_digest.is_empty()).collect();
     let digests: Vec<(u32, String)> = finished.iter().map(|s| (s.peer, s.param_digest.clone())).collect();
     let first = finished.first();
     let function_pico: u64 = per_peer.iter().map(|s| s.function_cost_pico).sum();
@@ -374,7 +475,7 @@ fn collect(cfg: &RunConfig, dir: &mut RunDir, configs: &[PathBuf], wall: f64) ->
     let samples: u64 = per_peer.iter().map(|s| s.samples).sum();
     let summary = ClusterSummary {
         run: dir.path().file_name().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default(),
-        arch: "p2p".into(),
+        arch: arch.into(),
         compute: compute_name(cfg.p2p.compute).into(),
         model: cfg.model.arch.to_string(),
         dataset: cfg.data.dataset.to_string(),
@@ -406,7 +507,8 @@ fn collect(cfg: &RunConfig, dir: &mut RunDir, configs: &[PathBuf], wall: f64) ->
 
 fn print_summary(s: &ClusterSummary, dir: &Path) {
     println!("run          {}", dir.display());
-    println!("arch         p2p, {} peers, gradients in {}", s.peers, s.compute);
+    let nodes = if s.arch == "ps" { "workers + 1 PS" } else { "peers" };
+    println!("arch         {}, {} {nodes}, gradients in {}", s.arch, s.peers, s.compute);
     println!("model        {} on {} (seed {})", s.model, s.dataset, s.seed);
     println!("rounds       {}{}", s.rounds, if s.completed { "" } else { ", incomplete" });
     println!("test acc     {:.2} %", s.test_accuracy * 100.0);

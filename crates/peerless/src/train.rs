@@ -70,6 +70,12 @@ pub fn run(args: TrainArgs) -> Result<ExitCode> {
         }
         return crate::p2p_cmd::launch(&cfg, &mut dir);
     }
+    if cfg.train.arch == TrainArch::Ps {
+        if resume.is_some() {
+            bail!("--resume of a PS run is not supported: the launcher restarts the PS from its checkpoint");
+        }
+        return crate::p2p_cmd::launch_ps(&cfg, &mut dir);
+    }
     if cfg.train.arch != TrainArch::Local {
         bail!("--arch {} is not available in this build yet; use --arch local", arch_name(cfg.train.arch));
     }

@@ -75,11 +75,12 @@ impl PeerFile {
             .map_err(|e| ConfigError::Parse { origin: path.display().to_string(), message: e.to_string() })?;
         f.run.validate()?;
         let n = f.run.p2p.peers;
-        if f.peer.index >= n && f.peer.allow.is_empty() {
+        // Index `peers` is the parameter server of a PS run.
+        if f.peer.index > n && f.peer.allow.is_empty() {
             return Err(ConfigError::Invalid {
                 key: "peer.index".into(),
                 value: f.peer.index.to_string(),
-                reason: format!("must be below run.p2p.peers = {n}"),
+                reason: format!("must be at most run.p2p.peers = {n}"),
             });
         }
         Ok(f)

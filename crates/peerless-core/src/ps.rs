@@ -1,0 +1,307 @@
+//! The parameter server's round protocol as an I/O-free state machine (synchronous mode).
+//!
+//! The PS publishes model version `r`; workers fetch it, compute, and push their gradient for
+//! `r`. The round closes when every connected worker has pushed, or at the adaptive deadline
+//! counted from the first push (a worker that is connected but silent is suspected and not
+//! waited for again until it pushes); the PS then aggregates the pushes in worker order,
+//! updates and publishes `r + 1`. A worker whose connection drops leaves the round set at once.
+//! With no worker connected the PS waits: that stall is the baseline's nature, measured, not
+//! hidden. A push for another round than the current one is dropped (stale after a PS restart,
+//! or a duplicate), so no gradient is applied twice.
+
+use std::collections::BTreeMap;
+
+use crate::p2p::{DeadlinePolicy, Event, EventKind, PeerIdx};
+use crate::wire::GradientMsg;
+
+/// Static configuration of the PS machine.
+#[derive(Debug, Clone, PartialEq)]
+pub struct PsConfig {
+    /// Workers of the run.
+    pub workers: Vec<PeerIdx>,
+    /// Train until this round is done.
+    pub total_rounds: u64,
+    /// Checkpoint every this many rounds (0: only at the end).
+    pub checkpoint_every: u64,
+    /// Round deadline.
+    pub deadline: DeadlinePolicy,
+    /// Wait this long for all workers before the first round, ms.
+    pub start_timeout_ms: u64,
+}
+
+/// Inputs of the PS machine.
+#[derive(Debug, Clone, PartialEq)]
+pub enum PsInput {
+    /// A worker connected.
+    Connected(PeerIdx),
+    /// A worker's connection closed.
+    Disconnected(PeerIdx),
+    /// A worker pushed a gradient.
+    Gradient(PeerIdx, GradientMsg),
+    /// Time passed.
+    Tick,
+}
+
+/// Actions of the PS machine.
+#[derive(Debug, Clone, PartialEq)]
+pub enum PsAction {
+    /// Model version `round` is available to workers.
+    Publish {
+        /// Version.
+        round: u64,
+    },
+    /// Aggregate these pushes (in worker order) and update: the model becomes `round + 1`.
+    Apply {
+        /// Round.
+        round: u64,
+        /// Pushes, ordered by worker.
+        inputs: Vec<(PeerIdx, Vec<f32>)>,
+    },
+    /// Checkpoint model version `round`.
+    Checkpoint {
+        /// Version.
+        round: u64,
+    },
+    /// Record an event.
+    Event(Event),
+    /// All rounds are done.
+    Finished {
+        /// Version.
+        round: u64,
+    },
+}
+
+#[derive(Debug, Clone, PartialEq)]
+enum Phase {
+    Starting { since: u64 },
+    Collecting { first: Option<u64> },
+    Done,
+}
+
+/// The PS machine.
+#[derive(Debug)]
+pub struct Ps {
+    cfg: PsConfig,
+    round: u64,
+    phase: Phase,
+    connected: BTreeMap<PeerIdx, bool>,
+    suspected: BTreeMap<PeerIdx, bool>,
+    received: BTreeMap<PeerIdx, GradientMsg>,
+    wait_ewma_ms: Option<f64>,
+    out: Vec<PsAction>,
+}
+
+impl Ps {
+    /// A PS holding model version `round` (0, or its checkpoint's) at time `now_ms`.
+    pub fn new(cfg: PsConfig, round: u64, now_ms: u64) -> Ps {
+        Ps {
+            cfg,
+            round,
+            phase: Phase::Starting { since: now_ms },
+            connected: BTreeMap::new(),
+            suspected: BTreeMap::new(),
+            received: BTreeMap::new(),
+            wait_ewma_ms: None,
+            out: Vec::new(),
+        }
+    }
+
+    /// Current model version.
+    pub fn round(&self) -> u64 {
+        self.round
+    }
+
+    /// Whether all rounds are done.
+    pub fn is_done(&self) -> bool {
+        self.phase == Phase::Done
+    }
+
+    /// The deadline in force, ms.
+    pub fn deadline_ms(&self) -> u64 {
+        let d = &self.cfg.deadline;
+        let est = self.wait_ewma_ms.map_or(0.0, |w| w * d.factor);
+        (est as u64).clamp(d.floor_ms, d.ceiling_ms.max(d.floor_ms))
+    }
+
+    /// Workers expected in the current round.
+    pub fn expected(&self) -> Vec<PeerIdx> {
+        self.connected
+            .iter()
+            .filter(|(w, c)| **c && !self.suspected.get(w).copied().unwrap_or(false))
+            .map(|(&w, _)| w)
+            .collect()
+    }
+
+    /// When to call [`PsInput::Tick`] next, ms.
+    pub fn next_timer(&self) -> Option<u64> {
+        match self.phase {
+            Phase::Starting { since } => Some(since + self.cfg.start_timeout_ms),
+            Phase::Collecting { first: Some(f) } => Some(f + self.deadline_ms()),
+            _ => None,
+        }
+    }
+
+    fn event(&mut self, now: u64, kind: EventKind) {
+        self.out.push(PsAction::Event(Event { at_ms: now, kind }));
+    }
+
+    /// Feeds one input; returns the actions to carry out in order.
+    pub fn handle(&mut self, now: u64, input: PsInput) -> Vec<PsAction> {
+        match input {
+            PsInput::Connected(w) => {
+                self.connected.insert(w, true);
+            }
+            PsInput::Disconnected(w) => {
+                if self.connected.insert(w, false) == Some(true) {
+                    self.event(now, EventKind::PeerLeft { peer: w, round: self.round });
+                }
+                self.suspected.remove(&w);
+            }
+            PsInput::Gradient(w, g) => {
+                self.connected.insert(w, true);
+                self.suspected.remove(&w);
+                if g.round != self.round || self.phase == Phase::Done {
+                    self.event(now, EventKind::LateGradient { peer: w, round: g.round, current: self.round });
+                } else if let Phase::Collecting { first } = &mut self.phase {
+                    first.get_or_insert(now);
+                    self.received.entry(w).or_insert(g);
+                }
+            }
+            PsInput::Tick => {}
+        }
+        self.advance(now);
+        std::mem::take(&mut self.out)
+    }
+
+    fn publish(&mut self, now: u64) {
+        if self.round >= self.cfg.total_rounds {
+            self.phase = Phase::Done;
+            self.out.push(PsAction::Publish { round: self.round });
+            self.out.push(PsAction::Finished { round: self.round });
+            return;
+        }
+        self.phase = Phase::Collecting { first: None };
+        self.out.push(PsAction::Publish { round: self.round });
+        let _ = now;
+    }
+
+    fn advance(&mut self, now: u64) {
+        match self.phase {
+            Phase::Starting { since } => {
+                let all = self.cfg.workers.iter().all(|w| self.connected.get(w).copied().unwrap_or(false));
+                if all || now >= since + self.cfg.start_timeout_ms {
+                    let r = self.round;
+                    self.event(now, EventKind::Entered { round: r, view: self.expected() });
+                    self.publish(now);
+                }
+            }
+            Phase::Collecting { first: Some(first) } => {
+                let missing: Vec<PeerIdx> =
+                    self.expected().into_iter().filter(|w| !self.received.contains_key(w)).collect();
+                let waited = now.saturating_sub(first);
+                let timed_out = waited >= self.deadline_ms();
+                if !missing.is_empty() && !timed_out {
+                    return;
+                }
+                if missing.is_empty() {
+                    let w = waited as f64;
+                    self.wait_ewma_ms = Some(self.wait_ewma_ms.map_or(w, |e| 0.8 * e + 0.2 * w));
+                }
+                let r = self.round;
+                for w in missing {
+                    self.suspected.insert(w, true);
+                    self.event(now, EventKind::PeerSuspected { peer: w, round: r, waited_ms: waited });
+                }
+                let inputs: Vec<(PeerIdx, Vec<f32>)> =
+                    std::mem::take(&mut self.received).into_iter().map(|(w, g)| (w, g.grad)).collect();
+                let deadline_ms = self.deadline_ms();
+                self.event(
+                    now,
+                    EventKind::RoundClosed { round: r, contributors: inputs.len(), timed_out, deadline_ms },
+                );
+                self.out.push(PsAction::Apply { round: r, inputs });
+                self.round = r + 1;
+                let ck = self.cfg.checkpoint_every;
+                if self.round >= self.cfg.total_rounds || (ck > 0 && self.round.is_multiple_of(ck)) {
+                    self.out.push(PsAction::Checkpoint { round: self.round });
+                }
+                self.publish(now);
+            }
+            Phase::Collecting { first: None } | Phase::Done => {}
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::flat::Digest;
+
+    fn cfg(n: u32) -> PsConfig {
+        PsConfig {
+            workers: (0..n).collect(),
+            total_rounds: 3,
+            checkpoint_every: 2,
+            deadline: DeadlinePolicy { floor_ms: 100, ceiling_ms: 1000, factor: 4.0 },
+            start_timeout_ms: 500,
+        }
+    }
+
+    fn g(round: u64, v: f32) -> GradientMsg {
+        GradientMsg { round, digest: Digest([0; 32]), samples: 1, loss: 0.0, grad: vec![v] }
+    }
+
+    #[test]
+    fn a_round_closes_when_every_worker_pushed_and_stale_pushes_are_dropped() {
+        let mut ps = Ps::new(cfg(2), 0, 0);
+        ps.handle(0, PsInput::Connected(0));
+        let a = ps.handle(1, PsInput::Connected(1));
+        assert!(a.contains(&PsAction::Publish { round: 0 }));
+        assert!(
+            !ps.handle(5, PsInput::Gradient(1, g(0, 2.0)))
+                .iter()
+                .any(|a| matches!(a, PsAction::Apply { .. }))
+        );
+        let a = ps.handle(6, PsInput::Gradient(0, g(0, 1.0)));
+        assert!(a.contains(&PsAction::Apply { round: 0, inputs: vec![(0, vec![1.0]), (1, vec![2.0])] }));
+        assert!(a.contains(&PsAction::Publish { round: 1 }));
+        // A repeated push for round 0 is never applied.
+        let a = ps.handle(7, PsInput::Gradient(0, g(0, 1.0)));
+        assert!(
+            a.iter()
+                .any(|a| matches!(a, PsAction::Event(Event { kind: EventKind::LateGradient { .. }, .. })))
+        );
+        assert_eq!(ps.round(), 1);
+    }
+
+    #[test]
+    fn a_crashed_worker_leaves_at_once_a_silent_one_at_the_deadline() {
+        let mut ps = Ps::new(cfg(3), 0, 0);
+        for w in 0..3 {
+            ps.handle(0, PsInput::Connected(w));
+        }
+        ps.handle(10, PsInput::Gradient(0, g(0, 1.0)));
+        ps.handle(11, PsInput::Gradient(1, g(0, 1.0)));
+        // Worker 2 is silent: the round closes at the deadline (floor 100 ms after the first push).
+        assert_eq!(ps.next_timer(), Some(110));
+        let a = ps.handle(110, PsInput::Tick);
+        assert!(a.iter().any(|a| matches!(a, PsAction::Apply { round: 0, inputs } if inputs.len() == 2)));
+        // Round 1: worker 1 crashes; the round closes as soon as worker 0 pushed.
+        ps.handle(120, PsInput::Disconnected(1));
+        let a = ps.handle(121, PsInput::Gradient(0, g(1, 1.0)));
+        assert!(a.iter().any(|a| matches!(a, PsAction::Apply { round: 1, .. })));
+        assert!(a.contains(&PsAction::Checkpoint { round: 2 }));
+    }
+
+    #[test]
+    fn without_workers_the_ps_waits_and_finishes_after_the_last_round() {
+        let mut ps = Ps::new(cfg(1), 2, 0);
+        let a = ps.handle(600, PsInput::Tick);
+        assert!(a.contains(&PsAction::Publish { round: 2 }));
+        assert_eq!(ps.next_timer(), None, "no push, no deadline: the PS waits");
+        ps.handle(700, PsInput::Connected(0));
+        let a = ps.handle(710, PsInput::Gradient(0, g(2, 1.0)));
+        assert!(a.contains(&PsAction::Finished { round: 3 }));
+        assert!(ps.is_done());
+    }
+}

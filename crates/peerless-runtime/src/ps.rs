@@ -1,0 +1,479 @@
+//! The serverless parameter-server baseline: the PS process and its workers, on the same
+//! network, functions, stores, sampler and checkpoints as P2P.
+//!
+//! The PS is node index `n` (after the `n` workers) of the run's identities. Workers long-poll
+//! it for model version `r` ([`Message::ParamsRequest`]), compute their gradient for `r`
+//! through their functions (the same batches peer `i` would use in P2P), and push it. When the
+//! PS is gone, workers redial every second and re-request with backoff and jitter; a gradient
+//! whose push failed is dropped, never re-sent, and the PS drops pushes for any other round than
+//! its current one, so nothing is applied twice. A restarted PS resumes from its checkpoint.
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use futures::StreamExt;
+use libp2p::request_response::{self, ResponseChannel};
+use libp2p::swarm::SwarmEvent;
+use libp2p::{Multiaddr, PeerId, Swarm};
+use peerless_core::flat::digest;
+use peerless_core::optim::{Optimizer, OptimizerState};
+use peerless_core::p2p::{DeadlinePolicy, PeerIdx};
+use peerless_core::ps::{Ps, PsAction, PsConfig, PsInput};
+use peerless_core::rng::Rng;
+use peerless_core::wire::{self, GradientMsg, Limits, Message, StateMsg};
+use peerless_ml::{Model, ModelSpec, Split};
+use serde_json::json;
+use tokio::sync::{mpsc, watch};
+
+use crate::checkpoint::Checkpoint;
+use crate::node::{Backend, Files, Job, LocalResult, NodeError, io_err, unix_ms};
+use crate::p2p::net::{self, Behaviour, BehaviourEvent};
+use crate::p2p::peer::METRICS_HEADER;
+use crate::p2p::sampler::Sampler;
+use crate::p2p::{PeerFile, PeerSummary};
+
+/// What both roles set up the same way.
+struct Common {
+    me: u32,
+    my_id: PeerId,
+    ids: Vec<PeerId>,
+    swarm: Swarm<Behaviour>,
+    split: Arc<Split>,
+    model: Arc<Model>,
+    sampler: Arc<Sampler>,
+    total: u64,
+    rpe: u64,
+    files: Files,
+    data_dir: PathBuf,
+}
+
+async fn common(file: &PeerFile, data_dir: PathBuf) -> Result<Common, NodeError> {
+    let run = &file.run;
+    let n = run.p2p.peers;
+    let me = file.peer.index;
+    if run.p2p.secret.is_empty() {
+        return Err(NodeError::Config(
+            "p2p.secret is empty: the PS and workers derive identities from it".into(),
+        ));
+    }
+    let ids: Vec<PeerId> = (0..=n).map(|i| net::derive_peer_id(&run.p2p.secret, i)).collect();
+    let dir = &file.peer.dir;
+    let files = Files::open(dir, METRICS_HEADER)?;
+    let key_path = dir.join("identity.key");
+    let keypair = net::load_or_save_keypair(&key_path, net::derive_keypair(&run.p2p.secret, me))
+        .map_err(io_err(&key_path))?;
+    let my_id = keypair.public().to_peer_id();
+    let timeout =
+        Duration::from_millis(3 * run.p2p.deadline_ceiling_ms + run.p2p.start_timeout_ms + 3_600_000);
+    let mut swarm =
+        net::build_swarm(keypair, &ids, timeout).map_err(|e| NodeError::Network(e.to_string()))?;
+    let listen: Multiaddr =
+        file.peer.listen.parse().map_err(|e| NodeError::Config(format!("peer.listen: {e}")))?;
+    swarm.listen_on(listen).map_err(|e| NodeError::Network(format!("listen: {e}")))?;
+    let data_dir = if run.data.dir.as_os_str().is_empty() { data_dir } else { run.data.dir.clone() };
+    let split: Arc<Split> = Arc::new(peerless_ml::data::load(run.data.dataset, &data_dir)?);
+    let spec = ModelSpec {
+        hidden: run.model.hidden.clone(),
+        ..ModelSpec::new(run.model.arch, split.train.shape, split.train.classes)
+    };
+    let model = Arc::new(Model::new(spec, run.model.backend)?);
+    let sampler = Arc::new(Sampler::new(
+        split.train.len(),
+        n,
+        run.p2p.functions_per_peer,
+        run.train.batch_size,
+        run.seed,
+    ));
+    let rpe = sampler.rounds_per_epoch();
+    let total = if run.train.rounds > 0 { run.train.rounds } else { u64::from(run.train.epochs) * rpe };
+    Ok(Common { me, my_id, ids, swarm, split, model, sampler, total, rpe, files, data_dir })
+}
+
+/// When to retry after `failures` failed fetches: exponential backoff with full jitter, seeded.
+fn backoff(rng: &mut Rng, failures: u32) -> Instant {
+    let cap = (100u64 << failures.min(5)).min(2_000);
+    Instant::now() + Duration::from_millis(rng.below(cap + 1))
+}
+
+fn write_summary(dir: &std::path::Path, s: &PeerSummary) -> Result<(), NodeError> {
+    let sp = dir.join("summary.json");
+    let text = serde_json::to_string_pretty(s).expect("invariant: summary serializes");
+    crate::checkpoint::write_atomic(&sp, text.as_bytes()).map_err(io_err(&sp))
+}
+
+/// Runs the parameter server until every round is done (or `stop`).
+pub async fn run_server(
+    file: PeerFile,
+    data_dir: PathBuf,
+    mut stop: watch::Receiver<bool>,
+) -> Result<PeerSummary, NodeError> {
+    let run = file.run.clone();
+    let Common { me, my_id, ids, mut swarm, split, model, total, rpe, mut files, .. } =
+        common(&file, data_dir).await?;
+    let n = run.p2p.peers;
+    let index_of: HashMap<PeerId, PeerIdx> =
+        ids.iter().enumerate().map(|(i, p)| (*p, i as PeerIdx)).collect();
+    let limits = Limits { params: model.num_params() };
+    let mut optimizer = Optimizer::new(run.optimizer.clone(), model.num_params())?;
+    let ck_path = file.peer.dir.join("checkpoint.safetensors");
+    let (mut params, start_round) = match Checkpoint::read(&ck_path) {
+        Ok(ck) if ck.model == model.id() => {
+            optimizer.load_state(ck.optimizer.clone())?;
+            files.event(me, json!({ "event": "resume", "round": ck.round }));
+            (ck.params, ck.round)
+        }
+        _ => (model.init(run.seed), 0),
+    };
+    let cfg = PsConfig {
+        workers: (0..n).collect(),
+        total_rounds: total,
+        checkpoint_every: run.train.checkpoint_every,
+        deadline: DeadlinePolicy {
+            floor_ms: run.p2p.deadline_floor_ms,
+            ceiling_ms: run.p2p.deadline_ceiling_ms,
+            factor: run.p2p.deadline_factor,
+        },
+        start_timeout_ms: run.p2p.start_timeout_ms,
+    };
+    let t0 = Instant::now();
+    let now = || t0.elapsed().as_millis() as u64;
+    let mut ps = Ps::new(cfg, start_round, 0);
+    files.event(me, json!({ "event": "start", "role": "ps", "peer_id": my_id.to_string(), "total_rounds": total, "round": start_round }));
+    let aggregator = run.p2p.aggregator.build();
+    let mut agg = vec![0f32; params.len()];
+    let mut parked: Vec<(u64, ResponseChannel<Bytes>)> = Vec::new();
+    let mut published: Option<(u64, Bytes)> = None;
+    let (mut bytes_in, mut bytes_out) = (0u64, 0u64);
+    let mut last_close = Instant::now();
+    let mut queued = vec![PsInput::Tick];
+    let mut fetched_final: usize = 0;
+    let mut done_at: Option<Instant> = None;
+    loop {
+        if let Some(t) = done_at
+            && (fetched_final >= n as usize || t.elapsed() > Duration::from_secs(5))
+        {
+            break;
+        }
+        let timer = ps
+            .next_timer()
+            .map(|t| t0 + Duration::from_millis(t))
+            .unwrap_or(Instant::now() + Duration::from_millis(500));
+        if queued.is_empty() {
+            tokio::select! {
+                ev = swarm.select_next_some() => match ev {
+                    SwarmEvent::ConnectionEstablished { peer_id, num_established, .. } if num_established.get() == 1 => {
+                        if let Some(&w) = index_of.get(&peer_id) {
+                            files.event(me, json!({ "event": "connected", "to": w }));
+                            queued.push(PsInput::Connected(w));
+                        }
+                    }
+                    SwarmEvent::ConnectionClosed { peer_id, num_established: 0, .. } => {
+                        if let Some(&w) = index_of.get(&peer_id) {
+                            files.event(me, json!({ "event": "disconnected", "to": w }));
+                            queued.push(PsInput::Disconnected(w));
+                        }
+                    }
+                    SwarmEvent::IncomingConnectionError { error: libp2p::swarm::ListenError::Denied { .. }, peer_id, .. } => {
+                        files.event(me, json!({ "event": "refused", "peer_id": peer_id.map(|p| p.to_string()), "reason": "not on the allow-list" }));
+                    }
+                    SwarmEvent::Behaviour(BehaviourEvent::Rr(request_response::Event::Message {
+                        peer, message: request_response::Message::Request { request, channel, .. }, ..
+                    })) => {
+                        bytes_in += request.len() as u64;
+                        let Some(&w) = index_of.get(&peer) else { continue };
+                        match wire::decode(&request, limits) {
+                            Ok(Message::ParamsRequest { round }) => match &published {
+                                Some((r, msg)) if *r >= round => {
+                                    bytes_out += msg.len() as u64;
+                                    if *r >= total { fetched_final += 1; }
+                                    let _ = swarm.behaviour_mut().rr.send_response(channel, msg.clone());
+                                }
+                                _ => parked.push((round, channel)),
+                            },
+                            Ok(Message::Gradient(g)) => {
+                                let _ = swarm.behaviour_mut().rr.send_response(channel, wire::encode(&Message::Ack).into());
+                                queued.push(PsInput::Gradient(w, g));
+                            }
+                            Ok(_) => {
+                                let _ = swarm.behaviour_mut().rr.send_response(channel, wire::encode(&Message::Refused { reason: "not a PS request".into() }).into());
+                            }
+                            Err(err) => {
+                                files.event(me, json!({ "event": "rejected", "from": w, "error": err.to_string() }));
+                                let _ = swarm.behaviour_mut().rr.send_response(channel, wire::encode(&Message::Refused { reason: format!("rejected: {err}") }).into());
+                            }
+                        }
+                    }
+                    _ => {}
+                },
+                _ = tokio::time::sleep_until(timer.into()) => queued.push(PsInput::Tick),
+                _ = stop.changed() => {
+                    files.event(me, json!({ "event": "stop", "round": ps.round(), "reason": "interrupted" }));
+                    break;
+                }
+            }
+        }
+        for input in std::mem::take(&mut queued) {
+            for action in ps.handle(now(), input) {
+                match action {
+                    PsAction::Publish { round } => {
+                        let msg = Bytes::from(wire::encode(&Message::State(StateMsg {
+                            round,
+                            digest: digest(&params),
+                            params: params.clone(),
+                            optimizer: OptimizerState {
+                                kind: "none".into(),
+                                steps: round,
+                                buffers: Vec::new(),
+                            },
+                        })));
+                        let (ready, wait): (Vec<_>, Vec<_>) =
+                            parked.drain(..).partition(|(r, _)| *r <= round);
+                        parked = wait;
+                        for (_, ch) in ready {
+                            bytes_out += msg.len() as u64;
+                            if round >= total {
+                                fetched_final += 1;
+                            }
+                            let _ = swarm.behaviour_mut().rr.send_response(ch, msg.clone());
+                        }
+                        published = Some((round, msg));
+                    }
+                    PsAction::Apply { round, inputs } => {
+                        let refs: Vec<&[f32]> = inputs.iter().map(|(_, g)| g.as_slice()).collect();
+                        let t = Instant::now();
+                        aggregator
+                            .aggregate(&refs, &mut agg)
+                            .map_err(|e| NodeError::Compute { round, reason: e.to_string() })?;
+                        let aggregate_ms = t.elapsed().as_secs_f64() * 1e3;
+                        let t = Instant::now();
+                        optimizer.step(&mut params, &agg)?;
+                        let update_ms = t.elapsed().as_secs_f64() * 1e3;
+                        let done = round + 1;
+                        let round_ms = last_close.elapsed().as_secs_f64() * 1e3;
+                        last_close = Instant::now();
+                        files.metrics(&format!(
+                            "{},{me},{done},{:.4},{:.4},,{},{},,{bytes_in},{bytes_out},,,,,{round_ms:.2},,{aggregate_ms:.3},{update_ms:.3},,,,",
+                            unix_ms(),
+                            done as f64 / rpe as f64,
+                            t0.elapsed().as_secs_f64(),
+                            ps.expected().len(),
+                            inputs.len(),
+                        ));
+                        if file.peer.progress {
+                            println!(
+                                "{}",
+                                json!({ "peer": me, "round": done, "total": total, "loss": f32::NAN, "view": inputs.len() })
+                            );
+                        }
+                    }
+                    PsAction::Checkpoint { round } => {
+                        Checkpoint {
+                            model: model.id(),
+                            layout: model.layout().fingerprint(),
+                            round,
+                            epoch: round / rpe,
+                            params: params.clone(),
+                            optimizer: optimizer.state(),
+                            rng: [0; 4],
+                            wall_s: t0.elapsed().as_secs_f64(),
+                        }
+                        .save(&ck_path)?;
+                        files.event(me, json!({ "event": "checkpoint", "round": round }));
+                    }
+                    PsAction::Event(e) => files.event(me, serde_json::to_value(&e).unwrap_or_default()),
+                    PsAction::Finished { .. } => done_at = Some(Instant::now()),
+                }
+            }
+        }
+    }
+    let wall = t0.elapsed().as_secs_f64();
+    let (m, s, p) = (model.clone(), split.clone(), params.clone());
+    let (test_loss, test_accuracy) = tokio::task::spawn_blocking(move || m.evaluate(&p, &s.test))
+        .await
+        .map_err(|e| NodeError::Compute { round: ps.round(), reason: e.to_string() })??;
+    let prices = run.function.prices.prices().map_err(|e| NodeError::Config(e.to_string()))?;
+    let summary = PeerSummary {
+        peer: me,
+        peer_id: my_id.to_string(),
+        completed: ps.is_done(),
+        rounds: ps.round(),
+        test_accuracy,
+        test_loss,
+        param_digest: digest(&params).to_string(),
+        wall_time_s: wall,
+        samples: 0,
+        invocations: 0,
+        cold_starts: 0,
+        retries: 0,
+        function_cost_pico: 0,
+        node_cost_pico: prices.node_pico((wall * 1e3) as u64),
+        bytes_in,
+        bytes_out,
+        refused: 0,
+    };
+    files.event(me, json!({ "event": "finish", "round": summary.rounds, "test_accuracy": test_accuracy, "digest": summary.param_digest }));
+    write_summary(&file.peer.dir, &summary)?;
+    Ok(summary)
+}
+
+/// Runs one worker until the PS publishes the last version (or `stop`).
+pub async fn run_worker(
+    file: PeerFile,
+    command: crate::function::FunctionCommand,
+    data_dir: PathBuf,
+    mut stop: watch::Receiver<bool>,
+) -> Result<PeerSummary, NodeError> {
+    let run = file.run.clone();
+    let Common { me, my_id, ids, mut swarm, split, model, sampler, total, rpe, mut files, data_dir } =
+        common(&file, data_dir).await?;
+    let ps_id = *ids.last().expect("the PS id");
+    let ps_addr: Multiaddr = file
+        .peer
+        .bootstrap
+        .first()
+        .ok_or_else(|| NodeError::Config("peer.bootstrap must hold the PS address".into()))?
+        .parse()
+        .map_err(|e| NodeError::Config(format!("peer.bootstrap: {e}")))?;
+    let limits = Limits { params: model.num_params() };
+    let backend = Arc::new(Backend::start(&run, me, command).await?);
+    let prices = run.function.prices.prices().map_err(|e| NodeError::Config(e.to_string()))?;
+    let t0 = Instant::now();
+    files.event(me, json!({ "event": "start", "role": "worker", "peer_id": my_id.to_string() }));
+    let (tx, mut rx) = mpsc::channel::<Result<LocalResult, NodeError>>(2);
+    let mut rng = Rng::derive(run.seed, "worker-backoff", u64::from(me));
+    let mut next = 0u64;
+    let mut connected = false;
+    let mut asking: Option<libp2p::request_response::OutboundRequestId> = None;
+    let mut computing = false;
+    let mut retry_at = Instant::now();
+    let mut last_dial = Instant::now() - Duration::from_secs(10);
+    let mut failures = 0u32;
+    let (mut bytes_in, mut bytes_out, mut samples) = (0u64, 0u64, 0u64);
+    let mut fetched_at = Instant::now();
+    let mut done = false;
+    let mut compute_start = Instant::now();
+    while !done {
+        if !connected && last_dial.elapsed() >= Duration::from_secs(1) {
+            last_dial = Instant::now();
+            let _ = swarm.dial(ps_addr.clone());
+        }
+        if connected && asking.is_none() && !computing && Instant::now() >= retry_at {
+            let msg = Bytes::from(wire::encode(&Message::ParamsRequest { round: next }));
+            bytes_out += msg.len() as u64;
+            asking = Some(swarm.behaviour_mut().rr.send_request(&ps_id, msg));
+            fetched_at = Instant::now();
+        }
+        tokio::select! {
+            ev = swarm.select_next_some() => match ev {
+                SwarmEvent::ConnectionEstablished { peer_id, .. } if peer_id == ps_id => {
+                    connected = true;
+                    files.event(me, json!({ "event": "connected", "to": "ps" }));
+                }
+                SwarmEvent::ConnectionClosed { peer_id, num_established: 0, .. } if peer_id == ps_id => {
+                    connected = false;
+                    files.event(me, json!({ "event": "disconnected", "to": "ps" }));
+                }
+                SwarmEvent::Behaviour(BehaviourEvent::Rr(request_response::Event::Message {
+                    message: request_response::Message::Response { request_id, response }, ..
+                })) => {
+                    bytes_in += response.len() as u64;
+                    if Some(request_id) != asking { continue; }
+                    asking = None;
+                    match wire::decode(&response, limits) {
+                        Ok(Message::State(s)) if s.round >= total => done = true,
+                        Ok(Message::State(s)) => {
+                            failures = 0;
+                            let wait_ms = fetched_at.elapsed().as_secs_f64() * 1e3;
+                            files.event(me, json!({ "event": "fetched", "round": s.round, "wait_ms": wait_ms }));
+                            computing = true;
+                            compute_start = Instant::now();
+                            let job = Job {
+                                me,
+                                round: s.round,
+                                params: Arc::new(s.params),
+                                batches: sampler.batches(me, s.round),
+                                model: model.clone(),
+                                split: split.clone(),
+                                backend: backend.clone(),
+                                dataset: run.data.dataset.to_string(),
+                                data_dir: data_dir.clone(),
+                                backend_name: run.model.backend.to_string(),
+                            };
+                            let tx = tx.clone();
+                            tokio::spawn(async move { let _ = tx.send(job.run().await).await; });
+                        }
+                        other => {
+                            files.event(me, json!({ "event": "fetch_failed", "answer": format!("{other:?}").chars().take(200).collect::<String>() }));
+                            failures += 1;
+                            retry_at = backoff(&mut rng, failures);
+                        }
+                    }
+                }
+                SwarmEvent::Behaviour(BehaviourEvent::Rr(request_response::Event::OutboundFailure { request_id, error, .. }))
+                    if Some(request_id) == asking =>
+                {
+                    asking = None;
+                    failures += 1;
+                    retry_at = backoff(&mut rng, failures);
+                    files.event(me, json!({ "event": "fetch_failed", "error": error.to_string() }));
+                }
+                _ => {}
+            },
+            Some(res) = rx.recv() => {
+                computing = false;
+                let r = res?;
+                let compute_ms = compute_start.elapsed().as_secs_f64() * 1e3;
+                samples += r.samples;
+                next = r.round + 1;
+                if connected {
+                    let msg = Bytes::from(wire::encode(&Message::Gradient(GradientMsg {
+                        round: r.round, digest: r.digest, samples: r.samples, loss: r.loss, grad: r.grad,
+                    })));
+                    bytes_out += msg.len() as u64;
+                    // Pushed once; if the PS is gone, this round's work is dropped, never re-sent.
+                    swarm.behaviour_mut().rr.send_request(&ps_id, msg);
+                }
+                let inv = backend.summary();
+                files.metrics(&format!(
+                    "{},{me},{},{:.4},{:.4},{:.6},,,{},{bytes_in},{bytes_out},{},{},{},{compute_ms:.2},,,,,{},,,",
+                    unix_ms(), r.round + 1, (r.round + 1) as f64 / rpe as f64, t0.elapsed().as_secs_f64(), r.loss, r.samples,
+                    inv.invocations, inv.cold_starts, inv.retries,
+                    inv.cost_pico + prices.node_pico(t0.elapsed().as_millis() as u64),
+                ));
+            }
+            _ = tokio::time::sleep(Duration::from_millis(200)) => {}
+            _ = stop.changed() => break,
+        }
+    }
+    let wall = t0.elapsed().as_secs_f64();
+    backend.write_ledger(&file.peer.dir)?;
+    let inv = backend.summary();
+    let summary = PeerSummary {
+        peer: me,
+        peer_id: my_id.to_string(),
+        completed: done,
+        rounds: next,
+        test_accuracy: 0.0,
+        test_loss: 0.0,
+        param_digest: String::new(),
+        wall_time_s: wall,
+        samples,
+        invocations: inv.invocations,
+        cold_starts: inv.cold_starts,
+        retries: inv.retries,
+        function_cost_pico: inv.cost_pico,
+        node_cost_pico: prices.node_pico((wall * 1e3) as u64),
+        bytes_in,
+        bytes_out,
+        refused: 0,
+    };
+    files.event(me, json!({ "event": "finish", "round": next }));
+    write_summary(&file.peer.dir, &summary)?;
+    if let Ok(b) = Arc::try_unwrap(backend) {
+        b.shutdown().await;
+    }
+    Ok(summary)
+}
