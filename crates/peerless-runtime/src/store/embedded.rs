@@ -32,14 +32,14 @@ use std::net::SocketAddr;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
 
-use bytes::{Buf, Bytes, BytesMut};
+use bytes::{Bytes, BytesMut};
 use tokio::io::{AsyncReadExt, AsyncWriteExt, BufWriter};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{Semaphore, watch};
 use tokio::task::{JoinHandle, JoinSet};
 use tracing::{debug, info, trace, warn};
 
-use super::resp::{Limits, Parsed, Reply, parse_command, write_reply};
+use super::resp::{Limits, Parsed, Reply, split_command, write_reply};
 
 /// Default cap on simultaneous connections.
 pub const DEFAULT_MAX_CONNECTIONS: usize = 1024;
@@ -49,7 +49,11 @@ pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
 /// Read buffer growth step.
 const READ_CHUNK: usize = 64 * 1024;
 /// A connection's idle read buffer above this capacity is given back after a large command.
-const IDLE_BUFFER: usize = 1024 * 1024;
+/// Below it the buffer is kept, so a function instance that adds a model-sized gradient on
+/// every invocation has each one received into the same memory, without regrowing the buffer
+/// (vectors up to about 1 M `f32`s; the buffer grows by doubling). The price is up to this
+/// much idle memory per connection that has sent a large command.
+const IDLE_BUFFER: usize = 8 * 1024 * 1024;
 
 /// Builder for an embedded store server.
 ///
@@ -279,9 +283,8 @@ async fn serve(stream: TcpStream, shared: &Shared, mut stop: watch::Receiver<boo
     loop {
         while buf.len() >= need {
             let limits = if conn.authenticated { &Limits::AUTHENTICATED } else { &Limits::UNAUTHENTICATED };
-            match parse_command(&buf, limits) {
-                Ok(Parsed::Command { args, consumed }) => {
-                    buf.advance(consumed);
+            match split_command(&mut buf, limits) {
+                Ok(Parsed::Command { args, .. }) => {
                     need = 1;
                     if args.is_empty() {
                         continue;
@@ -571,23 +574,25 @@ fn accumulate(db: &mut HashMap<Bytes, Entry>, key: &Bytes, token: &Bytes, blob: 
     let Some(count) = count.checked_add(1) else {
         return Reply::error("ERR increment or decrement would overflow");
     };
-    let sum = match db.get(key) {
-        None => blob.clone(),
+    match db.get(key) {
+        None => {}
         Some(Entry::Set(_)) => return Reply::error(WRONGTYPE),
         Some(Entry::Str(cur)) if cur.len() != blob.len() => {
             return Reply::error(format!("WRONGLEN accumulator has {} bytes, got {}", cur.len(), blob.len()));
         }
+        Some(Entry::Str(_)) => {}
+    }
+    // Every check has passed: nothing below can fail.
+    match db.get_mut(key) {
         Some(Entry::Str(cur)) => {
-            let mut out = Vec::with_capacity(cur.len());
-            for (a, b) in cur.chunks_exact(4).zip(blob.chunks_exact(4)) {
-                let s = f32::from_le_bytes([a[0], a[1], a[2], a[3]])
-                    + f32::from_le_bytes([b[0], b[1], b[2], b[3]]);
-                out.extend_from_slice(&s.to_le_bytes());
-            }
-            Bytes::from(out)
+            let taken = std::mem::take(cur);
+            *cur = add_f32_le(taken, blob);
         }
-    };
-    db.insert(key.clone(), Entry::Str(sum));
+        _ => {
+            // The first vector becomes the sum as it is (no copy).
+            db.insert(key.clone(), Entry::Str(blob.clone()));
+        }
+    }
     match db.entry(tokens_key).or_insert_with(|| Entry::Set(HashSet::new())) {
         Entry::Set(tokens) => {
             tokens.insert(token.clone());
@@ -597,6 +602,18 @@ fn accumulate(db: &mut HashMap<Bytes, Entry>, key: &Bytes, token: &Bytes, blob: 
     }
     db.insert(count_key, Entry::Str(Bytes::from(count.to_string())));
     Reply::Integer(1)
+}
+
+/// `sum + add`, element-wise as little-endian `f32`s (equal lengths, multiples of 4). Adds
+/// in place when nothing else holds `sum`; when a reply being written still does, into a copy.
+fn add_f32_le(sum: Bytes, add: &[u8]) -> Bytes {
+    let mut out = sum.try_into_mut().unwrap_or_else(|shared| BytesMut::from(&shared[..]));
+    let (acc, _) = out.as_chunks_mut::<4>();
+    let (add, _) = add.as_chunks::<4>();
+    for (a, b) in acc.iter_mut().zip(add) {
+        *a = (f32::from_le_bytes(*a) + f32::from_le_bytes(*b)).to_le_bytes();
+    }
+    out.freeze()
 }
 
 #[cfg(test)]
@@ -703,6 +720,23 @@ mod tests {
         assert_eq!(run(&mut c, &sh, &[b"SET", b"h:tokens", b"x"]), Reply::ok());
         assert_eq!(run(&mut c, &sh, &[b"PEERLESS.ACCUM", b"h", b"t", b""]), Reply::error(WRONGTYPE));
         assert_eq!(run(&mut c, &sh, &[b"EXISTS", b"h"]), Reply::Integer(0));
+    }
+
+    #[test]
+    fn sums_are_added_in_place_unless_a_reader_holds_them() {
+        let sum = Bytes::from(floats(&[1.0, 2.0, 3.0]));
+        let ptr = sum.as_ptr();
+        let sum = add_f32_le(sum, &floats(&[0.5, 0.25, -3.0]));
+        assert_eq!(sum, floats(&[1.5, 2.25, 0.0]));
+        assert_eq!(sum.as_ptr(), ptr, "unshared: added in place");
+        // A GET reply still being written holds a clone: it keeps the old value.
+        let reader = sum.clone();
+        let sum = add_f32_le(sum, &floats(&[1.0, 1.0, 1.0]));
+        assert_eq!(
+            (sum.as_ref(), reader.as_ref()),
+            (&floats(&[2.5, 3.25, 1.0])[..], &floats(&[1.5, 2.25, 0.0])[..])
+        );
+        assert_ne!(sum.as_ptr(), reader.as_ptr());
     }
 
     #[test]

@@ -2,16 +2,19 @@
 //!
 //! Commands arrive as arrays of bulk strings (`*N\r\n$len\r\n<bytes>\r\n...`), the only form
 //! redis clients send; inline commands are refused. Parsing works on whatever prefix of the
-//! stream has arrived: [`parse_command`] either returns a whole command, says how many bytes
+//! stream has arrived: [`split_command`] either returns a whole command, says how many bytes
 //! it needs before trying again, or rejects the input. Every claim in a header is checked
 //! against [`Limits`] before it is believed, and nothing is allocated from a claimed length:
-//! argument bytes are copied out only once the whole frame is in the buffer.
+//! arguments are taken out only once the whole frame is in the buffer. [`split_command`]
+//! takes them without copying the large ones: the frame is split off the read buffer and
+//! each argument of at least [`SHARE_ABOVE`] bytes is a view into it (a gradient or a
+//! parameter vector is never copied between the socket and the data it becomes).
 //!
 //! Replies are the RESP2 types the server needs: simple string, error, integer, bulk string,
 //! null bulk and array. [`write_reply`] writes large bulk payloads straight to the socket
 //! instead of copying them into an output buffer.
 
-use bytes::Bytes;
+use bytes::{Bytes, BytesMut};
 use tokio::io::{AsyncWrite, AsyncWriteExt};
 
 /// Hard limits on one command frame.
@@ -49,7 +52,7 @@ impl Limits {
 #[error("Protocol error: {0}")]
 pub(crate) struct ProtocolError(String);
 
-/// Outcome of one [`parse_command`] call.
+/// Outcome of one [`split_command`] call.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) enum Parsed {
     /// A whole command (possibly empty: `*0` and `*-1` are skipped without reply, as in Redis)
@@ -68,12 +71,69 @@ pub(crate) enum Parsed {
     },
 }
 
-/// Parses the command at the start of `buf`.
+/// Arguments at least this long are views into the received frame instead of copies. Shorter
+/// ones are copied, so that a small stored value never pins a large read buffer.
+pub(crate) const SHARE_ABOVE: usize = 64 * 1024;
+
+/// A complete frame found by [`scan`]: argument ranges within the buffer, and its length.
+struct Frame {
+    ranges: Vec<(usize, usize)>,
+    consumed: usize,
+}
+
+/// Parses the command at the start of `buf`, copying its arguments out.
 ///
 /// # Errors
 /// [`ProtocolError`] if the bytes are not a RESP2 array of bulk strings or break a limit.
+#[cfg(test)]
 pub(crate) fn parse_command(buf: &[u8], limits: &Limits) -> Result<Parsed, ProtocolError> {
-    let incomplete_line = Parsed::Incomplete { need: buf.len() + 1 };
+    Ok(match scan(buf, limits)? {
+        Ok(Frame { ranges, consumed }) => Parsed::Command {
+            args: ranges.iter().map(|&(s, e)| Bytes::copy_from_slice(&buf[s..e])).collect(),
+            consumed,
+        },
+        Err(need) => Parsed::Incomplete { need },
+    })
+}
+
+/// Takes the command at the start of `buf` out of it: on [`Parsed::Command`] the frame's
+/// bytes are gone from `buf`, and arguments of [`SHARE_ABOVE`] bytes or more share the
+/// frame's memory (which `buf` can reuse once they are dropped). On
+/// [`Parsed::Incomplete`] or an error `buf` is unchanged.
+///
+/// # Errors
+/// [`ProtocolError`] if the bytes are not a RESP2 array of bulk strings or break a limit.
+pub(crate) fn split_command(buf: &mut BytesMut, limits: &Limits) -> Result<Parsed, ProtocolError> {
+    Ok(match scan(buf, limits)? {
+        Ok(Frame { ranges, consumed }) => {
+            let args = if ranges.iter().any(|&(s, e)| e - s >= SHARE_ABOVE) {
+                let frame = buf.split_to(consumed).freeze();
+                ranges
+                    .iter()
+                    .map(|&(s, e)| {
+                        if e - s >= SHARE_ABOVE {
+                            frame.slice(s..e)
+                        } else {
+                            Bytes::copy_from_slice(&frame[s..e])
+                        }
+                    })
+                    .collect()
+            } else {
+                // All small: copy, and keep the read buffer unshared.
+                let args = ranges.iter().map(|&(s, e)| Bytes::copy_from_slice(&buf[s..e])).collect();
+                bytes::Buf::advance(buf, consumed);
+                args
+            };
+            Parsed::Command { args, consumed }
+        }
+        Err(need) => Parsed::Incomplete { need },
+    })
+}
+
+/// Finds the frame at the start of `buf`: `Ok(frame)`, or `Err(need)` when it has not fully
+/// arrived (see [`Parsed::Incomplete`]).
+fn scan(buf: &[u8], limits: &Limits) -> Result<Result<Frame, usize>, ProtocolError> {
+    let incomplete_line = Err(buf.len() + 1);
     match buf.first() {
         None => return Ok(incomplete_line),
         Some(b'*') => {}
@@ -83,20 +143,20 @@ pub(crate) fn parse_command(buf: &[u8], limits: &Limits) -> Result<Parsed, Proto
         return Ok(incomplete_line);
     };
     if count == 0 || count == -1 {
-        return Ok(Parsed::Command { args: Vec::new(), consumed: pos });
+        return Ok(Ok(Frame { ranges: Vec::new(), consumed: pos }));
     }
     let count = usize::try_from(count)
         .ok()
         .filter(|&n| n <= limits.max_array)
         .ok_or_else(|| ProtocolError("invalid multibulk length".to_owned()))?;
 
-    // First pass: validate headers and find the argument ranges. `ranges` grows only with
-    // arguments actually present in the buffer, never with the claimed count.
+    // Validate headers and find the argument ranges. `ranges` grows only with arguments
+    // actually present in the buffer, never with the claimed count.
     let mut ranges: Vec<(usize, usize)> = Vec::with_capacity(count.min(16));
     let mut total = 0usize;
     for _ in 0..count {
         match buf.get(pos) {
-            None => return Ok(Parsed::Incomplete { need: pos + 1 }),
+            None => return Ok(Err(pos + 1)),
             Some(b'$') => {}
             Some(&c) => return Err(ProtocolError(format!("expected '$', got '{}'", show(c)))),
         }
@@ -114,7 +174,7 @@ pub(crate) fn parse_command(buf: &[u8], limits: &Limits) -> Result<Parsed, Proto
         // Cannot overflow: `start <= buf.len()` and `len <= max_bulk`.
         let end = start + len;
         if buf.len() < end + 2 {
-            return Ok(Parsed::Incomplete { need: end + 2 });
+            return Ok(Err(end + 2));
         }
         if &buf[end..end + 2] != b"\r\n" {
             return Err(ProtocolError("expected CRLF after bulk string".to_owned()));
@@ -122,8 +182,7 @@ pub(crate) fn parse_command(buf: &[u8], limits: &Limits) -> Result<Parsed, Proto
         ranges.push((start, end));
         pos = end + 2;
     }
-    let args = ranges.iter().map(|&(s, e)| Bytes::copy_from_slice(&buf[s..e])).collect();
-    Ok(Parsed::Command { args, consumed: pos })
+    Ok(Ok(Frame { ranges, consumed: pos }))
 }
 
 /// Reads a decimal integer line starting at `start` (just after the type byte). Returns the
@@ -340,6 +399,35 @@ mod tests {
     }
 
     #[test]
+    fn split_command_shares_large_arguments_and_leaves_the_rest() {
+        let big: Vec<u8> = (0..SHARE_ABOVE).map(|i| i as u8).collect();
+        let first = command(&[b"PEERLESS.ACCUM", b"k", b"t", &big]);
+        let mut wire = first.clone();
+        wire.extend(command(&[b"PING"]));
+        let mut buf = BytesMut::from(&wire[..]);
+        let base = buf.as_ptr();
+        let Parsed::Command { args, consumed } = split_command(&mut buf, &A).expect("parse") else {
+            panic!("incomplete");
+        };
+        assert_eq!(consumed, first.len());
+        assert_eq!(&args[..3], &[&b"PEERLESS.ACCUM"[..], b"k", b"t"]);
+        assert!(args[3] == big, "large argument intact");
+        let at = first.len() - big.len() - 2;
+        assert_eq!(args[3].as_ptr(), base.wrapping_add(at), "a large argument is a view, not a copy");
+        assert_eq!(&buf[..], &command(&[b"PING"])[..], "the next command stays in the buffer");
+        // An incomplete frame leaves the buffer as it was.
+        let mut partial = BytesMut::from(&first[..first.len() - 1]);
+        assert_eq!(split_command(&mut partial, &A), Ok(Parsed::Incomplete { need: first.len() }));
+        assert_eq!(partial.len(), first.len() - 1);
+        // Small arguments are copied; once the large one is dropped the memory is reused.
+        assert_eq!(args_of(split_command(&mut buf, &A).expect("parse")).0, vec![b"PING".to_vec()]);
+        assert!(buf.is_empty());
+        drop(args);
+        buf.reserve(first.len());
+        assert_eq!(buf.as_ptr(), base, "the read buffer's memory is reclaimed");
+    }
+
+    #[test]
     fn a_huge_claim_is_not_believed_or_allocated() {
         // Claims 500 MB but only the header has arrived: incomplete, nothing allocated.
         let p = parse_command(b"*2\r\n$3\r\nSET\r\n$500000000\r\nabc", &A).expect("parse");
@@ -490,8 +578,13 @@ mod tests {
                 other => prop_assert!(false, "prefix {}: {:?}", cut, other),
             }
             let (parsed, consumed) = args_of(parse_command(&frame, &A).map_err(|e| TestCaseError::fail(e.to_string()))?);
-            prop_assert_eq!(parsed, args);
+            prop_assert_eq!(&parsed, &args);
             prop_assert_eq!(consumed, frame.len());
+            let mut buf = BytesMut::from(&frame[..]);
+            buf.extend_from_slice(b"*0\r\n");
+            let (split, _) = args_of(split_command(&mut buf, &A).map_err(|e| TestCaseError::fail(e.to_string()))?);
+            prop_assert_eq!(split, args);
+            prop_assert_eq!(&buf[..], b"*0\r\n");
         }
     }
 }
