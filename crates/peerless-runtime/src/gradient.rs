@@ -340,10 +340,10 @@ fn fit_to_dataset(mut spec: ModelSpec, id: &str, data: &Dataset) -> Result<Model
     Ok(spec)
 }
 
-/// What the blocking compute task returns.
+/// What the blocking compute task hands over before it hashes the gradient.
 struct Computed {
     loss: f32,
-    grad: Vec<f32>,
+    grad: Arc<Vec<f32>>,
     compute_ms: f64,
     /// Whether every gradient element is finite.
     finite: Result<(), FlatError>,
@@ -427,19 +427,41 @@ impl<S: Store + Clone + 'static> GradientFunction<S> {
         let indices: Vec<usize> = req.indices.iter().map(|&i| i as usize).collect();
         let task_model = model.clone();
         let mut grad = self.scratch.take().unwrap_or_default();
-        let computed = tokio::task::spawn_blocking(move || -> Result<Computed, ModelError> {
+        // One blocking task computes, hands the gradient over, then hashes it while this task
+        // delivers it: the hash runs on the core whose cache still holds the gradient, and no
+        // second thread has to be woken.
+        let (computed_tx, computed_rx) = tokio::sync::oneshot::channel();
+        let task = tokio::task::spawn_blocking(move || -> Option<Digest> {
             let t = Instant::now();
             let batch = data.gather(&indices);
             // Every element is overwritten: the buffer only needs the right length.
             grad.resize(task_model.num_params(), 0.0);
-            let loss = task_model.loss_and_grad_into(&params, &batch, &mut grad)?;
+            let loss = match task_model.loss_and_grad_into(&params, &batch, &mut grad) {
+                Ok(loss) => loss,
+                Err(e) => {
+                    // The receiver only goes away when the invocation is cancelled.
+                    let _ = computed_tx.send(Err(e));
+                    return None;
+                }
+            };
             let compute_ms = t.elapsed().as_secs_f64() * 1e3;
-            // Checked here, while the gradient is still in this core's cache.
             let finite = check_finite("gradient", &grad);
-            Ok(Computed { loss, grad, compute_ms, finite })
-        })
-        .await
-        .map_err(|e| GradientError::Aborted(e.to_string()))??;
+            let deliverable = loss.is_finite() && finite.is_ok();
+            let grad = Arc::new(grad);
+            let computed = Computed { loss, grad: Arc::clone(&grad), compute_ms, finite };
+            if computed_tx.send(Ok(computed)).is_err() || !deliverable {
+                return None;
+            }
+            Some(digest(&grad))
+        });
+        let computed = match computed_rx.await {
+            Ok(r) => r?,
+            // The task ended without a word: it panicked (or the runtime is shutting down).
+            Err(_) => {
+                let why = task.await.err().map_or_else(|| "no result".to_owned(), |e| e.to_string());
+                return Err(GradientError::Aborted(why));
+            }
+        };
 
         let non_finite = |reason: String| GradientError::NonFinite {
             model: req.model.clone(),
@@ -452,11 +474,9 @@ impl<S: Store + Clone + 'static> GradientFunction<S> {
         }
         computed.finite.map_err(|e| non_finite(e.to_string()))?;
 
-        // The digest is only for the response: hash (≈ 0.5–1 ms for the 235k-parameter MLP)
-        // on a blocking thread while the gradient travels to the store.
-        let grad = Arc::new(computed.grad);
-        let hashed = Arc::clone(&grad);
-        let digest_task = tokio::task::spawn_blocking(move || digest(&hashed));
+        // The digest is only for the response; it is being computed meanwhile (≈ 0.5–1 ms for
+        // the 235k-parameter MLP).
+        let grad = computed.grad;
         let t = Instant::now();
         let applied = match req.output_mode {
             OutputMode::Accumulate => {
@@ -470,8 +490,10 @@ impl<S: Store + Clone + 'static> GradientFunction<S> {
             }
         };
         let deliver_ms = t.elapsed().as_secs_f64() * 1e3;
-        let digest =
-            digest_task.await.map_err(|e| GradientError::Aborted(format!("hashing the gradient: {e}")))?;
+        let digest = task
+            .await
+            .map_err(|e| GradientError::Aborted(format!("hashing the gradient: {e}")))?
+            .ok_or_else(|| GradientError::Aborted("the gradient was not hashed".to_owned()))?;
         tracing::trace!(
             deliver_ms,
             digest_wait_ms = t.elapsed().as_secs_f64() * 1e3 - deliver_ms,
