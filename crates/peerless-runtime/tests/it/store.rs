@@ -243,7 +243,7 @@ async fn measure(name: &str, s: &RedisStore) {
     s.delete(&["macc"]).await.expect("delete");
 }
 
-/// Timings for the report: `cargo test -p peerless-runtime --test it -- --ignored --nocapture measure`.
+/// Timings for the report: `cargo test --workspace --tests -- --ignored --nocapture measure_store_timings`.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "measurement, not a test"]
 async fn measure_store_timings() {

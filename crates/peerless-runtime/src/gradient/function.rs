@@ -1,0 +1,263 @@
+//! [`GradientFunction`]: one invocation from request to response.
+
+use std::collections::HashMap;
+use std::fmt;
+use std::future::Future;
+use std::path::PathBuf;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::Instant;
+
+use peerless_core::flat::{Digest, FlatError, check_finite, digest, to_le_bytes};
+use peerless_core::function::{GradientRequest, GradientResponse, OutputMode};
+use peerless_ml::{Dataset, DatasetName, Model};
+
+use super::cache::CachedParams;
+use super::error::{GradientError, invalid};
+use super::request::{check_indices, parse};
+use crate::function::{HandlerError, HandlerFuture};
+use crate::store::redis::elide_password;
+use crate::store::{RedisStore, Store, StoreError};
+
+/// A future that connects to a store.
+pub type ConnectFuture<S> = Pin<Box<dyn Future<Output = Result<S, StoreError>> + Send>>;
+
+/// How a [`GradientFunction`] opens a store client for a URL.
+type Connector<S> = Box<dyn Fn(&str) -> ConnectFuture<S> + Send + Sync>;
+
+/// Counters of a [`GradientFunction`]'s work, for logs and tests.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct GradientStats {
+    /// Invocations handled (successful or not).
+    pub invocations: u64,
+    /// Datasets loaded (cache misses).
+    pub dataset_loads: u64,
+    /// Models built (cache misses).
+    pub model_builds: u64,
+    /// Store clients opened (cache misses).
+    pub store_connects: u64,
+    /// Parameter fetches from the store (cache misses).
+    pub param_fetches: u64,
+    /// Invocations served from the parameter cache.
+    pub param_hits: u64,
+}
+
+/// The gradient function, with the caches a warm instance keeps (see the module docs).
+///
+/// Generic over the store client so that tests can use an in-memory [`Store`]; the function
+/// binary uses the default, [`RedisStore`] (both store backends speak RESP). One instance
+/// handles one invocation at a time (`&mut self`), as a Lambda instance does.
+pub struct GradientFunction<S: Store = RedisStore> {
+    pub(super) connect: Connector<S>,
+    pub(super) stores: HashMap<String, S>,
+    pub(super) datasets: HashMap<(DatasetName, PathBuf), Arc<Dataset>>,
+    pub(super) models: HashMap<(String, String, [usize; 3]), Model>,
+    pub(super) params: Option<CachedParams>,
+    /// The last invocation's gradient buffer, reused by the next (no 1 MB allocation and
+    /// zeroing per invocation for the MLP).
+    pub(super) scratch: Option<Vec<f32>>,
+    pub(super) stats: GradientStats,
+}
+
+impl<S: Store> fmt::Debug for GradientFunction<S> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("GradientFunction")
+            .field("stores", &self.stores.keys().map(|u| elide_password(u)).collect::<Vec<_>>())
+            .field("datasets", &self.datasets.keys().collect::<Vec<_>>())
+            .field("models", &self.models.keys().collect::<Vec<_>>())
+            .field("params", &self.params.as_ref().map(|p| (&p.key, p.digest.short())))
+            .field("stats", &self.stats)
+            .finish()
+    }
+}
+
+impl GradientFunction<RedisStore> {
+    /// A function that opens [`RedisStore`] clients.
+    pub fn new() -> Self {
+        GradientFunction::with_connector(|url| {
+            let url = url.to_owned();
+            Box::pin(async move { RedisStore::connect(&url).await })
+        })
+    }
+}
+
+impl Default for GradientFunction<RedisStore> {
+    fn default() -> Self {
+        GradientFunction::new()
+    }
+}
+
+/// What the blocking compute task hands over before it hashes the gradient.
+struct Computed {
+    loss: f32,
+    grad: Arc<Vec<f32>>,
+    compute_ms: f64,
+    /// Whether every gradient element is finite.
+    finite: Result<(), FlatError>,
+}
+
+impl<S: Store + Clone + 'static> GradientFunction<S> {
+    /// A function that opens store clients with `connect` (called once per URL while the
+    /// client keeps working).
+    pub fn with_connector<F>(connect: F) -> Self
+    where
+        F: Fn(&str) -> ConnectFuture<S> + Send + Sync + 'static,
+    {
+        GradientFunction {
+            connect: Box::new(connect),
+            stores: HashMap::new(),
+            datasets: HashMap::new(),
+            models: HashMap::new(),
+            params: None,
+            scratch: None,
+            stats: GradientStats::default(),
+        }
+    }
+
+    /// Counters of the work done so far.
+    pub fn stats(&self) -> &GradientStats {
+        &self.stats
+    }
+
+    /// Serves one invocation: validate, fetch (or reuse) the parameters, compute, deliver.
+    pub async fn handle(&mut self, req: GradientRequest) -> Result<GradientResponse, GradientError> {
+        let cold = self.stats.invocations == 0;
+        self.stats.invocations += 1;
+        let started = Instant::now();
+        let result = self.serve(&req, cold).await;
+        match &result {
+            Ok(r) => tracing::debug!(
+                node = %req.node, round = req.round, batch = req.batch, attempt = req.attempt,
+                key = %r.key, loss = r.loss, samples = r.samples, compute_ms = r.compute_ms,
+                total_ms = started.elapsed().as_secs_f64() * 1e3, applied = r.applied, cold,
+                "gradient delivered"
+            ),
+            Err(e) => tracing::warn!(
+                node = %req.node, round = req.round, batch = req.batch, attempt = req.attempt,
+                kind = e.kind(), error = %e, "gradient invocation failed"
+            ),
+        }
+        result
+    }
+
+    /// [`GradientFunction::handle`] on JSON, for the function runtime's handler registry.
+    /// A payload that is not a [`GradientRequest`] (including one with unknown fields) is an
+    /// [`GradientError::InvalidRequest`] naming the problem.
+    pub async fn handle_json(&mut self, v: serde_json::Value) -> Result<serde_json::Value, GradientError> {
+        let req: GradientRequest = serde_json::from_value(v)
+            .map_err(|e| invalid("payload", format!("not a gradient request: {e}")))?;
+        let resp = self.handle(req).await?;
+        serde_json::to_value(&resp)
+            .map_err(|e| GradientError::Aborted(format!("serializing the response: {e}")))
+    }
+
+    /// This function as a handler for the function runtime's registry
+    /// (`Handlers::builtin().with("gradient", GradientFunction::new().into_handler())`).
+    /// Invocations are served one at a time, in arrival order, sharing the caches; errors
+    /// become function errors of type `Peerless.<kind>` (see [`GradientError::kind`]).
+    pub fn into_handler(self) -> impl Fn(serde_json::Value) -> HandlerFuture + Send + Sync + 'static {
+        let this = Arc::new(tokio::sync::Mutex::new(self));
+        move |v| {
+            let this = Arc::clone(&this);
+            Box::pin(async move { this.lock().await.handle_json(v).await.map_err(HandlerError::from) })
+        }
+    }
+
+    async fn serve(&mut self, req: &GradientRequest, cold: bool) -> Result<GradientResponse, GradientError> {
+        let parsed = parse(req)?;
+        let data = self.dataset(parsed.dataset, &req.data_dir).await?;
+        check_indices(&req.indices, &data)?;
+        let model = self.model(&req.model, parsed.spec, parsed.backend, &data)?;
+        let store = self.store(&req.store.url).await?;
+        let params = self.params(&store, &req.store.url, &req.params_key, parsed.digest, &model).await?;
+
+        let indices: Vec<usize> = req.indices.iter().map(|&i| i as usize).collect();
+        let task_model = model.clone();
+        let mut grad = self.scratch.take().unwrap_or_default();
+        // One blocking task computes, hands the gradient over, then hashes it while this task
+        // delivers it: the hash runs on the core whose cache still holds the gradient, and no
+        // second thread has to be woken.
+        let (computed_tx, computed_rx) = tokio::sync::oneshot::channel();
+        let task = tokio::task::spawn_blocking(move || -> Option<Digest> {
+            let t = Instant::now();
+            let batch = data.gather(&indices);
+            // Every element is overwritten: the buffer only needs the right length.
+            grad.resize(task_model.num_params(), 0.0);
+            let loss = match task_model.loss_and_grad_into(&params, &batch, &mut grad) {
+                Ok(loss) => loss,
+                Err(e) => {
+                    // The receiver only goes away when the invocation is cancelled.
+                    let _ = computed_tx.send(Err(e));
+                    return None;
+                }
+            };
+            let compute_ms = t.elapsed().as_secs_f64() * 1e3;
+            let finite = check_finite("gradient", &grad);
+            let deliverable = loss.is_finite() && finite.is_ok();
+            let grad = Arc::new(grad);
+            let computed = Computed { loss, grad: Arc::clone(&grad), compute_ms, finite };
+            if computed_tx.send(Ok(computed)).is_err() || !deliverable {
+                return None;
+            }
+            Some(digest(&grad))
+        });
+        let computed = match computed_rx.await {
+            Ok(r) => r?,
+            // The task ended without a word: it panicked (or the runtime is shutting down).
+            Err(_) => {
+                let why = task.await.err().map_or_else(|| "no result".to_owned(), |e| e.to_string());
+                return Err(GradientError::Aborted(why));
+            }
+        };
+
+        let non_finite = |reason: String| GradientError::NonFinite {
+            model: req.model.clone(),
+            round: req.round,
+            batch: req.batch,
+            reason,
+        };
+        if !computed.loss.is_finite() {
+            return Err(non_finite(format!("loss is {}", computed.loss)));
+        }
+        computed.finite.map_err(|e| non_finite(e.to_string()))?;
+
+        // The digest is only for the response; it is being computed meanwhile (≈ 0.5–1 ms for
+        // the 235k-parameter MLP).
+        let grad = computed.grad;
+        let t = Instant::now();
+        let applied = match req.output_mode {
+            OutputMode::Accumulate => {
+                let r = store.accumulate(&req.output_key, &req.idempotency_key(), &grad).await;
+                self.check_store(&req.store.url, r)?
+            }
+            OutputMode::Put => {
+                let r = store.put(&req.output_key, &to_le_bytes(&grad)).await;
+                self.check_store(&req.store.url, r)?;
+                true
+            }
+        };
+        let deliver_ms = t.elapsed().as_secs_f64() * 1e3;
+        let digest = task
+            .await
+            .map_err(|e| GradientError::Aborted(format!("hashing the gradient: {e}")))?
+            .ok_or_else(|| GradientError::Aborted("the gradient was not hashed".to_owned()))?;
+        tracing::trace!(
+            deliver_ms,
+            digest_wait_ms = t.elapsed().as_secs_f64() * 1e3 - deliver_ms,
+            "delivered"
+        );
+        let len = grad.len();
+        // The hashing task has returned, so this is the only reference: keep the buffer.
+        self.scratch = Arc::into_inner(grad);
+        Ok(GradientResponse {
+            key: req.output_key.clone(),
+            len,
+            digest: digest.to_string(),
+            loss: computed.loss,
+            samples: req.indices.len() as u32,
+            compute_ms: computed.compute_ms,
+            applied,
+            cold,
+        })
+    }
+}
