@@ -52,6 +52,11 @@ pub struct InvokeArgs {
     /// Also write the ledger (one line per attempt) as CSV here.
     #[arg(long)]
     pub ledger: Option<PathBuf>,
+    /// Run directory (created if missing) to write `function_metrics.json` (invocations, cold
+    /// starts, retries, throttles, timeouts, crashes, OOM kills, latency p50/p99, billed ms,
+    /// cost) and `ledger.csv` into.
+    #[arg(long)]
+    pub out: Option<PathBuf>,
 }
 
 fn load_config(path: Option<&PathBuf>) -> Result<function::Config> {
@@ -104,6 +109,11 @@ pub fn run_invoke(args: InvokeArgs) -> Result<ExitCode> {
         }
         if let Some(path) = &args.ledger {
             runtime.write_ledger_csv(path).with_context(|| format!("writing {}", path.display()))?;
+        }
+        if let Some(dir) = &args.out {
+            runtime
+                .write_run_metrics(dir)
+                .with_context(|| format!("writing metrics into {}", dir.display()))?;
         }
         Ok(if inv.is_ok() { ExitCode::SUCCESS } else { ExitCode::FAILURE })
     })

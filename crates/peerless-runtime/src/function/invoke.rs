@@ -7,6 +7,7 @@
 //! first answer ends it, and a killed attempt's late answer is refused by the Runtime API).
 
 use std::future::Future;
+use std::path::Path;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -24,7 +25,7 @@ use super::api::{Event, FunctionError};
 use super::config::Config;
 use super::faults::{Fault, FaultInjector};
 use super::instance::{FunctionCommand, Instance, RunEnd, SpawnError, Watch};
-use super::metrics::{Counters, Ledger, Summary};
+use super::metrics::{self, Counters, Ledger, Summary};
 use super::pool::{Acquire, Pools};
 use crate::config::ConfigError;
 
@@ -117,6 +118,18 @@ pub trait Invoker: Send + Sync + std::fmt::Debug {
     fn ledger(&self) -> Vec<InvocationRecord>;
     /// Counters and latency quantiles so far.
     fn summary(&self) -> Summary;
+    /// Writes the function metrics of the run so far into `dir` (created if missing):
+    /// `function_metrics.json` (the [`Summary`]) and `ledger.csv` (one line per attempt), each
+    /// replaced atomically; returns the summary written. Call it at the end of a run, or as
+    /// often as wanted during one.
+    ///
+    /// # Errors
+    /// If a file cannot be written.
+    fn write_run_metrics(&self, dir: &Path) -> std::io::Result<Summary> {
+        let (summary, ledger) = (self.summary(), self.ledger());
+        metrics::write_run_metrics(dir, &summary, &ledger)?;
+        Ok(summary)
+    }
 }
 
 #[derive(Debug)]
@@ -223,7 +236,7 @@ impl LocalRuntime {
     pub async fn retire_idle(&self) -> usize {
         let gone = self.inner.pools.take_expired(Duration::ZERO);
         let n = gone.len();
-        self.inner.counters().retired += n as u64;
+        self.inner.counters().retire(n as u64);
         for mut i in gone {
             i.kill_and_reap().await;
         }
@@ -271,18 +284,18 @@ impl LocalRuntime {
     }
 
     fn record(&self, rec: InvocationRecord, latency_us: Option<u64>, injected: bool) -> InvocationRecord {
-        {
-            let mut c = self.inner.counters();
-            c.record(&rec);
-            if let Some(l) = latency_us {
-                c.latencies_us.push(l);
-            }
-            if injected {
-                c.injected += 1;
-            }
-        }
+        let mut c = self.inner.counters();
+        c.record(&rec, latency_us, injected);
+        // Pushed under the counters' lock, so a snapshot of both (`run_metrics`) agrees.
         self.inner.ledger.push(rec.clone());
         rec
+    }
+
+    /// The summary and the ledger at one instant (they agree: the summary counts exactly the
+    /// ledger's records).
+    pub fn run_metrics(&self) -> (Summary, Vec<InvocationRecord>) {
+        let c = self.inner.counters();
+        (c.summary(), self.inner.ledger.snapshot())
     }
 
     /// Like [`Invoker::invoke`] with an explicit retry bound (0: a single attempt, as AWS does
@@ -527,6 +540,12 @@ impl Invoker for LocalRuntime {
     fn summary(&self) -> Summary {
         self.inner.counters().summary()
     }
+
+    fn write_run_metrics(&self, dir: &Path) -> std::io::Result<Summary> {
+        let (summary, ledger) = self.run_metrics();
+        metrics::write_run_metrics(dir, &summary, &ledger)?;
+        Ok(summary)
+    }
 }
 
 /// Retires idle instances past their keep-alive; ends when the runtime is dropped.
@@ -541,7 +560,7 @@ async fn reaper(inner: std::sync::Weak<Inner>, keep_alive: Duration) {
         let gone = inner.pools.take_expired(keep_alive);
         if !gone.is_empty() {
             tracing::debug!(n = gone.len(), "retiring idle instances");
-            inner.counters().retired += gone.len() as u64;
+            inner.counters().retire(gone.len() as u64);
         }
         drop(inner);
         for mut i in gone {

@@ -1,11 +1,23 @@
-//! The invocation ledger (one record per attempt, `ledger.csv`) and the runtime's counters.
+//! What the function runtime records and leaves in a run directory: the invocation ledger (one
+//! record per attempt, `ledger.csv`) and the counters summarised in `function_metrics.json`.
+//!
+//! [`write_run_metrics`] writes both files; [`Invoker::write_run_metrics`](super::Invoker::write_run_metrics)
+//! does it for a live invoker (the `peerless invoke --out` command, a peer's or worker's run
+//! directory).
 
-use std::io::Write;
 use std::path::Path;
 use std::sync::{Arc, Mutex, MutexGuard};
 
+use peerless_core::cost::pico_to_micro;
 use peerless_core::function::{InvocationRecord, Outcome};
 use serde::{Deserialize, Serialize};
+
+use crate::checkpoint::write_atomic;
+
+/// File name of the [`Summary`] in a run directory.
+pub const FUNCTION_METRICS_FILE: &str = "function_metrics.json";
+/// File name of the ledger in a run directory.
+pub const LEDGER_FILE: &str = "ledger.csv";
 
 /// The ledger: every invocation attempt's [`InvocationRecord`], in completion order.
 /// Cloning shares it.
@@ -49,16 +61,32 @@ impl Ledger {
         self.lock().iter().map(|r| r.cost_pico).fold(0u64, u64::saturating_add)
     }
 
-    /// Writes the ledger as CSV (header [`LEDGER_CSV_HEADER`]).
+    /// Writes the ledger as CSV (see [`write_ledger_csv`]).
     pub fn write_csv(&self, path: &Path) -> std::io::Result<()> {
-        let records = self.snapshot();
-        let mut out = std::io::BufWriter::new(std::fs::File::create(path)?);
-        writeln!(out, "{LEDGER_CSV_HEADER}")?;
-        for r in &records {
-            writeln!(out, "{}", csv_line(r))?;
-        }
-        out.flush()
+        write_ledger_csv(path, &self.snapshot())
     }
+}
+
+/// Writes `records` as CSV (header [`LEDGER_CSV_HEADER`]) to `path`, replacing it atomically.
+pub fn write_ledger_csv(path: &Path, records: &[InvocationRecord]) -> std::io::Result<()> {
+    let mut out = String::with_capacity(64 * (records.len() + 1));
+    out.push_str(LEDGER_CSV_HEADER);
+    out.push('\n');
+    for r in records {
+        out.push_str(&csv_line(r));
+        out.push('\n');
+    }
+    write_atomic(path, out.as_bytes())
+}
+
+/// Writes a run's function metrics into `dir` (created if missing): [`FUNCTION_METRICS_FILE`]
+/// (`summary` as JSON) and [`LEDGER_FILE`] (`ledger` as CSV), each replaced atomically, so a
+/// reader never sees half a file even when a long run rewrites them as it goes.
+pub fn write_run_metrics(dir: &Path, summary: &Summary, ledger: &[InvocationRecord]) -> std::io::Result<()> {
+    write_ledger_csv(&dir.join(LEDGER_FILE), ledger)?;
+    let mut json = serde_json::to_string_pretty(summary).expect("invariant: a summary serializes");
+    json.push('\n');
+    write_atomic(&dir.join(FUNCTION_METRICS_FILE), json.as_bytes())
 }
 
 fn csv_field(s: &str) -> String {
@@ -96,30 +124,10 @@ pub fn outcome_name(o: Outcome) -> &'static str {
     }
 }
 
-/// Counters kept by the runtime (also derivable from the ledger, but cheaper to read).
-#[derive(Debug, Default)]
-pub(crate) struct Counters {
-    pub attempts: u64,
-    pub ok: u64,
-    pub function_errors: u64,
-    pub cold_starts: u64,
-    pub retries: u64,
-    pub throttles: u64,
-    pub timeouts: u64,
-    pub crashes: u64,
-    pub oom_kills: u64,
-    pub retired: u64,
-    pub injected: u64,
-    /// Latency (µs) of every attempt that reached an instance, cold start included.
-    pub latencies_us: Vec<u64>,
-    /// Cold-start times (µs).
-    pub init_us: Vec<u64>,
-    pub billed_ms: u64,
-    pub cost_pico: u64,
-}
-
-/// What the function runtime did, for a run directory's `summary.json`.
+/// What the function runtime did: counts, latency quantiles and cost, as written to a run
+/// directory's `function_metrics.json`.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
 pub struct Summary {
     /// Attempts, throttled ones included.
     pub invocations: u64,
@@ -153,8 +161,10 @@ pub struct Summary {
     pub cold_start_p99_us: u64,
     /// Sum of billed milliseconds.
     pub billed_ms: u64,
-    /// Sum of charges, pico-dollars.
+    /// Sum of charges, pico-dollars (the exact figure).
     pub cost_pico: u64,
+    /// The same in micro-dollars, rounded down (for reading).
+    pub cost_micro: u64,
 }
 
 /// The `q`-quantile (0..=1) of `v` by nearest rank; 0 for an empty slice.
@@ -168,48 +178,64 @@ pub fn quantile(v: &[u64], q: f64) -> u64 {
     s[rank - 1]
 }
 
+/// The runtime's running [`Summary`]: the totals, plus the samples its quantiles are taken from
+/// (one `u64` per attempt).
+#[derive(Debug, Default)]
+pub(crate) struct Counters {
+    /// Counts and sums; the quantile fields are filled in by [`Counters::summary`].
+    totals: Summary,
+    /// Latency (µs) of every attempt that reached an instance, cold start included.
+    latencies_us: Vec<u64>,
+    /// Cold-start times (µs).
+    init_us: Vec<u64>,
+}
+
 impl Counters {
+    /// A snapshot with the quantiles computed.
     pub fn summary(&self) -> Summary {
         Summary {
-            invocations: self.attempts,
-            ok: self.ok,
-            function_errors: self.function_errors,
-            cold_starts: self.cold_starts,
-            retries: self.retries,
-            throttles: self.throttles,
-            timeouts: self.timeouts,
-            crashes: self.crashes,
-            oom_kills: self.oom_kills,
-            retired: self.retired,
-            faults_injected: self.injected,
             latency_p50_us: quantile(&self.latencies_us, 0.5),
             latency_p99_us: quantile(&self.latencies_us, 0.99),
             cold_start_p50_us: quantile(&self.init_us, 0.5),
             cold_start_p99_us: quantile(&self.init_us, 0.99),
-            billed_ms: self.billed_ms,
-            cost_pico: self.cost_pico,
+            cost_micro: pico_to_micro(self.totals.cost_pico),
+            ..self.totals.clone()
         }
     }
 
-    pub fn record(&mut self, r: &InvocationRecord) {
-        self.attempts += 1;
+    /// Counts one attempt: its record, its latency if it reached an instance, and whether a
+    /// fault was injected into it.
+    pub fn record(&mut self, r: &InvocationRecord, latency_us: Option<u64>, injected: bool) {
+        let t = &mut self.totals;
+        t.invocations += 1;
         if r.attempt > 0 {
-            self.retries += 1;
+            t.retries += 1;
         }
         if r.cold_start {
-            self.cold_starts += 1;
+            t.cold_starts += 1;
             self.init_us.push(r.init_us);
         }
         match r.outcome {
-            Outcome::Ok => self.ok += 1,
-            Outcome::FunctionError => self.function_errors += 1,
-            Outcome::Crashed => self.crashes += 1,
-            Outcome::Timeout => self.timeouts += 1,
-            Outcome::OutOfMemory => self.oom_kills += 1,
-            Outcome::Throttled => self.throttles += 1,
+            Outcome::Ok => t.ok += 1,
+            Outcome::FunctionError => t.function_errors += 1,
+            Outcome::Crashed => t.crashes += 1,
+            Outcome::Timeout => t.timeouts += 1,
+            Outcome::OutOfMemory => t.oom_kills += 1,
+            Outcome::Throttled => t.throttles += 1,
         }
-        self.billed_ms = self.billed_ms.saturating_add(r.billed_ms);
-        self.cost_pico = self.cost_pico.saturating_add(r.cost_pico);
+        if injected {
+            t.faults_injected += 1;
+        }
+        t.billed_ms = t.billed_ms.saturating_add(r.billed_ms);
+        t.cost_pico = t.cost_pico.saturating_add(r.cost_pico);
+        if let Some(l) = latency_us {
+            self.latencies_us.push(l);
+        }
+    }
+
+    /// Counts `n` idle instances retired.
+    pub fn retire(&mut self, n: u64) {
+        self.totals.retired += n;
     }
 }
 
@@ -249,7 +275,7 @@ mod tests {
         let l = Ledger::default();
         let mut c = Counters::default();
         for r in [rec(Outcome::Crashed, 0, 5), rec(Outcome::Ok, 1, 7)] {
-            c.record(&r);
+            c.record(&r, Some(100), false);
             l.push(r);
         }
         assert_eq!(l.total_cost_pico(), 12);
@@ -266,5 +292,76 @@ mod tests {
         assert_eq!(lines[0], LEDGER_CSV_HEADER);
         assert_eq!(lines[1], "echo,\"n,1\",n,1,2,0,128,3,true,10,crashed,5");
         assert_eq!(lines.len(), 3);
+    }
+
+    #[test]
+    fn counters_summarise_every_outcome_and_the_quantiles() {
+        let mut c = Counters::default();
+        let outcomes = [
+            Outcome::Ok,
+            Outcome::FunctionError,
+            Outcome::Crashed,
+            Outcome::Timeout,
+            Outcome::OutOfMemory,
+            Outcome::Throttled,
+        ];
+        for (i, o) in outcomes.into_iter().enumerate() {
+            let latency = (o != Outcome::Throttled).then_some(1000 * (i as u64 + 1));
+            c.record(&rec(o, u32::from(i % 2 == 1), 1_500_000), latency, o == Outcome::Crashed);
+        }
+        c.retire(2);
+        let s = c.summary();
+        assert_eq!(
+            s,
+            Summary {
+                invocations: 6,
+                ok: 1,
+                function_errors: 1,
+                cold_starts: 3,
+                retries: 3,
+                throttles: 1,
+                timeouts: 1,
+                crashes: 1,
+                oom_kills: 1,
+                retired: 2,
+                faults_injected: 1,
+                latency_p50_us: 3000,
+                latency_p99_us: 5000,
+                cold_start_p50_us: 10,
+                cold_start_p99_us: 10,
+                billed_ms: 18,
+                cost_pico: 9_000_000,
+                cost_micro: 9,
+            }
+        );
+    }
+
+    #[test]
+    fn run_metrics_are_written_as_json_and_csv() {
+        let dir = tempfile::tempdir().unwrap();
+        let run = dir.path().join("runs/one");
+        let mut c = Counters::default();
+        let records = vec![rec(Outcome::Timeout, 0, 2_000_001), rec(Outcome::Ok, 1, 3)];
+        for r in &records {
+            c.record(r, Some(42), false);
+        }
+        write_run_metrics(&run, &c.summary(), &records).unwrap();
+        let text = std::fs::read_to_string(run.join(FUNCTION_METRICS_FILE)).unwrap();
+        let back: Summary = serde_json::from_str(&text).unwrap();
+        assert_eq!(back, c.summary());
+        assert_eq!((back.timeouts, back.retries, back.cost_pico, back.cost_micro), (1, 1, 2_000_004, 2));
+        let v: serde_json::Value = serde_json::from_str(&text).unwrap();
+        for key in ["invocations", "cold_starts", "retries", "throttles", "latency_p50_us", "latency_p99_us"]
+        {
+            assert!(v.get(key).is_some(), "{key} missing from {text}");
+        }
+        let csv = std::fs::read_to_string(run.join(LEDGER_FILE)).unwrap();
+        assert_eq!(csv.lines().count(), 3);
+        assert!(csv.lines().nth(1).unwrap().ends_with(",timeout,2000001"), "{csv}");
+        // Rewriting replaces both files whole.
+        write_run_metrics(&run, &Summary::default(), &[]).unwrap();
+        assert_eq!(std::fs::read_to_string(run.join(LEDGER_FILE)).unwrap(), format!("{LEDGER_CSV_HEADER}\n"));
+        let names: Vec<_> = std::fs::read_dir(&run).unwrap().map(|e| e.unwrap().file_name()).collect();
+        assert_eq!(names.len(), 2, "no temporary files left: {names:?}");
     }
 }

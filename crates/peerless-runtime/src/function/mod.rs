@@ -7,7 +7,8 @@
 //! - `pool` — warm pools, concurrency limits, keep-alive.
 //! - [`invoke`] — the [`Invoker`] trait and [`LocalRuntime`]: attempts, retries, ledger.
 //! - [`faults`] — seeded fault injection (crash, hang, throttle, slow cold start).
-//! - [`metrics`] — the ledger (`ledger.csv`) and the [`Summary`] counters.
+//! - [`metrics`] — the ledger (`ledger.csv`), the [`Summary`] counters (`function_metrics.json`)
+//!   and [`write_run_metrics`](metrics::write_run_metrics), which leaves both in a run directory.
 //! - [`invoke_api`] — AWS's Invoke API (`POST /2015-03-31/functions/{name}/invocations`)
 //!   in front of a [`LocalRuntime`].
 //! - [`config`] — [`Config`] with Lambda's defaults and validation.

@@ -372,3 +372,57 @@ fn peerless_invoke_prints_the_answer_and_the_ledger_record() {
     assert!(!out.status.success(), "a function error exits non-zero");
     assert!(String::from_utf8_lossy(&out.stdout).contains("Peerless.Fail"));
 }
+
+#[test]
+fn peerless_invoke_out_writes_function_metrics_and_the_ledger_into_the_run_directory() {
+    let dir = tempfile::tempdir().unwrap();
+    let run_dir = dir.path().join("runs/invoke");
+    let ledger = dir.path().join("ledger-flag.csv");
+    let marker = dir.path().join("crashed-once");
+    let payload = json!({"marker": marker.to_str().unwrap(), "value": 7}).to_string();
+    let out = super::run(
+        super::peerless()
+            .args(["invoke", "--function", "crash_once", "--max-retries", "2", "--payload", &payload])
+            .arg("--out")
+            .arg(&run_dir)
+            .arg("--ledger")
+            .arg(&ledger),
+    );
+    assert!(out.status.success());
+
+    let text = std::fs::read_to_string(run_dir.join("function_metrics.json")).expect("function_metrics.json");
+    let m: Value = serde_json::from_str(&text).unwrap();
+    let n = |k: &str| m[k].as_u64().unwrap_or_else(|| panic!("{k} missing from {text}"));
+    // The first attempt's instance exits mid-invocation; the retry, on a new instance, answers.
+    assert_eq!(
+        [
+            n("invocations"),
+            n("ok"),
+            n("crashes"),
+            n("retries"),
+            n("cold_starts"),
+            n("throttles"),
+            n("timeouts"),
+            n("oom_kills")
+        ],
+        [2, 1, 1, 1, 2, 0, 0, 0],
+        "{text}"
+    );
+    assert!(n("latency_p50_us") > 0 && n("latency_p99_us") >= n("latency_p50_us"), "{text}");
+    assert!(n("cold_start_p50_us") > 0, "{text}");
+    assert_eq!(n("cost_micro"), n("cost_pico") / 1_000_000);
+
+    let csv = std::fs::read_to_string(run_dir.join("ledger.csv")).expect("ledger.csv");
+    assert_eq!(csv, std::fs::read_to_string(&ledger).unwrap(), "--out and --ledger write the same ledger");
+    let rows: Vec<Vec<&str>> = csv.lines().skip(1).map(|l| l.split(',').collect()).collect();
+    let header: Vec<&str> = csv.lines().next().unwrap().split(',').collect();
+    let col = |name: &str| header.iter().position(|h| *h == name).unwrap();
+    let outcomes: Vec<&str> = rows.iter().map(|r| r[col("outcome")]).collect();
+    assert_eq!(outcomes, ["crashed", "ok"]);
+    let sum = |name: &str| rows.iter().map(|r| r[col(name)].parse::<u64>().unwrap()).sum::<u64>();
+    assert_eq!(
+        (sum("billed_ms"), sum("cost_pico")),
+        (n("billed_ms"), n("cost_pico")),
+        "the summary is the ledger's"
+    );
+}
