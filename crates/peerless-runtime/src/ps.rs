@@ -145,6 +145,7 @@ pub async fn run_server(
     let aggregator = run.p2p.aggregator.build();
     let mut agg = vec![0f32; params.len()];
     let mut parked: Vec<(u64, ResponseChannel<Bytes>)> = Vec::new();
+    let mut pushed: HashMap<PeerIdx, u64> = HashMap::new();
     let mut published: Option<(u64, Bytes)> = None;
     let (mut bytes_in, mut bytes_out) = (0u64, 0u64);
     let mut last_close = Instant::now();
@@ -185,8 +186,12 @@ pub async fn run_server(
                         bytes_in += request.len() as u64;
                         let Some(&w) = index_of.get(&peer) else { continue };
                         match wire::decode(&request, limits) {
+                            // Answer at once unless this worker already contributed to the
+                            // current version (it then waits for the next one). A worker
+                            // asking for a version this PS has not reached (it restarted from
+                            // a checkpoint) gets the current one.
                             Ok(Message::ParamsRequest { round }) => match &published {
-                                Some((r, msg)) if *r >= round => {
+                                Some((r, msg)) if *r >= round || pushed.get(&w) != Some(r) => {
                                     bytes_out += msg.len() as u64;
                                     if *r >= total { fetched_final += 1; }
                                     let _ = swarm.behaviour_mut().rr.send_response(channel, msg.clone());
@@ -194,6 +199,7 @@ pub async fn run_server(
                                 _ => parked.push((round, channel)),
                             },
                             Ok(Message::Gradient(g)) => {
+                                pushed.insert(w, g.round);
                                 let _ = swarm.behaviour_mut().rr.send_response(channel, wire::encode(&Message::Ack).into());
                                 queued.push(PsInput::Gradient(w, g));
                             }
@@ -347,6 +353,9 @@ pub async fn run_worker(
     let mut next = 0u64;
     let mut connected = false;
     let mut asking: Option<libp2p::request_response::OutboundRequestId> = None;
+    // The push in flight: the next version is asked for only once the PS has it, so the PS
+    // knows this worker contributed.
+    let mut pushing: Option<libp2p::request_response::OutboundRequestId> = None;
     let mut computing = false;
     let mut retry_at = Instant::now();
     let mut last_dial = Instant::now() - Duration::from_secs(10);
@@ -360,7 +369,7 @@ pub async fn run_worker(
             last_dial = Instant::now();
             let _ = swarm.dial(ps_addr.clone());
         }
-        if connected && asking.is_none() && !computing && Instant::now() >= retry_at {
+        if connected && asking.is_none() && pushing.is_none() && !computing && Instant::now() >= retry_at {
             let msg = Bytes::from(wire::encode(&Message::ParamsRequest { round: next }));
             bytes_out += msg.len() as u64;
             asking = Some(swarm.behaviour_mut().rr.send_request(&ps_id, msg));
@@ -380,6 +389,10 @@ pub async fn run_worker(
                     message: request_response::Message::Response { request_id, response }, ..
                 })) => {
                     bytes_in += response.len() as u64;
+                    if Some(request_id) == pushing {
+                        pushing = None;
+                        continue;
+                    }
                     if Some(request_id) != asking { continue; }
                     asking = None;
                     match wire::decode(&response, limits) {
@@ -412,6 +425,12 @@ pub async fn run_worker(
                         }
                     }
                 }
+                SwarmEvent::Behaviour(BehaviourEvent::Rr(request_response::Event::OutboundFailure { request_id, .. }))
+                    if Some(request_id) == pushing =>
+                {
+                    // The PS is gone: this gradient is dropped, never re-sent.
+                    pushing = None;
+                }
                 SwarmEvent::Behaviour(BehaviourEvent::Rr(request_response::Event::OutboundFailure { request_id, error, .. }))
                     if Some(request_id) == asking =>
                 {
@@ -434,7 +453,7 @@ pub async fn run_worker(
                     })));
                     bytes_out += msg.len() as u64;
                     // Pushed once; if the PS is gone, this round's work is dropped, never re-sent.
-                    swarm.behaviour_mut().rr.send_request(&ps_id, msg);
+                    pushing = Some(swarm.behaviour_mut().rr.send_request(&ps_id, msg));
                 }
                 let inv = backend.summary();
                 files.metrics(&format!(

@@ -139,6 +139,27 @@ pub struct ClusterSummary {
     pub bytes_exchanged: u64,
     /// Per-peer summaries.
     pub per_peer: Vec<PeerSummary>,
+    /// Nodes the launcher restarted (the PS), with downtime and rounds lost.
+    pub recoveries: Vec<Recovery>,
+}
+
+/// A node that died and was restarted by the launcher.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Recovery {
+    /// `ps`.
+    pub node: String,
+    /// Node index in the launcher.
+    pub index: usize,
+    /// When it died, s after the launch.
+    pub died_at_s: f64,
+    /// The last round it had reported done.
+    pub died_at_round: u64,
+    /// The round it resumed from (its checkpoint).
+    pub resumed_from_round: Option<u64>,
+    /// Rounds done again: `died_at_round - resumed_from_round`.
+    pub rounds_lost: Option<u64>,
+    /// From its death to its first round done after the restart, s.
+    pub downtime_s: Option<f64>,
 }
 
 fn free_ports(n: usize) -> Result<Vec<u16>> {
@@ -222,7 +243,7 @@ struct ProgressLine {
     peer: u32,
     round: u64,
     total: u64,
-    loss: f32,
+    loss: Option<f32>,
     view: usize,
     test_accuracy: Option<f32>,
 }
@@ -334,6 +355,8 @@ fn run_cluster(cfg: &RunConfig, dir: &mut RunDir, arch: &str, nodes: Vec<Node>) 
     let mut rounds = vec![0u64; configs.len() + 1];
     let mut acc = None::<f32>;
     let mut exits: Vec<Option<String>> = vec![None; configs.len()];
+    let mut recoveries: Vec<Recovery> = Vec::new();
+    let mut restarted = vec![false; nodes.len()];
     let mut signalled = false;
     loop {
         while let Ok(p) = rx.recv_timeout(Duration::from_millis(100)) {
@@ -346,7 +369,14 @@ fn run_cluster(cfg: &RunConfig, dir: &mut RunDir, arch: &str, nodes: Vec<Node>) 
             }
             bar.set_position(rounds.iter().copied().max().unwrap_or(0));
             let a = acc.map(|a| format!(" acc {:.2}%", a * 100.0)).unwrap_or_default();
-            bar.set_message(format!("loss {:.4}{a} view {}", p.loss, p.view));
+            let loss = p.loss.map(|l| format!("loss {l:.4}")).unwrap_or_default();
+            bar.set_message(format!("{loss}{a} view {}", p.view));
+            if let Some(rec) =
+                recoveries.iter_mut().find(|r| r.index == p.peer as usize && r.downtime_s.is_none())
+                && restarted[rec.index]
+            {
+                rec.downtime_s = Some(started.elapsed().as_secs_f64() - rec.died_at_s);
+            }
         }
         if stop.load(Ordering::Relaxed) && !signalled {
             signalled = true;
@@ -374,6 +404,16 @@ fn run_cluster(cfg: &RunConfig, dir: &mut RunDir, arch: &str, nodes: Vec<Node>) 
                     && let Some(delay) = node.restart
                 {
                     restarts[i] = Some(Instant::now() + delay);
+                    restarted[i] = false;
+                    recoveries.push(Recovery {
+                        node: node.sub.to_owned(),
+                        index: i,
+                        died_at_s: started.elapsed().as_secs_f64(),
+                        died_at_round: rounds.get(i).copied().unwrap_or(0),
+                        resumed_from_round: None,
+                        rounds_lost: None,
+                        downtime_s: None,
+                    });
                 }
                 exits[i] = Some(how);
                 *slot = None;
@@ -384,6 +424,7 @@ fn run_cluster(cfg: &RunConfig, dir: &mut RunDir, arch: &str, nodes: Vec<Node>) 
                 *at = None;
                 if !signalled {
                     children[i] = Some(start_node(&nodes[i], &tx)?);
+                    restarted[i] = true;
                     dir.event("node_restart", serde_json::json!({ "node": nodes[i].sub, "index": i }))?;
                     bar.println(format!("{} restarted", nodes[i].sub));
                 }
@@ -396,7 +437,22 @@ fn run_cluster(cfg: &RunConfig, dir: &mut RunDir, arch: &str, nodes: Vec<Node>) 
     bar.finish_and_clear();
     let wall = started.elapsed().as_secs_f64();
     drop(tx);
-    let summary = collect(cfg, dir, arch, &configs, wall)?;
+    // Where each restarted node resumed, from its own events (its last `resume`).
+    for rec in &mut recoveries {
+        let ev =
+            std::fs::read_to_string(configs[rec.index].with_file_name("events.jsonl")).unwrap_or_default();
+        rec.resumed_from_round = ev
+            .lines()
+            .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+            .filter(|v| v["event"] == "resume")
+            .filter_map(|v| v["round"].as_u64())
+            .last();
+        rec.rounds_lost = rec.resumed_from_round.map(|r| rec.died_at_round.saturating_sub(r));
+        dir.event("recovery", serde_json::to_value(&*rec)?)?;
+    }
+    let mut summary = collect(cfg, dir, arch, &configs, wall)?;
+    summary.recoveries = recoveries;
+    dir.summary(&summary)?;
     print_summary(&summary, dir.path());
     if signalled {
         return Ok(ExitCode::from(130));
@@ -496,6 +552,7 @@ fn collect(
         total_cost_usd: pico_to_usd(function_pico + node_pico),
         bytes_exchanged: per_peer.iter().map(|s| s.bytes_out).sum(),
         per_peer,
+        recoveries: Vec::new(),
     };
     dir.event(
         "finish",

@@ -246,3 +246,115 @@ fn a_peer_off_the_allow_list_is_refused_and_training_is_unaffected() {
     let (a, b) = (summary(&clean), summary(&out));
     assert_eq!(digests(&a), digests(&b), "training with an intruder around differs from the clean run");
 }
+
+// ---- The parameter-server baseline, on the same parts.
+
+fn ps_digest(run: &Path) -> String {
+    summary(&run.join("ps"))["param_digest"].as_str().unwrap().to_owned()
+}
+
+#[test]
+fn ps_trains_the_mlp_on_mnist_to_97_percent_and_survives_a_sigkill_of_the_ps() {
+    let Some(data) = real_data("mnist") else { return };
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("run");
+    let child = peerless()
+        .args([
+            "train",
+            "--arch",
+            "ps",
+            "--workers",
+            "4",
+            "--functions-per-worker",
+            "4",
+            "--dataset",
+            "mnist",
+        ])
+        .args(["--epochs", "4", "--lr", "0.2", "--checkpoint-every", "25", "--data-dir"])
+        .arg(&data)
+        .arg("--out")
+        .arg(&out)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let ps_round = |out: &Path| -> u64 {
+        let text = std::fs::read_to_string(out.join("ps/metrics.csv")).unwrap_or_default();
+        text.lines().skip(1).filter_map(|l| l.split(',').nth(2)?.parse().ok()).max().unwrap_or(0)
+    };
+    let pid = {
+        let p = out.join("ps/pid");
+        wait_for("the PS's pid file", Duration::from_secs(60), || p.exists());
+        std::fs::read_to_string(p).unwrap().trim().parse::<u32>().unwrap()
+    };
+    wait_for("round 40", Duration::from_secs(300), || ps_round(&out) >= 40);
+    kill9(pid);
+    let o = finish(child);
+    assert!(o.status.success());
+    let s = summary(&out);
+    assert_eq!(s["arch"], "ps");
+    assert!(s["test_accuracy"].as_f64().unwrap() >= 0.97, "{s}");
+    let rec = &s["recoveries"][0];
+    assert_eq!(rec["node"], "ps", "{s}");
+    let died = rec["died_at_round"].as_u64().unwrap();
+    let resumed = rec["resumed_from_round"].as_u64().expect("the restarted PS resumed from a checkpoint");
+    assert!(resumed > 0 && resumed <= died && resumed % 25 == 0, "{rec}");
+    assert_eq!(rec["rounds_lost"].as_u64().unwrap(), died - resumed);
+    // Downtime includes the launcher's restart delay (1 s by default).
+    assert!(rec["downtime_s"].as_f64().unwrap() >= 1.0, "{rec}");
+    // The workers stalled while the PS was down.
+    let stalled = (0..4).any(|i| {
+        events(&out.join(format!("workers/{i}/events.jsonl"))).iter().any(|e| e["event"] == "disconnected")
+    });
+    assert!(stalled);
+}
+
+#[test]
+fn the_ps_continues_without_a_killed_worker() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("run");
+    let mut args = digits_args();
+    args[0] = "--workers";
+    let child = peerless()
+        .args(["train", "--arch", "ps"])
+        .args(&args)
+        .arg("--out")
+        .arg(&out)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let pid = {
+        let p = out.join("workers/1/pid");
+        wait_for("worker 1's pid file", Duration::from_secs(60), || p.exists());
+        std::fs::read_to_string(p).unwrap().trim().parse::<u32>().unwrap()
+    };
+    let w1 = |out: &Path| -> usize {
+        std::fs::read_to_string(out.join("workers/1/metrics.csv")).unwrap_or_default().lines().count()
+    };
+    wait_for("worker 1's round 20", Duration::from_secs(60), || w1(&out) > 20);
+    kill9(pid);
+    let o = finish(child);
+    assert!(o.status.success());
+    let s = summary(&out);
+    assert_eq!(s["rounds"], 300);
+    let ev = events(&out.join("ps/events.jsonl"));
+    assert!(ev.iter().any(|e| e["event"] == "peer_left" && e["peer"] == 1));
+    assert!(!ev.iter().any(|e| e["event"] == "peer_suspected"), "the PS waited for the dead worker");
+}
+
+#[test]
+fn ps_and_p2p_compute_the_same_model_from_the_same_seed() {
+    // With two functions per node the in-store sum of a node's gradients does not depend on
+    // their arrival order (a + b = b + a in floating point), so the whole computation is
+    // deterministic and the two topologies must agree bit for bit.
+    let tmp = tempfile::tempdir().unwrap();
+    let args = ["--peers", "3", "--functions-per-peer", "2", "--rounds", "40", "--lr", "0.05", "--seed", "3"];
+    let p2p = tmp.path().join("p2p");
+    assert!(finish(launch(&args, &p2p)).status.success());
+    let ps = tmp.path().join("ps");
+    let o = run(peerless().args(["train", "--arch", "ps"]).args(args).arg("--out").arg(&ps));
+    assert!(o.status.success());
+    let d = digests(&summary(&p2p));
+    assert_eq!(d[0], ps_digest(&ps), "P2P and PS differ on the same seed without faults");
+}
