@@ -443,10 +443,10 @@ fn run_cluster(cfg: &RunConfig, dir: &mut RunDir, arch: &str, nodes: Vec<Node>) 
             std::fs::read_to_string(configs[rec.index].with_file_name("events.jsonl")).unwrap_or_default();
         rec.resumed_from_round = ev
             .lines()
+            .rev()
             .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
-            .filter(|v| v["event"] == "resume")
-            .filter_map(|v| v["round"].as_u64())
-            .last();
+            .find(|v| v["event"] == "resume")
+            .and_then(|v| v["round"].as_u64());
         rec.rounds_lost = rec.resumed_from_round.map(|r| rec.died_at_round.saturating_sub(r));
         dir.event("recovery", serde_json::to_value(&*rec)?)?;
     }

@@ -298,7 +298,7 @@ fn ps_trains_the_mlp_on_mnist_to_97_percent_and_survives_a_sigkill_of_the_ps() {
     assert_eq!(rec["node"], "ps", "{s}");
     let died = rec["died_at_round"].as_u64().unwrap();
     let resumed = rec["resumed_from_round"].as_u64().expect("the restarted PS resumed from a checkpoint");
-    assert!(resumed > 0 && resumed <= died && resumed % 25 == 0, "{rec}");
+    assert!(resumed > 0 && resumed <= died && resumed.is_multiple_of(25), "{rec}");
     assert_eq!(rec["rounds_lost"].as_u64().unwrap(), died - resumed);
     // Downtime includes the launcher's restart delay (1 s by default).
     assert!(rec["downtime_s"].as_f64().unwrap() >= 1.0, "{rec}");
