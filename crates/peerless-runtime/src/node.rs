@@ -282,11 +282,12 @@ impl Backend {
         }
     }
 
-    /// Writes `ledger.csv` into `dir` (functions only).
+    /// Writes the function runtime's metrics (`function_metrics.json`: invocations, cold
+    /// starts, retries, throttles, latency quantiles, cost) and `ledger.csv` into `dir`
+    /// (functions only).
     pub(crate) fn write_ledger(&self, dir: &Path) -> Result<(), NodeError> {
         if let Backend::Functions { runtime, .. } = self {
-            let path = dir.join("ledger.csv");
-            runtime.write_ledger_csv(&path).map_err(io_err(&path))?;
+            runtime.write_run_metrics(dir).map_err(io_err(dir))?;
         }
         Ok(())
     }
