@@ -184,6 +184,33 @@ pub struct GradientBench {
     pub function_compute_p50_us: f64,
     /// `warm_p50_us / direct_p50_us`.
     pub ratio_p50: f64,
+    /// CPU time per warm invocation (mean) of the function instance, all threads. CPU times
+    /// come from Linux's per-thread `schedstat` and hardly depend on what else the machine
+    /// runs, unlike the wall times above; `None` where unavailable.
+    pub function_cpu_us: Option<f64>,
+    /// CPU time per warm invocation (mean) of this process's runtime threads: the embedded
+    /// store and the Runtime API server (the calling thread excluded).
+    pub invoker_cpu_us: Option<f64>,
+    /// CPU time of the direct call (mean).
+    pub direct_cpu_us: Option<f64>,
+    /// `function_cpu_us + invoker_cpu_us - direct_cpu_us`: the CPU the invocation path costs
+    /// on top of the computation.
+    pub cpu_overhead_us: Option<f64>,
+}
+
+/// CPU time (ns) run so far by the threads of process `pid` that `keep` selects by thread id,
+/// from Linux's `/proc/<pid>/task/<tid>/schedstat`; `None` where that is unavailable.
+fn cpu_ns(pid: u32, keep: impl Fn(u32) -> bool) -> Option<u64> {
+    let mut total = 0u64;
+    for entry in std::fs::read_dir(format!("/proc/{pid}/task")).ok()? {
+        let entry = entry.ok()?;
+        let tid: u32 = entry.file_name().to_str()?.parse().ok()?;
+        if keep(tid) {
+            let stat = std::fs::read_to_string(entry.path().join("schedstat")).ok()?;
+            total += stat.split_whitespace().next()?.parse::<u64>().ok()?;
+        }
+    }
+    Some(total)
 }
 
 /// Times the gradient function warm through `runtime` against the direct computation.
@@ -212,6 +239,12 @@ async fn bench_gradient(runtime: &LocalRuntime, n: usize) -> Result<GradientBenc
     store.put("params/0", &to_le_bytes(&params)).await?;
     let (mut direct, mut warm, mut compute) =
         (Vec::with_capacity(n), Vec::with_capacity(n), Vec::with_capacity(n));
+    // CPU accounting: the function instance (all threads), this process's runtime threads,
+    // and this (calling) thread during the direct calls.
+    let me = std::process::id();
+    let main_thread = |tid: u32| tid == me;
+    let (mut instance, mut cpu_start) = (None, None);
+    let mut direct_cpu_ns = Some(0u64);
     for i in 0..(n + WARMUP) {
         let req = GradientRequest {
             node: "bench".into(),
@@ -238,14 +271,36 @@ async fn bench_gradient(runtime: &LocalRuntime, n: usize) -> Result<GradientBenc
         }
         let answer: GradientResponse =
             serde_json::from_value(inv.response.context("no answer")?).context("gradient answer")?;
+        if i + 1 == WARMUP {
+            instance = inv.pid;
+            cpu_start =
+                instance.and_then(|pid| Some((cpu_ns(pid, |_| true)?, cpu_ns(me, |t| !main_thread(t))?)));
+        } else if i >= WARMUP && inv.pid != instance {
+            // Another instance answered: its predecessor's CPU is no longer readable.
+            cpu_start = None;
+        }
+        let cpu_before = cpu_ns(me, main_thread);
         let t = Instant::now();
         std::hint::black_box(model.loss_and_grad(&params, &batch)?);
+        let elapsed = t.elapsed();
         if i >= WARMUP {
-            direct.push(t.elapsed().as_secs_f64() * 1e6);
+            direct.push(elapsed.as_secs_f64() * 1e6);
             warm.push(us);
             compute.push(answer.compute_ms * 1e3);
+            direct_cpu_ns = direct_cpu_ns
+                .zip(cpu_before.zip(cpu_ns(me, main_thread)))
+                .map(|(sum, (before, after))| sum + after.saturating_sub(before));
         }
     }
+    let per_call = |ns: u64| ns as f64 / 1e3 / n as f64;
+    let (function_cpu_us, invoker_cpu_us) = match (cpu_start, instance) {
+        (Some((f0, p0)), Some(pid)) => (
+            cpu_ns(pid, |_| true).map(|f| per_call(f.saturating_sub(f0))),
+            cpu_ns(me, |t| !main_thread(t)).map(|p| per_call(p.saturating_sub(p0))),
+        ),
+        _ => (None, None),
+    };
+    let direct_cpu_us = direct_cpu_ns.map(per_call);
     server.shutdown().await;
     let (d50, w50) = (q(&mut direct, 0.5), q(&mut warm, 0.5));
     Ok(GradientBench {
@@ -258,6 +313,10 @@ async fn bench_gradient(runtime: &LocalRuntime, n: usize) -> Result<GradientBenc
         warm_overhead_p50_us: w50 - d50,
         function_compute_p50_us: q(&mut compute, 0.5),
         ratio_p50: w50 / d50.max(1e-3),
+        function_cpu_us,
+        invoker_cpu_us,
+        direct_cpu_us,
+        cpu_overhead_us: function_cpu_us.zip(invoker_cpu_us).zip(direct_cpu_us).map(|((f, p), d)| f + p - d),
     })
 }
 
@@ -383,6 +442,13 @@ pub fn run_bench_invoke(args: BenchInvokeArgs) -> Result<ExitCode> {
             "gradient warm overhead:   p50 {:>8.1} µs (target ≤ 1000); compute inside the instance p50 {:.0} µs",
             g.warm_overhead_p50_us, g.function_compute_p50_us
         );
+        if let (Some(f), Some(p), Some(d), Some(o)) =
+            (g.function_cpu_us, g.invoker_cpu_us, g.direct_cpu_us, g.cpu_overhead_us)
+        {
+            println!(
+                "gradient CPU per warm invocation: instance {f:.0} µs + store and Runtime API {p:.0} µs, direct call {d:.0} µs: {o:.0} µs on top"
+            );
+        }
     }
     println!("targets {}", if res.meets_targets { "met" } else { "NOT met" });
     if let Some(path) = args.json {
