@@ -89,6 +89,13 @@ pub(crate) struct Files {
     events: BufWriter<File>,
 }
 
+/// Asks the kernel to send this process SIGTERM when the thread that started it exits, so
+/// nodes a launcher started never outlive it (Linux `PR_SET_PDEATHSIG`).
+pub fn die_with_parent() -> std::io::Result<()> {
+    rustix::process::set_parent_process_death_signal(Some(rustix::process::Signal::TERM))?;
+    Ok(())
+}
+
 pub(crate) fn unix_ms() -> u64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
 }

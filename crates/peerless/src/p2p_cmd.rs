@@ -53,6 +53,10 @@ pub enum Role {
 
 /// Runs one node until training is over; SIGINT or SIGTERM stop it after writing its summary.
 pub fn run_node(role: Role, args: PeerArgs) -> Result<ExitCode> {
+    if std::env::var_os("PEERLESS_LAUNCHED").is_some() {
+        // Started by a launcher: do not outlive it.
+        peerless_runtime::node::die_with_parent().context("setting the parent-death signal")?;
+    }
     let mut file = PeerFile::load(&args.config)?;
     if args.join {
         file.peer.join = true;
@@ -227,7 +231,7 @@ fn spawn_node(sub: &str, config: &Path, join: bool) -> Result<Child> {
         .open(&log_path)
         .with_context(|| format!("opening {}", log_path.display()))?;
     let mut cmd = Command::new(exe);
-    cmd.arg(sub).arg("--config").arg(config);
+    cmd.arg(sub).arg("--config").arg(config).env("PEERLESS_LAUNCHED", "1");
     if join {
         cmd.arg("--join");
     }
