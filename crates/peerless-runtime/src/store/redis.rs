@@ -33,7 +33,7 @@
 use std::sync::{Arc, LazyLock};
 use std::time::Duration;
 
-use peerless_core::flat::from_le_bytes;
+use peerless_core::flat::{from_le_bytes, le_bytes_into};
 use redis::aio::MultiplexedConnection;
 use redis::io::tcp::TcpSettings;
 use redis::{AsyncConnectionConfig, Client, IntoConnectionInfo, RedisError, RedisWrite, Script, ToRedisArgs};
@@ -331,9 +331,7 @@ impl ToRedisArgs for LeF32<'_> {
         let mut w = out.writer_for_next_arg();
         let mut buf = [0u8; CHUNK * 4];
         for chunk in self.0.chunks(CHUNK) {
-            for (b, x) in buf.as_chunks_mut::<4>().0.iter_mut().zip(chunk) {
-                *b = x.to_le_bytes();
-            }
+            le_bytes_into(chunk, &mut buf);
             w.write_all(&buf[..chunk.len() * 4]).expect("invariant: writing into memory cannot fail");
         }
     }
