@@ -133,6 +133,7 @@ impl Files {
 }
 
 /// One round's gradient work.
+#[derive(Clone)]
 pub(crate) struct Job {
     pub(crate) me: PeerIdx,
     pub(crate) round: u64,
@@ -147,6 +148,27 @@ pub(crate) struct Job {
 }
 
 impl Job {
+    /// Runs the round's work, starting it over (after 1 s, 2 s, …) when it failed as a whole,
+    /// e.g. every invocation timed out on an overloaded machine. A failed attempt leaves
+    /// nothing behind in the store, and invocations are idempotent per batch, so nothing is
+    /// counted twice. The error of the last attempt is returned.
+    pub(crate) async fn run_with_retries(self, attempts: u32) -> Result<LocalResult, NodeError> {
+        let mut last = None;
+        for a in 0..attempts.max(1) {
+            if a > 0 {
+                tokio::time::sleep(std::time::Duration::from_secs(u64::from(a))).await;
+            }
+            match self.clone().run().await {
+                Ok(r) => return Ok(r),
+                Err(e) => {
+                    tracing::warn!(round = self.round, attempt = a, error = %e, "gradient work failed; starting it over");
+                    last = Some(e);
+                }
+            }
+        }
+        Err(last.expect("at least one attempt"))
+    }
+
     pub(crate) async fn run(self) -> Result<LocalResult, NodeError> {
         let round = self.round;
         let fail = |reason: String| NodeError::Compute { round, reason };

@@ -416,7 +416,7 @@ pub async fn run_worker(
                                 backend_name: run.model.backend.to_string(),
                             };
                             let tx = tx.clone();
-                            tokio::spawn(async move { let _ = tx.send(job.run().await).await; });
+                            tokio::spawn(async move { let _ = tx.send(job.run_with_retries(4).await).await; });
                         }
                         other => {
                             files.event(me, json!({ "event": "fetch_failed", "answer": format!("{other:?}").chars().take(200).collect::<String>() }));

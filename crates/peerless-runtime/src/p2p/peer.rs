@@ -260,7 +260,7 @@ pub async fn run(
                         };
                         let tx = tx.clone();
                         tokio::spawn(async move {
-                            let _ = tx.send(job.run().await).await;
+                            let _ = tx.send(job.run_with_retries(4).await).await;
                         });
                     }
                     Action::Broadcast { round, to } => {
