@@ -146,6 +146,14 @@ fn survivors_of_a_sigkilled_peer_continue_without_waiting_for_the_deadline() {
     assert!(exits.iter().any(|e| e["event"] == "peer_exit" && e["peer"] == 3));
 }
 
+/// A config whose round deadline (60 s) no loaded test machine reaches: runs compared digest
+/// for digest must not differ because a slow peer missed a deadline in one of them.
+fn calm_config(dir: &Path) -> String {
+    let p = dir.join("calm.toml");
+    std::fs::write(&p, "[p2p]\ndeadline_floor_ms = 60000\ndeadline_ceiling_ms = 60000\n").unwrap();
+    p.display().to_string()
+}
+
 /// A digits cluster long enough to interfere with.
 fn digits_args() -> Vec<&'static str> {
     vec!["--peers", "3", "--functions-per-peer", "2", "--rounds", "300", "--lr", "0.05", "--seed", "7"]
@@ -189,10 +197,13 @@ fn a_restarted_peer_catches_up_from_a_live_peer_and_ends_with_the_same_digest() 
 fn a_peer_off_the_allow_list_is_refused_and_training_is_unaffected() {
     let tmp = tempfile::tempdir().unwrap();
     // The reference: the same run undisturbed.
+    let calm = calm_config(tmp.path());
+    let mut args = digits_args();
+    args.extend(["--config", calm.as_str()]);
     let clean = tmp.path().join("clean");
-    assert!(finish(launch(&digits_args(), &clean)).status.success());
+    assert!(finish(launch(&args, &clean)).status.success());
     let out = tmp.path().join("run");
-    let child = launch(&digits_args(), &out);
+    let child = launch(&args, &out);
     wait_for("round 5", Duration::from_secs(60), || (0..3).all(|i| peer_round(&out, i) >= 5));
     // An intruder with a key derived from another secret dials every member; it knows their
     // (public) peer ids and admits them.
@@ -349,7 +360,21 @@ fn ps_and_p2p_compute_the_same_model_from_the_same_seed() {
     // their arrival order (a + b = b + a in floating point), so the whole computation is
     // deterministic and the two topologies must agree bit for bit.
     let tmp = tempfile::tempdir().unwrap();
-    let args = ["--peers", "3", "--functions-per-peer", "2", "--rounds", "40", "--lr", "0.05", "--seed", "3"];
+    let calm = calm_config(tmp.path());
+    let args = [
+        "--peers",
+        "3",
+        "--functions-per-peer",
+        "2",
+        "--rounds",
+        "40",
+        "--lr",
+        "0.05",
+        "--seed",
+        "3",
+        "--config",
+        &calm,
+    ];
     let p2p = tmp.path().join("p2p");
     assert!(finish(launch(&args, &p2p)).status.success());
     let ps = tmp.path().join("ps");
