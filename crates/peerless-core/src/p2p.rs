@@ -66,6 +66,20 @@ pub struct DeadlinePolicy {
     pub factor: f64,
 }
 
+impl DeadlinePolicy {
+    /// The deadline given the smoothed observed wait (none observed yet: the floor), ms.
+    pub fn deadline_ms(&self, wait_ewma_ms: Option<f64>) -> u64 {
+        let est = wait_ewma_ms.map_or(0.0, |w| w * self.factor);
+        (est as u64).clamp(self.floor_ms, self.ceiling_ms.max(self.floor_ms))
+    }
+
+    /// Folds one observed wait into the smoothed wait.
+    pub fn observe(wait_ewma_ms: &mut Option<f64>, wait_ms: u64) {
+        let w = wait_ms as f64;
+        *wait_ewma_ms = Some(wait_ewma_ms.map_or(w, |e| 0.8 * e + 0.2 * w));
+    }
+}
+
 impl Default for DeadlinePolicy {
     fn default() -> Self {
         DeadlinePolicy { floor_ms: 1_000, ceiling_ms: 10_000, factor: 4.0 }
@@ -411,9 +425,7 @@ impl Round {
 
     /// The deadline in force, ms.
     pub fn deadline_ms(&self) -> u64 {
-        let d = &self.cfg.deadline;
-        let est = self.wait_ewma_ms.map_or(0.0, |w| w * d.factor);
-        (est as u64).clamp(d.floor_ms, d.ceiling_ms.max(d.floor_ms))
+        self.cfg.deadline.deadline_ms(self.wait_ewma_ms)
     }
 
     /// Peers expected to contribute to the current round (this peer excluded).
@@ -729,8 +741,7 @@ impl Round {
                     self.expected().into_iter().filter(|p| !self.received.contains_key(p)).collect();
                 let waited = now.saturating_sub(since);
                 if missing.is_empty() {
-                    let w = waited as f64;
-                    self.wait_ewma_ms = Some(self.wait_ewma_ms.map_or(w, |e| 0.8 * e + 0.2 * w));
+                    DeadlinePolicy::observe(&mut self.wait_ewma_ms, waited);
                     self.close_round(now, false);
                 } else if waited >= self.deadline_ms() {
                     for p in missing {

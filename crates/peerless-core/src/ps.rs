@@ -118,9 +118,7 @@ impl Ps {
 
     /// The deadline in force, ms.
     pub fn deadline_ms(&self) -> u64 {
-        let d = &self.cfg.deadline;
-        let est = self.wait_ewma_ms.map_or(0.0, |w| w * d.factor);
-        (est as u64).clamp(d.floor_ms, d.ceiling_ms.max(d.floor_ms))
+        self.cfg.deadline.deadline_ms(self.wait_ewma_ms)
     }
 
     /// Workers expected in the current round.
@@ -204,8 +202,7 @@ impl Ps {
                     return;
                 }
                 if missing.is_empty() {
-                    let w = waited as f64;
-                    self.wait_ewma_ms = Some(self.wait_ewma_ms.map_or(w, |e| 0.8 * e + 0.2 * w));
+                    DeadlinePolicy::observe(&mut self.wait_ewma_ms, waited);
                 }
                 let r = self.round;
                 for w in missing {

@@ -169,6 +169,37 @@ impl Job {
         Err(last.expect("at least one attempt"))
     }
 
+    /// The work of node `me` for any round: round, parameters and batches are filled in per
+    /// round with struct-update syntax.
+    pub(crate) fn template(
+        run: &RunConfig,
+        me: PeerIdx,
+        model: Arc<Model>,
+        split: Arc<Split>,
+        backend: Arc<Backend>,
+        data_dir: PathBuf,
+    ) -> Job {
+        Job {
+            me,
+            round: 0,
+            params: Arc::new(Vec::new()),
+            batches: Vec::new(),
+            model,
+            split,
+            backend,
+            dataset: run.data.dataset.to_string(),
+            data_dir,
+            backend_name: run.model.backend.to_string(),
+        }
+    }
+
+    /// Runs the work on the tokio runtime (with retries) and sends the result to `tx`.
+    pub(crate) fn spawn(self, tx: tokio::sync::mpsc::Sender<Result<LocalResult, NodeError>>) {
+        tokio::spawn(async move {
+            let _ = tx.send(self.run_with_retries(4).await).await;
+        });
+    }
+
     pub(crate) async fn run(self) -> Result<LocalResult, NodeError> {
         let round = self.round;
         let fail = |reason: String| NodeError::Compute { round, reason };

@@ -345,6 +345,7 @@ pub async fn run_worker(
         .map_err(|e| NodeError::Config(format!("peer.bootstrap: {e}")))?;
     let limits = Limits { params: model.num_params() };
     let backend = Arc::new(Backend::start(&run, me, command).await?);
+    let job = Job::template(&run, me, model.clone(), split.clone(), backend.clone(), data_dir.clone());
     let prices = run.function.prices.prices().map_err(|e| NodeError::Config(e.to_string()))?;
     let t0 = Instant::now();
     files.event(me, json!({ "event": "start", "role": "worker", "peer_id": my_id.to_string() }));
@@ -403,20 +404,13 @@ pub async fn run_worker(
                             files.event(me, json!({ "event": "fetched", "round": s.round, "wait_ms": wait_ms }));
                             computing = true;
                             compute_start = Instant::now();
-                            let job = Job {
-                                me,
+                            Job {
                                 round: s.round,
                                 params: Arc::new(s.params),
                                 batches: sampler.batches(me, s.round),
-                                model: model.clone(),
-                                split: split.clone(),
-                                backend: backend.clone(),
-                                dataset: run.data.dataset.to_string(),
-                                data_dir: data_dir.clone(),
-                                backend_name: run.model.backend.to_string(),
-                            };
-                            let tx = tx.clone();
-                            tokio::spawn(async move { let _ = tx.send(job.run_with_retries(4).await).await; });
+                                ..job.clone()
+                            }
+                            .spawn(tx.clone());
                         }
                         other => {
                             files.event(me, json!({ "event": "fetch_failed", "answer": format!("{other:?}").chars().take(200).collect::<String>() }));

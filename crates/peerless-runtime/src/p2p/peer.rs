@@ -188,6 +188,7 @@ pub async fn run(
     let mut last_dial = Instant::now() - Duration::from_secs(10);
     let mut invoker_before = crate::function::metrics::Summary::default();
     let backend = Arc::new(backend);
+    let job = Job::template(run, me, model.clone(), split.clone(), backend.clone(), data_dir.clone());
     let mut actions: Vec<Action> = Vec::new();
     let mut my_msg: Option<(u64, Bytes)> = None;
     // Let the machine start without waiting for a first network event (a lone peer has none).
@@ -246,22 +247,8 @@ pub async fn run(
                     Action::Compute { round, view } => {
                         stats = RoundStats { compute_start: Some(Instant::now()), ..RoundStats::default() };
                         let batches = sampler.assignment(me, round, &view, p2p.takeover);
-                        let job = Job {
-                            me,
-                            round,
-                            params: Arc::new(params.clone()),
-                            batches,
-                            model: model.clone(),
-                            split: split.clone(),
-                            backend: backend.clone(),
-                            dataset: run.data.dataset.to_string(),
-                            data_dir: data_dir.clone(),
-                            backend_name: run.model.backend.to_string(),
-                        };
-                        let tx = tx.clone();
-                        tokio::spawn(async move {
-                            let _ = tx.send(job.run_with_retries(4).await).await;
-                        });
+                        Job { round, params: Arc::new(params.clone()), batches, ..job.clone() }
+                            .spawn(tx.clone());
                     }
                     Action::Broadcast { round, to } => {
                         if let Some((r, bytes)) = &my_msg
