@@ -291,6 +291,18 @@ pub enum EventKind {
         /// This peer's round.
         current: u64,
     },
+    /// Asynchronous PS: a push computed on a version older than the staleness bound allows
+    /// was dropped.
+    StaleGradient {
+        /// Sender.
+        peer: PeerIdx,
+        /// The version it was computed on.
+        round: u64,
+        /// The PS's version.
+        current: u64,
+        /// The bound.
+        max_staleness: u64,
+    },
     /// A gradient computed on a different model (digest) was left out of the aggregate.
     Excluded {
         /// Sender.

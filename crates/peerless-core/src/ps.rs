@@ -1,5 +1,6 @@
-//! The parameter server's round protocol as an I/O-free state machine (synchronous mode).
+//! The parameter server's round protocol as an I/O-free state machine.
 //!
+//! # Synchronous mode
 //! The PS publishes model version `r`; workers fetch it, compute, and push their gradient for
 //! `r`. The round closes when every connected worker has pushed, or at the adaptive deadline
 //! counted from the first push (a worker that is connected but silent is suspected and not
@@ -8,6 +9,15 @@
 //! With no worker connected the PS waits: that stall is the baseline's nature, measured, not
 //! hidden. A push for another round than the current one is dropped (stale after a PS restart,
 //! or a duplicate), so no gradient is applied twice.
+//!
+//! # Asynchronous mode
+//! Every push is applied on arrival, alone, as the next version (Hogwild-style SGD on one
+//! server, as LambdaML's and SMLT's asynchronous modes). A gradient computed on version `v`
+//! that arrives at version `u` has staleness `u − v`; with `n` workers running at the same
+//! speed it is about `n − 1`. Pushes staler than the bound are dropped (a `stale_gradient`
+//! event), as is a second push of a worker for a version it already contributed to, or a push
+//! for a version the PS has not published (it restarted from an older checkpoint). No worker
+//! is ever waited for, so there is no deadline; versions count single updates.
 
 use std::collections::BTreeMap;
 
@@ -27,6 +37,20 @@ pub struct PsConfig {
     pub deadline: DeadlinePolicy,
     /// Wait this long for all workers before the first round, ms.
     pub start_timeout_ms: u64,
+    /// Synchronous rounds or asynchronous updates.
+    pub mode: PsMode,
+}
+
+/// How the PS applies pushes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PsMode {
+    /// A round aggregates one push per worker (or whoever pushed by the deadline).
+    Sync,
+    /// Each push is applied on arrival if it is at most `max_staleness` versions old.
+    Async {
+        /// Largest accepted `current version − version the gradient was computed on`.
+        max_staleness: u64,
+    },
 }
 
 /// Inputs of the PS machine.
@@ -56,6 +80,9 @@ pub enum PsAction {
         round: u64,
         /// Pushes, ordered by worker.
         inputs: Vec<(PeerIdx, Vec<f32>)>,
+        /// Versions between the one the gradients were computed on and `round` (always 0 in
+        /// synchronous mode).
+        staleness: u64,
     },
     /// Checkpoint model version `round`.
     Checkpoint {
@@ -87,6 +114,8 @@ pub struct Ps {
     connected: BTreeMap<PeerIdx, bool>,
     suspected: BTreeMap<PeerIdx, bool>,
     received: BTreeMap<PeerIdx, GradientMsg>,
+    /// Asynchronous mode: the newest version each worker's applied push was computed on.
+    applied_from: BTreeMap<PeerIdx, u64>,
     wait_ewma_ms: Option<f64>,
     out: Vec<PsAction>,
 }
@@ -101,6 +130,7 @@ impl Ps {
             connected: BTreeMap::new(),
             suspected: BTreeMap::new(),
             received: BTreeMap::new(),
+            applied_from: BTreeMap::new(),
             wait_ewma_ms: None,
             out: Vec::new(),
         }
@@ -134,7 +164,9 @@ impl Ps {
     pub fn next_timer(&self) -> Option<u64> {
         match self.phase {
             Phase::Starting { since } => Some(since + self.cfg.start_timeout_ms),
-            Phase::Collecting { first: Some(f) } => Some(f + self.deadline_ms()),
+            Phase::Collecting { first: Some(f) } if self.cfg.mode == PsMode::Sync => {
+                Some(f + self.deadline_ms())
+            }
             _ => None,
         }
     }
@@ -158,7 +190,9 @@ impl Ps {
             PsInput::Gradient(w, g) => {
                 self.connected.insert(w, true);
                 self.suspected.remove(&w);
-                if g.round != self.round || self.phase == Phase::Done {
+                if let PsMode::Async { max_staleness } = self.cfg.mode {
+                    self.push_async(now, w, g, max_staleness);
+                } else if g.round != self.round || self.phase == Phase::Done {
                     self.event(now, EventKind::LateGradient { peer: w, round: g.round, current: self.round });
                 } else if let Phase::Collecting { first } = &mut self.phase {
                     first.get_or_insert(now);
@@ -169,6 +203,39 @@ impl Ps {
         }
         self.advance(now);
         std::mem::take(&mut self.out)
+    }
+
+    /// Asynchronous mode: apply `g` now, or drop it with the reason.
+    fn push_async(&mut self, now: u64, w: PeerIdx, g: GradientMsg, max_staleness: u64) {
+        let current = self.round;
+        let repeated = self.applied_from.get(&w).is_some_and(|&v| g.round <= v);
+        if self.phase == Phase::Done || g.round > current || repeated {
+            self.event(now, EventKind::LateGradient { peer: w, round: g.round, current });
+            return;
+        }
+        if !matches!(self.phase, Phase::Collecting { .. }) {
+            // Still starting: the version is not published, so nobody can have computed on it.
+            self.event(now, EventKind::LateGradient { peer: w, round: g.round, current });
+            return;
+        }
+        let staleness = current - g.round;
+        if staleness > max_staleness {
+            self.event(now, EventKind::StaleGradient { peer: w, round: g.round, current, max_staleness });
+            return;
+        }
+        self.applied_from.insert(w, g.round);
+        self.out.push(PsAction::Apply { round: current, inputs: vec![(w, g.grad)], staleness });
+        self.next_version(now);
+    }
+
+    /// The model became `round + 1`: checkpoint when due, publish.
+    fn next_version(&mut self, now: u64) {
+        self.round += 1;
+        let ck = self.cfg.checkpoint_every;
+        if self.round >= self.cfg.total_rounds || (ck > 0 && self.round.is_multiple_of(ck)) {
+            self.out.push(PsAction::Checkpoint { round: self.round });
+        }
+        self.publish(now);
     }
 
     fn publish(&mut self, now: u64) {
@@ -193,6 +260,7 @@ impl Ps {
                     self.publish(now);
                 }
             }
+            Phase::Collecting { .. } if self.cfg.mode != PsMode::Sync => {}
             Phase::Collecting { first: Some(first) } => {
                 let missing: Vec<PeerIdx> =
                     self.expected().into_iter().filter(|w| !self.received.contains_key(w)).collect();
@@ -216,13 +284,8 @@ impl Ps {
                     now,
                     EventKind::RoundClosed { round: r, contributors: inputs.len(), timed_out, deadline_ms },
                 );
-                self.out.push(PsAction::Apply { round: r, inputs });
-                self.round = r + 1;
-                let ck = self.cfg.checkpoint_every;
-                if self.round >= self.cfg.total_rounds || (ck > 0 && self.round.is_multiple_of(ck)) {
-                    self.out.push(PsAction::Checkpoint { round: self.round });
-                }
-                self.publish(now);
+                self.out.push(PsAction::Apply { round: r, inputs, staleness: 0 });
+                self.next_version(now);
             }
             Phase::Collecting { first: None } | Phase::Done => {}
         }
@@ -241,6 +304,7 @@ mod tests {
             checkpoint_every: 2,
             deadline: DeadlinePolicy { floor_ms: 100, ceiling_ms: 1000, factor: 4.0 },
             start_timeout_ms: 500,
+            mode: PsMode::Sync,
         }
     }
 
@@ -260,7 +324,11 @@ mod tests {
                 .any(|a| matches!(a, PsAction::Apply { .. }))
         );
         let a = ps.handle(6, PsInput::Gradient(0, g(0, 1.0)));
-        assert!(a.contains(&PsAction::Apply { round: 0, inputs: vec![(0, vec![1.0]), (1, vec![2.0])] }));
+        assert!(a.contains(&PsAction::Apply {
+            round: 0,
+            inputs: vec![(0, vec![1.0]), (1, vec![2.0])],
+            staleness: 0
+        }));
         assert!(a.contains(&PsAction::Publish { round: 1 }));
         // A repeated push for round 0 is never applied.
         let a = ps.handle(7, PsInput::Gradient(0, g(0, 1.0)));
@@ -282,7 +350,7 @@ mod tests {
         // Worker 2 is silent: the round closes at the deadline (floor 100 ms after the first push).
         assert_eq!(ps.next_timer(), Some(110));
         let a = ps.handle(110, PsInput::Tick);
-        assert!(a.iter().any(|a| matches!(a, PsAction::Apply { round: 0, inputs } if inputs.len() == 2)));
+        assert!(a.iter().any(|a| matches!(a, PsAction::Apply { round: 0, inputs, .. } if inputs.len() == 2)));
         // Round 1: worker 1 crashes; the round closes as soon as worker 0 pushed.
         ps.handle(120, PsInput::Disconnected(1));
         let a = ps.handle(121, PsInput::Gradient(0, g(1, 1.0)));
@@ -300,5 +368,59 @@ mod tests {
         let a = ps.handle(710, PsInput::Gradient(0, g(2, 1.0)));
         assert!(a.contains(&PsAction::Finished { round: 3 }));
         assert!(ps.is_done());
+    }
+
+    #[test]
+    fn async_mode_applies_each_push_on_arrival_and_drops_stale_and_repeated_ones() {
+        let mut ps =
+            Ps::new(PsConfig { total_rounds: 5, mode: PsMode::Async { max_staleness: 1 }, ..cfg(2) }, 0, 0);
+        ps.handle(0, PsInput::Connected(0));
+        ps.handle(0, PsInput::Connected(1));
+        assert_eq!(ps.next_timer(), None, "no deadline in asynchronous mode");
+        let applied = |a: &[PsAction]| -> Vec<(u64, u64)> {
+            a.iter()
+                .filter_map(|a| match a {
+                    PsAction::Apply { round, staleness, .. } => Some((*round, *staleness)),
+                    _ => None,
+                })
+                .collect()
+        };
+        let events = |a: &[PsAction]| -> Vec<&'static str> {
+            a.iter()
+                .filter_map(|a| match a {
+                    PsAction::Event(Event { kind: EventKind::LateGradient { .. }, .. }) => {
+                        Some("late_gradient")
+                    }
+                    PsAction::Event(Event { kind: EventKind::StaleGradient { .. }, .. }) => {
+                        Some("stale_gradient")
+                    }
+                    _ => None,
+                })
+                .collect()
+        };
+        // Both workers fetched version 0: the first push makes version 1, the second (staleness
+        // 1) version 2.
+        assert_eq!(applied(&ps.handle(5, PsInput::Gradient(0, g(0, 1.0)))), [(0, 0)]);
+        assert!(
+            ps.handle(5, PsInput::Gradient(0, g(0, 1.0)))
+                .iter()
+                .all(|a| !matches!(a, PsAction::Apply { .. })),
+            "a repeated push is applied once"
+        );
+        let a = ps.handle(6, PsInput::Gradient(1, g(0, 1.0)));
+        assert_eq!(applied(&a), [(1, 1)]);
+        assert!(
+            a.contains(&PsAction::Checkpoint { round: 2 }) && a.contains(&PsAction::Publish { round: 2 })
+        );
+        // Worker 0's push computed on version 1 arrives at version 2 (staleness 1); a push for
+        // a version not yet published is refused.
+        assert_eq!(applied(&ps.handle(7, PsInput::Gradient(0, g(1, 1.0)))), [(2, 1)]);
+        assert_eq!(events(&ps.handle(8, PsInput::Gradient(1, g(9, 1.0)))), ["late_gradient"]);
+        // Version 3; worker 1's gradient from version 1 is 2 versions stale: dropped.
+        assert_eq!(events(&ps.handle(9, PsInput::Gradient(1, g(1, 1.0)))), ["stale_gradient"]);
+        assert_eq!(ps.round(), 3);
+        ps.handle(10, PsInput::Gradient(1, g(3, 1.0)));
+        let a = ps.handle(11, PsInput::Gradient(0, g(4, 1.0)));
+        assert!(a.contains(&PsAction::Finished { round: 5 }) && ps.is_done());
     }
 }

@@ -93,11 +93,47 @@ pub struct PsSection {
     /// When the PS process dies, the launcher (standing in for the cloud) restarts it after
     /// this long, ms.
     pub restart_delay_ms: u64,
+    /// `sync`: a round aggregates one gradient per worker, like P2P. `async`: each gradient
+    /// is applied on arrival as the next model version; `train.rounds`/`epochs` then count
+    /// `workers` updates per round, so both modes train on the same number of samples.
+    pub mode: PsModeName,
+    /// Asynchronous mode: gradients computed on a version more than this many updates older
+    /// than the PS's are dropped. With `n` workers the usual staleness is about `n − 1`.
+    pub max_staleness: u64,
+}
+
+/// `ps.mode`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum PsModeName {
+    /// Synchronous rounds.
+    #[default]
+    Sync,
+    /// Asynchronous updates with a staleness bound.
+    Async,
 }
 
 impl Default for PsSection {
     fn default() -> Self {
-        PsSection { restart_delay_ms: 1_000 }
+        PsSection { restart_delay_ms: 1_000, mode: PsModeName::Sync, max_staleness: 16 }
+    }
+}
+
+impl PsSection {
+    /// The core machine's mode.
+    pub fn mode(&self) -> peerless_core::ps::PsMode {
+        match self.mode {
+            PsModeName::Sync => peerless_core::ps::PsMode::Sync,
+            PsModeName::Async => peerless_core::ps::PsMode::Async { max_staleness: self.max_staleness },
+        }
+    }
+
+    /// Model versions per synchronous round: 1, or one per worker in asynchronous mode.
+    pub fn versions_per_round(&self, workers: u32) -> u64 {
+        match self.mode {
+            PsModeName::Sync => 1,
+            PsModeName::Async => u64::from(workers),
+        }
     }
 }
 

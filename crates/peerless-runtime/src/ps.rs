@@ -44,7 +44,10 @@ struct Common {
     split: Arc<Split>,
     model: Arc<Model>,
     sampler: Arc<Sampler>,
+    /// Model versions to publish (rounds × versions per round).
     total: u64,
+    /// Model versions per synchronous round: 1, or the worker count in asynchronous mode.
+    vpr: u64,
     rpe: u64,
     files: Files,
     data_dir: PathBuf,
@@ -88,8 +91,22 @@ async fn common(file: &PeerFile, data_dir: PathBuf) -> Result<Common, NodeError>
         run.seed,
     ));
     let rpe = sampler.rounds_per_epoch();
-    let total = if run.train.rounds > 0 { run.train.rounds } else { u64::from(run.train.epochs) * rpe };
-    Ok(Common { me, my_id, ids, swarm, split, model, sampler, total, rpe, files, data_dir })
+    let rounds = if run.train.rounds > 0 { run.train.rounds } else { u64::from(run.train.epochs) * rpe };
+    let vpr = run.ps.versions_per_round(n);
+    Ok(Common {
+        me,
+        my_id,
+        ids,
+        swarm,
+        split,
+        model,
+        sampler,
+        total: rounds * vpr,
+        vpr,
+        rpe,
+        files,
+        data_dir,
+    })
 }
 
 /// When to retry after `failures` failed fetches: exponential backoff with full jitter, seeded.
@@ -111,8 +128,9 @@ pub async fn run_server(
     mut stop: watch::Receiver<bool>,
 ) -> Result<PeerSummary, NodeError> {
     let run = file.run.clone();
-    let Common { me, my_id, ids, mut swarm, split, model, total, rpe, mut files, .. } =
+    let Common { me, my_id, ids, mut swarm, split, model, total, vpr, rpe, mut files, .. } =
         common(&file, data_dir).await?;
+    let asynchronous = run.ps.mode == crate::config::PsModeName::Async;
     let n = run.p2p.peers;
     let index_of: HashMap<PeerId, PeerIdx> =
         ids.iter().enumerate().map(|(i, p)| (*p, i as PeerIdx)).collect();
@@ -130,13 +148,14 @@ pub async fn run_server(
     let cfg = PsConfig {
         workers: (0..n).collect(),
         total_rounds: total,
-        checkpoint_every: run.train.checkpoint_every,
+        checkpoint_every: run.train.checkpoint_every * vpr,
         deadline: DeadlinePolicy {
             floor_ms: run.p2p.deadline_floor_ms,
             ceiling_ms: run.p2p.deadline_ceiling_ms,
             factor: run.p2p.deadline_factor,
         },
         start_timeout_ms: run.p2p.start_timeout_ms,
+        mode: run.ps.mode(),
     };
     let t0 = Instant::now();
     let now = || t0.elapsed().as_millis() as u64;
@@ -152,6 +171,10 @@ pub async fn run_server(
     let mut queued = vec![PsInput::Tick];
     let mut fetched_final: usize = 0;
     let mut done_at: Option<Instant> = None;
+    // The training loss each worker reported with its newest push: (version, loss).
+    let mut losses: HashMap<PeerIdx, (u64, f32)> = HashMap::new();
+    let (eval_tx, mut eval_rx) = mpsc::channel::<(u64, f32, f32)>(4);
+    let mut pending_eval: Option<(u64, f32, f32)> = None;
     loop {
         if let Some(t) = done_at
             && (fetched_final >= n as usize || t.elapsed() > Duration::from_secs(5))
@@ -187,11 +210,12 @@ pub async fn run_server(
                         let Some(&w) = index_of.get(&peer) else { continue };
                         match wire::decode(&request, limits) {
                             // Answer at once unless this worker already contributed to the
-                            // current version (it then waits for the next one). A worker
-                            // asking for a version this PS has not reached (it restarted from
-                            // a checkpoint) gets the current one.
+                            // current version (synchronous mode: it then waits for the next
+                            // one). A worker asking for a version this PS has not reached (it
+                            // restarted from a checkpoint) gets the current one. Asynchronous
+                            // mode always answers with the newest version.
                             Ok(Message::ParamsRequest { round }) => match &published {
-                                Some((r, msg)) if *r >= round || pushed.get(&w) != Some(r) => {
+                                Some((r, msg)) if asynchronous || *r >= round || pushed.get(&w) != Some(r) => {
                                     bytes_out += msg.len() as u64;
                                     if *r >= total { fetched_final += 1; }
                                     let _ = swarm.behaviour_mut().rr.send_response(channel, msg.clone());
@@ -200,6 +224,7 @@ pub async fn run_server(
                             },
                             Ok(Message::Gradient(g)) => {
                                 pushed.insert(w, g.round);
+                                losses.insert(w, (g.round, g.loss));
                                 let _ = swarm.behaviour_mut().rr.send_response(channel, wire::encode(&Message::Ack).into());
                                 queued.push(PsInput::Gradient(w, g));
                             }
@@ -215,6 +240,10 @@ pub async fn run_server(
                     _ => {}
                 },
                 _ = tokio::time::sleep_until(timer.into()) => queued.push(PsInput::Tick),
+                Some(e) = eval_rx.recv() => {
+                    files.event(me, json!({ "event": "eval", "round": e.0, "test_loss": e.1, "test_accuracy": e.2 }));
+                    pending_eval = Some(e);
+                }
                 _ = stop.changed() => {
                     files.event(me, json!({ "event": "stop", "round": ps.round(), "reason": "interrupted" }));
                     break;
@@ -247,31 +276,65 @@ pub async fn run_server(
                         }
                         published = Some((round, msg));
                     }
-                    PsAction::Apply { round, inputs } => {
-                        let refs: Vec<&[f32]> = inputs.iter().map(|(_, g)| g.as_slice()).collect();
+                    PsAction::Apply { round, inputs, staleness } => {
                         let t = Instant::now();
-                        aggregator
-                            .aggregate(&refs, &mut agg)
-                            .map_err(|e| NodeError::Compute { round, reason: e.to_string() })?;
+                        let update: &[f32] = if let [(_, g)] = inputs.as_slice()
+                            && asynchronous
+                        {
+                            // One gradient at a time: nothing to aggregate.
+                            g
+                        } else {
+                            let refs: Vec<&[f32]> = inputs.iter().map(|(_, g)| g.as_slice()).collect();
+                            aggregator
+                                .aggregate(&refs, &mut agg)
+                                .map_err(|e| NodeError::Compute { round, reason: e.to_string() })?;
+                            &agg
+                        };
                         let aggregate_ms = t.elapsed().as_secs_f64() * 1e3;
                         let t = Instant::now();
-                        optimizer.step(&mut params, &agg)?;
+                        optimizer.step(&mut params, update)?;
                         let update_ms = t.elapsed().as_secs_f64() * 1e3;
                         let done = round + 1;
                         let round_ms = last_close.elapsed().as_secs_f64() * 1e3;
                         last_close = Instant::now();
+                        let reported: Vec<f32> = inputs
+                            .iter()
+                            .filter_map(|(w, _)| losses.get(w).filter(|(v, _)| *v + staleness == round))
+                            .map(|(_, l)| *l)
+                            .collect();
+                        let loss = reported.iter().sum::<f32>() / reported.len().max(1) as f32;
+                        // Evaluation every `eval_every` rounds (default: every epoch), off the
+                        // event loop; the result goes into a later metrics row.
+                        let every = match run.train.eval_every {
+                            0 => rpe,
+                            k => k,
+                        } * vpr;
+                        if done % every == 0 && done < total {
+                            let (model, split, p, tx) =
+                                (model.clone(), split.clone(), params.clone(), eval_tx.clone());
+                            tokio::task::spawn_blocking(move || {
+                                if let Ok((l, a)) = model.evaluate(&p, &split.test) {
+                                    let _ = tx.blocking_send((done, l, a));
+                                }
+                            });
+                        }
+                        let ev = pending_eval.take();
+                        let opt = |v: Option<String>| v.unwrap_or_default();
                         files.metrics(&format!(
-                            "{},{me},{done},{:.4},{:.4},,{},{},,{bytes_in},{bytes_out},,,,,{round_ms:.2},,{aggregate_ms:.3},{update_ms:.3},,,,",
+                            "{},{me},{done},{:.4},{:.4},{loss:.6},{},{},,{bytes_in},{bytes_out},,,,,{round_ms:.2},,{aggregate_ms:.3},{update_ms:.3},,{},{},{},{staleness}",
                             unix_ms(),
-                            done as f64 / rpe as f64,
+                            done as f64 / (rpe * vpr) as f64,
                             t0.elapsed().as_secs_f64(),
                             ps.expected().len(),
                             inputs.len(),
+                            opt(ev.map(|e| e.0.to_string())),
+                            opt(ev.map(|e| format!("{:.6}", e.1))),
+                            opt(ev.map(|e| format!("{:.6}", e.2))),
                         ));
                         if file.peer.progress {
                             println!(
                                 "{}",
-                                json!({ "peer": me, "round": done, "total": total, "loss": f32::NAN, "view": inputs.len() })
+                                json!({ "peer": me, "round": done, "total": total, "loss": loss, "view": inputs.len() })
                             );
                         }
                     }
@@ -280,7 +343,7 @@ pub async fn run_server(
                             model: model.id(),
                             layout: model.layout().fingerprint(),
                             round,
-                            epoch: round / rpe,
+                            epoch: round / (rpe * vpr),
                             params: params.clone(),
                             optimizer: optimizer.state(),
                             rng: [0; 4],
@@ -333,8 +396,12 @@ pub async fn run_worker(
     mut stop: watch::Receiver<bool>,
 ) -> Result<PeerSummary, NodeError> {
     let run = file.run.clone();
-    let Common { me, my_id, ids, mut swarm, split, model, sampler, total, rpe, mut files, data_dir } =
+    let Common { me, my_id, ids, mut swarm, split, model, sampler, total, vpr, rpe, mut files, data_dir } =
         common(&file, data_dir).await?;
+    let asynchronous = run.ps.mode == crate::config::PsModeName::Async;
+    // Asynchronous mode: this worker's own step through its shard (it starts where the PS's
+    // version says an average worker is); synchronous mode: the PS's round.
+    let mut step: Option<u64> = None;
     let ps_id = *ids.last().expect("the PS id");
     let ps_addr: Multiaddr = file
         .peer
@@ -404,10 +471,11 @@ pub async fn run_worker(
                             files.event(me, json!({ "event": "fetched", "round": s.round, "wait_ms": wait_ms }));
                             computing = true;
                             compute_start = Instant::now();
+                            let at = if asynchronous { *step.get_or_insert(s.round / vpr) } else { s.round };
                             Job {
                                 round: s.round,
                                 params: Arc::new(s.params),
-                                batches: sampler.batches(me, s.round),
+                                batches: sampler.batches(me, at),
                                 ..job.clone()
                             }
                             .spawn(tx.clone());
@@ -441,6 +509,13 @@ pub async fn run_worker(
                 let compute_ms = compute_start.elapsed().as_secs_f64() * 1e3;
                 samples += r.samples;
                 next = r.round + 1;
+                let position = match step.as_mut() {
+                    Some(st) => {
+                        *st += 1;
+                        *st
+                    }
+                    None => next,
+                };
                 if connected {
                     let msg = Bytes::from(wire::encode(&Message::Gradient(GradientMsg {
                         round: r.round, digest: r.digest, samples: r.samples, loss: r.loss, grad: r.grad,
@@ -451,8 +526,8 @@ pub async fn run_worker(
                 }
                 let inv = backend.summary();
                 files.metrics(&format!(
-                    "{},{me},{},{:.4},{:.4},{:.6},,,{},{bytes_in},{bytes_out},{},{},{},{compute_ms:.2},,,,,{},,,",
-                    unix_ms(), r.round + 1, (r.round + 1) as f64 / rpe as f64, t0.elapsed().as_secs_f64(), r.loss, r.samples,
+                    "{},{me},{position},{:.4},{:.4},{:.6},,,{},{bytes_in},{bytes_out},{},{},{},{compute_ms:.2},,,,,{},,,,",
+                    unix_ms(), position as f64 / rpe as f64, t0.elapsed().as_secs_f64(), r.loss, r.samples,
                     inv.invocations, inv.cold_starts, inv.retries,
                     inv.cost_pico + prices.node_pico(t0.elapsed().as_millis() as u64),
                 ));
@@ -468,7 +543,7 @@ pub async fn run_worker(
         peer: me,
         peer_id: my_id.to_string(),
         completed: done,
-        rounds: next,
+        rounds: step.unwrap_or(next),
         test_accuracy: 0.0,
         test_loss: 0.0,
         param_digest: String::new(),

@@ -175,6 +175,21 @@ pub struct TrainArgs {
     /// P2P: where gradients are computed: `functions` (serverless) or `local` (in the peer).
     #[arg(long)]
     pub compute: Option<ComputeArg>,
+    /// PS: `sync` rounds (the default) or `async` updates with a staleness bound.
+    #[arg(long)]
+    pub ps_mode: Option<PsModeArg>,
+    /// PS, asynchronous mode: drop gradients more than this many versions old.
+    #[arg(long)]
+    pub max_staleness: Option<u64>,
+}
+
+/// `--ps-mode` values.
+#[derive(Debug, Clone, Copy, clap::ValueEnum)]
+pub enum PsModeArg {
+    /// Synchronous rounds, like P2P.
+    Sync,
+    /// Asynchronous updates.
+    Async,
 }
 
 /// `--compute` values.
@@ -252,6 +267,15 @@ impl TrainArgs {
                 ComputeArg::Local => peerless_runtime::config::Compute::Local,
             };
         }
+        if let Some(m) = self.ps_mode {
+            cfg.ps.mode = match m {
+                PsModeArg::Sync => peerless_runtime::config::PsModeName::Sync,
+                PsModeArg::Async => peerless_runtime::config::PsModeName::Async,
+            };
+        }
+        if let Some(s) = self.max_staleness {
+            cfg.ps.max_staleness = s;
+        }
         self.apply_schedule(cfg);
         Ok(())
     }
@@ -278,7 +302,9 @@ impl TrainArgs {
     /// Names of flags given that would change the computation (refused on resume).
     pub fn computation_flags(&self) -> Vec<&'static str> {
         let mut v = Vec::new();
-        let checks: [(&'static str, bool); 14] = [
+        let checks: [(&'static str, bool); 16] = [
+            ("--ps-mode", self.ps_mode.is_some()),
+            ("--max-staleness", self.max_staleness.is_some()),
             ("--peers", self.peers.is_some()),
             ("--functions-per-peer", self.functions_per_peer.is_some()),
             ("--compute", self.compute.is_some()),

@@ -345,13 +345,83 @@ fn the_ps_continues_without_a_killed_worker() {
     };
     wait_for("worker 1's round 20", Duration::from_secs(60), || w1(&out) > 20);
     kill9(pid);
+    // The PS goes on with workers 0 and 2 …
+    let ps_rows = |out: &Path| -> Vec<Vec<String>> {
+        let text = std::fs::read_to_string(out.join("ps/metrics.csv")).unwrap_or_default();
+        text.lines().skip(1).map(|l| l.split(',').map(str::to_owned).collect()).collect()
+    };
+    let killed_at = ps_rows(&out).len();
+    wait_for("rounds without worker 1", Duration::from_secs(60), || ps_rows(&out).len() > killed_at + 10);
+    // … and worker 1, restarted from its config (as a cloud would restart the instance), rejoins.
+    let restarted = peerless()
+        .args(["worker", "--config"])
+        .arg(out.join("workers/1/worker.toml"))
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
     let o = finish(child);
     assert!(o.status.success());
+    let r = restarted.wait_with_output().unwrap();
+    assert!(r.status.success(), "{}", String::from_utf8_lossy(&r.stderr));
     let s = summary(&out);
     assert_eq!(s["rounds"], 300);
     let ev = events(&out.join("ps/events.jsonl"));
-    assert!(ev.iter().any(|e| e["event"] == "peer_left" && e["peer"] == 1));
+    let left = ev.iter().position(|e| e["event"] == "peer_left" && e["peer"] == 1).expect("worker 1 left");
+    assert!(
+        ev[left..].iter().any(|e| e["event"] == "connected" && e["to"] == 1),
+        "the restarted worker reconnected"
+    );
     assert!(!ev.iter().any(|e| e["event"] == "peer_suspected"), "the PS waited for the dead worker");
+    // Rounds ran with 2 contributors while it was gone and with 3 again after it rejoined.
+    let contributors: Vec<u32> = ps_rows(&out).iter().map(|r| r[7].parse().unwrap()).collect();
+    let first_two = contributors.iter().position(|&c| c == 2).expect("rounds without worker 1");
+    assert!(contributors[first_two..].contains(&3), "worker 1's gradients count again after it rejoined");
+    let w1s = summary(&out.join("workers/1"));
+    assert_eq!(w1s["completed"], true, "{w1s}");
+}
+
+#[test]
+fn an_asynchronous_ps_applies_each_gradient_on_arrival_within_the_staleness_bound() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("run");
+    let mut args = digits_args();
+    args[0] = "--workers";
+    let o = run(peerless()
+        .args(["train", "--arch", "ps", "--ps-mode", "async", "--max-staleness", "1"])
+        .args(&args)
+        .arg("--out")
+        .arg(&out));
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let s = summary(&out);
+    // 300 rounds of 3 workers: 900 single-gradient versions, the same samples as synchronous.
+    assert_eq!(s["rounds"], 900, "{s}");
+    assert!(s["test_accuracy"].as_f64().unwrap() >= 0.85, "{s}");
+    let text = std::fs::read_to_string(out.join("ps/metrics.csv")).unwrap();
+    let header: Vec<&str> = text.lines().next().unwrap().split(',').collect();
+    let col = |name: &str| header.iter().position(|h| *h == name).unwrap();
+    let (st, contrib) = (col("staleness"), col("contributors"));
+    let rows: Vec<Vec<&str>> = text.lines().skip(1).map(|l| l.split(',').collect()).collect();
+    assert_eq!(rows.len(), 900);
+    for r in &rows {
+        assert_eq!(r[contrib], "1", "one gradient per version");
+        assert!(r[st].parse::<u64>().unwrap() <= 1, "a gradient beyond the staleness bound was applied");
+    }
+    // Every push is accounted for: applied, or dropped as stale with an event.
+    let pushed: u64 =
+        (0..3).map(|i| summary(&out.join(format!("workers/{i}")))["rounds"].as_u64().unwrap()).sum();
+    let ev = events(&out.join("ps/events.jsonl"));
+    let dropped =
+        ev.iter().filter(|e| e["event"] == "stale_gradient" || e["event"] == "late_gradient").count();
+    assert!(
+        pushed as usize >= 900 && pushed as usize <= 900 + dropped + 3,
+        "{pushed} pushes, {dropped} dropped"
+    );
+    assert!(
+        ev.iter()
+            .filter(|e| e["event"] == "stale_gradient")
+            .all(|e| e["current"].as_u64().unwrap() - e["round"].as_u64().unwrap() > 1)
+    );
 }
 
 #[test]
