@@ -251,8 +251,11 @@ pub struct P2pConfig {
     pub start_timeout_ms: u64,
     /// Survivors take over the shards of peers that left, so their data is still trained on.
     pub takeover: bool,
-    /// Aggregation rule.
-    pub aggregator: peerless_core::aggregate::Rule,
+    /// Aggregation rule: `"mean"` (default), `"median"`, `"trimmed-mean"`, `"krum"`,
+    /// `"multi-krum"`, `"bulyan"`, `"centered-clipping"`, or a table with the rule's parameters,
+    /// e.g. `{ rule = "krum", f = 1 }` (see [`peerless_core::aggregate::AggregatorConfig`]). Its
+    /// precondition is checked against `peers` (the PS's workers are `peers` too).
+    pub aggregator: peerless_core::aggregate::AggregatorConfig,
     /// The run secret: peer identities and the allow-list derive from it. Empty: the launcher
     /// draws one at random (and writes it into the peers' configs).
     pub secret: String,
@@ -272,7 +275,7 @@ impl Default for P2pConfig {
             deadline_factor: 4.0,
             start_timeout_ms: 20_000,
             takeover: true,
-            aggregator: peerless_core::aggregate::Rule::Mean,
+            aggregator: peerless_core::aggregate::AggregatorConfig::Mean,
             secret: String::new(),
             store: "embedded".into(),
         }
@@ -300,6 +303,10 @@ impl P2pConfig {
         if !(self.deadline_factor.is_finite() && self.deadline_factor >= 1.0) {
             return Err(invalid("p2p.deadline_factor", self.deadline_factor, "must be finite and ≥ 1"));
         }
+        // A round aggregates one gradient per peer (P2P) or per worker (PS); both are `peers`.
+        self.aggregator
+            .validate(self.peers as usize)
+            .map_err(|e| invalid("p2p.aggregator", self.aggregator, &format!("{e} (n = p2p.peers)")))?;
         if self.store != "embedded" && !self.store.starts_with("redis://") {
             return Err(invalid("p2p.store", &self.store, "must be \"embedded\" or a redis:// URL"));
         }
@@ -388,5 +395,39 @@ mod tests {
         assert!(err.starts_with("train.batch_size = 0"), "{err}");
         let err = RunConfig::from_toml("[model]\narch = \"transformer\"\n", "x").unwrap_err().to_string();
         assert!(err.contains("transformer"), "{err}");
+    }
+
+    #[test]
+    fn aggregator_precondition_is_checked_against_peers() {
+        use peerless_core::aggregate::AggregatorConfig;
+        let err =
+            RunConfig::from_toml("[p2p]\npeers = 4\naggregator = \"krum\"\n", "x").unwrap_err().to_string();
+        assert_eq!(
+            err,
+            "p2p.aggregator = krum (f = 1): krum needs n ≥ 2f+3 = 5 inputs for f = 1, the run has 4 (n = p2p.peers)"
+        );
+        let cfg = RunConfig::from_toml("[p2p]\npeers = 5\naggregator = \"krum\"\n", "x").unwrap();
+        assert_eq!(cfg.p2p.aggregator, AggregatorConfig::Krum { f: 1 });
+        let err = RunConfig::from_toml("[p2p]\npeers = 9\naggregator = { rule = \"bulyan\", f = 2 }\n", "x")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("bulyan needs n ≥ 4f+3 = 11"), "{err}");
+        let err = RunConfig::from_toml("[p2p]\naggregator = { rule = \"krum\", byzantine = 1 }\n", "x")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("byzantine"), "{err}");
+        assert_eq!(RunConfig::default().p2p.aggregator, AggregatorConfig::Mean);
+    }
+
+    #[test]
+    fn aggregator_tables_round_trip_through_the_effective_config() {
+        let text =
+            "[p2p]\npeers = 7\naggregator = { rule = \"multi-krum\", f = 2, m = 3 }\nstore = \"embedded\"\n";
+        let cfg = RunConfig::from_toml(text, "x").unwrap();
+        let back = RunConfig::from_toml(&cfg.to_toml(), "effective").unwrap();
+        assert_eq!(cfg, back);
+        let text = "[p2p]\npeers = 5\n[p2p.aggregator]\nrule = \"centered-clipping\"\ntau = 0.5\n";
+        let cfg = RunConfig::from_toml(text, "x").unwrap();
+        assert_eq!(cfg, RunConfig::from_toml(&cfg.to_toml(), "effective").unwrap());
     }
 }
