@@ -60,6 +60,15 @@ pub struct GradientRequest {
     pub output_mode: OutputMode,
     /// The store.
     pub store: StoreRef,
+    /// Whether the response carries the SHA-256 of the gradient (default `true`). Hashing
+    /// the MLP's gradient costs about as much as delivering it; callers that do not compare
+    /// digests (nodes read the in-store sum) set it to `false`.
+    #[serde(default = "yes")]
+    pub return_digest: bool,
+}
+
+fn yes() -> bool {
+    true
 }
 
 impl GradientRequest {
@@ -78,8 +87,10 @@ pub struct GradientResponse {
     pub key: String,
     /// Its length in f32 values.
     pub len: usize,
-    /// SHA-256 (hex) of the gradient this invocation computed.
-    pub digest: String,
+    /// SHA-256 (hex) of the gradient this invocation computed, when the request asked for it
+    /// (`return_digest`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub digest: Option<String>,
     /// Mean loss on the batch.
     pub loss: f32,
     /// Samples in the batch.

@@ -13,6 +13,7 @@
 //! - [`node`] — what peers, the PS and workers share: files, gradient backend, round work.
 //! - [`p2p`] — peer-to-peer training: the libp2p network, the peer process, its sampler.
 //! - [`ps`] — the parameter-server baseline: the PS process and its workers.
+//! - [`scenario`] — experiment scenarios: a workload and the faults the launcher injects.
 //! - [`store`] — the store trait; the embedded RESP server and the Redis backend, with
 //!   in-store aggregation that counts each gradient once.
 
@@ -25,4 +26,5 @@ pub mod node;
 pub mod p2p;
 pub mod ps;
 pub mod rundir;
+pub mod scenario;
 pub mod store;

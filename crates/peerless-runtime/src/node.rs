@@ -14,7 +14,7 @@ use peerless_ml::{Model, Split};
 use serde_json::json;
 
 use crate::config::{Compute, RunConfig};
-use crate::function::{FunctionCommand, InvokeCtx, Invoker, LocalRuntime};
+use crate::function::{FunctionCommand, InvokeCtx, Invoker};
 use crate::store::embedded::{EmbeddedHandle, EmbeddedServer};
 use crate::store::{RedisStore, Store};
 
@@ -75,7 +75,8 @@ pub(crate) struct LocalResult {
 #[allow(clippy::large_enum_variant)] // one per peer, behind an Arc
 pub(crate) enum Backend {
     Functions {
-        runtime: LocalRuntime,
+        /// The invoker `[function] backend` chose: the local runtime or AWS Lambda.
+        runtime: Arc<dyn Invoker>,
         store: RedisStore,
         store_url: String,
         embedded: Option<EmbeddedHandle>,
@@ -251,6 +252,8 @@ impl Job {
                         output_key: gkey.clone(),
                         output_mode: OutputMode::Accumulate,
                         store: StoreRef { url: store_url.clone() },
+                        // Only the in-store sum is read; hashing each gradient would be waste.
+                        return_digest: false,
                     };
                     let payload = serde_json::to_value(&req).expect("invariant: requests serialize");
                     runtime.invoke("gradient", payload, InvokeCtx::new(node.clone(), round, j as u32))
@@ -316,7 +319,7 @@ impl Backend {
             Compute::Local => Backend::Local,
             Compute::Functions => {
                 let runtime =
-                    LocalRuntime::start(run.function.clone(), command, run.seed ^ (u64::from(me) << 40))
+                    crate::function::start(run.function.clone(), command, run.seed ^ (u64::from(me) << 40))
                         .map_err(|e| NodeError::Config(e.to_string()))?;
                 let (embedded, store_url) = if p2p.store == "embedded" {
                     let h = EmbeddedServer::spawn(([127, 0, 0, 1], 0).into(), Some(p2p.secret.clone()))

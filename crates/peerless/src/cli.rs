@@ -42,6 +42,14 @@ enum Command {
     /// Invoke a function once on a local function runtime; prints the answer, then each
     /// attempt's ledger record (JSON lines).
     Invoke(Box<crate::function_cmd::InvokeArgs>),
+    /// Run scenarios (files or directories of them) × architectures × seeds, one run
+    /// directory each, injecting each scenario's faults; resumable.
+    Experiment(Box<crate::experiment::ExperimentArgs>),
+    /// Write `report.md` and charts for an experiment directory from its run files.
+    Report {
+        /// The experiment directory (holding experiment.json).
+        dir: PathBuf,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -114,6 +122,10 @@ pub struct TrainArgs {
     /// TOML configuration file (every key documented in the README; unknown keys are errors).
     #[arg(long)]
     pub config: Option<PathBuf>,
+    /// An experiment scenario: its `[run]` is the config (the other flags override it) and
+    /// the launcher injects its `[[fault]]`s (P2P and PS runs).
+    #[arg(long, conflicts_with = "config")]
+    pub scenario: Option<PathBuf>,
     /// Continue the run in this directory from its last checkpoint.
     #[arg(long, conflicts_with = "config")]
     pub resume: Option<PathBuf>,
@@ -302,7 +314,7 @@ impl TrainArgs {
     /// Names of flags given that would change the computation (refused on resume).
     pub fn computation_flags(&self) -> Vec<&'static str> {
         let mut v = Vec::new();
-        let checks: [(&'static str, bool); 16] = [
+        let checks: [(&'static str, bool); 17] = [
             ("--ps-mode", self.ps_mode.is_some()),
             ("--max-staleness", self.max_staleness.is_some()),
             ("--peers", self.peers.is_some()),
@@ -319,6 +331,7 @@ impl TrainArgs {
             ("--name", self.name.is_some()),
             ("--out", self.out.is_some()),
             ("--config", self.config.is_some()),
+            ("--scenario", self.scenario.is_some()),
         ];
         for (name, given) in checks {
             if given {
@@ -354,6 +367,8 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
         Command::Ps(args) => crate::p2p_cmd::run_node(crate::p2p_cmd::Role::Ps, args),
         Command::Worker(args) => crate::p2p_cmd::run_node(crate::p2p_cmd::Role::Worker, args),
         Command::Invoke(args) => crate::function_cmd::run_invoke(*args),
+        Command::Experiment(args) => crate::experiment::run(*args),
+        Command::Report { dir } => crate::report::run_cli(&dir),
         Command::Bench(BenchCommand::Invoke(args)) => crate::function_cmd::run_bench_invoke(args),
         Command::Bench(BenchCommand::P2p { rounds, dataset, compute, out, json }) => {
             let mut cfg = RunConfig::default();

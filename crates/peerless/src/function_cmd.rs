@@ -15,6 +15,13 @@ pub fn handlers() -> Handlers {
     Handlers::builtin().with("gradient", peerless_runtime::gradient::GradientFunction::new().into_handler())
 }
 
+/// Whether this process was started as a Lambda custom runtime's `bootstrap`: no arguments
+/// and `AWS_LAMBDA_RUNTIME_API` set, as AWS Lambda (or an emulator such as `cargo lambda
+/// watch`) starts it. It then runs as `peerless function`.
+pub fn started_as_lambda_bootstrap() -> bool {
+    std::env::args_os().len() == 1 && std::env::var_os("AWS_LAMBDA_RUNTIME_API").is_some()
+}
+
 /// `peerless function`: runs this process as a function instance (a Lambda custom runtime).
 /// It needs Lambda's environment (`AWS_LAMBDA_RUNTIME_API`, …), which the function runtime
 /// (or AWS Lambda) sets.
@@ -34,7 +41,8 @@ pub struct InvokeArgs {
     /// The payload: JSON text, or `@path` to read it from a file.
     #[arg(long, default_value = "null")]
     pub payload: String,
-    /// Function runtime configuration (TOML, the `[function]` keys).
+    /// Function runtime configuration (TOML, the `[function]` keys, `backend` and `[aws]`
+    /// included).
     #[arg(long)]
     pub config: Option<PathBuf>,
     /// Memory, MB (overrides the config).
@@ -70,8 +78,9 @@ fn runtime_command() -> Result<FunctionCommand> {
     Ok(FunctionCommand::peerless(exe))
 }
 
-/// `peerless invoke`: one invocation on a fresh local runtime. Prints the answer (or the
-/// error document) on the first line and each attempt's ledger record as a JSON line after it.
+/// `peerless invoke`: one invocation on a fresh invoker of the configured backend (the local
+/// runtime unless the config says `backend = "aws-lambda"`). Prints the answer (or the error
+/// document) on the first line and each attempt's ledger record as a JSON line after it.
 pub fn run_invoke(args: InvokeArgs) -> Result<ExitCode> {
     let mut cfg = load_config(args.config.as_ref())?;
     if let Some(m) = args.memory_mb {
@@ -95,7 +104,7 @@ pub fn run_invoke(args: InvokeArgs) -> Result<ExitCode> {
     let command = runtime_command()?;
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
     rt.block_on(async move {
-        let runtime = LocalRuntime::start(cfg, command, args.seed)?;
+        let runtime = function::start(cfg, command, args.seed)?;
         let inv = runtime.invoke(&args.function, payload, InvokeCtx::new("cli", 0, 0)).await;
         runtime.shutdown().await;
         let inv = inv?;
@@ -108,7 +117,8 @@ pub fn run_invoke(args: InvokeArgs) -> Result<ExitCode> {
             println!("{}", serde_json::to_string(rec)?);
         }
         if let Some(path) = &args.ledger {
-            runtime.write_ledger_csv(path).with_context(|| format!("writing {}", path.display()))?;
+            function::metrics::write_ledger_csv(path, &runtime.ledger())
+                .with_context(|| format!("writing {}", path.display()))?;
         }
         if let Some(dir) = &args.out {
             runtime
@@ -261,6 +271,8 @@ async fn bench_gradient(runtime: &LocalRuntime, n: usize) -> Result<GradientBenc
             output_key: "grad/bench".into(),
             output_mode: OutputMode::Accumulate,
             store: StoreRef { url: server.url() },
+            // As the nodes ask: no digest of the gradient.
+            return_digest: false,
         };
         let payload = serde_json::to_value(&req)?;
         let t = Instant::now();

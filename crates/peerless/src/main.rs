@@ -2,9 +2,12 @@
 
 mod bench;
 mod cli;
+mod experiment;
+mod faults;
 mod function_cmd;
 mod p2p_cmd;
 mod progress;
+mod report;
 mod train;
 
 use clap::Parser;
@@ -18,7 +21,11 @@ use tracing_subscriber::EnvFilter;
 static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 fn main() -> std::process::ExitCode {
-    let args = cli::Cli::parse();
+    let args = if function_cmd::started_as_lambda_bootstrap() {
+        cli::Cli::parse_from(["peerless", "function"])
+    } else {
+        cli::Cli::parse()
+    };
     tracing_subscriber::fmt()
         .with_env_filter(EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("warn")))
         .with_writer(std::io::stderr)

@@ -19,12 +19,15 @@ use anyhow::{Context, Result, bail};
 use clap::Args;
 use indicatif::{ProgressBar, ProgressStyle};
 use peerless_core::cost::pico_to_usd;
-use peerless_runtime::config::{Compute, RunConfig};
+use peerless_runtime::config::{Compute, RunConfig, TrainArch};
 use peerless_runtime::function::FunctionCommand;
 use peerless_runtime::p2p::peer::METRICS_HEADER;
 use peerless_runtime::p2p::{PeerFile, PeerSection, PeerSummary};
 use peerless_runtime::rundir::RunDir;
+use peerless_runtime::scenario::FaultSpec;
 use serde::{Deserialize, Serialize};
+
+use crate::faults::{Injector, Proxy};
 
 /// `peerless peer`.
 #[derive(Debug, Args)]
@@ -186,11 +189,29 @@ fn random_secret() -> String {
     )
 }
 
+fn multiaddr(port: u16) -> String {
+    format!("/ip4/127.0.0.1/tcp/{port}")
+}
+
+/// The address node `from` dials to reach node `to` listening on `port`: direct, or through
+/// the fault proxy when the run injects network faults.
+fn dial_addr(proxy: Option<&Proxy>, from: usize, to: usize, port: u16) -> Result<String> {
+    Ok(match proxy {
+        Some(px) => multiaddr(px.route(from, to, ([127, 0, 0, 1], port).into())?.port()),
+        None => multiaddr(port),
+    })
+}
+
 /// Writes the peer configurations of a cluster of `cfg.p2p.peers` peers under `dir/peers/`.
-pub fn write_peer_files(cfg: &RunConfig, dir: &Path, secret: &str) -> Result<Vec<PathBuf>> {
+pub fn write_peer_files(
+    cfg: &RunConfig,
+    dir: &Path,
+    secret: &str,
+    proxy: Option<&Proxy>,
+) -> Result<Vec<PathBuf>> {
     let n = cfg.p2p.peers as usize;
     let ports = free_ports(n)?;
-    let addrs: Vec<String> = ports.iter().map(|p| format!("/ip4/127.0.0.1/tcp/{p}")).collect();
+    let addrs: Vec<String> = ports.iter().map(|p| multiaddr(*p)).collect();
     let mut run = cfg.clone();
     run.p2p.secret = secret.to_owned();
     let mut paths = Vec::new();
@@ -201,12 +222,10 @@ pub fn write_peer_files(cfg: &RunConfig, dir: &Path, secret: &str) -> Result<Vec
             peer: PeerSection {
                 index: i as u32,
                 listen: addrs[i].clone(),
-                bootstrap: addrs
-                    .iter()
-                    .enumerate()
-                    .filter(|(j, _)| *j != i)
-                    .map(|(_, a)| a.clone())
-                    .collect(),
+                bootstrap: (0..n)
+                    .filter(|&j| j != i)
+                    .map(|j| dial_addr(proxy, i, j, ports[j]))
+                    .collect::<Result<_>>()?,
                 allow: Vec::new(),
                 dir: pdir.clone(),
                 join: false,
@@ -223,6 +242,8 @@ pub fn write_peer_files(cfg: &RunConfig, dir: &Path, secret: &str) -> Result<Vec
 }
 
 fn spawn_node(sub: &str, config: &Path, join: bool) -> Result<Child> {
+    // A stale pid file must not be mistaken for the new process's.
+    let _ = std::fs::remove_file(config.with_file_name("pid"));
     let exe = std::env::current_exe().context("locating the peerless executable")?;
     let log_path = config.with_file_name(format!("{sub}.log"));
     let log = std::fs::OpenOptions::new()
@@ -252,21 +273,33 @@ struct ProgressLine {
     test_accuracy: Option<f32>,
 }
 
-/// `peerless train --arch p2p`: starts the cluster and waits for it.
-pub fn launch(cfg: &RunConfig, dir: &mut RunDir) -> Result<ExitCode> {
+/// `peerless train --arch p2p`: starts the cluster, injects `faults`, and waits for it.
+pub fn launch(cfg: &RunConfig, dir: &mut RunDir, faults: &[FaultSpec]) -> Result<ExitCode> {
     let secret = if cfg.p2p.secret.is_empty() { random_secret() } else { cfg.p2p.secret.clone() };
-    let configs = write_peer_files(cfg, dir.path(), &secret)?;
+    let n = cfg.p2p.peers as usize;
+    let (injector, skipped) = injector(faults, TrainArch::P2p, n, n)?;
+    let configs = write_peer_files(cfg, dir.path(), &secret, injector.proxy())?;
     let nodes: Vec<Node> =
         configs.into_iter().map(|config| Node { sub: "peer", config, restart: None }).collect();
-    run_cluster(cfg, dir, "p2p", nodes)
+    run_cluster(cfg, dir, "p2p", nodes, injector, skipped)
+}
+
+fn injector(
+    faults: &[FaultSpec],
+    arch: TrainArch,
+    n: usize,
+    nodes: usize,
+) -> Result<(Injector, Vec<crate::faults::Record>)> {
+    let proxy = if crate::faults::needs_proxy(faults) { Some(Proxy::new()?) } else { None };
+    Ok(Injector::new(faults, arch, n, nodes, proxy))
 }
 
 /// `peerless train --arch ps`: the parameter server and its workers.
-pub fn launch_ps(cfg: &RunConfig, dir: &mut RunDir) -> Result<ExitCode> {
+pub fn launch_ps(cfg: &RunConfig, dir: &mut RunDir, faults: &[FaultSpec]) -> Result<ExitCode> {
     let secret = if cfg.p2p.secret.is_empty() { random_secret() } else { cfg.p2p.secret.clone() };
     let n = cfg.p2p.peers as usize;
+    let (injector, skipped) = injector(faults, TrainArch::Ps, n, n + 1)?;
     let ports = free_ports(n + 1)?;
-    let ps_addr = format!("/ip4/127.0.0.1/tcp/{}", ports[n]);
     let mut run = cfg.clone();
     run.p2p.secret = secret;
     let mut nodes = Vec::new();
@@ -278,7 +311,11 @@ pub fn launch_ps(cfg: &RunConfig, dir: &mut RunDir) -> Result<ExitCode> {
             peer: PeerSection {
                 index: i as u32,
                 listen: format!("/ip4/127.0.0.1/tcp/{port}"),
-                bootstrap: if is_ps { Vec::new() } else { vec![ps_addr.clone()] },
+                bootstrap: if is_ps {
+                    Vec::new()
+                } else {
+                    vec![dial_addr(injector.proxy(), i, n, ports[n])?]
+                },
                 allow: Vec::new(),
                 dir: ndir.clone(),
                 join: false,
@@ -295,7 +332,7 @@ pub fn launch_ps(cfg: &RunConfig, dir: &mut RunDir) -> Result<ExitCode> {
             restart: is_ps.then(|| Duration::from_millis(cfg.ps.restart_delay_ms)),
         });
     }
-    run_cluster(cfg, dir, "ps", nodes)
+    run_cluster(cfg, dir, "ps", nodes, injector, skipped)
 }
 
 /// One process of a local cluster.
@@ -308,8 +345,8 @@ struct Node {
     restart: Option<Duration>,
 }
 
-fn start_node(node: &Node, tx: &mpsc::Sender<ProgressLine>) -> Result<Child> {
-    let mut child = spawn_node(node.sub, &node.config, false)?;
+fn start_node(node: &Node, tx: &mpsc::Sender<ProgressLine>, join: bool) -> Result<Child> {
+    let mut child = spawn_node(node.sub, &node.config, join)?;
     let out = child.stdout.take().expect("piped");
     let tx = tx.clone();
     std::thread::spawn(move || {
@@ -322,19 +359,41 @@ fn start_node(node: &Node, tx: &mpsc::Sender<ProgressLine>) -> Result<Child> {
     Ok(child)
 }
 
-fn run_cluster(cfg: &RunConfig, dir: &mut RunDir, arch: &str, nodes: Vec<Node>) -> Result<ExitCode> {
+fn run_cluster(
+    cfg: &RunConfig,
+    dir: &mut RunDir,
+    arch: &str,
+    nodes: Vec<Node>,
+    mut injector: Injector,
+    skipped: Vec<crate::faults::Record>,
+) -> Result<ExitCode> {
     let started = Instant::now();
     dir.event(
         "start",
         serde_json::json!({ "arch": arch, "nodes": nodes.len(), "compute": compute_name(cfg.p2p.compute) }),
     )?;
+    for (name, fields) in skipped {
+        dir.event(name, fields)?;
+    }
+    if cfg.function.faults.any() && cfg.p2p.compute == Compute::Functions {
+        dir.event(
+            "fault_injected",
+            serde_json::json!({ "fault": "function_faults", "targets": ["functions"], "round": 0, "rates": cfg.function.faults }),
+        )?;
+    }
     let configs: Vec<PathBuf> = nodes.iter().map(|n| n.config.clone()).collect();
     let mut children: Vec<Option<Child>> = Vec::new();
     let (tx, rx) = mpsc::channel::<ProgressLine>();
-    for node in &nodes {
-        children.push(Some(start_node(node, &tx)?));
+    for (i, node) in nodes.iter().enumerate() {
+        let child = start_node(node, &tx, false)?;
+        injector.set_pid(i, Some(child.id()));
+        children.push(Some(child));
     }
-    let mut restarts: Vec<Option<Instant>> = vec![None; nodes.len()];
+    // Pending restarts: when, and whether the node rejoins (`--join`, a peer restarted by a
+    // fault) or resumes on its own (the PS, a worker).
+    let mut restarts: Vec<Option<(Instant, bool)>> = vec![None; nodes.len()];
+    // The PS's versions per synchronous round (fault schedules count synchronous rounds).
+    let vpr = if arch == "ps" { cfg.ps.versions_per_round(cfg.p2p.peers) } else { 1 };
 
     let stop = Arc::new(AtomicBool::new(false));
     {
@@ -359,11 +418,13 @@ fn run_cluster(cfg: &RunConfig, dir: &mut RunDir, arch: &str, nodes: Vec<Node>) 
     let mut rounds = vec![0u64; configs.len() + 1];
     let mut acc = None::<f32>;
     let mut exits: Vec<Option<String>> = vec![None; configs.len()];
+    let mut exit_at: Vec<Option<f64>> = vec![None; configs.len()];
     let mut recoveries: Vec<Recovery> = Vec::new();
     let mut restarted = vec![false; nodes.len()];
     let mut signalled = false;
     loop {
-        while let Ok(p) = rx.recv_timeout(Duration::from_millis(100)) {
+        let tick_end = Instant::now() + Duration::from_millis(50);
+        while let Ok(p) = rx.recv_timeout(tick_end.saturating_duration_since(Instant::now())) {
             bar.set_length(p.total);
             if let Some(r) = rounds.get_mut(p.peer as usize) {
                 *r = p.round;
@@ -380,6 +441,17 @@ fn run_cluster(cfg: &RunConfig, dir: &mut RunDir, arch: &str, nodes: Vec<Node>) 
                 && restarted[rec.index]
             {
                 rec.downtime_s = Some(started.elapsed().as_secs_f64() - rec.died_at_s);
+            }
+        }
+        let round = rounds.iter().copied().max().unwrap_or(0) / vpr;
+        let (records, orders) = injector.tick(started.elapsed(), round);
+        for (name, fields) in records {
+            bar.println(format!("{name}: {fields}"));
+            dir.event(name, fields)?;
+        }
+        for crate::faults::Order::Restart { index, after } in orders {
+            if !signalled {
+                restarts[index] = Some((Instant::now() + after, nodes[index].sub == "peer"));
             }
         }
         if stop.load(Ordering::Relaxed) && !signalled {
@@ -407,7 +479,7 @@ fn run_cluster(cfg: &RunConfig, dir: &mut RunDir, arch: &str, nodes: Vec<Node>) 
                     && !signalled
                     && let Some(delay) = node.restart
                 {
-                    restarts[i] = Some(Instant::now() + delay);
+                    restarts[i] = Some((Instant::now() + delay, false));
                     restarted[i] = false;
                     recoveries.push(Recovery {
                         node: node.sub.to_owned(),
@@ -420,23 +492,53 @@ fn run_cluster(cfg: &RunConfig, dir: &mut RunDir, arch: &str, nodes: Vec<Node>) 
                     });
                 }
                 exits[i] = Some(how);
+                exit_at[i] = Some(started.elapsed().as_secs_f64());
+                injector.set_pid(i, None);
                 *slot = None;
             }
         }
         for (i, at) in restarts.iter_mut().enumerate() {
-            if at.is_some_and(|t| Instant::now() >= t) {
+            if let Some((t, join)) = *at
+                && Instant::now() >= t
+                && children[i].is_none()
+            {
                 *at = None;
                 if !signalled {
-                    children[i] = Some(start_node(&nodes[i], &tx)?);
+                    let child = start_node(&nodes[i], &tx, join)?;
+                    injector.set_pid(i, Some(child.id()));
+                    children[i] = Some(child);
                     restarted[i] = true;
+                    if !recoveries.iter().any(|r| r.index == i && r.downtime_s.is_none()) {
+                        recoveries.push(Recovery {
+                            node: nodes[i].sub.to_owned(),
+                            index: i,
+                            died_at_s: exit_at[i].unwrap_or(0.0),
+                            died_at_round: rounds.get(i).copied().unwrap_or(0),
+                            resumed_from_round: None,
+                            rounds_lost: None,
+                            downtime_s: None,
+                        });
+                    }
                     dir.event("node_restart", serde_json::json!({ "node": nodes[i].sub, "index": i }))?;
                     bar.println(format!("{} restarted", nodes[i].sub));
+                }
+            }
+        }
+        if children.iter().all(Option::is_none) {
+            // Nobody left to rejoin: only the PS is restarted into an empty cluster.
+            for (i, r) in restarts.iter_mut().enumerate() {
+                if nodes[i].restart.is_none() {
+                    *r = None;
                 }
             }
         }
         if children.iter().all(Option::is_none) && restarts.iter().all(Option::is_none) {
             break;
         }
+    }
+    let round = rounds.iter().copied().max().unwrap_or(0) / vpr;
+    for (name, fields) in injector.finish(round) {
+        dir.event(name, fields)?;
     }
     bar.finish_and_clear();
     let wall = started.elapsed().as_secs_f64();

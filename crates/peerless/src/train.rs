@@ -11,12 +11,15 @@ use peerless_runtime::checkpoint::Checkpoint;
 use peerless_runtime::config::{RunConfig, TrainArch};
 use peerless_runtime::local::{self, Controls, Summary};
 use peerless_runtime::rundir::RunDir;
+use peerless_runtime::scenario::Scenario;
 
 use crate::cli::{TrainArgs, data_dir};
 use crate::progress::RunProgress;
 
 /// Runs `peerless train`.
 pub fn run(args: TrainArgs) -> Result<ExitCode> {
+    let scenario = args.scenario.as_deref().map(Scenario::load).transpose()?;
+    let faults = scenario.as_ref().map(|s| s.faults.clone()).unwrap_or_default();
     let (cfg, mut dir, resume) = match &args.resume {
         Some(path) => {
             let given = args.computation_flags();
@@ -43,9 +46,10 @@ pub fn run(args: TrainArgs) -> Result<ExitCode> {
             (cfg, dir, Some(ck))
         }
         None => {
-            let mut cfg = match &args.config {
-                Some(p) => RunConfig::load(p)?,
-                None => RunConfig::default(),
+            let mut cfg = match (&args.config, &scenario) {
+                (Some(p), _) => RunConfig::load(p)?,
+                (None, Some(s)) => s.run.clone(),
+                (None, None) => RunConfig::default(),
             };
             args.apply(&mut cfg)?;
             cfg.data.dir = data_dir(Some(&cfg.data.dir));
@@ -61,6 +65,10 @@ pub fn run(args: TrainArgs) -> Result<ExitCode> {
             }
             let out = args.out.clone().unwrap_or_else(|| PathBuf::from("runs").join(&cfg.name));
             let dir = RunDir::create(&out, &cfg)?;
+            if let (Some(path), Some(_)) = (&args.scenario, &scenario) {
+                let copy = dir.path().join("scenario.toml");
+                std::fs::copy(path, &copy).with_context(|| format!("copying {}", path.display()))?;
+            }
             (cfg, dir, None)
         }
     };
@@ -68,13 +76,16 @@ pub fn run(args: TrainArgs) -> Result<ExitCode> {
         if resume.is_some() {
             bail!("--resume of a P2P run is not supported: restart peers with `peerless peer --join`");
         }
-        return crate::p2p_cmd::launch(&cfg, &mut dir);
+        return crate::p2p_cmd::launch(&cfg, &mut dir, &faults);
     }
     if cfg.train.arch == TrainArch::Ps {
         if resume.is_some() {
             bail!("--resume of a PS run is not supported: the launcher restarts the PS from its checkpoint");
         }
-        return crate::p2p_cmd::launch_ps(&cfg, &mut dir);
+        return crate::p2p_cmd::launch_ps(&cfg, &mut dir, &faults);
+    }
+    if !faults.is_empty() {
+        bail!("the scenario's faults need a cluster: use --arch p2p or --arch ps");
     }
     if cfg.train.arch != TrainArch::Local {
         bail!("--arch {} is not available in this build yet; use --arch local", arch_name(cfg.train.arch));

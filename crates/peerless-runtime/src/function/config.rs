@@ -13,12 +13,72 @@ pub const MAX_MEMORY_MB: u64 = 10_240;
 /// Lambda's longest invocation, ms (15 min).
 pub const MAX_TIMEOUT_MS: u64 = 900_000;
 
-/// Configuration of a [`LocalRuntime`](super::LocalRuntime) (`[function]` in a run's TOML).
+/// Which service runs the functions (`function.backend`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Backend {
+    /// The local function runtime: instances are processes on this machine.
+    #[default]
+    Local,
+    /// AWS Lambda, or anything that speaks its Invoke API (`[function.aws]`); needs a build
+    /// with the `aws-lambda` feature.
+    AwsLambda,
+}
+
+impl std::fmt::Display for Backend {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Backend::Local => "local",
+            Backend::AwsLambda => "aws-lambda",
+        })
+    }
+}
+
+/// `[function.aws]`: where the `aws-lambda` backend sends invocations.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AwsConfig {
+    /// Invoke API endpoint, e.g. `http://127.0.0.1:9000` for `cargo lambda watch`. Default
+    /// empty: AWS's endpoint for `region`.
+    pub endpoint_url: String,
+    /// AWS region. Default `us-east-1`.
+    pub region: String,
+    /// The Lambda function (name, ARN or partial ARN) that serves every invocation, e.g. one
+    /// `peerless` custom runtime whose Handler setting is `gradient`. Default empty: the
+    /// function name the node invokes (`gradient`).
+    pub function_name: String,
+    /// Time allowed to open a connection, ms. Default 3000.
+    pub connect_timeout_ms: u64,
+    /// How much longer than `timeout_ms` the client waits for an answer, ms, so that
+    /// Lambda's own timeout answer arrives first. Default 5000.
+    pub timeout_margin_ms: u64,
+}
+
+impl Default for AwsConfig {
+    fn default() -> Self {
+        AwsConfig {
+            endpoint_url: String::new(),
+            region: "us-east-1".into(),
+            function_name: String::new(),
+            connect_timeout_ms: 3_000,
+            timeout_margin_ms: 5_000,
+        }
+    }
+}
+
+/// Configuration of the function runtime (`[function]` in a run's TOML): the backend, and
+/// Lambda's knobs as [`LocalRuntime`](super::LocalRuntime) applies them.
 ///
-/// Every key has a default (below); unknown keys are refused.
+/// Every key has a default (below); unknown keys are refused. With `backend = "aws-lambda"`,
+/// `memory_mb` is what the ledger charges when Lambda's log tail does not say, `timeout_ms`
+/// bounds the client's wait, retries and prices apply as locally; the instance keys (`concurrency`,
+/// `keep_alive_ms`, `init_timeout_ms`, `memory_poll_ms`) are Lambda's business and faults
+/// cannot be injected.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct Config {
+    /// `local` (default) or `aws-lambda`.
+    pub backend: Backend,
     /// Memory per instance, MB (128..=10240). Billed, and enforced: an instance whose resident
     /// set exceeds it is killed (`OutOfMemory`). Default 1769, where Lambda gives one full vCPU.
     pub memory_mb: u64,
@@ -46,11 +106,14 @@ pub struct Config {
     pub faults: FaultConfig,
     /// Prices the ledger charges with (AWS us-east-1 by default).
     pub prices: PriceTable,
+    /// The `aws-lambda` backend's endpoint, region and function.
+    pub aws: AwsConfig,
 }
 
 impl Default for Config {
     fn default() -> Self {
         Config {
+            backend: Backend::Local,
             memory_mb: 1769,
             timeout_ms: 60_000,
             init_timeout_ms: 10_000,
@@ -62,6 +125,7 @@ impl Default for Config {
             memory_poll_ms: 5,
             faults: FaultConfig::default(),
             prices: PriceTable::default(),
+            aws: AwsConfig::default(),
         }
     }
 }
@@ -151,6 +215,37 @@ impl Config {
         self.prices.prices().map_err(|e| {
             invalid(&format!("prices.{}", e.key), e.value, "must be a finite, non-negative dollar amount")
         })?;
+        if self.backend == Backend::AwsLambda {
+            if self.faults != FaultConfig::default() {
+                return Err(invalid(
+                    "faults",
+                    "(non-zero rates)",
+                    "faults are injected by the local runtime only; use backend = \"local\"",
+                ));
+            }
+            let aws = &self.aws;
+            if aws.region.trim().is_empty() {
+                return Err(invalid("aws.region", "\"\"", "must name a region, e.g. us-east-1"));
+            }
+            let url = &aws.endpoint_url;
+            if !url.is_empty() && !(url.starts_with("http://") || url.starts_with("https://")) {
+                return Err(invalid("aws.endpoint_url", url, "must start with http:// or https://"));
+            }
+            if !(1..=600_000).contains(&aws.connect_timeout_ms) {
+                return Err(invalid(
+                    "aws.connect_timeout_ms",
+                    aws.connect_timeout_ms,
+                    "must be in 1..=600000",
+                ));
+            }
+            if aws.timeout_margin_ms > 600_000 {
+                return Err(invalid(
+                    "aws.timeout_margin_ms",
+                    aws.timeout_margin_ms,
+                    "must be at most 600000",
+                ));
+            }
+        }
         Ok(())
     }
 }
@@ -188,5 +283,34 @@ mod tests {
         c.prices.request_usd = f64::NAN;
         let err = c.validate().unwrap_err().to_string();
         assert!(err.contains("function.prices.request_usd"), "{err}");
+    }
+
+    #[test]
+    fn the_aws_backend_is_chosen_and_checked_by_key() {
+        let c: Config = toml::from_str(
+            "backend = \"aws-lambda\"\n[aws]\nendpoint_url = \"http://127.0.0.1:9000\"\nfunction_name = \"peerless\"\n",
+        )
+        .unwrap();
+        c.validate().unwrap();
+        assert_eq!(
+            (c.backend, c.aws.region.as_str(), c.aws.function_name.as_str()),
+            (Backend::AwsLambda, "us-east-1", "peerless")
+        );
+        assert_eq!(Config::default().backend, Backend::Local);
+        let err = toml::from_str::<Config>("backend = \"lambda\"").unwrap_err().to_string();
+        assert!(err.contains("aws-lambda"), "{err}");
+        let bad = |f: fn(&mut Config)| {
+            let mut c = Config { backend: Backend::AwsLambda, ..Config::default() };
+            f(&mut c);
+            c.validate().unwrap_err().to_string()
+        };
+        assert!(
+            bad(|c| c.aws.endpoint_url = "127.0.0.1:9000".into()).starts_with("function.aws.endpoint_url")
+        );
+        assert!(bad(|c| c.aws.region = " ".into()).starts_with("function.aws.region"));
+        assert!(bad(|c| c.faults.crash_rate = 0.1).starts_with("function.faults"));
+        // The local backend takes faults, and ignores the [aws] keys.
+        let faults = FaultConfig { crash_rate: 0.1, ..FaultConfig::default() };
+        Config { backend: Backend::Local, faults, ..c }.validate().unwrap();
     }
 }

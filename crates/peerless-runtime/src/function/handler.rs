@@ -5,8 +5,10 @@
 //! `AWS_LAMBDA_RUNTIME_API`, `AWS_LAMBDA_FUNCTION_NAME`, `AWS_LAMBDA_FUNCTION_MEMORY_SIZE`,
 //! `AWS_LAMBDA_FUNCTION_VERSION` (required) and `AWS_LAMBDA_LOG_STREAM_NAME` /
 //! `AWS_LAMBDA_LOG_GROUP_NAME` from the environment, as Lambda sets them (this is the one
-//! place a library reads the environment: it is the Lambda contract). The handler is chosen
-//! by `AWS_LAMBDA_FUNCTION_NAME`; an unknown name is reported through
+//! place a library reads the environment: it is the Lambda contract). The handler is the one
+//! named by `_HANDLER` (the function's Handler setting, which Lambda passes to custom
+//! runtimes: one `peerless` deployment can serve `gradient` under any function name), else by
+//! `AWS_LAMBDA_FUNCTION_NAME`; when neither names a handler, the error is reported through
 //! `POST /runtime/init/error` (`Runtime.HandlerNotFound`) before exiting.
 
 use std::collections::BTreeMap;
@@ -207,13 +209,24 @@ pub enum ServeError {
     Runtime(String),
 }
 
+/// The handler an instance serves: `_HANDLER` when it names one (Lambda's Handler setting; a
+/// custom runtime deployed with e.g. Handler `bootstrap` falls through), else the function name.
+fn handler_name(handlers: &Handlers, handler: Option<&str>, function: &str) -> String {
+    match handler {
+        Some(h) if handlers.contains(h) => h.to_owned(),
+        _ => function.to_owned(),
+    }
+}
+
 /// Runs this process as a function instance: polls the Runtime API for events, dispatches each
 /// to the handler named by `AWS_LAMBDA_FUNCTION_NAME`, posts its answer; returns only on error.
 pub async fn serve(handlers: Handlers) -> Result<(), ServeError> {
     let api =
         std::env::var("AWS_LAMBDA_RUNTIME_API").map_err(|_| ServeError::Env("AWS_LAMBDA_RUNTIME_API"))?;
-    let name =
+    let function =
         std::env::var("AWS_LAMBDA_FUNCTION_NAME").map_err(|_| ServeError::Env("AWS_LAMBDA_FUNCTION_NAME"))?;
+    let handler = std::env::var("_HANDLER").ok();
+    let name = handler_name(&handlers, handler.as_deref(), &function);
     // `lambda_runtime::Config::from_env` panics on these; check them first.
     std::env::var("AWS_LAMBDA_FUNCTION_MEMORY_SIZE")
         .ok()
@@ -275,6 +288,9 @@ mod tests {
         std::fs::write(&marker, b"").unwrap();
         let p = json!({"marker": marker.to_str().unwrap(), "x": 2});
         assert_eq!(h.call("crash_once", p.clone()).await.unwrap(), p);
+        assert_eq!(handler_name(&h, Some("echo"), "peerless"), "echo", "the Handler setting wins");
+        assert_eq!(handler_name(&h, Some("bootstrap"), "sleep"), "sleep");
+        assert_eq!(handler_name(&h, None, "sleep"), "sleep");
         let custom =
             Handlers::new().with("double", |v| async move { Ok(json!(v.as_u64().unwrap_or(0) * 2)) });
         assert_eq!(custom.call("double", json!(21)).await.unwrap(), json!(42));

@@ -22,7 +22,7 @@ use serde_json::Value;
 use tokio::sync::watch;
 
 use super::api::{Event, FunctionError};
-use super::config::Config;
+use super::config::{Backend, Config};
 use super::faults::{Fault, FaultInjector};
 use super::instance::{FunctionCommand, Instance, RunEnd, SpawnError, Watch};
 use super::metrics::{self, Counters, Ledger, Summary};
@@ -105,7 +105,8 @@ pub enum InvokeError {
 /// A boxed invocation future (the trait is object-safe so `Arc<dyn Invoker>` works).
 pub type InvokeFuture<'a> = Pin<Box<dyn Future<Output = Result<Invocation, InvokeError>> + Send + 'a>>;
 
-/// Something that invokes functions: [`LocalRuntime`] here, AWS Lambda as an optional backend.
+/// Something that invokes functions: [`LocalRuntime`] here, AWS Lambda as an optional backend
+/// (`aws-lambda` feature); [`start`] picks one by configuration.
 ///
 /// Dyn-compatible on purpose (boxed futures instead of `async fn`): the peer and PS loops hold
 /// an `Arc<dyn Invoker>` chosen by configuration; one allocation per invocation is noise next
@@ -130,6 +131,55 @@ pub trait Invoker: Send + Sync + std::fmt::Debug {
         metrics::write_run_metrics(dir, &summary, &ledger)?;
         Ok(summary)
     }
+
+    /// Stops what the invoker runs locally (the local runtime kills its instances) and refuses
+    /// later invocations where it can. Nothing to do for a remote service.
+    fn shutdown(&self) -> Pin<Box<dyn Future<Output = ()> + Send + '_>> {
+        Box::pin(async {})
+    }
+}
+
+/// Starts the invoker `config.backend` names: the [`LocalRuntime`] running `command`, or
+/// (built with the `aws-lambda` feature) [`AwsLambda`](super::aws::AwsLambda) on
+/// `config.aws`. `seed` drives request ids, backoff jitter and fault injection.
+///
+/// # Errors
+/// An invalid configuration, naming the key; `function.backend = aws-lambda` in a build
+/// without the feature.
+pub fn start(config: Config, command: FunctionCommand, seed: u64) -> Result<Arc<dyn Invoker>, ConfigError> {
+    match config.backend {
+        Backend::Local => Ok(Arc::new(LocalRuntime::start(config, command, seed)?)),
+        #[cfg(feature = "aws-lambda")]
+        Backend::AwsLambda => {
+            let _ = command;
+            Ok(Arc::new(super::aws::AwsLambda::start(config, seed)?))
+        }
+        #[cfg(not(feature = "aws-lambda"))]
+        Backend::AwsLambda => {
+            let _ = (command, seed);
+            Err(ConfigError::Invalid {
+                key: "function.backend".into(),
+                value: "aws-lambda".into(),
+                reason: "this peerless was built without the AWS Lambda backend; rebuild with \
+                         `cargo build --release -p peerless --features aws-lambda`"
+                    .into(),
+            })
+        }
+    }
+}
+
+/// Backoff before retry `attempt` (≥ 1) of `(function, ctx)`: equal jitter over a cap that
+/// doubles per retry from `backoff_base_ms` up to `backoff_max_ms`, drawn from `seed`.
+pub(crate) fn backoff(c: &Config, seed: u64, function: &str, ctx: &InvokeCtx, attempt: u32) -> Duration {
+    let cap = c.backoff_base_ms.saturating_mul(1u64 << (attempt - 1).min(20)).min(c.backoff_max_ms);
+    let mut rng = Rng::derive(
+        seed,
+        &format!("backoff/{function}/{}/{}/{}", ctx.node, ctx.round, ctx.batch),
+        u64::from(attempt),
+    );
+    let half = cap / 2;
+    let jitter = if cap - half > 0 { rng.below(cap - half + 1) } else { 0 };
+    Duration::from_millis(half + jitter)
 }
 
 #[derive(Debug)]
@@ -271,16 +321,7 @@ impl LocalRuntime {
 
     /// Backoff before retry `attempt` (≥ 1): equal jitter over an exponentially growing cap.
     fn backoff(&self, function: &str, ctx: &InvokeCtx, attempt: u32) -> Duration {
-        let c = &self.inner.config;
-        let cap = c.backoff_base_ms.saturating_mul(1u64 << (attempt - 1).min(20)).min(c.backoff_max_ms);
-        let mut rng = Rng::derive(
-            self.inner.seed,
-            &format!("backoff/{function}/{}/{}/{}", ctx.node, ctx.round, ctx.batch),
-            u64::from(attempt),
-        );
-        let half = cap / 2;
-        let jitter = if cap - half > 0 { rng.below(cap - half + 1) } else { 0 };
-        Duration::from_millis(half + jitter)
+        backoff(&self.inner.config, self.inner.seed, function, ctx, attempt)
     }
 
     fn record(&self, rec: InvocationRecord, latency_us: Option<u64>, injected: bool) -> InvocationRecord {
@@ -545,6 +586,10 @@ impl Invoker for LocalRuntime {
         let (summary, ledger) = self.run_metrics();
         metrics::write_run_metrics(dir, &summary, &ledger)?;
         Ok(summary)
+    }
+
+    fn shutdown(&self) -> Pin<Box<dyn Future<Output = ()> + Send + '_>> {
+        Box::pin(LocalRuntime::shutdown(self))
     }
 }
 

@@ -6,8 +6,10 @@
 //! `TooManyRequestsException` when throttled; 413 `RequestEntityTooLargeException` over 6 MB.
 //! `X-Amz-Invocation-Type: Event` answers 202 at once and runs the invocation (with the
 //! runtime's retries) in the background; `DryRun` answers 204. Synchronous invocations are
-//! not retried, as on AWS. So `peerless invoke` and the AWS SDK (with `endpoint_url`) can
-//! call local functions.
+//! not retried, as on AWS. `X-Amz-Log-Type: Tail` adds `X-Amz-Log-Result`: the base64
+//! `REPORT` line ([`Report`]) with the duration, billed duration, memory and (after a cold
+//! start) init duration the local ledger recorded. So `peerless invoke` and the AWS SDK (with
+//! `endpoint_url`) can call local functions, and bill them as the local runtime does.
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -25,6 +27,7 @@ use tokio::net::TcpListener;
 use tokio::task::{JoinHandle, JoinSet};
 
 use super::invoke::{InvokeCtx, Invoker, LocalRuntime};
+use super::report::Report;
 
 /// A running Invoke API server. Dropping it stops the server (not the runtime).
 #[derive(Debug)]
@@ -114,8 +117,18 @@ async fn handle(state: Arc<State>, req: Request<Incoming>) -> Result<Resp, Infal
     if req.method() != Method::POST {
         return Ok(service_error(StatusCode::METHOD_NOT_ALLOWED, "UnknownOperationException", "use POST"));
     }
-    // The SDK sends ARNs or partial ARNs too: keep the last `:`-separated name component.
-    let name = name.rsplit(':').next().unwrap_or(&name).to_owned();
+    // The SDK sends ARNs or partial ARNs too (percent-encoded): keep the function name, the
+    // component after `function:` (or the last one).
+    let name = percent_decode(&name);
+    let name = match name.split_once(":function:") {
+        Some((_, rest)) => rest.split(':').next().unwrap_or(rest).to_owned(),
+        None => name.rsplit(':').next().unwrap_or(&name).to_owned(),
+    };
+    let tail = req
+        .headers()
+        .get("x-amz-log-type")
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.eq_ignore_ascii_case("Tail"));
     let kind = req
         .headers()
         .get("x-amz-invocation-type")
@@ -175,18 +188,59 @@ async fn handle(state: Arc<State>, req: Request<Incoming>) -> Result<Resp, Infal
     };
     let id = ("x-amzn-requestid", inv.request_id.clone());
     let version = ("x-amz-executed-version", "$LATEST".to_owned());
+    let mut headers = vec![id, version];
+    if let (true, Some(rec)) = (tail, inv.last()) {
+        let report = Report {
+            request_id: inv.request_id.clone(),
+            duration_us: inv.duration_us,
+            billed_ms: rec.billed_ms,
+            memory_mb: rec.memory_mb,
+            init_us: rec.cold_start.then_some(rec.init_us),
+        };
+        headers.push(("x-amz-log-result", report.to_log_tail()));
+    }
     Ok(match (inv.outcome, inv.response, inv.error) {
-        (Outcome::Ok, Some(v), _) => respond(StatusCode::OK, Bytes::from(v.to_string()), &[id, version]),
+        (Outcome::Ok, Some(v), _) => respond(StatusCode::OK, Bytes::from(v.to_string()), &headers),
         (Outcome::Throttled, _, _) => {
             service_error(StatusCode::TOO_MANY_REQUESTS, "TooManyRequestsException", "Rate Exceeded.")
         }
         (_, _, err) => {
             let err = err.unwrap_or_else(|| super::FunctionError::new("Unhandled", "no answer"));
-            respond(
-                StatusCode::OK,
-                err.to_json(),
-                &[id, version, ("x-amz-function-error", "Unhandled".to_owned())],
-            )
+            headers.push(("x-amz-function-error", "Unhandled".to_owned()));
+            respond(StatusCode::OK, err.to_json(), &headers)
         }
     })
+}
+
+/// `%XX` escapes decoded (function names and ARNs in the path); anything malformed is kept.
+fn percent_decode(s: &str) -> String {
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        let hex = |c: u8| char::from(c).to_digit(16);
+        match (b[i], b.get(i + 1).copied().and_then(hex), b.get(i + 2).copied().and_then(hex)) {
+            (b'%', Some(h), Some(l)) => {
+                out.push(u8::try_from(h * 16 + l).unwrap_or(b'?'));
+                i += 3;
+            }
+            (c, _, _) => {
+                out.push(c);
+                i += 1;
+            }
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn function_names_are_decoded_from_the_path() {
+        assert_eq!(percent_decode("arn%3Aaws%3Alambda"), "arn:aws:lambda");
+        assert_eq!(percent_decode("gradient"), "gradient");
+        assert_eq!(percent_decode("bad%zz%4"), "bad%zz%4");
+    }
 }

@@ -11,9 +11,14 @@
 //!   and [`write_run_metrics`](metrics::write_run_metrics), which leaves both in a run directory.
 //! - [`invoke_api`] — AWS's Invoke API (`POST /2015-03-31/functions/{name}/invocations`)
 //!   in front of a [`LocalRuntime`].
-//! - [`config`] — [`Config`] with Lambda's defaults and validation.
+//! - [`config`] — [`Config`] with Lambda's defaults and validation, and the backend choice.
+//! - [`report`] — Lambda's `REPORT` log line and the base64 log tail that carries it.
+//! - `aws` (feature `aws-lambda`) — [`AwsLambda`](aws::AwsLambda): the [`Invoker`] on AWS
+//!   Lambda's Invoke API (`aws-sdk-lambda`), with the local runtime's retries and ledger.
 
 pub mod api;
+#[cfg(feature = "aws-lambda")]
+pub mod aws;
 pub mod config;
 pub mod faults;
 pub mod handler;
@@ -22,12 +27,13 @@ pub mod invoke;
 pub mod invoke_api;
 pub mod metrics;
 pub(crate) mod pool;
+pub mod report;
 
 pub use api::FunctionError;
-pub use config::Config;
+pub use config::{AwsConfig, Backend, Config};
 pub use faults::{Fault, FaultConfig, FaultInjector, FaultPlan};
 pub use handler::{HandlerError, HandlerFuture, Handlers, ServeError, serve};
 pub use instance::FunctionCommand;
-pub use invoke::{Invocation, InvokeCtx, InvokeError, InvokeFuture, Invoker, LocalRuntime};
+pub use invoke::{Invocation, InvokeCtx, InvokeError, InvokeFuture, Invoker, LocalRuntime, start};
 pub use invoke_api::InvokeApi;
 pub use metrics::{Ledger, Summary};

@@ -8,6 +8,8 @@
 //! gradient: added into the accumulator at `output_key` at most once per
 //! [`GradientRequest::idempotency_key`](peerless_core::function::GradientRequest::idempotency_key)
 //! (`OutputMode::Accumulate`), or stored there as little-endian `f32` bytes (`OutputMode::Put`).
+//! The response carries the gradient's SHA-256 unless the request sets `return_digest = false`
+//! (the nodes do: they read the in-store sum, and hashing costs as much as delivering).
 //!
 //! # What a warm instance keeps
 //! The function is stateless in what it *computes*: the response depends only on the request
@@ -27,8 +29,8 @@
 //! uses), so those caches are not bounded; the parameter cache holds one version.
 //!
 //! # Layout
-//! - `function.rs` — [`GradientFunction`]: validate, compute on a blocking thread, deliver,
-//!   hash.
+//! - `function.rs` — [`GradientFunction`]: validate, compute, deliver, and hash on a blocking
+//!   thread meanwhile (when asked to).
 //! - `cache.rs` — what a warm instance keeps (above) and how each cache is filled.
 //! - `request.rs` — checks of a request's fields that need no I/O.
 //! - `error.rs` — [`GradientError`], its kinds and retryability.

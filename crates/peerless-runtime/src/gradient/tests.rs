@@ -120,6 +120,7 @@ fn request(model: &Model, params_key: &str, params_digest: &str, indices: Vec<u3
         output_key: "grad/7/peer-3".into(),
         output_mode: OutputMode::Accumulate,
         store: StoreRef { url: URL.into() },
+        return_digest: true,
     }
 }
 
@@ -151,7 +152,7 @@ async fn gradient_equals_direct_loss_and_grad_bit_for_bit() {
     let resp = f.handle(req.clone()).await.unwrap();
     assert_eq!(resp.key, "grad/7/peer-3");
     assert_eq!(resp.len, model.num_params());
-    assert_eq!(resp.digest, digest(&grad).to_string());
+    assert_eq!(resp.digest, Some(digest(&grad).to_string()));
     assert_eq!(resp.loss.to_bits(), loss.to_bits());
     assert_eq!(resp.samples, 64);
     assert!(resp.applied && resp.cold);
@@ -164,7 +165,7 @@ async fn gradient_equals_direct_loss_and_grad_bit_for_bit() {
     let (_, grad2) = direct(&model, &params, &data, &req2.indices);
     let resp2 = f.handle(req2).await.unwrap();
     assert!(resp2.applied && !resp2.cold);
-    assert_eq!(resp2.digest, digest(&grad2).to_string());
+    assert_eq!(resp2.digest, Some(digest(&grad2).to_string()));
     let acc = store.read_accumulated("grad/7/peer-3").await.unwrap().unwrap();
     let mut sum = grad.clone();
     peerless_core::flat::add_assign(&mut sum, &grad2);
@@ -188,6 +189,34 @@ async fn gradient_equals_direct_loss_and_grad_bit_for_bit() {
 }
 
 #[tokio::test]
+async fn the_digest_is_returned_unless_the_request_declines_it() {
+    let (data, store) = (digits(), MemStore::default());
+    let model = small_mlp(&data);
+    let params = model.init(5);
+    let d = store.put_params("params/7", &params);
+    let (mut f, _) = function(&store);
+    let req = request(&model, "params/7", &d, batch_indices(32, 2));
+    let (_, grad) = direct(&model, &params, &data, &req.indices);
+
+    // Without the field (older callers), the digest is there.
+    let mut json = serde_json::to_value(&req).unwrap();
+    json.as_object_mut().unwrap().remove("return_digest");
+    let resp = f.handle_json(json).await.unwrap();
+    assert_eq!(resp["digest"], serde_json::json!(digest(&grad).to_string()));
+
+    // Declined: no digest in the answer, the same gradient delivered, the buffer still reused.
+    let no = GradientRequest { batch: 9, return_digest: false, ..req.clone() };
+    let resp = f.handle_json(serde_json::to_value(&no).unwrap()).await.unwrap();
+    assert!(resp.get("digest").is_none(), "{resp}");
+    let resp: GradientResponse = serde_json::from_value(resp).unwrap();
+    assert!(resp.applied && resp.digest.is_none());
+    let acc = store.read_accumulated(&req.output_key).await.unwrap().unwrap();
+    let twice: Vec<f32> = grad.iter().map(|g| g + g).collect();
+    assert_eq!((acc.count, bits(&acc.sum)), (2, bits(&twice)));
+    assert!(f.scratch.is_some());
+}
+
+#[tokio::test]
 async fn a_retry_is_not_counted_twice() {
     let (data, store) = (digits(), MemStore::default());
     let model = small_mlp(&data);
@@ -202,7 +231,7 @@ async fn a_retry_is_not_counted_twice() {
     assert_eq!(first.digest, retry.digest, "the retry computes the same gradient");
     let acc = store.read_accumulated(&req.output_key).await.unwrap().unwrap();
     assert_eq!(acc.count, 1);
-    assert_eq!(digest(&acc.sum).to_string(), first.digest);
+    assert_eq!(Some(digest(&acc.sum).to_string()), first.digest);
     // Another node's batch with the same number is a different key and is applied.
     let other = f.handle(GradientRequest { node: "peer-4".into(), ..req.clone() }).await.unwrap();
     assert!(other.applied);
@@ -219,7 +248,7 @@ async fn a_new_version_is_fetched_not_served_from_the_cache() {
     let idx = batch_indices(32, 2);
     let check = |resp: &GradientResponse, params: &[f32]| {
         let (loss, grad) = direct(&model, params, &data, &idx);
-        assert_eq!(resp.digest, digest(&grad).to_string());
+        assert_eq!(resp.digest, Some(digest(&grad).to_string()));
         assert_eq!(resp.loss.to_bits(), loss.to_bits());
     };
     let put = |round: u64| GradientRequest {
@@ -339,7 +368,7 @@ async fn put_mode_writes_the_gradient_bytes() {
     let (_, grad) = direct(&model, &params, &data, &req.indices);
     assert!(resp.applied);
     assert_eq!(store.lock().values.get("grad/7/peer-3/1"), Some(&to_le_bytes(&grad)));
-    assert_eq!(resp.digest, digest(&grad).to_string());
+    assert_eq!(resp.digest, Some(digest(&grad).to_string()));
     assert!(store.read_accumulated("grad/7/peer-3/1").await.unwrap().is_none());
 }
 
@@ -401,7 +430,7 @@ async fn handle_json_round_trips_and_rejects_bad_payloads() {
     let v = f.handle_json(serde_json::to_value(&req).unwrap()).await.unwrap();
     let resp: GradientResponse = serde_json::from_value(v).unwrap();
     let (_, grad) = direct(&model, &params, &data, &req.indices);
-    assert_eq!(resp.digest, digest(&grad).to_string());
+    assert_eq!(resp.digest, Some(digest(&grad).to_string()));
     assert_eq!(resp.samples, 6);
 
     let mut extra = serde_json::to_value(&req).unwrap();
@@ -501,7 +530,10 @@ async fn works_against_the_embedded_store() {
     let (loss, grad) = direct(&model, &params, &data, &req.indices);
     let first = f.handle(req.clone()).await.unwrap();
     assert!(first.applied && first.cold);
-    assert_eq!((first.digest.clone(), first.loss.to_bits()), (digest(&grad).to_string(), loss.to_bits()));
+    assert_eq!(
+        (first.digest.clone(), first.loss.to_bits()),
+        (Some(digest(&grad).to_string()), loss.to_bits())
+    );
     let retry = f.handle(GradientRequest { attempt: 1, ..req.clone() }).await.unwrap();
     assert!(!retry.applied && !retry.cold);
     let acc = node.read_accumulated(&req.output_key).await.unwrap().unwrap();
@@ -567,7 +599,7 @@ async fn overhead_of_the_function_path() {
         let batch = data.gather(&idx);
         let (_, g) = model.loss_and_grad(&params, &batch).unwrap();
         direct_ms.push(t.elapsed().as_secs_f64() * 1e3);
-        assert_eq!(digest(&g).to_string(), resp.digest);
+        assert_eq!(Some(digest(&g).to_string()), resp.digest);
     }
     let g = vec![0.25f32; model.num_params()];
     let t = Instant::now();

@@ -9,6 +9,7 @@
 //!
 //! Values are raw bytes; vectors are little-endian `f32`.
 
+mod accum;
 pub mod embedded;
 pub mod redis;
 mod resp;

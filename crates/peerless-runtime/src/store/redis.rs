@@ -23,7 +23,10 @@
 //!   the stored sum (`measure_store_timings` in `tests/it/store.rs` reproduces the numbers).
 //!   k concurrent accumulations into one key serialise: k × that time.
 //!
-//! The client sets `TCP_NODELAY` and encodes a vector straight into the command buffer.
+//! The client sets `TCP_NODELAY` and encodes a vector straight into the command buffer. Against
+//! the embedded store, `PEERLESS.ACCUM` goes over a second, direct connection instead
+//! (`accum.rs`): redis-rs copies a command's bytes three times whole before the kernel does,
+//! which for a gradient cost as much CPU as sending it.
 //!
 //! Either way the read side is `MGET key key:n`, atomic on both servers.
 //!
@@ -36,9 +39,13 @@ use std::time::Duration;
 use peerless_core::flat::{from_le_bytes, le_bytes_into};
 use redis::aio::MultiplexedConnection;
 use redis::io::tcp::TcpSettings;
-use redis::{AsyncConnectionConfig, Client, IntoConnectionInfo, RedisError, RedisWrite, Script, ToRedisArgs};
+use redis::{
+    AsyncConnectionConfig, Client, ConnectionAddr, IntoConnectionInfo, RedisError, RedisWrite, Script,
+    ToRedisArgs,
+};
 use tracing::{debug, instrument};
 
+use super::accum::{AccumLine, AccumReply};
 use super::{Accumulated, Store, StoreError};
 
 /// Which server a [`RedisStore`] talks to.
@@ -130,6 +137,8 @@ const WRONGLEN: &str = "WRONGLEN";
 pub struct RedisStore {
     conn: MultiplexedConnection,
     backend: Backend,
+    /// The direct `PEERLESS.ACCUM` connection (embedded store over TCP only).
+    accum: Option<Arc<AccumLine>>,
     /// The URL with the password elided.
     url: Arc<str>,
     /// For scrubbing error text; never displayed.
@@ -172,6 +181,15 @@ impl RedisStore {
         // Commands are request/response: never hold a command's last segment back waiting
         // for the previous one's ACK (Nagle).
         let info = info.set_tcp_settings(TcpSettings::default().set_nodelay(true));
+        let direct = match info.addr() {
+            ConnectionAddr::Tcp(host, port) => Some((
+                host.clone(),
+                *port,
+                info.redis_settings().username().map(str::to_owned),
+                info.redis_settings().password().map(str::to_owned),
+            )),
+            _ => None,
+        };
         let client = Client::open(info).map_err(|e| fail(format!("invalid URL: {e}")))?;
         let conn_config = AsyncConnectionConfig::new()
             .set_connection_timeout(Some(config.connect_timeout))
@@ -197,7 +215,13 @@ impl RedisStore {
             Err(e) => return Err(fail(format!("backend probe failed: {e}"))),
         };
         debug!(?backend, "store connected");
-        Ok(Self { conn, backend, url: shown.into(), secret: secret.map(Into::into) })
+        let accum = match (backend, direct) {
+            (Backend::Embedded, Some((host, port, user, password))) => {
+                Some(Arc::new(AccumLine::new(host, port, user, password, config.response_timeout)))
+            }
+            _ => None,
+        };
+        Ok(Self { conn, backend, accum, url: shown.into(), secret: secret.map(Into::into) })
     }
 
     /// The detected backend.
@@ -251,6 +275,22 @@ impl Store for RedisStore {
 
     #[instrument(level = "debug", skip(self, grad), fields(len = grad.len(), backend = ?self.backend))]
     async fn accumulate(&self, key: &str, token: &str, grad: &[f32]) -> Result<bool, StoreError> {
+        if let Some(line) = &self.accum {
+            return match line.accumulate(key, token, grad).await {
+                Ok(AccumReply::Applied(applied)) => Ok(applied),
+                Ok(AccumReply::Error { code, message }) if code == WRONGLEN => {
+                    Err(StoreError::BadValue { key: key.to_owned(), reason: message })
+                }
+                Ok(AccumReply::Error { code, message }) => Err(StoreError::Command {
+                    command: "PEERLESS.ACCUM".to_owned(),
+                    reason: scrub(&format!("{code} {message}"), self.secret.as_deref()),
+                }),
+                Err(e) => Err(StoreError::Command {
+                    command: "PEERLESS.ACCUM".to_owned(),
+                    reason: scrub(&e.to_string(), self.secret.as_deref()),
+                }),
+            };
+        }
         let blob = LeF32(grad);
         let mut conn = self.conn.clone();
         let (command, result) = match self.backend {

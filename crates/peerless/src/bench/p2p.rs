@@ -83,7 +83,7 @@ fn cluster(base: &RunConfig, peers: u32, rounds: u64, dir: &Path) -> Result<Clus
     cfg.train.eval_every = rounds + 1;
     let out = dir.join(format!("p{peers}"));
     let mut rd = RunDir::create(&out, &cfg)?;
-    crate::p2p_cmd::launch(&cfg, &mut rd)?;
+    crate::p2p_cmd::launch(&cfg, &mut rd, &[])?;
     let s: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(out.join("summary.json"))?)?;
     let text = std::fs::read_to_string(out.join("metrics.csv"))?;
     let mut lines = text.lines();

@@ -26,6 +26,7 @@ fn request(url: &str, params: &[f32], batch: u32, indices: Vec<u32>) -> Gradient
         output_key: "grad/p0/0".into(),
         output_mode: OutputMode::Accumulate,
         store: StoreRef { url: url.into() },
+        return_digest: true,
     }
 }
 

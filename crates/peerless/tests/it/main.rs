@@ -1,10 +1,13 @@
 //! End-to-end tests of the `peerless` binary: real processes, real files, real signals.
 
+#[cfg(feature = "aws-lambda")]
+mod aws_lambda;
 mod bad_input;
 mod function;
 mod gradient;
 mod local;
 mod p2p;
+mod report;
 mod resume;
 
 use std::path::{Path, PathBuf};

@@ -1,0 +1,420 @@
+//! Experiment scenarios: a workload (a [`RunConfig`]) and a schedule of faults the launcher
+//! injects for real (signals to processes, a fault proxy between nodes).
+//!
+//! ```toml
+//! name = "peer-crash"                 # default: the file's stem
+//! description = "One node is SIGKILLed at round 60 and does not come back."
+//! target_accuracy = 0.95              # for time-to-target in the report
+//! seed = 1                            # first seed; `--seeds k` runs seed, seed+1, …
+//! timeout_s = 900                     # a run still going after this long is stopped (failed)
+//!
+//! [run]                               # the workload: the same keys as a --config file
+//! data.dataset = "mnist"
+//! train.epochs = 2
+//! p2p.peers = 4
+//!
+//! [[fault]]
+//! kind = "kill"                       # kill | stop | straggle | partition | delay
+//! targets = ["node:1"]                # node:i (peer i / worker i), peer:i, worker:i, ps
+//! at_round = 60                       # or at_s = 12.5 (seconds after the launch)
+//! restart_after_s = 5                 # kill: start it again (a peer rejoins with --join)
+//! ```
+//!
+//! - `kill`: SIGKILL. The PS is always restarted by the launcher after `ps.restart_delay_ms`
+//!   (the cloud restarting its instance); peers and workers only with `restart_after_s`.
+//! - `stop`: SIGSTOP for `duration_s`, then SIGCONT (a frozen node).
+//! - `straggle`: SIGSTOP for `stop_ms` of every `period_ms` (a slow node), for `duration_s` or
+//!   to the end.
+//! - `partition`: the targets are cut off from every other node for `duration_s` (or to the
+//!   end): existing connections are closed and new ones refused by the fault proxy.
+//! - `delay`: every byte to or from the targets is delivered `delay_ms` late.
+//!
+//! Function failures (crash, timeout, throttle, slow cold starts) are rates in the workload's
+//! `[run.function.faults]`; the launcher records them as a `function_faults` injection.
+//!
+//! Target `ps` in a P2P run means peer 0: the same machine loss, in the architecture without
+//! a central node.
+
+use std::path::Path;
+
+use serde::{Deserialize, Serialize};
+
+use crate::config::{ConfigError, RunConfig, TrainArch};
+
+/// A scenario file.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Scenario {
+    /// Name (default: the file's stem).
+    #[serde(default)]
+    pub name: String,
+    /// What it shows.
+    #[serde(default)]
+    pub description: String,
+    /// Test accuracy for time-to-target.
+    #[serde(default = "default_target")]
+    pub target_accuracy: f32,
+    /// First seed.
+    #[serde(default = "default_seed")]
+    pub seed: u64,
+    /// Runs still going after this long are stopped and count as failed, s.
+    #[serde(default = "default_timeout")]
+    pub timeout_s: u64,
+    /// The workload.
+    #[serde(default)]
+    pub run: RunConfig,
+    /// The faults, in any order.
+    #[serde(default, rename = "fault")]
+    pub faults: Vec<FaultSpec>,
+}
+
+fn default_target() -> f32 {
+    0.95
+}
+fn default_seed() -> u64 {
+    1
+}
+fn default_timeout() -> u64 {
+    900
+}
+
+/// What a fault does.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum FaultKind {
+    /// SIGKILL.
+    Kill,
+    /// SIGSTOP, then SIGCONT.
+    Stop,
+    /// Periodic SIGSTOP/SIGCONT.
+    Straggle,
+    /// Cut the targets off from the others.
+    Partition,
+    /// Deliver the targets' traffic late.
+    Delay,
+}
+
+impl FaultKind {
+    /// Its name in events.
+    pub fn name(self) -> &'static str {
+        match self {
+            FaultKind::Kill => "kill",
+            FaultKind::Stop => "stop",
+            FaultKind::Straggle => "straggle",
+            FaultKind::Partition => "partition",
+            FaultKind::Delay => "delay",
+        }
+    }
+}
+
+/// One scheduled fault.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FaultSpec {
+    /// What.
+    pub kind: FaultKind,
+    /// Whom: `node:i`, `peer:i`, `worker:i` or `ps`.
+    pub targets: Vec<String>,
+    /// When the cluster's highest completed round reaches this.
+    #[serde(default)]
+    pub at_round: Option<u64>,
+    /// When this many seconds passed since the launch.
+    #[serde(default)]
+    pub at_s: Option<f64>,
+    /// `stop`, `straggle`, `partition`, `delay`: how long (default: to the end; required for
+    /// `stop`).
+    #[serde(default)]
+    pub duration_s: Option<f64>,
+    /// `kill`: restart the node this long after the kill.
+    #[serde(default)]
+    pub restart_after_s: Option<f64>,
+    /// `delay`: added latency, ms.
+    #[serde(default)]
+    pub delay_ms: Option<u64>,
+    /// `straggle`: stopped for this long …
+    #[serde(default)]
+    pub stop_ms: Option<u64>,
+    /// … out of every this long, ms.
+    #[serde(default)]
+    pub period_ms: Option<u64>,
+}
+
+/// A target resolved for one run: the launcher's node index.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct NodeRef {
+    /// Index among the launcher's nodes (peers 0..n; workers 0..n and the PS at n).
+    pub index: usize,
+    /// `peer`, `worker` or `ps`.
+    pub role: &'static str,
+}
+
+impl std::fmt::Display for NodeRef {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self.role {
+            "ps" => write!(f, "ps"),
+            r => write!(f, "{r} {}", self.index),
+        }
+    }
+}
+
+/// Scenario errors; each names the scenario and what is wrong.
+#[derive(Debug, thiserror::Error)]
+pub enum ScenarioError {
+    /// The file could not be read.
+    #[error("cannot read scenario {path}: {source}")]
+    Read {
+        /// File.
+        path: String,
+        /// Cause.
+        source: std::io::Error,
+    },
+    /// Bad TOML or an unknown key.
+    #[error("invalid scenario {origin}: {message}")]
+    Parse {
+        /// File.
+        origin: String,
+        /// The parser's message (names the key and position).
+        message: String,
+    },
+    /// The workload's config is invalid.
+    #[error("scenario {origin}: [run] {source}")]
+    Config {
+        /// File.
+        origin: String,
+        /// Cause.
+        source: ConfigError,
+    },
+    /// A fault entry is invalid.
+    #[error("scenario {origin}: fault #{index} ({kind}): {reason}")]
+    Fault {
+        /// File.
+        origin: String,
+        /// Position in the file, from 1.
+        index: usize,
+        /// Its kind.
+        kind: &'static str,
+        /// What is wrong.
+        reason: String,
+    },
+}
+
+impl Scenario {
+    /// Reads and validates a scenario file.
+    pub fn load(path: &Path) -> Result<Scenario, ScenarioError> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|source| ScenarioError::Read { path: path.display().to_string(), source })?;
+        let stem = path.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default();
+        Scenario::from_toml(&text, &path.display().to_string(), &stem)
+    }
+
+    /// Parses and validates scenario text; `origin` names it in errors, `stem` is the default
+    /// name.
+    pub fn from_toml(text: &str, origin: &str, stem: &str) -> Result<Scenario, ScenarioError> {
+        let mut s: Scenario = toml::from_str(text)
+            .map_err(|e| ScenarioError::Parse { origin: origin.into(), message: e.to_string() })?;
+        if s.name.is_empty() {
+            s.name = stem.to_owned();
+        }
+        s.validate(origin)?;
+        Ok(s)
+    }
+
+    /// Checks the workload and every fault.
+    pub fn validate(&self, origin: &str) -> Result<(), ScenarioError> {
+        let bad = |index: usize, kind: FaultKind, reason: String| ScenarioError::Fault {
+            origin: origin.into(),
+            index: index + 1,
+            kind: kind.name(),
+            reason,
+        };
+        if self.name.is_empty() || !self.name.chars().all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
+        {
+            return Err(ScenarioError::Parse {
+                origin: origin.into(),
+                message: format!("name {:?}: use letters, digits, '-', '_' or '.'", self.name),
+            });
+        }
+        if !(0.0..=1.0).contains(&self.target_accuracy) {
+            return Err(ScenarioError::Parse {
+                origin: origin.into(),
+                message: format!("target_accuracy = {}: must be in [0, 1]", self.target_accuracy),
+            });
+        }
+        self.run.validate().map_err(|source| ScenarioError::Config { origin: origin.into(), source })?;
+        let n = self.run.p2p.peers as usize;
+        for (i, f) in self.faults.iter().enumerate() {
+            match (f.at_round, f.at_s) {
+                (Some(_), Some(_)) => return Err(bad(i, f.kind, "give at_round or at_s, not both".into())),
+                (None, None) => return Err(bad(i, f.kind, "give at_round or at_s".into())),
+                (None, Some(s)) if !(s.is_finite() && s >= 0.0) => {
+                    return Err(bad(i, f.kind, format!("at_s = {s}: must be a non-negative number")));
+                }
+                _ => {}
+            }
+            if f.targets.is_empty() {
+                return Err(bad(i, f.kind, "targets is empty".into()));
+            }
+            for t in &f.targets {
+                parse_target(t, n).map_err(|r| bad(i, f.kind, r))?;
+            }
+            for (key, v) in [("duration_s", f.duration_s), ("restart_after_s", f.restart_after_s)] {
+                if let Some(v) = v
+                    && !(v.is_finite() && v >= 0.0)
+                {
+                    return Err(bad(i, f.kind, format!("{key} = {v}: must be a non-negative number")));
+                }
+            }
+            let only = |key: &str, given: bool, kinds: &[FaultKind]| -> Result<(), ScenarioError> {
+                if given && !kinds.contains(&f.kind) {
+                    return Err(bad(i, f.kind, format!("{key} does not apply to {}", f.kind.name())));
+                }
+                Ok(())
+            };
+            only("restart_after_s", f.restart_after_s.is_some(), &[FaultKind::Kill])?;
+            only("delay_ms", f.delay_ms.is_some(), &[FaultKind::Delay])?;
+            only("stop_ms", f.stop_ms.is_some(), &[FaultKind::Straggle])?;
+            only("period_ms", f.period_ms.is_some(), &[FaultKind::Straggle])?;
+            only(
+                "duration_s",
+                f.duration_s.is_some(),
+                &[FaultKind::Stop, FaultKind::Straggle, FaultKind::Partition, FaultKind::Delay],
+            )?;
+            match f.kind {
+                FaultKind::Stop if f.duration_s.is_none() => {
+                    return Err(bad(
+                        i,
+                        f.kind,
+                        "needs duration_s (a node stopped for good is a kill)".into(),
+                    ));
+                }
+                FaultKind::Straggle => match (f.stop_ms, f.period_ms) {
+                    (Some(s), Some(p)) if s > 0 && s < p && p <= 60_000 => {}
+                    _ => {
+                        return Err(bad(
+                            i,
+                            f.kind,
+                            "needs 0 < stop_ms < period_ms ≤ 60000 (stopped stop_ms of every period_ms)"
+                                .into(),
+                        ));
+                    }
+                },
+                FaultKind::Delay if !f.delay_ms.is_some_and(|d| (1..=60_000).contains(&d)) => {
+                    return Err(bad(i, f.kind, "needs delay_ms in 1..=60000".into()));
+                }
+                FaultKind::Partition if f.targets.iter().any(|t| t == "ps") && f.targets.len() > 1 => {
+                    return Err(bad(
+                        i,
+                        f.kind,
+                        "partition the PS alone, or a set of nodes without it".into(),
+                    ));
+                }
+                _ => {}
+            }
+        }
+        Ok(())
+    }
+
+    /// The run config of one run: the workload with `arch` and `seed`.
+    pub fn run_config(&self, arch: TrainArch, seed: u64) -> RunConfig {
+        let mut cfg = self.run.clone();
+        cfg.train.arch = arch;
+        cfg.seed = seed;
+        cfg
+    }
+}
+
+/// Parses a target for a cluster of `n` peers or workers (checks the index only).
+fn parse_target(t: &str, n: usize) -> Result<(&str, Option<usize>), String> {
+    if t == "ps" {
+        return Ok(("ps", None));
+    }
+    let (role, idx) = t
+        .split_once(':')
+        .ok_or_else(|| format!("target {t:?}: expected node:<i>, peer:<i>, worker:<i> or ps"))?;
+    if !["node", "peer", "worker"].contains(&role) {
+        return Err(format!("target {t:?}: expected node:<i>, peer:<i>, worker:<i> or ps"));
+    }
+    let i: usize = idx.parse().map_err(|_| format!("target {t:?}: {idx:?} is not an index"))?;
+    if i >= n {
+        return Err(format!("target {t:?}: the run has {n} nodes (0..{n})"));
+    }
+    Ok((role, Some(i)))
+}
+
+/// Resolves a target for one run of `arch` with `n` peers or workers; `None` when it does not
+/// exist in that architecture (`peer:i` in a PS run, `worker:i` in a P2P run).
+pub fn resolve_target(t: &str, arch: TrainArch, n: usize) -> Option<NodeRef> {
+    let (role, idx) = parse_target(t, n).ok()?;
+    match (arch, role, idx) {
+        (TrainArch::P2p, "ps", _) => Some(NodeRef { index: 0, role: "peer" }),
+        (TrainArch::P2p, "node" | "peer", Some(i)) => Some(NodeRef { index: i, role: "peer" }),
+        (TrainArch::Ps, "ps", _) => Some(NodeRef { index: n, role: "ps" }),
+        (TrainArch::Ps, "node" | "worker", Some(i)) => Some(NodeRef { index: i, role: "worker" }),
+        _ => None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const OK: &str = r#"
+description = "a peer dies"
+[run]
+p2p.peers = 4
+[[fault]]
+kind = "kill"
+targets = ["node:1"]
+at_round = 10
+restart_after_s = 2
+[[fault]]
+kind = "straggle"
+targets = ["ps"]
+at_s = 1.5
+stop_ms = 50
+period_ms = 200
+"#;
+
+    #[test]
+    fn a_scenario_parses_with_defaults_and_resolves_targets_per_arch() {
+        let s = Scenario::from_toml(OK, "t.toml", "crash").unwrap();
+        assert_eq!(s.name, "crash");
+        assert_eq!(s.seed, 1);
+        assert_eq!(s.faults.len(), 2);
+        assert_eq!(resolve_target("node:1", TrainArch::P2p, 4), Some(NodeRef { index: 1, role: "peer" }));
+        assert_eq!(resolve_target("node:1", TrainArch::Ps, 4), Some(NodeRef { index: 1, role: "worker" }));
+        assert_eq!(resolve_target("ps", TrainArch::Ps, 4), Some(NodeRef { index: 4, role: "ps" }));
+        assert_eq!(resolve_target("ps", TrainArch::P2p, 4), Some(NodeRef { index: 0, role: "peer" }));
+        assert_eq!(resolve_target("peer:2", TrainArch::Ps, 4), None);
+        let cfg = s.run_config(TrainArch::Ps, 7);
+        assert_eq!((cfg.train.arch, cfg.seed), (TrainArch::Ps, 7));
+    }
+
+    #[test]
+    fn bad_scenarios_are_refused_with_the_fault_and_reason() {
+        let cases = [
+            ("[[fault]]\nkind = \"kill\"\ntargets = [\"node:9\"]\nat_round = 1\n", "the run has 4 nodes"),
+            ("[[fault]]\nkind = \"kill\"\ntargets = [\"node:1\"]\n", "give at_round or at_s"),
+            ("[[fault]]\nkind = \"stop\"\ntargets = [\"node:1\"]\nat_s = 1\n", "needs duration_s"),
+            ("[[fault]]\nkind = \"delay\"\ntargets = [\"node:1\"]\nat_s = 1\n", "needs delay_ms"),
+            (
+                "[[fault]]\nkind = \"kill\"\ntargets = [\"node:1\"]\nat_s = 1\ndelay_ms = 3\n",
+                "does not apply",
+            ),
+            ("[[fault]]\nkind = \"melt\"\ntargets = [\"node:1\"]\nat_s = 1\n", "unknown variant"),
+            ("[[fault]]\nkind = \"kill\"\ntargets = [\"node:1\"]\nat_s = 1\ncolour = 1\n", "unknown field"),
+            ("[run]\np2p.peers = 0\n", "p2p.peers"),
+            ("target_accuracy = 2.0\n", "target_accuracy"),
+            (
+                "[[fault]]\nkind = \"straggle\"\ntargets = [\"node:1\"]\nat_s = 1\nstop_ms = 300\nperiod_ms = 200\n",
+                "stop_ms < period_ms",
+            ),
+        ];
+        for (text, want) in cases {
+            let text =
+                format!("[run.p2p]\npeers = 4\n{text}").replace("[run.p2p]\npeers = 4\n[run]\n", "[run]\n");
+            let err = Scenario::from_toml(&text, "bad.toml", "bad").unwrap_err().to_string();
+            assert!(err.contains(want) && err.contains("bad.toml"), "{text}: {err}");
+        }
+    }
+}

@@ -1,0 +1,289 @@
+//! `peerless experiment`: runs scenarios × architectures × seeds, one run directory each.
+//!
+//! ```text
+//! <out>/experiment.json                     scenarios, archs, seeds, the command line
+//! <out>/<scenario>/<arch>/seed-<s>/         a `peerless train --scenario …` run directory
+//! <out>/<scenario>/<arch>/seed-<s>.log      the launcher's output
+//! ```
+//!
+//! Each run is a child `peerless train` process, so a run that hangs can be stopped at the
+//! scenario's `timeout_s` without taking the experiment down. A run whose directory holds a
+//! `summary.json` is finished and is not repeated: the same command resumes an interrupted
+//! experiment. A failed run (no summary) is started again from scratch next time.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, ExitCode, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+use clap::Args;
+use indicatif::{ProgressBar, ProgressStyle};
+use peerless_runtime::config::TrainArch;
+use peerless_runtime::scenario::Scenario;
+use serde::Serialize;
+
+/// `peerless experiment`.
+#[derive(Debug, Args)]
+pub struct ExperimentArgs {
+    /// Scenario files, or directories of them (every `*.toml` inside).
+    #[arg(required = true)]
+    pub scenarios: Vec<PathBuf>,
+    /// Architectures, comma-separated: `p2p`, `ps`.
+    #[arg(long, default_value = "p2p,ps", value_delimiter = ',')]
+    pub arch: Vec<String>,
+    /// Seeds per scenario and architecture: the scenario's `seed`, `seed + 1`, ….
+    #[arg(long, default_value_t = 1)]
+    pub seeds: u64,
+    /// Experiment directory (default: `experiments/<name of the first scenario argument>`).
+    #[arg(long)]
+    pub out: Option<PathBuf>,
+    /// Directory of IDX datasets (passed to every run).
+    #[arg(long)]
+    pub data_dir: Option<PathBuf>,
+}
+
+#[derive(Debug, Serialize)]
+struct ScenarioEntry {
+    name: String,
+    description: String,
+    target_accuracy: f32,
+    file: String,
+    faults: usize,
+    seeds: Vec<u64>,
+}
+
+#[derive(Debug, Serialize)]
+struct Manifest {
+    command: String,
+    scenarios: Vec<ScenarioEntry>,
+    archs: Vec<String>,
+    seeds: Vec<u64>,
+}
+
+/// Expands directories into their `*.toml` files (sorted), keeping files as given.
+fn scenario_files(args: &[PathBuf]) -> Result<Vec<PathBuf>> {
+    let mut files = Vec::new();
+    for p in args {
+        if p.is_dir() {
+            let mut inside: Vec<PathBuf> = std::fs::read_dir(p)
+                .with_context(|| format!("reading {}", p.display()))?
+                .filter_map(|e| e.ok().map(|e| e.path()))
+                .filter(|f| f.extension().is_some_and(|x| x == "toml"))
+                .collect();
+            inside.sort();
+            if inside.is_empty() {
+                bail!("{} holds no *.toml scenario", p.display());
+            }
+            files.extend(inside);
+        } else if p.is_file() {
+            files.push(p.clone());
+        } else {
+            bail!("scenario {} does not exist", p.display());
+        }
+    }
+    Ok(files)
+}
+
+fn parse_arch(a: &str) -> Result<TrainArch> {
+    match a.trim() {
+        "p2p" => Ok(TrainArch::P2p),
+        "ps" => Ok(TrainArch::Ps),
+        other => bail!("--arch {other:?}: expected p2p or ps (comma-separated)"),
+    }
+}
+
+/// One run of the matrix.
+#[derive(Debug)]
+struct Planned {
+    scenario: usize,
+    arch: String,
+    seed: u64,
+    dir: PathBuf,
+}
+
+/// How a run ended.
+#[derive(Debug)]
+enum Outcome {
+    Skipped,
+    Done { accuracy: f64, wall_s: f64 },
+    Failed(String),
+}
+
+/// Runs `peerless experiment`.
+pub fn run(args: ExperimentArgs) -> Result<ExitCode> {
+    let files = scenario_files(&args.scenarios)?;
+    let scenarios: Vec<Scenario> = files.iter().map(|f| Scenario::load(f)).collect::<Result<_, _>>()?;
+    let mut names: Vec<&str> = scenarios.iter().map(|s| s.name.as_str()).collect();
+    names.sort_unstable();
+    if let Some(w) = names.windows(2).find(|w| w[0] == w[1]) {
+        bail!("two scenarios are named {:?}; names must be unique", w[0]);
+    }
+    let archs: Vec<String> = args.arch.iter().map(|a| a.trim().to_owned()).collect();
+    for a in &archs {
+        parse_arch(a)?;
+    }
+    if args.seeds == 0 {
+        bail!("--seeds must be at least 1");
+    }
+    let out = args.out.clone().unwrap_or_else(|| {
+        let first = args.scenarios[0].file_stem().map(|s| s.to_string_lossy().into_owned());
+        PathBuf::from("experiments").join(first.unwrap_or_else(|| "experiment".into()))
+    });
+    std::fs::create_dir_all(&out).with_context(|| format!("creating {}", out.display()))?;
+    let exe = std::env::current_exe().context("locating the peerless executable")?;
+
+    let mut plan = Vec::new();
+    for (si, s) in scenarios.iter().enumerate() {
+        for a in &archs {
+            for k in 0..args.seeds {
+                let seed = s.seed + k;
+                plan.push(Planned {
+                    scenario: si,
+                    arch: a.clone(),
+                    seed,
+                    dir: out.join(&s.name).join(a).join(format!("seed-{seed}")),
+                });
+            }
+        }
+    }
+    let manifest = Manifest {
+        command: std::env::args().collect::<Vec<_>>().join(" "),
+        scenarios: scenarios
+            .iter()
+            .zip(&files)
+            .map(|(s, f)| ScenarioEntry {
+                name: s.name.clone(),
+                description: s.description.clone(),
+                target_accuracy: s.target_accuracy,
+                file: f.display().to_string(),
+                faults: s.faults.len(),
+                seeds: (s.seed..s.seed + args.seeds).collect(),
+            })
+            .collect(),
+        archs: archs.clone(),
+        seeds: {
+            let mut all: Vec<u64> = plan.iter().map(|p| p.seed).collect();
+            all.sort_unstable();
+            all.dedup();
+            all
+        },
+    };
+    let mpath = out.join("experiment.json");
+    std::fs::write(&mpath, serde_json::to_string_pretty(&manifest)?)
+        .with_context(|| format!("writing {}", mpath.display()))?;
+    let bar = ProgressBar::new(plan.len() as u64);
+    bar.set_style(
+        ProgressStyle::with_template("experiment [{elapsed_precise}] {wide_bar} {pos}/{len} runs {msg}")
+            .expect("invariant: valid template"),
+    );
+    let mut outcomes = Vec::new();
+    for p in &plan {
+        let s = &scenarios[p.scenario];
+        let label = format!("{} {} seed {}", s.name, p.arch, p.seed);
+        bar.set_message(label.clone());
+        let outcome = if p.dir.join("summary.json").exists() {
+            Outcome::Skipped
+        } else {
+            run_one(&exe, &files[p.scenario], s, p, args.data_dir.as_deref())
+        };
+        match &outcome {
+            Outcome::Done { accuracy, wall_s } => {
+                bar.println(format!("{label}: {:.2} % in {wall_s:.1} s", accuracy * 100.0))
+            }
+            Outcome::Failed(why) => bar.println(format!("{label}: FAILED: {why}")),
+            Outcome::Skipped => bar.println(format!("{label}: already done")),
+        }
+        outcomes.push(outcome);
+        bar.inc(1);
+    }
+    bar.finish_and_clear();
+    let failed: Vec<String> = plan
+        .iter()
+        .zip(&outcomes)
+        .filter_map(|(p, o)| match o {
+            Outcome::Failed(why) => Some(format!("{}: {why}", p.dir.display())),
+            _ => None,
+        })
+        .collect();
+    let done = outcomes.iter().filter(|o| matches!(o, Outcome::Done { .. })).count();
+    let skipped = outcomes.iter().filter(|o| matches!(o, Outcome::Skipped)).count();
+    println!(
+        "experiment   {} ({} scenarios × {} × {} seeds)",
+        out.display(),
+        scenarios.len(),
+        archs.join(","),
+        args.seeds
+    );
+    println!("runs         {done} run, {skipped} already done, {} failed", failed.len());
+    for f in &failed {
+        println!("  failed     {f}");
+    }
+    println!("report       peerless report {}", out.display());
+    Ok(if failed.is_empty() { ExitCode::SUCCESS } else { ExitCode::FAILURE })
+}
+
+fn run_one(exe: &Path, file: &Path, s: &Scenario, p: &Planned, data_dir: Option<&Path>) -> Outcome {
+    // An unfinished directory from an interrupted run is started over.
+    if p.dir.exists()
+        && let Err(e) = std::fs::remove_dir_all(&p.dir)
+    {
+        return Outcome::Failed(format!("cannot clear {}: {e}", p.dir.display()));
+    }
+    if let Some(parent) = p.dir.parent()
+        && let Err(e) = std::fs::create_dir_all(parent)
+    {
+        return Outcome::Failed(format!("cannot create {}: {e}", parent.display()));
+    }
+    let log_path = p.dir.with_extension("log");
+    let log = match std::fs::File::create(&log_path) {
+        Ok(f) => f,
+        Err(e) => return Outcome::Failed(format!("cannot create {}: {e}", log_path.display())),
+    };
+    let mut cmd = Command::new(exe);
+    cmd.args(["train", "--scenario"])
+        .arg(file)
+        .args(["--arch", &p.arch, "--seed", &p.seed.to_string()])
+        .args(["--name", &format!("{}-{}-seed-{}", s.name, p.arch, p.seed)])
+        .arg("--out")
+        .arg(&p.dir)
+        .stdin(Stdio::null())
+        .stdout(log.try_clone().map(Stdio::from).unwrap_or_else(|_| Stdio::null()))
+        .stderr(Stdio::from(log));
+    if let Some(d) = data_dir {
+        cmd.arg("--data-dir").arg(d);
+    }
+    let mut child = match cmd.spawn() {
+        Ok(c) => c,
+        Err(e) => return Outcome::Failed(format!("cannot start peerless train: {e}")),
+    };
+    let t = Instant::now();
+    let timeout = Duration::from_secs(s.timeout_s);
+    let status = loop {
+        match child.try_wait() {
+            Ok(Some(st)) => break Ok(st),
+            Ok(None) if t.elapsed() > timeout => {
+                // SIGINT first: the launcher stops its nodes and writes what it has.
+                let _ = Command::new("kill").arg("-INT").arg(child.id().to_string()).status();
+                std::thread::sleep(Duration::from_secs(10));
+                let _ = child.kill();
+                let _ = child.wait();
+                // A summary written on the way out is not a finished run.
+                let _ = std::fs::rename(p.dir.join("summary.json"), p.dir.join("summary.timed-out.json"));
+                break Err(format!("still running after timeout_s = {}", s.timeout_s));
+            }
+            Ok(None) => std::thread::sleep(Duration::from_millis(200)),
+            Err(e) => break Err(e.to_string()),
+        }
+    };
+    let summary = std::fs::read_to_string(p.dir.join("summary.json"))
+        .ok()
+        .and_then(|t| serde_json::from_str::<serde_json::Value>(&t).ok());
+    match (status, summary) {
+        (Err(why), _) => Outcome::Failed(format!("{why}; see {}", log_path.display())),
+        (Ok(_), Some(v)) => Outcome::Done {
+            accuracy: v["test_accuracy"].as_f64().unwrap_or(0.0),
+            wall_s: v["wall_time_s"].as_f64().unwrap_or(0.0),
+        },
+        (Ok(st), None) => Outcome::Failed(format!("{st}, no summary; see {}", log_path.display())),
+    }
+}

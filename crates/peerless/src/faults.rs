@@ -1,0 +1,480 @@
+//! Fault injection for the local cluster launcher: signals to node processes on a schedule,
+//! and a loopback fault proxy between nodes for partitions and delays.
+//!
+//! The proxy: node `i` reaches node `j` through its own listener `(i → j)`, so every
+//! connection's two ends are known and a partition can cut exactly the pairs across it
+//! (closing live connections, refusing new ones) while delays hold each chunk until
+//! `arrival + delay`. Without network faults there is no proxy: nodes dial each other directly.
+
+use std::collections::BTreeSet;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result};
+use peerless_runtime::config::TrainArch;
+use peerless_runtime::scenario::{FaultKind, FaultSpec, NodeRef, resolve_target};
+use serde_json::{Value, json};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{mpsc, watch};
+
+/// Live network faults, shared by every proxied connection.
+#[derive(Debug, Default)]
+struct NetState {
+    /// Active partitions: each set is cut off from the nodes outside it.
+    cuts: Vec<(usize, BTreeSet<usize>)>,
+    /// Active delays: (fault id, nodes, ms).
+    delays: Vec<(usize, BTreeSet<usize>, u64)>,
+}
+
+impl NetState {
+    fn blocked(&self, a: usize, b: usize) -> bool {
+        self.cuts.iter().any(|(_, s)| s.contains(&a) != s.contains(&b))
+    }
+
+    fn delay(&self, a: usize, b: usize) -> Duration {
+        let ms = self
+            .delays
+            .iter()
+            .filter(|(_, s, _)| s.contains(&a) || s.contains(&b))
+            .map(|(_, _, ms)| *ms)
+            .max()
+            .unwrap_or(0);
+        Duration::from_millis(ms)
+    }
+}
+
+/// The loopback fault proxy: one listener per ordered pair of nodes that dial each other.
+#[derive(Debug)]
+pub struct Proxy {
+    state: Arc<Mutex<NetState>>,
+    changed: watch::Sender<u64>,
+    rt: tokio::runtime::Runtime,
+}
+
+impl Proxy {
+    /// Starts a proxy runtime (one thread).
+    pub fn new() -> Result<Proxy> {
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .thread_name("fault-proxy")
+            .enable_all()
+            .build()
+            .context("starting the fault proxy")?;
+        let (changed, _) = watch::channel(0);
+        Ok(Proxy { state: Arc::default(), changed, rt })
+    }
+
+    /// A listener through which node `from` reaches node `to` at `target`; returns its address.
+    pub fn route(&self, from: usize, to: usize, target: SocketAddr) -> Result<SocketAddr> {
+        let listener =
+            self.rt.block_on(TcpListener::bind("127.0.0.1:0")).context("binding a fault-proxy listener")?;
+        let addr = listener.local_addr()?;
+        let (state, changed) = (self.state.clone(), self.changed.clone());
+        self.rt.spawn(async move {
+            while let Ok((inbound, _)) = listener.accept().await {
+                if state.lock().expect("proxy state").blocked(from, to) {
+                    continue; // dropped: the dialer sees the connection close
+                }
+                let (state, cut) = (state.clone(), changed.subscribe());
+                tokio::spawn(async move {
+                    if let Ok(outbound) = TcpStream::connect(target).await {
+                        relay(inbound, outbound, from, to, state, cut).await;
+                    }
+                });
+            }
+        });
+        Ok(addr)
+    }
+
+    fn update(&self, f: impl FnOnce(&mut NetState)) {
+        f(&mut self.state.lock().expect("proxy state"));
+        self.changed.send_modify(|g| *g += 1);
+    }
+}
+
+/// Forwards both ways between `a` (node `from`) and `b` (node `to`) until either side closes
+/// or a partition cuts the pair.
+async fn relay(
+    a: TcpStream,
+    b: TcpStream,
+    from: usize,
+    to: usize,
+    state: Arc<Mutex<NetState>>,
+    mut cut: watch::Receiver<u64>,
+) {
+    let _ = (a.set_nodelay(true), b.set_nodelay(true));
+    let (ar, aw) = a.into_split();
+    let (br, bw) = b.into_split();
+    let watch_cut = async {
+        while cut.changed().await.is_ok() {
+            if state.lock().expect("proxy state").blocked(from, to) {
+                return;
+            }
+        }
+    };
+    tokio::select! {
+        _ = pipe(ar, bw, from, to, &state) => {}
+        _ = pipe(br, aw, from, to, &state) => {}
+        _ = watch_cut => {}
+    }
+}
+
+/// One direction: chunks are delivered in order, each no earlier than its arrival plus the
+/// delay in force.
+async fn pipe(
+    mut r: tokio::net::tcp::OwnedReadHalf,
+    mut w: tokio::net::tcp::OwnedWriteHalf,
+    from: usize,
+    to: usize,
+    state: &Mutex<NetState>,
+) {
+    let (tx, mut rx) = mpsc::unbounded_channel::<(tokio::time::Instant, Vec<u8>)>();
+    let read = async move {
+        let mut buf = vec![0u8; 64 * 1024];
+        while let Ok(n) = r.read(&mut buf).await {
+            if n == 0 || tx.send((tokio::time::Instant::now(), buf[..n].to_vec())).is_err() {
+                break;
+            }
+        }
+    };
+    let write = async {
+        while let Some((t, data)) = rx.recv().await {
+            let d = state.lock().expect("proxy state").delay(from, to);
+            if !d.is_zero() {
+                tokio::time::sleep_until(t + d).await;
+            }
+            if w.write_all(&data).await.is_err() {
+                break;
+            }
+        }
+        let _ = w.shutdown().await;
+    };
+    tokio::join!(read, write);
+}
+
+/// Whether any of `faults` needs the proxy.
+pub fn needs_proxy(faults: &[FaultSpec]) -> bool {
+    faults.iter().any(|f| matches!(f.kind, FaultKind::Partition | FaultKind::Delay))
+}
+
+#[derive(Debug, Clone, PartialEq)]
+enum Stage {
+    Pending,
+    /// Injected; cleared at this instant (if it ends).
+    Active(Option<Instant>),
+    Done,
+}
+
+#[derive(Debug)]
+struct Planned {
+    id: usize,
+    spec: FaultSpec,
+    targets: Vec<NodeRef>,
+    stage: Stage,
+    /// Straggle: tells its thread to stop.
+    stop: Option<Arc<AtomicBool>>,
+}
+
+/// What the launcher must do after a tick.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Order {
+    /// Start node `index` again after `after` (peers rejoin with `--join`).
+    Restart {
+        /// Node.
+        index: usize,
+        /// Delay.
+        after: Duration,
+    },
+}
+
+/// The fault schedule of one run, driven by the launcher's loop.
+#[derive(Debug)]
+pub struct Injector {
+    planned: Vec<Planned>,
+    proxy: Option<Proxy>,
+    /// Current pid of each launcher node (`None` while it is down).
+    pids: Arc<Mutex<Vec<Option<u32>>>>,
+}
+
+/// One line for `events.jsonl`: (event name, fields).
+pub type Record = (&'static str, Value);
+
+impl Injector {
+    /// Resolves `faults` for a run of `arch` with `n` peers or workers; targets that do not
+    /// exist in this architecture are reported in the returned records and skipped.
+    pub fn new(
+        faults: &[FaultSpec],
+        arch: TrainArch,
+        n: usize,
+        nodes: usize,
+        proxy: Option<Proxy>,
+    ) -> (Injector, Vec<Record>) {
+        let mut skipped = Vec::new();
+        let planned = faults
+            .iter()
+            .enumerate()
+            .filter_map(|(id, spec)| {
+                let targets: Vec<NodeRef> =
+                    spec.targets.iter().filter_map(|t| resolve_target(t, arch, n)).collect();
+                if targets.len() < spec.targets.len() {
+                    skipped.push((
+                        "fault_skipped",
+                        json!({ "fault": spec.kind.name(), "targets": spec.targets, "reason": "a target does not exist in this architecture" }),
+                    ));
+                    return None;
+                }
+                Some(Planned { id, spec: spec.clone(), targets, stage: Stage::Pending, stop: None })
+            })
+            .collect();
+        (Injector { planned, proxy, pids: Arc::new(Mutex::new(vec![None; nodes])) }, skipped)
+    }
+
+    /// The proxy, to route node addresses through (if the schedule has network faults).
+    pub fn proxy(&self) -> Option<&Proxy> {
+        self.proxy.as_ref()
+    }
+
+    /// Records node `index`'s current process (or `None` when it exited).
+    pub fn set_pid(&self, index: usize, pid: Option<u32>) {
+        if let Some(p) = self.pids.lock().expect("pids").get_mut(index) {
+            *p = pid;
+        }
+    }
+
+    /// Injects and clears what is due at `elapsed` since the launch, with the cluster at
+    /// `round`; returns the event records and the launcher's orders.
+    pub fn tick(&mut self, elapsed: Duration, round: u64) -> (Vec<Record>, Vec<Order>) {
+        let (mut records, mut orders) = (Vec::new(), Vec::new());
+        let now = Instant::now();
+        for i in 0..self.planned.len() {
+            let p = &self.planned[i];
+            match p.stage {
+                Stage::Pending => {
+                    let due = match (p.spec.at_round, p.spec.at_s) {
+                        (Some(r), _) => round >= r,
+                        (_, Some(s)) => elapsed.as_secs_f64() >= s,
+                        _ => false,
+                    };
+                    if due {
+                        let (rec, ord) = self.inject(i, round);
+                        records.push(rec);
+                        orders.extend(ord);
+                    }
+                }
+                Stage::Active(Some(until)) if now >= until => records.push(self.clear(i, round)),
+                _ => {}
+            }
+        }
+        (records, orders)
+    }
+
+    fn signal(&self, t: NodeRef, sig: rustix::process::Signal) -> Option<u32> {
+        let pid = self.pids.lock().expect("pids").get(t.index).copied().flatten()?;
+        let _ = rustix::process::kill_process(rustix::process::Pid::from_raw(pid as i32)?, sig);
+        Some(pid)
+    }
+
+    fn inject(&mut self, i: usize, round: u64) -> (Record, Vec<Order>) {
+        use rustix::process::Signal;
+        let p = &self.planned[i];
+        let (spec, targets, id) = (p.spec.clone(), p.targets.clone(), p.id);
+        let until = spec.duration_s.map(|s| Instant::now() + Duration::from_secs_f64(s));
+        let mut orders = Vec::new();
+        let mut stop = None;
+        let mut fields = json!({
+            "fault": spec.kind.name(),
+            "targets": targets.iter().map(ToString::to_string).collect::<Vec<_>>(),
+            "round": round,
+        });
+        match spec.kind {
+            FaultKind::Kill => {
+                let pids: Vec<Option<u32>> = targets.iter().map(|t| self.signal(*t, Signal::KILL)).collect();
+                fields["pids"] = json!(pids);
+                for t in &targets {
+                    if let Some(after) = spec.restart_after_s
+                        && t.role != "ps"
+                    {
+                        orders.push(Order::Restart { index: t.index, after: Duration::from_secs_f64(after) });
+                    }
+                }
+                if let Some(s) = spec.restart_after_s {
+                    fields["restart_after_s"] = json!(s);
+                }
+            }
+            FaultKind::Stop => {
+                for t in &targets {
+                    self.signal(*t, Signal::STOP);
+                }
+            }
+            FaultKind::Straggle => {
+                let (stop_ms, period_ms) = (spec.stop_ms.unwrap_or(0), spec.period_ms.unwrap_or(1));
+                fields["stop_ms"] = json!(stop_ms);
+                fields["period_ms"] = json!(period_ms);
+                let flag = Arc::new(AtomicBool::new(false));
+                stop = Some(flag.clone());
+                let (pids, idx): (_, Vec<usize>) =
+                    (self.pids.clone(), targets.iter().map(|t| t.index).collect());
+                std::thread::spawn(move || {
+                    let each = |sig: Signal| {
+                        for &i in &idx {
+                            if let Some(pid) = pids.lock().expect("pids").get(i).copied().flatten()
+                                && let Some(pid) = rustix::process::Pid::from_raw(pid as i32)
+                            {
+                                let _ = rustix::process::kill_process(pid, sig);
+                            }
+                        }
+                    };
+                    while !flag.load(Ordering::Relaxed) {
+                        each(Signal::STOP);
+                        std::thread::sleep(Duration::from_millis(stop_ms));
+                        each(Signal::CONT);
+                        std::thread::sleep(Duration::from_millis(period_ms - stop_ms));
+                    }
+                    each(Signal::CONT);
+                });
+            }
+            FaultKind::Partition => {
+                let set: BTreeSet<usize> = targets.iter().map(|t| t.index).collect();
+                if let Some(px) = &self.proxy {
+                    px.update(|s| s.cuts.push((id, set)));
+                }
+            }
+            FaultKind::Delay => {
+                let set: BTreeSet<usize> = targets.iter().map(|t| t.index).collect();
+                let ms = spec.delay_ms.unwrap_or(0);
+                fields["delay_ms"] = json!(ms);
+                if let Some(px) = &self.proxy {
+                    px.update(|s| s.delays.push((id, set, ms)));
+                }
+            }
+        }
+        if let Some(d) = spec.duration_s {
+            fields["duration_s"] = json!(d);
+        }
+        let p = &mut self.planned[i];
+        p.stop = stop;
+        p.stage = match spec.kind {
+            FaultKind::Kill => Stage::Done,
+            _ => Stage::Active(until),
+        };
+        (("fault_injected", fields), orders)
+    }
+
+    fn clear(&mut self, i: usize, round: u64) -> Record {
+        use rustix::process::Signal;
+        let (kind, targets, id) = {
+            let p = &mut self.planned[i];
+            p.stage = Stage::Done;
+            if let Some(f) = p.stop.take() {
+                f.store(true, Ordering::Relaxed);
+            }
+            (p.spec.kind, p.targets.clone(), p.id)
+        };
+        match kind {
+            FaultKind::Stop => {
+                for t in &targets {
+                    self.signal(*t, Signal::CONT);
+                }
+            }
+            FaultKind::Partition => {
+                if let Some(px) = &self.proxy {
+                    px.update(|s| s.cuts.retain(|(f, _)| *f != id));
+                }
+            }
+            FaultKind::Delay => {
+                if let Some(px) = &self.proxy {
+                    px.update(|s| s.delays.retain(|(f, _, _)| *f != id));
+                }
+            }
+            FaultKind::Kill | FaultKind::Straggle => {}
+        }
+        (
+            "fault_cleared",
+            json!({ "fault": kind.name(), "targets": targets.iter().map(ToString::to_string).collect::<Vec<_>>(), "round": round }),
+        )
+    }
+
+    /// Clears every active fault (the run is over): stopped nodes continue, partitions heal.
+    pub fn finish(&mut self, round: u64) -> Vec<Record> {
+        (0..self.planned.len())
+            .filter(|&i| matches!(self.planned[i].stage, Stage::Active(_)))
+            .collect::<Vec<_>>()
+            .into_iter()
+            .map(|i| self.clear(i, round))
+            .collect()
+    }
+}
+
+impl Drop for Injector {
+    fn drop(&mut self) {
+        for p in &self.planned {
+            if let Some(f) = &p.stop {
+                f.store(true, Ordering::Relaxed);
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::io::{Read, Write};
+
+    use super::*;
+
+    fn echo_server() -> SocketAddr {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = l.local_addr().unwrap();
+        std::thread::spawn(move || {
+            for s in l.incoming().map_while(Result::ok) {
+                std::thread::spawn(move || {
+                    let mut s = s;
+                    let mut buf = [0u8; 1024];
+                    while let Ok(n) = s.read(&mut buf) {
+                        if n == 0 || s.write_all(&buf[..n]).is_err() {
+                            break;
+                        }
+                    }
+                });
+            }
+        });
+        addr
+    }
+
+    fn round_trip(s: &mut std::net::TcpStream) -> std::io::Result<Duration> {
+        let t = Instant::now();
+        s.write_all(b"ping")?;
+        let mut buf = [0u8; 4];
+        s.read_exact(&mut buf)?;
+        assert_eq!(&buf, b"ping");
+        Ok(t.elapsed())
+    }
+
+    #[test]
+    fn the_proxy_forwards_delays_and_cuts_across_a_partition_until_it_heals() {
+        let server = echo_server();
+        let px = Proxy::new().unwrap();
+        let via = px.route(0, 1, server).unwrap();
+        let mut s = std::net::TcpStream::connect(via).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        round_trip(&mut s).unwrap();
+        // A delay applies to each direction: a round trip takes at least twice the delay.
+        px.update(|st| st.delays.push((7, BTreeSet::from([1]), 100)));
+        assert!(round_trip(&mut s).unwrap() >= Duration::from_millis(200));
+        px.update(|st| st.delays.clear());
+        // A partition closes the live connection and refuses new ones …
+        px.update(|st| st.cuts.push((1, BTreeSet::from([1]))));
+        let mut buf = [0u8; 4];
+        assert!(matches!(s.read(&mut buf), Ok(0) | Err(_)), "the live connection was closed");
+        let mut s2 = std::net::TcpStream::connect(via).unwrap();
+        s2.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        assert!(round_trip(&mut s2).is_err(), "a new connection across the partition is refused");
+        // … a pair on the same side is not cut, and after healing the route works again.
+        px.update(|st| st.cuts = vec![(1, BTreeSet::from([0, 1]))]);
+        let mut s3 = std::net::TcpStream::connect(via).unwrap();
+        s3.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        round_trip(&mut s3).unwrap();
+    }
+}

@@ -1,0 +1,395 @@
+//! Reads one run directory (summary.json, config.toml, metrics.csv, events.jsonl) into the
+//! series and figures the report needs.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+
+use anyhow::{Context, Result, bail};
+use serde::Deserialize;
+
+use super::stats::{self, Completion};
+
+/// The fields of `summary.json` the report reads; the rest of the file is ignored, and a
+/// missing field reads as its default, so older and newer runs both load.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(default)]
+pub struct Summary {
+    /// `p2p` or `ps`.
+    pub arch: String,
+    /// `functions` or `local`.
+    pub compute: String,
+    /// Seed.
+    pub seed: u64,
+    /// Peers (P2P) or workers (PS).
+    pub peers: u32,
+    /// Whether the run finished.
+    pub completed: bool,
+    /// Rounds done.
+    pub rounds: u64,
+    /// Final test accuracy, 0..1.
+    pub test_accuracy: f64,
+    /// Launcher wall time, s.
+    pub wall_time_s: f64,
+    /// Function invocation attempts.
+    pub invocations: u64,
+    /// Cold starts.
+    pub cold_starts: u64,
+    /// Total cost, USD.
+    pub total_cost_usd: f64,
+    /// Per node.
+    pub per_peer: Vec<NodeSummary>,
+    /// Nodes the launcher restarted.
+    pub recoveries: Vec<RecoverySummary>,
+}
+
+/// The per-node fields of `summary.json` the report reads.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(default)]
+pub struct NodeSummary {
+    /// Failed invocation attempts that were retried.
+    pub retries: u64,
+}
+
+/// A launcher-measured restart.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(default)]
+pub struct RecoverySummary {
+    /// Rounds done again after the restart.
+    pub rounds_lost: Option<u64>,
+}
+
+/// A fault the launcher injected, `t` in seconds since the run's start.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Fault {
+    /// Seconds since the run's start.
+    pub t: f64,
+    /// `kill`, `stop`, `partition`, …
+    pub kind: String,
+    /// The nodes it hit, as the launcher names them.
+    pub targets: Vec<String>,
+}
+
+/// One run directory, read.
+#[derive(Debug, Clone)]
+pub struct Run {
+    /// The summary.
+    pub summary: Summary,
+    /// `p2p.compute` from config.toml (`functions` unless set).
+    pub compute: String,
+    /// `p2p.aggregation` from config.toml, when the key exists.
+    pub aggregation: Option<String>,
+    /// Whether config.toml sets a non-zero function fault rate (`[function.faults]`).
+    pub function_faults: bool,
+    /// Global round completions in time order (see [`global_series`]).
+    pub global: Vec<Completion>,
+    /// Test evaluations `(t s, accuracy 0..1)` in time order, one per evaluated round.
+    pub evals: Vec<(f64, f64)>,
+    /// Training loss `(t s, loss)` per global round, in time order.
+    pub loss: Vec<(f64, f64)>,
+    /// Injected faults in time order.
+    pub faults: Vec<Fault>,
+    /// Mean of each time column (`compute_ms`, `gather_ms`, …) over the rows that have it.
+    pub column_means: BTreeMap<String, f64>,
+}
+
+/// Columns whose per-round mean the comparisons use.
+const TIME_COLUMNS: [&str; 5] = ["compute_ms", "gather_ms", "aggregate_ms", "update_ms", "exchange_ms"];
+
+impl Run {
+    /// Reads the run in `dir`; `Ok(None)` when it has no summary.json (unfinished).
+    pub fn load(dir: &Path) -> Result<Option<Run>> {
+        let spath = dir.join("summary.json");
+        let text = match std::fs::read_to_string(&spath) {
+            Ok(t) => t,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(e).with_context(|| format!("reading {}", spath.display())),
+        };
+        let summary: Summary =
+            serde_json::from_str(&text).with_context(|| format!("parsing {}", spath.display()))?;
+        let cpath = dir.join("config.toml");
+        let config: toml::Value = match std::fs::read_to_string(&cpath) {
+            Ok(t) => toml::from_str(&t).with_context(|| format!("parsing {}", cpath.display()))?,
+            Err(_) => toml::Value::Table(Default::default()),
+        };
+        let p2p = config.get("p2p");
+        let key = |k: &str| p2p.and_then(|t| t.get(k)).and_then(|v| v.as_str()).map(str::to_owned);
+        let compute = key("compute").unwrap_or_else(|| summary.compute.clone());
+        let aggregation = key("aggregation");
+        let function_faults =
+            config.get("function").and_then(|f| f.get("faults")).and_then(|f| f.as_table()).is_some_and(
+                |t| t.iter().any(|(k, v)| k.ends_with("_rate") && v.as_float().is_some_and(|r| r > 0.0)),
+            );
+
+        let events = read_events(&dir.join("events.jsonl"))?;
+        let mpath = dir.join("metrics.csv");
+        let metrics =
+            std::fs::read_to_string(&mpath).with_context(|| format!("reading {}", mpath.display()))?;
+        let table = Table::parse(&metrics).with_context(|| format!("parsing {}", mpath.display()))?;
+
+        // The run starts at the launcher's start event (the one naming no peer); failing that,
+        // at the earliest start or metrics row.
+        let launcher_start = events
+            .iter()
+            .filter(|e| e["event"] == "start" && e.get("peer").is_none())
+            .filter_map(|e| e["t_ms"].as_u64())
+            .min();
+        let start_ms = launcher_start
+            .or_else(|| {
+                events.iter().filter(|e| e["event"] == "start").filter_map(|e| e["t_ms"].as_u64()).min()
+            })
+            .or_else(|| table.rows.iter().map(|r| r.t_ms).min())
+            .unwrap_or(0);
+        let secs = |t_ms: u64| (t_ms as f64 - start_ms as f64) / 1000.0;
+
+        let mut faults: Vec<Fault> = events
+            .iter()
+            .filter(|e| e["event"] == "fault_injected")
+            .filter_map(|e| {
+                Some(Fault {
+                    t: secs(e["t_ms"].as_u64()?),
+                    kind: e["fault"].as_str().unwrap_or("fault").to_owned(),
+                    targets: e["targets"]
+                        .as_array()
+                        .map(|a| {
+                            a.iter()
+                                .map(|t| t.as_str().map_or_else(|| t.to_string(), str::to_owned))
+                                .collect()
+                        })
+                        .unwrap_or_default(),
+                })
+            })
+            .collect();
+        faults.sort_by(|a, b| a.t.total_cmp(&b.t));
+
+        // In a PS run only the PS's rows (index = number of workers) are global versions.
+        let ps_index = (summary.arch == "ps").then_some(u64::from(summary.peers));
+        let rows: Vec<&Row> = table.rows.iter().filter(|r| ps_index.is_none_or(|ps| r.peer == ps)).collect();
+        let global = global_series(&rows, ps_index.is_some(), secs);
+
+        let mut evals: Vec<(f64, f64)> = Vec::new();
+        let mut seen_eval = std::collections::BTreeSet::new();
+        for r in &rows {
+            if let Some(acc) = r.test_accuracy
+                && seen_eval.insert(r.eval_round.unwrap_or(r.round))
+            {
+                evals.push((secs(r.t_ms), acc));
+            }
+        }
+
+        // Loss per global round: mean over the rows of that round, at its first completion.
+        let mut by_round: BTreeMap<u64, (u64, f64, u32)> = BTreeMap::new();
+        let mut loss: Vec<(f64, f64)> = Vec::new();
+        if ps_index.is_some() {
+            // The PS's counter can go back after a restart: keep its rows as they come.
+            loss.extend(rows.iter().filter_map(|r| Some((secs(r.t_ms), r.train_loss?))));
+        } else {
+            for r in &rows {
+                if let Some(l) = r.train_loss {
+                    let e = by_round.entry(r.round).or_insert((r.t_ms, 0.0, 0));
+                    e.0 = e.0.min(r.t_ms);
+                    e.1 += l;
+                    e.2 += 1;
+                }
+            }
+            loss.extend(by_round.values().map(|&(t, sum, n)| (secs(t), sum / f64::from(n))));
+            loss.sort_by(|a, b| a.0.total_cmp(&b.0));
+        }
+
+        let column_means = TIME_COLUMNS
+            .iter()
+            .filter_map(|c| {
+                let i = table.column(c)?;
+                let v: Vec<f64> =
+                    table.raw.iter().filter_map(|r| r.get(i).and_then(|s| s.parse().ok())).collect();
+                stats::estimate(&v).map(|e| ((*c).to_owned(), e.mean))
+            })
+            .collect();
+
+        Ok(Some(Run {
+            summary,
+            compute,
+            aggregation,
+            function_faults,
+            global,
+            evals,
+            loss,
+            faults,
+            column_means,
+        }))
+    }
+
+    /// Per-run figures the tables aggregate over seeds.
+    pub fn figures(&self, target_accuracy: Option<f64>) -> Figures {
+        let progress = stats::progress_times(&self.global);
+        let from_metrics = stats::rounds_lost(&self.global);
+        let from_launcher: u64 = self.summary.recoveries.iter().filter_map(|r| r.rounds_lost).sum();
+        Figures {
+            time_to_target: target_accuracy.map(|t| stats::time_to_target(&self.evals, t)),
+            final_accuracy: self.summary.test_accuracy,
+            wall_time_s: self.summary.wall_time_s,
+            downtime_s: stats::downtime(&progress),
+            recoveries: self.faults.iter().map(|f| stats::recovery_time(&self.global, f.t)).collect(),
+            rounds_lost: from_metrics.max(from_launcher),
+            invocations: self.summary.invocations,
+            cold_starts: self.summary.cold_starts,
+            retries: self.summary.per_peer.iter().map(|p| p.retries).sum(),
+            cost_usd: self.summary.total_cost_usd,
+        }
+    }
+}
+
+/// What one run contributes to its cell of the tables.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Figures {
+    /// `None`: the scenario has no target; `Some(None)`: target not reached.
+    pub time_to_target: Option<Option<f64>>,
+    /// Final test accuracy, 0..1.
+    pub final_accuracy: f64,
+    /// Launcher wall time, s.
+    pub wall_time_s: f64,
+    /// Time without global progress beyond normal, s ([`stats::downtime`]).
+    pub downtime_s: f64,
+    /// Per injected fault, its recovery time (`None`: not recovered).
+    pub recoveries: Vec<Option<f64>>,
+    /// Rounds done again.
+    pub rounds_lost: u64,
+    /// Function invocation attempts.
+    pub invocations: u64,
+    /// Cold starts.
+    pub cold_starts: u64,
+    /// Retried invocation attempts.
+    pub retries: u64,
+    /// Total cost, USD.
+    pub cost_usd: f64,
+}
+
+impl Figures {
+    /// Dollars per percentage point of final accuracy; `None` at zero accuracy.
+    pub fn cost_per_point(&self) -> Option<f64> {
+        (self.final_accuracy > 0.0).then(|| self.cost_usd / (self.final_accuracy * 100.0))
+    }
+}
+
+/// Global round completions from node rows in time order. A PS run's rows are the PS's own,
+/// kept as they are (its counter goes back when it resumes from an older checkpoint). In a P2P
+/// run global progress is the highest round any peer completed: a row counts when it raises it.
+fn global_series(rows: &[&Row], is_ps: bool, secs: impl Fn(u64) -> f64) -> Vec<Completion> {
+    let mut out = Vec::new();
+    let mut best: Option<u64> = None;
+    for r in rows {
+        if is_ps || best.is_none_or(|b| r.round > b) {
+            best = Some(best.map_or(r.round, |b| b.max(r.round)));
+            out.push(Completion { t: secs(r.t_ms), round: r.round });
+        }
+    }
+    out
+}
+
+fn read_events(path: &Path) -> Result<Vec<serde_json::Value>> {
+    let text = match std::fs::read_to_string(path) {
+        Ok(t) => t,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(e) => return Err(e).with_context(|| format!("reading {}", path.display())),
+    };
+    // A line cut short by a killed writer is skipped, not fatal.
+    Ok(text.lines().filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok()).collect())
+}
+
+/// One metrics row, with the columns the series need.
+#[derive(Debug, Clone)]
+struct Row {
+    t_ms: u64,
+    peer: u64,
+    round: u64,
+    train_loss: Option<f64>,
+    eval_round: Option<u64>,
+    test_accuracy: Option<f64>,
+}
+
+/// metrics.csv: rows sorted by time, and the raw cells for the column means.
+#[derive(Debug)]
+struct Table {
+    header: Vec<String>,
+    rows: Vec<Row>,
+    raw: Vec<Vec<String>>,
+}
+
+impl Table {
+    fn parse(text: &str) -> Result<Table> {
+        let mut lines = text.lines();
+        let header: Vec<String> = lines.next().unwrap_or_default().split(',').map(str::to_owned).collect();
+        let col = |name: &str| header.iter().position(|h| h == name);
+        let (Some(t), Some(peer), Some(round)) = (col("t_ms"), col("peer"), col("round")) else {
+            bail!("the header lacks t_ms, peer or round: {:?}", header.join(","));
+        };
+        let (loss, er, acc) = (col("train_loss"), col("eval_round"), col("test_accuracy"));
+        let mut rows = Vec::new();
+        let mut raw = Vec::new();
+        for line in lines.filter(|l| !l.trim().is_empty()) {
+            let cells: Vec<String> = line.split(',').map(str::to_owned).collect();
+            let get = |i: Option<usize>| i.and_then(|i| cells.get(i)).filter(|s| !s.is_empty());
+            // A row cut short by a killed node lacks its leading cells only if it is garbage.
+            let (Some(t_ms), Some(p), Some(r)) = (
+                get(Some(t)).and_then(|s| s.parse().ok()),
+                get(Some(peer)).and_then(|s| s.parse().ok()),
+                get(Some(round)).and_then(|s| s.parse().ok()),
+            ) else {
+                continue;
+            };
+            rows.push(Row {
+                t_ms,
+                peer: p,
+                round: r,
+                train_loss: get(loss).and_then(|s| s.parse().ok()).filter(|v: &f64| v.is_finite()),
+                eval_round: get(er).and_then(|s| s.parse().ok()),
+                test_accuracy: get(acc).and_then(|s| s.parse().ok()).filter(|v: &f64| v.is_finite()),
+            });
+            raw.push(cells);
+        }
+        rows.sort_by_key(|r| (r.t_ms, r.peer));
+        Ok(Table { header, rows, raw })
+    }
+
+    fn column(&self, name: &str) -> Option<usize> {
+        self.header.iter().position(|h| h == name)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const HEADER: &str = "t_ms,peer,round,train_loss,eval_round,test_accuracy,compute_ms";
+
+    #[test]
+    fn p2p_global_progress_is_the_highest_round_of_any_peer() {
+        let csv = format!(
+            "{HEADER}\n1000,0,1,2.0,,,10\n1001,1,1,2.2,,,12\n1100,1,2,1.0,,,\n1150,0,2,1.2,1,0.5,8\n1200,0,3,0.5,,,\n"
+        );
+        let t = Table::parse(&csv).unwrap();
+        let rows: Vec<&Row> = t.rows.iter().collect();
+        let g = global_series(&rows, false, |ms| ms as f64 / 1000.0);
+        assert_eq!(g.iter().map(|c| c.round).collect::<Vec<_>>(), vec![1, 2, 3]);
+        assert_eq!(g.iter().map(|c| c.t).collect::<Vec<_>>(), vec![1.0, 1.1, 1.2]);
+        assert_eq!(t.column("compute_ms"), Some(6));
+    }
+
+    #[test]
+    fn ps_series_keeps_a_counter_that_goes_back() {
+        let csv = format!("{HEADER}\n1000,3,5,1.0,,,\n2000,3,4,1.0,,,\n3000,3,5,1.0,,,\n");
+        let t = Table::parse(&csv).unwrap();
+        let rows: Vec<&Row> = t.rows.iter().collect();
+        let g = global_series(&rows, true, |ms| ms as f64 / 1000.0);
+        assert_eq!(stats::rounds_lost(&g), 2);
+    }
+
+    #[test]
+    fn short_and_empty_rows_are_skipped() {
+        let csv = format!("{HEADER}\n1000,0,1,2.0\n\n17958,0\n");
+        let t = Table::parse(&csv).unwrap();
+        assert_eq!(t.rows.len(), 1);
+        assert_eq!(t.rows[0].train_loss, Some(2.0));
+        assert_eq!(t.rows[0].test_accuracy, None);
+        assert!(Table::parse("a,b\n1,2\n").is_err());
+    }
+}
