@@ -169,7 +169,10 @@ pub async fn run_server(
     let (mut bytes_in, mut bytes_out) = (0u64, 0u64);
     let mut last_close = Instant::now();
     let mut queued = vec![PsInput::Tick];
-    let mut fetched_final: usize = 0;
+    // Workers with an open connection. After the last round the PS stays until each has hung
+    // up (a worker exits once it holds the final answer): counting answers sent is not enough,
+    // since an answer still in flight dies with the connection when the PS exits.
+    let mut connected: std::collections::HashSet<PeerIdx> = Default::default();
     let mut done_at: Option<Instant> = None;
     // The training loss each worker reported with its newest push: (version, loss).
     let mut losses: HashMap<PeerIdx, (u64, f32)> = HashMap::new();
@@ -177,7 +180,7 @@ pub async fn run_server(
     let mut pending_eval: Option<(u64, f32, f32)> = None;
     loop {
         if let Some(t) = done_at
-            && (fetched_final >= n as usize || t.elapsed() > Duration::from_secs(5))
+            && (connected.is_empty() || t.elapsed() > Duration::from_secs(5))
         {
             break;
         }
@@ -191,12 +194,14 @@ pub async fn run_server(
                     SwarmEvent::ConnectionEstablished { peer_id, num_established, .. } if num_established.get() == 1 => {
                         if let Some(&w) = index_of.get(&peer_id) {
                             files.event(me, json!({ "event": "connected", "to": w }));
+                            connected.insert(w);
                             queued.push(PsInput::Connected(w));
                         }
                     }
                     SwarmEvent::ConnectionClosed { peer_id, num_established: 0, .. } => {
                         if let Some(&w) = index_of.get(&peer_id) {
                             files.event(me, json!({ "event": "disconnected", "to": w }));
+                            connected.remove(&w);
                             queued.push(PsInput::Disconnected(w));
                         }
                     }
@@ -217,7 +222,6 @@ pub async fn run_server(
                             Ok(Message::ParamsRequest { round }) => match &published {
                                 Some((r, msg)) if asynchronous || *r >= round || pushed.get(&w) != Some(r) => {
                                     bytes_out += msg.len() as u64;
-                                    if *r >= total { fetched_final += 1; }
                                     let _ = swarm.behaviour_mut().rr.send_response(channel, msg.clone());
                                 }
                                 _ => parked.push((round, channel)),
@@ -269,9 +273,6 @@ pub async fn run_server(
                         parked = wait;
                         for (_, ch) in ready {
                             bytes_out += msg.len() as u64;
-                            if round >= total {
-                                fetched_final += 1;
-                            }
                             let _ = swarm.behaviour_mut().rr.send_response(ch, msg.clone());
                         }
                         published = Some((round, msg));

@@ -186,12 +186,18 @@ pub fn run(args: ExperimentArgs) -> Result<ExitCode> {
         } else {
             run_one(&exe, &files[p.scenario], s, p, args.data_dir.as_deref())
         };
-        match &outcome {
+        let line = match &outcome {
             Outcome::Done { accuracy, wall_s } => {
-                bar.println(format!("{label}: {:.2} % in {wall_s:.1} s", accuracy * 100.0))
+                format!("{label}: {:.2} % in {wall_s:.1} s", accuracy * 100.0)
             }
-            Outcome::Failed(why) => bar.println(format!("{label}: FAILED: {why}")),
-            Outcome::Skipped => bar.println(format!("{label}: already done")),
+            Outcome::Failed(why) => format!("{label}: FAILED: {why}"),
+            Outcome::Skipped => format!("{label}: already done"),
+        };
+        // Without a terminal the bar is hidden; the per-run lines still go to the log.
+        if bar.is_hidden() {
+            eprintln!("[{}/{}] {line}", outcomes.len() + 1, plan.len());
+        } else {
+            bar.println(line);
         }
         outcomes.push(outcome);
         bar.inc(1);

@@ -524,6 +524,20 @@ fn run_cluster(
                 }
             }
         }
+        // A PS that finished has nothing left to serve: a worker still waiting 15 s later
+        // (frozen, or cut off when the answer went out) is told to stop.
+        if let Some(ps) = nodes.iter().position(|n| n.sub == "ps")
+            && children[ps].is_none()
+            && exits[ps].as_deref() == Some("exit code 0")
+            && !signalled
+            && exit_at[ps].is_some_and(|t| started.elapsed().as_secs_f64() > t + 15.0)
+        {
+            signalled = true;
+            dir.event("stop_workers", serde_json::json!({ "reason": "the PS finished 15 s ago" }))?;
+            for c in children.iter().flatten() {
+                let _ = Command::new("kill").arg("-INT").arg(c.id().to_string()).status();
+            }
+        }
         if children.iter().all(Option::is_none) {
             // Nobody left to rejoin: only the PS is restarted into an empty cluster.
             for (i, r) in restarts.iter_mut().enumerate() {

@@ -3,6 +3,7 @@
 #[cfg(feature = "aws-lambda")]
 mod aws_lambda;
 mod bad_input;
+mod faults;
 mod function;
 mod gradient;
 mod local;
