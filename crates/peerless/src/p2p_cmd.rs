@@ -67,7 +67,10 @@ pub fn run_node(role: Role, args: PeerArgs) -> Result<ExitCode> {
     let data_dir = crate::cli::data_dir(args.data_dir.as_deref().or(Some(&file.run.data.dir)));
     std::fs::create_dir_all(&file.peer.dir)
         .with_context(|| format!("creating {}", file.peer.dir.display()))?;
-    std::fs::write(file.peer.dir.join("pid"), std::process::id().to_string())
+    // Written then renamed: whoever sees `pid` (tests, tools) never reads it half-written.
+    let tmp = file.peer.dir.join("pid.tmp");
+    std::fs::write(&tmp, std::process::id().to_string())
+        .and_then(|()| std::fs::rename(&tmp, file.peer.dir.join("pid")))
         .with_context(|| format!("writing the pid into {}", file.peer.dir.display()))?;
     let exe = std::env::current_exe().context("locating the peerless executable")?;
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
