@@ -131,6 +131,12 @@ impl Layout {
         }
     }
 
+    /// [`Layout::new`] for shapes that come from input (a model id, say): a repeated name or
+    /// an element count that overflows `usize` is an error instead of a panic.
+    pub fn try_new(entries: impl IntoIterator<Item = (String, Vec<usize>)>) -> Result<Layout, String> {
+        Layout::try_build(entries)
+    }
+
     fn try_build(entries: impl IntoIterator<Item = (String, Vec<usize>)>) -> Result<Layout, String> {
         let mut out: Vec<LayoutEntry> = Vec::new();
         let mut names = std::collections::BTreeSet::new();

@@ -91,7 +91,8 @@ pub struct GradientResponse {
     /// (`return_digest`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub digest: Option<String>,
-    /// Mean loss on the batch.
+    /// Mean loss on the batch; finite (a JSON number beyond f32's range is refused, not ±∞).
+    #[serde(deserialize_with = "finite_f32")]
     pub loss: f32,
     /// Samples in the batch.
     pub samples: u32,
@@ -101,6 +102,12 @@ pub struct GradientResponse {
     pub applied: bool,
     /// Whether the instance served its first invocation (cold) with this one.
     pub cold: bool,
+}
+
+/// An f32 that must be finite: serde turns a JSON number beyond f32's range into ±∞.
+fn finite_f32<'de, D: serde::Deserializer<'de>>(d: D) -> Result<f32, D::Error> {
+    let v = f32::deserialize(d)?;
+    if v.is_finite() { Ok(v) } else { Err(serde::de::Error::custom(format!("{v} is not a finite f32"))) }
 }
 
 /// How an invocation attempt ended.
@@ -155,4 +162,26 @@ pub struct InvocationRecord {
     pub outcome: Outcome,
     /// Charge in pico-dollars (0 when throttled: Lambda does not bill throttles).
     pub cost_pico: u64,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Found by `fuzz/fuzz_targets/gradient_request.rs`: `"loss": 1e39` decoded as +∞. (The
+    /// same serde path through TOML here, which this crate already tests with.)
+    #[test]
+    fn a_response_loss_beyond_f32_is_refused() {
+        let text = |loss: &str| {
+            format!(
+                "key = \"k\"\nlen = 1\nloss = {loss}\nsamples = 1\ncompute_ms = 1.0\napplied = true\ncold = false\n"
+            )
+        };
+        let ok: GradientResponse = toml::from_str(&text("2.5")).unwrap();
+        assert_eq!(ok.loss, 2.5);
+        for bad in ["1e39", "-1e39", "inf", "nan"] {
+            let err = toml::from_str::<GradientResponse>(&text(bad)).unwrap_err().to_string();
+            assert!(err.contains("not a finite f32"), "{bad}: {err}");
+        }
+    }
 }

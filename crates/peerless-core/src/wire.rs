@@ -282,7 +282,12 @@ impl Writer {
         self.0.extend_from_slice(&v.to_le_bytes());
     }
     fn str(&mut self, s: &str) {
-        let b = &s.as_bytes()[..s.len().min(u16::MAX as usize)];
+        // At most u16::MAX bytes, cut at a character boundary so that the prefix is UTF-8.
+        let mut end = s.len().min(u16::MAX as usize);
+        while !s.is_char_boundary(end) {
+            end -= 1;
+        }
+        let b = &s.as_bytes()[..end];
         self.0.extend_from_slice(&(b.len() as u16).to_le_bytes());
         self.0.extend_from_slice(b);
     }
@@ -431,6 +436,18 @@ mod tests {
         let mut bad = bytes;
         bad[0] = b'X';
         assert_eq!(decode(&bad, L).unwrap_err(), WireError::BadMagic);
+    }
+
+    #[test]
+    fn a_long_string_is_cut_at_a_character_boundary() {
+        // 'é' is 2 bytes, u16::MAX odd: a cut at byte 65535 would split one and the receiver
+        // would refuse the message as not UTF-8.
+        let reason = "é".repeat(40_000);
+        let Message::Refused { reason: got } = decode(&encode(&Message::Refused { reason }), L).unwrap()
+        else {
+            panic!("not a refusal");
+        };
+        assert_eq!(got, "é".repeat(32_767));
     }
 
     proptest! {

@@ -142,9 +142,27 @@ impl Checkpoint {
             return Err(corrupt(format!("parameter {i} is {}", params[i])));
         }
         let names = get("optim.buffers")?;
-        let mut buffers = Vec::new();
+        let mut buffers: Vec<(String, Vec<f32>)> = Vec::new();
         for name in names.split(',').filter(|s| !s.is_empty()) {
-            buffers.push((name.to_string(), read(&format!("optim.{name}"))?));
+            if buffers.iter().any(|(n, _)| n == name) {
+                return Err(corrupt(format!("optimizer buffer {name:?} is listed twice")));
+            }
+            let buf = read(&format!("optim.{name}"))?;
+            if buf.len() != params.len() {
+                return Err(corrupt(format!(
+                    "optimizer buffer {name:?} has {} values, the parameters {}",
+                    buf.len(),
+                    params.len()
+                )));
+            }
+            if let Some(i) = buf.iter().position(|v| !v.is_finite()) {
+                return Err(corrupt(format!("optimizer buffer {name:?} value {i} is {}", buf[i])));
+            }
+            buffers.push((name.to_string(), buf));
+        }
+        let wall_s: f64 = get("wall_s")?.parse().map_err(|e| corrupt(format!("metadata wall_s: {e}")))?;
+        if !(wall_s.is_finite() && wall_s >= 0.0) {
+            return Err(corrupt(format!("metadata wall_s = {wall_s}: must be a finite number of seconds")));
         }
         Ok(Checkpoint {
             model: get("model")?,
@@ -154,7 +172,7 @@ impl Checkpoint {
             params,
             optimizer: OptimizerState { kind: get("optim.kind")?, steps: num("optim.steps")?, buffers },
             rng,
-            wall_s: get("wall_s")?.parse().map_err(|e| corrupt(format!("metadata wall_s: {e}")))?,
+            wall_s,
         })
     }
 
@@ -244,5 +262,34 @@ mod tests {
         assert!(matches!(err, CheckpointError::Corrupt { .. }), "{err}");
         fs::write(&path, b"not a checkpoint").unwrap();
         assert!(Checkpoint::load(&path, "mlp-64-8-10", "abc123").is_err());
+    }
+
+    /// Found by `fuzz/fuzz_targets/checkpoint.rs`: a NaN wall time (metadata `"NaN"` parses
+    /// as an f64) was accepted; non-finite, short or repeated optimizer buffers are refused too.
+    #[test]
+    fn non_finite_and_inconsistent_state_is_refused() {
+        let refused = |ck: &Checkpoint, want: &str| {
+            let err = Checkpoint::from_bytes(&ck.to_bytes(), Path::new("ck")).unwrap_err().to_string();
+            assert!(err.contains(want), "{err}");
+        };
+        for wall_s in [f64::NAN, f64::INFINITY, -1.0] {
+            refused(&Checkpoint { wall_s, ..sample() }, "wall_s");
+        }
+        let mut ck = sample();
+        ck.optimizer.buffers[0].1[1] = f32::NAN;
+        refused(&ck, "optimizer buffer \"momentum\" value 1 is NaN");
+        let mut ck = sample();
+        ck.optimizer.buffers[0].1.pop();
+        refused(&ck, "has 2 values, the parameters 3");
+        // A buffer listed twice in the metadata.
+        let mut bytes = sample().to_bytes();
+        let (from, to) = (br#""optim.buffers":"momentum""#, br#""optim.buffers":"momentum,momentum""#);
+        let at = bytes.windows(from.len()).position(|w| w == from).expect("buffer list in the header");
+        bytes.splice(at..at + from.len(), to.iter().copied());
+        // Keep the header length (8 bytes, little-endian) right.
+        let n = u64::from_le_bytes(bytes[..8].try_into().unwrap()) + (to.len() - from.len()) as u64;
+        bytes[..8].copy_from_slice(&n.to_le_bytes());
+        let err = Checkpoint::from_bytes(&bytes, Path::new("ck")).unwrap_err().to_string();
+        assert!(err.contains("listed twice"), "{err}");
     }
 }

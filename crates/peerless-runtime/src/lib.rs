@@ -17,14 +17,26 @@
 //! - [`store`] — the store trait; the embedded RESP server and the Redis backend, with
 //!   in-store aggregation that counts each gradient once.
 
+//!
+//! # Features
+//! - `drivers` (default): everything that runs processes, sockets or models. Without it only
+//!   the formats build — [`config`], [`scenario`], [`checkpoint`], `function::{config, faults,
+//!   report}` and `store::resp` — on light dependencies, for the fuzz targets in `fuzz/`.
+
 pub mod checkpoint;
 pub mod config;
 pub mod function;
+#[cfg(feature = "drivers")]
 pub mod gradient;
+#[cfg(feature = "drivers")]
 pub mod local;
+#[cfg(feature = "drivers")]
 pub mod node;
+#[cfg(feature = "drivers")]
 pub mod p2p;
+#[cfg(feature = "drivers")]
 pub mod ps;
+#[cfg(feature = "drivers")]
 pub mod rundir;
 pub mod scenario;
 pub mod store;

@@ -24,6 +24,11 @@ pub const GZIP_MAGIC: [u8; 2] = [0x1f, 0x8b];
 /// Upper bound on the buffer pre-allocated from a gzip trailer's size hint.
 const MAX_SIZE_HINT: usize = 512 << 20;
 
+/// Most bytes a gzip stream may decompress to: 20× the largest file of the catalog (MNIST's
+/// 47 MB training images). A stream that inflates past it (a corrupt file, or a "gzip bomb"
+/// of a few MB that claims gigabytes) is an error, not an allocation of whatever it produces.
+pub const MAX_DECOMPRESSED: u64 = 1 << 30;
+
 /// The contents of an IDX images file.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct IdxImages {
@@ -64,7 +69,13 @@ pub fn is_gzip(bytes: &[u8]) -> bool {
 
 /// `bytes` decompressed if they are gzip (detected by magic, not by name), else as they are.
 /// `origin` names the file in errors.
+/// Decompressed output beyond [`MAX_DECOMPRESSED`] bytes is an error.
 pub fn decompress<'a>(bytes: &'a [u8], origin: &str) -> Result<Cow<'a, [u8]>> {
+    decompress_at_most(bytes, origin, MAX_DECOMPRESSED)
+}
+
+/// [`decompress`] with the output bounded by `limit` bytes.
+fn decompress_at_most<'a>(bytes: &'a [u8], origin: &str, limit: u64) -> Result<Cow<'a, [u8]>> {
     if !is_gzip(bytes) {
         return Ok(Cow::Borrowed(bytes));
     }
@@ -75,11 +86,17 @@ pub fn decompress<'a>(bytes: &'a [u8], origin: &str) -> Result<Cow<'a, [u8]>> {
         .and_then(|at| bytes.get(at..))
         .and_then(|tail| <[u8; 4]>::try_from(tail).ok())
         .map_or(0, |t| u32::from_le_bytes(t) as usize)
-        .min(MAX_SIZE_HINT);
+        .min(MAX_SIZE_HINT)
+        .min(usize::try_from(limit).unwrap_or(usize::MAX));
     let mut out = Vec::with_capacity(hint);
+    // One byte past the limit tells an over-long stream from one of exactly `limit` bytes.
     MultiGzDecoder::new(bytes)
+        .take(limit.saturating_add(1))
         .read_to_end(&mut out)
         .map_err(|source| DataError::Gzip { origin: origin.to_owned(), source })?;
+    if out.len() as u64 > limit {
+        return Err(format_err(origin, format!("gzip stream decompresses to more than {limit} bytes")));
+    }
     Ok(Cow::Owned(out))
 }
 
@@ -259,6 +276,17 @@ mod tests {
         let gz = gzip(&img);
         let err = parse_images(&gz[..gz.len() / 2], "half.gz").unwrap_err();
         assert!(err.to_string().contains("half.gz"), "{err}");
+    }
+
+    #[test]
+    fn decompression_is_bounded() {
+        // 1 MB of zeros compresses to about 1 kB: the output, not the input, is what is capped.
+        let bomb = gzip(&vec![0u8; 1 << 20]);
+        assert!(bomb.len() < 4096, "{}", bomb.len());
+        let err = decompress_at_most(&bomb, "bomb.gz", (1 << 20) - 1).unwrap_err();
+        assert!(matches!(err, DataError::Format { .. }), "{err}");
+        assert!(err.to_string().contains("bomb.gz") && err.to_string().contains("more than"), "{err}");
+        assert_eq!(decompress_at_most(&bomb, "bomb.gz", 1 << 20).unwrap().len(), 1 << 20);
     }
 
     #[test]

@@ -16,24 +16,40 @@
 //! - `aws` (feature `aws-lambda`) — [`AwsLambda`](aws::AwsLambda): the [`Invoker`] on AWS
 //!   Lambda's Invoke API (`aws-sdk-lambda`), with the local runtime's retries and ledger.
 
+//!
+//! Only `config`, `faults` and `report` build without the crate's `drivers` feature.
+
+#[cfg(feature = "drivers")]
 pub mod api;
 #[cfg(feature = "aws-lambda")]
 pub mod aws;
 pub mod config;
 pub mod faults;
+#[cfg(feature = "drivers")]
 pub mod handler;
+#[cfg(feature = "drivers")]
 pub(crate) mod instance;
+#[cfg(feature = "drivers")]
 pub mod invoke;
+#[cfg(feature = "drivers")]
 pub mod invoke_api;
+#[cfg(feature = "drivers")]
 pub mod metrics;
+#[cfg(feature = "drivers")]
 pub(crate) mod pool;
 pub mod report;
 
+#[cfg(feature = "drivers")]
 pub use api::FunctionError;
 pub use config::{AwsConfig, Backend, Config};
 pub use faults::{Fault, FaultConfig, FaultInjector, FaultPlan};
+#[cfg(feature = "drivers")]
 pub use handler::{HandlerError, HandlerFuture, Handlers, ServeError, serve};
+#[cfg(feature = "drivers")]
 pub use instance::FunctionCommand;
+#[cfg(feature = "drivers")]
 pub use invoke::{Invocation, InvokeCtx, InvokeError, InvokeFuture, Invoker, LocalRuntime, start};
+#[cfg(feature = "drivers")]
 pub use invoke_api::InvokeApi;
+#[cfg(feature = "drivers")]
 pub use metrics::{Ledger, Summary};

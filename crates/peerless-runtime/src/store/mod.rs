@@ -9,14 +9,19 @@
 //!
 //! Values are raw bytes; vectors are little-endian `f32`.
 
+#[cfg(feature = "drivers")]
 mod accum;
+#[cfg(feature = "drivers")]
 pub mod embedded;
+#[cfg(feature = "drivers")]
 pub mod redis;
-mod resp;
+pub mod resp;
 
 use std::future::Future;
 
+#[cfg(feature = "drivers")]
 pub use self::embedded::{EmbeddedHandle, EmbeddedServer};
+#[cfg(feature = "drivers")]
 pub use self::redis::{Backend, RedisStore, RedisStoreConfig};
 
 /// Store errors.

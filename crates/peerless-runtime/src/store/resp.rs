@@ -13,13 +13,17 @@
 //! Replies are the RESP2 types the server needs: simple string, error, integer, bulk string,
 //! null bulk and array. [`write_reply`] writes large bulk payloads straight to the socket
 //! instead of copying them into an output buffer.
+//!
+//! Public only for the fuzz targets (`fuzz/fuzz_targets/resp.rs`); the embedded store is its
+//! one user.
 
 use bytes::{Bytes, BytesMut};
+#[cfg(feature = "drivers")]
 use tokio::io::{AsyncWrite, AsyncWriteExt};
 
 /// Hard limits on one command frame.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) struct Limits {
+pub struct Limits {
     /// Longest header line (`*N` or `$len`), CRLF included.
     pub max_line: usize,
     /// Most arguments in one command.
@@ -33,7 +37,7 @@ pub(crate) struct Limits {
 impl Limits {
     /// For authenticated clients: Redis's own defaults (`proto-max-bulk-len` 512 MiB,
     /// `client-query-buffer-limit` 1 GiB, 1 Mi arguments).
-    pub(crate) const AUTHENTICATED: Limits = Limits {
+    pub const AUTHENTICATED: Limits = Limits {
         max_line: 64,
         max_array: 1024 * 1024,
         max_bulk: 512 * 1024 * 1024,
@@ -42,7 +46,7 @@ impl Limits {
 
     /// Before `AUTH` succeeds: like Redis, only small frames (10 arguments of 16 KiB), so an
     /// unauthenticated peer cannot make the server buffer much.
-    pub(crate) const UNAUTHENTICATED: Limits =
+    pub const UNAUTHENTICATED: Limits =
         Limits { max_line: 64, max_array: 10, max_bulk: 16 * 1024, max_frame: 64 * 1024 };
 }
 
@@ -50,11 +54,11 @@ impl Limits {
 /// connection, as Redis does.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("Protocol error: {0}")]
-pub(crate) struct ProtocolError(String);
+pub struct ProtocolError(String);
 
 /// Outcome of one [`split_command`] call.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub(crate) enum Parsed {
+pub enum Parsed {
     /// A whole command (possibly empty: `*0` and `*-1` are skipped without reply, as in Redis)
     /// and the number of buffer bytes it took.
     Command {
@@ -73,7 +77,7 @@ pub(crate) enum Parsed {
 
 /// Arguments at least this long are views into the received frame instead of copies. Shorter
 /// ones are copied, so that a small stored value never pins a large read buffer.
-pub(crate) const SHARE_ABOVE: usize = 64 * 1024;
+pub const SHARE_ABOVE: usize = 64 * 1024;
 
 /// A complete frame found by [`scan`]: argument ranges within the buffer, and its length.
 struct Frame {
@@ -85,8 +89,7 @@ struct Frame {
 ///
 /// # Errors
 /// [`ProtocolError`] if the bytes are not a RESP2 array of bulk strings or break a limit.
-#[cfg(test)]
-pub(crate) fn parse_command(buf: &[u8], limits: &Limits) -> Result<Parsed, ProtocolError> {
+pub fn parse_command(buf: &[u8], limits: &Limits) -> Result<Parsed, ProtocolError> {
     Ok(match scan(buf, limits)? {
         Ok(Frame { ranges, consumed }) => Parsed::Command {
             args: ranges.iter().map(|&(s, e)| Bytes::copy_from_slice(&buf[s..e])).collect(),
@@ -103,7 +106,7 @@ pub(crate) fn parse_command(buf: &[u8], limits: &Limits) -> Result<Parsed, Proto
 ///
 /// # Errors
 /// [`ProtocolError`] if the bytes are not a RESP2 array of bulk strings or break a limit.
-pub(crate) fn split_command(buf: &mut BytesMut, limits: &Limits) -> Result<Parsed, ProtocolError> {
+pub fn split_command(buf: &mut BytesMut, limits: &Limits) -> Result<Parsed, ProtocolError> {
     Ok(match scan(buf, limits)? {
         Ok(Frame { ranges, consumed }) => {
             let args = if ranges.iter().any(|&(s, e)| e - s >= SHARE_ABOVE) {
@@ -222,7 +225,7 @@ fn show(c: u8) -> String {
 
 /// A reply to one command.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub(crate) enum Reply {
+pub enum Reply {
     /// `+text` (CR and LF are replaced by spaces when encoded).
     Simple(String),
     /// `-CODE message` (CR and LF are replaced by spaces when encoded).
@@ -239,12 +242,12 @@ pub(crate) enum Reply {
 
 impl Reply {
     /// `+OK`.
-    pub(crate) fn ok() -> Self {
+    pub fn ok() -> Self {
         Reply::Simple("OK".to_owned())
     }
 
     /// An error reply; `line` starts with its code (`ERR`, `NOAUTH`, ...).
-    pub(crate) fn error(line: impl Into<String>) -> Self {
+    pub fn error(line: impl Into<String>) -> Self {
         Reply::Error(line.into())
     }
 }
@@ -253,8 +256,7 @@ impl Reply {
 const DIRECT_WRITE: usize = 64 * 1024;
 
 /// Appends the encoding of `reply` to `out`.
-#[cfg(test)]
-pub(crate) fn encode(reply: &Reply, out: &mut Vec<u8>) {
+pub fn encode(reply: &Reply, out: &mut Vec<u8>) {
     let mut segments = Vec::new();
     let mut tail = Vec::new();
     encode_segments(reply, &mut segments, &mut tail);
@@ -266,7 +268,8 @@ pub(crate) fn encode(reply: &Reply, out: &mut Vec<u8>) {
 
 /// Writes `reply` to `w` (not flushed). Not cancel-safe: a cancelled write leaves a partial
 /// reply on the stream, so the caller must then close the connection.
-pub(crate) async fn write_reply<W: AsyncWrite + Unpin>(w: &mut W, reply: &Reply) -> std::io::Result<()> {
+#[cfg(feature = "drivers")]
+pub async fn write_reply<W: AsyncWrite + Unpin>(w: &mut W, reply: &Reply) -> std::io::Result<()> {
     let mut segments = Vec::new();
     let mut tail = Vec::new();
     encode_segments(reply, &mut segments, &mut tail);
@@ -504,6 +507,7 @@ mod tests {
     }
 
     #[test]
+    #[cfg(feature = "drivers")]
     fn large_bulk_is_written_whole() {
         let big = Bytes::from(vec![7u8; DIRECT_WRITE + 5]);
         let reply = Reply::Array(vec![Reply::Bulk(big.clone()), Reply::Integer(1)]);

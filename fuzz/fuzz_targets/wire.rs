@@ -1,0 +1,152 @@
+//! The peer wire codec (`peerless_core::wire`): what any connected peer can send.
+//!
+//! First byte: bit 7 picks the mode, bits 0–2 the model size (`Limits::params`, 0–7).
+//! - Raw bytes: a message that decodes is valid (every float finite, every vector of the
+//!   model's length, at most 8 optimizer buffers) and re-encodes to exactly the same bytes.
+//! - A message built from the input: `decode(encode(m))` is `m` when `m` is valid, and an
+//!   error naming the problem when it is not (a NaN, a wrong length, too many buffers); then
+//!   the encoding, with bytes overwritten by the rest of the input, goes through the raw check.
+#![no_main]
+
+use libfuzzer_sys::arbitrary::{Result, Unstructured};
+use libfuzzer_sys::fuzz_target;
+use peerless_core::flat::Digest;
+use peerless_core::optim::OptimizerState;
+use peerless_core::wire::{GradientMsg, Limits, Message, StateMsg, WireError, decode, encode};
+
+fuzz_target!(
+    init: {
+        peerless_fuzz::seeds(|| {
+            let optimizer = OptimizerState {
+                kind: "sgd".into(),
+                steps: 9,
+                buffers: vec![("momentum".into(), vec![0.25, -1.0, 3.5])],
+            };
+            let digest = Digest([7; 32]);
+            let msgs = [
+                Message::Gradient(GradientMsg { round: 7, digest, samples: 256, loss: 0.5, grad: vec![1.0, -2.0, 1e-30] }),
+                Message::State(StateMsg { round: 9, digest, params: vec![0.1, 0.2, 0.3], optimizer }),
+                Message::Final { round: 40, digest },
+                Message::Refused { reason: "not a member".into() },
+            ];
+            // Mode byte 3: raw decoding with a 3-parameter model.
+            msgs.iter().enumerate().map(|(i, m)| (format!("msg{i}"), [&[3u8][..], &encode(m)].concat())).collect()
+        })
+    },
+    |data: &[u8]| {
+        let Some((&mode, rest)) = data.split_first() else { return };
+        let limits = Limits { params: usize::from(mode & 0x07) };
+        if mode & 0x80 == 0 {
+            check_decode(rest, limits);
+        } else {
+            let mut u = Unstructured::new(rest);
+            if let Ok(msg) = message(&mut u, limits) {
+                check_round_trip(&msg, limits, &mut u);
+            }
+        }
+    }
+);
+
+fn check_decode(bytes: &[u8], limits: Limits) {
+    match decode(bytes, limits) {
+        Ok(msg) => {
+            if let Some(problem) = problem(&msg, limits) {
+                panic!("decode accepted an invalid message ({problem}): {msg:?}");
+            }
+            assert_eq!(encode(&msg), bytes, "a decoded message re-encodes to its bytes");
+        }
+        Err(e) => assert!(!e.to_string().is_empty()),
+    }
+}
+
+fn check_round_trip(msg: &Message, limits: Limits, u: &mut Unstructured) {
+    let mut bytes = encode(msg);
+    match (decode(&bytes, limits), problem(msg, limits)) {
+        (Ok(back), None) => assert_eq!(&back, msg),
+        (Err(e), None) => panic!("valid message refused ({e}): {msg:?}"),
+        (Ok(_), Some(problem)) => panic!("invalid message accepted ({problem}): {msg:?}"),
+        (Err(e), Some(problem)) => {
+            let named = match &e {
+                WireError::NonFinite { .. } => "non-finite",
+                WireError::WrongLength { .. } => "wrong length",
+                WireError::Malformed { .. } => "too many buffers",
+                other => panic!("invalid message ({problem}) refused for another reason: {other}"),
+            };
+            assert_eq!(named, problem, "{e}");
+        }
+    }
+    // Overwrite a few bytes of the encoding (never empty: it starts with the magic).
+    for _ in 0..u.int_in_range(0..=8u8).unwrap_or(0) {
+        let (Ok(at), Ok(byte)) = (u.arbitrary::<u16>(), u.arbitrary::<u8>()) else { break };
+        let at = usize::from(at) % bytes.len();
+        bytes[at] = byte;
+    }
+    check_decode(&bytes, limits);
+}
+
+/// The first thing `decode` must refuse in `msg`, in the order it reads the fields.
+fn problem(msg: &Message, limits: Limits) -> Option<&'static str> {
+    let vector = |v: &[f32]| {
+        if v.len() != limits.params {
+            Some("wrong length")
+        } else if v.iter().any(|x| !x.is_finite()) {
+            Some("non-finite")
+        } else {
+            None
+        }
+    };
+    match msg {
+        Message::Gradient(g) if !g.loss.is_finite() => Some("non-finite"),
+        Message::Gradient(g) => vector(&g.grad),
+        Message::State(s) => vector(&s.params).or_else(|| {
+            if s.optimizer.buffers.len() > 8 {
+                return Some("too many buffers");
+            }
+            s.optimizer.buffers.iter().find_map(|(_, b)| vector(b))
+        }),
+        _ => None,
+    }
+}
+
+fn floats(u: &mut Unstructured, limits: Limits) -> Result<Vec<f32>> {
+    // Mostly the model's length; sometimes another one.
+    let n = if u.ratio(1, 8)? { u.int_in_range(0..=9)? } else { limits.params };
+    (0..n).map(|_| Ok(f32::from_bits(u.arbitrary()?))).collect()
+}
+
+fn digest(u: &mut Unstructured) -> Result<Digest> {
+    Ok(Digest(u.arbitrary()?))
+}
+
+fn message(u: &mut Unstructured, limits: Limits) -> Result<Message> {
+    Ok(match u.int_in_range(0..=7u8)? {
+        0 => Message::Gradient(GradientMsg {
+            round: u.arbitrary()?,
+            digest: digest(u)?,
+            samples: u.arbitrary()?,
+            loss: f32::from_bits(u.arbitrary()?),
+            grad: floats(u, limits)?,
+        }),
+        1 => Message::Join { round: u.arbitrary()? },
+        2 => Message::Final { round: u.arbitrary()?, digest: digest(u)? },
+        3 => Message::ParamsRequest { round: u.arbitrary()? },
+        4 => Message::StateRequest,
+        5 => Message::Ack,
+        6 => {
+            let round = u.arbitrary()?;
+            let digest = digest(u)?;
+            let params = floats(u, limits)?;
+            let kind = u.arbitrary()?;
+            let steps = u.arbitrary()?;
+            let n = u.int_in_range(0..=9)?;
+            let buffers = (0..n).map(|_| Ok((u.arbitrary()?, floats(u, limits)?))).collect::<Result<_>>()?;
+            Message::State(StateMsg {
+                round,
+                digest,
+                params,
+                optimizer: OptimizerState { kind, steps, buffers },
+            })
+        }
+        _ => Message::Refused { reason: u.arbitrary()? },
+    })
+}
