@@ -65,6 +65,10 @@ pub struct GradientRequest {
     /// digests (nodes read the in-store sum) set it to `false`.
     #[serde(default = "yes")]
     pub return_digest: bool,
+    /// Compute on flipped labels, y → classes − 1 − y: the functions of a label-flipping
+    /// attacker (experiments only; default `false`).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub flip_labels: bool,
 }
 
 fn yes() -> bool {

@@ -8,6 +8,7 @@
 //! - [`cost`] — Lambda-style and per-hour billing in integer pico-dollars.
 //! - [`wire`] — the peer-to-peer messages and their validating codec.
 //! - [`aggregate`] — aggregation rules behind one trait.
+//! - [`attack`] — Byzantine behaviour of a node, for experiments.
 //! - [`p2p`] — the P2P round protocol as an I/O-free state machine.
 //! - [`ps`] — the parameter server's round protocol, likewise.
 //!
@@ -15,6 +16,7 @@
 #![warn(missing_docs)]
 
 pub mod aggregate;
+pub mod attack;
 pub mod cost;
 pub mod flat;
 pub mod function;

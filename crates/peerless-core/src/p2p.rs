@@ -14,8 +14,9 @@
 //! 3. The round closes when every *expected* peer's gradient for `r` is in, or at the deadline.
 //!    Expected = connected, announced as active from a round ≤ `r`, and not suspected. A peer
 //!    whose connection drops leaves at once ([`EventKind::PeerLeft`]); one that is silent at the
-//!    deadline is suspected ([`EventKind::PeerSuspected`]) and not waited for again until it
-//!    speaks.
+//!    deadline, whose message the codec refused, or that replayed a round it had sent, is
+//!    suspected ([`EventKind::PeerSuspected`]) and not waited for again until it sends a
+//!    gradient of the current round (a stale one does not count) or announces a join.
 //! 4. `Apply` with the gradients of the peers that share this peer's model digest, ordered by
 //!    peer index, so replicas that saw the same inputs stay bit-identical.
 //!
@@ -130,6 +131,9 @@ pub enum Input {
     Disconnected(PeerIdx),
     /// A peer's gradient arrived (already validated by the codec).
     Gradient(PeerIdx, GradientMsg),
+    /// A peer sent a message the codec refused (malformed, wrong length, NaN): it is not
+    /// waited for again until it sends a valid gradient of the current round.
+    Rejected(PeerIdx),
     /// A peer announced it takes part from `round` on.
     Join(PeerIdx, u64),
     /// A peer asks for this peer's state.
@@ -344,9 +348,17 @@ struct Member {
     connected: bool,
     /// First round it contributes to; `None` until it announced itself.
     active_from: Option<u64>,
-    /// Silent at a deadline; not waited for until it speaks.
+    /// Silent at a deadline, or sent something refused; not waited for until it sends a
+    /// gradient of the current round.
     suspected: bool,
+    /// The last [`REPLAY_WINDOW`] rounds it sent a gradient for (reset when it disconnects):
+    /// one of them again, or a round older than all of them, is a replay. (Two messages can
+    /// arrive out of order, so an older round alone is not.)
+    sent: BTreeSet<u64>,
 }
+
+/// Rounds remembered per peer to recognise replays.
+const REPLAY_WINDOW: usize = 8;
 
 #[derive(Debug, Clone, PartialEq)]
 enum Phase {
@@ -508,6 +520,7 @@ impl Round {
                 // It must announce itself again (a restarted peer syncs first).
                 m.active_from = None;
                 m.suspected = false;
+                m.sent.clear();
                 self.pending_state.retain(|&q| q != p);
                 if was {
                     self.event(now, EventKind::PeerLeft { peer: p, round: self.round });
@@ -527,6 +540,7 @@ impl Round {
                 self.event(now, EventKind::PeerJoined { peer: p, round });
             }
             Input::Gradient(p, g) if p != self.cfg.me => self.on_gradient(now, p, g),
+            Input::Rejected(p) if p != self.cfg.me => self.suspect_now(now, p),
             Input::StateRequested(p) => match self.phase {
                 Phase::Computing | Phase::Collecting { .. } => {
                     if !self.pending_state.contains(&p) {
@@ -594,16 +608,45 @@ impl Round {
             | Input::Disconnected(_)
             | Input::Join(..)
             | Input::Gradient(..)
+            | Input::Rejected(_)
             | Input::Final(..) => {}
         }
         self.advance(now);
         std::mem::take(&mut self.out)
     }
 
+    /// `p` sent something refused: it is not waited for from now on.
+    fn suspect_now(&mut self, now: u64, p: PeerIdx) {
+        let round = self.round;
+        let m = self.member(p);
+        if !m.suspected {
+            m.suspected = true;
+            self.event(now, EventKind::PeerSuspected { peer: p, round, waited_ms: 0 });
+        }
+    }
+
     fn on_gradient(&mut self, now: u64, p: PeerIdx, g: GradientMsg) {
+        let current = g.round >= self.round;
         let m = self.member(p);
         m.connected = true;
-        m.suspected = false;
+        // A peer sends each round's gradient once: a second one is a replay, dropped, and its
+        // sender is not waited for.
+        let full = m.sent.len() >= REPLAY_WINDOW;
+        if m.sent.contains(&g.round) || (full && m.sent.first().is_some_and(|&f| g.round < f)) {
+            let r = self.round;
+            self.event(now, EventKind::LateGradient { peer: p, round: g.round, current: r });
+            self.suspect_now(now, p);
+            return;
+        }
+        m.sent.insert(g.round);
+        if m.sent.len() > REPLAY_WINDOW {
+            m.sent.pop_first();
+        }
+        // Only a gradient for this round or later shows the sender keeps up: a stale one (a
+        // straggler's, or a replay) does not lift a suspicion, so nobody waits for it again.
+        if current {
+            m.suspected = false;
+        }
         if m.active_from.is_none_or(|a| a > g.round) {
             m.active_from = Some(g.round);
         }

@@ -3,8 +3,8 @@
 //! # Synchronous mode
 //! The PS publishes model version `r`; workers fetch it, compute, and push their gradient for
 //! `r`. The round closes when every connected worker has pushed, or at the adaptive deadline
-//! counted from the first push (a worker that is connected but silent is suspected and not
-//! waited for again until it pushes); the PS then aggregates the pushes in worker order,
+//! counted from the first push (a worker that is connected but silent, or whose push the codec
+//! refused, is suspected and not waited for again until it pushes for the current version); the PS then aggregates the pushes in worker order,
 //! updates and publishes `r + 1`. A worker whose connection drops leaves the round set at once.
 //! With no worker connected the PS waits: that stall is the baseline's nature, measured, not
 //! hidden. A push for another round than the current one is dropped (stale after a PS restart,
@@ -62,6 +62,9 @@ pub enum PsInput {
     Disconnected(PeerIdx),
     /// A worker pushed a gradient.
     Gradient(PeerIdx, GradientMsg),
+    /// A worker pushed a message the codec refused: it is not waited for again until it
+    /// pushes a valid gradient of the current version.
+    Rejected(PeerIdx),
     /// Time passed.
     Tick,
 }
@@ -189,7 +192,11 @@ impl Ps {
             }
             PsInput::Gradient(w, g) => {
                 self.connected.insert(w, true);
-                self.suspected.remove(&w);
+                // Only a push for the current version shows the worker keeps up; a stale one
+                // (a replay, or a push the PS outlived) leaves it suspected.
+                if g.round == self.round {
+                    self.suspected.remove(&w);
+                }
                 if let PsMode::Async { max_staleness } = self.cfg.mode {
                     self.push_async(now, w, g, max_staleness);
                 } else if g.round != self.round || self.phase == Phase::Done {
@@ -197,6 +204,11 @@ impl Ps {
                 } else if let Phase::Collecting { first } = &mut self.phase {
                     first.get_or_insert(now);
                     self.received.entry(w).or_insert(g);
+                }
+            }
+            PsInput::Rejected(w) => {
+                if self.suspected.insert(w, true) != Some(true) {
+                    self.event(now, EventKind::PeerSuspected { peer: w, round: self.round, waited_ms: 0 });
                 }
             }
             PsInput::Tick => {}

@@ -230,6 +230,18 @@ pub enum Compute {
     Local,
 }
 
+/// Where a node's k gradients of a round are summed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Aggregation {
+    /// In the store, as they land (SPIRT's in-database operation): the node reads one sum.
+    #[default]
+    InStore,
+    /// Each function stores its gradient; the node fetches all k and sums them itself
+    /// (the baseline in-store aggregation is measured against).
+    Fetch,
+}
+
 /// `[p2p]`
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -241,6 +253,9 @@ pub struct P2pConfig {
     pub functions_per_peer: u32,
     /// `functions` (serverless) or `local` (gradients in the peer process).
     pub compute: Compute,
+    /// Functions: `in-store` (gradients summed where they land) or `fetch` (the node fetches
+    /// each and sums them).
+    pub aggregation: Aggregation,
     /// Shortest round deadline, ms.
     pub deadline_floor_ms: u64,
     /// Longest round deadline, ms.
@@ -270,6 +285,7 @@ impl Default for P2pConfig {
             peers: 4,
             functions_per_peer: 4,
             compute: Compute::Functions,
+            aggregation: Aggregation::InStore,
             deadline_floor_ms: 1_000,
             deadline_ceiling_ms: 10_000,
             deadline_factor: 4.0,

@@ -7,13 +7,16 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
 
+use peerless_core::attack::{Attack, Attacker};
 use peerless_core::flat::{Digest, digest, to_le_bytes};
 use peerless_core::function::{GradientRequest, GradientResponse, OutputMode, StoreRef};
 use peerless_core::p2p::PeerIdx;
+use peerless_core::rng::Rng;
+use peerless_core::wire::{self, GradientMsg, Message};
 use peerless_ml::{Model, Split};
 use serde_json::json;
 
-use crate::config::{Compute, RunConfig};
+use crate::config::{Aggregation, Compute, RunConfig};
 use crate::function::{FunctionCommand, InvokeCtx, Invoker};
 use crate::store::embedded::{EmbeddedHandle, EmbeddedServer};
 use crate::store::{RedisStore, Store};
@@ -49,6 +52,15 @@ pub enum NodeError {
         /// Cause.
         reason: String,
     },
+    /// Every gradient of the round was non-finite: the model diverged (e.g. under an attack
+    /// the aggregation rule does not stop). Not retried: the same parameters give the same.
+    #[error("the model diverged at round {round}: every gradient was non-finite ({reason})")]
+    Diverged {
+        /// Round.
+        round: u64,
+        /// The functions' error.
+        reason: String,
+    },
     /// Checkpoint.
     #[error(transparent)]
     Checkpoint(#[from] crate::checkpoint::CheckpointError),
@@ -69,6 +81,9 @@ pub(crate) struct LocalResult {
     pub(crate) grad: Vec<f32>,
     pub(crate) loss: f32,
     pub(crate) samples: u64,
+    /// Functions: from the last invocation's answer to the node holding the sum of the
+    /// gradients (reading the in-store sum, or fetching and adding each), ms.
+    pub(crate) gather_ms: Option<f64>,
 }
 
 /// Where gradients are computed.
@@ -88,6 +103,46 @@ pub(crate) struct Files {
     dir: PathBuf,
     metrics: BufWriter<File>,
     events: BufWriter<File>,
+}
+
+/// A node's outgoing gradients, through its attacker when the node is a Byzantine one.
+pub(crate) struct Outgoing {
+    attacker: Option<Attacker>,
+    announced: bool,
+}
+
+impl Outgoing {
+    /// Node `me` of a run seeded `seed`, attacking when `attack` is set.
+    pub(crate) fn new(attack: Option<Attack>, seed: u64, me: PeerIdx) -> Outgoing {
+        let attacker = attack.map(|a| Attacker::new(a, Rng::derive(seed, "attack", u64::from(me))));
+        Outgoing { attacker, announced: false }
+    }
+
+    /// Whether this node's functions compute `round` on flipped labels.
+    pub(crate) fn flips_labels(&self, round: u64) -> bool {
+        self.attacker.as_ref().is_some_and(|a| a.attack().flips_labels(round))
+    }
+
+    /// The gradient this node keeps and the message it sends for `r`; the first attacked
+    /// round is an `attacking` event.
+    pub(crate) fn message(&mut self, r: LocalResult, files: &mut Files, me: PeerIdx) -> (Vec<f32>, Vec<u8>) {
+        let msg =
+            GradientMsg { round: r.round, digest: r.digest, samples: r.samples, loss: r.loss, grad: r.grad };
+        let Some(attacker) = &mut self.attacker else {
+            let m = Message::Gradient(msg);
+            let bytes = wire::encode(&m);
+            let Message::Gradient(msg) = m else { unreachable!("built above") };
+            return (msg.grad, bytes);
+        };
+        let attack = attacker.attack();
+        if attack.active(r.round) && !self.announced {
+            self.announced = true;
+            tracing::warn!(node = me, attack = %attack.kind, round = r.round, "this node attacks from now on");
+            files.event(me, json!({ "event": "attacking", "attack": attack.kind.name(), "round": r.round }));
+        }
+        let t = attacker.tamper(msg);
+        (t.keep.grad, t.send)
+    }
 }
 
 /// Asks the kernel to send this process SIGTERM when the thread that started it exits, so
@@ -146,6 +201,9 @@ pub(crate) struct Job {
     pub(crate) dataset: String,
     pub(crate) data_dir: PathBuf,
     pub(crate) backend_name: String,
+    pub(crate) aggregation: Aggregation,
+    /// This round's gradients are computed on flipped labels (a label-flipping attacker).
+    pub(crate) flip_labels: bool,
 }
 
 impl Job {
@@ -161,6 +219,7 @@ impl Job {
             }
             match self.clone().run().await {
                 Ok(r) => return Ok(r),
+                Err(e @ NodeError::Diverged { .. }) => return Err(e),
                 Err(e) => {
                     tracing::warn!(round = self.round, attempt = a, error = %e, "gradient work failed; starting it over");
                     last = Some(e);
@@ -191,6 +250,8 @@ impl Job {
             dataset: run.data.dataset.to_string(),
             data_dir,
             backend_name: run.model.backend.to_string(),
+            aggregation: run.p2p.aggregation,
+            flip_labels: false,
         }
     }
 
@@ -207,15 +268,24 @@ impl Job {
         let d = digest(&self.params);
         match &*self.backend {
             Backend::Local => {
-                let (model, split, params, batches) =
-                    (self.model.clone(), self.split.clone(), self.params.clone(), self.batches.clone());
+                let (model, split, params, batches, flip) = (
+                    self.model.clone(),
+                    self.split.clone(),
+                    self.params.clone(),
+                    self.batches.clone(),
+                    self.flip_labels,
+                );
                 let (grad, loss, samples) = tokio::task::spawn_blocking(move || {
                     let mut sum = vec![0f32; params.len()];
                     let mut g = vec![0f32; params.len()];
                     let (mut loss, mut samples) = (0f64, 0u64);
                     for b in &batches {
                         let idx: Vec<usize> = b.iter().map(|&i| i as usize).collect();
-                        let l = model.loss_and_grad_into(&params, &split.train.gather(&idx), &mut g)?;
+                        let mut batch = split.train.gather(&idx);
+                        if flip {
+                            batch.flip_labels(split.train.classes);
+                        }
+                        let l = model.loss_and_grad_into(&params, &batch, &mut g)?;
                         peerless_core::flat::add_assign(&mut sum, &g);
                         loss += f64::from(l);
                         samples += idx.len() as u64;
@@ -226,12 +296,15 @@ impl Job {
                 })
                 .await
                 .map_err(|e| fail(e.to_string()))??;
-                Ok(LocalResult { round, digest: d, grad, loss, samples })
+                Ok(LocalResult { round, digest: d, grad, loss, samples, gather_ms: None })
             }
             Backend::Functions { runtime, store, store_url, .. } => {
                 let node = format!("peer{}", self.me);
                 let pkey = format!("{node}/params/{round}");
                 let gkey = format!("{node}/grad/{round}");
+                let fetch = self.aggregation == Aggregation::Fetch;
+                // Fetch-then-aggregate: one key per batch, each holding one gradient.
+                let out_key = |j: usize| if fetch { format!("{gkey}/{j}") } else { gkey.clone() };
                 store
                     .put(&pkey, &to_le_bytes(&self.params))
                     .await
@@ -249,11 +322,12 @@ impl Job {
                         dataset: self.dataset.clone(),
                         data_dir: self.data_dir.display().to_string(),
                         indices: b.clone(),
-                        output_key: gkey.clone(),
-                        output_mode: OutputMode::Accumulate,
+                        output_key: out_key(j),
+                        output_mode: if fetch { OutputMode::Put } else { OutputMode::Accumulate },
                         store: StoreRef { url: store_url.clone() },
-                        // Only the in-store sum is read; hashing each gradient would be waste.
+                        // Only the sum is used; hashing each gradient would be waste.
                         return_digest: false,
+                        flip_labels: self.flip_labels,
                     };
                     let payload = serde_json::to_value(&req).expect("invariant: requests serialize");
                     runtime.invoke("gradient", payload, InvokeCtx::new(node.clone(), round, j as u32))
@@ -261,7 +335,9 @@ impl Job {
                 let results = futures::future::join_all(calls).await;
                 let (mut loss, mut ok) = (0f64, 0u32);
                 let mut errors = Vec::new();
-                for r in results {
+                let mut non_finite = 0;
+                let mut delivered = Vec::new();
+                for (j, r) in results.into_iter().enumerate() {
                     match r {
                         Ok(inv) if inv.is_ok() => {
                             let resp: Option<GradientResponse> =
@@ -269,20 +345,40 @@ impl Job {
                             if let Some(resp) = resp {
                                 loss += f64::from(resp.loss);
                                 ok += 1;
+                                delivered.push(j);
                             }
                         }
-                        Ok(inv) => errors.push(format!(
-                            "{:?}: {:?}",
-                            inv.outcome,
-                            inv.error.map(|e| e.error_message)
-                        )),
+                        Ok(inv) => {
+                            non_finite += usize::from(
+                                inv.error.as_ref().is_some_and(|e| e.error_type.ends_with("NonFinite")),
+                            );
+                            errors.push(format!(
+                                "{:?}: {:?}",
+                                inv.outcome,
+                                inv.error.map(|e| e.error_message)
+                            ))
+                        }
                         Err(e) => errors.push(e.to_string()),
                     }
                 }
-                let acc =
-                    store.read_accumulated(&gkey).await.map_err(|e| fail(format!("store read: {e}")))?;
-                let _ = store.delete(&[&pkey, &gkey]).await;
-                let Some(acc) = acc.filter(|a| a.count > 0) else {
+                let t = std::time::Instant::now();
+                let sum = if fetch {
+                    self.fetch_sum(store, &out_key, &delivered).await.map_err(fail)?
+                } else {
+                    let acc =
+                        store.read_accumulated(&gkey).await.map_err(|e| fail(format!("store read: {e}")))?;
+                    acc.filter(|a| a.count > 0).map(|a| (a.sum, a.count))
+                };
+                let gather_ms = t.elapsed().as_secs_f64() * 1e3;
+                let mut keys: Vec<String> = vec![pkey, gkey.clone()];
+                if fetch {
+                    keys.extend((0..self.batches.len()).map(out_key));
+                }
+                let _ = store.delete(&keys.iter().map(String::as_str).collect::<Vec<_>>()).await;
+                let Some((sum, count)) = sum else {
+                    if non_finite > 0 && non_finite == errors.len() {
+                        return Err(NodeError::Diverged { round, reason: errors.join("; ") });
+                    }
                     return Err(fail(format!("every invocation failed: {}", errors.join("; "))));
                 };
                 if !errors.is_empty() {
@@ -292,18 +388,49 @@ impl Job {
                         "some gradient invocations failed after retries; using the rest"
                     );
                 }
-                let n = acc.count as f32;
-                let grad: Vec<f32> = acc.sum.iter().map(|x| x / n).collect();
-                let samples = acc.count * self.batches.first().map_or(0, |b| b.len() as u64);
+                let n = count as f32;
+                let grad: Vec<f32> = sum.iter().map(|x| x / n).collect();
+                let samples = count * self.batches.first().map_or(0, |b| b.len() as u64);
                 Ok(LocalResult {
                     round,
                     digest: d,
                     grad,
                     loss: (loss / f64::from(ok.max(1))) as f32,
                     samples,
+                    gather_ms: Some(gather_ms),
                 })
             }
         }
+    }
+
+    /// Fetch-then-aggregate: reads the gradient of each delivered batch from the store and
+    /// adds them up here; `None` when none was delivered.
+    async fn fetch_sum(
+        &self,
+        store: &RedisStore,
+        key: &impl Fn(usize) -> String,
+        delivered: &[usize],
+    ) -> Result<Option<(Vec<f32>, u64)>, String> {
+        let n = self.params.len();
+        let mut sum: Option<Vec<f32>> = None;
+        for &j in delivered {
+            let k = key(j);
+            let bytes = store.get(&k).await.map_err(|e| format!("store get {k}: {e}"))?;
+            let g = bytes
+                .as_deref()
+                .map(peerless_core::flat::from_le_bytes)
+                .transpose()
+                .map_err(|e| format!("{k}: {e}"))?
+                .ok_or_else(|| format!("{k}: the function answered but its gradient is not in the store"))?;
+            if g.len() != n {
+                return Err(format!("{k}: {} values, the model has {n}", g.len()));
+            }
+            match &mut sum {
+                Some(s) => peerless_core::flat::add_assign(s, &g),
+                None => sum = Some(g),
+            }
+        }
+        Ok(sum.map(|s| (s, delivered.len() as u64)))
     }
 }
 

@@ -23,7 +23,7 @@ use peerless_core::optim::{Optimizer, OptimizerState};
 use peerless_core::p2p::{DeadlinePolicy, PeerIdx};
 use peerless_core::ps::{Ps, PsAction, PsConfig, PsInput};
 use peerless_core::rng::Rng;
-use peerless_core::wire::{self, GradientMsg, Limits, Message, StateMsg};
+use peerless_core::wire::{self, Limits, Message, StateMsg};
 use peerless_ml::{Model, ModelSpec, Split};
 use serde_json::json;
 use tokio::sync::{mpsc, watch};
@@ -227,7 +227,10 @@ pub async fn run_server(
                                 _ => parked.push((round, channel)),
                             },
                             Ok(Message::Gradient(g)) => {
-                                pushed.insert(w, g.round);
+                                // A stale push (a replay) uses up the worker's turn at the
+                                // current version, like a valid one.
+                                let current = published.as_ref().map_or(g.round, |(r, _)| g.round.max(*r));
+                                pushed.insert(w, current);
                                 losses.insert(w, (g.round, g.loss));
                                 let _ = swarm.behaviour_mut().rr.send_response(channel, wire::encode(&Message::Ack).into());
                                 queued.push(PsInput::Gradient(w, g));
@@ -236,7 +239,13 @@ pub async fn run_server(
                                 let _ = swarm.behaviour_mut().rr.send_response(channel, wire::encode(&Message::Refused { reason: "not a PS request".into() }).into());
                             }
                             Err(err) => {
+                                tracing::warn!(worker = w, %err, "rejected a malformed push");
                                 files.event(me, json!({ "event": "rejected", "from": w, "error": err.to_string() }));
+                                // Its turn at this version is used up, and it is not waited for.
+                                if let Some((r, _)) = &published {
+                                    pushed.insert(w, *r);
+                                }
+                                queued.push(PsInput::Rejected(w));
                                 let _ = swarm.behaviour_mut().rr.send_response(channel, wire::encode(&Message::Refused { reason: format!("rejected: {err}") }).into());
                             }
                         }
@@ -322,7 +331,7 @@ pub async fn run_server(
                         let ev = pending_eval.take();
                         let opt = |v: Option<String>| v.unwrap_or_default();
                         files.metrics(&format!(
-                            "{},{me},{done},{:.4},{:.4},{loss:.6},{},{},,{bytes_in},{bytes_out},,,,,{round_ms:.2},,{aggregate_ms:.3},{update_ms:.3},,{},{},{},{staleness}",
+                            "{},{me},{done},{:.4},{:.4},{loss:.6},{},{},,{bytes_in},{bytes_out},,,,,{round_ms:.2},,{aggregate_ms:.3},{update_ms:.3},,{},{},{},{staleness},",
                             unix_ms(),
                             done as f64 / (rpe * vpr) as f64,
                             t0.elapsed().as_secs_f64(),
@@ -369,6 +378,7 @@ pub async fn run_server(
         peer: me,
         peer_id: my_id.to_string(),
         completed: ps.is_done(),
+        diverged: false,
         rounds: ps.round(),
         test_accuracy,
         test_loss,
@@ -433,6 +443,7 @@ pub async fn run_worker(
     let mut fetched_at = Instant::now();
     let mut done = false;
     let mut compute_start = Instant::now();
+    let mut outgoing = crate::node::Outgoing::new(file.peer.attack, run.seed, me);
     while !done {
         if !connected && last_dial.elapsed() >= Duration::from_secs(1) {
             last_dial = Instant::now();
@@ -477,6 +488,7 @@ pub async fn run_worker(
                                 round: s.round,
                                 params: Arc::new(s.params),
                                 batches: sampler.batches(me, at),
+                                flip_labels: outgoing.flips_labels(s.round),
                                 ..job.clone()
                             }
                             .spawn(tx.clone());
@@ -517,20 +529,21 @@ pub async fn run_worker(
                     }
                     None => next,
                 };
+                let (gather_ms, loss, r_samples) = (r.gather_ms, r.loss, r.samples);
                 if connected {
-                    let msg = Bytes::from(wire::encode(&Message::Gradient(GradientMsg {
-                        round: r.round, digest: r.digest, samples: r.samples, loss: r.loss, grad: r.grad,
-                    })));
+                    let (_, msg) = outgoing.message(r, &mut files, me);
+                    let msg = Bytes::from(msg);
                     bytes_out += msg.len() as u64;
                     // Pushed once; if the PS is gone, this round's work is dropped, never re-sent.
                     pushing = Some(swarm.behaviour_mut().rr.send_request(&ps_id, msg));
                 }
                 let inv = backend.summary();
                 files.metrics(&format!(
-                    "{},{me},{position},{:.4},{:.4},{:.6},,,{},{bytes_in},{bytes_out},{},{},{},{compute_ms:.2},,,,,{},,,,",
-                    unix_ms(), position as f64 / rpe as f64, t0.elapsed().as_secs_f64(), r.loss, r.samples,
+                    "{},{me},{position},{:.4},{:.4},{:.6},,,{},{bytes_in},{bytes_out},{},{},{},{compute_ms:.2},,,,,{},,,,,{}",
+                    unix_ms(), position as f64 / rpe as f64, t0.elapsed().as_secs_f64(), loss, r_samples,
                     inv.invocations, inv.cold_starts, inv.retries,
                     inv.cost_pico + prices.node_pico(t0.elapsed().as_millis() as u64),
+                    gather_ms.map(|x| format!("{x:.3}")).unwrap_or_default(),
                 ));
             }
             _ = tokio::time::sleep(Duration::from_millis(200)) => {}
@@ -544,6 +557,7 @@ pub async fn run_worker(
         peer: me,
         peer_id: my_id.to_string(),
         completed: done,
+        diverged: false,
         rounds: step.unwrap_or(next),
         test_accuracy: 0.0,
         test_loss: 0.0,

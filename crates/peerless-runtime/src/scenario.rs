@@ -14,7 +14,7 @@
 //! p2p.peers = 4
 //!
 //! [[fault]]
-//! kind = "kill"                       # kill | stop | straggle | partition | delay
+//! kind = "kill"                       # kill | stop | straggle | partition | delay | byzantine
 //! targets = ["node:1"]                # node:i (peer i / worker i), peer:i, worker:i, ps
 //! at_round = 60                       # or at_s = 12.5 (seconds after the launch)
 //! restart_after_s = 5                 # kill: start it again (a peer rejoins with --join)
@@ -28,6 +28,10 @@
 //! - `partition`: the targets are cut off from every other node for `duration_s` (or to the
 //!   end): existing connections are closed and new ones refused by the fault proxy.
 //! - `delay`: every byte to or from the targets is delivered `delay_ms` late.
+//! - `byzantine`: the targets (peers or workers, never the PS) misbehave from `at_round` on
+//!   with `attack = "sign-flip" | "gaussian" | "label-flip" | "nan" | "wrong-length" |
+//!   "replay"` ([`peerless_core::attack`]). The launcher writes the attack into their node
+//!   files, so their own processes attack; the injection is recorded when the round comes.
 //!
 //! Function failures (crash, timeout, throttle, slow cold starts) are rates in the workload's
 //! `[run.function.faults]`; the launcher records them as a `function_faults` injection.
@@ -38,6 +42,8 @@
 use std::path::Path;
 
 use serde::{Deserialize, Serialize};
+
+use peerless_core::attack::{Attack, AttackKind};
 
 use crate::config::{ConfigError, RunConfig, TrainArch};
 
@@ -92,6 +98,8 @@ pub enum FaultKind {
     Partition,
     /// Deliver the targets' traffic late.
     Delay,
+    /// Make the targets Byzantine: they send attacked gradients from `at_round` on.
+    Byzantine,
 }
 
 impl FaultKind {
@@ -103,6 +111,7 @@ impl FaultKind {
             FaultKind::Straggle => "straggle",
             FaultKind::Partition => "partition",
             FaultKind::Delay => "delay",
+            FaultKind::Byzantine => "byzantine",
         }
     }
 }
@@ -137,6 +146,22 @@ pub struct FaultSpec {
     /// … out of every this long, ms.
     #[serde(default)]
     pub period_ms: Option<u64>,
+    /// `byzantine`: what the targets do (`sign-flip`, `gaussian`, `label-flip`, `nan`,
+    /// `wrong-length`, `replay`; see [`peerless_core::attack`]).
+    #[serde(default)]
+    pub attack: Option<AttackKind>,
+}
+
+impl FaultSpec {
+    /// The attack a `byzantine` fault gives its targets.
+    pub fn byzantine(&self) -> Option<Attack> {
+        match (self.kind, self.attack) {
+            (FaultKind::Byzantine, Some(kind)) => {
+                Some(Attack { kind, from_round: self.at_round.unwrap_or(0) })
+            }
+            _ => None,
+        }
+    }
 }
 
 /// A target resolved for one run: the launcher's node index.
@@ -274,6 +299,7 @@ impl Scenario {
             only("delay_ms", f.delay_ms.is_some(), &[FaultKind::Delay])?;
             only("stop_ms", f.stop_ms.is_some(), &[FaultKind::Straggle])?;
             only("period_ms", f.period_ms.is_some(), &[FaultKind::Straggle])?;
+            only("attack", f.attack.is_some(), &[FaultKind::Byzantine])?;
             only(
                 "duration_s",
                 f.duration_s.is_some(),
@@ -300,6 +326,27 @@ impl Scenario {
                 },
                 FaultKind::Delay if !f.delay_ms.is_some_and(|d| (1..=60_000).contains(&d)) => {
                     return Err(bad(i, f.kind, "needs delay_ms in 1..=60000".into()));
+                }
+                FaultKind::Byzantine if f.attack.is_none() => {
+                    return Err(bad(
+                        i,
+                        f.kind,
+                        "needs attack: sign-flip, gaussian, label-flip, nan, wrong-length or replay".into(),
+                    ));
+                }
+                FaultKind::Byzantine if f.at_s.is_some() => {
+                    return Err(bad(
+                        i,
+                        f.kind,
+                        "give at_round (the node attacks from that round on), not at_s".into(),
+                    ));
+                }
+                FaultKind::Byzantine if f.targets.iter().any(|t| t == "ps") => {
+                    return Err(bad(
+                        i,
+                        f.kind,
+                        "the PS cannot be Byzantine: the PS baseline trusts its server (docs/threat-model.md)".into(),
+                    ));
                 }
                 FaultKind::Partition if f.targets.iter().any(|t| t == "ps") && f.targets.len() > 1 => {
                     return Err(bad(
@@ -386,6 +433,14 @@ period_ms = 200
         assert_eq!(resolve_target("ps", TrainArch::Ps, 4), Some(NodeRef { index: 4, role: "ps" }));
         assert_eq!(resolve_target("ps", TrainArch::P2p, 4), Some(NodeRef { index: 0, role: "peer" }));
         assert_eq!(resolve_target("peer:2", TrainArch::Ps, 4), None);
+        let b = Scenario::from_toml(
+            "[[fault]]\nkind = \"byzantine\"\ntargets = [\"node:3\"]\nat_round = 5\nattack = \"sign-flip\"\n",
+            "b.toml",
+            "b",
+        )
+        .unwrap();
+        assert_eq!(b.faults[0].byzantine(), Some(Attack { kind: AttackKind::SignFlip, from_round: 5 }));
+        assert_eq!(s.faults[0].byzantine(), None);
         let cfg = s.run_config(TrainArch::Ps, 7);
         assert_eq!((cfg.train.arch, cfg.seed), (TrainArch::Ps, 7));
     }
@@ -404,6 +459,23 @@ period_ms = 200
             ("[[fault]]\nkind = \"melt\"\ntargets = [\"node:1\"]\nat_s = 1\n", "unknown variant"),
             ("[[fault]]\nkind = \"kill\"\ntargets = [\"node:1\"]\nat_s = 1\ncolour = 1\n", "unknown field"),
             ("[run]\np2p.peers = 0\n", "p2p.peers"),
+            ("[[fault]]\nkind = \"byzantine\"\ntargets = [\"node:1\"]\nat_round = 0\n", "needs attack"),
+            (
+                "[[fault]]\nkind = \"byzantine\"\ntargets = [\"node:1\"]\nat_s = 1\nattack = \"nan\"\n",
+                "give at_round",
+            ),
+            (
+                "[[fault]]\nkind = \"byzantine\"\ntargets = [\"ps\"]\nat_round = 0\nattack = \"nan\"\n",
+                "cannot be Byzantine",
+            ),
+            (
+                "[[fault]]\nkind = \"byzantine\"\ntargets = [\"node:1\"]\nat_round = 0\nattack = \"melt\"\n",
+                "unknown variant",
+            ),
+            (
+                "[[fault]]\nkind = \"kill\"\ntargets = [\"node:1\"]\nat_round = 1\nattack = \"nan\"\n",
+                "does not apply",
+            ),
             ("target_accuracy = 2.0\n", "target_accuracy"),
             (
                 "[[fault]]\nkind = \"straggle\"\ntargets = [\"node:1\"]\nat_s = 1\nstop_ms = 300\nperiod_ms = 200\n",

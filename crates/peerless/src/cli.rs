@@ -187,6 +187,10 @@ pub struct TrainArgs {
     /// P2P: where gradients are computed: `functions` (serverless) or `local` (in the peer).
     #[arg(long)]
     pub compute: Option<ComputeArg>,
+    /// Functions: sum a node's gradients `in-store` (as they land) or `fetch` each and sum
+    /// them in the node (the comparison baseline).
+    #[arg(long)]
+    pub aggregation: Option<AggregationArg>,
     /// PS: `sync` rounds (the default) or `async` updates with a staleness bound.
     #[arg(long)]
     pub ps_mode: Option<PsModeArg>,
@@ -202,6 +206,15 @@ pub enum PsModeArg {
     Sync,
     /// Asynchronous updates.
     Async,
+}
+
+/// `--aggregation` values.
+#[derive(Debug, Clone, Copy, clap::ValueEnum)]
+pub enum AggregationArg {
+    /// In the store, as gradients land.
+    InStore,
+    /// Fetched one by one and summed by the node.
+    Fetch,
 }
 
 /// `--compute` values.
@@ -279,6 +292,12 @@ impl TrainArgs {
                 ComputeArg::Local => peerless_runtime::config::Compute::Local,
             };
         }
+        if let Some(a) = self.aggregation {
+            cfg.p2p.aggregation = match a {
+                AggregationArg::InStore => peerless_runtime::config::Aggregation::InStore,
+                AggregationArg::Fetch => peerless_runtime::config::Aggregation::Fetch,
+            };
+        }
         if let Some(m) = self.ps_mode {
             cfg.ps.mode = match m {
                 PsModeArg::Sync => peerless_runtime::config::PsModeName::Sync,
@@ -314,7 +333,8 @@ impl TrainArgs {
     /// Names of flags given that would change the computation (refused on resume).
     pub fn computation_flags(&self) -> Vec<&'static str> {
         let mut v = Vec::new();
-        let checks: [(&'static str, bool); 17] = [
+        let checks: [(&'static str, bool); 18] = [
+            ("--aggregation", self.aggregation.is_some()),
             ("--ps-mode", self.ps_mode.is_some()),
             ("--max-staleness", self.max_staleness.is_some()),
             ("--peers", self.peers.is_some()),

@@ -178,6 +178,24 @@ struct Planned {
     stop: Option<Arc<AtomicBool>>,
 }
 
+/// The attack of each Byzantine node of a run of `arch` with `n` peers or workers, by launcher
+/// node index (faults with a target missing in `arch` are skipped, as [`Injector::new`] does).
+pub fn attacks(
+    faults: &[FaultSpec],
+    arch: TrainArch,
+    n: usize,
+) -> Vec<(usize, peerless_core::attack::Attack)> {
+    let mut out = Vec::new();
+    for f in faults {
+        let Some(attack) = f.byzantine() else { continue };
+        let targets: Vec<NodeRef> = f.targets.iter().filter_map(|t| resolve_target(t, arch, n)).collect();
+        if targets.len() == f.targets.len() {
+            out.extend(targets.iter().filter(|t| t.role != "ps").map(|t| (t.index, attack)));
+        }
+    }
+    out
+}
+
 /// What the launcher must do after a tick.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Order {
@@ -342,6 +360,11 @@ impl Injector {
                     px.update(|s| s.cuts.push((id, set)));
                 }
             }
+            // The targets' node files carry the attack (see `attacks`); they start at this
+            // round on their own.
+            FaultKind::Byzantine => {
+                fields["attack"] = json!(spec.attack.map(|a| a.name()));
+            }
             FaultKind::Delay => {
                 let set: BTreeSet<usize> = targets.iter().map(|t| t.index).collect();
                 let ms = spec.delay_ms.unwrap_or(0);
@@ -357,7 +380,7 @@ impl Injector {
         let p = &mut self.planned[i];
         p.stop = stop;
         p.stage = match spec.kind {
-            FaultKind::Kill => Stage::Done,
+            FaultKind::Kill | FaultKind::Byzantine => Stage::Done,
             _ => Stage::Active(until),
         };
         (("fault_injected", fields), orders)
@@ -389,7 +412,7 @@ impl Injector {
                     px.update(|s| s.delays.retain(|(f, _, _)| *f != id));
                 }
             }
-            FaultKind::Kill | FaultKind::Straggle => {}
+            FaultKind::Kill | FaultKind::Straggle | FaultKind::Byzantine => {}
         }
         (
             "fault_cleared",

@@ -273,6 +273,7 @@ async fn bench_gradient(runtime: &LocalRuntime, n: usize) -> Result<GradientBenc
             store: StoreRef { url: server.url() },
             // As the nodes ask: no digest of the gradient.
             return_digest: false,
+            flip_labels: false,
         };
         let payload = serde_json::to_value(&req)?;
         let t = Instant::now();

@@ -121,6 +121,9 @@ pub struct ClusterSummary {
     pub peers: u32,
     /// Whether every peer that finished ran every round.
     pub completed: bool,
+    /// Training stopped early because the honest nodes' model diverged (an outcome, e.g. of an
+    /// attack the rule does not stop; `test_accuracy` is then that model's).
+    pub diverged: bool,
     /// Rounds done (highest among peers).
     pub rounds: u64,
     /// Test accuracy of the lowest-indexed finished peer's model.
@@ -234,6 +237,7 @@ pub fn write_peer_files(
                 join: false,
                 progress: true,
                 halt_at_round: None,
+                attack: None,
             },
             run: run.clone(),
         };
@@ -282,6 +286,7 @@ pub fn launch(cfg: &RunConfig, dir: &mut RunDir, faults: &[FaultSpec]) -> Result
     let n = cfg.p2p.peers as usize;
     let (injector, skipped) = injector(faults, TrainArch::P2p, n, n)?;
     let configs = write_peer_files(cfg, dir.path(), &secret, injector.proxy())?;
+    write_attacks(&configs, faults, TrainArch::P2p, n)?;
     let nodes: Vec<Node> =
         configs.into_iter().map(|config| Node { sub: "peer", config, restart: None }).collect();
     run_cluster(cfg, dir, "p2p", nodes, injector, skipped)
@@ -324,6 +329,7 @@ pub fn launch_ps(cfg: &RunConfig, dir: &mut RunDir, faults: &[FaultSpec]) -> Res
                 join: false,
                 progress: is_ps,
                 halt_at_round: None,
+                attack: None,
             },
             run: run.clone(),
         };
@@ -335,7 +341,20 @@ pub fn launch_ps(cfg: &RunConfig, dir: &mut RunDir, faults: &[FaultSpec]) -> Res
             restart: is_ps.then(|| Duration::from_millis(cfg.ps.restart_delay_ms)),
         });
     }
+    let configs: Vec<PathBuf> = nodes.iter().map(|n| n.config.clone()).collect();
+    write_attacks(&configs, faults, TrainArch::Ps, n)?;
     run_cluster(cfg, dir, "ps", nodes, injector, skipped)
+}
+
+/// Writes the scenario's Byzantine attacks into their targets' node files.
+fn write_attacks(configs: &[PathBuf], faults: &[FaultSpec], arch: TrainArch, n: usize) -> Result<()> {
+    for (index, attack) in crate::faults::attacks(faults, arch, n) {
+        let path = &configs[index];
+        let mut file = PeerFile::load(path).with_context(|| format!("reading {}", path.display()))?;
+        file.peer.attack = Some(attack);
+        std::fs::write(path, file.to_toml()).with_context(|| format!("writing {}", path.display()))?;
+    }
+    Ok(())
 }
 
 /// One process of a local cluster.
@@ -580,6 +599,13 @@ fn run_cluster(
     if signalled {
         return Ok(ExitCode::from(130));
     }
+    if summary.diverged {
+        eprintln!(
+            "the model diverged: training stopped at round {} (see the diverged events)",
+            summary.rounds
+        );
+        return Ok(ExitCode::SUCCESS);
+    }
     if !summary.completed || summary.per_peer.is_empty() {
         bail!(
             "the cluster did not complete its rounds; see the peer logs under {}",
@@ -644,9 +670,20 @@ fn collect(
     std::fs::write(&epath, text).with_context(|| format!("writing {}", epath.display()))?;
 
     per_peer.sort_by_key(|s| s.peer);
-    // Nodes holding a model: every peer, or the PS (workers report no digest).
-    let finished: Vec<&PeerSummary> =
-        per_peer.iter().filter(|s| s.completed && !s.param_digest.is_empty()).collect();
+    // Byzantine nodes' models are not the run's result.
+    let attackers: Vec<u32> = configs
+        .iter()
+        .filter_map(|p| PeerFile::load(p).ok())
+        .filter(|f| f.peer.attack.is_some())
+        .map(|f| f.peer.index)
+        .collect();
+    // Nodes holding a model: every honest peer, or the PS (workers report no digest).
+    let honest = |s: &&PeerSummary| !s.param_digest.is_empty() && !attackers.contains(&s.peer);
+    let mut finished: Vec<&PeerSummary> = per_peer.iter().filter(honest).filter(|s| s.completed).collect();
+    let diverged = finished.is_empty() && per_peer.iter().filter(honest).any(|s| s.diverged);
+    if diverged {
+        finished = per_peer.iter().filter(honest).filter(|s| s.diverged).collect();
+    }
     let digests: Vec<(u32, String)> = finished.iter().map(|s| (s.peer, s.param_digest.clone())).collect();
     let first = finished.first();
     let function_pico: u64 = per_peer.iter().map(|s| s.function_cost_pico).sum();
@@ -660,7 +697,8 @@ fn collect(
         dataset: cfg.data.dataset.to_string(),
         seed: cfg.seed,
         peers: cfg.p2p.peers,
-        completed: !finished.is_empty(),
+        completed: !finished.is_empty() && !diverged,
+        diverged,
         rounds: per_peer.iter().map(|s| s.rounds).max().unwrap_or(0),
         test_accuracy: first.map_or(0.0, |s| s.test_accuracy),
         test_loss: first.map_or(f32::NAN, |s| s.test_loss),

@@ -487,3 +487,72 @@ fn invariants_hold_under_random_crashes_restarts_and_stragglers() {
         sim.assert_converged();
     }
 }
+
+/// Peer 0 of three, all connected, with its own gradient of round 0 in: collecting.
+fn collecting_peer() -> (Round, Digest) {
+    let cfg = RoundConfig {
+        me: 0,
+        members: vec![0, 1, 2],
+        total_rounds: 10,
+        checkpoint_every: 0,
+        deadline: DeadlinePolicy { floor_ms: 1_000, ceiling_ms: 5_000, factor: 4.0 },
+        start_timeout_ms: 1_000,
+    };
+    let mut m = Round::new(cfg, Start::Fresh { round: 0 }, 0);
+    let d = digest(&[1.0]);
+    let mut out = Vec::new();
+    for input in [Input::Connected(1), Input::Connected(2), Input::Tick] {
+        out.extend(m.handle(0, input));
+    }
+    assert!(out.iter().any(|a| matches!(a, Action::Compute { round: 0, .. })), "{out:?}");
+    let out = m.handle(1, Input::LocalGradient { round: 0, digest: d, grad: vec![1.0; N_PARAMS] });
+    assert!(out.iter().any(|a| matches!(a, Action::Broadcast { round: 0, .. })), "{out:?}");
+    (m, d)
+}
+
+fn msg(round: u64, d: Digest) -> GradientMsg {
+    GradientMsg { round, digest: d, samples: 1, loss: 1.0, grad: vec![0.5; N_PARAMS] }
+}
+
+fn applied(out: &[Action]) -> Option<Vec<PeerIdx>> {
+    out.iter().find_map(|a| match a {
+        Action::Apply { inputs, .. } => Some(inputs.iter().map(|(p, _)| *p).collect()),
+        _ => None,
+    })
+}
+
+#[test]
+fn a_peer_whose_message_was_refused_is_not_waited_for() {
+    let (mut m, d) = collecting_peer();
+    assert_eq!(applied(&m.handle(2, Input::Gradient(1, msg(0, d)))), None, "peer 2 is still expected");
+    // Peer 2's message failed to decode: the round closes now, long before the deadline.
+    let out = m.handle(3, Input::Rejected(2));
+    assert_eq!(applied(&out), Some(vec![0, 1]), "{out:?}");
+}
+
+#[test]
+fn a_replayed_round_is_dropped_and_its_sender_not_waited_for() {
+    let (mut m, d) = collecting_peer();
+    // Round 0 from both: the round closes with three contributors.
+    m.handle(2, Input::Gradient(2, msg(0, d)));
+    let out = m.handle(3, Input::Gradient(1, msg(0, d)));
+    assert_eq!(applied(&out), Some(vec![0, 1, 2]));
+    let d1 = digest(&[2.0]);
+    m.handle(4, Input::LocalGradient { round: 1, digest: d1, grad: vec![1.0; N_PARAMS] });
+    m.handle(5, Input::Gradient(1, msg(1, d1)));
+    // Peer 2 sends its round-0 message again: dropped, and round 1 closes without it.
+    let out = m.handle(6, Input::Gradient(2, msg(0, d)));
+    assert_eq!(applied(&out), Some(vec![0, 1]), "{out:?}");
+    let ev: Vec<&EventKind> = out
+        .iter()
+        .filter_map(|a| match a {
+            Action::Event(e) => Some(&e.kind),
+            _ => None,
+        })
+        .collect();
+    assert!(
+        ev.iter().any(|e| matches!(e, EventKind::LateGradient { peer: 2, round: 0, current: 1 })),
+        "{ev:?}"
+    );
+    assert!(ev.iter().any(|e| matches!(e, EventKind::PeerSuspected { peer: 2, waited_ms: 0, .. })), "{ev:?}");
+}

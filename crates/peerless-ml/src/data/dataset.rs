@@ -30,6 +30,17 @@ pub struct Batch {
     pub shape: [usize; 3],
 }
 
+impl Batch {
+    /// Replaces each label y by `classes − 1 − y` (a label-flipping attacker's data, 9 − y on
+    /// MNIST). Labels must be `< classes`, as every dataset's are.
+    pub fn flip_labels(&mut self, classes: usize) {
+        let top = classes.saturating_sub(1);
+        for y in &mut self.y {
+            *y = top.saturating_sub(usize::from(*y)) as u8;
+        }
+    }
+}
+
 /// A dataset's fixed train/test split.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Split {

@@ -170,7 +170,10 @@ impl<S: Store + Clone + 'static> GradientFunction<S> {
         // busy machine). A panic is caught and becomes a retryable `Aborted`, as it was there.
         let t = Instant::now();
         let computed = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-            let batch = data.gather(&indices);
+            let mut batch = data.gather(&indices);
+            if req.flip_labels {
+                batch.flip_labels(data.classes);
+            }
             // Every element is overwritten: the buffer only needs the right length.
             grad.resize(model.num_params(), 0.0);
             model.loss_and_grad_into(&params, &batch, &mut grad)

@@ -121,6 +121,7 @@ fn request(model: &Model, params_key: &str, params_digest: &str, indices: Vec<u3
         output_mode: OutputMode::Accumulate,
         store: StoreRef { url: URL.into() },
         return_digest: true,
+        flip_labels: false,
     }
 }
 
@@ -350,6 +351,30 @@ async fn parameters_of_the_wrong_length_are_refused() {
     assert!(err.to_string().contains("parameters: non-finite value NaN at index 17"), "{err}");
     let err = f.handle(request(&model, "params/none", &d, vec![1])).await.unwrap_err();
     assert!(matches!(err, GradientError::ParamsMissing { ref key } if key == "params/none"), "{err:?}");
+}
+
+#[tokio::test]
+async fn a_label_flipping_request_computes_on_labels_classes_minus_one_minus_y() {
+    let (data, store) = (digits(), MemStore::default());
+    let model = small_mlp(&data);
+    let params = model.init(4);
+    let d = store.put_params("params/7", &params);
+    let (mut f, _) = function(&store);
+    let req = GradientRequest { flip_labels: true, ..request(&model, "params/7", &d, batch_indices(32, 2)) };
+    let resp = f.handle(req.clone()).await.unwrap();
+    let idx: Vec<usize> = req.indices.iter().map(|&i| i as usize).collect();
+    let mut flipped = data.gather(&idx);
+    let honest = flipped.y.clone();
+    flipped.flip_labels(data.classes);
+    assert!(flipped.y.iter().zip(&honest).all(|(f, y)| usize::from(*f) == 9 - usize::from(*y)));
+    let (loss, grad) = model.loss_and_grad(&params, &flipped).unwrap();
+    assert_eq!(resp.loss.to_bits(), loss.to_bits());
+    assert_eq!(resp.digest, Some(digest(&grad).to_string()));
+    let (honest_loss, _) = direct(&model, &params, &data, &req.indices);
+    assert_ne!(honest_loss.to_bits(), loss.to_bits());
+    // The flag travels only when set: honest requests keep their old JSON.
+    let json = serde_json::to_value(GradientRequest { flip_labels: false, ..req }).unwrap();
+    assert!(json.get("flip_labels").is_none(), "{json}");
 }
 
 #[tokio::test]

@@ -49,6 +49,9 @@ pub struct PeerSection {
     pub progress: bool,
     /// Stop after this many rounds as if killed (tests).
     pub halt_at_round: Option<u64>,
+    /// Misbehave: a Byzantine node for experiments (written by the launcher for a scenario's
+    /// `byzantine` fault), e.g. `attack = { kind = "sign-flip", from_round = 0 }`.
+    pub attack: Option<peerless_core::attack::Attack>,
 }
 
 impl Default for PeerSection {
@@ -62,6 +65,7 @@ impl Default for PeerSection {
             join: false,
             progress: false,
             halt_at_round: None,
+            attack: None,
         }
     }
 }
@@ -101,11 +105,15 @@ pub struct PeerSummary {
     pub peer_id: String,
     /// Whether every planned round ran.
     pub completed: bool,
+    /// Training stopped because the model diverged (every gradient non-finite).
+    #[serde(default)]
+    pub diverged: bool,
     /// Rounds done (model version).
     pub rounds: u64,
     /// Test accuracy of the final model.
     pub test_accuracy: f32,
-    /// Test loss of the final model.
+    /// Test loss of the final model (JSON `null` when not finite: a diverged model's).
+    #[serde(deserialize_with = "null_as_nan")]
     pub test_loss: f32,
     /// SHA-256 of the final parameters.
     pub param_digest: String,
@@ -129,4 +137,9 @@ pub struct PeerSummary {
     pub bytes_out: u64,
     /// Connections refused (peer ids off the allow-list).
     pub refused: u64,
+}
+
+/// Reads a float that JSON wrote as `null` (serde_json writes NaN and ±∞ so) as NaN.
+fn null_as_nan<'de, D: serde::Deserializer<'de>>(d: D) -> Result<f32, D::Error> {
+    Ok(Option::<f32>::deserialize(d)?.unwrap_or(f32::NAN))
 }

@@ -26,7 +26,7 @@ use libp2p::{Multiaddr, PeerId, Swarm};
 use peerless_core::flat::digest;
 use peerless_core::optim::Optimizer;
 use peerless_core::p2p::{Action, DeadlinePolicy, Input, PeerIdx, Round, RoundConfig, Start};
-use peerless_core::wire::{self, GradientMsg, Limits, Message, StateMsg};
+use peerless_core::wire::{self, Limits, Message, StateMsg};
 use peerless_ml::{Model, ModelSpec, Split};
 use serde_json::json;
 use tokio::sync::{mpsc, watch};
@@ -38,12 +38,12 @@ use crate::checkpoint::Checkpoint;
 use crate::function::FunctionCommand;
 
 pub use crate::node::NodeError;
-use crate::node::{Backend, Files, Job, LocalResult, io_err, unix_ms};
+use crate::node::{Backend, Files, Job, LocalResult, Outgoing, io_err, unix_ms};
 
 /// Columns of a peer's `metrics.csv`.
 pub const METRICS_HEADER: &str = "t_ms,peer,round,epoch,wall_s,train_loss,view,contributors,samples,\
 bytes_in,bytes_out,invocations,cold_starts,retries,compute_ms,wait_ms,exchange_ms,aggregate_ms,\
-update_ms,cost_pico,eval_round,test_loss,test_accuracy,staleness";
+update_ms,cost_pico,eval_round,test_loss,test_accuracy,staleness,gather_ms";
 
 /// Per-round timings and counters, reset when a row is written.
 #[derive(Debug, Default)]
@@ -58,6 +58,7 @@ struct RoundStats {
     round: Option<u64>,
     loss: f32,
     samples: u64,
+    gather_ms: Option<f64>,
 }
 
 /// Runs one peer until training is over (or `stop` is set, or `halt_at_round` is reached).
@@ -184,6 +185,7 @@ pub async fn run(
     let mut agg = vec![0f32; n_params];
     let mut samples_total = 0u64;
     let mut completed = false;
+    let mut diverged = false;
     let mut pending_eval: Option<(u64, f32, f32)> = None;
     let mut last_dial = Instant::now() - Duration::from_secs(10);
     let mut invoker_before = crate::function::metrics::Summary::default();
@@ -191,6 +193,7 @@ pub async fn run(
     let job = Job::template(run, me, model.clone(), split.clone(), backend.clone(), data_dir.clone());
     let mut actions: Vec<Action> = Vec::new();
     let mut my_msg: Option<(u64, Bytes)> = None;
+    let mut outgoing = Outgoing::new(file.peer.attack, run.seed, me);
     // Let the machine start without waiting for a first network event (a lone peer has none).
     net_state.queued.push(Input::Tick);
 
@@ -211,17 +214,25 @@ pub async fn run(
                 net_state.on_swarm_event(ev, &mut swarm, &mut files, me, limits)
             }
             Some(res) = rx.recv() => {
-                let r = res?;
+                let r = match res {
+                    Err(NodeError::Diverged { round, reason }) => {
+                        tracing::error!(peer = me, round, %reason, "the model diverged; training stops");
+                        files.event(me, json!({ "event": "diverged", "round": round, "reason": reason }));
+                        diverged = true;
+                        break;
+                    }
+                    r => r?,
+                };
                 stats.compute_ms = stats.compute_start.map_or(0.0, |s| s.elapsed().as_secs_f64() * 1e3);
                 stats.local_ready = Some(Instant::now());
                 stats.loss = r.loss;
                 stats.samples = r.samples;
+                stats.gather_ms = r.gather_ms;
                 samples_total += r.samples;
-                let msg = wire::encode(&Message::Gradient(GradientMsg {
-                    round: r.round, digest: r.digest, samples: r.samples, loss: r.loss, grad: r.grad.clone(),
-                }));
-                my_msg = Some((r.round, Bytes::from(msg)));
-                Some(Input::LocalGradient { round: r.round, digest: r.digest, grad: r.grad })
+                let (round, digest) = (r.round, r.digest);
+                let (grad, msg) = outgoing.message(r, &mut files, me);
+                my_msg = Some((round, Bytes::from(msg)));
+                Some(Input::LocalGradient { round, digest, grad })
             }
             Some(e) = eval_rx.recv() => {
                 files.event(me, json!({ "event": "eval", "round": e.0, "test_loss": e.1, "test_accuracy": e.2 }));
@@ -247,7 +258,8 @@ pub async fn run(
                     Action::Compute { round, view } => {
                         stats = RoundStats { compute_start: Some(Instant::now()), ..RoundStats::default() };
                         let batches = sampler.assignment(me, round, &view, p2p.takeover);
-                        Job { round, params: Arc::new(params.clone()), batches, ..job.clone() }
+                        let flip_labels = outgoing.flips_labels(round);
+                        Job { round, params: Arc::new(params.clone()), batches, flip_labels, ..job.clone() }
                             .spawn(tx.clone());
                     }
                     Action::Broadcast { round, to } => {
@@ -295,7 +307,7 @@ pub async fn run(
                         let ev = pending_eval.take();
                         let opt = |v: Option<f32>| v.map(|x| format!("{x:.6}")).unwrap_or_default();
                         files.metrics(&format!(
-                        "{},{me},{done},{:.4},{:.4},{:.6},{},{},{},{},{},{},{},{},{:.2},{:.2},{},{:.3},{:.3},{},{},{},{},0",
+                        "{},{me},{done},{:.4},{:.4},{:.6},{},{},{},{},{},{},{},{},{:.2},{:.2},{},{:.3},{:.3},{},{},{},{},0,{}",
                         unix_ms(),
                         done as f64 / rpe as f64,
                         t0.elapsed().as_secs_f64(),
@@ -317,6 +329,7 @@ pub async fn run(
                         ev.map(|e| e.0.to_string()).unwrap_or_default(),
                         opt(ev.map(|e| e.1)),
                         opt(ev.map(|e| e.2)),
+                        stats.gather_ms.map(|x| format!("{x:.3}")).unwrap_or_default(),
                     ));
                         invoker_before = inv;
                         if file.peer.progress {
@@ -421,9 +434,18 @@ pub async fn run(
     let wall_time_s = t0.elapsed().as_secs_f64();
     let (test_loss, test_accuracy) = {
         let (m, s, p) = (model.clone(), split.clone(), params.clone());
-        tokio::task::spawn_blocking(move || m.evaluate(&p, &s.test))
+        let evaluated = tokio::task::spawn_blocking(move || m.evaluate(&p, &s.test))
             .await
-            .map_err(|e| NodeError::Compute { round: machine.round(), reason: e.to_string() })??
+            .map_err(|e| NodeError::Compute { round: machine.round(), reason: e.to_string() })?;
+        match evaluated {
+            Ok(v) => v,
+            // A diverged model may not even evaluate: its accuracy is chance, its loss unknown.
+            Err(e) if diverged => {
+                tracing::warn!(peer = me, error = %e, "the diverged model does not evaluate");
+                (f32::NAN, 1.0 / split.test.classes as f32)
+            }
+            Err(e) => return Err(e.into()),
+        }
     };
     backend.write_ledger(&dir)?;
     let inv = backend.summary();
@@ -431,6 +453,7 @@ pub async fn run(
         peer: me,
         peer_id: my_id.to_string(),
         completed,
+        diverged,
         rounds: machine.round(),
         test_accuracy,
         test_loss,
@@ -619,7 +642,7 @@ impl NetState {
                             .behaviour_mut()
                             .rr
                             .send_response(channel, wire::encode(&Message::Refused { reason }).into());
-                        None
+                        Some(Input::Rejected(from))
                     }
                 }
             }

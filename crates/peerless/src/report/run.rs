@@ -67,6 +67,8 @@ pub struct Fault {
     pub kind: String,
     /// The nodes it hit, as the launcher names them.
     pub targets: Vec<String>,
+    /// `byzantine`: the attack.
+    pub attack: Option<String>,
 }
 
 /// One run directory, read.
@@ -78,6 +80,8 @@ pub struct Run {
     pub compute: String,
     /// `p2p.aggregation` from config.toml, when the key exists.
     pub aggregation: Option<String>,
+    /// `p2p.aggregator` from config.toml as a label: `mean`, `krum`, `trimmed-mean (beta = 0.2)`.
+    pub aggregator: String,
     /// Whether config.toml sets a non-zero function fault rate (`[function.faults]`).
     pub function_faults: bool,
     /// Global round completions in time order (see [`global_series`]).
@@ -94,6 +98,20 @@ pub struct Run {
 
 /// Columns whose per-round mean the comparisons use.
 const TIME_COLUMNS: [&str; 5] = ["compute_ms", "gather_ms", "aggregate_ms", "update_ms", "exchange_ms"];
+
+/// `"krum"` → `krum`; `{ rule = "krum", f = 2 }` → `krum (f = 2)`.
+fn rule_label(v: &toml::Value) -> String {
+    match v {
+        toml::Value::String(s) => s.clone(),
+        toml::Value::Table(t) => {
+            let rule = t.get("rule").and_then(|r| r.as_str()).unwrap_or("?");
+            let params: Vec<String> =
+                t.iter().filter(|(k, _)| *k != "rule").map(|(k, v)| format!("{k} = {v}")).collect();
+            if params.is_empty() { rule.to_owned() } else { format!("{rule} ({})", params.join(", ")) }
+        }
+        other => other.to_string(),
+    }
+}
 
 impl Run {
     /// Reads the run in `dir`; `Ok(None)` when it has no summary.json (unfinished).
@@ -115,6 +133,7 @@ impl Run {
         let key = |k: &str| p2p.and_then(|t| t.get(k)).and_then(|v| v.as_str()).map(str::to_owned);
         let compute = key("compute").unwrap_or_else(|| summary.compute.clone());
         let aggregation = key("aggregation");
+        let aggregator = p2p.and_then(|t| t.get("aggregator")).map_or_else(|| "mean".to_owned(), rule_label);
         let function_faults =
             config.get("function").and_then(|f| f.get("faults")).and_then(|f| f.as_table()).is_some_and(
                 |t| t.iter().any(|(k, v)| k.ends_with("_rate") && v.as_float().is_some_and(|r| r > 0.0)),
@@ -156,6 +175,7 @@ impl Run {
                                 .collect()
                         })
                         .unwrap_or_default(),
+                    attack: e["attack"].as_str().map(str::to_owned),
                 })
             })
             .collect();
@@ -209,6 +229,7 @@ impl Run {
             summary,
             compute,
             aggregation,
+            aggregator,
             function_faults,
             global,
             evals,
@@ -228,7 +249,13 @@ impl Run {
             final_accuracy: self.summary.test_accuracy,
             wall_time_s: self.summary.wall_time_s,
             downtime_s: stats::downtime(&progress),
-            recoveries: self.faults.iter().map(|f| stats::recovery_time(&self.global, f.t)).collect(),
+            // An attack is not an outage: nothing to recover from.
+            recoveries: self
+                .faults
+                .iter()
+                .filter(|f| f.kind != "byzantine")
+                .map(|f| stats::recovery_time(&self.global, f.t))
+                .collect(),
             rounds_lost: from_metrics.max(from_launcher),
             invocations: self.summary.invocations,
             cold_starts: self.summary.cold_starts,

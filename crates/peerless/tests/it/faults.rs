@@ -20,7 +20,7 @@ fn scenario(dir: &Path, name: &str, rounds: u32, extra: &str) -> std::path::Path
 }
 
 /// Runs the scenario and returns the run directory's merged events.
-fn train(file: &Path, arch: &str, out: &Path) -> Vec<serde_json::Value> {
+pub(crate) fn train(file: &Path, arch: &str, out: &Path) -> Vec<serde_json::Value> {
     let o = run(peerless()
         .args(["train", "--arch", arch, "--seed", "3", "--scenario"])
         .arg(file)

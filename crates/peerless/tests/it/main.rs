@@ -3,6 +3,7 @@
 #[cfg(feature = "aws-lambda")]
 mod aws_lambda;
 mod bad_input;
+mod byzantine;
 mod faults;
 mod function;
 mod gradient;
