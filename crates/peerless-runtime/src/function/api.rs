@@ -291,11 +291,12 @@ async fn next(state: &State) -> Resp {
         events.recv().await
     };
     let Some(ev) = event else {
-        return error(
-            StatusCode::INTERNAL_SERVER_ERROR,
-            "Runtime.ShuttingDown",
-            "the instance is being shut down; the runtime should exit",
-        );
+        // The instance is being shut down (its server dropped): the process is being killed.
+        // Like Lambda, never answer `/next` without an event: every answer must carry
+        // `Lambda-Runtime-Aws-Request-Id`, and `lambda_runtime` panics on one that does not
+        // (`invoke_request_id` expects the header whatever the status). The long poll stays
+        // open until the connection goes with the server.
+        return std::future::pending().await;
     };
     {
         let mut slot = state.slot();
@@ -564,6 +565,21 @@ mod tests {
         assert!(
             matches!(rx.await.unwrap(), Reply::Error(e) if e.error_type == "Boom" && e.error_message == "no")
         );
+    }
+
+    #[tokio::test]
+    async fn next_never_answers_without_an_event() {
+        // The server of an instance being shut down: no event will come. An answer without
+        // `Lambda-Runtime-Aws-Request-Id` would make `lambda_runtime` panic; the poll waits.
+        let (tx, rx) = mpsc::channel(1);
+        drop(tx);
+        let state = State {
+            events: tokio::sync::Mutex::new(rx),
+            slot: Mutex::new(Slot::default()),
+            status: watch::channel(Status::Starting).0,
+        };
+        let polled = tokio::time::timeout(std::time::Duration::from_millis(100), next(&state)).await;
+        assert!(polled.is_err(), "answered /next without an event");
     }
 
     #[tokio::test]

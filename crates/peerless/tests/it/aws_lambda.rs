@@ -1,8 +1,8 @@
 //! The AWS Lambda backend (`--features aws-lambda`) against two endpoints that speak Lambda's
 //! Invoke API: the local runtime's own ([`InvokeApi`]) and cargo-lambda's emulator
-//! (`cargo lambda watch`), which builds this workspace's `peerless` binary and runs it as a
-//! Lambda custom runtime. Both compute the gradient function, checked against a direct
-//! in-process computation.
+//! (`cargo lambda watch`), which runs this workspace's `peerless` binary (through its own
+//! `cargo run`) as a Lambda custom runtime. Both compute the gradient function, checked
+//! against a direct in-process computation.
 //!
 //! The cargo-lambda test is skipped when `cargo lambda` is not installed, and fails instead
 //! with `PEERLESS_REQUIRE_CARGO_LAMBDA=1` (`scripts/test-aws-lambda.sh` installs it).
@@ -14,7 +14,9 @@ use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
 use peerless_core::flat::{digest, to_le_bytes};
-use peerless_core::function::{GradientRequest, GradientResponse, Outcome, OutputMode, StoreRef};
+use peerless_core::function::{
+    GradientRequest, GradientResponse, InvocationRecord, Outcome, OutputMode, StoreRef,
+};
 use peerless_ml::{Arch, Backend, DatasetName, Model, ModelSpec, Split};
 use peerless_runtime::function::aws::{AwsCredentials, AwsLambda};
 use peerless_runtime::function::{
@@ -69,6 +71,7 @@ impl Fixture {
             output_mode: OutputMode::Accumulate,
             store: StoreRef { url: self.server.url() },
             return_digest: true,
+            flip_labels: false,
         };
         serde_json::to_value(&req).unwrap()
     }
@@ -141,16 +144,33 @@ async fn aws_sdk_backend_invokes_the_local_invoke_api_with_the_same_outcomes_and
         assert!(ours.init_us.abs_diff(theirs.init_us) < 10, "init {} vs {}", ours.init_us, theirs.init_us);
     }
 
-    // A function error is not retried; a crash is, and both map to the runtime's outcomes.
-    let inv = aws.invoke("fail", json!({"message": "no"}), ctx(2)).await.unwrap();
-    assert_eq!((inv.outcome, inv.attempts.len()), (Outcome::FunctionError, 1));
-    assert_eq!(inv.error.unwrap().error_type, "Peerless.Fail");
-    let inv = bounded("crash via the AWS SDK", 60, aws.invoke("crash", json!({}), ctx(3))).await.unwrap();
+    // A function error is not retried, and its instance lives on, as on Lambda: the second
+    // `fail` is served warm. Each function has its own instances, so the first `fail` is a
+    // cold start.
+    for (b, cold) in [(2u32, true), (3, false)] {
+        let inv = bounded("fail via the AWS SDK", 60, aws.invoke("fail", json!({"message": "no"}), ctx(b)))
+            .await
+            .unwrap();
+        assert_eq!((inv.outcome, inv.attempts.len()), (Outcome::FunctionError, 1));
+        assert_eq!(inv.error.unwrap().error_type, "Peerless.Fail");
+        assert_eq!(inv.attempts[0].cold_start, cold, "fail #{b}: the instance survives a function error");
+    }
+    // A crash is retried, on a new instance (cold again), and maps to the runtime's outcome.
+    let inv = bounded("crash via the AWS SDK", 60, aws.invoke("crash", json!({}), ctx(4))).await.unwrap();
     assert_eq!((inv.outcome, inv.attempts.len()), (Outcome::Crashed, 2), "{:?}", inv.error);
     assert_eq!(inv.error.unwrap().error_type, "Runtime.ExitError");
-    // An unknown function is not an attempt.
-    let err = aws.invoke("nope", json!({}), ctx(4)).await;
-    assert!(err.is_ok_and(|i| i.outcome == Outcome::FunctionError), "init error of an unknown handler");
+    assert!(inv.attempts.iter().all(|a| a.cold_start), "{:?}", inv.attempts);
+    // An unknown handler fails its instance's init: a function error, billed like a cold start.
+    let inv = bounded("nope via the AWS SDK", 60, aws.invoke("nope", json!({}), ctx(5))).await;
+    assert!(inv.is_ok_and(|i| i.outcome == Outcome::FunctionError), "init error of an unknown handler");
+    // Both ledgers agree attempt for attempt: request id, outcome, cold start, bill.
+    let bill = |r: &InvocationRecord| {
+        (r.request_id.clone(), r.outcome, r.cold_start, r.billed_ms, r.memory_mb, r.cost_pico)
+    };
+    assert_eq!(
+        aws.ledger().iter().map(bill).collect::<Vec<_>>(),
+        local.ledger().iter().map(bill).collect::<Vec<_>>()
+    );
 
     // 429 TooManyRequestsException: throttled, retried, not billed.
     let faults = FaultConfig { throttle_rate: 1.0, ..FaultConfig::default() };
@@ -162,7 +182,7 @@ async fn aws_sdk_backend_invokes_the_local_invoke_api_with_the_same_outcomes_and
         5,
     )
     .unwrap();
-    let inv = aws2.invoke("echo", json!(1), ctx(5)).await.unwrap();
+    let inv = aws2.invoke("echo", json!(1), ctx(6)).await.unwrap();
     assert_eq!(inv.outcome, Outcome::Throttled);
     assert_eq!(
         inv.attempts.iter().map(|a| (a.attempt, a.billed_ms, a.cost_pico)).collect::<Vec<_>>(),
@@ -174,11 +194,29 @@ async fn aws_sdk_backend_invokes_the_local_invoke_api_with_the_same_outcomes_and
 
     let dir = tempfile::tempdir().unwrap();
     let s = aws.write_run_metrics(dir.path()).unwrap();
-    assert_eq!((s.ok, s.cold_starts, s.function_errors, s.crashes), (2, 1, 2, 2));
-    assert!(std::fs::read_to_string(dir.path().join("ledger.csv")).unwrap().lines().count() > 6);
+    // Cold starts: gradient's first, fail's first, both crash attempts, nope's failed init.
+    assert_eq!((s.ok, s.cold_starts, s.function_errors, s.crashes), (2, 5, 3, 2));
+    let l = local.summary();
+    assert_eq!((l.ok, l.cold_starts, l.function_errors, l.crashes), (2, 5, 3, 2), "the local side agrees");
+    assert_eq!(s.billed_ms, l.billed_ms);
+    assert_eq!(s.cost_pico, l.cost_pico);
+    let csv = std::fs::read_to_string(dir.path().join("ledger.csv")).unwrap();
+    assert_eq!(csv.lines().count(), 1 + 7, "a header and one line per attempt:\n{csv}");
     throttling.shutdown().await;
     local.shutdown().await;
     fx.server.shutdown().await;
+}
+
+/// The last `n` lines of the file at `path` (empty if unreadable).
+fn tail(path: &Path, n: usize) -> String {
+    let text = std::fs::read_to_string(path).unwrap_or_default();
+    let lines: Vec<&str> = text.lines().collect();
+    lines[lines.len().saturating_sub(n)..].join("\n")
+}
+
+/// Seconds to wait for `what`: `default`, or the environment variable `var` when set.
+fn budget(var: &str, default: u64) -> u64 {
+    std::env::var(var).ok().and_then(|v| v.parse().ok()).unwrap_or(default)
 }
 
 /// `cargo lambda watch` and its process group, stopped when dropped.
@@ -189,9 +227,7 @@ struct Emulator {
 
 impl Emulator {
     fn log_tail(&self) -> String {
-        let text = std::fs::read_to_string(&self.log).unwrap_or_default();
-        let lines: Vec<&str> = text.lines().collect();
-        lines[lines.len().saturating_sub(40)..].join("\n")
+        tail(&self.log, 40)
     }
 }
 
@@ -230,66 +266,152 @@ fn cargo_lambda_installed() -> bool {
     ok
 }
 
+/// The cargo arguments (after `build` / `run`) that select what `cargo lambda watch` runs:
+/// cargo-lambda 1.9 starts the function with `cargo run --features … --package … --bin …`
+/// and the target directory from `CARGO_TARGET_DIR`.
+fn function_cargo_args(release: bool) -> Vec<&'static str> {
+    let mut args = vec!["--features", "aws-lambda", "--package", "peerless", "--bin", "peerless"];
+    if release {
+        args.push("--release");
+    }
+    args
+}
+
+/// Builds the binary `cargo lambda watch` will run, exactly as its `cargo run` selects it, so
+/// that the emulator's build is a freshness check instead of a compilation while the test waits.
+/// (The test binary's own `peerless` is built with the dev-dependencies' features, e.g.
+/// tempfile's rustix features, so it is not the same build.) At most `secs`; panics with
+/// cargo's output when it fails or runs out of time.
+fn prebuild_function(workspace: &Path, target_dir: &Path, release: bool, log: &Path, secs: u64) {
+    let out = std::fs::File::create(log).unwrap();
+    let mut cmd = Command::new("cargo");
+    cmd.current_dir(workspace)
+        .arg("build")
+        .args(function_cargo_args(release))
+        .env("CARGO_TARGET_DIR", target_dir)
+        .stdin(Stdio::null())
+        .stdout(out.try_clone().unwrap())
+        .stderr(out);
+    std::os::unix::process::CommandExt::process_group(&mut cmd, 0);
+    eprintln!("prebuilding: {cmd:?}");
+    let started = std::time::Instant::now();
+    let mut child = cmd.spawn().expect("cargo build starts");
+    let status = loop {
+        if let Some(st) = child.try_wait().unwrap() {
+            break st;
+        }
+        if started.elapsed() > Duration::from_secs(secs) {
+            let _ = Command::new("kill").args(["-KILL", "--", &format!("-{}", child.id())]).status();
+            let _ = child.wait();
+            panic!(
+                "building the function for cargo-lambda took over {secs} s (PEERLESS_CARGO_LAMBDA_BUILD_SECS); \
+                 scripts/test-aws-lambda.sh builds it beforehand.\n--- cargo build:\n{}",
+                tail(log, 40)
+            );
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    assert!(status.success(), "building the function for cargo-lambda failed ({status}):\n{}", tail(log, 40));
+    eprintln!("function binary ready in {:.1} s", started.elapsed().as_secs_f64());
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn gradient_function_runs_under_cargo_lambda_and_answers_the_aws_sdk() {
     if !cargo_lambda_installed() {
         return;
     }
-    let fx = Fixture::new().await;
-    // The binary under test sits in <target>/<profile>/peerless: cargo-lambda builds into the
-    // same target directory with the same features, so it finds it fresh instead of writing a
-    // differently-featured binary elsewhere (e.g. into a target directory others use).
+    // Build where the binary under test sits (<target>/<profile>/peerless) with the same
+    // profile: cargo-lambda's `cargo run` then finds its binary fresh and builds nothing, and
+    // nothing lands in a target directory others use. The directory reaches cargo-lambda and
+    // its `cargo run` as CARGO_TARGET_DIR only: cargo-lambda 1.9 also passes a `--target-dir`
+    // option to `cargo metadata`, which refuses it, and exits at once.
     let exe = Path::new(env!("CARGO_BIN_EXE_peerless"));
-    let profile_dir = exe.parent().unwrap();
-    let target_dir = profile_dir.parent().unwrap();
+    let profile_dir = exe.parent().unwrap().to_owned();
+    let target_dir = profile_dir.parent().unwrap().to_owned();
+    let release = profile_dir.file_name().is_some_and(|n| n == "release");
     let workspace = Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
+    let logs = tempfile::tempdir().unwrap();
+    let build_log = logs.path().join("cargo-build.log");
+    let build_secs = budget("PEERLESS_CARGO_LAMBDA_BUILD_SECS", 1800);
+    {
+        let (workspace, target_dir, build_log) = (workspace.clone(), target_dir.clone(), build_log.clone());
+        tokio::task::spawn_blocking(move || {
+            prebuild_function(&workspace, &target_dir, release, &build_log, build_secs)
+        })
+        .await
+        .unwrap();
+    }
+
+    let fx = Fixture::new().await;
     let port = {
         let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         l.local_addr().unwrap().port()
     };
-    let logs = tempfile::tempdir().unwrap();
     let log = logs.path().join("cargo-lambda.log");
     let out = std::fs::File::create(&log).unwrap();
     let mut cmd = Command::new("cargo");
     cmd.current_dir(&workspace)
         .args(["lambda", "watch", "--ignore-changes", "-A", "127.0.0.1", "-P", &port.to_string()])
-        .args(["-p", "peerless", "--bin", "peerless", "--features", "aws-lambda"])
-        .arg("--target-dir")
-        .arg(target_dir)
+        .args(function_cargo_args(release))
         // The handler a custom runtime serves comes from the function's Handler setting.
         .args(["--env-var", "_HANDLER=gradient", "--env-var", "OPENBLAS_NUM_THREADS=1"])
-        .env("CARGO_TARGET_DIR", target_dir)
+        .env("CARGO_TARGET_DIR", &target_dir)
         .stdin(Stdio::null())
         .stdout(out.try_clone().unwrap())
         .stderr(out);
-    if profile_dir.file_name().is_some_and(|n| n == "release") {
-        cmd.arg("--release");
-    }
     std::os::unix::process::CommandExt::process_group(&mut cmd, 0);
     eprintln!("starting: {cmd:?}");
-    let emulator = Emulator { child: cmd.spawn().expect("cargo lambda watch starts"), log };
+    let mut emulator = Emulator { child: cmd.spawn().expect("cargo lambda watch starts"), log };
 
+    // cargo-lambda reads the workspace's metadata and listens (under a second here); the
+    // function starts with the first invocation.
     let addr: SocketAddr = ([127, 0, 0, 1], port).into();
-    bounded("cargo lambda watch listening", 120, async {
-        while tokio::net::TcpStream::connect(addr).await.is_err() {
+    let listen_secs = budget("PEERLESS_CARGO_LAMBDA_LISTEN_SECS", 300);
+    let listening = async {
+        loop {
+            if tokio::net::TcpStream::connect(addr).await.is_ok() {
+                return Ok(());
+            }
+            if let Some(status) = emulator.child.try_wait().unwrap() {
+                return Err(status);
+            }
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
-    })
-    .await;
-    // The first invocation waits for cargo (fresh: a quick check) and the function's start.
-    let cfg = Config { timeout_ms: 600_000, max_retries: 0, ..aws_config(&format!("http://{addr}")) };
-    let mut cfg = cfg;
+    };
+    match tokio::time::timeout(Duration::from_secs(listen_secs), listening).await {
+        Ok(Ok(())) => {}
+        Ok(Err(status)) => panic!(
+            "cargo lambda watch exited ({status}) before listening on {addr}\n--- cargo lambda watch:\n{}",
+            emulator.log_tail()
+        ),
+        Err(_) => panic!(
+            "cargo lambda watch did not listen on {addr} within {listen_secs} s \
+             (PEERLESS_CARGO_LAMBDA_LISTEN_SECS)\n--- cargo lambda watch:\n{}",
+            emulator.log_tail()
+        ),
+    }
+    // The first invocation waits for cargo-lambda's `cargo run` (prebuilt: a freshness check)
+    // and the function's start.
+    let invoke_secs = budget("PEERLESS_CARGO_LAMBDA_INVOKE_SECS", 600);
+    let mut cfg =
+        Config { timeout_ms: invoke_secs * 1000, max_retries: 0, ..aws_config(&format!("http://{addr}")) };
     cfg.aws.function_name = "peerless".into();
     let aws = AwsLambda::with_credentials(cfg, AwsCredentials::placeholder(), 9).unwrap();
     for (b, cold) in [(0u32, true), (1, false)] {
         let key = format!("grad/{b}");
-        let inv = bounded(
-            "gradient via cargo-lambda",
-            660,
-            aws.invoke("gradient", fx.request(b, &key), InvokeCtx::new("aws", 0, b)),
-        )
-        .await
-        .unwrap();
+        let call = aws.invoke("gradient", fx.request(b, &key), InvokeCtx::new("aws", 0, b));
+        let Ok(inv) = tokio::time::timeout(Duration::from_secs(invoke_secs + 30), call).await else {
+            panic!(
+                "batch {b} via cargo-lambda got no answer within {} s (PEERLESS_CARGO_LAMBDA_INVOKE_SECS)\n\
+                 --- cargo lambda watch:\n{}",
+                invoke_secs + 30,
+                emulator.log_tail()
+            );
+        };
+        let inv = inv.unwrap();
+        if b == 0 && std::fs::read_to_string(&emulator.log).unwrap_or_default().contains("Compiling ") {
+            eprintln!("note: cargo-lambda's `cargo run` compiled despite the prebuild (see its log)");
+        }
         if inv.outcome != Outcome::Ok {
             panic!("invocation failed: {:?}\n--- cargo lambda watch:\n{}", inv.error, emulator.log_tail());
         }
@@ -315,6 +437,20 @@ async fn gradient_function_runs_under_cargo_lambda_and_answers_the_aws_sdk() {
     let e = inv.error.unwrap();
     assert_eq!(e.error_type, "Peerless.BadInput", "{e:?}");
     eprintln!("cargo-lambda refused a bad request: {e}");
+    // A function error leaves the instance running: the next request is served warm.
+    let inv = bounded(
+        "gradient via cargo-lambda after a function error",
+        120,
+        aws.invoke("gradient", fx.request(3, "grad/3"), InvokeCtx::new("aws", 0, 3)),
+    )
+    .await
+    .unwrap();
+    if inv.outcome != Outcome::Ok {
+        panic!("invocation failed: {:?}\n--- cargo lambda watch:\n{}", inv.error, emulator.log_tail());
+    }
+    let resp = answer(&inv);
+    assert!(!resp.cold, "the instance outlived the function error\n{}", emulator.log_tail());
+    fx.check_gradient("grad/3", 3, &resp).await;
     drop(emulator);
     fx.server.shutdown().await;
 }
