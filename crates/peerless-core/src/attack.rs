@@ -11,7 +11,7 @@
 //! | `label-flip` | computed on labels y → classes − 1 − y (by its functions) | the same |
 //! | `nan` | the honest gradient with ~1 % of coordinates NaN, +∞ or −∞ | the honest one |
 //! | `wrong-length` | the honest gradient with coordinates cut off or appended | the honest one |
-//! | `replay` | its previous round's message, sent again (stale round) | the honest one |
+//! | `replay` | its last message before the attack (its first, attacking from round 0), again every round (stale) | the honest one |
 //!
 //! The first three are well-formed, so only a robust aggregation rule can limit them; an
 //! attacker keeps what it sends, so its replica stays identical to the others'. The last
@@ -183,7 +183,8 @@ impl Attacker {
                 Tampered { send: sent(&g), keep: msg }
             }
             AttackKind::Replay => {
-                let send = self.last.clone().unwrap_or_else(|| honest.clone());
+                // Attacking from the start, the first message is honest and the one replayed.
+                let send = self.last.get_or_insert(honest).clone();
                 Tampered { keep: msg, send }
             }
         }
@@ -272,6 +273,16 @@ mod tests {
             let t = a.tamper(msg(r, 10));
             assert_eq!(t.keep, msg(r, 10));
             assert_eq!(sent(&t, 10).unwrap(), msg(1, 10), "round {r} replays round 1");
+        }
+    }
+
+    #[test]
+    fn replay_from_round_zero_resends_round_zero() {
+        let mut a = attacker(AttackKind::Replay, 0);
+        for r in 0..4 {
+            let t = a.tamper(msg(r, 10));
+            assert_eq!(t.keep, msg(r, 10));
+            assert_eq!(sent(&t, 10).unwrap(), msg(0, 10), "round {r} replays round 0");
         }
     }
 

@@ -213,15 +213,20 @@ impl Job {
     /// counted twice. The error of the last attempt is returned.
     pub(crate) async fn run_with_retries(self, attempts: u32) -> Result<LocalResult, NodeError> {
         let mut last = None;
+        let mut job = self;
         for a in 0..attempts.max(1) {
             if a > 0 {
                 tokio::time::sleep(std::time::Duration::from_secs(u64::from(a))).await;
+                // A retry fetches the gradients one by one: the same sum, bit for bit, but each
+                // gradient is checked on its own, so a bad one is left out instead of
+                // spoiling the sum again.
+                job.aggregation = Aggregation::Fetch;
             }
-            match self.clone().run().await {
+            match job.clone().run().await {
                 Ok(r) => return Ok(r),
                 Err(e @ NodeError::Diverged { .. }) => return Err(e),
                 Err(e) => {
-                    tracing::warn!(round = self.round, attempt = a, error = %e, "gradient work failed; starting it over");
+                    tracing::warn!(round = job.round, attempt = a, error = %e, "gradient work failed; starting it over");
                     last = Some(e);
                 }
             }
@@ -367,7 +372,25 @@ impl Job {
                 } else {
                     let acc =
                         store.read_accumulated(&gkey).await.map_err(|e| fail(format!("store read: {e}")))?;
-                    acc.filter(|a| a.count > 0).map(|a| (a.sum, a.count))
+                    let acc = acc.filter(|a| a.count > 0).map(|a| (a.sum, a.count));
+                    if let Some((sum, count)) = &acc {
+                        // The store adds whatever its clients send: a client holding the store's
+                        // secret (another member) could write into this key. The sum is only
+                        // taken when it is plausible; the job is then retried in fetch mode,
+                        // which checks every gradient on its own (`run_with_retries`).
+                        let problem = if *count > self.batches.len() as u64 {
+                            Some(format!("{count} contributions for {} batches", self.batches.len()))
+                        } else if sum.len() != self.params.len() {
+                            Some(format!("{} values, the model has {}", sum.len(), self.params.len()))
+                        } else {
+                            peerless_core::flat::check_finite("the sum", sum).err().map(|e| e.to_string())
+                        };
+                        if let Some(p) = problem {
+                            let _ = store.delete(&[pkey.as_str(), gkey.as_str()]).await;
+                            return Err(fail(format!("in-store sum at {gkey} refused: {p}")));
+                        }
+                    }
+                    acc
                 };
                 let gather_ms = t.elapsed().as_secs_f64() * 1e3;
                 let mut keys: Vec<String> = vec![pkey, gkey.clone()];
@@ -413,6 +436,7 @@ impl Job {
     ) -> Result<Option<(Vec<f32>, u64)>, String> {
         let n = self.params.len();
         let mut sum: Option<Vec<f32>> = None;
+        let mut count = 0u64;
         for &j in delivered {
             let k = key(j);
             let bytes = store.get(&k).await.map_err(|e| format!("store get {k}: {e}"))?;
@@ -422,15 +446,24 @@ impl Job {
                 .transpose()
                 .map_err(|e| format!("{k}: {e}"))?
                 .ok_or_else(|| format!("{k}: the function answered but its gradient is not in the store"))?;
-            if g.len() != n {
-                return Err(format!("{k}: {} values, the model has {n}", g.len()));
+            // A gradient that is not what the function reported (another store client
+            // overwrote it) is left out, like a failed invocation; the rest still count.
+            let problem = if g.len() != n {
+                Some(format!("{} values, the model has {n}", g.len()))
+            } else {
+                peerless_core::flat::check_finite(&k, &g).err().map(|e| e.to_string())
+            };
+            if let Some(problem) = problem {
+                tracing::warn!(round = self.round, key = %k, %problem, "gradient in the store refused");
+                continue;
             }
             match &mut sum {
                 Some(s) => peerless_core::flat::add_assign(s, &g),
                 None => sum = Some(g),
             }
+            count += 1;
         }
-        Ok(sum.map(|s| (s, delivered.len() as u64)))
+        Ok(sum.map(|s| (s, count)))
     }
 }
 

@@ -301,6 +301,12 @@ pub async fn run_server(
                             &agg
                         };
                         let aggregate_ms = t.elapsed().as_secs_f64() * 1e3;
+                        // How many Byzantine gradients the rule tolerated at this round's count.
+                        let effective_f = if asynchronous && inputs.len() == 1 {
+                            0
+                        } else {
+                            aggregator.effective_f(inputs.len())
+                        };
                         let t = Instant::now();
                         optimizer.step(&mut params, update)?;
                         let update_ms = t.elapsed().as_secs_f64() * 1e3;
@@ -331,7 +337,7 @@ pub async fn run_server(
                         let ev = pending_eval.take();
                         let opt = |v: Option<String>| v.unwrap_or_default();
                         files.metrics(&format!(
-                            "{},{me},{done},{:.4},{:.4},{loss:.6},{},{},,{bytes_in},{bytes_out},,,,,{round_ms:.2},,{aggregate_ms:.3},{update_ms:.3},,{},{},{},{staleness},",
+                            "{},{me},{done},{:.4},{:.4},{loss:.6},{},{},,{bytes_in},{bytes_out},,,,,{round_ms:.2},,{aggregate_ms:.3},{update_ms:.3},,{},{},{},{staleness},,{effective_f}",
                             unix_ms(),
                             done as f64 / (rpe * vpr) as f64,
                             t0.elapsed().as_secs_f64(),
@@ -539,7 +545,7 @@ pub async fn run_worker(
                 }
                 let inv = backend.summary();
                 files.metrics(&format!(
-                    "{},{me},{position},{:.4},{:.4},{:.6},,,{},{bytes_in},{bytes_out},{},{},{},{compute_ms:.2},,,,,{},,,,,{}",
+                    "{},{me},{position},{:.4},{:.4},{:.6},,,{},{bytes_in},{bytes_out},{},{},{},{compute_ms:.2},,,,,{},,,,,{},",
                     unix_ms(), position as f64 / rpe as f64, t0.elapsed().as_secs_f64(), loss, r_samples,
                     inv.invocations, inv.cold_starts, inv.retries,
                     inv.cost_pico + prices.node_pico(t0.elapsed().as_millis() as u64),

@@ -43,7 +43,7 @@ use crate::node::{Backend, Files, Job, LocalResult, Outgoing, io_err, unix_ms};
 /// Columns of a peer's `metrics.csv`.
 pub const METRICS_HEADER: &str = "t_ms,peer,round,epoch,wall_s,train_loss,view,contributors,samples,\
 bytes_in,bytes_out,invocations,cold_starts,retries,compute_ms,wait_ms,exchange_ms,aggregate_ms,\
-update_ms,cost_pico,eval_round,test_loss,test_accuracy,staleness,gather_ms";
+update_ms,cost_pico,eval_round,test_loss,test_accuracy,staleness,gather_ms,effective_f";
 
 /// Per-round timings and counters, reset when a row is written.
 #[derive(Debug, Default)]
@@ -307,7 +307,7 @@ pub async fn run(
                         let ev = pending_eval.take();
                         let opt = |v: Option<f32>| v.map(|x| format!("{x:.6}")).unwrap_or_default();
                         files.metrics(&format!(
-                        "{},{me},{done},{:.4},{:.4},{:.6},{},{},{},{},{},{},{},{},{:.2},{:.2},{},{:.3},{:.3},{},{},{},{},0,{}",
+                        "{},{me},{done},{:.4},{:.4},{:.6},{},{},{},{},{},{},{},{},{:.2},{:.2},{},{:.3},{:.3},{},{},{},{},0,{},{}",
                         unix_ms(),
                         done as f64 / rpe as f64,
                         t0.elapsed().as_secs_f64(),
@@ -330,6 +330,7 @@ pub async fn run(
                         opt(ev.map(|e| e.1)),
                         opt(ev.map(|e| e.2)),
                         stats.gather_ms.map(|x| format!("{x:.3}")).unwrap_or_default(),
+                        aggregator.effective_f(inputs.len()),
                     ));
                         invoker_before = inv;
                         if file.peer.progress {

@@ -72,6 +72,17 @@ fn a_sign_flipping_peer_wrecks_the_mean_but_not_krum() {
         assert_eq!(s["replicas_agree"], true, "{s}");
         assert_eq!(s["completed"].as_bool(), Some(rule == "krum"), "{s}");
         acc.push((s["test_accuracy"].as_f64().unwrap(), s["diverged"].as_bool().unwrap()));
+        // Each round's row says how many Byzantine inputs the rule tolerated: Krum f = 1 with
+        // all 5 gradients (n ≥ 2f+3), 0 below that; the mean none.
+        let text = std::fs::read_to_string(out.join("metrics.csv")).unwrap();
+        let head: Vec<&str> = text.lines().next().unwrap().split(',').collect();
+        let col = |n: &str| head.iter().position(|h| *h == n).unwrap();
+        let (c, f) = (col("contributors"), col("effective_f"));
+        for row in text.lines().skip(1) {
+            let v: Vec<&str> = row.split(',').collect();
+            let want = if rule == "krum" && v[c] == "5" { "1" } else { "0" };
+            assert_eq!(v[f], want, "{rule}: {row}");
+        }
     }
     // The mean steps along −1.2 × the honest gradient: the model diverges, and the run ends
     // with that outcome instead of failing.
@@ -123,4 +134,66 @@ fn the_ps_refuses_replayed_and_malformed_pushes_and_its_median_absorbs_a_sign_fl
     let s = summary(&out);
     assert_eq!(s["completed"], true, "{s}");
     assert!(s["test_accuracy"].as_f64().unwrap() > 0.85, "{s}");
+}
+
+/// A store client holding the cluster secret (any member) writes into an honest peer's
+/// accumulators: NaN before rounds 3–5, and an extra finite contribution at round 8. The
+/// peers refuse those sums and redo the rounds in fetch mode, so they train the model a clean
+/// run trains, bit for bit (two gradients per peer: a + b is the same float sum anywhere).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_poisoned_in_store_sum_is_refused_and_the_round_redone_from_checked_gradients() {
+    use peerless_ml::{Arch, ModelSpec};
+    use peerless_runtime::store::embedded::EmbeddedServer;
+    use peerless_runtime::store::{RedisStore, Store};
+
+    let tmp = tempfile::tempdir().unwrap();
+    let server =
+        EmbeddedServer::spawn("127.0.0.1:0".parse().unwrap(), Some("cluster-secret".into())).unwrap();
+    let store = RedisStore::connect(&server.url()).await.unwrap();
+    let split = peerless_ml::data::load(peerless_ml::DatasetName::Digits, Path::new("/unused")).unwrap();
+    let n = ModelSpec::new(Arch::Mlp, split.train.shape, split.train.classes).layout().unwrap().len();
+    for peer in 0..2 {
+        for round in 3..6 {
+            store
+                .accumulate(&format!("peer{peer}/grad/{round}"), "hostile", &vec![f32::NAN; n])
+                .await
+                .unwrap();
+        }
+        store.accumulate(&format!("peer{peer}/grad/8"), "hostile", &vec![1.0; n]).await.unwrap();
+    }
+    let args = ["--peers", "2", "--functions-per-peer", "2", "--rounds", "16", "--lr", "0.05", "--seed", "5"];
+    let calm = "[p2p]\ndeadline_floor_ms = 60000\ndeadline_ceiling_ms = 60000\n";
+    let mut digests = Vec::new();
+    for (name, store) in [("poisoned", server.url()), ("clean", "embedded".to_string())] {
+        let config = tmp.path().join(format!("{name}.toml"));
+        std::fs::write(&config, format!("{calm}store = \"{store}\"\n")).unwrap();
+        let out = tmp.path().join(name);
+        let mut cmd = crate::peerless();
+        cmd.args(["train", "--arch", "p2p", "--config"]).arg(&config).args(args).arg("--out").arg(&out);
+        let o = tokio::task::spawn_blocking(move || crate::run(&mut cmd)).await.unwrap();
+        assert!(o.status.success(), "{name} run failed");
+        let s = summary(&out);
+        assert_eq!(
+            (s["completed"].as_bool(), s["replicas_agree"].as_bool()),
+            (Some(true), Some(true)),
+            "{s}"
+        );
+        digests.push(s["param_digests"][0][1].as_str().unwrap().to_owned());
+        if name == "poisoned" {
+            for peer in 0..2 {
+                let log = std::fs::read_to_string(out.join(format!("peers/{peer}/peer.log"))).unwrap();
+                for round in 3..6 {
+                    let refused = format!("in-store sum at peer{peer}/grad/{round} refused");
+                    assert!(log.contains(&refused), "peer {peer}: no `{refused}` in its log");
+                }
+                assert!(
+                    log.contains(&format!(
+                        "in-store sum at peer{peer}/grad/8 refused: 3 contributions for 2 batches"
+                    )),
+                    "peer {peer}: the extra contribution at round 8 was not refused"
+                );
+            }
+        }
+    }
+    assert_eq!(digests[0], digests[1], "the refused sums changed the model");
 }
