@@ -25,10 +25,4 @@ export CARGO_TARGET_DIR="${AWS_TARGET_DIR:-/tmp/aws-target}"
 export PEERLESS_REQUIRE_CARGO_LAMBDA=1
 echo "--- aws-lambda tests (target dir $CARGO_TARGET_DIR)"
 cargo test --locked -p peerless-runtime --features aws-lambda --lib function::aws
-cargo test --locked -p peerless --features aws-lambda --test it --no-run
-# The binary `cargo lambda watch` runs, built as its `cargo run` selects it (the test binary's
-# `peerless` carries the dev-dependencies' features, so it is a different build): the emulator
-# then starts it without compiling. The test does this too, as a freshness check.
-echo "--- the function binary for cargo-lambda"
-cargo build --locked --features aws-lambda --package peerless --bin peerless
 cargo test --locked -p peerless --features aws-lambda --test it aws_lambda -- --test-threads 1 "$@"

@@ -242,7 +242,8 @@ impl Drop for Emulator {
             }
             std::thread::sleep(Duration::from_millis(50));
         }
-        let _ = Command::new("kill").args(["-KILL", "--", &group]).status();
+        // The group is usually gone by now; kill's complaint about that is noise.
+        let _ = Command::new("kill").args(["-KILL", "--", &group]).stderr(Stdio::null()).status();
         let _ = self.child.wait();
     }
 }
@@ -266,6 +267,36 @@ fn cargo_lambda_installed() -> bool {
     ok
 }
 
+/// `cargo …` as if run from a shell, not from this test: without the variables cargo sets for
+/// the test process about the package under test (`CARGO_PKG_NAME`, `CARGO_MANIFEST_DIR`, …).
+/// Build scripts declare some of them with `rerun-if-env-changed` (ring does), and cargo
+/// checks those against its own environment, so inherited values would make it rebuild ring
+/// and everything above it (rustls, the AWS SDK, …) instead of finding the prebuilt binary
+/// fresh, and then again for the next build from a shell.
+fn cargo_command() -> Command {
+    let mut cmd = Command::new("cargo");
+    for (key, _) in std::env::vars_os() {
+        let Some(k) = key.to_str() else { continue };
+        let per_package =
+            ["CARGO_PKG_", "CARGO_BIN_EXE_", "CARGO_CFG_", "CARGO_FEATURE_"].iter().any(|p| k.starts_with(p))
+                || matches!(
+                    k,
+                    "CARGO_MANIFEST_DIR"
+                        | "CARGO_MANIFEST_PATH"
+                        | "CARGO_MANIFEST_LINKS"
+                        | "CARGO_CRATE_NAME"
+                        | "CARGO_BIN_NAME"
+                        | "CARGO_PRIMARY_PACKAGE"
+                        | "CARGO_TARGET_TMPDIR"
+                        | "OUT_DIR"
+                );
+        if per_package {
+            cmd.env_remove(&key);
+        }
+    }
+    cmd
+}
+
 /// The cargo arguments (after `build` / `run`) that select what `cargo lambda watch` runs:
 /// cargo-lambda 1.9 starts the function with `cargo run --features … --package … --bin …`
 /// and the target directory from `CARGO_TARGET_DIR`.
@@ -279,12 +310,10 @@ fn function_cargo_args(release: bool) -> Vec<&'static str> {
 
 /// Builds the binary `cargo lambda watch` will run, exactly as its `cargo run` selects it, so
 /// that the emulator's build is a freshness check instead of a compilation while the test waits.
-/// (The test binary's own `peerless` is built with the dev-dependencies' features, e.g.
-/// tempfile's rustix features, so it is not the same build.) At most `secs`; panics with
-/// cargo's output when it fails or runs out of time.
+/// At most `secs`; panics with cargo's output when it fails or runs out of time.
 fn prebuild_function(workspace: &Path, target_dir: &Path, release: bool, log: &Path, secs: u64) {
     let out = std::fs::File::create(log).unwrap();
-    let mut cmd = Command::new("cargo");
+    let mut cmd = cargo_command();
     cmd.current_dir(workspace)
         .arg("build")
         .args(function_cargo_args(release))
@@ -304,8 +333,8 @@ fn prebuild_function(workspace: &Path, target_dir: &Path, release: bool, log: &P
             let _ = Command::new("kill").args(["-KILL", "--", &format!("-{}", child.id())]).status();
             let _ = child.wait();
             panic!(
-                "building the function for cargo-lambda took over {secs} s (PEERLESS_CARGO_LAMBDA_BUILD_SECS); \
-                 scripts/test-aws-lambda.sh builds it beforehand.\n--- cargo build:\n{}",
+                "building the function for cargo-lambda took over {secs} s \
+                 (PEERLESS_CARGO_LAMBDA_BUILD_SECS).\n--- cargo build:\n{}",
                 tail(log, 40)
             );
         }
@@ -349,7 +378,7 @@ async fn gradient_function_runs_under_cargo_lambda_and_answers_the_aws_sdk() {
     };
     let log = logs.path().join("cargo-lambda.log");
     let out = std::fs::File::create(&log).unwrap();
-    let mut cmd = Command::new("cargo");
+    let mut cmd = cargo_command();
     cmd.current_dir(&workspace)
         .args(["lambda", "watch", "--ignore-changes", "-A", "127.0.0.1", "-P", &port.to_string()])
         .args(function_cargo_args(release))
