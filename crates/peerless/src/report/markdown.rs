@@ -561,6 +561,7 @@ fn robustness(md: &mut String, exp: &Experiment) {
         let _ = writeln!(md, "| Attack (attackers) | {} |", head.join(" | "));
         let _ = writeln!(md, "| --- |{}", " --- |".repeat(rules.len()));
         let mut verdicts: Vec<String> = Vec::new();
+        let mut compared = 0;
         for ((_, attack, k), by_rule) in rows {
             let mut cells = Vec::new();
             for rule in &rules {
@@ -572,6 +573,7 @@ fn robustness(md: &mut String, exp: &Experiment) {
                 let delta = match (attack.as_str(), base, mean(v)) {
                     ("none", ..) | (_, None, _) | (_, _, None) => String::new(),
                     (_, Some(b), Some(m)) => {
+                        compared += 1;
                         if m - b < -2.0 {
                             verdicts.push(format!("`{rule}` under {attack}: {:+.1} points", m - b));
                         }
@@ -585,7 +587,12 @@ fn robustness(md: &mut String, exp: &Experiment) {
             let _ = writeln!(md, "| {} | {} |", cell(&who), cells.join(" | "));
         }
         let _ = writeln!(md);
-        if verdicts.is_empty() {
+        if compared == 0 {
+            let _ = writeln!(
+                md,
+                "No attacked cell has a clean run (attack `none`) with its rule to compare with.\n"
+            );
+        } else if verdicts.is_empty() {
             let _ = writeln!(md, "Every attacked cell is within 2 points of its clean run.\n");
         } else {
             let _ = writeln!(md, "More than 2 points below the clean run: {}.\n", verdicts.join("; "));
