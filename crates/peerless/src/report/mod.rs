@@ -299,4 +299,77 @@ mod tests {
         }
         std::fs::remove_dir_all(&dir).unwrap();
     }
+
+    /// A P2P run of `peers` peers with aggregation `rule`, final accuracy `acc`, and peer 4
+    /// attacking with `attack` when given.
+    fn write_p2p_run(dir: &Path, peers: u32, rule: &str, acc: f64, attack: Option<&str>) {
+        std::fs::create_dir_all(dir).unwrap();
+        let summary = serde_json::json!({
+            "arch": "p2p", "compute": "functions", "seed": 1, "peers": peers, "completed": true, "rounds": 2,
+            "test_accuracy": acc, "wall_time_s": 2.0, "invocations": 20, "cold_starts": 10,
+            "total_cost_usd": 0.001, "per_peer": [],
+        });
+        std::fs::write(dir.join("summary.json"), summary.to_string()).unwrap();
+        let config = format!("[p2p]\ncompute = \"functions\"\naggregator = \"{rule}\"\n");
+        std::fs::write(dir.join("config.toml"), config).unwrap();
+        let csv = "t_ms,peer,round,train_loss,eval_round,test_accuracy\n1100,0,1,1.0,,\n1200,0,2,0.9,2,0.9\n";
+        std::fs::write(dir.join("metrics.csv"), csv).unwrap();
+        let mut events = vec![r#"{"event":"start","t_ms":1000,"arch":"p2p"}"#.to_owned()];
+        if let Some(a) = attack {
+            events.push(format!(
+                r#"{{"event":"fault_injected","t_ms":1000,"fault":"byzantine","attack":"{a}","targets":["peer 4"],"round":0}}"#
+            ));
+        }
+        std::fs::write(dir.join("events.jsonl"), events.join("\n")).unwrap();
+    }
+
+    #[test]
+    fn the_robustness_table_compares_each_attacked_rule_with_its_clean_run() {
+        let dir = std::env::temp_dir().join(format!("peerless-report-robust-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let runs = [
+            ("none-krum", "krum", 0.95, None),
+            ("flip-krum", "krum", 0.94, Some("sign-flip")),
+            ("flip-median", "median", 0.90, Some("sign-flip")),
+            ("none-mean", "mean", 0.97, None),
+            ("flip-mean", "mean", 0.10, Some("sign-flip")),
+            ("nan-mean", "mean", 0.965, Some("nan")),
+            ("flip-krum-7", "krum", 0.93, Some("sign-flip")),
+        ];
+        for (name, rule, acc, attack) in runs {
+            let peers = if name.ends_with("-7") { 7 } else { 5 };
+            write_p2p_run(&run_dir(&dir, name, "p2p", 1), peers, rule, acc, attack);
+        }
+        let scenarios: Vec<_> = runs
+            .iter()
+            .map(|(name, ..)| serde_json::json!({"name": name, "description": "x", "target_accuracy": 0.9}))
+            .collect();
+        let exp = serde_json::json!({
+            "scenarios": scenarios, "archs": ["p2p"], "seeds": [1], "command": "peerless experiment x",
+        });
+        std::fs::write(dir.join("experiment.json"), exp.to_string()).unwrap();
+
+        let md = std::fs::read_to_string(run(&dir).unwrap().report).unwrap();
+        let section = &md[md.find("### P2P with 5 nodes").expect("a table for 5 P2P nodes")..];
+        let line = |start: &str| section.lines().find(|l| l.starts_with(start)).unwrap().to_owned();
+        assert_eq!(line("| Attack"), "| Attack (attackers) | `mean` | `krum` | `median` |");
+        assert_eq!(line("| none"), "| none | 97.00 (n=1) | 95.00 (n=1) | — |");
+        // The median has no clean run: its cell carries no difference and no verdict.
+        assert_eq!(
+            line("| sign-flip"),
+            "| sign-flip (1 of 5) | 10.00 (n=1) (-87.0) | 94.00 (n=1) (-1.0) | 90.00 (n=1) |"
+        );
+        assert_eq!(line("| nan"), "| nan (1 of 5) | 96.50 (n=1) (-0.5) | — | — |");
+        assert_eq!(
+            line("More than 2 points"),
+            "More than 2 points below the clean run: `mean` under sign-flip: -87.0 points."
+        );
+        // 7 nodes were only attacked: nothing to compare with, and the table says so.
+        let seven = &md[md.find("### P2P with 7 nodes").expect("a table for 7 P2P nodes")..];
+        assert!(
+            seven.contains("No attacked cell has a clean run (attack `none`) with its rule to compare with."),
+            "{seven}"
+        );
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
 }
