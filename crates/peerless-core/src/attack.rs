@@ -265,24 +265,16 @@ mod tests {
     }
 
     #[test]
-    fn replay_resends_the_previous_round() {
-        let mut a = attacker(AttackKind::Replay, 2);
-        let t1 = a.tamper(msg(1, 10));
-        assert_eq!(sent(&t1, 10).unwrap().round, 1);
-        for r in 2..5 {
-            let t = a.tamper(msg(r, 10));
-            assert_eq!(t.keep, msg(r, 10));
-            assert_eq!(sent(&t, 10).unwrap(), msg(1, 10), "round {r} replays round 1");
-        }
-    }
-
-    #[test]
-    fn replay_from_round_zero_resends_round_zero() {
-        let mut a = attacker(AttackKind::Replay, 0);
-        for r in 0..4 {
-            let t = a.tamper(msg(r, 10));
-            assert_eq!(t.keep, msg(r, 10));
-            assert_eq!(sent(&t, 10).unwrap(), msg(0, 10), "round {r} replays round 0");
+    fn replay_resends_the_last_message_before_the_attack() {
+        // (first attacked round, first round sent, the round replayed): from round 0, the
+        // first message is honest and the one replayed.
+        for (from, first, replayed) in [(2, 1, 1), (0, 0, 0)] {
+            let mut a = attacker(AttackKind::Replay, from);
+            for r in first..first + 4 {
+                let t = a.tamper(msg(r, 10));
+                assert_eq!(t.keep, msg(r, 10));
+                assert_eq!(sent(&t, 10).unwrap(), msg(r.min(replayed), 10), "from {from}: round {r}");
+            }
         }
     }
 

@@ -288,25 +288,20 @@ pub async fn run_server(
                     }
                     PsAction::Apply { round, inputs, staleness } => {
                         let t = Instant::now();
-                        let update: &[f32] = if let [(_, g)] = inputs.as_slice()
+                        // `effective_f`: how many Byzantine gradients the rule tolerated.
+                        let (update, effective_f): (&[f32], usize) = if let [(_, g)] = inputs.as_slice()
                             && asynchronous
                         {
                             // One gradient at a time: nothing to aggregate.
-                            g
+                            (g, 0)
                         } else {
                             let refs: Vec<&[f32]> = inputs.iter().map(|(_, g)| g.as_slice()).collect();
                             aggregator
                                 .aggregate(&refs, &mut agg)
                                 .map_err(|e| NodeError::Compute { round, reason: e.to_string() })?;
-                            &agg
+                            (&agg, aggregator.effective_f(inputs.len()))
                         };
                         let aggregate_ms = t.elapsed().as_secs_f64() * 1e3;
-                        // How many Byzantine gradients the rule tolerated at this round's count.
-                        let effective_f = if asynchronous && inputs.len() == 1 {
-                            0
-                        } else {
-                            aggregator.effective_f(inputs.len())
-                        };
                         let t = Instant::now();
                         optimizer.step(&mut params, update)?;
                         let update_ms = t.elapsed().as_secs_f64() * 1e3;

@@ -113,7 +113,7 @@ fn malformed_gradients_never_reach_aggregation_and_the_honest_peers_agree() {
     assert!(attacked.len() > 200, "{} honest rows", attacked.len());
     assert!(attacked.iter().all(|(_, _, c)| *c <= 3), "an attacked gradient was aggregated: {attacked:?}");
     let s = summary(&out);
-    assert_eq!((s["completed"].as_bool(), s["replicas_agree"].as_bool()), (Some(true), Some(true)), "{s}");
+    crate::assert_completed_and_agreed(&s);
     assert!(s["test_accuracy"].as_f64().unwrap() > 0.85, "{s}");
 }
 
@@ -173,11 +173,7 @@ async fn a_poisoned_in_store_sum_is_refused_and_the_round_redone_from_checked_gr
         let o = tokio::task::spawn_blocking(move || crate::run(&mut cmd)).await.unwrap();
         assert!(o.status.success(), "{name} run failed");
         let s = summary(&out);
-        assert_eq!(
-            (s["completed"].as_bool(), s["replicas_agree"].as_bool()),
-            (Some(true), Some(true)),
-            "{s}"
-        );
+        crate::assert_completed_and_agreed(&s);
         digests.push(s["param_digests"][0][1].as_str().unwrap().to_owned());
         if name == "poisoned" {
             for peer in 0..2 {

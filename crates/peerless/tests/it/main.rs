@@ -35,6 +35,11 @@ pub fn summary(dir: &Path) -> serde_json::Value {
     serde_json::from_str(&text).expect("summary.json is JSON")
 }
 
+/// Asserts that a P2P run completed its rounds with identical replicas (`s`: its summary.json).
+pub fn assert_completed_and_agreed(s: &serde_json::Value) {
+    assert_eq!((s["completed"].as_bool(), s["replicas_agree"].as_bool()), (Some(true), Some(true)), "{s}");
+}
+
 /// The data directory holding the real datasets, or `None` (test skipped) when `name` is not
 /// there. With `PEERLESS_REQUIRE_DATA=1` (set by `.ci/run`) a missing dataset fails the test.
 pub fn real_data(name: &str) -> Option<PathBuf> {

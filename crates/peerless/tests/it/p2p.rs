@@ -471,11 +471,7 @@ fn fetch_then_aggregate_computes_the_in_store_model_bit_for_bit_and_times_its_ga
             .arg(&out));
         assert!(o.status.success(), "{name}");
         let s = summary(&out);
-        assert_eq!(
-            (s["completed"].as_bool(), s["replicas_agree"].as_bool()),
-            (Some(true), Some(true)),
-            "{s}"
-        );
+        crate::assert_completed_and_agreed(&s);
         let cfg = std::fs::read_to_string(out.join("config.toml")).unwrap();
         assert!(cfg.contains(&format!("aggregation = \"{name}\"")), "{cfg}");
         // Every round row times the gather: reading the one sum, or fetching and adding each.
