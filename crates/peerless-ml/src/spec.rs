@@ -80,16 +80,19 @@ impl FromStr for Arch {
 
 /// The CPU backend burn runs on, chosen at run time.
 ///
-/// Measured here (`peerless bench step`, `cargo bench --bench step`): for dense models ndarray
-/// with OpenBLAS is the fastest (MLP step ≈ PyTorch's), while its convolutions are ~25× slower
-/// than flex's (LeNet on digits: 836 vs 20,000 samples/s). `auto` picks per architecture.
+/// Measured here (`peerless bench step`, `cargo bench --bench step`): for the MLP, flex and
+/// ndarray on its pure-Rust matrixmultiply kernels run the same step at the same speed
+/// (≈ 610 steps/s, 0.8× PyTorch on one thread), while ndarray's convolutions are ~25× slower
+/// than flex's (LeNet on digits: 836 vs 20,000 samples/s). So `auto` is flex, except for dense
+/// models in a `--features openblas` build, where ndarray's kernels are OpenBLAS's.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Backend {
-    /// ndarray for logistic regression and MLP, flex for the CNN.
+    /// flex; ndarray for logistic regression and MLP in an OpenBLAS build.
     #[default]
     Auto,
-    /// burn's ndarray backend with OpenBLAS (deprecated upstream, fastest for dense layers).
+    /// burn's ndarray backend (deprecated upstream): matrixmultiply's kernels, or OpenBLAS's
+    /// in a `--features openblas` build.
     Ndarray,
     /// burn's newer flex backend (fastest for convolutions).
     Flex,
@@ -119,12 +122,26 @@ impl FromStr for Backend {
     }
 }
 
+/// Whether this build's ndarray backend runs its dense kernels on OpenBLAS (feature `openblas`).
+pub const OPENBLAS: bool = cfg!(feature = "openblas");
+
 impl Backend {
+    /// What computes this backend's matrix products in this build.
+    pub fn kernels(self) -> &'static str {
+        match self {
+            Backend::Ndarray if OPENBLAS => "ndarray + OpenBLAS",
+            Backend::Ndarray => "ndarray + matrixmultiply (pure Rust)",
+            Backend::Flex => "flex (pure Rust)",
+            Backend::Auto => "auto",
+        }
+    }
+
     /// The concrete backend for `arch` (resolves `auto`).
     pub fn resolve(self, arch: Arch) -> Backend {
         match (self, arch) {
             (Backend::Auto, Arch::Lenet) => Backend::Flex,
-            (Backend::Auto, _) => Backend::Ndarray,
+            (Backend::Auto, _) if OPENBLAS => Backend::Ndarray,
+            (Backend::Auto, _) => Backend::Flex,
             (b, _) => b,
         }
     }

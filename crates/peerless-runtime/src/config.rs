@@ -84,6 +84,24 @@ pub struct RunConfig {
     pub ps: PsSection,
     /// The function runtime gradients are computed in.
     pub function: crate::function::Config,
+    /// The local launcher (`peerless train --arch p2p|ps`): how it ends a run.
+    pub launcher: LauncherSection,
+}
+
+/// `[launcher]`
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LauncherSection {
+    /// Once a node holding the result (a P2P peer, the PS) has finished, a node still running
+    /// this long afterwards (frozen, hung) is stopped: SIGTERM, then SIGKILL. Also how long
+    /// Ctrl-C waits for the nodes to write their summaries before killing them. ms.
+    pub grace_ms: u64,
+}
+
+impl Default for LauncherSection {
+    fn default() -> Self {
+        LauncherSection { grace_ms: 15_000 }
+    }
 }
 
 /// `[ps]`
@@ -93,6 +111,9 @@ pub struct PsSection {
     /// When the PS process dies, the launcher (standing in for the cloud) restarts it after
     /// this long, ms.
     pub restart_delay_ms: u64,
+    /// A PS that keeps dying is restarted at most this many times in a row without a round
+    /// done in between; then the run ends with the PS's last error.
+    pub max_restarts: u32,
     /// `sync`: a round aggregates one gradient per worker, like P2P. `async`: each gradient
     /// is applied on arrival as the next model version; `train.rounds`/`epochs` then count
     /// `workers` updates per round, so both modes train on the same number of samples.
@@ -115,7 +136,7 @@ pub enum PsModeName {
 
 impl Default for PsSection {
     fn default() -> Self {
-        PsSection { restart_delay_ms: 1_000, mode: PsModeName::Sync, max_staleness: 16 }
+        PsSection { restart_delay_ms: 1_000, max_restarts: 3, mode: PsModeName::Sync, max_staleness: 16 }
     }
 }
 
@@ -149,6 +170,7 @@ impl Default for RunConfig {
             p2p: P2pConfig::default(),
             ps: PsSection::default(),
             function: crate::function::Config::default(),
+            launcher: LauncherSection::default(),
         }
     }
 }
@@ -178,7 +200,8 @@ pub struct ModelConfig {
     pub arch: Arch,
     /// MLP hidden widths (default 256, 128: the 784-256-128-10 MLP on MNIST).
     pub hidden: Vec<usize>,
-    /// burn CPU backend: `auto` (ndarray with OpenBLAS for dense models, flex for the CNN; measured fastest), `ndarray` or `flex`.
+    /// burn CPU backend: `auto` (flex; ndarray for dense models in an OpenBLAS build),
+    /// `ndarray` or `flex`.
     pub backend: Backend,
 }
 

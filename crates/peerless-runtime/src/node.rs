@@ -14,6 +14,7 @@ use peerless_core::p2p::PeerIdx;
 use peerless_core::rng::Rng;
 use peerless_core::wire::{self, GradientMsg, Message};
 use peerless_ml::{Model, Split};
+use serde::{Deserialize, Serialize};
 use serde_json::json;
 
 use crate::config::{Aggregation, Compute, RunConfig};
@@ -145,11 +146,64 @@ impl Outgoing {
     }
 }
 
-/// Asks the kernel to send this process SIGTERM when the thread that started it exits, so
-/// nodes a launcher started never outlive it (Linux `PR_SET_PDEATHSIG`).
+/// Asks the kernel to SIGKILL this process when the thread that started it exits, so nodes a
+/// launcher started never outlive it (Linux `PR_SET_PDEATHSIG`). SIGKILL, not SIGTERM: a
+/// frozen (SIGSTOPped) node would never act on a SIGTERM.
 pub fn die_with_parent() -> std::io::Result<()> {
-    rustix::process::set_parent_process_death_signal(Some(rustix::process::Signal::TERM))?;
+    rustix::process::set_parent_process_death_signal(Some(rustix::process::Signal::KILL))?;
     Ok(())
+}
+
+/// What a launched node tells its launcher on stdout, one JSON object a line. The launcher
+/// reads these to show progress, and to tell bad input (a node that fails before it is ready)
+/// from a crash during training.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum NodeLine {
+    /// Set-up is done (data loaded, listening): from now on a failure is a crash.
+    Ready {
+        /// The node's index.
+        ready: PeerIdx,
+    },
+    /// The node is exiting with this error.
+    Failed {
+        /// The node's index (`None` when it failed before reading its configuration).
+        failed: Option<PeerIdx>,
+        /// The error, as the node would print it.
+        error: String,
+    },
+    /// A round done.
+    Progress(Progress),
+}
+
+/// One round done by a node (`NodeLine::Progress`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Progress {
+    /// The node's index.
+    pub peer: PeerIdx,
+    /// Rounds (PS: model versions) done.
+    pub round: u64,
+    /// Rounds (versions) in the run.
+    pub total: u64,
+    /// The round's training loss.
+    pub loss: Option<f32>,
+    /// Nodes in the round's view.
+    pub view: usize,
+    /// Test accuracy, when the round was evaluated.
+    #[serde(default)]
+    pub test_accuracy: Option<f32>,
+}
+
+impl NodeLine {
+    /// Prints the line on stdout, where the launcher reads it.
+    pub fn print(&self) {
+        println!("{}", serde_json::to_string(self).expect("invariant: NodeLine serializes"));
+    }
+
+    /// Parses one stdout line; `None` for anything else a node printed.
+    pub fn parse(line: &str) -> Option<NodeLine> {
+        serde_json::from_str(line).ok()
+    }
 }
 
 pub(crate) fn unix_ms() -> u64 {

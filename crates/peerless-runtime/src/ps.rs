@@ -29,7 +29,7 @@ use serde_json::json;
 use tokio::sync::{mpsc, watch};
 
 use crate::checkpoint::Checkpoint;
-use crate::node::{Backend, Files, Job, LocalResult, NodeError, io_err, unix_ms};
+use crate::node::{Backend, Files, Job, LocalResult, NodeError, NodeLine, Progress, io_err, unix_ms};
 use crate::p2p::net::{self, Behaviour, BehaviourEvent};
 use crate::p2p::peer::METRICS_HEADER;
 use crate::p2p::sampler::Sampler;
@@ -161,6 +161,7 @@ pub async fn run_server(
     let now = || t0.elapsed().as_millis() as u64;
     let mut ps = Ps::new(cfg, start_round, 0);
     files.event(me, json!({ "event": "start", "role": "ps", "peer_id": my_id.to_string(), "total_rounds": total, "round": start_round }));
+    NodeLine::Ready { ready: me }.print();
     let aggregator = run.p2p.aggregator.build();
     let mut agg = vec![0f32; params.len()];
     let mut parked: Vec<(u64, ResponseChannel<Bytes>)> = Vec::new();
@@ -343,10 +344,15 @@ pub async fn run_server(
                             opt(ev.map(|e| format!("{:.6}", e.2))),
                         ));
                         if file.peer.progress {
-                            println!(
-                                "{}",
-                                json!({ "peer": me, "round": done, "total": total, "loss": loss, "view": inputs.len() })
-                            );
+                            NodeLine::Progress(Progress {
+                                peer: me,
+                                round: done,
+                                total,
+                                loss: Some(loss),
+                                view: inputs.len(),
+                                test_accuracy: None,
+                            })
+                            .print();
                         }
                     }
                     PsAction::Checkpoint { round } => {
@@ -428,6 +434,7 @@ pub async fn run_worker(
     let prices = run.function.prices.prices().map_err(|e| NodeError::Config(e.to_string()))?;
     let t0 = Instant::now();
     files.event(me, json!({ "event": "start", "role": "worker", "peer_id": my_id.to_string() }));
+    NodeLine::Ready { ready: me }.print();
     let (tx, mut rx) = mpsc::channel::<Result<LocalResult, NodeError>>(2);
     let mut rng = Rng::derive(run.seed, "worker-backoff", u64::from(me));
     let mut next = 0u64;

@@ -76,7 +76,9 @@ enum BenchCommand {
         #[arg(long)]
         json: Option<PathBuf>,
     },
-    /// One MLP training step (flat vectors in and out) against PyTorch on one thread.
+    /// One MLP training step (flat vectors in and out) on every backend of this build (the
+    /// default one, and OpenBLAS in a `--features openblas` build) against PyTorch on one
+    /// thread, interleaved in one run; prints the default's ratio to each.
     Step {
         /// burn backend: `ndarray` or `flex`; `all` measures both.
         #[arg(long, default_value = "all")]
@@ -84,6 +86,13 @@ enum BenchCommand {
         /// Steps per measurement.
         #[arg(long, default_value_t = 500)]
         steps: usize,
+        /// Interleaved passes (each measures every contender once); medians are compared.
+        #[arg(long, default_value_t = 5)]
+        passes: usize,
+        /// The Python to run the PyTorch reference with [default: $PEERLESS_PYTHON, else
+        /// python3].
+        #[arg(long)]
+        python: Option<String>,
         /// Also write the results as JSON to this file.
         #[arg(long)]
         json: Option<PathBuf>,
@@ -110,8 +119,8 @@ enum DataCommand {
 
 #[derive(Debug, Args)]
 struct DataDirArg {
-    /// Directory holding `<dataset>/` IDX files [default: $PEERLESS_DATA_DIR, else
-    /// ~/.local/share/peerless].
+    /// Directory holding `<dataset>/` IDX files, or one dataset's IDX files directly
+    /// [default: $PEERLESS_DATA_DIR, else ~/.local/share/peerless].
     #[arg(long)]
     data_dir: Option<PathBuf>,
 }
@@ -138,7 +147,8 @@ pub struct TrainArgs {
     /// `digits` (embedded), `mnist` or `fashion-mnist`.
     #[arg(long)]
     pub dataset: Option<DatasetName>,
-    /// Directory of IDX datasets.
+    /// Where the dataset is: a folder of dataset folders (`<dir>/mnist/…`), or a folder that
+    /// holds one dataset's four IDX files (plain or `.gz`) directly.
     #[arg(long)]
     pub data_dir: Option<PathBuf>,
     /// Passes over the training set.
@@ -466,37 +476,15 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
             );
             Ok(ExitCode::SUCCESS)
         }
-        Command::Bench(BenchCommand::Step { backend, steps, json }) => {
+        Command::Bench(BenchCommand::Step { backend, steps, passes, python, json }) => {
             let backends = match backend.as_str() {
                 "all" => vec![Backend::Ndarray, Backend::Flex],
                 b => vec![b.parse::<Backend>()?],
             };
-            let mut results = Vec::new();
-            for b in backends {
-                let r = crate::bench::step(b, steps.max(1))?;
-                println!(
-                    "{:<8} {}: {:>6.0} steps/s  load {:>4.1} %  flatten {:>4.1} %  flatten+load {:>4.1} %",
-                    r.backend,
-                    r.model,
-                    r.steps_per_s,
-                    100.0 * r.load_fraction,
-                    100.0 * r.flatten_fraction,
-                    100.0 * (r.load_fraction + r.flatten_fraction)
-                );
-                match (r.torch_steps_per_s, r.ratio_vs_torch, &r.torch_note) {
-                    (Some(t), Some(ratio), _) => {
-                        println!(
-                            "         PyTorch (same run, 1 thread): {t:.0} steps/s; peerless/PyTorch = {ratio:.2}"
-                        )
-                    }
-                    (_, _, note) => {
-                        println!("         {}", note.as_deref().unwrap_or("no PyTorch reference"))
-                    }
-                }
-                results.push(r);
-            }
+            let r = crate::bench::step(&backends, steps.max(1), passes, python.as_deref())?;
+            crate::bench::print_step(&r);
             if let Some(path) = json {
-                std::fs::write(&path, serde_json::to_string_pretty(&results)?)
+                std::fs::write(&path, serde_json::to_string_pretty(&r)?)
                     .with_context(|| format!("writing {}", path.display()))?;
             }
             Ok(ExitCode::SUCCESS)

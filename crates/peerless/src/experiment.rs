@@ -9,7 +9,8 @@
 //! Each run is a child `peerless train` process, so a run that hangs can be stopped at the
 //! scenario's `timeout_s` without taking the experiment down. A run whose directory holds a
 //! `summary.json` is finished and is not repeated: the same command resumes an interrupted
-//! experiment. A failed run (no summary) is started again from scratch next time.
+//! experiment. A failed run (no summary, or one with an `error`: bad input, a PS that kept
+//! dying) is reported as failed, the matrix goes on, and it is started again next time.
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, ExitCode, Stdio};
@@ -20,7 +21,10 @@ use clap::Args;
 use indicatif::{ProgressBar, ProgressStyle};
 use peerless_runtime::config::TrainArch;
 use peerless_runtime::scenario::Scenario;
+use rustix::process::Signal;
 use serde::Serialize;
+
+use crate::supervise::signal;
 
 /// `peerless experiment`.
 #[derive(Debug, Args)]
@@ -181,7 +185,7 @@ pub fn run(args: ExperimentArgs) -> Result<ExitCode> {
         let s = &scenarios[p.scenario];
         let label = format!("{} {} seed {}", s.name, p.arch, p.seed);
         bar.set_message(label.clone());
-        let outcome = if p.dir.join("summary.json").exists() {
+        let outcome = if finished(&p.dir) {
             Outcome::Skipped
         } else {
             run_one(&exe, &files[p.scenario], s, p, args.data_dir.as_deref())
@@ -228,6 +232,14 @@ pub fn run(args: ExperimentArgs) -> Result<ExitCode> {
     Ok(if failed.is_empty() { ExitCode::SUCCESS } else { ExitCode::FAILURE })
 }
 
+/// Whether the run in `dir` finished (a summary without an error); anything else is run again.
+fn finished(dir: &Path) -> bool {
+    std::fs::read_to_string(dir.join("summary.json"))
+        .ok()
+        .and_then(|t| serde_json::from_str::<serde_json::Value>(&t).ok())
+        .is_some_and(|v| !v["error"].is_string())
+}
+
 fn run_one(exe: &Path, file: &Path, s: &Scenario, p: &Planned, data_dir: Option<&Path>) -> Outcome {
     // An unfinished directory from an interrupted run is started over.
     if p.dir.exists()
@@ -252,6 +264,7 @@ fn run_one(exe: &Path, file: &Path, s: &Scenario, p: &Planned, data_dir: Option<
         .args(["--name", &format!("{}-{}-seed-{}", s.name, p.arch, p.seed)])
         .arg("--out")
         .arg(&p.dir)
+        .env("PEERLESS_LAUNCHED", "1")
         .stdin(Stdio::null())
         .stdout(log.try_clone().map(Stdio::from).unwrap_or_else(|_| Stdio::null()))
         .stderr(Stdio::from(log));
@@ -269,8 +282,11 @@ fn run_one(exe: &Path, file: &Path, s: &Scenario, p: &Planned, data_dir: Option<
             Ok(Some(st)) => break Ok(st),
             Ok(None) if t.elapsed() > timeout => {
                 // SIGINT first: the launcher stops its nodes and writes what it has.
-                let _ = Command::new("kill").arg("-INT").arg(child.id().to_string()).status();
-                std::thread::sleep(Duration::from_secs(10));
+                signal(child.id(), Signal::INT);
+                let deadline = Instant::now() + Duration::from_secs(20);
+                while Instant::now() < deadline && matches!(child.try_wait(), Ok(None)) {
+                    std::thread::sleep(Duration::from_millis(100));
+                }
                 let _ = child.kill();
                 let _ = child.wait();
                 // A summary written on the way out is not a finished run.
@@ -286,6 +302,11 @@ fn run_one(exe: &Path, file: &Path, s: &Scenario, p: &Planned, data_dir: Option<
         .and_then(|t| serde_json::from_str::<serde_json::Value>(&t).ok());
     match (status, summary) {
         (Err(why), _) => Outcome::Failed(format!("{why}; see {}", log_path.display())),
+        (Ok(_), Some(v)) if v["error"].is_string() => Outcome::Failed(format!(
+            "{}; see {}",
+            v["error"].as_str().unwrap_or_default(),
+            log_path.display()
+        )),
         (Ok(_), Some(v)) => Outcome::Done {
             accuracy: v["test_accuracy"].as_f64().unwrap_or(0.0),
             wall_s: v["wall_time_s"].as_f64().unwrap_or(0.0),

@@ -8,6 +8,7 @@ mod function_cmd;
 mod p2p_cmd;
 mod progress;
 mod report;
+mod supervise;
 mod train;
 
 use clap::Parser;

@@ -1,26 +1,23 @@
 //! `peerless peer` (one peer process) and the local cluster launcher behind
 //! `peerless train --arch p2p`.
 //!
-//! The launcher writes one `peer.toml` per peer under `<run>/peers/<i>/`, starts the peers as
-//! real processes on loopback (free ports), shows one progress bar for the cluster (the peers
-//! print a JSON line per round on stdout), forwards Ctrl-C, and at the end merges every
-//! peer's metrics and events into the run directory and writes the cluster's summary.
+//! The launcher writes one `peer.toml` per peer under `<run>/peers/<i>/` (or the PS's and the
+//! workers' files), has the supervisor (`supervise`) run the nodes as real processes on
+//! loopback (free ports), and at the end merges every node's metrics and events into the run
+//! directory and writes the cluster's summary.
 
-use std::io::{BufRead, BufReader, Read};
+use std::io::Read;
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, ExitCode, Stdio};
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::mpsc;
-use std::time::{Duration, Instant};
+use std::process::ExitCode;
+use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
 use clap::Args;
-use indicatif::{ProgressBar, ProgressStyle};
 use peerless_core::cost::pico_to_usd;
 use peerless_runtime::config::{Compute, RunConfig, TrainArch};
 use peerless_runtime::function::FunctionCommand;
+use peerless_runtime::node::NodeLine;
 use peerless_runtime::p2p::peer::METRICS_HEADER;
 use peerless_runtime::p2p::{PeerFile, PeerSection, PeerSummary};
 use peerless_runtime::rundir::RunDir;
@@ -28,6 +25,7 @@ use peerless_runtime::scenario::FaultSpec;
 use serde::{Deserialize, Serialize};
 
 use crate::faults::{Injector, Proxy};
+use crate::supervise::{Node, NodeOutcome, Recovery, Supervisor};
 
 /// `peerless peer`.
 #[derive(Debug, Args)]
@@ -43,24 +41,26 @@ pub struct PeerArgs {
     pub data_dir: Option<PathBuf>,
 }
 
-/// Which node a process runs.
-#[derive(Debug, Clone, Copy)]
-pub enum Role {
-    /// A P2P peer.
-    Peer,
-    /// The parameter server.
-    Ps,
-    /// A PS worker.
-    Worker,
-}
+pub use crate::supervise::Role;
 
 /// Runs one node until training is over; SIGINT or SIGTERM stop it after writing its summary.
+/// An error is also told to the launcher (a `failed` line on stdout), which shows it.
 pub fn run_node(role: Role, args: PeerArgs) -> Result<ExitCode> {
+    let mut index = None;
+    let result = serve(role, args, &mut index);
+    if let Err(e) = &result {
+        NodeLine::Failed { failed: index, error: format!("{e:#}") }.print();
+    }
+    result
+}
+
+fn serve(role: Role, args: PeerArgs, index: &mut Option<u32>) -> Result<ExitCode> {
     if std::env::var_os("PEERLESS_LAUNCHED").is_some() {
         // Started by a launcher: do not outlive it.
         peerless_runtime::node::die_with_parent().context("setting the parent-death signal")?;
     }
     let mut file = PeerFile::load(&args.config)?;
+    *index = Some(file.peer.index);
     if args.join {
         file.peer.join = true;
     }
@@ -93,7 +93,8 @@ pub fn run_node(role: Role, args: PeerArgs) -> Result<ExitCode> {
         }
     })?;
     eprintln!(
-        "{role:?} {} done: round {}, test accuracy {:.2} %, digest {}",
+        "{} {} done: round {}, test accuracy {:.2} %, digest {}",
+        role.name(),
         summary.peer,
         summary.rounds,
         summary.test_accuracy * 100.0,
@@ -154,25 +155,12 @@ pub struct ClusterSummary {
     pub per_peer: Vec<PeerSummary>,
     /// Nodes the launcher restarted (the PS), with downtime and rounds lost.
     pub recoveries: Vec<Recovery>,
-}
-
-/// A node that died and was restarted by the launcher.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct Recovery {
-    /// `ps`.
-    pub node: String,
-    /// Node index in the launcher.
-    pub index: usize,
-    /// When it died, s after the launch.
-    pub died_at_s: f64,
-    /// The last round it had reported done.
-    pub died_at_round: u64,
-    /// The round it resumed from (its checkpoint).
-    pub resumed_from_round: Option<u64>,
-    /// Rounds done again: `died_at_round - resumed_from_round`.
-    pub rounds_lost: Option<u64>,
-    /// From its death to its first round done after the restart, s.
-    pub downtime_s: Option<f64>,
+    /// How each node ended (exit status, whether it completed, why the launcher stopped it).
+    #[serde(default)]
+    pub nodes: Vec<NodeOutcome>,
+    /// Why the run failed as a whole (a node's bad input, a PS that kept dying).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
 }
 
 fn free_ports(n: usize) -> Result<Vec<u16>> {
@@ -248,38 +236,6 @@ pub fn write_peer_files(
     Ok(paths)
 }
 
-fn spawn_node(sub: &str, config: &Path, join: bool) -> Result<Child> {
-    // A stale pid file must not be mistaken for the new process's.
-    let _ = std::fs::remove_file(config.with_file_name("pid"));
-    let exe = std::env::current_exe().context("locating the peerless executable")?;
-    let log_path = config.with_file_name(format!("{sub}.log"));
-    let log = std::fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(&log_path)
-        .with_context(|| format!("opening {}", log_path.display()))?;
-    let mut cmd = Command::new(exe);
-    cmd.arg(sub).arg("--config").arg(config).env("PEERLESS_LAUNCHED", "1");
-    if join {
-        cmd.arg("--join");
-    }
-    if std::env::var_os("RUST_LOG").is_none() {
-        cmd.env("RUST_LOG", "info");
-    }
-    cmd.stdout(Stdio::piped()).stderr(Stdio::from(log)).stdin(Stdio::null());
-    cmd.spawn().with_context(|| format!("starting the peer of {}", config.display()))
-}
-
-#[derive(Debug, Deserialize)]
-struct ProgressLine {
-    peer: u32,
-    round: u64,
-    total: u64,
-    loss: Option<f32>,
-    view: usize,
-    test_accuracy: Option<f32>,
-}
-
 /// `peerless train --arch p2p`: starts the cluster, injects `faults`, and waits for it.
 pub fn launch(cfg: &RunConfig, dir: &mut RunDir, faults: &[FaultSpec]) -> Result<ExitCode> {
     let secret = if cfg.p2p.secret.is_empty() { random_secret() } else { cfg.p2p.secret.clone() };
@@ -288,7 +244,7 @@ pub fn launch(cfg: &RunConfig, dir: &mut RunDir, faults: &[FaultSpec]) -> Result
     let configs = write_peer_files(cfg, dir.path(), &secret, injector.proxy())?;
     write_attacks(&configs, faults, TrainArch::P2p, n)?;
     let nodes: Vec<Node> =
-        configs.into_iter().map(|config| Node { sub: "peer", config, restart: None }).collect();
+        configs.into_iter().map(|config| Node { role: Role::Peer, config, restart: None }).collect();
     run_cluster(cfg, dir, "p2p", nodes, injector, skipped)
 }
 
@@ -336,7 +292,7 @@ pub fn launch_ps(cfg: &RunConfig, dir: &mut RunDir, faults: &[FaultSpec]) -> Res
         let config = ndir.join(if is_ps { "ps.toml" } else { "worker.toml" });
         std::fs::write(&config, file.to_toml()).with_context(|| format!("writing {}", config.display()))?;
         nodes.push(Node {
-            sub: if is_ps { "ps" } else { "worker" },
+            role: if is_ps { Role::Ps } else { Role::Worker },
             config,
             restart: is_ps.then(|| Duration::from_millis(cfg.ps.restart_delay_ms)),
         });
@@ -357,39 +313,16 @@ fn write_attacks(configs: &[PathBuf], faults: &[FaultSpec], arch: TrainArch, n: 
     Ok(())
 }
 
-/// One process of a local cluster.
-#[derive(Debug, Clone)]
-struct Node {
-    /// `peer`, `ps` or `worker`.
-    sub: &'static str,
-    config: PathBuf,
-    /// Restart after this delay when it dies (the PS: the cloud restarting its instance).
-    restart: Option<Duration>,
-}
-
-fn start_node(node: &Node, tx: &mpsc::Sender<ProgressLine>, join: bool) -> Result<Child> {
-    let mut child = spawn_node(node.sub, &node.config, join)?;
-    let out = child.stdout.take().expect("piped");
-    let tx = tx.clone();
-    std::thread::spawn(move || {
-        for line in BufReader::new(out).lines().map_while(Result::ok) {
-            if let Ok(p) = serde_json::from_str::<ProgressLine>(&line) {
-                let _ = tx.send(p);
-            }
-        }
-    });
-    Ok(child)
-}
-
+/// Supervises the cluster until every node is gone, then merges the nodes' files into the run
+/// directory and writes the cluster's summary.
 fn run_cluster(
     cfg: &RunConfig,
     dir: &mut RunDir,
     arch: &str,
     nodes: Vec<Node>,
-    mut injector: Injector,
+    injector: Injector,
     skipped: Vec<crate::faults::Record>,
 ) -> Result<ExitCode> {
-    let started = Instant::now();
     dir.event(
         "start",
         serde_json::json!({ "arch": arch, "nodes": nodes.len(), "compute": compute_name(cfg.p2p.compute) }),
@@ -404,181 +337,9 @@ fn run_cluster(
         )?;
     }
     let configs: Vec<PathBuf> = nodes.iter().map(|n| n.config.clone()).collect();
-    let mut children: Vec<Option<Child>> = Vec::new();
-    let (tx, rx) = mpsc::channel::<ProgressLine>();
-    for (i, node) in nodes.iter().enumerate() {
-        let child = start_node(node, &tx, false)?;
-        injector.set_pid(i, Some(child.id()));
-        children.push(Some(child));
-    }
-    // Pending restarts: when, and whether the node rejoins (`--join`, a peer restarted by a
-    // fault) or resumes on its own (the PS, a worker).
-    let mut restarts: Vec<Option<(Instant, bool)>> = vec![None; nodes.len()];
-    // The PS's versions per synchronous round (fault schedules count synchronous rounds).
-    let vpr = if arch == "ps" { cfg.ps.versions_per_round(cfg.p2p.peers) } else { 1 };
-
-    let stop = Arc::new(AtomicBool::new(false));
-    {
-        let stop = stop.clone();
-        std::thread::spawn(move || {
-            let Ok(rt) = tokio::runtime::Builder::new_current_thread().enable_io().build() else { return };
-            rt.block_on(async move {
-                if tokio::signal::ctrl_c().await.is_ok() {
-                    eprintln!("\ninterrupt: stopping the peers (they write their summaries)");
-                    stop.store(true, Ordering::Relaxed);
-                }
-            });
-        });
-    }
-
-    let bar = ProgressBar::new(0);
-    bar.set_style(
-        ProgressStyle::with_template("{prefix} [{elapsed_precise}] {wide_bar} {pos}/{len} rounds {msg}")
-            .expect("invariant: valid template"),
-    );
-    bar.set_prefix(format!("p2p×{} {} on {}", cfg.p2p.peers, cfg.model.arch, cfg.data.dataset));
-    let mut rounds = vec![0u64; configs.len() + 1];
-    let mut acc = None::<f32>;
-    let mut exits: Vec<Option<String>> = vec![None; configs.len()];
-    let mut exit_at: Vec<Option<f64>> = vec![None; configs.len()];
-    let mut recoveries: Vec<Recovery> = Vec::new();
-    let mut restarted = vec![false; nodes.len()];
-    let mut signalled = false;
-    loop {
-        let tick_end = Instant::now() + Duration::from_millis(50);
-        while let Ok(p) = rx.recv_timeout(tick_end.saturating_duration_since(Instant::now())) {
-            bar.set_length(p.total);
-            if let Some(r) = rounds.get_mut(p.peer as usize) {
-                *r = p.round;
-            }
-            if p.test_accuracy.is_some() {
-                acc = p.test_accuracy;
-            }
-            bar.set_position(rounds.iter().copied().max().unwrap_or(0));
-            let a = acc.map(|a| format!(" acc {:.2}%", a * 100.0)).unwrap_or_default();
-            let loss = p.loss.map(|l| format!("loss {l:.4}")).unwrap_or_default();
-            bar.set_message(format!("{loss}{a} view {}", p.view));
-            if let Some(rec) =
-                recoveries.iter_mut().find(|r| r.index == p.peer as usize && r.downtime_s.is_none())
-                && restarted[rec.index]
-            {
-                rec.downtime_s = Some(started.elapsed().as_secs_f64() - rec.died_at_s);
-            }
-        }
-        let round = rounds.iter().copied().max().unwrap_or(0) / vpr;
-        let (records, orders) = injector.tick(started.elapsed(), round);
-        for (name, fields) in records {
-            bar.println(format!("{name}: {fields}"));
-            dir.event(name, fields)?;
-        }
-        for crate::faults::Order::Restart { index, after } in orders {
-            if !signalled {
-                restarts[index] = Some((Instant::now() + after, nodes[index].sub == "peer"));
-            }
-        }
-        if stop.load(Ordering::Relaxed) && !signalled {
-            signalled = true;
-            for c in children.iter().flatten() {
-                let _ = Command::new("kill").arg("-INT").arg(c.id().to_string()).status();
-            }
-        }
-        for (i, slot) in children.iter_mut().enumerate() {
-            if let Some(c) = slot
-                && let Ok(Some(status)) = c.try_wait()
-            {
-                let how =
-                    status.code().map_or_else(|| format!("killed ({status})"), |c| format!("exit code {c}"));
-                let node = &nodes[i];
-                if !status.success() {
-                    let log = node.config.with_file_name(format!("{}.log", node.sub));
-                    bar.println(format!("{} {i} stopped: {how}; see {}", node.sub, log.display()));
-                }
-                dir.event("node_exit", serde_json::json!({ "node": node.sub, "index": i, "status": how }))?;
-                if node.sub == "peer" {
-                    dir.event("peer_exit", serde_json::json!({ "peer": i, "status": how }))?;
-                }
-                if !status.success()
-                    && !signalled
-                    && let Some(delay) = node.restart
-                {
-                    restarts[i] = Some((Instant::now() + delay, false));
-                    restarted[i] = false;
-                    recoveries.push(Recovery {
-                        node: node.sub.to_owned(),
-                        index: i,
-                        died_at_s: started.elapsed().as_secs_f64(),
-                        died_at_round: rounds.get(i).copied().unwrap_or(0),
-                        resumed_from_round: None,
-                        rounds_lost: None,
-                        downtime_s: None,
-                    });
-                }
-                exits[i] = Some(how);
-                exit_at[i] = Some(started.elapsed().as_secs_f64());
-                injector.set_pid(i, None);
-                *slot = None;
-            }
-        }
-        for (i, at) in restarts.iter_mut().enumerate() {
-            if let Some((t, join)) = *at
-                && Instant::now() >= t
-                && children[i].is_none()
-            {
-                *at = None;
-                if !signalled {
-                    let child = start_node(&nodes[i], &tx, join)?;
-                    injector.set_pid(i, Some(child.id()));
-                    children[i] = Some(child);
-                    restarted[i] = true;
-                    if !recoveries.iter().any(|r| r.index == i && r.downtime_s.is_none()) {
-                        recoveries.push(Recovery {
-                            node: nodes[i].sub.to_owned(),
-                            index: i,
-                            died_at_s: exit_at[i].unwrap_or(0.0),
-                            died_at_round: rounds.get(i).copied().unwrap_or(0),
-                            resumed_from_round: None,
-                            rounds_lost: None,
-                            downtime_s: None,
-                        });
-                    }
-                    dir.event("node_restart", serde_json::json!({ "node": nodes[i].sub, "index": i }))?;
-                    bar.println(format!("{} restarted", nodes[i].sub));
-                }
-            }
-        }
-        // A PS that finished has nothing left to serve: a worker still waiting 15 s later
-        // (frozen, or cut off when the answer went out) is told to stop.
-        if let Some(ps) = nodes.iter().position(|n| n.sub == "ps")
-            && children[ps].is_none()
-            && exits[ps].as_deref() == Some("exit code 0")
-            && !signalled
-            && exit_at[ps].is_some_and(|t| started.elapsed().as_secs_f64() > t + 15.0)
-        {
-            signalled = true;
-            dir.event("stop_workers", serde_json::json!({ "reason": "the PS finished 15 s ago" }))?;
-            for c in children.iter().flatten() {
-                let _ = Command::new("kill").arg("-INT").arg(c.id().to_string()).status();
-            }
-        }
-        if children.iter().all(Option::is_none) {
-            // Nobody left to rejoin: only the PS is restarted into an empty cluster.
-            for (i, r) in restarts.iter_mut().enumerate() {
-                if nodes[i].restart.is_none() {
-                    *r = None;
-                }
-            }
-        }
-        if children.iter().all(Option::is_none) && restarts.iter().all(Option::is_none) {
-            break;
-        }
-    }
-    let round = rounds.iter().copied().max().unwrap_or(0) / vpr;
-    for (name, fields) in injector.finish(round) {
-        dir.event(name, fields)?;
-    }
-    bar.finish_and_clear();
-    let wall = started.elapsed().as_secs_f64();
-    drop(tx);
+    let label = format!("{arch}×{} {} on {}", cfg.p2p.peers, cfg.model.arch, cfg.data.dataset);
+    let run = Supervisor::new(cfg, dir, nodes, injector, label).run()?;
+    let mut recoveries = run.recoveries;
     // Where each restarted node resumed, from its own events (its last `resume`).
     for rec in &mut recoveries {
         let ev =
@@ -592,11 +353,21 @@ fn run_cluster(
         rec.rounds_lost = rec.resumed_from_round.map(|r| rec.died_at_round.saturating_sub(r));
         dir.event("recovery", serde_json::to_value(&*rec)?)?;
     }
-    let mut summary = collect(cfg, dir, arch, &configs, wall)?;
+    let mut summary = collect(cfg, dir, arch, &configs, run.wall_s)?;
     summary.recoveries = recoveries;
+    summary.nodes = run.outcomes;
+    for n in &mut summary.nodes {
+        n.completed &= summary.per_peer.iter().any(|s| s.peer as usize == n.index && s.completed);
+    }
+    if let Some(why) = &run.fatal {
+        summary.completed = false;
+        summary.error = Some(why.clone());
+        dir.summary(&summary)?;
+        bail!("{why}\n(run files: {})", dir.path().display());
+    }
     dir.summary(&summary)?;
     print_summary(&summary, dir.path());
-    if signalled {
+    if run.interrupted {
         return Ok(ExitCode::from(130));
     }
     if summary.diverged {
@@ -607,10 +378,16 @@ fn run_cluster(
         return Ok(ExitCode::SUCCESS);
     }
     if !summary.completed || summary.per_peer.is_empty() {
-        bail!(
-            "the cluster did not complete its rounds; see the peer logs under {}",
-            dir.path().join("peers").display()
-        );
+        let died: Vec<String> = summary
+            .nodes
+            .iter()
+            .filter(|n| !n.completed)
+            .map(|n| {
+                let why = n.error.as_deref().or(n.stopped.as_deref()).unwrap_or(&n.exit);
+                format!("{} {}: {why}", n.node, n.index)
+            })
+            .collect();
+        bail!("no node finished every round ({}); logs under {}", died.join("; "), dir.path().display());
     }
     Ok(ExitCode::SUCCESS)
 }
@@ -714,6 +491,8 @@ fn collect(
         bytes_exchanged: per_peer.iter().map(|s| s.bytes_out).sum(),
         per_peer,
         recoveries: Vec::new(),
+        nodes: Vec::new(),
+        error: None,
     };
     dir.event(
         "finish",
@@ -742,5 +521,8 @@ fn print_summary(s: &ClusterSummary, dir: &Path) {
     println!("replicas     {}", if s.replicas_agree { "identical" } else { "DIFFER" });
     for (p, d) in &s.param_digests {
         println!("  peer {p}    {d}");
+    }
+    for n in s.nodes.iter().filter(|n| n.stopped.is_some()) {
+        println!("stopped      {} {}: {}", n.node, n.index, n.stopped.as_deref().unwrap_or_default());
     }
 }

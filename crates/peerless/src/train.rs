@@ -18,6 +18,10 @@ use crate::progress::RunProgress;
 
 /// Runs `peerless train`.
 pub fn run(args: TrainArgs) -> Result<ExitCode> {
+    if std::env::var_os("PEERLESS_LAUNCHED").is_some() {
+        // Started by `peerless experiment`: do not outlive it (its nodes then follow).
+        peerless_runtime::node::die_with_parent().context("setting the parent-death signal")?;
+    }
     let scenario = args.scenario.as_deref().map(Scenario::load).transpose()?;
     let faults = scenario.as_ref().map(|s| s.faults.clone()).unwrap_or_default();
     let (cfg, mut dir, resume) = match &args.resume {

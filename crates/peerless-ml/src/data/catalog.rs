@@ -1,7 +1,9 @@
 //! The known datasets: names, file layout, pinned checksums, and loading a train/test split.
 //!
 //! MNIST and Fashion-MNIST live in `<data_dir>/mnist/` and `<data_dir>/fashion-mnist/` under
-//! the standard file names, each raw or gzipped (`.gz`). `digits` is compiled in. Every file
+//! the standard file names, each raw or gzipped (`.gz`); a `data_dir` that holds one dataset's
+//! four files directly (e.g. Debian's `/usr/share/datasets/fashion-mnist`) works too. `digits`
+//! is compiled in. Every file
 //! is verified against the SHA-256 of its *decompressed* IDX bytes, so a raw file and its
 //! `.gz` verify the same.
 
@@ -193,6 +195,33 @@ fn verify(raw: Vec<u8>, spec: &FileSpec, path: PathBuf, fix: &str) -> Result<Vec
     Ok(raw)
 }
 
+/// The folder holding `name`'s files: `<data_dir>/<name>/` if it holds any of them, else
+/// `data_dir` itself if it does; with every folder that was tried, for the error.
+fn dataset_dir(name: DatasetName, data_dir: &Path) -> (PathBuf, Vec<PathBuf>) {
+    let candidates = [name.dir(data_dir), data_dir.to_owned()];
+    let holds_any = |dir: &Path| name.files().iter().any(|s| locate(dir, s).is_some());
+    match candidates.iter().find(|d| holds_any(d)) {
+        Some(dir) => (dir.clone(), vec![dir.clone()]),
+        None => (candidates[0].clone(), candidates.to_vec()),
+    }
+}
+
+/// A checksum error for a file that is another dataset's (the two 28×28 sets share file
+/// names) says which one it is.
+fn name_other_dataset(err: DataError, name: DatasetName, spec: &FileSpec) -> DataError {
+    let DataError::Checksum { actual, .. } = &err else { return err };
+    let other = DatasetName::ALL
+        .into_iter()
+        .find(|o| *o != name && o.files().iter().any(|f| f.role == spec.role && f.sha256 == *actual));
+    match (other, err) {
+        (Some(o), DataError::Checksum { path, expected, actual, .. }) => {
+            let fix = format!("this is {}'s file, not {}'s: pass --dataset {o}", o.title(), name.title());
+            DataError::Checksum { path, expected, actual, fix }
+        }
+        (_, err) => err,
+    }
+}
+
 /// Load a dataset's train/test split, verifying every file.
 ///
 /// `data_dir` is the root holding `mnist/` and `fashion-mnist/`; it is ignored for `digits`.
@@ -206,17 +235,17 @@ pub fn load(name: DatasetName, data_dir: &Path) -> Result<Split> {
             raw.push((verify(decoded, spec, PathBuf::from(&origin), fix)?, origin));
         }
     } else {
-        let dir = name.dir(data_dir);
+        let (dir, tried) = dataset_dir(name, data_dir);
         let fix = format!("re-run: {}", name.fetch_command(data_dir));
         for spec in name.files() {
             let path = locate(&dir, &spec).ok_or_else(|| DataError::Missing {
                 dataset: name,
                 title: name.title(),
-                dir: dir.clone(),
+                tried: tried.clone(),
                 data_dir: data_dir.to_owned(),
                 file: spec.name,
             })?;
-            let bytes = read_verified(&path, &spec, &fix)?;
+            let bytes = read_verified(&path, &spec, &fix).map_err(|e| name_other_dataset(e, name, &spec))?;
             raw.push((bytes, path.display().to_string()));
         }
     }
@@ -343,13 +372,38 @@ mod tests {
     }
 
     #[test]
-    fn missing_files_say_what_to_run() {
+    fn missing_files_name_every_folder_tried_and_what_to_run() {
         let dir = Path::new("/x/y");
         let err = load(DatasetName::Mnist, dir).unwrap_err();
         assert_eq!(
             err.to_string(),
-            "MNIST not found in /x/y/mnist (missing train-images-idx3-ubyte[.gz]); \
+            "MNIST not found: no train-images-idx3-ubyte[.gz] in /x/y/mnist or /x/y; \
              run: peerless data fetch mnist --data-dir /x/y"
         );
+    }
+
+    /// Writes `name`'s four files, as the embedded digits' IDX bytes under `name`'s file names.
+    fn fake_dataset(dir: &Path) {
+        std::fs::create_dir_all(dir).unwrap();
+        for (spec, bytes) in DIGITS_FILES.iter().zip(DIGITS_BYTES) {
+            std::fs::write(dir.join(format!("{}.gz", spec.name)), bytes).unwrap();
+        }
+    }
+
+    #[test]
+    fn a_folder_holding_the_files_directly_is_searched_after_the_dataset_folder() {
+        let root = tempfile::tempdir().unwrap();
+        fake_dataset(root.path());
+        // Found directly in the folder: the digits bytes are not MNIST's, so the checksum
+        // error names the files in `root` (not a "not found").
+        let err = load(DatasetName::Mnist, root.path()).unwrap_err();
+        let msg = err.to_string();
+        let direct = root.path().join("train-images-idx3-ubyte.gz");
+        assert!(msg.starts_with(&format!("{} is corrupt", direct.display())), "{msg}");
+        assert!(msg.ends_with("this is digits's file, not MNIST's: pass --dataset digits"), "{msg}");
+        // A `mnist/` folder, when complete, wins over files lying directly in the folder.
+        fake_dataset(&root.path().join("mnist"));
+        let msg = load(DatasetName::Mnist, root.path()).unwrap_err().to_string();
+        assert!(msg.contains("/mnist/train-images-idx3-ubyte.gz is corrupt"), "{msg}");
     }
 }

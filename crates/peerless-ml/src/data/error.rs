@@ -12,10 +12,10 @@ pub type Result<T> = std::result::Result<T, DataError>;
 /// `origin` fields name the file an error is about: a path, or `embedded digits/<file>`.
 #[derive(Debug, thiserror::Error)]
 pub enum DataError {
-    /// A file of a dataset is not in the data directory.
+    /// A file of a dataset is in none of the places it is looked for.
     #[error(
-        "{title} not found in {} (missing {file}[.gz]); run: peerless data fetch {dataset} --data-dir {}",
-        dir.display(),
+        "{title} not found: no {file}[.gz] in {}; run: peerless data fetch {dataset} --data-dir {}",
+        tried.iter().map(|p| p.display().to_string()).collect::<Vec<_>>().join(" or "),
         data_dir.display()
     )]
     Missing {
@@ -23,11 +23,11 @@ pub enum DataError {
         dataset: DatasetName,
         /// Its human name ("MNIST").
         title: &'static str,
-        /// The dataset's own directory (`<data_dir>/<name>`).
-        dir: PathBuf,
+        /// Every folder looked in: `<data_dir>/<name>`, then `<data_dir>` itself.
+        tried: Vec<PathBuf>,
         /// The data directory given by the caller.
         data_dir: PathBuf,
-        /// The missing file's base name (without `.gz`).
+        /// The first missing file's base name (without `.gz`).
         file: &'static str,
     },
 

@@ -38,7 +38,7 @@ use crate::checkpoint::Checkpoint;
 use crate::function::FunctionCommand;
 
 pub use crate::node::NodeError;
-use crate::node::{Backend, Files, Job, LocalResult, Outgoing, io_err, unix_ms};
+use crate::node::{Backend, Files, Job, LocalResult, NodeLine, Outgoing, Progress, io_err, unix_ms};
 
 /// Columns of a peer's `metrics.csv`.
 pub const METRICS_HEADER: &str = "t_ms,peer,round,epoch,wall_s,train_loss,view,contributors,samples,\
@@ -176,6 +176,7 @@ pub async fn run(
     let mut machine = Round::new(cfg, start, 0);
     files.event(me, json!({ "event": "start", "peer_id": my_id.to_string(), "total_rounds": total, "rounds_per_epoch": rpe, "start": format!("{start:?}") }));
     tracing::info!(peer = me, id = %my_id, total, "peer starting");
+    NodeLine::Ready { ready: me }.print();
 
     let aggregator = run.p2p.aggregator.build();
     let (tx, mut rx) = mpsc::channel::<Result<LocalResult, NodeError>>(4);
@@ -334,12 +335,15 @@ pub async fn run(
                     ));
                         invoker_before = inv;
                         if file.peer.progress {
-                            let line = json!({
-                                "peer": me, "round": done, "total": total, "loss": stats.loss,
-                                "view": machine.expected().len() + 1,
-                                "test_accuracy": ev.map(|e| e.2),
-                            });
-                            println!("{line}");
+                            NodeLine::Progress(Progress {
+                                peer: me,
+                                round: done,
+                                total,
+                                loss: Some(stats.loss),
+                                view: machine.expected().len() + 1,
+                                test_accuracy: ev.map(|e| e.2),
+                            })
+                            .print();
                         }
                         if file.peer.halt_at_round.is_some_and(|h| done >= h) {
                             files.event(me, json!({ "event": "halt", "round": done }));

@@ -109,3 +109,89 @@ fn corrupt_checkpoint_is_refused() {
         &["checkpoint", "corrupt"],
     );
 }
+
+/// Runs `cmd` to its end, failing the test (and killing the command) if it is still running
+/// after `limit`: a launcher that never exits must fail the test, not hang the suite.
+fn output_within(cmd: &mut std::process::Command, limit: std::time::Duration) -> std::process::Output {
+    use std::process::Stdio;
+    let mut child = cmd.stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().expect("spawn peerless");
+    let t = std::time::Instant::now();
+    while child.try_wait().expect("wait").is_none() {
+        if t.elapsed() > limit {
+            let _ = child.kill();
+            let o = child.wait_with_output().unwrap();
+            panic!("still running after {limit:?}: {}", String::from_utf8_lossy(&o.stderr));
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    child.wait_with_output().unwrap()
+}
+
+/// A cluster whose nodes cannot load their data stops at once, printing the dataset's own
+/// error once (not "see the logs"), and its summary records the error.
+fn cluster_fails_on_its_data(arch: &str, data_dir: &Path, needles: &[&str]) {
+    let out = data_dir.join(format!("run-{arch}"));
+    let o = output_within(
+        peerless()
+            .args(["train", "--arch", arch, "--peers", "3", "--dataset", "mnist", "--data-dir"])
+            .arg(data_dir)
+            .arg("--out")
+            .arg(&out),
+        std::time::Duration::from_secs(120),
+    );
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success(), "{arch}: expected failure: {err}");
+    assert!(err.contains("failed before its first round"), "{arch}: {err}");
+    for n in needles {
+        assert_eq!(err.matches(n).count(), 1, "{arch}: {n:?} should be printed once: {err}");
+    }
+    assert!(!err.contains("panicked"), "{err}");
+    let s = crate::summary(&out);
+    assert_eq!(s["completed"], false, "{s}");
+    assert!(s["error"].as_str().is_some_and(|e| e.contains(needles[0])), "{s}");
+}
+
+#[test]
+fn a_cluster_without_its_dataset_stops_at_once_with_the_dataset_error() {
+    let tmp = tempfile::tempdir().unwrap();
+    for arch in ["p2p", "ps"] {
+        cluster_fails_on_its_data(arch, tmp.path(), &["MNIST not found", "peerless data fetch mnist"]);
+    }
+}
+
+#[test]
+fn a_cluster_with_a_truncated_idx_file_stops_at_once_naming_the_file() {
+    let tmp = tempfile::tempdir().unwrap();
+    write_truncated_mnist(tmp.path());
+    for arch in ["p2p", "ps"] {
+        cluster_fails_on_its_data(arch, tmp.path(), &["train-images-idx3-ubyte is corrupt"]);
+    }
+}
+
+#[test]
+fn a_data_dir_holding_the_idx_files_directly_is_accepted() {
+    let Some(root) = crate::real_data("mnist") else { return };
+    let tmp = tempfile::tempdir().unwrap();
+    // The four files straight in the folder, as Debian's dataset packages lay them out.
+    for entry in std::fs::read_dir(root.join("mnist")).unwrap() {
+        let p = entry.unwrap().path();
+        std::os::unix::fs::symlink(&p, tmp.path().join(p.file_name().unwrap())).unwrap();
+    }
+    let o = run(peerless().args(["data", "verify", "mnist", "--data-dir"]).arg(tmp.path()));
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let o = run(peerless()
+        .args(["train", "--dataset", "mnist", "--rounds", "20", "--data-dir"])
+        .arg(tmp.path())
+        .arg("--out")
+        .arg(tmp.path().join("run")));
+    assert!(o.status.success());
+    // Fashion-MNIST's name on MNIST's files: the error says whose files they are.
+    fails_with(
+        peerless()
+            .args(["train", "--dataset", "fashion-mnist", "--rounds", "20", "--data-dir"])
+            .arg(tmp.path())
+            .arg("--out")
+            .arg(tmp.path().join("run2")),
+        &["this is MNIST's file, not Fashion-MNIST's: pass --dataset mnist"],
+    );
+}

@@ -3,10 +3,12 @@
 #[cfg(feature = "aws-lambda")]
 mod aws_lambda;
 mod bad_input;
+mod bench;
 mod byzantine;
 mod faults;
 mod function;
 mod gradient;
+mod linkage;
 mod local;
 mod p2p;
 mod report;

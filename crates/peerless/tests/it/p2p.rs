@@ -489,3 +489,98 @@ fn fetch_then_aggregate_computes_the_in_store_model_bit_for_bit_and_times_its_ga
         "fetch-then-aggregate and in-store aggregation trained different models"
     );
 }
+
+fn send(sig: &str, pid: u32) {
+    let _ = Command::new("kill").args([sig, &pid.to_string()]).status();
+}
+
+/// Every live descendant of `pid` (children, their children, …), from /proc.
+fn descendants(pid: u32) -> Vec<u32> {
+    let parent_of = |p: u32| -> Option<u32> {
+        let stat = std::fs::read_to_string(format!("/proc/{p}/stat")).ok()?;
+        // pid (comm) state ppid …: comm may hold spaces, so split after its closing paren.
+        stat.rsplit_once(')')?.1.split_whitespace().nth(1)?.parse().ok()
+    };
+    let all: Vec<u32> = std::fs::read_dir("/proc")
+        .unwrap()
+        .filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok())
+        .collect();
+    let mut found = vec![pid];
+    let mut i = 0;
+    while i < found.len() {
+        let p = found[i];
+        let children: Vec<u32> =
+            all.iter().copied().filter(|&c| parent_of(c) == Some(p) && !found.contains(&c)).collect();
+        found.extend(children);
+        i += 1;
+    }
+    found.remove(0);
+    found
+}
+
+/// Whether `pid` is running (a zombie waiting for its reaper is not).
+fn alive(pid: u32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .ok()
+        .and_then(|s| s.rsplit_once(')').map(|(_, rest)| rest.split_whitespace().next() != Some("Z")))
+        .unwrap_or(false)
+}
+
+/// A cluster of 4 digits peers whose launcher stops lingering nodes 2 s after the result.
+fn frozen_run(tmp: &Path, out: &Path) -> Child {
+    let cfg = tmp.join("grace.toml");
+    std::fs::write(&cfg, "[launcher]\ngrace_ms = 2000\n").unwrap();
+    let cfg = cfg.display().to_string();
+    let args =
+        ["--config", &cfg, "--peers", "4", "--functions-per-peer", "2", "--rounds", "200", "--lr", "0.05"];
+    launch(&args, out)
+}
+
+#[test]
+fn a_peer_frozen_for_good_is_stopped_after_the_grace_period_and_named_in_the_summary() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("run");
+    let child = frozen_run(tmp.path(), &out);
+    let launcher = child.id();
+    let frozen = pid_of(&out, 2);
+    wait_for("round 20", Duration::from_secs(120), || peer_round(&out, 2) >= 20);
+    send("-STOP", frozen);
+    let before = descendants(launcher);
+    assert!(before.contains(&frozen), "{before:?}");
+    // The launcher ends on its own (the test would hang here if it waited for the frozen peer).
+    let o = finish(child);
+    assert!(o.status.success(), "the survivors' model is the run's result");
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(err.contains("peer 2 stopped by the launcher"), "{err}");
+    let s = summary(&out);
+    assert_eq!(s["completed"], true, "{s}");
+    assert_eq!(digests(&s).len(), 3, "the three others finished: {s}");
+    let node = &s["nodes"][2];
+    assert_eq!((node["node"].as_str(), node["completed"].as_bool()), (Some("peer"), Some(false)), "{s}");
+    assert!(node["stopped"].as_str().is_some_and(|w| w.contains("still running")), "{s}");
+    for i in [0, 1, 3] {
+        assert_eq!(s["nodes"][i]["completed"], true, "{s}");
+    }
+    let ev = events(&out.join("events.jsonl"));
+    assert!(ev.iter().any(|e| e["event"] == "node_stopped" && e["index"] == 2), "no node_stopped event");
+    let left: Vec<u32> = before.into_iter().filter(|&p| alive(p)).collect();
+    assert!(left.is_empty(), "processes of the run left behind: {left:?}");
+}
+
+#[test]
+fn killing_the_launcher_takes_every_process_of_the_run_with_it_even_a_frozen_one() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("run");
+    let mut child = frozen_run(tmp.path(), &out);
+    let frozen = pid_of(&out, 1);
+    wait_for("round 20", Duration::from_secs(120), || peer_round(&out, 1) >= 20);
+    send("-STOP", frozen);
+    let before = descendants(child.id());
+    // Four peers, each with its function instances.
+    assert!(before.len() > 4, "{before:?}");
+    kill9(child.id());
+    let _ = child.wait();
+    wait_for("every process of the run to end", Duration::from_secs(30), || {
+        !before.iter().any(|&p| alive(p))
+    });
+}

@@ -1,0 +1,617 @@
+//! The local cluster's supervisor: starts the node processes, shows their progress, injects the
+//! scenario's faults, restarts the PS, and decides when the run ends.
+//!
+//! A run ends when every node has exited, or earlier:
+//! - a node that fails before it is ready (bad data, bad config, a port it cannot bind) stops
+//!   the run at once, with that node's own error;
+//! - a PS that dies `ps.max_restarts` times in a row without a round done in between ends the
+//!   run with its last error;
+//! - once a node holding the result has finished (a peer, or the PS), nodes still running
+//!   `launcher.grace_ms` later (frozen, hung) are stopped: SIGCONT + SIGTERM, SIGKILL 3 s later;
+//! - Ctrl-C sends every node SIGINT (they write their summaries) and kills what is left after
+//!   `launcher.grace_ms`; a second Ctrl-C kills at once.
+
+use std::io::{BufRead, BufReader};
+use std::os::unix::process::ExitStatusExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result};
+use indicatif::{ProgressBar, ProgressStyle};
+use peerless_runtime::config::RunConfig;
+use peerless_runtime::node::NodeLine;
+use peerless_runtime::rundir::RunDir;
+use rustix::process::Signal;
+use serde::{Deserialize, Serialize};
+use serde_json::json;
+
+use crate::faults::{Injector, Order};
+
+/// How long a node told to stop has before it is killed.
+const KILL_AFTER: Duration = Duration::from_secs(3);
+
+/// The role of a process of a local cluster.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Role {
+    /// A P2P peer.
+    Peer,
+    /// The parameter server.
+    Ps,
+    /// A PS worker.
+    Worker,
+}
+
+impl Role {
+    /// The subcommand that runs it, and its name in events and summaries.
+    pub fn name(self) -> &'static str {
+        match self {
+            Role::Peer => "peer",
+            Role::Ps => "ps",
+            Role::Worker => "worker",
+        }
+    }
+
+    /// Whether a clean exit of this node means the run's result is in.
+    fn holds_result(self) -> bool {
+        matches!(self, Role::Peer | Role::Ps)
+    }
+}
+
+/// One process of a local cluster.
+#[derive(Debug, Clone)]
+pub struct Node {
+    /// What it runs.
+    pub role: Role,
+    /// Its configuration file (its directory holds its log, pid and run files).
+    pub config: PathBuf,
+    /// Restart after this delay when it dies (the PS: the cloud restarting its instance).
+    pub restart: Option<Duration>,
+}
+
+impl Node {
+    fn log_path(&self) -> PathBuf {
+        self.config.with_file_name(format!("{}.log", self.role.name()))
+    }
+
+    fn label(&self, index: usize) -> String {
+        match self.role {
+            Role::Ps => "the PS".into(),
+            r => format!("{} {index}", r.name()),
+        }
+    }
+}
+
+/// A node that died and was restarted by the launcher.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Recovery {
+    /// `ps`.
+    pub node: String,
+    /// Node index in the launcher.
+    pub index: usize,
+    /// When it died, s after the launch.
+    pub died_at_s: f64,
+    /// The last round it had reported done.
+    pub died_at_round: u64,
+    /// The round it resumed from (its checkpoint).
+    pub resumed_from_round: Option<u64>,
+    /// Rounds done again: `died_at_round - resumed_from_round`.
+    pub rounds_lost: Option<u64>,
+    /// From its death to its first round done after the restart, s.
+    pub downtime_s: Option<f64>,
+}
+
+/// How one node of the run ended (`summary.json`'s `nodes`).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct NodeOutcome {
+    /// `peer`, `ps` or `worker`.
+    pub node: String,
+    /// Its index.
+    pub index: usize,
+    /// How its last process ended: `exit code N` or `killed by signal N`.
+    pub exit: String,
+    /// Whether it exited cleanly having done every round (filled in from its summary).
+    pub completed: bool,
+    /// Why the launcher stopped it, if it did.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stopped: Option<String>,
+    /// The error its last process reported, if it reported one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+}
+
+/// What the supervisor hands back when every node is gone.
+#[derive(Debug)]
+pub struct Supervised {
+    /// Launcher wall time, s.
+    pub wall_s: f64,
+    /// PS restarts.
+    pub recoveries: Vec<Recovery>,
+    /// Each node's end, by index.
+    pub outcomes: Vec<NodeOutcome>,
+    /// Why the run failed as a whole (bad input, a PS that keeps dying).
+    pub fatal: Option<String>,
+    /// Ctrl-C stopped it.
+    pub interrupted: bool,
+}
+
+/// Describes an exit status as a value a reader understands.
+pub fn describe(status: ExitStatus) -> String {
+    match (status.code(), status.signal()) {
+        (Some(c), _) => format!("exit code {c}"),
+        (None, Some(s)) => format!("killed by signal {s}"),
+        _ => status.to_string(),
+    }
+}
+
+/// Sends `sig` to `pid`; a process already gone is not an error.
+pub fn signal(pid: u32, sig: Signal) {
+    if let Some(pid) = i32::try_from(pid).ok().and_then(rustix::process::Pid::from_raw) {
+        let _ = rustix::process::kill_process(pid, sig);
+    }
+}
+
+/// The last line of a node's log that reads like its error (what a node that died without
+/// saying why left behind: a panic, an error printed before its configuration was read).
+fn last_error_in_log(path: &Path) -> Option<String> {
+    let text = std::fs::read_to_string(path).ok()?;
+    let lines: Vec<&str> = text.lines().map(str::trim).filter(|l| !l.is_empty()).collect();
+    let found = lines.iter().rev().find(|l| l.contains("error") || l.contains("panicked"));
+    found.or(lines.last()).map(|l| (*l).to_owned())
+}
+
+/// The supervisor's view of one node.
+#[derive(Debug, Default)]
+struct Slot {
+    child: Option<Child>,
+    /// Ready since its latest start.
+    ready: bool,
+    /// The error its latest process reported.
+    error: Option<String>,
+    /// Restarts since its last round done (a PS that keeps dying).
+    restarts_in_a_row: u32,
+    /// Its highest round (PS: version) reported.
+    round: u64,
+    exit: Option<ExitStatus>,
+    exit_at_s: Option<f64>,
+    /// A pending restart: when, and whether it rejoins (`--join`).
+    restart_at: Option<(Instant, bool)>,
+    /// Restarted, waiting for its first round (for the recovery's downtime).
+    restarted: bool,
+    stopped: Option<String>,
+}
+
+/// The run is being stopped: since when, and when what is left gets SIGKILL.
+#[derive(Debug)]
+struct Stopping {
+    kill_at: Instant,
+    killed: bool,
+}
+
+/// Supervises a local cluster until every node is gone.
+pub struct Supervisor<'a> {
+    cfg: &'a RunConfig,
+    dir: &'a mut RunDir,
+    nodes: Vec<Node>,
+    slots: Vec<Slot>,
+    injector: Injector,
+    tx: mpsc::Sender<(usize, NodeLine)>,
+    rx: mpsc::Receiver<(usize, NodeLine)>,
+    bar: ProgressBar,
+    started: Instant,
+    recoveries: Vec<Recovery>,
+    /// When a node holding the result first finished cleanly.
+    result_at: Option<Instant>,
+    stopping: Option<Stopping>,
+    fatal: Option<String>,
+    interrupts: Arc<AtomicU32>,
+    /// Ctrl-C presses already acted on.
+    interrupts_seen: u32,
+    /// The PS's versions per synchronous round (fault schedules count synchronous rounds).
+    versions_per_round: u64,
+    acc: Option<f32>,
+}
+
+impl std::fmt::Debug for Supervisor<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Supervisor").field("nodes", &self.nodes).finish_non_exhaustive()
+    }
+}
+
+impl<'a> Supervisor<'a> {
+    /// A supervisor for `nodes`, with the fault `injector` and progress bar `label`.
+    pub fn new(
+        cfg: &'a RunConfig,
+        dir: &'a mut RunDir,
+        nodes: Vec<Node>,
+        injector: Injector,
+        label: String,
+    ) -> Self {
+        let (tx, rx) = mpsc::channel();
+        let bar = ProgressBar::new(0);
+        bar.set_style(
+            ProgressStyle::with_template("{prefix} [{elapsed_precise}] {wide_bar} {pos}/{len} rounds {msg}")
+                .expect("invariant: valid template"),
+        );
+        bar.set_prefix(label);
+        let is_ps = nodes.iter().any(|n| n.role == Role::Ps);
+        let versions_per_round = if is_ps { cfg.ps.versions_per_round(cfg.p2p.peers) } else { 1 };
+        let slots = nodes.iter().map(|_| Slot::default()).collect();
+        Supervisor {
+            cfg,
+            dir,
+            nodes,
+            slots,
+            injector,
+            tx,
+            rx,
+            bar,
+            started: Instant::now(),
+            recoveries: Vec::new(),
+            result_at: None,
+            stopping: None,
+            fatal: None,
+            interrupts: watch_interrupts(),
+            interrupts_seen: 0,
+            versions_per_round,
+            acc: None,
+        }
+    }
+
+    /// Starts every node and supervises the run until every node is gone.
+    pub fn run(mut self) -> Result<Supervised> {
+        for i in 0..self.nodes.len() {
+            self.start(i, false)?;
+        }
+        loop {
+            self.read_lines();
+            self.tick_faults()?;
+            self.handle_interrupts();
+            self.reap()?;
+            self.restart_due()?;
+            self.stop_after_grace()?;
+            self.escalate();
+            let alive = self.slots.iter().any(|s| s.child.is_some());
+            let pending = self.slots.iter().any(|s| s.restart_at.is_some());
+            if !alive && (!pending || self.stopping.is_some()) {
+                break;
+            }
+            if !alive {
+                // Nobody left to rejoin: only the PS is restarted into an empty cluster.
+                for (slot, node) in self.slots.iter_mut().zip(&self.nodes) {
+                    if node.restart.is_none() {
+                        slot.restart_at = None;
+                    }
+                }
+            }
+        }
+        let round = self.global_round();
+        for (name, fields) in self.injector.finish(round) {
+            self.dir.event(name, fields)?;
+        }
+        self.bar.finish_and_clear();
+        let outcomes = self
+            .nodes
+            .iter()
+            .zip(&self.slots)
+            .enumerate()
+            .map(|(index, (node, slot))| NodeOutcome {
+                node: node.role.name().into(),
+                index,
+                exit: slot.exit.map(describe).unwrap_or_else(|| "never started".into()),
+                completed: slot.exit.is_some_and(|s| s.success()),
+                stopped: slot.stopped.clone(),
+                error: slot.error.clone(),
+            })
+            .collect();
+        Ok(Supervised {
+            wall_s: self.started.elapsed().as_secs_f64(),
+            recoveries: self.recoveries,
+            outcomes,
+            fatal: self.fatal,
+            interrupted: self.interrupts_seen > 0,
+        })
+    }
+
+    /// A line for the user: above the progress bar, or on stderr when there is no bar (not a
+    /// terminal: indicatif then drops `println`).
+    fn say(&self, line: impl AsRef<str>) {
+        if self.bar.is_hidden() {
+            eprintln!("{}", line.as_ref());
+        } else {
+            self.bar.println(line);
+        }
+    }
+
+    fn start(&mut self, i: usize, join: bool) -> Result<()> {
+        let mut child = spawn_node(&self.nodes[i], join)?;
+        let out = child.stdout.take().expect("invariant: stdout is piped");
+        let tx = self.tx.clone();
+        std::thread::spawn(move || {
+            for line in BufReader::new(out).lines().map_while(Result::ok) {
+                if let Some(l) = NodeLine::parse(&line) {
+                    let _ = tx.send((i, l));
+                }
+            }
+        });
+        self.injector.set_pid(i, Some(child.id()));
+        let slot = &mut self.slots[i];
+        slot.child = Some(child);
+        slot.ready = false;
+        slot.error = None;
+        Ok(())
+    }
+
+    fn global_round(&self) -> u64 {
+        self.slots.iter().map(|s| s.round).max().unwrap_or(0) / self.versions_per_round
+    }
+
+    /// Takes in what the nodes printed during one tick (50 ms).
+    fn read_lines(&mut self) {
+        let tick_end = Instant::now() + Duration::from_millis(50);
+        while let Ok((i, line)) = self.rx.recv_timeout(tick_end.saturating_duration_since(Instant::now())) {
+            match line {
+                NodeLine::Ready { .. } => self.slots[i].ready = true,
+                NodeLine::Failed { error, .. } => self.slots[i].error = Some(error),
+                NodeLine::Progress(p) => {
+                    let slot = &mut self.slots[i];
+                    slot.ready = true;
+                    slot.round = p.round;
+                    slot.restarts_in_a_row = 0;
+                    if std::mem::take(&mut slot.restarted)
+                        && let Some(rec) =
+                            self.recoveries.iter_mut().find(|r| r.index == i && r.downtime_s.is_none())
+                    {
+                        rec.downtime_s = Some(self.started.elapsed().as_secs_f64() - rec.died_at_s);
+                    }
+                    self.acc = p.test_accuracy.or(self.acc);
+                    self.bar.set_length(p.total);
+                    self.bar.set_position(self.slots.iter().map(|s| s.round).max().unwrap_or(0));
+                    let acc = self.acc.map(|a| format!(" acc {:.2}%", a * 100.0)).unwrap_or_default();
+                    let loss = p.loss.map(|l| format!("loss {l:.4}")).unwrap_or_default();
+                    self.bar.set_message(format!("{loss}{acc} view {}", p.view));
+                }
+            }
+        }
+    }
+
+    fn tick_faults(&mut self) -> Result<()> {
+        if self.stopping.is_some() {
+            return Ok(());
+        }
+        let (records, orders) = self.injector.tick(self.started.elapsed(), self.global_round());
+        for (name, fields) in records {
+            self.say(format!("{name}: {fields}"));
+            self.dir.event(name, fields)?;
+        }
+        for Order::Restart { index, after } in orders {
+            self.slots[index].restart_at =
+                Some((Instant::now() + after, self.nodes[index].role == Role::Peer));
+        }
+        Ok(())
+    }
+
+    fn handle_interrupts(&mut self) {
+        let pressed = self.interrupts.load(Ordering::Relaxed);
+        if pressed == self.interrupts_seen {
+            return;
+        }
+        self.interrupts_seen = pressed;
+        if pressed == 1 && self.stopping.is_none() {
+            self.say(
+                "interrupt: stopping the nodes (they write their summaries; Ctrl-C again kills them)",
+            );
+            let grace = Duration::from_millis(self.cfg.launcher.grace_ms);
+            self.stop_all(Signal::INT, grace);
+        } else {
+            self.say("interrupt: killing the nodes");
+            self.kill_all();
+        }
+    }
+
+    /// Sends every live node `sig` (and SIGCONT, so a frozen one acts on it), cancels pending
+    /// restarts, and has what is left killed after `kill_after`.
+    fn stop_all(&mut self, sig: Signal, kill_after: Duration) {
+        for slot in &mut self.slots {
+            slot.restart_at = None;
+            if let Some(c) = &slot.child {
+                signal(c.id(), sig);
+                signal(c.id(), Signal::CONT);
+            }
+        }
+        if self.stopping.is_none() {
+            self.stopping = Some(Stopping { kill_at: Instant::now() + kill_after, killed: false });
+        }
+    }
+
+    fn kill_all(&mut self) {
+        for slot in &mut self.slots {
+            slot.restart_at = None;
+            if let Some(c) = &slot.child {
+                signal(c.id(), Signal::KILL);
+            }
+        }
+        self.stopping = Some(Stopping { kill_at: Instant::now(), killed: true });
+    }
+
+    fn escalate(&mut self) {
+        if let Some(s) = &self.stopping
+            && !s.killed
+            && Instant::now() >= s.kill_at
+        {
+            self.kill_all();
+        }
+    }
+
+    /// Ends the run with `why`: every node is stopped; the launcher exits with this error.
+    fn fail(&mut self, why: String) -> Result<()> {
+        self.dir.event("run_failed", json!({ "error": why }))?;
+        self.fatal.get_or_insert(why);
+        self.stop_all(Signal::TERM, KILL_AFTER);
+        Ok(())
+    }
+
+    /// Records every node that exited since the last tick, and decides what follows.
+    fn reap(&mut self) -> Result<()> {
+        for i in 0..self.slots.len() {
+            if let Some(status) = self.slots[i].child.as_mut().and_then(|c| c.try_wait().ok().flatten()) {
+                self.on_exit(i, status)?;
+            }
+        }
+        Ok(())
+    }
+
+    fn on_exit(&mut self, i: usize, status: ExitStatus) -> Result<()> {
+        let now_s = self.started.elapsed().as_secs_f64();
+        let node = self.nodes[i].clone();
+        let slot = &mut self.slots[i];
+        slot.child = None;
+        slot.exit = Some(status);
+        slot.exit_at_s = Some(now_s);
+        let (ready, restarts_in_a_row, round) = (slot.ready, slot.restarts_in_a_row, slot.round);
+        let reported = slot.error.clone();
+        self.injector.set_pid(i, None);
+        let how = describe(status);
+        self.dir.event("node_exit", json!({ "node": node.role.name(), "index": i, "status": how }))?;
+        if node.role == Role::Peer {
+            self.dir.event("peer_exit", json!({ "peer": i, "status": how }))?;
+        }
+        if self.stopping.is_some() {
+            return Ok(());
+        }
+        let error = || {
+            reported.clone().or_else(|| last_error_in_log(&node.log_path())).unwrap_or_else(|| how.clone())
+        };
+        // An error exit (not a signal) before it was ready: bad input, not a crash.
+        if !ready && status.code().is_some_and(|c| c != 0) {
+            return self.fail(format!("{} failed before its first round: {}", node.label(i), error()));
+        }
+        if status.success() {
+            if node.role.holds_result() && self.result_at.is_none() {
+                self.result_at = Some(Instant::now());
+            }
+            return Ok(());
+        }
+        let said = reported.as_deref().map(|e| format!(" ({e})")).unwrap_or_default();
+        self.say(format!(
+            "{} stopped: {how}{said}; log: {}",
+            node.label(i),
+            node.log_path().display()
+        ));
+        let Some(delay) = node.restart else { return Ok(()) };
+        let max = self.cfg.ps.max_restarts;
+        if restarts_in_a_row >= max {
+            return self.fail(format!(
+                "{} died {} times in a row without a round done in between (ps.max_restarts = {max}); its last error: {}",
+                node.label(i),
+                restarts_in_a_row + 1,
+                error()
+            ));
+        }
+        let slot = &mut self.slots[i];
+        slot.restarts_in_a_row += 1;
+        slot.restart_at = Some((Instant::now() + delay, false));
+        slot.restarted = false;
+        self.recoveries.push(Recovery {
+            node: node.role.name().into(),
+            index: i,
+            died_at_s: now_s,
+            died_at_round: round,
+            resumed_from_round: None,
+            rounds_lost: None,
+            downtime_s: None,
+        });
+        Ok(())
+    }
+
+    /// Starts the nodes whose restart is due.
+    fn restart_due(&mut self) -> Result<()> {
+        for i in 0..self.slots.len() {
+            let Some((at, join)) = self.slots[i].restart_at else { continue };
+            if Instant::now() < at || self.slots[i].child.is_some() {
+                continue;
+            }
+            self.slots[i].restart_at = None;
+            self.start(i, join)?;
+            self.slots[i].restarted = true;
+            if !self.recoveries.iter().any(|r| r.index == i && r.downtime_s.is_none()) {
+                self.recoveries.push(Recovery {
+                    node: self.nodes[i].role.name().into(),
+                    index: i,
+                    died_at_s: self.slots[i].exit_at_s.unwrap_or(0.0),
+                    died_at_round: self.slots[i].round,
+                    resumed_from_round: None,
+                    rounds_lost: None,
+                    downtime_s: None,
+                });
+            }
+            self.dir.event("node_restart", json!({ "node": self.nodes[i].role.name(), "index": i }))?;
+            self.say(format!("{} restarted", self.nodes[i].label(i)));
+        }
+        Ok(())
+    }
+
+    /// Stops the nodes still running `launcher.grace_ms` after the result came in.
+    fn stop_after_grace(&mut self) -> Result<()> {
+        let grace = Duration::from_millis(self.cfg.launcher.grace_ms);
+        let Some(at) = self.result_at else { return Ok(()) };
+        if self.stopping.is_some() || at.elapsed() < grace {
+            return Ok(());
+        }
+        let why = format!("still running {:.0} s after the run's result was in", grace.as_secs_f64());
+        for i in 0..self.slots.len() {
+            if self.slots[i].child.is_some() {
+                let label = self.nodes[i].label(i);
+                self.say(format!("{label} stopped by the launcher: {why}"));
+                self.dir.event(
+                    "node_stopped",
+                    json!({ "node": self.nodes[i].role.name(), "index": i, "reason": why }),
+                )?;
+                self.slots[i].stopped = Some(why.clone());
+            }
+        }
+        self.stop_all(Signal::TERM, KILL_AFTER);
+        Ok(())
+    }
+}
+
+/// Counts Ctrl-C presses on a thread of its own.
+fn watch_interrupts() -> Arc<AtomicU32> {
+    let count = Arc::new(AtomicU32::new(0));
+    let c = count.clone();
+    std::thread::spawn(move || {
+        let Ok(rt) = tokio::runtime::Builder::new_current_thread().enable_io().build() else { return };
+        rt.block_on(async move {
+            while tokio::signal::ctrl_c().await.is_ok() {
+                c.fetch_add(1, Ordering::Relaxed);
+            }
+        });
+    });
+    count
+}
+
+fn spawn_node(node: &Node, join: bool) -> Result<Child> {
+    let config = &node.config;
+    // A stale pid file must not be mistaken for the new process's.
+    let _ = std::fs::remove_file(config.with_file_name("pid"));
+    let exe = std::env::current_exe().context("locating the peerless executable")?;
+    let log_path = node.log_path();
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&log_path)
+        .with_context(|| format!("opening {}", log_path.display()))?;
+    let mut cmd = Command::new(exe);
+    cmd.arg(node.role.name()).arg("--config").arg(config).env("PEERLESS_LAUNCHED", "1");
+    if join {
+        cmd.arg("--join");
+    }
+    if std::env::var_os("RUST_LOG").is_none() {
+        cmd.env("RUST_LOG", "info");
+    }
+    cmd.stdout(Stdio::piped()).stderr(Stdio::from(log)).stdin(Stdio::null());
+    cmd.spawn().with_context(|| format!("starting the {} of {}", node.role.name(), config.display()))
+}
