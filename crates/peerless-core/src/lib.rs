@@ -11,9 +11,12 @@
 //! - [`attack`] — Byzantine behaviour of a node, for experiments.
 //! - [`p2p`] — the P2P round protocol as an I/O-free state machine.
 //! - [`ps`] — the parameter server's round protocol, likewise.
+//! - [`worker`] — a PS worker's protocol, likewise.
 //!
-//! Nothing here reads a clock, touches the network or the disk, or uses a global RNG.
+//! Nothing here reads a clock, touches the network or the disk, or uses a global RNG; clippy
+//! checks it (`clippy.toml` beside this crate's manifest lists what is refused).
 #![warn(missing_docs)]
+#![deny(clippy::disallowed_methods, clippy::disallowed_types)]
 
 pub mod aggregate;
 pub mod attack;
@@ -25,3 +28,4 @@ pub mod p2p;
 pub mod ps;
 pub mod rng;
 pub mod wire;
+pub mod worker;

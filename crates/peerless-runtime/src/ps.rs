@@ -22,18 +22,20 @@ use peerless_core::flat::digest;
 use peerless_core::optim::{Optimizer, OptimizerState};
 use peerless_core::p2p::{DeadlinePolicy, PeerIdx};
 use peerless_core::ps::{Ps, PsAction, PsConfig, PsInput};
-use peerless_core::rng::Rng;
 use peerless_core::wire::{self, Limits, Message, StateMsg};
 use peerless_ml::{Model, ModelSpec, Split};
 use serde_json::json;
 use tokio::sync::{mpsc, watch};
 
 use crate::checkpoint::Checkpoint;
-use crate::node::{Backend, Files, Job, LocalResult, NodeError, NodeLine, Progress, io_err, unix_ms};
+use crate::node::{Files, NodeError, NodeLine, Progress, io_err, unix_ms};
 use crate::p2p::net::{self, Behaviour, BehaviourEvent};
 use crate::p2p::peer::METRICS_HEADER;
 use crate::p2p::sampler::Sampler;
 use crate::p2p::{PeerFile, PeerSummary};
+
+mod worker;
+pub use worker::run_worker;
 
 /// What both roles set up the same way.
 struct Common {
@@ -107,12 +109,6 @@ async fn common(file: &PeerFile, data_dir: PathBuf) -> Result<Common, NodeError>
         files,
         data_dir,
     })
-}
-
-/// When to retry after `failures` failed fetches: exponential backoff with full jitter, seeded.
-fn backoff(rng: &mut Rng, failures: u32) -> Instant {
-    let cap = (100u64 << failures.min(5)).min(2_000);
-    Instant::now() + Duration::from_millis(rng.below(cap + 1))
 }
 
 fn write_summary(dir: &std::path::Path, s: &PeerSummary) -> Result<(), NodeError> {
@@ -403,188 +399,5 @@ pub async fn run_server(
     };
     files.event(me, json!({ "event": "finish", "round": summary.rounds, "test_accuracy": test_accuracy, "digest": summary.param_digest }));
     write_summary(&file.peer.dir, &summary)?;
-    Ok(summary)
-}
-
-/// Runs one worker until the PS publishes the last version (or `stop`).
-pub async fn run_worker(
-    file: PeerFile,
-    command: crate::function::FunctionCommand,
-    data_dir: PathBuf,
-    mut stop: watch::Receiver<bool>,
-) -> Result<PeerSummary, NodeError> {
-    let run = file.run.clone();
-    let Common { me, my_id, ids, mut swarm, split, model, sampler, total, vpr, rpe, mut files, data_dir } =
-        common(&file, data_dir).await?;
-    let asynchronous = run.ps.mode == crate::config::PsModeName::Async;
-    // Asynchronous mode: this worker's own step through its shard (it starts where the PS's
-    // version says an average worker is); synchronous mode: the PS's round.
-    let mut step: Option<u64> = None;
-    let ps_id = *ids.last().expect("the PS id");
-    let ps_addr: Multiaddr = file
-        .peer
-        .bootstrap
-        .first()
-        .ok_or_else(|| NodeError::Config("peer.bootstrap must hold the PS address".into()))?
-        .parse()
-        .map_err(|e| NodeError::Config(format!("peer.bootstrap: {e}")))?;
-    let limits = Limits { params: model.num_params() };
-    let backend = Arc::new(Backend::start(&run, me, command).await?);
-    let job = Job::template(&run, me, model.clone(), split.clone(), backend.clone(), data_dir.clone());
-    let prices = run.function.prices.prices().map_err(|e| NodeError::Config(e.to_string()))?;
-    let t0 = Instant::now();
-    files.event(me, json!({ "event": "start", "role": "worker", "peer_id": my_id.to_string() }));
-    NodeLine::Ready { ready: me }.print();
-    let (tx, mut rx) = mpsc::channel::<Result<LocalResult, NodeError>>(2);
-    let mut rng = Rng::derive(run.seed, "worker-backoff", u64::from(me));
-    let mut next = 0u64;
-    let mut connected = false;
-    let mut asking: Option<libp2p::request_response::OutboundRequestId> = None;
-    // The push in flight: the next version is asked for only once the PS has it, so the PS
-    // knows this worker contributed.
-    let mut pushing: Option<libp2p::request_response::OutboundRequestId> = None;
-    let mut computing = false;
-    let mut retry_at = Instant::now();
-    let mut last_dial = Instant::now() - Duration::from_secs(10);
-    let mut failures = 0u32;
-    let (mut bytes_in, mut bytes_out, mut samples) = (0u64, 0u64, 0u64);
-    let mut fetched_at = Instant::now();
-    let mut done = false;
-    let mut compute_start = Instant::now();
-    let mut outgoing = crate::node::Outgoing::new(file.peer.attack, run.seed, me);
-    while !done {
-        if !connected && last_dial.elapsed() >= Duration::from_secs(1) {
-            last_dial = Instant::now();
-            let _ = swarm.dial(ps_addr.clone());
-        }
-        if connected && asking.is_none() && pushing.is_none() && !computing && Instant::now() >= retry_at {
-            let msg = Bytes::from(wire::encode(&Message::ParamsRequest { round: next }));
-            bytes_out += msg.len() as u64;
-            asking = Some(swarm.behaviour_mut().rr.send_request(&ps_id, msg));
-            fetched_at = Instant::now();
-        }
-        tokio::select! {
-            ev = swarm.select_next_some() => match ev {
-                SwarmEvent::ConnectionEstablished { peer_id, .. } if peer_id == ps_id => {
-                    connected = true;
-                    files.event(me, json!({ "event": "connected", "to": "ps" }));
-                }
-                SwarmEvent::ConnectionClosed { peer_id, num_established: 0, .. } if peer_id == ps_id => {
-                    connected = false;
-                    files.event(me, json!({ "event": "disconnected", "to": "ps" }));
-                }
-                SwarmEvent::Behaviour(BehaviourEvent::Rr(request_response::Event::Message {
-                    message: request_response::Message::Response { request_id, response }, ..
-                })) => {
-                    bytes_in += response.len() as u64;
-                    if Some(request_id) == pushing {
-                        pushing = None;
-                        continue;
-                    }
-                    if Some(request_id) != asking { continue; }
-                    asking = None;
-                    match wire::decode(&response, limits) {
-                        Ok(Message::State(s)) if s.round >= total => done = true,
-                        Ok(Message::State(s)) => {
-                            failures = 0;
-                            let wait_ms = fetched_at.elapsed().as_secs_f64() * 1e3;
-                            files.event(me, json!({ "event": "fetched", "round": s.round, "wait_ms": wait_ms }));
-                            computing = true;
-                            compute_start = Instant::now();
-                            let at = if asynchronous { *step.get_or_insert(s.round / vpr) } else { s.round };
-                            Job {
-                                round: s.round,
-                                params: Arc::new(s.params),
-                                batches: sampler.batches(me, at),
-                                flip_labels: outgoing.flips_labels(s.round),
-                                ..job.clone()
-                            }
-                            .spawn(tx.clone());
-                        }
-                        other => {
-                            files.event(me, json!({ "event": "fetch_failed", "answer": format!("{other:?}").chars().take(200).collect::<String>() }));
-                            failures += 1;
-                            retry_at = backoff(&mut rng, failures);
-                        }
-                    }
-                }
-                SwarmEvent::Behaviour(BehaviourEvent::Rr(request_response::Event::OutboundFailure { request_id, .. }))
-                    if Some(request_id) == pushing =>
-                {
-                    // The PS is gone: this gradient is dropped, never re-sent.
-                    pushing = None;
-                }
-                SwarmEvent::Behaviour(BehaviourEvent::Rr(request_response::Event::OutboundFailure { request_id, error, .. }))
-                    if Some(request_id) == asking =>
-                {
-                    asking = None;
-                    failures += 1;
-                    retry_at = backoff(&mut rng, failures);
-                    files.event(me, json!({ "event": "fetch_failed", "error": error.to_string() }));
-                }
-                _ => {}
-            },
-            Some(res) = rx.recv() => {
-                computing = false;
-                let r = res?;
-                let compute_ms = compute_start.elapsed().as_secs_f64() * 1e3;
-                samples += r.samples;
-                next = r.round + 1;
-                let position = match step.as_mut() {
-                    Some(st) => {
-                        *st += 1;
-                        *st
-                    }
-                    None => next,
-                };
-                let (gather_ms, loss, r_samples) = (r.gather_ms, r.loss, r.samples);
-                if connected {
-                    let (_, msg) = outgoing.message(r, &mut files, me);
-                    let msg = Bytes::from(msg);
-                    bytes_out += msg.len() as u64;
-                    // Pushed once; if the PS is gone, this round's work is dropped, never re-sent.
-                    pushing = Some(swarm.behaviour_mut().rr.send_request(&ps_id, msg));
-                }
-                let inv = backend.summary();
-                files.metrics(&format!(
-                    "{},{me},{position},{:.4},{:.4},{:.6},,,{},{bytes_in},{bytes_out},{},{},{},{compute_ms:.2},,,,,{},,,,,{},",
-                    unix_ms(), position as f64 / rpe as f64, t0.elapsed().as_secs_f64(), loss, r_samples,
-                    inv.invocations, inv.cold_starts, inv.retries,
-                    inv.cost_pico + prices.node_pico(t0.elapsed().as_millis() as u64),
-                    gather_ms.map(|x| format!("{x:.3}")).unwrap_or_default(),
-                ));
-            }
-            _ = tokio::time::sleep(Duration::from_millis(200)) => {}
-            _ = stop.changed() => break,
-        }
-    }
-    let wall = t0.elapsed().as_secs_f64();
-    backend.write_ledger(&file.peer.dir)?;
-    let inv = backend.summary();
-    let summary = PeerSummary {
-        peer: me,
-        peer_id: my_id.to_string(),
-        completed: done,
-        diverged: false,
-        rounds: step.unwrap_or(next),
-        test_accuracy: 0.0,
-        test_loss: 0.0,
-        param_digest: String::new(),
-        wall_time_s: wall,
-        samples,
-        invocations: inv.invocations,
-        cold_starts: inv.cold_starts,
-        retries: inv.retries,
-        function_cost_pico: inv.cost_pico,
-        node_cost_pico: prices.node_pico((wall * 1e3) as u64),
-        bytes_in,
-        bytes_out,
-        refused: 0,
-    };
-    files.event(me, json!({ "event": "finish", "round": next }));
-    write_summary(&file.peer.dir, &summary)?;
-    if let Ok(b) = Arc::try_unwrap(backend) {
-        b.shutdown().await;
-    }
     Ok(summary)
 }

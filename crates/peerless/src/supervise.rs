@@ -401,9 +401,7 @@ impl<'a> Supervisor<'a> {
         }
         self.interrupts_seen = pressed;
         if pressed == 1 && self.stopping.is_none() {
-            self.say(
-                "interrupt: stopping the nodes (they write their summaries; Ctrl-C again kills them)",
-            );
+            self.say("interrupt: stopping the nodes (they write their summaries; Ctrl-C again kills them)");
             let grace = Duration::from_millis(self.cfg.launcher.grace_ms);
             self.stop_all(Signal::INT, grace);
         } else {
@@ -496,11 +494,7 @@ impl<'a> Supervisor<'a> {
             return Ok(());
         }
         let said = reported.as_deref().map(|e| format!(" ({e})")).unwrap_or_default();
-        self.say(format!(
-            "{} stopped: {how}{said}; log: {}",
-            node.label(i),
-            node.log_path().display()
-        ));
+        self.say(format!("{} stopped: {how}{said}; log: {}", node.label(i), node.log_path().display()));
         let Some(delay) = node.restart else { return Ok(()) };
         let max = self.cfg.ps.max_restarts;
         if restarts_in_a_row >= max {

@@ -141,7 +141,8 @@ fn a_partition_through_the_fault_proxy_cuts_the_node_off_and_heals() {
     let f = scenario(
         tmp.path(),
         "partition",
-        150,
+        // Long enough that the cut peer, training alone, is still at it when the cut heals.
+        600,
         "[[fault]]\nkind = \"partition\"\ntargets = [\"node:2\"]\nat_round = 20\nduration_s = 2\n",
     );
     for arch in ["p2p", "ps"] {

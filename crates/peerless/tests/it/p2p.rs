@@ -326,6 +326,10 @@ fn the_ps_continues_without_a_killed_worker() {
     let out = tmp.path().join("run");
     let mut args = digits_args();
     args[0] = "--workers";
+    // A deadline no loaded machine reaches: only a dead connection may make the PS go on
+    // without a worker, and the restarted worker's first (cold) round is not cut short.
+    let calm = calm_config(tmp.path());
+    args.extend(["--config", calm.as_str()]);
     let child = peerless()
         .args(["train", "--arch", "ps"])
         .args(&args)
