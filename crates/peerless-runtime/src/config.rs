@@ -12,35 +12,26 @@ use peerless_core::optim::OptimizerConfig;
 use peerless_ml::{Arch, Backend, DatasetName};
 use serde::{Deserialize, Serialize};
 
-/// Configuration errors; each names the key at fault.
-#[derive(Debug, thiserror::Error)]
-pub enum ConfigError {
-    /// The file could not be read.
-    #[error("cannot read config {path}: {source}")]
-    Read {
-        /// File.
-        path: PathBuf,
-        /// Cause.
-        source: std::io::Error,
-    },
-    /// The TOML did not parse or named an unknown key (the message names it).
-    #[error("invalid config {origin}: {message}")]
-    Parse {
-        /// File or "command line".
-        origin: String,
-        /// The parser's message, which names the key and position.
-        message: String,
-    },
-    /// A value out of its allowed range.
-    #[error("{key} = {value}: {reason}")]
-    Invalid {
-        /// Dotted key path.
-        key: String,
-        /// The offending value.
-        value: String,
-        /// What is allowed.
-        reason: String,
-    },
+pub use crate::config_error::ConfigError;
+
+/// Shows configuration enums by the name their TOML uses (`p2p`, `in-store`, `async`).
+macro_rules! display_as_toml_name {
+    ($($t:ty),*) => {$(
+        impl std::fmt::Display for $t {
+            fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                let v = serde_json::to_value(self).map_err(|_| std::fmt::Error)?;
+                f.write_str(v.as_str().ok_or(std::fmt::Error)?)
+            }
+        }
+    )*};
+}
+display_as_toml_name!(TrainArch, Compute, Aggregation, PsModeName);
+
+/// Parses a configuration enum from the name its TOML uses (`"p2p"`, `"in-store"`, `"async"`):
+/// one spelling for files and flags, the error listing the names allowed.
+pub fn parse_name<T: serde::de::DeserializeOwned>(name: &str) -> Result<T, String> {
+    use serde::de::value::{Error, StrDeserializer};
+    T::deserialize(StrDeserializer::<Error>::new(name)).map_err(|e| e.to_string())
 }
 
 fn invalid(key: &str, value: impl ToString, reason: &str) -> ConfigError {
@@ -407,6 +398,20 @@ impl RunConfig {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn enums_parse_from_their_toml_names() {
+        assert_eq!(parse_name::<TrainArch>("p2p"), Ok(TrainArch::P2p));
+        assert_eq!(parse_name::<Aggregation>("in-store"), Ok(Aggregation::InStore));
+        assert_eq!(parse_name::<PsModeName>("async"), Ok(PsModeName::Async));
+        assert_eq!(parse_name::<Compute>("local"), Ok(Compute::Local));
+        for a in [TrainArch::Local, TrainArch::P2p, TrainArch::Ps] {
+            assert_eq!(parse_name::<TrainArch>(&a.to_string()), Ok(a));
+        }
+        assert_eq!(Aggregation::InStore.to_string(), "in-store");
+        let err = parse_name::<TrainArch>("mesh").unwrap_err();
+        assert!(err.contains("mesh") && err.contains("p2p"), "{err}");
+    }
 
     #[test]
     fn defaults_round_trip_through_toml() {

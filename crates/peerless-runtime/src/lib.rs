@@ -2,6 +2,7 @@
 //!
 //! # Layout
 //! - [`config`] — the run configuration (TOML), defaults, validation naming the bad key.
+//! - [`config_error`] — the configuration error every section's validation returns.
 //! - [`checkpoint`] — safetensors checkpoints (params, optimizer state, round, RNG), atomic writes.
 //! - [`rundir`] — a run's directory: effective config, `metrics.csv`, `events.jsonl`, `summary.json`.
 //! - [`local`] — single-process training, the reference for the distributed architectures.
@@ -25,6 +26,7 @@
 
 pub mod checkpoint;
 pub mod config;
+pub mod config_error;
 pub mod function;
 #[cfg(feature = "drivers")]
 pub mod gradient;

@@ -17,34 +17,14 @@ use std::process::{Command, ExitCode, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
-use clap::Args;
 use indicatif::{ProgressBar, ProgressStyle};
-use peerless_runtime::config::TrainArch;
+use peerless_runtime::config::{TrainArch, parse_name};
 use peerless_runtime::scenario::Scenario;
 use rustix::process::Signal;
 use serde::Serialize;
 
+use crate::cli::ExperimentArgs;
 use crate::supervise::signal;
-
-/// `peerless experiment`.
-#[derive(Debug, Args)]
-pub struct ExperimentArgs {
-    /// Scenario files, or directories of them (every `*.toml` inside).
-    #[arg(required = true)]
-    pub scenarios: Vec<PathBuf>,
-    /// Architectures, comma-separated: `p2p`, `ps`.
-    #[arg(long, default_value = "p2p,ps", value_delimiter = ',')]
-    pub arch: Vec<String>,
-    /// Seeds per scenario and architecture: the scenario's `seed`, `seed + 1`, ….
-    #[arg(long, default_value_t = 1)]
-    pub seeds: u64,
-    /// Experiment directory (default: `experiments/<name of the first scenario argument>`).
-    #[arg(long)]
-    pub out: Option<PathBuf>,
-    /// Directory of IDX datasets (passed to every run).
-    #[arg(long)]
-    pub data_dir: Option<PathBuf>,
-}
 
 #[derive(Debug, Serialize)]
 struct ScenarioEntry {
@@ -89,10 +69,9 @@ fn scenario_files(args: &[PathBuf]) -> Result<Vec<PathBuf>> {
 }
 
 fn parse_arch(a: &str) -> Result<TrainArch> {
-    match a.trim() {
-        "p2p" => Ok(TrainArch::P2p),
-        "ps" => Ok(TrainArch::Ps),
-        other => bail!("--arch {other:?}: expected p2p or ps (comma-separated)"),
+    match parse_name::<TrainArch>(a.trim()) {
+        Ok(arch @ (TrainArch::P2p | TrainArch::Ps)) => Ok(arch),
+        _ => bail!("--arch {a:?}: expected p2p or ps (comma-separated)"),
     }
 }
 

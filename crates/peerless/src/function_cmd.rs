@@ -5,10 +5,11 @@ use std::process::ExitCode;
 use std::time::Instant;
 
 use anyhow::{Context, Result, bail};
-use clap::Args;
 use peerless_runtime::function::{self, FunctionCommand, Handlers, InvokeCtx, Invoker, LocalRuntime};
 use serde::Serialize;
 use serde_json::Value;
+
+use crate::cli::{BenchInvokeArgs, InvokeArgs};
 
 /// The handlers a `peerless function` instance serves: register new functions here.
 pub fn handlers() -> Handlers {
@@ -30,41 +31,6 @@ pub fn run_function() -> Result<ExitCode> {
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().context("tokio runtime")?;
     rt.block_on(function::serve(handlers()))?;
     Ok(ExitCode::SUCCESS)
-}
-
-/// `peerless invoke`.
-#[derive(Debug, Args)]
-pub struct InvokeArgs {
-    /// Function name (e.g. `echo`, `sleep`, `fail`, `gradient`).
-    #[arg(long)]
-    pub function: String,
-    /// The payload: JSON text, or `@path` to read it from a file.
-    #[arg(long, default_value = "null")]
-    pub payload: String,
-    /// Function runtime configuration (TOML, the `[function]` keys, `backend` and `[aws]`
-    /// included).
-    #[arg(long)]
-    pub config: Option<PathBuf>,
-    /// Memory, MB (overrides the config).
-    #[arg(long)]
-    pub memory_mb: Option<u64>,
-    /// Timeout, ms (overrides the config).
-    #[arg(long)]
-    pub timeout_ms: Option<u64>,
-    /// Retries after retryable failures (overrides the config).
-    #[arg(long)]
-    pub max_retries: Option<u32>,
-    /// Seed of request ids, backoff jitter and fault injection.
-    #[arg(long, default_value_t = 0)]
-    pub seed: u64,
-    /// Also write the ledger (one line per attempt) as CSV here.
-    #[arg(long)]
-    pub ledger: Option<PathBuf>,
-    /// Run directory (created if missing) to write `function_metrics.json` (invocations, cold
-    /// starts, retries, throttles, timeouts, crashes, OOM kills, latency p50/p99, billed ms,
-    /// cost) and `ledger.csv` into.
-    #[arg(long)]
-    pub out: Option<PathBuf>,
 }
 
 fn load_config(path: Option<&PathBuf>) -> Result<function::Config> {
@@ -127,20 +93,6 @@ pub fn run_invoke(args: InvokeArgs) -> Result<ExitCode> {
         }
         Ok(if inv.is_ok() { ExitCode::SUCCESS } else { ExitCode::FAILURE })
     })
-}
-
-/// `peerless bench invoke`.
-#[derive(Debug, Args)]
-pub struct BenchInvokeArgs {
-    /// Warm invocations measured (after 20 warm-ups).
-    #[arg(long, default_value_t = 500)]
-    pub n: usize,
-    /// Cold starts measured.
-    #[arg(long, default_value_t = 30)]
-    pub cold: usize,
-    /// Also write the results as JSON to this file.
-    #[arg(long)]
-    pub json: Option<PathBuf>,
 }
 
 /// Results of `peerless bench invoke` (µs).
@@ -234,7 +186,7 @@ async fn bench_gradient(runtime: &LocalRuntime, n: usize) -> Result<GradientBenc
     use peerless_runtime::store::{RedisStore, Store, embedded::EmbeddedServer};
 
     const WARMUP: usize = 5;
-    let data_dir = crate::cli::data_dir(None);
+    let data_dir = crate::common::data_dir(None);
     let (name, split) = match peerless_ml::data::load(DatasetName::Mnist, &data_dir) {
         Ok(split) => (DatasetName::Mnist, split),
         Err(_) => (DatasetName::Digits, peerless_ml::data::load(DatasetName::Digits, &data_dir)?),

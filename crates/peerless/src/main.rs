@@ -2,17 +2,26 @@
 
 mod bench;
 mod cli;
+mod common;
+mod data_cmd;
 mod experiment;
 mod faults;
 mod function_cmd;
-mod p2p_cmd;
+mod launch;
+mod node_cmd;
 mod progress;
 mod report;
 mod supervise;
 mod train;
 
+use std::process::ExitCode;
+
+use anyhow::Result;
 use clap::Parser;
 use tracing_subscriber::EnvFilter;
+
+use crate::cli::{BenchCommand, Command};
+use crate::supervise::Role;
 
 /// Every training step allocates and frees tensors of up to a few MB. glibc's malloc hands
 /// such blocks back to the kernel and page-faults them in again on the next step, which
@@ -21,7 +30,7 @@ use tracing_subscriber::EnvFilter;
 #[global_allocator]
 static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
-fn main() -> std::process::ExitCode {
+fn main() -> ExitCode {
     let args = if function_cmd::started_as_lambda_bootstrap() {
         cli::Cli::parse_from(["peerless", "function"])
     } else {
@@ -32,11 +41,29 @@ fn main() -> std::process::ExitCode {
         .with_writer(std::io::stderr)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
-    match cli::run(args) {
+    match run(args.command) {
         Ok(code) => code,
         Err(e) => {
             eprintln!("error: {e:#}");
-            std::process::ExitCode::FAILURE
+            ExitCode::FAILURE
         }
+    }
+}
+
+/// Runs one command: each is a module that calls the library and prints its result.
+fn run(command: Command) -> Result<ExitCode> {
+    match command {
+        Command::Train(args) => train::run(*args),
+        Command::Peer(args) => node_cmd::run_node(Role::Peer, args),
+        Command::Ps(args) => node_cmd::run_node(Role::Ps, args),
+        Command::Worker(args) => node_cmd::run_node(Role::Worker, args),
+        Command::Data(cmd) => data_cmd::run(cmd),
+        Command::Bench(BenchCommand::Step(args)) => bench::run_step(args),
+        Command::Bench(BenchCommand::P2p(args)) => bench::p2p::run_cli(args),
+        Command::Bench(BenchCommand::Invoke(args)) => function_cmd::run_bench_invoke(args),
+        Command::Function => function_cmd::run_function(),
+        Command::Invoke(args) => function_cmd::run_invoke(*args),
+        Command::Experiment(args) => experiment::run(*args),
+        Command::Report { dir } => report::run_cli(&dir),
     }
 }

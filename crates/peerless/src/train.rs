@@ -4,16 +4,18 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::time::{SystemTime, UNIX_EPOCH};
 
 use anyhow::{Context, Result, bail};
+use peerless_core::optim::OptimizerConfig;
+use peerless_ml::{Arch, Backend};
 use peerless_runtime::checkpoint::Checkpoint;
 use peerless_runtime::config::{RunConfig, TrainArch};
 use peerless_runtime::local::{self, Controls, Summary};
 use peerless_runtime::rundir::RunDir;
 use peerless_runtime::scenario::Scenario;
 
-use crate::cli::{TrainArgs, data_dir};
+use crate::cli::TrainArgs;
+use crate::common::data_dir;
 use crate::progress::RunProgress;
 
 /// Runs `peerless train`.
@@ -61,10 +63,10 @@ pub fn run(args: TrainArgs) -> Result<ExitCode> {
             if cfg.name.is_empty() {
                 cfg.name = format!(
                     "{}-{}-{}-{}",
-                    arch_name(cfg.train.arch),
+                    cfg.train.arch,
                     cfg.model.arch,
                     cfg.data.dataset,
-                    timestamp()
+                    crate::common::timestamp()
                 );
             }
             let out = args.out.clone().unwrap_or_else(|| PathBuf::from("runs").join(&cfg.name));
@@ -80,19 +82,16 @@ pub fn run(args: TrainArgs) -> Result<ExitCode> {
         if resume.is_some() {
             bail!("--resume of a P2P run is not supported: restart peers with `peerless peer --join`");
         }
-        return crate::p2p_cmd::launch(&cfg, &mut dir, &faults);
+        return crate::launch::launch(&cfg, &mut dir, &faults);
     }
     if cfg.train.arch == TrainArch::Ps {
         if resume.is_some() {
             bail!("--resume of a PS run is not supported: the launcher restarts the PS from its checkpoint");
         }
-        return crate::p2p_cmd::launch_ps(&cfg, &mut dir, &faults);
+        return crate::launch::launch_ps(&cfg, &mut dir, &faults);
     }
     if !faults.is_empty() {
         bail!("the scenario's faults need a cluster: use --arch p2p or --arch ps");
-    }
-    if cfg.train.arch != TrainArch::Local {
-        bail!("--arch {} is not available in this build yet; use --arch local", arch_name(cfg.train.arch));
     }
     tracing::info!(seed = cfg.seed, run = %dir.path().display(), "starting");
     let data = data_dir(Some(&cfg.data.dir));
@@ -100,12 +99,7 @@ pub fn run(args: TrainArgs) -> Result<ExitCode> {
 
     let stop = Arc::new(AtomicBool::new(false));
     spawn_ctrl_c(stop.clone());
-    let mut bar = RunProgress::new(&format!(
-        "{} {} on {}",
-        arch_name(cfg.train.arch),
-        cfg.model.arch,
-        cfg.data.dataset
-    ));
+    let mut bar = RunProgress::new(&format!("{} {} on {}", cfg.train.arch, cfg.model.arch, cfg.data.dataset));
     let controls = Controls { stop: Some(&stop), halt_at_round: args.halt_at_round };
     let summary = local::train(&cfg, &split, &mut dir, resume, controls, &mut |p| bar.update(&p))?;
     bar.finish();
@@ -121,14 +115,6 @@ pub fn run(args: TrainArgs) -> Result<ExitCode> {
         }
     }
     Ok(ExitCode::SUCCESS)
-}
-
-fn arch_name(a: TrainArch) -> &'static str {
-    match a {
-        TrainArch::Local => "local",
-        TrainArch::P2p => "p2p",
-        TrainArch::Ps => "ps",
-    }
 }
 
 /// Ctrl-C sets `stop`; the loop then finishes its round, checkpoints and exits. A second
@@ -169,25 +155,115 @@ fn print_summary(s: &Summary, dir: &RunDir) {
     println!("digest       {}", s.param_digest);
 }
 
-/// `YYYYmmdd-HHMMSS` in UTC, for default run names.
-fn timestamp() -> String {
-    let (y, m, d, h, mi, s) = civil_utc(SystemTime::now());
-    format!("{y:04}{m:02}{d:02}-{h:02}{mi:02}{s:02}")
-}
+/// What the flags of `peerless train` do to the configuration.
+impl TrainArgs {
+    /// Applies the flags that change what is computed onto `cfg`.
+    pub fn apply(&self, cfg: &mut RunConfig) -> Result<()> {
+        if let Some(a) = self.arch {
+            cfg.train.arch = a;
+        }
+        if let Some(m) = &self.model {
+            cfg.model.arch = m.parse::<Arch>().context("--model")?;
+        }
+        if let Some(b) = &self.backend {
+            cfg.model.backend = b.parse::<Backend>().context("--backend")?;
+        }
+        if let Some(d) = self.dataset {
+            cfg.data.dataset = d;
+        }
+        if let Some(d) = &self.data_dir {
+            cfg.data.dir = d.clone();
+        }
+        if let Some(s) = self.seed {
+            cfg.seed = s;
+        }
+        if let Some(b) = self.batch_size {
+            cfg.train.batch_size = b;
+        }
+        // `--optimizer` switches to that optimizer with its default hyper-parameters (unless the
+        // config already uses it); `--lr` then overrides the learning rate.
+        if let Some(o) = self.optimizer.as_deref().filter(|o| *o != cfg.optimizer.name()) {
+            cfg.optimizer = match o {
+                "sgd" => OptimizerConfig::sgd(0.02),
+                "adam" => OptimizerConfig::adam(1e-3),
+                other => bail!("--optimizer {other:?}: expected sgd or adam"),
+            };
+        }
+        if let Some(lr) = self.lr {
+            cfg.optimizer = cfg.optimizer.clone().with_lr(lr);
+        }
+        if let Some(n) = &self.name {
+            cfg.name = n.clone();
+        }
+        if let Some(n) = self.peers {
+            cfg.p2p.peers = n;
+        }
+        if let Some(k) = self.functions_per_peer {
+            cfg.p2p.functions_per_peer = k;
+        }
+        if let Some(c) = self.compute {
+            cfg.p2p.compute = c;
+        }
+        if let Some(a) = self.aggregation {
+            cfg.p2p.aggregation = a;
+        }
+        if let Some(m) = self.ps_mode {
+            cfg.ps.mode = m;
+        }
+        if let Some(s) = self.max_staleness {
+            cfg.ps.max_staleness = s;
+        }
+        self.apply_schedule(cfg);
+        Ok(())
+    }
 
-/// (year, month, day, hour, minute, second) of `t` in UTC.
-pub(crate) fn civil_utc(t: SystemTime) -> (i64, i64, i64, u64, u64, u64) {
-    let secs = t.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs());
-    let (days, rem) = ((secs / 86_400) as i64, secs % 86_400);
-    // Civil date from days since 1970-01-01 (Howard Hinnant's algorithm).
-    let z = days + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z.rem_euclid(146_097);
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let d = doy - (153 * mp + 2) / 5 + 1;
-    let m = if mp < 10 { mp + 3 } else { mp - 9 };
-    let y = yoe + era * 400 + i64::from(m <= 2);
-    (y, m, d, rem / 3600, rem % 3600 / 60, rem % 60)
+    /// Flags that only change how long a run goes or how often it reports (allowed on resume).
+    pub fn apply_schedule(&self, cfg: &mut RunConfig) {
+        if let Some(e) = self.epochs {
+            cfg.train.epochs = e;
+            if self.rounds.is_none() {
+                cfg.train.rounds = 0;
+            }
+        }
+        if let Some(r) = self.rounds {
+            cfg.train.rounds = r;
+        }
+        if let Some(k) = self.eval_every {
+            cfg.train.eval_every = k;
+        }
+        if let Some(k) = self.checkpoint_every {
+            cfg.train.checkpoint_every = k;
+        }
+    }
+
+    /// Names of flags given that would change the computation (refused on resume).
+    pub fn computation_flags(&self) -> Vec<&'static str> {
+        let mut v = Vec::new();
+        let checks: [(&'static str, bool); 18] = [
+            ("--aggregation", self.aggregation.is_some()),
+            ("--ps-mode", self.ps_mode.is_some()),
+            ("--max-staleness", self.max_staleness.is_some()),
+            ("--peers", self.peers.is_some()),
+            ("--functions-per-peer", self.functions_per_peer.is_some()),
+            ("--compute", self.compute.is_some()),
+            ("--arch", self.arch.is_some()),
+            ("--model", self.model.is_some()),
+            ("--dataset", self.dataset.is_some()),
+            ("--seed", self.seed.is_some()),
+            ("--batch-size", self.batch_size.is_some()),
+            ("--lr", self.lr.is_some()),
+            ("--optimizer", self.optimizer.is_some()),
+            ("--backend", self.backend.is_some()),
+            ("--name", self.name.is_some()),
+            ("--out", self.out.is_some()),
+            ("--config", self.config.is_some()),
+            ("--scenario", self.scenario.is_some()),
+        ];
+        for (name, given) in checks {
+            if given {
+                v.push(name);
+            }
+        }
+        v
+    }
 }

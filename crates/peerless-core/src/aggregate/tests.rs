@@ -1,3 +1,6 @@
+//! Property and unit tests of every aggregation rule: agreement with the mean where it must,
+//! robustness bounds, NaN safety, determinism.
+
 use proptest::prelude::*;
 
 use super::coord::{Network, WindowScratch, closest_to_median_mean, sorted_chunks};

@@ -55,7 +55,7 @@ use super::config::Config;
 use super::invoke::{Invocation, InvokeCtx, InvokeError, InvokeFuture, Invoker, backoff};
 use super::metrics::{self, Counters, Ledger, Summary};
 use super::report::Report;
-use crate::config::ConfigError;
+use crate::config_error::ConfigError;
 
 /// Static AWS credentials.
 #[derive(Clone)]

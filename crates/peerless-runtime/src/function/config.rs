@@ -4,7 +4,7 @@ use peerless_core::cost::PriceTable;
 use serde::{Deserialize, Serialize};
 
 use super::faults::FaultConfig;
-use crate::config::ConfigError;
+use crate::config_error::ConfigError;
 
 /// Lambda's smallest memory setting, MB.
 pub const MIN_MEMORY_MB: u64 = 128;

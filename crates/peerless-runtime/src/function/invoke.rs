@@ -27,7 +27,7 @@ use super::faults::{Fault, FaultInjector};
 use super::instance::{FunctionCommand, Instance, RunEnd, SpawnError, Watch};
 use super::metrics::{self, Counters, Ledger, Summary};
 use super::pool::{Acquire, Pools};
-use crate::config::ConfigError;
+use crate::config_error::ConfigError;
 
 /// Who invokes, for the ledger, fault decisions and request ids.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]

@@ -271,3 +271,18 @@ pub fn print_step(r: &StepBench) {
         println!("PyTorch: {note}");
     }
 }
+
+/// `peerless bench step`: measures, prints the table and the ratios, writes the JSON.
+pub fn run_step(args: crate::cli::BenchStepArgs) -> Result<std::process::ExitCode> {
+    let backends = match args.backend.as_str() {
+        "all" => vec![Backend::Ndarray, Backend::Flex],
+        b => vec![b.parse::<Backend>()?],
+    };
+    let r = step(&backends, args.steps.max(1), args.passes, args.python.as_deref())?;
+    print_step(&r);
+    if let Some(path) = args.json {
+        std::fs::write(&path, serde_json::to_string_pretty(&r)?)
+            .with_context(|| format!("writing {}", path.display()))?;
+    }
+    Ok(std::process::ExitCode::SUCCESS)
+}

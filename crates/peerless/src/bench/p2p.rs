@@ -10,6 +10,7 @@ use futures::StreamExt;
 use libp2p::request_response::{Event, Message};
 use libp2p::swarm::SwarmEvent;
 use libp2p::{Multiaddr, PeerId};
+use peerless_ml::DatasetName;
 use peerless_runtime::config::{RunConfig, TrainArch};
 use peerless_runtime::p2p::net;
 use peerless_runtime::rundir::RunDir;
@@ -83,7 +84,7 @@ fn cluster(base: &RunConfig, peers: u32, rounds: u64, dir: &Path) -> Result<Clus
     cfg.train.eval_every = rounds + 1;
     let out = dir.join(format!("p{peers}"));
     let mut rd = RunDir::create(&out, &cfg)?;
-    crate::p2p_cmd::launch(&cfg, &mut rd, &[])?;
+    crate::launch::launch(&cfg, &mut rd, &[])?;
     let s: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(out.join("summary.json"))?)?;
     let text = std::fs::read_to_string(out.join("metrics.csv"))?;
     let mut lines = text.lines();
@@ -229,4 +230,58 @@ pub fn run(base: &RunConfig, rounds: u64, dir: &Path) -> Result<P2pBench> {
         exchange.push(ExchangeBench { bytes, libp2p_mb_s: l, tcp_mb_s: t, ratio: l / t });
     }
     Ok(P2pBench { dataset: base.data.dataset.to_string(), clusters, exchange })
+}
+
+/// `peerless bench p2p`: runs the benchmark and prints its tables.
+pub fn run_cli(args: crate::cli::BenchP2pArgs) -> Result<std::process::ExitCode> {
+    let mut cfg = RunConfig::default();
+    cfg.data.dir = crate::common::data_dir(None);
+    cfg.data.dataset = args.dataset.unwrap_or_else(|| {
+        if peerless_ml::data::load(DatasetName::Mnist, &cfg.data.dir).is_ok() {
+            DatasetName::Mnist
+        } else {
+            DatasetName::Digits
+        }
+    });
+    cfg.p2p.compute = args.compute;
+    let tmp;
+    let dir = match args.out {
+        Some(d) => d,
+        None => {
+            tmp = std::env::temp_dir().join(format!("peerless-bench-p2p-{}", std::process::id()));
+            tmp
+        }
+    };
+    let r = run(&cfg, args.rounds.max(5), &dir)?;
+    println!("\nP2P rounds, {} (medians, ms)", r.dataset);
+    println!("peers  samples/s (steady)  round  compute   wait  exchange  aggregate  update");
+    for c in &r.clusters {
+        println!(
+            "{:>5} {:>9.0} ({:>6.0}) {:>6.1} {:>8.1} {:>6.1} {:>9.1} {:>10.2} {:>7.2}",
+            c.peers,
+            c.samples_per_s,
+            c.steady_samples_per_s,
+            c.round_ms,
+            c.compute_ms,
+            c.wait_ms,
+            c.exchange_ms,
+            c.aggregate_ms,
+            c.update_ms
+        );
+    }
+    println!("\nexchange throughput on loopback (libp2p TCP+Noise+Yamux vs plain TCP, same run)");
+    for e in &r.exchange {
+        println!(
+            "{:>6.1} MB: libp2p {:>7.0} MB/s, TCP {:>7.0} MB/s, ratio {:.2}",
+            e.bytes as f64 / (1 << 20) as f64,
+            e.libp2p_mb_s,
+            e.tcp_mb_s,
+            e.ratio
+        );
+    }
+    if let Some(path) = args.json {
+        std::fs::write(&path, serde_json::to_string_pretty(&r)?)
+            .with_context(|| format!("writing {}", path.display()))?;
+    }
+    Ok(std::process::ExitCode::SUCCESS)
 }

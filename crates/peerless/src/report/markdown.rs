@@ -637,7 +637,7 @@ fn cpu_model() -> String {
 
 /// `YYYY-MM-DD HH:MM` in UTC.
 fn utc(t: std::time::SystemTime) -> String {
-    let (y, m, d, h, mi, _) = crate::train::civil_utc(t);
+    let (y, m, d, h, mi, _) = crate::common::civil_utc(t);
     format!("{y:04}-{m:02}-{d:02} {h:02}:{mi:02}")
 }
 

@@ -8,6 +8,7 @@ mod byzantine;
 mod faults;
 mod function;
 mod gradient;
+mod layout;
 mod linkage;
 mod local;
 mod p2p;

@@ -588,3 +588,47 @@ fn killing_the_launcher_takes_every_process_of_the_run_with_it_even_a_frozen_one
         !before.iter().any(|&p| alive(p))
     });
 }
+
+/// The final model digest of the reference runs below (P2P and PS alike), recorded before the
+/// node-runtime redesign (issue #16) on an x86-64 machine with AVX-512. flex chooses its matrix
+/// kernels by the CPU's instruction set, so a machine without AVX-512 computes other last bits:
+/// there only P2P = PS is checked.
+const REFERENCE_DIGEST: &str = "9c580e5ff39e07b8f22e1bd25f237145ec82b29d6325016c7fd1e560755d9981";
+
+#[test]
+fn the_reference_runs_keep_the_digest_recorded_before_the_redesign() {
+    let tmp = tempfile::tempdir().unwrap();
+    let calm = calm_config(tmp.path());
+    let common = ["--dataset", "digits", "--epochs", "5", "--seed", "7", "--config", calm.as_str()];
+    let p2p = tmp.path().join("p2p");
+    assert!(
+        run(peerless()
+            .args(["train", "--arch", "p2p", "--peers", "3", "--functions-per-peer", "2"])
+            .args(common)
+            .arg("--out")
+            .arg(&p2p))
+        .status
+        .success()
+    );
+    let ps = tmp.path().join("ps");
+    assert!(
+        run(peerless()
+            .args(["train", "--arch", "ps", "--workers", "3", "--functions-per-worker", "2"])
+            .args(common)
+            .arg("--out")
+            .arg(&ps))
+        .status
+        .success()
+    );
+    let (a, b) = (digests(&summary(&p2p)), digests(&summary(&ps)));
+    assert_eq!(a.len(), 3, "{a:?}");
+    assert!(a.iter().all(|d| *d == a[0]), "P2P replicas differ: {a:?}");
+    assert_eq!(b, vec![a[0].clone()], "the PS computed another model than P2P");
+    let flags = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
+    let avx512 = flags.lines().find(|l| l.starts_with("flags")).is_some_and(|l| l.contains(" avx512f"));
+    if cfg!(target_arch = "x86_64") && avx512 && !cfg!(feature = "openblas") {
+        assert_eq!(a[0], REFERENCE_DIGEST, "the redesign changed the trained model");
+    } else {
+        eprintln!("not an AVX-512 x86-64 default build: the recorded digest is not comparable here");
+    }
+}

@@ -1,5 +1,4 @@
-//! `peerless peer` (one peer process) and the local cluster launcher behind
-//! `peerless train --arch p2p`.
+//! The local cluster launcher behind `peerless train --arch p2p|ps`.
 //!
 //! The launcher writes one `peer.toml` per peer under `<run>/peers/<i>/` (or the PS's and the
 //! workers' files), has the supervisor (`supervise`) run the nodes as real processes on
@@ -13,11 +12,8 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
-use clap::Args;
 use peerless_core::cost::pico_to_usd;
 use peerless_runtime::config::{Compute, RunConfig, TrainArch};
-use peerless_runtime::function::FunctionCommand;
-use peerless_runtime::node::NodeLine;
 use peerless_runtime::p2p::peer::METRICS_HEADER;
 use peerless_runtime::p2p::{PeerFile, PeerSection, PeerSummary};
 use peerless_runtime::rundir::RunDir;
@@ -25,83 +21,7 @@ use peerless_runtime::scenario::FaultSpec;
 use serde::{Deserialize, Serialize};
 
 use crate::faults::{Injector, Proxy};
-use crate::supervise::{Node, NodeOutcome, Recovery, Supervisor};
-
-/// `peerless peer`.
-#[derive(Debug, Args)]
-pub struct PeerArgs {
-    /// The peer's configuration (`[peer]` and `[run]`), as the launcher writes it.
-    #[arg(long)]
-    pub config: PathBuf,
-    /// Join a run in progress (fetch the state from a live peer, or resume the own checkpoint).
-    #[arg(long)]
-    pub join: bool,
-    /// Directory of IDX datasets (overrides `run.data.dir`).
-    #[arg(long)]
-    pub data_dir: Option<PathBuf>,
-}
-
-pub use crate::supervise::Role;
-
-/// Runs one node until training is over; SIGINT or SIGTERM stop it after writing its summary.
-/// An error is also told to the launcher (a `failed` line on stdout), which shows it.
-pub fn run_node(role: Role, args: PeerArgs) -> Result<ExitCode> {
-    let mut index = None;
-    let result = serve(role, args, &mut index);
-    if let Err(e) = &result {
-        NodeLine::Failed { failed: index, error: format!("{e:#}") }.print();
-    }
-    result
-}
-
-fn serve(role: Role, args: PeerArgs, index: &mut Option<u32>) -> Result<ExitCode> {
-    if std::env::var_os("PEERLESS_LAUNCHED").is_some() {
-        // Started by a launcher: do not outlive it.
-        peerless_runtime::node::die_with_parent().context("setting the parent-death signal")?;
-    }
-    let mut file = PeerFile::load(&args.config)?;
-    *index = Some(file.peer.index);
-    if args.join {
-        file.peer.join = true;
-    }
-    let data_dir = crate::cli::data_dir(args.data_dir.as_deref().or(Some(&file.run.data.dir)));
-    std::fs::create_dir_all(&file.peer.dir)
-        .with_context(|| format!("creating {}", file.peer.dir.display()))?;
-    // Written then renamed: whoever sees `pid` (tests, tools) never reads it half-written.
-    let tmp = file.peer.dir.join("pid.tmp");
-    std::fs::write(&tmp, std::process::id().to_string())
-        .and_then(|()| std::fs::rename(&tmp, file.peer.dir.join("pid")))
-        .with_context(|| format!("writing the pid into {}", file.peer.dir.display()))?;
-    let exe = std::env::current_exe().context("locating the peerless executable")?;
-    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
-    let summary = rt.block_on(async move {
-        let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
-        tokio::spawn(async move {
-            let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-                .expect("SIGTERM handler");
-            tokio::select! {
-                _ = tokio::signal::ctrl_c() => {}
-                _ = term.recv() => {}
-            }
-            let _ = stop_tx.send(true);
-        });
-        let command = FunctionCommand::peerless(exe);
-        match role {
-            Role::Peer => peerless_runtime::p2p::peer::run(file, command, data_dir, stop_rx).await,
-            Role::Ps => peerless_runtime::ps::run_server(file, data_dir, stop_rx).await,
-            Role::Worker => peerless_runtime::ps::run_worker(file, command, data_dir, stop_rx).await,
-        }
-    })?;
-    eprintln!(
-        "{} {} done: round {}, test accuracy {:.2} %, digest {}",
-        role.name(),
-        summary.peer,
-        summary.rounds,
-        summary.test_accuracy * 100.0,
-        summary.param_digest.get(..16).unwrap_or("-")
-    );
-    Ok(ExitCode::SUCCESS)
-}
+use crate::supervise::{Node, NodeOutcome, Recovery, Role, Supervisor};
 
 /// The cluster's summary (`summary.json` of a P2P run).
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -325,7 +245,7 @@ fn run_cluster(
 ) -> Result<ExitCode> {
     dir.event(
         "start",
-        serde_json::json!({ "arch": arch, "nodes": nodes.len(), "compute": compute_name(cfg.p2p.compute) }),
+        serde_json::json!({ "arch": arch, "nodes": nodes.len(), "compute": cfg.p2p.compute.to_string() }),
     )?;
     for (name, fields) in skipped {
         dir.event(name, fields)?;
@@ -390,13 +310,6 @@ fn run_cluster(
         bail!("no node finished every round ({}); logs under {}", died.join("; "), dir.path().display());
     }
     Ok(ExitCode::SUCCESS)
-}
-
-fn compute_name(c: Compute) -> &'static str {
-    match c {
-        Compute::Functions => "functions",
-        Compute::Local => "local",
-    }
 }
 
 /// Merges the peers' metrics and events into the run directory and writes the summary.
@@ -469,7 +382,7 @@ fn collect(
     let summary = ClusterSummary {
         run: dir.path().file_name().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default(),
         arch: arch.into(),
-        compute: compute_name(cfg.p2p.compute).into(),
+        compute: cfg.p2p.compute.to_string(),
         model: cfg.model.arch.to_string(),
         dataset: cfg.data.dataset.to_string(),
         seed: cfg.seed,
