@@ -11,9 +11,9 @@
 
 use bytes::BytesMut;
 use libfuzzer_sys::fuzz_target;
-use peerless_runtime::store::resp::{Limits, Parsed, Reply, encode, parse_command, split_command};
+use peerless_runtime::store::resp::{FrameLimits, Parsed, Reply, encode, parse_command, split_command};
 
-const TINY: Limits = Limits { max_line: 4, max_array: 2, max_bulk: 3, max_frame: 4 };
+const TINY: FrameLimits = FrameLimits { max_line: 4, max_array: 2, max_bulk: 3, max_frame: 4 };
 
 fuzz_target!(
     init: {
@@ -31,7 +31,7 @@ fuzz_target!(
         })
     },
     |data: &[u8]| {
-        for limits in [Limits::AUTHENTICATED, Limits::UNAUTHENTICATED, TINY] {
+        for limits in [FrameLimits::AUTHENTICATED, FrameLimits::UNAUTHENTICATED, TINY] {
             check(data, &limits);
         }
     }
@@ -45,7 +45,7 @@ fn command(args: &[&[u8]]) -> Vec<u8> {
     out
 }
 
-fn check(data: &[u8], limits: &Limits) {
+fn check(data: &[u8], limits: &FrameLimits) {
     let parsed = parse_command(data, limits);
     let mut buf = BytesMut::from(data);
     let split = split_command(&mut buf, limits);

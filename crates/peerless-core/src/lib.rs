@@ -2,6 +2,7 @@
 //!
 //! # Layout
 //! - [`rng`] — the seeded, checkpointable PRNG behind every random choice.
+//! - [`stats`] — quantiles and medians of measurements.
 //! - [`flat`] — flat `f32` parameter/gradient vectors and their layout (names, shapes, offsets).
 //! - [`optim`] — SGD (momentum, weight decay) and Adam on flat vectors, with flat state.
 //! - [`function`] — wire types of the gradient function and the invocation ledger.
@@ -27,5 +28,6 @@ pub mod optim;
 pub mod p2p;
 pub mod ps;
 pub mod rng;
+pub mod stats;
 pub mod wire;
 pub mod worker;

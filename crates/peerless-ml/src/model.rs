@@ -45,7 +45,7 @@ impl Model {
     /// Builds the model for `spec` on `backend`.
     pub fn new(spec: ModelSpec, backend: Backend) -> Result<Self> {
         let (layout, lenet) = spec.build()?;
-        let backend = backend.resolve(spec.arch);
+        let backend = backend.resolve();
         let device = device(backend);
         let train_device = device.clone().autodiff();
         Ok(Model { spec, layout, backend, device, train_device, lenet })

@@ -191,8 +191,8 @@ pub struct ModelConfig {
     pub arch: Arch,
     /// MLP hidden widths (default 256, 128: the 784-256-128-10 MLP on MNIST).
     pub hidden: Vec<usize>,
-    /// burn CPU backend: `auto` (flex; ndarray for dense models in an OpenBLAS build),
-    /// `ndarray` or `flex`.
+    /// burn CPU backend: `auto` (flex, measured fastest), `ndarray` (on OpenBLAS in a
+    /// `--features openblas` build) or `flex`.
     pub backend: Backend,
 }
 

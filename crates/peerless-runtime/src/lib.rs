@@ -13,6 +13,7 @@
 //!   aggregated into the store, with the caches a warm instance may keep.
 //! - [`node`] — what peers, the PS and workers share: files, gradient backend, round work.
 //! - [`p2p`] — peer-to-peer training: the libp2p network, the peer process, its sampler.
+//! - [`percent`] — URL percent-decoding (Invoke API paths, Redis URLs).
 //! - [`ps`] — the parameter-server baseline: the PS process and its workers.
 //! - [`scenario`] — experiment scenarios: a workload and the faults the launcher injects.
 //! - [`store`] — the store trait; the embedded RESP server and the Redis backend, with
@@ -36,6 +37,7 @@ pub mod local;
 pub mod node;
 #[cfg(feature = "drivers")]
 pub mod p2p;
+pub mod percent;
 #[cfg(feature = "drivers")]
 pub mod ps;
 #[cfg(feature = "drivers")]

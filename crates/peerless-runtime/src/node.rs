@@ -17,6 +17,9 @@ use peerless_ml::{Model, Split};
 use serde::{Deserialize, Serialize};
 use serde_json::json;
 
+mod row;
+pub use row::NodeRow;
+
 use crate::config::{Aggregation, Compute, RunConfig};
 use crate::function::{FunctionCommand, InvokeCtx, Invoker};
 use crate::store::embedded::{EmbeddedHandle, EmbeddedServer};
@@ -89,7 +92,7 @@ pub(crate) struct LocalResult {
 
 /// Where gradients are computed.
 #[allow(clippy::large_enum_variant)] // one per peer, behind an Arc
-pub(crate) enum Backend {
+pub(crate) enum GradientBackend {
     Functions {
         /// The invoker `[function] backend` chose: the local runtime or AWS Lambda.
         runtime: Arc<dyn Invoker>,
@@ -211,14 +214,14 @@ pub(crate) fn unix_ms() -> u64 {
 }
 
 impl Files {
-    pub(crate) fn open(dir: &Path, metrics_header: &str) -> Result<Files, NodeError> {
+    pub(crate) fn open(dir: &Path) -> Result<Files, NodeError> {
         std::fs::create_dir_all(dir).map_err(io_err(dir))?;
         let mp = dir.join("metrics.csv");
         let fresh = !mp.exists();
         let f = OpenOptions::new().create(true).append(true).open(&mp).map_err(io_err(&mp))?;
         let mut metrics = BufWriter::new(f);
         if fresh {
-            writeln!(metrics, "{metrics_header}").map_err(io_err(&mp))?;
+            writeln!(metrics, "{}", NodeRow::header()).map_err(io_err(&mp))?;
         }
         let ep = dir.join("events.jsonl");
         let f = OpenOptions::new().create(true).append(true).open(&ep).map_err(io_err(&ep))?;
@@ -235,8 +238,8 @@ impl Files {
         }
     }
 
-    pub(crate) fn metrics(&mut self, line: &str) {
-        if writeln!(self.metrics, "{line}").and_then(|_| self.metrics.flush()).is_err() {
+    pub(crate) fn metrics(&mut self, row: &NodeRow) {
+        if writeln!(self.metrics, "{}", row.to_csv()).and_then(|_| self.metrics.flush()).is_err() {
             tracing::warn!(dir = %self.dir.display(), "cannot write metrics.csv");
         }
     }
@@ -251,7 +254,7 @@ pub(crate) struct Job {
     pub(crate) batches: Vec<Vec<u32>>,
     pub(crate) model: Arc<Model>,
     pub(crate) split: Arc<Split>,
-    pub(crate) backend: Arc<Backend>,
+    pub(crate) backend: Arc<GradientBackend>,
     pub(crate) dataset: String,
     pub(crate) data_dir: PathBuf,
     pub(crate) backend_name: String,
@@ -295,7 +298,7 @@ impl Job {
         me: PeerIdx,
         model: Arc<Model>,
         split: Arc<Split>,
-        backend: Arc<Backend>,
+        backend: Arc<GradientBackend>,
         data_dir: PathBuf,
     ) -> Job {
         Job {
@@ -326,7 +329,7 @@ impl Job {
         let fail = |reason: String| NodeError::Compute { round, reason };
         let d = digest(&self.params);
         match &*self.backend {
-            Backend::Local => {
+            GradientBackend::Local => {
                 let (model, split, params, batches, flip) = (
                     self.model.clone(),
                     self.split.clone(),
@@ -357,7 +360,7 @@ impl Job {
                 .map_err(|e| fail(e.to_string()))??;
                 Ok(LocalResult { round, digest: d, grad, loss, samples, gather_ms: None })
             }
-            Backend::Functions { runtime, store, store_url, .. } => {
+            GradientBackend::Functions { runtime, store, store_url, .. } => {
                 let node = format!("peer{}", self.me);
                 let pkey = format!("{node}/params/{round}");
                 let gkey = format!("{node}/grad/{round}");
@@ -521,16 +524,16 @@ impl Job {
     }
 }
 
-impl Backend {
+impl GradientBackend {
     /// Starts the gradient backend of node `me` (`node` names it in the ledger and store keys).
     pub(crate) async fn start(
         run: &RunConfig,
         me: u32,
         command: FunctionCommand,
-    ) -> Result<Backend, NodeError> {
+    ) -> Result<GradientBackend, NodeError> {
         let p2p = &run.p2p;
         Ok(match p2p.compute {
-            Compute::Local => Backend::Local,
+            Compute::Local => GradientBackend::Local,
             Compute::Functions => {
                 let runtime =
                     crate::function::start(run.function.clone(), command, run.seed ^ (u64::from(me) << 40))
@@ -546,7 +549,7 @@ impl Backend {
                 let store = RedisStore::connect(&store_url)
                     .await
                     .map_err(|e| NodeError::Network(format!("store {store_url}: {e}")))?;
-                Backend::Functions { runtime, store, store_url, embedded }
+                GradientBackend::Functions { runtime, store, store_url, embedded }
             }
         })
     }
@@ -554,8 +557,8 @@ impl Backend {
     /// Invocation counters so far (zero for in-process compute).
     pub(crate) fn summary(&self) -> crate::function::metrics::Summary {
         match self {
-            Backend::Functions { runtime, .. } => runtime.summary(),
-            Backend::Local => Default::default(),
+            GradientBackend::Functions { runtime, .. } => runtime.summary(),
+            GradientBackend::Local => Default::default(),
         }
     }
 
@@ -563,7 +566,7 @@ impl Backend {
     /// starts, retries, throttles, latency quantiles, cost) and `ledger.csv` into `dir`
     /// (functions only).
     pub(crate) fn write_ledger(&self, dir: &Path) -> Result<(), NodeError> {
-        if let Backend::Functions { runtime, .. } = self {
+        if let GradientBackend::Functions { runtime, .. } = self {
             runtime.write_run_metrics(dir).map_err(io_err(dir))?;
         }
         Ok(())
@@ -571,7 +574,7 @@ impl Backend {
 
     /// Stops the function instances and the embedded store.
     pub(crate) async fn shutdown(self) {
-        if let Backend::Functions { runtime, embedded, .. } = self {
+        if let GradientBackend::Functions { runtime, embedded, .. } = self {
             runtime.shutdown().await;
             if let Some(h) = embedded {
                 h.shutdown().await;

@@ -28,9 +28,8 @@ use serde_json::json;
 use tokio::sync::{mpsc, watch};
 
 use crate::checkpoint::Checkpoint;
-use crate::node::{Files, NodeError, NodeLine, Progress, io_err, unix_ms};
+use crate::node::{Files, NodeError, NodeLine, NodeRow, Progress, io_err, unix_ms};
 use crate::p2p::net::{self, Behaviour, BehaviourEvent};
-use crate::p2p::peer::METRICS_HEADER;
 use crate::p2p::sampler::Sampler;
 use crate::p2p::{PeerFile, PeerSummary};
 
@@ -66,7 +65,7 @@ async fn common(file: &PeerFile, data_dir: PathBuf) -> Result<Common, NodeError>
     }
     let ids: Vec<PeerId> = (0..=n).map(|i| net::derive_peer_id(&run.p2p.secret, i)).collect();
     let dir = &file.peer.dir;
-    let files = Files::open(dir, METRICS_HEADER)?;
+    let files = Files::open(dir)?;
     let key_path = dir.join("identity.key");
     let keypair = net::load_or_save_keypair(&key_path, net::derive_keypair(&run.p2p.secret, me))
         .map_err(io_err(&key_path))?;
@@ -327,18 +326,27 @@ pub async fn run_server(
                             });
                         }
                         let ev = pending_eval.take();
-                        let opt = |v: Option<String>| v.unwrap_or_default();
-                        files.metrics(&format!(
-                            "{},{me},{done},{:.4},{:.4},{loss:.6},{},{},,{bytes_in},{bytes_out},,,,,{round_ms:.2},,{aggregate_ms:.3},{update_ms:.3},,{},{},{},{staleness},,{effective_f}",
-                            unix_ms(),
-                            done as f64 / (rpe * vpr) as f64,
-                            t0.elapsed().as_secs_f64(),
-                            ps.expected().len(),
-                            inputs.len(),
-                            opt(ev.map(|e| e.0.to_string())),
-                            opt(ev.map(|e| format!("{:.6}", e.1))),
-                            opt(ev.map(|e| format!("{:.6}", e.2))),
-                        ));
+                        files.metrics(&NodeRow {
+                            t_ms: unix_ms(),
+                            node: me,
+                            round: done,
+                            epoch: done as f64 / (rpe * vpr) as f64,
+                            wall_s: t0.elapsed().as_secs_f64(),
+                            train_loss: Some(loss),
+                            view: Some(ps.expected().len()),
+                            contributors: Some(inputs.len()),
+                            bytes_in,
+                            bytes_out,
+                            wait_ms: Some(round_ms),
+                            aggregate_ms: Some(aggregate_ms),
+                            update_ms: Some(update_ms),
+                            eval_round: ev.map(|e| e.0),
+                            test_loss: ev.map(|e| e.1),
+                            test_accuracy: ev.map(|e| e.2),
+                            staleness: Some(staleness),
+                            effective_f: Some(effective_f),
+                            ..NodeRow::default()
+                        });
                         if file.peer.progress {
                             NodeLine::Progress(Progress {
                                 peer: me,

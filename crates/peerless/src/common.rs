@@ -1,8 +1,23 @@
-//! Helpers more than one command needs: where datasets live, and UTC civil time for run names
-//! and report stamps.
+//! Helpers more than one command needs: where datasets live, Ctrl-C, and UTC civil time for
+//! run names and report stamps.
 
 use std::path::{Path, PathBuf};
 use std::time::{SystemTime, UNIX_EPOCH};
+
+/// Calls `on_press` with the count of Ctrl-C presses so far (1, 2, …) at each press, on a
+/// thread of its own: the one place a command learns of Ctrl-C.
+pub fn on_interrupt(on_press: impl Fn(u32) + Send + 'static) {
+    std::thread::spawn(move || {
+        let Ok(rt) = tokio::runtime::Builder::new_current_thread().enable_io().build() else { return };
+        rt.block_on(async move {
+            let mut presses = 0;
+            while tokio::signal::ctrl_c().await.is_ok() {
+                presses += 1;
+                on_press(presses);
+            }
+        });
+    });
+}
 
 /// The data directory: the flag, else `$PEERLESS_DATA_DIR`, else `$XDG_DATA_HOME/peerless`,
 /// else `~/.local/share/peerless`.

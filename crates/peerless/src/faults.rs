@@ -22,14 +22,14 @@ use tokio::sync::{mpsc, watch};
 
 /// Live network faults, shared by every proxied connection.
 #[derive(Debug, Default)]
-struct NetState {
+struct LinkFaults {
     /// Active partitions: each set is cut off from the nodes outside it.
     cuts: Vec<(usize, BTreeSet<usize>)>,
     /// Active delays: (fault id, nodes, ms).
     delays: Vec<(usize, BTreeSet<usize>, u64)>,
 }
 
-impl NetState {
+impl LinkFaults {
     fn blocked(&self, a: usize, b: usize) -> bool {
         self.cuts.iter().any(|(_, s)| s.contains(&a) != s.contains(&b))
     }
@@ -49,7 +49,7 @@ impl NetState {
 /// The loopback fault proxy: one listener per ordered pair of nodes that dial each other.
 #[derive(Debug)]
 pub struct Proxy {
-    state: Arc<Mutex<NetState>>,
+    state: Arc<Mutex<LinkFaults>>,
     changed: watch::Sender<u64>,
     rt: tokio::runtime::Runtime,
 }
@@ -89,7 +89,7 @@ impl Proxy {
         Ok(addr)
     }
 
-    fn update(&self, f: impl FnOnce(&mut NetState)) {
+    fn update(&self, f: impl FnOnce(&mut LinkFaults)) {
         f(&mut self.state.lock().expect("proxy state"));
         self.changed.send_modify(|g| *g += 1);
     }
@@ -102,7 +102,7 @@ async fn relay(
     b: TcpStream,
     from: usize,
     to: usize,
-    state: Arc<Mutex<NetState>>,
+    state: Arc<Mutex<LinkFaults>>,
     mut cut: watch::Receiver<u64>,
 ) {
     let _ = (a.set_nodelay(true), b.set_nodelay(true));
@@ -129,7 +129,7 @@ async fn pipe(
     mut w: tokio::net::tcp::OwnedWriteHalf,
     from: usize,
     to: usize,
-    state: &Mutex<NetState>,
+    state: &Mutex<LinkFaults>,
 ) {
     let (tx, mut rx) = mpsc::unbounded_channel::<(tokio::time::Instant, Vec<u8>)>();
     let read = async move {

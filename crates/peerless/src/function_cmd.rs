@@ -285,13 +285,9 @@ async fn bench_gradient(runtime: &LocalRuntime, n: usize) -> Result<GradientBenc
     })
 }
 
+/// The `p`-quantile of `v` by nearest rank (0 when empty).
 fn q(v: &mut [f64], p: f64) -> f64 {
-    if v.is_empty() {
-        return 0.0;
-    }
-    v.sort_by(f64::total_cmp);
-    let rank = ((p * v.len() as f64).ceil() as usize).clamp(1, v.len());
-    v[rank - 1]
+    peerless_core::stats::quantile(v, p).unwrap_or(0.0)
 }
 
 /// OpenBLAS's thread count variable; function instances run with it set to 1.

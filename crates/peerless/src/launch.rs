@@ -5,6 +5,7 @@
 //! loopback (free ports), and at the end merges every node's metrics and events into the run
 //! directory and writes the cluster's summary.
 
+use std::collections::BTreeMap;
 use std::io::Read;
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
@@ -12,9 +13,10 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
+use peerless_core::attack::Attack;
 use peerless_core::cost::pico_to_usd;
 use peerless_runtime::config::{Compute, RunConfig, TrainArch};
-use peerless_runtime::p2p::peer::METRICS_HEADER;
+use peerless_runtime::node::NodeRow;
 use peerless_runtime::p2p::{PeerFile, PeerSection, PeerSummary};
 use peerless_runtime::rundir::RunDir;
 use peerless_runtime::scenario::FaultSpec;
@@ -116,12 +118,16 @@ fn dial_addr(proxy: Option<&Proxy>, from: usize, to: usize, port: u16) -> Result
     })
 }
 
+/// The scenario's Byzantine attacks, by the index of the node that carries each out.
+type Attacks = BTreeMap<usize, Attack>;
+
 /// Writes the peer configurations of a cluster of `cfg.p2p.peers` peers under `dir/peers/`.
-pub fn write_peer_files(
+fn write_peer_files(
     cfg: &RunConfig,
     dir: &Path,
     secret: &str,
     proxy: Option<&Proxy>,
+    attacks: &Attacks,
 ) -> Result<Vec<PathBuf>> {
     let n = cfg.p2p.peers as usize;
     let ports = free_ports(n)?;
@@ -145,7 +151,7 @@ pub fn write_peer_files(
                 join: false,
                 progress: true,
                 halt_at_round: None,
-                attack: None,
+                attack: attacks.get(&i).copied(),
             },
             run: run.clone(),
         };
@@ -161,11 +167,11 @@ pub fn launch(cfg: &RunConfig, dir: &mut RunDir, faults: &[FaultSpec]) -> Result
     let secret = if cfg.p2p.secret.is_empty() { random_secret() } else { cfg.p2p.secret.clone() };
     let n = cfg.p2p.peers as usize;
     let (injector, skipped) = injector(faults, TrainArch::P2p, n, n)?;
-    let configs = write_peer_files(cfg, dir.path(), &secret, injector.proxy())?;
-    write_attacks(&configs, faults, TrainArch::P2p, n)?;
+    let attacks: Attacks = crate::faults::attacks(faults, TrainArch::P2p, n).into_iter().collect();
+    let configs = write_peer_files(cfg, dir.path(), &secret, injector.proxy(), &attacks)?;
     let nodes: Vec<Node> =
         configs.into_iter().map(|config| Node { role: Role::Peer, config, restart: None }).collect();
-    run_cluster(cfg, dir, "p2p", nodes, injector, skipped)
+    run_cluster(cfg, dir, "p2p", nodes, injector, skipped, &attacks)
 }
 
 fn injector(
@@ -183,6 +189,7 @@ pub fn launch_ps(cfg: &RunConfig, dir: &mut RunDir, faults: &[FaultSpec]) -> Res
     let secret = if cfg.p2p.secret.is_empty() { random_secret() } else { cfg.p2p.secret.clone() };
     let n = cfg.p2p.peers as usize;
     let (injector, skipped) = injector(faults, TrainArch::Ps, n, n + 1)?;
+    let attacks: Attacks = crate::faults::attacks(faults, TrainArch::Ps, n).into_iter().collect();
     let ports = free_ports(n + 1)?;
     let mut run = cfg.clone();
     run.p2p.secret = secret;
@@ -205,7 +212,7 @@ pub fn launch_ps(cfg: &RunConfig, dir: &mut RunDir, faults: &[FaultSpec]) -> Res
                 join: false,
                 progress: is_ps,
                 halt_at_round: None,
-                attack: None,
+                attack: attacks.get(&i).copied(),
             },
             run: run.clone(),
         };
@@ -217,20 +224,7 @@ pub fn launch_ps(cfg: &RunConfig, dir: &mut RunDir, faults: &[FaultSpec]) -> Res
             restart: is_ps.then(|| Duration::from_millis(cfg.ps.restart_delay_ms)),
         });
     }
-    let configs: Vec<PathBuf> = nodes.iter().map(|n| n.config.clone()).collect();
-    write_attacks(&configs, faults, TrainArch::Ps, n)?;
-    run_cluster(cfg, dir, "ps", nodes, injector, skipped)
-}
-
-/// Writes the scenario's Byzantine attacks into their targets' node files.
-fn write_attacks(configs: &[PathBuf], faults: &[FaultSpec], arch: TrainArch, n: usize) -> Result<()> {
-    for (index, attack) in crate::faults::attacks(faults, arch, n) {
-        let path = &configs[index];
-        let mut file = PeerFile::load(path).with_context(|| format!("reading {}", path.display()))?;
-        file.peer.attack = Some(attack);
-        std::fs::write(path, file.to_toml()).with_context(|| format!("writing {}", path.display()))?;
-    }
-    Ok(())
+    run_cluster(cfg, dir, "ps", nodes, injector, skipped, &attacks)
 }
 
 /// Supervises the cluster until every node is gone, then merges the nodes' files into the run
@@ -242,6 +236,7 @@ fn run_cluster(
     nodes: Vec<Node>,
     injector: Injector,
     skipped: Vec<crate::faults::Record>,
+    attacks: &Attacks,
 ) -> Result<ExitCode> {
     dir.event(
         "start",
@@ -273,7 +268,7 @@ fn run_cluster(
         rec.rounds_lost = rec.resumed_from_round.map(|r| rec.died_at_round.saturating_sub(r));
         dir.event("recovery", serde_json::to_value(&*rec)?)?;
     }
-    let mut summary = collect(cfg, dir, arch, &configs, run.wall_s)?;
+    let mut summary = collect(cfg, dir, arch, &configs, attacks, run.wall_s)?;
     summary.recoveries = recoveries;
     summary.nodes = run.outcomes;
     for n in &mut summary.nodes {
@@ -318,10 +313,11 @@ fn collect(
     dir: &mut RunDir,
     arch: &str,
     configs: &[PathBuf],
+    attacks: &Attacks,
     wall: f64,
 ) -> Result<ClusterSummary> {
     let mut per_peer = Vec::new();
-    let mut metrics = vec![METRICS_HEADER.to_string()];
+    let mut metrics = vec![NodeRow::header()];
     let mut events: Vec<(u64, String)> = Vec::new();
     for path in configs {
         let pdir = path.parent().expect("peer.toml has a directory");
@@ -361,12 +357,7 @@ fn collect(
 
     per_peer.sort_by_key(|s| s.peer);
     // Byzantine nodes' models are not the run's result.
-    let attackers: Vec<u32> = configs
-        .iter()
-        .filter_map(|p| PeerFile::load(p).ok())
-        .filter(|f| f.peer.attack.is_some())
-        .map(|f| f.peer.index)
-        .collect();
+    let attackers: Vec<u32> = attacks.keys().map(|&i| i as u32).collect();
     // Nodes holding a model: every honest peer, or the PS (workers report no digest).
     let honest = |s: &&PeerSummary| !s.param_digest.is_empty() && !attackers.contains(&s.peer);
     let mut finished: Vec<&PeerSummary> = per_peer.iter().filter(honest).filter(|s| s.completed).collect();

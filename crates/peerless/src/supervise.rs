@@ -572,18 +572,11 @@ impl<'a> Supervisor<'a> {
     }
 }
 
-/// Counts Ctrl-C presses on a thread of its own.
+/// Counts Ctrl-C presses.
 fn watch_interrupts() -> Arc<AtomicU32> {
     let count = Arc::new(AtomicU32::new(0));
     let c = count.clone();
-    std::thread::spawn(move || {
-        let Ok(rt) = tokio::runtime::Builder::new_current_thread().enable_io().build() else { return };
-        rt.block_on(async move {
-            while tokio::signal::ctrl_c().await.is_ok() {
-                c.fetch_add(1, Ordering::Relaxed);
-            }
-        });
-    });
+    crate::common::on_interrupt(move |presses| c.store(presses, Ordering::Relaxed));
     count
 }
 

@@ -120,21 +120,12 @@ pub fn run(args: TrainArgs) -> Result<ExitCode> {
 /// Ctrl-C sets `stop`; the loop then finishes its round, checkpoints and exits. A second
 /// Ctrl-C exits at once.
 fn spawn_ctrl_c(stop: Arc<AtomicBool>) {
-    std::thread::spawn(move || {
-        let Ok(rt) = tokio::runtime::Builder::new_current_thread().enable_io().build() else {
-            return;
-        };
-        rt.block_on(async move {
-            if tokio::signal::ctrl_c().await.is_ok() {
-                eprintln!(
-                    "\ninterrupt: finishing this round and writing a checkpoint (Ctrl-C again to abort)"
-                );
-                stop.store(true, Ordering::Relaxed);
-                if tokio::signal::ctrl_c().await.is_ok() {
-                    std::process::exit(130);
-                }
-            }
-        });
+    crate::common::on_interrupt(move |presses| {
+        if presses > 1 {
+            std::process::exit(130);
+        }
+        eprintln!("\ninterrupt: finishing this round and writing a checkpoint (Ctrl-C again to abort)");
+        stop.store(true, Ordering::Relaxed);
     });
 }
 

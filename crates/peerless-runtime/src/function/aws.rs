@@ -458,7 +458,7 @@ mod tests {
 
     #[tokio::test]
     async fn needs_credentials_for_aws_itself_but_not_for_a_local_endpoint() {
-        let mut cfg = Config { backend: super::super::config::Backend::AwsLambda, ..Config::for_test() };
+        let mut cfg = Config { backend: super::super::config::Service::AwsLambda, ..Config::for_test() };
         cfg.aws.endpoint_url = "http://127.0.0.1:9".into();
         let l = AwsLambda::with_credentials(cfg.clone(), AwsCredentials::placeholder(), 1).unwrap();
         assert_eq!(l.target("gradient"), "gradient");
@@ -470,7 +470,7 @@ mod tests {
 
     #[tokio::test]
     async fn an_unreachable_endpoint_is_a_retried_crash_billed_as_measured() {
-        let mut cfg = Config { backend: super::super::config::Backend::AwsLambda, ..Config::for_test() };
+        let mut cfg = Config { backend: super::super::config::Service::AwsLambda, ..Config::for_test() };
         // Port 9 (discard) on loopback: nothing listens, the connection is refused.
         cfg.aws.endpoint_url = "http://127.0.0.1:9".into();
         cfg.max_retries = 1;

@@ -16,7 +16,7 @@ pub const MAX_TIMEOUT_MS: u64 = 900_000;
 /// Which service runs the functions (`function.backend`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
-pub enum Backend {
+pub enum Service {
     /// The local function runtime: instances are processes on this machine.
     #[default]
     Local,
@@ -25,11 +25,11 @@ pub enum Backend {
     AwsLambda,
 }
 
-impl std::fmt::Display for Backend {
+impl std::fmt::Display for Service {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str(match self {
-            Backend::Local => "local",
-            Backend::AwsLambda => "aws-lambda",
+            Service::Local => "local",
+            Service::AwsLambda => "aws-lambda",
         })
     }
 }
@@ -78,7 +78,7 @@ impl Default for AwsConfig {
 #[serde(deny_unknown_fields, default)]
 pub struct Config {
     /// `local` (default) or `aws-lambda`.
-    pub backend: Backend,
+    pub backend: Service,
     /// Memory per instance, MB (128..=10240). Billed, and enforced: an instance whose resident
     /// set exceeds it is killed (`OutOfMemory`). Default 1769, where Lambda gives one full vCPU.
     pub memory_mb: u64,
@@ -113,7 +113,7 @@ pub struct Config {
 impl Default for Config {
     fn default() -> Self {
         Config {
-            backend: Backend::Local,
+            backend: Service::Local,
             memory_mb: 1769,
             timeout_ms: 60_000,
             init_timeout_ms: 10_000,
@@ -215,7 +215,7 @@ impl Config {
         self.prices.prices().map_err(|e| {
             invalid(&format!("prices.{}", e.key), e.value, "must be a finite, non-negative dollar amount")
         })?;
-        if self.backend == Backend::AwsLambda {
+        if self.backend == Service::AwsLambda {
             if self.faults != FaultConfig::default() {
                 return Err(invalid(
                     "faults",
@@ -294,13 +294,13 @@ mod tests {
         c.validate().unwrap();
         assert_eq!(
             (c.backend, c.aws.region.as_str(), c.aws.function_name.as_str()),
-            (Backend::AwsLambda, "us-east-1", "peerless")
+            (Service::AwsLambda, "us-east-1", "peerless")
         );
-        assert_eq!(Config::default().backend, Backend::Local);
+        assert_eq!(Config::default().backend, Service::Local);
         let err = toml::from_str::<Config>("backend = \"lambda\"").unwrap_err().to_string();
         assert!(err.contains("aws-lambda"), "{err}");
         let bad = |f: fn(&mut Config)| {
-            let mut c = Config { backend: Backend::AwsLambda, ..Config::default() };
+            let mut c = Config { backend: Service::AwsLambda, ..Config::default() };
             f(&mut c);
             c.validate().unwrap_err().to_string()
         };
@@ -311,6 +311,6 @@ mod tests {
         assert!(bad(|c| c.faults.crash_rate = 0.1).starts_with("function.faults"));
         // The local backend takes faults, and ignores the [aws] keys.
         let faults = FaultConfig { crash_rate: 0.1, ..FaultConfig::default() };
-        Config { backend: Backend::Local, faults, ..c }.validate().unwrap();
+        Config { backend: Service::Local, faults, ..c }.validate().unwrap();
     }
 }

@@ -22,7 +22,7 @@ use serde_json::Value;
 use tokio::sync::watch;
 
 use super::api::{Event, FunctionError};
-use super::config::{Backend, Config};
+use super::config::{Config, Service};
 use super::faults::{Fault, FaultInjector};
 use super::instance::{FunctionCommand, Instance, RunEnd, SpawnError, Watch};
 use super::metrics::{self, Counters, Ledger, Summary};
@@ -148,14 +148,14 @@ pub trait Invoker: Send + Sync + std::fmt::Debug {
 /// without the feature.
 pub fn start(config: Config, command: FunctionCommand, seed: u64) -> Result<Arc<dyn Invoker>, ConfigError> {
     match config.backend {
-        Backend::Local => Ok(Arc::new(LocalRuntime::start(config, command, seed)?)),
+        Service::Local => Ok(Arc::new(LocalRuntime::start(config, command, seed)?)),
         #[cfg(feature = "aws-lambda")]
-        Backend::AwsLambda => {
+        Service::AwsLambda => {
             let _ = command;
             Ok(Arc::new(super::aws::AwsLambda::start(config, seed)?))
         }
         #[cfg(not(feature = "aws-lambda"))]
-        Backend::AwsLambda => {
+        Service::AwsLambda => {
             let _ = (command, seed);
             Err(ConfigError::Invalid {
                 key: "function.backend".into(),

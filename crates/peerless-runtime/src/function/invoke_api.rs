@@ -119,7 +119,7 @@ async fn handle(state: Arc<State>, req: Request<Incoming>) -> Result<Resp, Infal
     }
     // The SDK sends ARNs or partial ARNs too (percent-encoded): keep the function name, the
     // component after `function:` (or the last one).
-    let name = percent_decode(&name);
+    let name = crate::percent::decode(&name);
     let name = match name.split_once(":function:") {
         Some((_, rest)) => rest.split(':').next().unwrap_or(rest).to_owned(),
         None => name.rsplit(':').next().unwrap_or(&name).to_owned(),
@@ -210,37 +210,4 @@ async fn handle(state: Arc<State>, req: Request<Incoming>) -> Result<Resp, Infal
             respond(StatusCode::OK, err.to_json(), &headers)
         }
     })
-}
-
-/// `%XX` escapes decoded (function names and ARNs in the path); anything malformed is kept.
-fn percent_decode(s: &str) -> String {
-    let b = s.as_bytes();
-    let mut out = Vec::with_capacity(b.len());
-    let mut i = 0;
-    while i < b.len() {
-        let hex = |c: u8| char::from(c).to_digit(16);
-        match (b[i], b.get(i + 1).copied().and_then(hex), b.get(i + 2).copied().and_then(hex)) {
-            (b'%', Some(h), Some(l)) => {
-                out.push(u8::try_from(h * 16 + l).unwrap_or(b'?'));
-                i += 3;
-            }
-            (c, _, _) => {
-                out.push(c);
-                i += 1;
-            }
-        }
-    }
-    String::from_utf8_lossy(&out).into_owned()
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn function_names_are_decoded_from_the_path() {
-        assert_eq!(percent_decode("arn%3Aaws%3Alambda"), "arn:aws:lambda");
-        assert_eq!(percent_decode("gradient"), "gradient");
-        assert_eq!(percent_decode("bad%zz%4"), "bad%zz%4");
-    }
 }

@@ -169,13 +169,7 @@ pub struct Summary {
 
 /// The `q`-quantile (0..=1) of `v` by nearest rank; 0 for an empty slice.
 pub fn quantile(v: &[u64], q: f64) -> u64 {
-    if v.is_empty() {
-        return 0;
-    }
-    let mut s = v.to_vec();
-    s.sort_unstable();
-    let rank = ((q.clamp(0.0, 1.0) * s.len() as f64).ceil() as usize).clamp(1, s.len());
-    s[rank - 1]
+    peerless_core::stats::quantile(v, q).unwrap_or(0)
 }
 
 /// The runtime's running [`Summary`]: the totals, plus the samples its quantiles are taken from

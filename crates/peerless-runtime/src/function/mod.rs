@@ -41,7 +41,7 @@ pub mod report;
 
 #[cfg(feature = "drivers")]
 pub use api::FunctionError;
-pub use config::{AwsConfig, Backend, Config};
+pub use config::{AwsConfig, Config, Service};
 pub use faults::{Fault, FaultConfig, FaultInjector, FaultPlan};
 #[cfg(feature = "drivers")]
 pub use handler::{HandlerError, HandlerFuture, Handlers, ServeError, serve};

@@ -56,7 +56,7 @@ impl<S: Store + Clone + 'static> GradientFunction<S> {
         data: &Dataset,
     ) -> Result<Model, GradientError> {
         let spec = fit_to_dataset(spec, id, data)?;
-        let key = (id.to_owned(), backend.resolve(spec.arch).to_string(), spec.input);
+        let key = (id.to_owned(), backend.resolve().to_string(), spec.input);
         if let Some(m) = self.models.get(&key) {
             return Ok(m.clone());
         }

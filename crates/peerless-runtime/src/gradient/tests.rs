@@ -608,10 +608,7 @@ async fn overhead_of_the_function_path() {
         "cold handle (MNIST load + model + fetch + compute): {:.1} ms",
         t.elapsed().as_secs_f64() * 1e3
     );
-    let median = |mut v: Vec<f64>| {
-        v.sort_by(f64::total_cmp);
-        v[v.len() / 2]
-    };
+    let median = |v: Vec<f64>| peerless_core::stats::median(&v).expect("measured");
     let (mut warm, mut compute, mut direct_ms) = (Vec::new(), Vec::new(), Vec::new());
     for i in 1..=N {
         let r = req(i);

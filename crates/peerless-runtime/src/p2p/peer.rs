@@ -7,7 +7,7 @@
 //!   identity.key             ed25519 key (libp2p protobuf encoding)
 //!   peer.toml                the configuration the peer was started with (written by the launcher)
 //!   checkpoint.safetensors   every `train.checkpoint_every` rounds and at the end (atomic)
-//!   metrics.csv              one row per round (see [`METRICS_HEADER`])
+//!   metrics.csv              one row per round (see [`NodeRow`](crate::node::NodeRow))
 //!   events.jsonl             protocol and network events with wall-clock timestamps
 //!   ledger.csv               one line per function invocation attempt
 //!   summary.json             [`PeerSummary`]
@@ -38,12 +38,9 @@ use crate::checkpoint::Checkpoint;
 use crate::function::FunctionCommand;
 
 pub use crate::node::NodeError;
-use crate::node::{Backend, Files, Job, LocalResult, NodeLine, Outgoing, Progress, io_err, unix_ms};
-
-/// Columns of a peer's `metrics.csv`.
-pub const METRICS_HEADER: &str = "t_ms,peer,round,epoch,wall_s,train_loss,view,contributors,samples,\
-bytes_in,bytes_out,invocations,cold_starts,retries,compute_ms,wait_ms,exchange_ms,aggregate_ms,\
-update_ms,cost_pico,eval_round,test_loss,test_accuracy,staleness,gather_ms,effective_f";
+use crate::node::{
+    Files, GradientBackend, Job, LocalResult, NodeLine, NodeRow, Outgoing, Progress, io_err, unix_ms,
+};
 
 /// Per-round timings and counters, reset when a row is written.
 #[derive(Debug, Default)]
@@ -72,7 +69,7 @@ pub async fn run(
     let me = file.peer.index;
     let p2p = &run.p2p;
     let dir = file.peer.dir.clone();
-    let mut files = Files::open(&dir, METRICS_HEADER)?;
+    let mut files = Files::open(&dir)?;
 
     // Identity and allow-list.
     let allow: Vec<PeerId> = if file.peer.allow.is_empty() {
@@ -142,7 +139,7 @@ pub async fn run(
     };
 
     // Gradient backend.
-    let backend = Backend::start(run, me, command).await?;
+    let backend = GradientBackend::start(run, me, command).await?;
     let prices = run.function.prices.prices().map_err(|e| NodeError::Config(e.to_string()))?;
 
     // Network.
@@ -306,33 +303,34 @@ pub async fn run(
                         let inv = backend.summary();
                         let node_pico = prices.node_pico(t0.elapsed().as_millis() as u64);
                         let ev = pending_eval.take();
-                        let opt = |v: Option<f32>| v.map(|x| format!("{x:.6}")).unwrap_or_default();
-                        files.metrics(&format!(
-                        "{},{me},{done},{:.4},{:.4},{:.6},{},{},{},{},{},{},{},{},{:.2},{:.2},{},{:.3},{:.3},{},{},{},{},0,{},{}",
-                        unix_ms(),
-                        done as f64 / rpe as f64,
-                        t0.elapsed().as_secs_f64(),
-                        stats.loss,
-                        machine.expected().len() + 1,
-                        inputs.len(),
-                        stats.samples,
-                        net_state.bytes_in,
-                        net_state.bytes_out,
-                        inv.invocations - invoker_before.invocations,
-                        inv.cold_starts - invoker_before.cold_starts,
-                        inv.retries - invoker_before.retries,
-                        stats.compute_ms,
-                        wait_ms,
-                        stats.exchange_ms.map(|x| format!("{x:.2}")).unwrap_or_default(),
-                        aggregate_ms,
-                        update_ms,
-                        inv.cost_pico + node_pico,
-                        ev.map(|e| e.0.to_string()).unwrap_or_default(),
-                        opt(ev.map(|e| e.1)),
-                        opt(ev.map(|e| e.2)),
-                        stats.gather_ms.map(|x| format!("{x:.3}")).unwrap_or_default(),
-                        aggregator.effective_f(inputs.len()),
-                    ));
+                        files.metrics(&NodeRow {
+                            t_ms: unix_ms(),
+                            node: me,
+                            round: done,
+                            epoch: done as f64 / rpe as f64,
+                            wall_s: t0.elapsed().as_secs_f64(),
+                            train_loss: Some(stats.loss),
+                            view: Some(machine.expected().len() + 1),
+                            contributors: Some(inputs.len()),
+                            samples: Some(stats.samples),
+                            bytes_in: net_state.bytes_in,
+                            bytes_out: net_state.bytes_out,
+                            invocations: Some(inv.invocations - invoker_before.invocations),
+                            cold_starts: Some(inv.cold_starts - invoker_before.cold_starts),
+                            retries: Some(inv.retries - invoker_before.retries),
+                            compute_ms: Some(stats.compute_ms),
+                            wait_ms: Some(wait_ms),
+                            exchange_ms: stats.exchange_ms,
+                            aggregate_ms: Some(aggregate_ms),
+                            update_ms: Some(update_ms),
+                            cost_pico: Some(inv.cost_pico + node_pico),
+                            eval_round: ev.map(|e| e.0),
+                            test_loss: ev.map(|e| e.1),
+                            test_accuracy: ev.map(|e| e.2),
+                            staleness: Some(0),
+                            gather_ms: stats.gather_ms,
+                            effective_f: Some(aggregator.effective_f(inputs.len())),
+                        });
                         invoker_before = inv;
                         if file.peer.progress {
                             NodeLine::Progress(Progress {

@@ -19,7 +19,9 @@ use serde_json::json;
 use tokio::sync::{mpsc, watch};
 
 use super::{Common, common, write_summary};
-use crate::node::{Backend, Files, Job, LocalResult, NodeError, NodeLine, Outgoing, unix_ms};
+use crate::node::{
+    Files, GradientBackend, Job, LocalResult, NodeError, NodeLine, NodeRow, Outgoing, unix_ms,
+};
 use crate::p2p::net::{Behaviour, BehaviourEvent};
 use crate::p2p::{PeerFile, PeerSummary};
 
@@ -133,7 +135,7 @@ pub async fn run_worker(
         bytes_in: 0,
         bytes_out: 0,
     };
-    let backend = Arc::new(Backend::start(&run, me, command).await?);
+    let backend = Arc::new(GradientBackend::start(&run, me, command).await?);
     let job = Job::template(&run, me, model.clone(), split.clone(), backend.clone(), data_dir.clone());
     let prices = run.function.prices.prices().map_err(|e| NodeError::Config(e.to_string()))?;
     let t0 = Instant::now();
@@ -196,21 +198,24 @@ pub async fn run_worker(
         if let Some((gather_ms, loss, r_samples, compute_ms)) = row.take() {
             let inv = backend.summary();
             let position = worker.position();
-            files.metrics(&format!(
-                "{},{me},{position},{:.4},{:.4},{:.6},,,{},{},{},{},{},{},{compute_ms:.2},,,,,{},,,,,{},",
-                unix_ms(),
-                position as f64 / rpe as f64,
-                t0.elapsed().as_secs_f64(),
-                loss,
-                r_samples,
-                link.bytes_in,
-                link.bytes_out,
-                inv.invocations,
-                inv.cold_starts,
-                inv.retries,
-                inv.cost_pico + prices.node_pico(t0.elapsed().as_millis() as u64),
-                gather_ms.map(|x| format!("{x:.3}")).unwrap_or_default(),
-            ));
+            files.metrics(&NodeRow {
+                t_ms: unix_ms(),
+                node: me,
+                round: position,
+                epoch: position as f64 / rpe as f64,
+                wall_s: t0.elapsed().as_secs_f64(),
+                train_loss: Some(loss),
+                samples: Some(r_samples),
+                bytes_in: link.bytes_in,
+                bytes_out: link.bytes_out,
+                invocations: Some(inv.invocations),
+                cold_starts: Some(inv.cold_starts),
+                retries: Some(inv.retries),
+                compute_ms: Some(compute_ms),
+                cost_pico: Some(inv.cost_pico + prices.node_pico(t0.elapsed().as_millis() as u64)),
+                gather_ms,
+                ..NodeRow::default()
+            });
         }
         if worker.is_done() {
             break;

@@ -14,9 +14,9 @@
 //!   differs from the accumulator's, or is not a multiple of 4, is refused with
 //!   `-WRONGLEN ...` and nothing changes.
 //!
-//! # Limits and lifecycle
+//! # FrameLimits and lifecycle
 //! Connections are capped by a semaphore ([`EmbeddedServer::max_connections`]); each has its
-//! own task. Frames are bounded by the codec's `Limits`; malformed input gets
+//! own task. Frames are bounded by the codec's `FrameLimits`; malformed input gets
 //! `-ERR Protocol error: ...` and the connection is closed. [`EmbeddedHandle::shutdown`] stops
 //! accepting, lets each connection finish the command in hand (for up to
 //! [`SHUTDOWN_GRACE`]) and then aborts what is left. Dropping the handle also stops the server,
@@ -39,7 +39,7 @@ use tokio::sync::{Semaphore, watch};
 use tokio::task::{JoinHandle, JoinSet};
 use tracing::{debug, info, trace, warn};
 
-use super::resp::{Limits, Parsed, Reply, split_command, write_reply};
+use super::resp::{FrameLimits, Parsed, Reply, split_command, write_reply};
 
 /// Default cap on simultaneous connections.
 pub const DEFAULT_MAX_CONNECTIONS: usize = 1024;
@@ -282,7 +282,8 @@ async fn serve(stream: TcpStream, shared: &Shared, mut stop: watch::Receiver<boo
     let mut need = 1;
     loop {
         while buf.len() >= need {
-            let limits = if conn.authenticated { &Limits::AUTHENTICATED } else { &Limits::UNAUTHENTICATED };
+            let limits =
+                if conn.authenticated { &FrameLimits::AUTHENTICATED } else { &FrameLimits::UNAUTHENTICATED };
             match split_command(&mut buf, limits) {
                 Ok(Parsed::Command { args, .. }) => {
                     need = 1;

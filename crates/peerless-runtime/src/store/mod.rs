@@ -22,7 +22,7 @@ use std::future::Future;
 #[cfg(feature = "drivers")]
 pub use self::embedded::{EmbeddedHandle, EmbeddedServer};
 #[cfg(feature = "drivers")]
-pub use self::redis::{Backend, RedisStore, RedisStoreConfig};
+pub use self::redis::{RedisStore, RedisStoreConfig, ServerKind};
 
 /// Store errors.
 #[derive(Debug, thiserror::Error)]

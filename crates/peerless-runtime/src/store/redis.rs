@@ -10,8 +10,8 @@
 //! answers `-ERR unknown command`. The result is [`RedisStore::backend`] and picks
 //! how [`Store::accumulate`] runs:
 //!
-//! - [`Backend::Embedded`]: the native `PEERLESS.ACCUM key token blob` command.
-//! - [`Backend::Redis`]: a Lua script ([`ACCUMULATE_LUA`], sent as `EVALSHA`) that does the same
+//! - [`ServerKind::Embedded`]: the native `PEERLESS.ACCUM key token blob` command.
+//! - [`ServerKind::Redis`]: a Lua script ([`ACCUMULATE_LUA`], sent as `EVALSHA`) that does the same
 //!   on the same keys (`key` = sum as little-endian `f32`, `key:n` = count, `key:tokens` = set
 //!   of applied tokens). Lua numbers are doubles: each pair of `f32`s is added in `f64` and
 //!   rounded back to `f32` by `struct.pack`. That double rounding is harmless for addition
@@ -50,7 +50,7 @@ use super::{Accumulated, Store, StoreError};
 
 /// Which server a [`RedisStore`] talks to.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Backend {
+pub enum ServerKind {
     /// peerless's embedded store ([`super::embedded::EmbeddedServer`]).
     Embedded,
     /// A real `redis-server` (accumulation by Lua script).
@@ -136,7 +136,7 @@ const WRONGLEN: &str = "WRONGLEN";
 #[derive(Clone)]
 pub struct RedisStore {
     conn: MultiplexedConnection,
-    backend: Backend,
+    backend: ServerKind,
     /// The direct `PEERLESS.ACCUM` connection (embedded store over TCP only).
     accum: Option<Arc<AccumLine>>,
     /// The URL with the password elided.
@@ -209,14 +209,14 @@ impl RedisStore {
             Err(e) => return Err(fail(format!("PING failed: {e}"))),
         }
         let backend = match redis::cmd("PEERLESS.PING").query_async::<String>(&mut conn).await {
-            Ok(s) if s == "PEERLESS" => Backend::Embedded,
+            Ok(s) if s == "PEERLESS" => ServerKind::Embedded,
             Ok(s) => return Err(fail(format!("unexpected PEERLESS.PING reply {s:?}"))),
-            Err(e) if e.detail().is_some_and(|d| d.starts_with("unknown command")) => Backend::Redis,
+            Err(e) if e.detail().is_some_and(|d| d.starts_with("unknown command")) => ServerKind::Redis,
             Err(e) => return Err(fail(format!("backend probe failed: {e}"))),
         };
         debug!(?backend, "store connected");
         let accum = match (backend, direct) {
-            (Backend::Embedded, Some((host, port, user, password))) => {
+            (ServerKind::Embedded, Some((host, port, user, password))) => {
                 Some(Arc::new(AccumLine::new(host, port, user, password, config.response_timeout)))
             }
             _ => None,
@@ -225,7 +225,7 @@ impl RedisStore {
     }
 
     /// The detected backend.
-    pub fn backend(&self) -> Backend {
+    pub fn backend(&self) -> ServerKind {
         self.backend
     }
 
@@ -294,7 +294,7 @@ impl Store for RedisStore {
         let blob = LeF32(grad);
         let mut conn = self.conn.clone();
         let (command, result) = match self.backend {
-            Backend::Embedded => (
+            ServerKind::Embedded => (
                 "PEERLESS.ACCUM",
                 redis::cmd("PEERLESS.ACCUM")
                     .arg(key)
@@ -303,7 +303,7 @@ impl Store for RedisStore {
                     .query_async::<i64>(&mut conn)
                     .await,
             ),
-            Backend::Redis => (
+            ServerKind::Redis => (
                 "EVALSHA(accumulate)",
                 ACCUMULATE
                     .key(key)
@@ -433,32 +433,11 @@ fn scrub(text: &str, secret: Option<&str>) -> String {
         return text.to_owned();
     };
     let mut out = text.replace(secret, "***");
-    let decoded = percent_decode(secret);
+    let decoded = crate::percent::decode(secret);
     if !decoded.is_empty() {
         out = out.replace(&decoded, "***");
     }
     out
-}
-
-fn percent_decode(s: &str) -> String {
-    let bytes = s.as_bytes();
-    let mut out = Vec::with_capacity(bytes.len());
-    let mut i = 0;
-    while i < bytes.len() {
-        let hex = |b: u8| char::from(b).to_digit(16);
-        match (bytes[i], bytes.get(i + 1).copied().and_then(hex), bytes.get(i + 2).copied().and_then(hex)) {
-            (b'%', Some(h), Some(l)) => {
-                // Two hex digits: at most 0xff.
-                out.push(u8::try_from(h * 16 + l).unwrap_or(b'?'));
-                i += 3;
-            }
-            (b, _, _) => {
-                out.push(b);
-                i += 1;
-            }
-        }
-    }
-    String::from_utf8_lossy(&out).into_owned()
 }
 
 #[cfg(test)]
@@ -492,6 +471,5 @@ mod tests {
         assert_eq!(url_password("redis://u:@h:1/"), None);
         assert_eq!(scrub("bad a@b and a%40b", Some("a%40b")), "bad *** and ***");
         assert_eq!(scrub("nothing", None), "nothing");
-        assert_eq!(percent_decode("%41%zz%4"), "A%zz%4");
     }
 }

@@ -4,7 +4,7 @@
 //! redis clients send; inline commands are refused. Parsing works on whatever prefix of the
 //! stream has arrived: [`split_command`] either returns a whole command, says how many bytes
 //! it needs before trying again, or rejects the input. Every claim in a header is checked
-//! against [`Limits`] before it is believed, and nothing is allocated from a claimed length:
+//! against [`FrameLimits`] before it is believed, and nothing is allocated from a claimed length:
 //! arguments are taken out only once the whole frame is in the buffer. [`split_command`]
 //! takes them without copying the large ones: the frame is split off the read buffer and
 //! each argument of at least [`SHARE_ABOVE`] bytes is a view into it (a gradient or a
@@ -23,7 +23,7 @@ use tokio::io::{AsyncWrite, AsyncWriteExt};
 
 /// Hard limits on one command frame.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Limits {
+pub struct FrameLimits {
     /// Longest header line (`*N` or `$len`), CRLF included.
     pub max_line: usize,
     /// Most arguments in one command.
@@ -34,10 +34,10 @@ pub struct Limits {
     pub max_frame: usize,
 }
 
-impl Limits {
+impl FrameLimits {
     /// For authenticated clients: Redis's own defaults (`proto-max-bulk-len` 512 MiB,
     /// `client-query-buffer-limit` 1 GiB, 1 Mi arguments).
-    pub const AUTHENTICATED: Limits = Limits {
+    pub const AUTHENTICATED: FrameLimits = FrameLimits {
         max_line: 64,
         max_array: 1024 * 1024,
         max_bulk: 512 * 1024 * 1024,
@@ -46,8 +46,8 @@ impl Limits {
 
     /// Before `AUTH` succeeds: like Redis, only small frames (10 arguments of 16 KiB), so an
     /// unauthenticated peer cannot make the server buffer much.
-    pub const UNAUTHENTICATED: Limits =
-        Limits { max_line: 64, max_array: 10, max_bulk: 16 * 1024, max_frame: 64 * 1024 };
+    pub const UNAUTHENTICATED: FrameLimits =
+        FrameLimits { max_line: 64, max_array: 10, max_bulk: 16 * 1024, max_frame: 64 * 1024 };
 }
 
 /// Malformed or over-limit input. The server answers `-ERR Protocol error: ...` and closes the
@@ -89,7 +89,7 @@ struct Frame {
 ///
 /// # Errors
 /// [`ProtocolError`] if the bytes are not a RESP2 array of bulk strings or break a limit.
-pub fn parse_command(buf: &[u8], limits: &Limits) -> Result<Parsed, ProtocolError> {
+pub fn parse_command(buf: &[u8], limits: &FrameLimits) -> Result<Parsed, ProtocolError> {
     Ok(match scan(buf, limits)? {
         Ok(Frame { ranges, consumed }) => Parsed::Command {
             args: ranges.iter().map(|&(s, e)| Bytes::copy_from_slice(&buf[s..e])).collect(),
@@ -106,7 +106,7 @@ pub fn parse_command(buf: &[u8], limits: &Limits) -> Result<Parsed, ProtocolErro
 ///
 /// # Errors
 /// [`ProtocolError`] if the bytes are not a RESP2 array of bulk strings or break a limit.
-pub fn split_command(buf: &mut BytesMut, limits: &Limits) -> Result<Parsed, ProtocolError> {
+pub fn split_command(buf: &mut BytesMut, limits: &FrameLimits) -> Result<Parsed, ProtocolError> {
     Ok(match scan(buf, limits)? {
         Ok(Frame { ranges, consumed }) => {
             let args = if ranges.iter().any(|&(s, e)| e - s >= SHARE_ABOVE) {
@@ -135,7 +135,7 @@ pub fn split_command(buf: &mut BytesMut, limits: &Limits) -> Result<Parsed, Prot
 
 /// Finds the frame at the start of `buf`: `Ok(frame)`, or `Err(need)` when it has not fully
 /// arrived (see [`Parsed::Incomplete`]).
-fn scan(buf: &[u8], limits: &Limits) -> Result<Result<Frame, usize>, ProtocolError> {
+fn scan(buf: &[u8], limits: &FrameLimits) -> Result<Result<Frame, usize>, ProtocolError> {
     let incomplete_line = Err(buf.len() + 1);
     match buf.first() {
         None => return Ok(incomplete_line),
@@ -333,7 +333,7 @@ mod tests {
     use super::*;
     use proptest::prelude::*;
 
-    const A: Limits = Limits::AUTHENTICATED;
+    const A: FrameLimits = FrameLimits::AUTHENTICATED;
 
     fn command(args: &[&[u8]]) -> Vec<u8> {
         let mut out = format!("*{}\r\n", args.len()).into_bytes();
@@ -352,7 +352,7 @@ mod tests {
         }
     }
 
-    fn err_of(input: &[u8], limits: &Limits) -> String {
+    fn err_of(input: &[u8], limits: &FrameLimits) -> String {
         match parse_command(input, limits) {
             Err(e) => e.to_string(),
             Ok(p) => panic!("expected an error for {input:?}, got {p:?}"),
@@ -478,7 +478,7 @@ mod tests {
 
     #[test]
     fn unauthenticated_limits_are_tight() {
-        let u = Limits::UNAUTHENTICATED;
+        let u = FrameLimits::UNAUTHENTICATED;
         assert_eq!(err_of(b"*11\r\n", &u), "Protocol error: invalid multibulk length");
         assert_eq!(err_of(b"*1\r\n$20000\r\n", &u), "Protocol error: invalid bulk length");
         let frame = command(&[b"AUTH", b"default", b"secret"]);
@@ -487,7 +487,7 @@ mod tests {
 
     #[test]
     fn frame_total_is_bounded() {
-        let limits = Limits { max_line: 64, max_array: 10, max_bulk: 10, max_frame: 15 };
+        let limits = FrameLimits { max_line: 64, max_array: 10, max_bulk: 10, max_frame: 15 };
         assert_eq!(err_of(b"*2\r\n$8\r\n12345678\r\n$8\r\n", &limits), "Protocol error: command too large");
     }
 
@@ -545,7 +545,7 @@ mod tests {
         /// Random bytes never panic, and every answer is self-consistent.
         #[test]
         fn random_bytes_never_panic(input in proptest::collection::vec(any::<u8>(), 0..256)) {
-            for limits in [A, Limits::UNAUTHENTICATED, Limits { max_line: 4, max_array: 2, max_bulk: 3, max_frame: 4 }] {
+            for limits in [A, FrameLimits::UNAUTHENTICATED, FrameLimits { max_line: 4, max_array: 2, max_bulk: 3, max_frame: 4 }] {
                 match parse_command(&input, &limits) {
                     Ok(Parsed::Command { consumed, .. }) => prop_assert!(consumed <= input.len() && consumed > 0),
                     Ok(Parsed::Incomplete { need }) => prop_assert!(need > input.len()),

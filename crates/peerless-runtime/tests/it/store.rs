@@ -3,7 +3,7 @@
 use std::future::Future;
 use std::time::{Duration, Instant};
 
-use peerless_runtime::store::{Backend, EmbeddedServer, RedisStore, Store, StoreError};
+use peerless_runtime::store::{EmbeddedServer, RedisStore, ServerKind, Store, StoreError};
 
 use crate::{RedisServer, random_token};
 
@@ -167,7 +167,7 @@ async fn embedded_backend() {
     let url = server.url();
     assert_eq!(url, format!("redis://:{password}@{}/", server.addr()));
     let s = RedisStore::connect(&url).await.expect("connect");
-    assert_eq!(s.backend(), Backend::Embedded);
+    assert_eq!(s.backend(), ServerKind::Embedded);
     assert!(!format!("{s:?}").contains(&password));
     suite(|| async { RedisStore::connect(&url).await.expect("connect") }).await;
     auth_refused(server.addr().port()).await;
@@ -179,7 +179,7 @@ async fn embedded_backend_without_password() {
     let server = EmbeddedServer::spawn("127.0.0.1:0".parse().expect("addr"), None).expect("spawn");
     assert_eq!(server.url(), format!("redis://{}/", server.addr()));
     let s = RedisStore::connect(&server.url()).await.expect("connect");
-    assert_eq!(s.backend(), Backend::Embedded);
+    assert_eq!(s.backend(), ServerKind::Embedded);
     s.put("k", b"v").await.expect("put");
     assert_eq!(s.get("k").await.expect("get").as_deref(), Some(&b"v"[..]));
     server.shutdown().await;
@@ -190,7 +190,7 @@ async fn redis_backend() {
     let Some(server) = RedisServer::start() else { return };
     let url = server.url();
     let s = RedisStore::connect(&url).await.expect("connect");
-    assert_eq!(s.backend(), Backend::Redis);
+    assert_eq!(s.backend(), ServerKind::Redis);
     suite(|| async { RedisStore::connect(&url).await.expect("connect") }).await;
     auth_refused(server.port()).await;
 }

@@ -4,9 +4,8 @@
 //! The peerless step is what every gradient function and peer does: build the model's tensors
 //! from the flat parameter vector (*load*), forward + backward (*compute*), copy the gradients
 //! into one flat vector (*flatten*), and apply the optimizer to the flat vectors. The
-//! contenders: the default build's backend (flex, what `model.backend = "auto"` runs the MLP
-//! on without OpenBLAS), ndarray (whose kernels are OpenBLAS's in a `--features openblas`
-//! build, where `auto` picks it for dense models), and the
+//! contenders: the default backend (flex, what `model.backend = "auto"` runs), ndarray (whose
+//! kernels are OpenBLAS's in a `--features openblas` build, matrixmultiply's otherwise), and the
 //! same MLP step in PyTorch on one thread, flatten and write-back included, run by the first
 //! Python that imports `torch` (`--python`, `$PEERLESS_PYTHON`, `python3`). Each pass measures
 //! every contender once, in turn, so all see the same machine load; medians of the passes
@@ -20,6 +19,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result};
 use peerless_core::optim::{Optimizer, OptimizerConfig};
 use peerless_core::rng::Rng;
+use peerless_core::stats::median;
 use peerless_ml::{Arch, Backend, Batch, Model, ModelSpec};
 use serde::Serialize;
 
@@ -33,7 +33,7 @@ pub struct StepRow {
     pub backend: String,
     /// Its matrix kernels, e.g. `matrixmultiply (pure Rust)`, `OpenBLAS`, `PyTorch 2.x`.
     pub kernels: String,
-    /// Whether this is the backend a default build (no OpenBLAS) trains the MLP on.
+    /// Whether this is the default backend (what `auto` trains on).
     pub default: bool,
     /// Full steps per second (flat in, flat out, optimizer included); median of the passes.
     pub steps_per_s: f64,
@@ -136,12 +136,11 @@ impl Contender {
     }
 
     fn row(self) -> StepRow {
-        let mut passes = self.passes.clone();
         StepRow {
             backend: self.backend.to_string(),
             kernels: self.backend.kernels().to_owned(),
-            default: self.backend == Backend::Flex,
-            steps_per_s: median(&mut passes),
+            default: self.backend == Backend::Auto.resolve(),
+            steps_per_s: median(&self.passes).unwrap_or(0.0),
             passes: self.passes,
             load_fraction: Some(self.load_fraction),
             flatten_fraction: Some(self.flatten_fraction),
@@ -187,18 +186,13 @@ pub fn step(backends: &[Backend], steps: usize, passes: usize, python: Option<&s
             backend: "pytorch".into(),
             kernels: format!("PyTorch {version}, 1 thread"),
             default: false,
-            steps_per_s: median(&mut theirs.clone()),
+            steps_per_s: median(&theirs).unwrap_or(0.0),
             passes: theirs,
             load_fraction: None,
             flatten_fraction: None,
         });
     }
     Ok(StepBench { model, steps, rows, torch_note })
-}
-
-fn median(v: &mut [f64]) -> f64 {
-    v.sort_by(f64::total_cmp);
-    v[v.len() / 2]
 }
 
 /// The first Python that imports torch, with torch's version.
@@ -250,10 +244,7 @@ pub fn print_step(r: &StepBench) {
         let name = if row.default { format!("{}*", row.backend) } else { row.backend.clone() };
         println!("{name:<9} {:<34} {:>9.0}  {share:>13}", row.kernels, row.steps_per_s);
     }
-    println!(
-        "* the default build's backend (`auto` without --features openblas); `auto` in this build: {}",
-        Backend::Auto.resolve(Arch::Mlp)
-    );
+    println!("* the default: what `model.backend = \"auto\"` trains on");
     let Some(d) = r.default_row() else { return };
     for row in r.rows.iter().filter(|x| !x.default) {
         println!(

@@ -66,13 +66,10 @@ pub struct P2pBench {
     pub exchange: Vec<ExchangeBench>,
 }
 
+/// The median of the finite values of `v` (NaN when there are none).
 fn median(mut v: Vec<f64>) -> f64 {
     v.retain(|x| x.is_finite());
-    if v.is_empty() {
-        return f64::NAN;
-    }
-    v.sort_by(f64::total_cmp);
-    v[v.len() / 2]
+    peerless_core::stats::median(&v).unwrap_or(f64::NAN)
 }
 
 /// Runs a cluster of `peers` for `rounds` rounds in `dir` and reads its metrics.

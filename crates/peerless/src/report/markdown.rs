@@ -5,7 +5,7 @@ use std::fmt::Write as _;
 
 use super::run::{Figures, Run};
 use super::stats::{self, Estimate};
-use super::{ChartFiles, Experiment, Scenario};
+use super::{ChartFiles, Experiment, ScenarioRuns};
 
 /// Published reference: serverless P2P needs this much less gradient computation time than
 /// serverful P2P (per cent)…
@@ -133,7 +133,7 @@ fn cell_recovery(f: &[Figures]) -> String {
 }
 
 /// Each run's figures for one scenario and architecture.
-fn figures(s: &Scenario, arch: &str) -> Vec<Figures> {
+fn figures(s: &ScenarioRuns, arch: &str) -> Vec<Figures> {
     s.runs(arch).iter().map(|(_, r)| r.figures(s.spec.target_accuracy)).collect()
 }
 
@@ -234,7 +234,7 @@ fn anchor(name: &str) -> String {
         .collect()
 }
 
-fn scenario(md: &mut String, exp: &Experiment, s: &Scenario, charts: &[ChartFiles]) {
+fn scenario(md: &mut String, exp: &Experiment, s: &ScenarioRuns, charts: &[ChartFiles]) {
     let _ = writeln!(md, "## {}\n", s.spec.name);
     if !s.spec.description.is_empty() {
         let _ = writeln!(md, "{}\n", s.spec.description.trim());
@@ -305,14 +305,14 @@ fn scenario(md: &mut String, exp: &Experiment, s: &Scenario, charts: &[ChartFile
 }
 
 /// P2P runs of a scenario.
-fn p2p(s: &Scenario) -> &[(u64, Run)] {
+fn p2p(s: &ScenarioRuns) -> &[(u64, Run)] {
     s.runs("p2p")
 }
 
 /// A fault-free P2P scenario computing in functions with in-store aggregation; a scenario
 /// named like `no-faults` or `baseline` is preferred.
-fn baseline(exp: &Experiment) -> Option<&Scenario> {
-    let clean = |s: &&Scenario| {
+fn baseline(exp: &Experiment) -> Option<&ScenarioRuns> {
+    let clean = |s: &&ScenarioRuns| {
         let runs = p2p(s);
         !runs.is_empty()
             && runs.iter().all(|(_, r)| {
@@ -322,22 +322,22 @@ fn baseline(exp: &Experiment) -> Option<&Scenario> {
                     && r.aggregation.as_deref() != Some("fetch")
             })
     };
-    let named = |s: &&Scenario| {
+    let named = |s: &&ScenarioRuns| {
         let n = s.spec.name.to_lowercase();
         ["no-fault", "no_fault", "nofault", "baseline", "none"].iter().any(|k| n.contains(k))
     };
     exp.scenarios.iter().filter(clean).find(named).or_else(|| exp.scenarios.iter().find(clean))
 }
 
-fn column_values(s: &Scenario, column: &str) -> Vec<f64> {
+fn column_values(s: &ScenarioRuns, column: &str) -> Vec<f64> {
     p2p(s).iter().filter_map(|(_, r)| r.column_means.get(column).copied()).collect()
 }
 
-fn cost_values(s: &Scenario) -> Vec<f64> {
+fn cost_values(s: &ScenarioRuns) -> Vec<f64> {
     p2p(s).iter().map(|(_, r)| r.summary.total_cost_usd).collect()
 }
 
-fn wall_values(s: &Scenario) -> Vec<f64> {
+fn wall_values(s: &ScenarioRuns) -> Vec<f64> {
     p2p(s).iter().map(|(_, r)| r.summary.wall_time_s).collect()
 }
 
@@ -439,7 +439,7 @@ fn aggregation(md: &mut String, exp: &Experiment) {
         );
         return;
     };
-    let has_gather = |s: &Scenario| p2p(s).iter().all(|(_, r)| r.column_means.contains_key("gather_ms"));
+    let has_gather = |s: &ScenarioRuns| p2p(s).iter().all(|(_, r)| r.column_means.contains_key("gather_ms"));
     let column = if has_gather(fe) && has_gather(st) { "gather_ms" } else { "compute_ms" };
     let _ = writeln!(
         md,

@@ -59,12 +59,12 @@ struct Cell {
 
 /// A scenario with its runs, one cell per architecture.
 #[derive(Debug)]
-struct Scenario {
+struct ScenarioRuns {
     spec: ScenarioSpec,
     cells: Vec<Cell>,
 }
 
-impl Scenario {
+impl ScenarioRuns {
     /// Finished runs of `arch`.
     fn runs(&self, arch: &str) -> &[(u64, Run)] {
         self.cells.iter().find(|c| c.arch == arch).map_or(&[], |c| c.runs.as_slice())
@@ -76,7 +76,7 @@ impl Scenario {
 struct Experiment {
     dir: PathBuf,
     file: ExperimentFile,
-    scenarios: Vec<Scenario>,
+    scenarios: Vec<ScenarioRuns>,
 }
 
 /// What `report` wrote.
@@ -151,7 +151,7 @@ pub fn run(dir: &Path) -> Result<Outcome> {
             }
             cells.push(cell);
         }
-        scenarios.push(Scenario { spec: spec.clone(), cells });
+        scenarios.push(ScenarioRuns { spec: spec.clone(), cells });
     }
     let exp = Experiment { dir: dir.to_owned(), file, scenarios };
 
@@ -187,7 +187,7 @@ struct ChartFiles {
 }
 
 /// Writes a scenario's accuracy and loss charts; none when it has no finished run.
-fn write_charts(s: &Scenario, archs: &[String], out: &Path) -> Result<Vec<ChartFiles>> {
+fn write_charts(s: &ScenarioRuns, archs: &[String], out: &Path) -> Result<Vec<ChartFiles>> {
     if s.cells.iter().all(|c| c.runs.is_empty()) {
         return Ok(Vec::new());
     }

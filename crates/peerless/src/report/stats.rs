@@ -48,16 +48,7 @@ pub fn estimate(values: &[f64]) -> Option<Estimate> {
     Some(Estimate { mean, half_width, n })
 }
 
-/// Median of `values` (mean of the middle two for an even count); `None` when empty.
-pub fn median(values: &[f64]) -> Option<f64> {
-    if values.is_empty() {
-        return None;
-    }
-    let mut v = values.to_vec();
-    v.sort_by(f64::total_cmp);
-    let m = v.len() / 2;
-    Some(if v.len() % 2 == 1 { v[m] } else { (v[m - 1] + v[m]) / 2.0 })
-}
+pub use peerless_core::stats::median;
 
 /// One round completion of the global model: `t` in seconds since the run's start.
 #[derive(Debug, Clone, Copy, PartialEq)]

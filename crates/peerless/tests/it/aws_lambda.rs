@@ -102,7 +102,7 @@ impl Fixture {
 }
 
 fn aws_config(endpoint: &str) -> Config {
-    let mut cfg = Config { backend: function::Backend::AwsLambda, ..Config::for_test() };
+    let mut cfg = Config { backend: function::Service::AwsLambda, ..Config::for_test() };
     cfg.aws.endpoint_url = endpoint.to_owned();
     cfg
 }
