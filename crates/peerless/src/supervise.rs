@@ -480,8 +480,12 @@ impl<'a> Supervisor<'a> {
         if self.stopping.is_some() {
             return Ok(());
         }
-        let error = || {
-            reported.clone().or_else(|| last_error_in_log(&node.log_path())).unwrap_or_else(|| how.clone())
+        // What the node said; a signal's death says nothing, so the status is its error;
+        // otherwise the last error its log holds (a panic, say).
+        let error = || match (&reported, status.signal()) {
+            (Some(e), _) => e.clone(),
+            (None, Some(_)) => how.clone(),
+            (None, None) => last_error_in_log(&node.log_path()).unwrap_or_else(|| how.clone()),
         };
         // An error exit (not a signal) before it was ready: bad input, not a crash.
         if !ready && status.code().is_some_and(|c| c != 0) {

@@ -632,3 +632,76 @@ fn the_reference_runs_keep_the_digest_recorded_before_the_redesign() {
         eprintln!("not an AVX-512 x86-64 default build: the recorded digest is not comparable here");
     }
 }
+
+/// The pid in `path` once it differs from `old` (a node restarted by the launcher).
+fn new_pid(path: &Path, old: Option<u32>) -> u32 {
+    let mut pid = None;
+    wait_for("a new pid", Duration::from_secs(60), || {
+        pid = std::fs::read_to_string(path)
+            .ok()
+            .and_then(|t| t.trim().parse::<u32>().ok())
+            .filter(|p| Some(*p) != old);
+        pid.is_some()
+    });
+    pid.unwrap()
+}
+
+#[test]
+fn a_ps_that_keeps_dying_is_restarted_at_most_max_restarts_times_then_the_run_fails() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("run");
+    let cfg = tmp.path().join("ps.toml");
+    std::fs::write(&cfg, "[ps]\nmax_restarts = 2\nrestart_delay_ms = 200\n").unwrap();
+    let child = peerless()
+        .args(["train", "--arch", "ps", "--config"])
+        .arg(&cfg)
+        .args(["--workers", "2", "--rounds", "100000", "--out"])
+        .arg(&out)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let launcher = child.id();
+    // Killed as soon as each of its processes starts: it never does a round.
+    let mut pid = None;
+    for _ in 0..3 {
+        let p = new_pid(&out.join("ps/pid"), pid);
+        kill9(p);
+        pid = Some(p);
+    }
+    let before = descendants(launcher);
+    let o = finish(child);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success(), "{err}");
+    assert!(err.contains("died 3 times in a row") && err.contains("ps.max_restarts = 2"), "{err}");
+    assert!(err.contains("killed by signal 9"), "the PS's last error is named: {err}");
+    let s = summary(&out);
+    assert!(s["error"].as_str().is_some_and(|e| e.contains("died 3 times")), "{s}");
+    assert_eq!(s["recoveries"].as_array().unwrap().len(), 2, "restarted twice: {s}");
+    let left: Vec<u32> = before.into_iter().filter(|&p| alive(p)).collect();
+    assert!(left.is_empty(), "processes of the run left behind: {left:?}");
+}
+
+#[test]
+fn ctrl_c_stops_a_cluster_with_a_frozen_peer_and_leaves_nothing_behind() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("run");
+    let child = frozen_run(tmp.path(), &out);
+    let frozen = pid_of(&out, 3);
+    wait_for("round 20", Duration::from_secs(120), || peer_round(&out, 3) >= 20);
+    send("-STOP", frozen);
+    let before = descendants(child.id());
+    send("-INT", child.id());
+    let o = finish(child);
+    assert_eq!(o.status.code(), Some(130), "{}", String::from_utf8_lossy(&o.stderr));
+    // The others wrote their summaries on the way out (the frozen one too, if the SIGCONT that
+    // came with the SIGINT woke it within the grace period).
+    for i in 0..3 {
+        assert_eq!(summary(&out.join(format!("peers/{i}")))["completed"], false, "peer {i}");
+    }
+    if out.join("peers/3/summary.json").exists() {
+        assert_eq!(summary(&out.join("peers/3"))["completed"], false);
+    }
+    let left: Vec<u32> = before.into_iter().filter(|&p| alive(p)).collect();
+    assert!(left.is_empty(), "processes of the run left behind: {left:?}");
+}
