@@ -106,6 +106,129 @@ impl Link {
     }
 }
 
+/// Everything the worker's driver carries out actions with.
+struct Driver {
+    me: u32,
+    link: Link,
+    files: Files,
+    /// The gradient work, as a template (round, parameters and batches filled in per round).
+    job: Job,
+    sampler: Arc<crate::p2p::sampler::Sampler>,
+    outgoing: Outgoing,
+    backend: Arc<GradientBackend>,
+    prices: peerless_core::cost::Prices,
+    tx: mpsc::Sender<Result<LocalResult, NodeError>>,
+    /// The gradient computed last, until the machine pushes or drops it.
+    computed: Option<LocalResult>,
+    compute_start: Instant,
+    samples: u64,
+    rpe: u64,
+    t0: Instant,
+}
+
+impl Driver {
+    /// Carries out one of the machine's actions.
+    fn carry_out(&mut self, action: WorkerAction) {
+        match action {
+            WorkerAction::Dial => {
+                let _ = self.link.swarm.dial(self.link.ps_addr.clone());
+            }
+            WorkerAction::Fetch { round } => {
+                let msg = Bytes::from(wire::encode(&Message::ParamsRequest { round }));
+                self.link.asking = Some(self.link.send(msg));
+                self.link.fetched_at = Instant::now();
+            }
+            WorkerAction::Compute { round, batches_at } => self.compute(round, batches_at),
+            WorkerAction::Push { .. } => {
+                let r = self.computed.take().expect("invariant: the machine pushes what was computed");
+                let (_, msg) = self.outgoing.message(r, &mut self.files, self.me);
+                // Pushed once; if the PS is gone, this round's work is dropped, never re-sent.
+                self.link.pushing = Some(self.link.send(Bytes::from(msg)));
+            }
+            WorkerAction::Drop { .. } => self.computed = None,
+            WorkerAction::Finished => {}
+        }
+    }
+
+    /// Starts the gradient work on the model the last fetch brought.
+    fn compute(&mut self, round: u64, batches_at: u64) {
+        let s = self.link.fetched.take().expect("invariant: a fetch brought the model to compute on");
+        let wait_ms = self.link.fetched_at.elapsed().as_secs_f64() * 1e3;
+        self.files.event(self.me, json!({ "event": "fetched", "round": round, "wait_ms": wait_ms }));
+        self.compute_start = Instant::now();
+        Job {
+            round,
+            params: Arc::new(s.params),
+            batches: self.sampler.batches(self.me, batches_at),
+            flip_labels: self.outgoing.flips_labels(round),
+            ..self.job.clone()
+        }
+        .spawn(self.tx.clone());
+    }
+
+    /// Takes in a finished gradient; returns the machine's input and the row it will fill.
+    fn computed(&mut self, r: LocalResult) -> (WorkerInput, NodeRow) {
+        self.samples += r.samples;
+        let row = NodeRow {
+            train_loss: Some(r.loss),
+            samples: Some(r.samples),
+            compute_ms: Some(self.compute_start.elapsed().as_secs_f64() * 1e3),
+            gather_ms: r.gather_ms,
+            ..NodeRow::default()
+        };
+        let input = WorkerInput::Computed { round: r.round };
+        self.computed = Some(r);
+        (input, row)
+    }
+
+    /// Writes `row` once the machine took its gradient in: where the worker now is, the bytes
+    /// and invocations so far.
+    fn write_row(&mut self, row: NodeRow, position: u64) {
+        let inv = self.backend.summary();
+        let wall_ms = self.t0.elapsed().as_millis() as u64;
+        self.files.metrics(&NodeRow {
+            t_ms: unix_ms(),
+            node: self.me,
+            round: position,
+            epoch: position as f64 / self.rpe as f64,
+            wall_s: self.t0.elapsed().as_secs_f64(),
+            bytes_in: self.link.bytes_in,
+            bytes_out: self.link.bytes_out,
+            invocations: Some(inv.invocations),
+            cold_starts: Some(inv.cold_starts),
+            retries: Some(inv.retries),
+            cost_pico: Some(inv.cost_pico + self.prices.node_pico(wall_ms)),
+            ..row
+        });
+    }
+
+    /// The worker's summary at the end.
+    fn summary(&self, worker: &Worker, peer_id: String) -> PeerSummary {
+        let wall = self.t0.elapsed().as_secs_f64();
+        let inv = self.backend.summary();
+        PeerSummary {
+            peer: self.me,
+            peer_id,
+            completed: worker.is_done(),
+            diverged: false,
+            rounds: worker.position(),
+            test_accuracy: 0.0,
+            test_loss: 0.0,
+            param_digest: String::new(),
+            wall_time_s: wall,
+            samples: self.samples,
+            invocations: inv.invocations,
+            cold_starts: inv.cold_starts,
+            retries: inv.retries,
+            function_cost_pico: inv.cost_pico,
+            node_cost_pico: self.prices.node_pico((wall * 1e3) as u64),
+            bytes_in: self.link.bytes_in,
+            bytes_out: self.link.bytes_out,
+            refused: 0,
+        }
+    }
+}
+
 /// Runs one worker until the PS publishes the last version (or `stop`).
 pub async fn run_worker(
     file: PeerFile,
@@ -123,7 +246,7 @@ pub async fn run_worker(
         .ok_or_else(|| NodeError::Config("peer.bootstrap must hold the PS address".into()))?
         .parse()
         .map_err(|e| NodeError::Config(format!("peer.bootstrap: {e}")))?;
-    let mut link = Link {
+    let link = Link {
         swarm,
         ps_id: *ids.last().expect("the PS id"),
         ps_addr,
@@ -138,7 +261,6 @@ pub async fn run_worker(
     let backend = Arc::new(GradientBackend::start(&run, me, command).await?);
     let job = Job::template(&run, me, model.clone(), split.clone(), backend.clone(), data_dir.clone());
     let prices = run.function.prices.prices().map_err(|e| NodeError::Config(e.to_string()))?;
-    let t0 = Instant::now();
     files.event(me, json!({ "event": "start", "role": "worker", "peer_id": my_id.to_string() }));
     NodeLine::Ready { ready: me }.print();
     let (tx, mut rx) = mpsc::channel::<Result<LocalResult, NodeError>>(2);
@@ -150,120 +272,57 @@ pub async fn run_worker(
         dial_every_ms: 1_000,
     };
     let mut worker = Worker::new(cfg, Rng::derive(run.seed, "worker-backoff", u64::from(me)));
-    let mut outgoing = Outgoing::new(file.peer.attack, run.seed, me);
-    // The gradient computed last, until the machine pushes or drops it.
-    let mut computed: Option<LocalResult> = None;
-    let mut samples = 0u64;
-    let mut compute_start = Instant::now();
-    let now_ms = || t0.elapsed().as_millis() as u64;
-    // The metrics of the gradient computed last, written once the machine took it in.
-    let mut row: Option<(Option<f64>, f32, u64, f64)> = None;
+    let outgoing = Outgoing::new(file.peer.attack, run.seed, me);
+    let t0 = Instant::now();
+    let mut d = Driver {
+        me,
+        link,
+        files,
+        job,
+        sampler,
+        outgoing,
+        backend,
+        prices,
+        tx,
+        computed: None,
+        compute_start: t0,
+        samples: 0,
+        rpe,
+        t0,
+    };
+    // The row of the gradient computed last, written once the machine took it in.
+    let mut row: Option<NodeRow> = None;
     let mut input = WorkerInput::Tick;
     loop {
-        for action in worker.handle(now_ms(), input) {
-            match action {
-                WorkerAction::Dial => {
-                    let _ = link.swarm.dial(link.ps_addr.clone());
-                }
-                WorkerAction::Fetch { round } => {
-                    link.asking =
-                        Some(link.send(Bytes::from(wire::encode(&Message::ParamsRequest { round }))));
-                    link.fetched_at = Instant::now();
-                }
-                WorkerAction::Compute { round, batches_at } => {
-                    let s = link.fetched.take().expect("invariant: a fetch brought the model to compute on");
-                    let wait_ms = link.fetched_at.elapsed().as_secs_f64() * 1e3;
-                    files.event(me, json!({ "event": "fetched", "round": round, "wait_ms": wait_ms }));
-                    compute_start = Instant::now();
-                    Job {
-                        round,
-                        params: Arc::new(s.params),
-                        batches: sampler.batches(me, batches_at),
-                        flip_labels: outgoing.flips_labels(round),
-                        ..job.clone()
-                    }
-                    .spawn(tx.clone());
-                }
-                WorkerAction::Push { .. } => {
-                    let r = computed.take().expect("invariant: the machine pushes what was computed");
-                    let (_, msg) = outgoing.message(r, &mut files, me);
-                    // Pushed once; if the PS is gone, this round's work is dropped, never re-sent.
-                    link.pushing = Some(link.send(Bytes::from(msg)));
-                }
-                WorkerAction::Drop { .. } => computed = None,
-                WorkerAction::Finished => {}
-            }
+        for action in worker.handle(t0.elapsed().as_millis() as u64, input) {
+            d.carry_out(action);
         }
-        // A gradient taken in (pushed or dropped): its row records where the worker now is.
-        if let Some((gather_ms, loss, r_samples, compute_ms)) = row.take() {
-            let inv = backend.summary();
-            let position = worker.position();
-            files.metrics(&NodeRow {
-                t_ms: unix_ms(),
-                node: me,
-                round: position,
-                epoch: position as f64 / rpe as f64,
-                wall_s: t0.elapsed().as_secs_f64(),
-                train_loss: Some(loss),
-                samples: Some(r_samples),
-                bytes_in: link.bytes_in,
-                bytes_out: link.bytes_out,
-                invocations: Some(inv.invocations),
-                cold_starts: Some(inv.cold_starts),
-                retries: Some(inv.retries),
-                compute_ms: Some(compute_ms),
-                cost_pico: Some(inv.cost_pico + prices.node_pico(t0.elapsed().as_millis() as u64)),
-                gather_ms,
-                ..NodeRow::default()
-            });
+        if let Some(r) = row.take() {
+            d.write_row(r, worker.position());
         }
         if worker.is_done() {
             break;
         }
         input = tokio::select! {
-            ev = link.swarm.select_next_some() => match link.input(ev, &mut files, me) {
+            ev = d.link.swarm.select_next_some() => match d.link.input(ev, &mut d.files, me) {
                 Some(i) => i,
                 None => continue,
             },
             Some(res) = rx.recv() => {
-                let r = res?;
-                samples += r.samples;
-                let compute_ms = compute_start.elapsed().as_secs_f64() * 1e3;
-                row = Some((r.gather_ms, r.loss, r.samples, compute_ms));
-                let round = r.round;
-                computed = Some(r);
-                WorkerInput::Computed { round }
+                let (i, r) = d.computed(res?);
+                row = Some(r);
+                i
             }
             _ = tokio::time::sleep(Duration::from_millis(200)) => WorkerInput::Tick,
             _ = stop.changed() => break,
         };
     }
-    let wall = t0.elapsed().as_secs_f64();
-    backend.write_ledger(&file.peer.dir)?;
-    let inv = backend.summary();
-    let summary = PeerSummary {
-        peer: me,
-        peer_id: my_id.to_string(),
-        completed: worker.is_done(),
-        diverged: false,
-        rounds: worker.position(),
-        test_accuracy: 0.0,
-        test_loss: 0.0,
-        param_digest: String::new(),
-        wall_time_s: wall,
-        samples,
-        invocations: inv.invocations,
-        cold_starts: inv.cold_starts,
-        retries: inv.retries,
-        function_cost_pico: inv.cost_pico,
-        node_cost_pico: prices.node_pico((wall * 1e3) as u64),
-        bytes_in: link.bytes_in,
-        bytes_out: link.bytes_out,
-        refused: 0,
-    };
-    files.event(me, json!({ "event": "finish", "round": worker.next_version() }));
+    d.backend.write_ledger(&file.peer.dir)?;
+    let summary = d.summary(&worker, my_id.to_string());
+    d.files.event(me, json!({ "event": "finish", "round": worker.next_version() }));
     write_summary(&file.peer.dir, &summary)?;
-    if let Ok(b) = Arc::try_unwrap(backend) {
+    drop(d.job);
+    if let Ok(b) = Arc::try_unwrap(d.backend) {
         b.shutdown().await;
     }
     Ok(summary)
