@@ -18,6 +18,13 @@ mod resume;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
+/// Sends `sig` to `pid` (through the kernel, not a `kill` program the machine may lack);
+/// whether it was delivered.
+pub fn signal(pid: u32, sig: rustix::process::Signal) -> bool {
+    let pid = rustix::process::Pid::from_raw(i32::try_from(pid).expect("a pid fits i32")).expect("pid > 0");
+    rustix::process::kill_process(pid, sig).is_ok()
+}
+
 /// The binary under test.
 pub fn peerless() -> Command {
     Command::new(env!("CARGO_BIN_EXE_peerless"))

@@ -1,7 +1,7 @@
 //! P2P training on real peer processes over loopback: accuracy, crash, rejoin, intruder.
 
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Stdio};
 use std::time::{Duration, Instant};
 
 use crate::{peerless, real_data, run, summary};
@@ -55,7 +55,7 @@ fn pid_of(run: &Path, i: u32) -> u32 {
 }
 
 fn kill9(pid: u32) {
-    assert!(Command::new("kill").args(["-KILL", &pid.to_string()]).status().unwrap().success());
+    assert!(crate::signal(pid, rustix::process::Signal::KILL), "no process {pid} to kill");
 }
 
 fn digests(s: &serde_json::Value) -> Vec<String> {
@@ -494,8 +494,8 @@ fn fetch_then_aggregate_computes_the_in_store_model_bit_for_bit_and_times_its_ga
     );
 }
 
-fn send(sig: &str, pid: u32) {
-    let _ = Command::new("kill").args([sig, &pid.to_string()]).status();
+fn send(sig: rustix::process::Signal, pid: u32) {
+    crate::signal(pid, sig);
 }
 
 /// Every live descendant of `pid` (children, their children, …), from /proc.
@@ -548,7 +548,7 @@ fn a_peer_frozen_for_good_is_stopped_after_the_grace_period_and_named_in_the_sum
     let launcher = child.id();
     let frozen = pid_of(&out, 2);
     wait_for("round 20", Duration::from_secs(120), || peer_round(&out, 2) >= 20);
-    send("-STOP", frozen);
+    send(rustix::process::Signal::STOP, frozen);
     let before = descendants(launcher);
     assert!(before.contains(&frozen), "{before:?}");
     // The launcher ends on its own (the test would hang here if it waited for the frozen peer).
@@ -578,7 +578,7 @@ fn killing_the_launcher_takes_every_process_of_the_run_with_it_even_a_frozen_one
     let mut child = frozen_run(tmp.path(), &out);
     let frozen = pid_of(&out, 1);
     wait_for("round 20", Duration::from_secs(120), || peer_round(&out, 1) >= 20);
-    send("-STOP", frozen);
+    send(rustix::process::Signal::STOP, frozen);
     let before = descendants(child.id());
     // Four peers, each with its function instances.
     assert!(before.len() > 4, "{before:?}");
@@ -689,9 +689,9 @@ fn ctrl_c_stops_a_cluster_with_a_frozen_peer_and_leaves_nothing_behind() {
     let child = frozen_run(tmp.path(), &out);
     let frozen = pid_of(&out, 3);
     wait_for("round 20", Duration::from_secs(120), || peer_round(&out, 3) >= 20);
-    send("-STOP", frozen);
+    send(rustix::process::Signal::STOP, frozen);
     let before = descendants(child.id());
-    send("-INT", child.id());
+    send(rustix::process::Signal::INT, child.id());
     let o = finish(child);
     assert_eq!(o.status.code(), Some(130), "{}", String::from_utf8_lossy(&o.stderr));
     // The others wrote their summaries on the way out (the frozen one too, if the SIGCONT that
