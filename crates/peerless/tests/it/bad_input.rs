@@ -195,3 +195,39 @@ fn a_data_dir_holding_the_idx_files_directly_is_accepted() {
         &["this is MNIST's file, not Fashion-MNIST's: pass --dataset mnist"],
     );
 }
+
+#[test]
+fn an_experiment_reports_a_broken_run_as_failed_with_its_error_and_goes_on() {
+    let tmp = tempfile::tempdir().unwrap();
+    let scenarios = tmp.path().join("scenarios");
+    std::fs::create_dir_all(&scenarios).unwrap();
+    let scenario = |name: &str, dataset: &str| {
+        let text = format!(
+            "description = \"test\"\ntarget_accuracy = 0.5\ntimeout_s = 300\n[run]\ndata.dataset = \"{dataset}\"\n\
+             train.rounds = 20\np2p.peers = 2\np2p.functions_per_peer = 1\n"
+        );
+        std::fs::write(scenarios.join(format!("{name}.toml")), text).unwrap();
+    };
+    // "a-broken" runs first: its nodes find no MNIST in the empty data directory.
+    scenario("a-broken", "mnist");
+    scenario("b-fine", "digits");
+    let empty = tmp.path().join("no-data");
+    std::fs::create_dir_all(&empty).unwrap();
+    let out = tmp.path().join("exp");
+    let o = output_within(
+        peerless()
+            .arg("experiment")
+            .arg(&scenarios)
+            .args(["--arch", "p2p", "--data-dir"])
+            .arg(&empty)
+            .arg("--out")
+            .arg(&out),
+        std::time::Duration::from_secs(300),
+    );
+    let stdout = String::from_utf8_lossy(&o.stdout);
+    assert!(!o.status.success(), "a failed run makes the experiment fail: {stdout}");
+    assert!(stdout.contains("1 run, 0 already done, 1 failed"), "{stdout}");
+    assert!(stdout.contains("a-broken") && stdout.contains("MNIST not found"), "{stdout}");
+    let fine = crate::summary(&out.join("b-fine/p2p/seed-1"));
+    assert_eq!(fine["completed"], true, "the matrix went on after the broken run: {fine}");
+}
