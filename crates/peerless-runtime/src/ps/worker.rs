@@ -42,7 +42,27 @@ struct Link {
     bytes_out: u64,
 }
 
+/// The two requests a worker has in flight.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Request {
+    Fetch,
+    Push,
+}
+
 impl Link {
+    /// Which request in flight `id` ends (it is no longer in flight), if any.
+    fn answered(&mut self, id: OutboundRequestId) -> Option<Request> {
+        if Some(id) == self.pushing {
+            self.pushing = None;
+            return Some(Request::Push);
+        }
+        if Some(id) == self.asking {
+            self.asking = None;
+            return Some(Request::Fetch);
+        }
+        None
+    }
+
     fn send(&mut self, msg: Bytes) -> OutboundRequestId {
         self.bytes_out += msg.len() as u64;
         self.swarm.behaviour_mut().rr.send_request(&self.ps_id, msg)
@@ -65,14 +85,9 @@ impl Link {
                 ..
             })) => {
                 self.bytes_in += response.len() as u64;
-                if Some(request_id) == self.pushing {
-                    self.pushing = None;
+                if self.answered(request_id)? == Request::Push {
                     return Some(WorkerInput::PushEnded);
                 }
-                if Some(request_id) != self.asking {
-                    return None;
-                }
-                self.asking = None;
                 match wire::decode(&response, self.limits) {
                     Ok(Message::State(s)) => {
                         let round = s.round;
@@ -89,15 +104,10 @@ impl Link {
             SwarmEvent::Behaviour(BehaviourEvent::Rr(Event::OutboundFailure {
                 request_id, error, ..
             })) => {
-                if Some(request_id) == self.pushing {
-                    // The PS is gone: this gradient is dropped, never re-sent.
-                    self.pushing = None;
+                // A push that failed (the PS is gone) is dropped, never re-sent.
+                if self.answered(request_id)? == Request::Push {
                     return Some(WorkerInput::PushEnded);
                 }
-                if Some(request_id) != self.asking {
-                    return None;
-                }
-                self.asking = None;
                 files.event(me, json!({ "event": "fetch_failed", "error": error.to_string() }));
                 Some(WorkerInput::FetchFailed)
             }

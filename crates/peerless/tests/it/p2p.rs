@@ -530,6 +530,12 @@ fn alive(pid: u32) -> bool {
         .unwrap_or(false)
 }
 
+/// Asserts that none of `pids` (a run's processes, taken while it ran) is still running.
+fn assert_none_left(pids: Vec<u32>) {
+    let left: Vec<u32> = pids.into_iter().filter(|&p| alive(p)).collect();
+    assert!(left.is_empty(), "processes of the run left behind: {left:?}");
+}
+
 /// A cluster of 4 digits peers whose launcher stops lingering nodes 2 s after the result.
 fn frozen_run(tmp: &Path, out: &Path) -> Child {
     let cfg = tmp.join("grace.toml");
@@ -567,8 +573,7 @@ fn a_peer_frozen_for_good_is_stopped_after_the_grace_period_and_named_in_the_sum
     }
     let ev = events(&out.join("events.jsonl"));
     assert!(ev.iter().any(|e| e["event"] == "node_stopped" && e["index"] == 2), "no node_stopped event");
-    let left: Vec<u32> = before.into_iter().filter(|&p| alive(p)).collect();
-    assert!(left.is_empty(), "processes of the run left behind: {left:?}");
+    assert_none_left(before);
 }
 
 #[test]
@@ -678,8 +683,7 @@ fn a_ps_that_keeps_dying_is_restarted_at_most_max_restarts_times_then_the_run_fa
     let s = summary(&out);
     assert!(s["error"].as_str().is_some_and(|e| e.contains("died 3 times")), "{s}");
     assert_eq!(s["recoveries"].as_array().unwrap().len(), 2, "restarted twice: {s}");
-    let left: Vec<u32> = before.into_iter().filter(|&p| alive(p)).collect();
-    assert!(left.is_empty(), "processes of the run left behind: {left:?}");
+    assert_none_left(before);
 }
 
 #[test]
@@ -702,6 +706,5 @@ fn ctrl_c_stops_a_cluster_with_a_frozen_peer_and_leaves_nothing_behind() {
     if out.join("peers/3/summary.json").exists() {
         assert_eq!(summary(&out.join("peers/3"))["completed"], false);
     }
-    let left: Vec<u32> = before.into_iter().filter(|&p| alive(p)).collect();
-    assert!(left.is_empty(), "processes of the run left behind: {left:?}");
+    assert_none_left(before);
 }
