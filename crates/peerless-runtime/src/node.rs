@@ -17,7 +17,9 @@ use peerless_ml::{Model, Split};
 use serde::{Deserialize, Serialize};
 use serde_json::json;
 
+mod file;
 mod row;
+pub use file::{NodeFile, NodeSection, NodeSummary};
 pub use row::NodeRow;
 
 use crate::config::{Aggregation, Compute, RunConfig};

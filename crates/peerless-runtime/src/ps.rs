@@ -29,9 +29,9 @@ use tokio::sync::{mpsc, watch};
 
 use crate::checkpoint::Checkpoint;
 use crate::node::{Files, NodeError, NodeLine, NodeRow, Progress, io_err, unix_ms};
+use crate::node::{NodeFile, NodeSummary};
 use crate::p2p::net::{self, Behaviour, BehaviourEvent};
 use crate::p2p::sampler::Sampler;
-use crate::p2p::{PeerFile, PeerSummary};
 
 mod worker;
 pub use worker::run_worker;
@@ -54,7 +54,7 @@ struct Common {
     data_dir: PathBuf,
 }
 
-async fn common(file: &PeerFile, data_dir: PathBuf) -> Result<Common, NodeError> {
+async fn common(file: &NodeFile, data_dir: PathBuf) -> Result<Common, NodeError> {
     let run = &file.run;
     let n = run.p2p.peers;
     let me = file.peer.index;
@@ -110,7 +110,7 @@ async fn common(file: &PeerFile, data_dir: PathBuf) -> Result<Common, NodeError>
     })
 }
 
-fn write_summary(dir: &std::path::Path, s: &PeerSummary) -> Result<(), NodeError> {
+fn write_summary(dir: &std::path::Path, s: &NodeSummary) -> Result<(), NodeError> {
     let sp = dir.join("summary.json");
     let text = serde_json::to_string_pretty(s).expect("invariant: summary serializes");
     crate::checkpoint::write_atomic(&sp, text.as_bytes()).map_err(io_err(&sp))
@@ -118,10 +118,10 @@ fn write_summary(dir: &std::path::Path, s: &PeerSummary) -> Result<(), NodeError
 
 /// Runs the parameter server until every round is done (or `stop`).
 pub async fn run_server(
-    file: PeerFile,
+    file: NodeFile,
     data_dir: PathBuf,
     mut stop: watch::Receiver<bool>,
-) -> Result<PeerSummary, NodeError> {
+) -> Result<NodeSummary, NodeError> {
     let run = file.run.clone();
     let Common { me, my_id, ids, mut swarm, split, model, total, vpr, rpe, mut files, .. } =
         common(&file, data_dir).await?;
@@ -385,7 +385,7 @@ pub async fn run_server(
         .await
         .map_err(|e| NodeError::Compute { round: ps.round(), reason: e.to_string() })??;
     let prices = run.function.prices.prices().map_err(|e| NodeError::Config(e.to_string()))?;
-    let summary = PeerSummary {
+    let summary = NodeSummary {
         peer: me,
         peer_id: my_id.to_string(),
         completed: ps.is_done(),

@@ -17,7 +17,7 @@ use peerless_core::attack::Attack;
 use peerless_core::cost::pico_to_usd;
 use peerless_runtime::config::{Compute, RunConfig, TrainArch};
 use peerless_runtime::node::NodeRow;
-use peerless_runtime::p2p::{PeerFile, PeerSection, PeerSummary};
+use peerless_runtime::node::{NodeFile, NodeSection, NodeSummary};
 use peerless_runtime::rundir::RunDir;
 use peerless_runtime::scenario::FaultSpec;
 use serde::{Deserialize, Serialize};
@@ -74,7 +74,7 @@ pub struct ClusterSummary {
     /// Bytes sent between peers.
     pub bytes_exchanged: u64,
     /// Per-peer summaries.
-    pub per_peer: Vec<PeerSummary>,
+    pub per_peer: Vec<NodeSummary>,
     /// Nodes the launcher restarted (the PS), with downtime and rounds lost.
     pub recoveries: Vec<Recovery>,
     /// How each node ended (exit status, whether it completed, why the launcher stopped it).
@@ -138,8 +138,8 @@ fn write_peer_files(
     for i in 0..n {
         let pdir = dir.join("peers").join(i.to_string());
         std::fs::create_dir_all(&pdir).with_context(|| format!("creating {}", pdir.display()))?;
-        let file = PeerFile {
-            peer: PeerSection {
+        let file = NodeFile {
+            peer: NodeSection {
                 index: i as u32,
                 listen: addrs[i].clone(),
                 bootstrap: (0..n)
@@ -198,8 +198,8 @@ pub fn launch_ps(cfg: &RunConfig, dir: &mut RunDir, faults: &[FaultSpec]) -> Res
         let is_ps = i == n;
         let ndir = if is_ps { dir.path().join("ps") } else { dir.path().join("workers").join(i.to_string()) };
         std::fs::create_dir_all(&ndir).with_context(|| format!("creating {}", ndir.display()))?;
-        let file = PeerFile {
-            peer: PeerSection {
+        let file = NodeFile {
+            peer: NodeSection {
                 index: i as u32,
                 listen: format!("/ip4/127.0.0.1/tcp/{port}"),
                 bootstrap: if is_ps {
@@ -322,7 +322,7 @@ fn collect(
     for path in configs {
         let pdir = path.parent().expect("peer.toml has a directory");
         if let Ok(text) = std::fs::read_to_string(pdir.join("summary.json"))
-            && let Ok(s) = serde_json::from_str::<PeerSummary>(&text)
+            && let Ok(s) = serde_json::from_str::<NodeSummary>(&text)
         {
             per_peer.push(s);
         }
@@ -359,8 +359,8 @@ fn collect(
     // Byzantine nodes' models are not the run's result.
     let attackers: Vec<u32> = attacks.keys().map(|&i| i as u32).collect();
     // Nodes holding a model: every honest peer, or the PS (workers report no digest).
-    let honest = |s: &&PeerSummary| !s.param_digest.is_empty() && !attackers.contains(&s.peer);
-    let mut finished: Vec<&PeerSummary> = per_peer.iter().filter(honest).filter(|s| s.completed).collect();
+    let honest = |s: &&NodeSummary| !s.param_digest.is_empty() && !attackers.contains(&s.peer);
+    let mut finished: Vec<&NodeSummary> = per_peer.iter().filter(honest).filter(|s| s.completed).collect();
     let diverged = finished.is_empty() && per_peer.iter().filter(honest).any(|s| s.diverged);
     if diverged {
         finished = per_peer.iter().filter(honest).filter(|s| s.diverged).collect();

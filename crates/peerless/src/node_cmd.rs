@@ -6,8 +6,8 @@ use std::process::ExitCode;
 
 use anyhow::{Context, Result};
 use peerless_runtime::function::FunctionCommand;
+use peerless_runtime::node::NodeFile;
 use peerless_runtime::node::NodeLine;
-use peerless_runtime::p2p::PeerFile;
 
 use crate::cli::NodeArgs;
 use crate::supervise::Role;
@@ -28,7 +28,7 @@ fn serve(role: Role, args: NodeArgs, index: &mut Option<u32>) -> Result<ExitCode
         // Started by a launcher: do not outlive it.
         peerless_runtime::node::die_with_parent().context("setting the parent-death signal")?;
     }
-    let mut file = PeerFile::load(&args.config)?;
+    let mut file = NodeFile::load(&args.config)?;
     *index = Some(file.peer.index);
     if args.join {
         file.peer.join = true;

@@ -10,7 +10,7 @@
 //!   metrics.csv              one row per round (see [`NodeRow`](crate::node::NodeRow))
 //!   events.jsonl             protocol and network events with wall-clock timestamps
 //!   ledger.csv               one line per function invocation attempt
-//!   summary.json             [`PeerSummary`]
+//!   summary.json             [`NodeSummary`]
 //! ```
 
 use std::collections::{BTreeMap, HashMap};
@@ -33,9 +33,9 @@ use tokio::sync::{mpsc, watch};
 
 use super::net::{self, Behaviour, BehaviourEvent};
 use super::sampler::Sampler;
-use super::{PeerFile, PeerSummary};
 use crate::checkpoint::Checkpoint;
 use crate::function::FunctionCommand;
+use crate::node::{NodeFile, NodeSummary};
 
 pub use crate::node::NodeError;
 use crate::node::{
@@ -60,11 +60,11 @@ struct RoundStats {
 
 /// Runs one peer until training is over (or `stop` is set, or `halt_at_round` is reached).
 pub async fn run(
-    file: PeerFile,
+    file: NodeFile,
     command: FunctionCommand,
     data_dir: PathBuf,
     mut stop: watch::Receiver<bool>,
-) -> Result<PeerSummary, NodeError> {
+) -> Result<NodeSummary, NodeError> {
     let run = &file.run;
     let me = file.peer.index;
     let p2p = &run.p2p;
@@ -452,7 +452,7 @@ pub async fn run(
     };
     backend.write_ledger(&dir)?;
     let inv = backend.summary();
-    let summary = PeerSummary {
+    let summary = NodeSummary {
         peer: me,
         peer_id: my_id.to_string(),
         completed,

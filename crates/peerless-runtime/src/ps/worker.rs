@@ -22,8 +22,8 @@ use super::{Common, common, write_summary};
 use crate::node::{
     Files, GradientBackend, Job, LocalResult, NodeError, NodeLine, NodeRow, Outgoing, unix_ms,
 };
+use crate::node::{NodeFile, NodeSummary};
 use crate::p2p::net::{Behaviour, BehaviourEvent};
-use crate::p2p::{PeerFile, PeerSummary};
 
 /// The worker's link to the PS: the swarm, the requests in flight, the bytes moved.
 struct Link {
@@ -213,10 +213,10 @@ impl Driver {
     }
 
     /// The worker's summary at the end.
-    fn summary(&self, worker: &Worker, peer_id: String) -> PeerSummary {
+    fn summary(&self, worker: &Worker, peer_id: String) -> NodeSummary {
         let wall = self.t0.elapsed().as_secs_f64();
         let inv = self.backend.summary();
-        PeerSummary {
+        NodeSummary {
             peer: self.me,
             peer_id,
             completed: worker.is_done(),
@@ -241,11 +241,11 @@ impl Driver {
 
 /// Runs one worker until the PS publishes the last version (or `stop`).
 pub async fn run_worker(
-    file: PeerFile,
+    file: NodeFile,
     command: crate::function::FunctionCommand,
     data_dir: PathBuf,
     mut stop: watch::Receiver<bool>,
-) -> Result<PeerSummary, NodeError> {
+) -> Result<NodeSummary, NodeError> {
     let run = file.run.clone();
     let Common { me, my_id, ids, swarm, split, model, sampler, total, vpr, rpe, mut files, data_dir } =
         common(&file, data_dir).await?;

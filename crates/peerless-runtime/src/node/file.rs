@@ -1,0 +1,135 @@
+//! A node's own files: the node file the launcher writes (the run's configuration and the
+//! node's settings) and the summary the node writes at the end. Shared by peers, the PS and
+//! workers.
+
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+use crate::config::{ConfigError, RunConfig};
+
+/// A node's file (`peer.toml`, `ps.toml`, `worker.toml`): its configuration.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NodeFile {
+    /// The peer's own settings.
+    pub peer: NodeSection,
+    /// The run's configuration (shared by all peers).
+    pub run: RunConfig,
+}
+
+/// `[peer]`
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct NodeSection {
+    /// This peer's index in the run (0-based).
+    pub index: u32,
+    /// Listen address (multiaddr), e.g. `/ip4/127.0.0.1/tcp/40001`.
+    pub listen: String,
+    /// Addresses of the other peers, dialled at start and redialled while unreachable.
+    pub bootstrap: Vec<String>,
+    /// Peer ids admitted, in index order. Empty: derived from `run.p2p.secret` for indices
+    /// `0..run.p2p.peers`.
+    pub allow: Vec<String>,
+    /// The peer's directory (identity, checkpoint, metrics, events, summary).
+    pub dir: PathBuf,
+    /// Join a run in progress: fetch the state from a live peer (or resume the own checkpoint).
+    pub join: bool,
+    /// Print one JSON progress line per round on stdout (for the launcher).
+    pub progress: bool,
+    /// Stop after this many rounds as if killed (tests).
+    pub halt_at_round: Option<u64>,
+    /// Misbehave: a Byzantine node for experiments (written by the launcher for a scenario's
+    /// `byzantine` fault), e.g. `attack = { kind = "sign-flip", from_round = 0 }`.
+    pub attack: Option<peerless_core::attack::Attack>,
+}
+
+impl Default for NodeSection {
+    fn default() -> Self {
+        NodeSection {
+            index: 0,
+            listen: "/ip4/127.0.0.1/tcp/0".into(),
+            bootstrap: Vec::new(),
+            allow: Vec::new(),
+            dir: PathBuf::from("peer"),
+            join: false,
+            progress: false,
+            halt_at_round: None,
+            attack: None,
+        }
+    }
+}
+
+impl NodeFile {
+    /// Reads and validates a `peer.toml`.
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|source| ConfigError::Read { path: path.to_owned(), source })?;
+        let f: NodeFile = toml::from_str(&text)
+            .map_err(|e| ConfigError::Parse { origin: path.display().to_string(), message: e.to_string() })?;
+        f.run.validate()?;
+        let n = f.run.p2p.peers;
+        // Index `peers` is the parameter server of a PS run.
+        if f.peer.index > n && f.peer.allow.is_empty() {
+            return Err(ConfigError::Invalid {
+                key: "peer.index".into(),
+                value: f.peer.index.to_string(),
+                reason: format!("must be at most run.p2p.peers = {n}"),
+            });
+        }
+        Ok(f)
+    }
+
+    /// The file as TOML.
+    pub fn to_toml(&self) -> String {
+        toml::to_string_pretty(self).expect("invariant: NodeFile always serializes")
+    }
+}
+
+/// What a node (peer, PS or worker) reports at the end (its `summary.json`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct NodeSummary {
+    /// Peer index.
+    pub peer: u32,
+    /// libp2p peer id.
+    pub peer_id: String,
+    /// Whether every planned round ran.
+    pub completed: bool,
+    /// Training stopped because the model diverged (every gradient non-finite).
+    #[serde(default)]
+    pub diverged: bool,
+    /// Rounds done (model version).
+    pub rounds: u64,
+    /// Test accuracy of the final model.
+    pub test_accuracy: f32,
+    /// Test loss of the final model (JSON `null` when not finite: a diverged model's).
+    #[serde(deserialize_with = "null_as_nan")]
+    pub test_loss: f32,
+    /// SHA-256 of the final parameters.
+    pub param_digest: String,
+    /// Wall time in training, s.
+    pub wall_time_s: f64,
+    /// Samples this peer computed gradients on.
+    pub samples: u64,
+    /// Function invocation attempts.
+    pub invocations: u64,
+    /// Cold starts.
+    pub cold_starts: u64,
+    /// Retries.
+    pub retries: u64,
+    /// Function charges, pico-dollars.
+    pub function_cost_pico: u64,
+    /// This peer's node time, pico-dollars.
+    pub node_cost_pico: u64,
+    /// Bytes received from peers.
+    pub bytes_in: u64,
+    /// Bytes sent to peers.
+    pub bytes_out: u64,
+    /// Connections refused (peer ids off the allow-list).
+    pub refused: u64,
+}
+
+/// Reads a float that JSON wrote as `null` (serde_json writes NaN and ±∞ so) as NaN.
+fn null_as_nan<'de, D: serde::Deserializer<'de>>(d: D) -> Result<f32, D::Error> {
+    Ok(Option::<f32>::deserialize(d)?.unwrap_or(f32::NAN))
+}
