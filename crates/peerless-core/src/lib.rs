@@ -10,6 +10,7 @@
 //! - [`wire`] — the peer-to-peer messages and their validating codec.
 //! - [`aggregate`] — aggregation rules behind one trait.
 //! - [`attack`] — Byzantine behaviour of a node, for experiments.
+//! - [`protocol`] — what the protocols share: node index, round deadline, events.
 //! - [`p2p`] — the P2P round protocol as an I/O-free state machine.
 //! - [`ps`] — the parameter server's round protocol, likewise.
 //! - [`worker`] — a PS worker's protocol, likewise.
@@ -26,6 +27,7 @@ pub mod flat;
 pub mod function;
 pub mod optim;
 pub mod p2p;
+pub mod protocol;
 pub mod ps;
 pub mod rng;
 pub mod stats;

@@ -21,7 +21,7 @@
 
 use std::collections::BTreeMap;
 
-use crate::p2p::{DeadlinePolicy, Event, EventKind, PeerIdx};
+use crate::protocol::{DeadlinePolicy, Event, EventKind, PeerIdx};
 use crate::wire::GradientMsg;
 
 /// Static configuration of the PS machine.

@@ -12,7 +12,7 @@
 //! step (`version / versions_per_round`), and each gradient moves it one step on, whatever
 //! version the PS hands out next.
 
-use crate::p2p::PeerIdx;
+use crate::protocol::PeerIdx;
 use crate::rng::Rng;
 
 /// Static configuration of a worker.

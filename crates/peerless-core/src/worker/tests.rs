@@ -7,7 +7,7 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use super::*;
 use crate::flat::Digest;
-use crate::p2p::DeadlinePolicy;
+use crate::protocol::DeadlinePolicy;
 use crate::ps::{Ps, PsAction, PsConfig, PsInput, PsMode};
 use crate::wire::GradientMsg;
 
