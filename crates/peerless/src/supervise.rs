@@ -469,7 +469,7 @@ impl<'a> Supervisor<'a> {
         slot.child = None;
         slot.exit = Some(status);
         slot.exit_at_s = Some(now_s);
-        let (ready, restarts_in_a_row, round) = (slot.ready, slot.restarts_in_a_row, slot.round);
+        let (ready, restarts_in_a_row) = (slot.ready, slot.restarts_in_a_row);
         let reported = slot.error.clone();
         self.injector.set_pid(i, None);
         let how = describe(status);
@@ -513,16 +513,22 @@ impl<'a> Supervisor<'a> {
         slot.restarts_in_a_row += 1;
         slot.restart_at = Some((Instant::now() + delay, false));
         slot.restarted = false;
+        self.record_death(i);
+        Ok(())
+    }
+
+    /// Opens a recovery for node `i`, which died at its last exit, at its last round.
+    fn record_death(&mut self, i: usize) {
+        let slot = &self.slots[i];
         self.recoveries.push(Recovery {
-            node: node.role.name().into(),
+            node: self.nodes[i].role.name().into(),
             index: i,
-            died_at_s: now_s,
-            died_at_round: round,
+            died_at_s: slot.exit_at_s.unwrap_or(0.0),
+            died_at_round: slot.round,
             resumed_from_round: None,
             rounds_lost: None,
             downtime_s: None,
         });
-        Ok(())
     }
 
     /// Starts the nodes whose restart is due.
@@ -536,15 +542,7 @@ impl<'a> Supervisor<'a> {
             self.start(i, join)?;
             self.slots[i].restarted = true;
             if !self.recoveries.iter().any(|r| r.index == i && r.downtime_s.is_none()) {
-                self.recoveries.push(Recovery {
-                    node: self.nodes[i].role.name().into(),
-                    index: i,
-                    died_at_s: self.slots[i].exit_at_s.unwrap_or(0.0),
-                    died_at_round: self.slots[i].round,
-                    resumed_from_round: None,
-                    rounds_lost: None,
-                    downtime_s: None,
-                });
+                self.record_death(i);
             }
             self.dir.event("node_restart", json!({ "node": self.nodes[i].role.name(), "index": i }))?;
             self.say(format!("{} restarted", self.nodes[i].label(i)));
