@@ -12,7 +12,7 @@ use libfuzzer_sys::arbitrary::{Result, Unstructured};
 use libfuzzer_sys::fuzz_target;
 use peerless_core::flat::Digest;
 use peerless_core::optim::OptimizerState;
-use peerless_core::wire::{GradientMsg, Limits, Message, StateMsg, WireError, decode, encode};
+use peerless_core::wire::{GradientMsg, Limits, Message, ParamsMsg, StateMsg, WireError, decode, encode};
 
 fuzz_target!(
     init: {
@@ -27,6 +27,7 @@ fuzz_target!(
                 Message::Gradient(GradientMsg { round: 7, digest, samples: 256, loss: 0.5, grad: vec![1.0, -2.0, 1e-30] }),
                 Message::State(StateMsg { round: 9, digest, params: vec![0.1, 0.2, 0.3], optimizer }),
                 Message::Final { round: 40, digest },
+                Message::Params(ParamsMsg { round: 4, digest, params: vec![0.5, -0.5, 2.0] }),
                 Message::Refused { reason: "not a member".into() },
             ];
             // Mode byte 3: raw decoding with a 3-parameter model.
@@ -98,6 +99,7 @@ fn problem(msg: &Message, limits: Limits) -> Option<&'static str> {
     match msg {
         Message::Gradient(g) if !g.loss.is_finite() => Some("non-finite"),
         Message::Gradient(g) => vector(&g.grad),
+        Message::Params(p) => vector(&p.params),
         Message::State(s) => vector(&s.params).or_else(|| {
             if s.optimizer.buffers.len() > 8 {
                 return Some("too many buffers");
@@ -119,7 +121,7 @@ fn digest(u: &mut Unstructured) -> Result<Digest> {
 }
 
 fn message(u: &mut Unstructured, limits: Limits) -> Result<Message> {
-    Ok(match u.int_in_range(0..=7u8)? {
+    Ok(match u.int_in_range(0..=8u8)? {
         0 => Message::Gradient(GradientMsg {
             round: u.arbitrary()?,
             digest: digest(u)?,
@@ -147,6 +149,7 @@ fn message(u: &mut Unstructured, limits: Limits) -> Result<Message> {
                 optimizer: OptimizerState { kind, steps, buffers },
             })
         }
+        7 => Message::Params(ParamsMsg { round: u.arbitrary()?, digest: digest(u)?, params: floats(u, limits)? }),
         _ => Message::Refused { reason: u.arbitrary()? },
     })
 }

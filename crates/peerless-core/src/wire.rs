@@ -34,7 +34,7 @@ pub enum Message {
         digest: Digest,
     },
     /// A worker asks the parameter server for model version `round` or newer (answered with
-    /// a [`Message::State`] without optimizer buffers once that version is published).
+    /// [`Message::Params`] once that version is published).
     ParamsRequest {
         /// Lowest version wanted.
         round: u64,
@@ -45,6 +45,9 @@ pub enum Message {
     Ack,
     /// The answer to a [`Message::StateRequest`].
     State(StateMsg),
+    /// The parameter server's answer to a [`Message::ParamsRequest`]: a model version (the
+    /// optimizer stays on the PS).
+    Params(ParamsMsg),
     /// A request was refused; the reason says why.
     Refused {
         /// Why.
@@ -78,6 +81,17 @@ pub struct StateMsg {
     pub params: Vec<f32>,
     /// Optimizer state.
     pub optimizer: OptimizerState,
+}
+
+/// Model version `round` as the parameter server publishes it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ParamsMsg {
+    /// The version.
+    pub round: u64,
+    /// Digest of `params`.
+    pub digest: Digest,
+    /// Parameters.
+    pub params: Vec<f32>,
 }
 
 /// What a receiver accepts.
@@ -149,6 +163,7 @@ mod kind {
     pub const REFUSED: u8 = 6;
     pub const FINAL: u8 = 7;
     pub const PARAMS_REQUEST: u8 = 8;
+    pub const PARAMS: u8 = 9;
 }
 
 /// Encodes a message.
@@ -192,6 +207,12 @@ pub fn encode(msg: &Message) -> Vec<u8> {
                 w.vec(v);
             }
         }
+        Message::Params(p) => {
+            w.u8(kind::PARAMS);
+            w.u64(p.round);
+            w.0.extend_from_slice(&p.digest.0);
+            w.vec(&p.params);
+        }
         Message::Refused { reason } => {
             w.u8(kind::REFUSED);
             w.str(reason);
@@ -203,6 +224,7 @@ pub fn encode(msg: &Message) -> Vec<u8> {
 fn payload_len(msg: &Message) -> usize {
     match msg {
         Message::Gradient(g) => g.grad.len() * 4,
+        Message::Params(p) => p.params.len() * 4,
         Message::State(s) => {
             (s.params.len() + s.optimizer.buffers.iter().map(|(_, v)| v.len()).sum::<usize>()) * 4
         }
@@ -255,6 +277,11 @@ pub fn decode(bytes: &[u8], limits: Limits) -> Result<Message, WireError> {
                 params,
                 optimizer: OptimizerState { kind, steps, buffers },
             })
+        }
+        kind::PARAMS => {
+            let round = r.u64("round")?;
+            let digest = r.digest()?;
+            Message::Params(ParamsMsg { round, digest, params: r.vec("parameters", limits.params)? })
         }
         kind::REFUSED => Message::Refused { reason: r.str("reason")? },
         other => return Err(WireError::UnknownKind(other)),
@@ -392,6 +419,7 @@ mod tests {
                     buffers: vec![("momentum".into(), vec![0.2; 5])],
                 },
             }),
+            Message::Params(ParamsMsg { round: 4, digest: Digest([4; 32]), params: vec![0.5; 5] }),
             Message::Refused { reason: "not a member".into() },
         ]
     }

@@ -228,7 +228,7 @@ impl Config {
                 return Err(invalid("aws.region", "\"\"", "must name a region, e.g. us-east-1"));
             }
             let url = &aws.endpoint_url;
-            if !url.is_empty() && !(url.starts_with("http://") || url.starts_with("https://")) {
+            if !(url.is_empty() || url.starts_with("http://") || url.starts_with("https://")) {
                 return Err(invalid("aws.endpoint_url", url, "must start with http:// or https://"));
             }
             if !(1..=600_000).contains(&aws.connect_timeout_ms) {

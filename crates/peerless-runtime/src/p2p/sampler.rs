@@ -5,7 +5,7 @@
 //! permutation of its shard drawn from `Rng::derive(seed, "p2p-order", p << 32 | e)`; round `r`
 //! uses the next `k` mini-batches of it. An epoch is as many rounds as the largest shard needs.
 
-use peerless_core::p2p::PeerIdx;
+use peerless_core::protocol::PeerIdx;
 use peerless_core::rng::Rng;
 
 /// Batches of every peer, every round.

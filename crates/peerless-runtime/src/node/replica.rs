@@ -1,0 +1,131 @@
+//! The model replica of a peer or the PS: parameters and optimizer, the aggregation rule that
+//! turns a round's gradients into one update, and the checkpoint they resume from.
+
+use std::path::PathBuf;
+use std::time::Instant;
+
+use peerless_core::aggregate::Aggregator;
+use peerless_core::flat::digest;
+use peerless_core::optim::Optimizer;
+use peerless_core::protocol::PeerIdx;
+use peerless_core::wire::{ParamsMsg, StateMsg};
+
+use super::NodeError;
+use super::driver::Node;
+use crate::checkpoint::Checkpoint;
+
+/// Parameters, optimizer, aggregation rule and checkpoint file of one node.
+pub(crate) struct Replica {
+    pub(crate) params: Vec<f32>,
+    optimizer: Optimizer,
+    aggregator: Box<dyn Aggregator>,
+    /// The aggregate of the round being applied.
+    agg: Vec<f32>,
+    ck_path: PathBuf,
+}
+
+/// What applying one round took.
+pub(crate) struct Applied {
+    pub(crate) aggregate_ms: f64,
+    pub(crate) update_ms: f64,
+    /// How many Byzantine gradients the rule tolerated.
+    pub(crate) effective_f: usize,
+}
+
+impl Replica {
+    /// The replica of `node`: from its checkpoint when it holds one of this model (the
+    /// round it resumes at is returned too), else freshly initialized from the run's seed.
+    pub(crate) fn open(node: &Node) -> Result<(Replica, Option<u64>), NodeError> {
+        let run = &node.file.run;
+        let model = &node.model;
+        let n = model.num_params();
+        let ck_path = node.file.peer.dir.join("checkpoint.safetensors");
+        let mut replica = Replica {
+            params: model.init(run.seed),
+            optimizer: Optimizer::new(run.optimizer.clone(), n)?,
+            aggregator: run.p2p.aggregator.build(),
+            agg: vec![0f32; n],
+            ck_path,
+        };
+        let resumed = match Checkpoint::read(&replica.ck_path) {
+            Ok(ck) if ck.model == model.id() && ck.layout == model.layout().fingerprint() => {
+                replica.params = ck.params;
+                replica.optimizer.load_state(ck.optimizer)?;
+                Some(ck.round)
+            }
+            Ok(ck) => {
+                return Err(NodeError::Config(format!(
+                    "{} holds a checkpoint of model {}, not {}",
+                    replica.ck_path.display(),
+                    ck.model,
+                    model.id()
+                )));
+            }
+            Err(_) => None,
+        };
+        Ok((replica, resumed))
+    }
+
+    /// Aggregates `inputs` (ordered by node) and takes one optimizer step. A lone gradient
+    /// when `lone_as_is` (asynchronous PS) is the update itself.
+    pub(crate) fn apply(
+        &mut self,
+        round: u64,
+        inputs: &[(PeerIdx, Vec<f32>)],
+        lone_as_is: bool,
+    ) -> Result<Applied, NodeError> {
+        let t = Instant::now();
+        let (update, effective_f): (&[f32], usize) = match inputs {
+            [(_, g)] if lone_as_is => (g, 0),
+            _ => {
+                let refs: Vec<&[f32]> = inputs.iter().map(|(_, g)| g.as_slice()).collect();
+                self.aggregator
+                    .aggregate(&refs, &mut self.agg)
+                    .map_err(|e| NodeError::Compute { round, reason: e.to_string() })?;
+                (&self.agg, self.aggregator.effective_f(inputs.len()))
+            }
+        };
+        let aggregate_ms = t.elapsed().as_secs_f64() * 1e3;
+        let t = Instant::now();
+        self.optimizer.step(&mut self.params, update)?;
+        Ok(Applied { aggregate_ms, update_ms: t.elapsed().as_secs_f64() * 1e3, effective_f })
+    }
+
+    /// Saves the replica as model version `round` (atomically).
+    pub(crate) fn checkpoint(&self, node: &Node, round: u64, epoch: u64) -> Result<(), NodeError> {
+        Checkpoint {
+            model: node.model.id(),
+            layout: node.model.layout().fingerprint(),
+            round,
+            epoch,
+            params: self.params.clone(),
+            optimizer: self.optimizer.state(),
+            rng: [0; 4],
+            wall_s: node.t0.elapsed().as_secs_f64(),
+        }
+        .save(&self.ck_path)?;
+        Ok(())
+    }
+
+    /// The full state at round `round`, for a peer that joins.
+    pub(crate) fn state(&self, round: u64) -> StateMsg {
+        StateMsg {
+            round,
+            digest: digest(&self.params),
+            params: self.params.clone(),
+            optimizer: self.optimizer.state(),
+        }
+    }
+
+    /// Model version `round`, as the PS publishes it.
+    pub(crate) fn published(&self, round: u64) -> ParamsMsg {
+        ParamsMsg { round, digest: digest(&self.params), params: self.params.clone() }
+    }
+
+    /// Takes over a state another peer served.
+    pub(crate) fn adopt(&mut self, state: StateMsg) -> Result<(), NodeError> {
+        self.params = state.params;
+        self.optimizer.load_state(state.optimizer)?;
+        Ok(())
+    }
+}

@@ -1,0 +1,565 @@
+//! A node's gradient work: where gradients are computed (functions through the store, or
+//! in-process), one round's [`Job`] with its retries, and the outgoing gradient message (through
+//! the attacker of a Byzantine node).
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Instant;
+
+use peerless_core::attack::{Attack, Attacker};
+use peerless_core::flat::{Digest, digest, to_le_bytes};
+use peerless_core::function::{GradientRequest, GradientResponse, OutputMode, StoreRef};
+use peerless_core::protocol::PeerIdx;
+use peerless_core::rng::Rng;
+use peerless_core::wire::{self, GradientMsg, Message};
+use peerless_ml::{Model, Split};
+use serde_json::json;
+use tokio::sync::mpsc;
+
+use super::driver::Node;
+use super::{Files, NodeError, io_err};
+use crate::config::{Aggregation, Compute, RunConfig};
+use crate::function::{FunctionCommand, InvokeCtx, Invoker};
+use crate::store::embedded::{EmbeddedHandle, EmbeddedServer};
+use crate::store::{RedisStore, Store};
+
+/// The result of one round's gradient work.
+#[derive(Debug)]
+pub(crate) struct LocalResult {
+    pub(crate) round: u64,
+    pub(crate) digest: Digest,
+    pub(crate) grad: Vec<f32>,
+    pub(crate) loss: f32,
+    pub(crate) samples: u64,
+    /// Functions: from the last invocation's answer to the node holding the sum of the
+    /// gradients (reading the in-store sum, or fetching and adding each), ms.
+    pub(crate) gather_ms: Option<f64>,
+}
+
+/// Where gradients are computed.
+#[allow(clippy::large_enum_variant)] // one per peer, behind an Arc
+pub(crate) enum GradientBackend {
+    Functions {
+        /// The invoker `[function] backend` chose: the local runtime or AWS Lambda.
+        runtime: Arc<dyn Invoker>,
+        store: RedisStore,
+        store_url: String,
+        embedded: Option<EmbeddedHandle>,
+    },
+    Local,
+}
+
+/// A node's outgoing gradients, through its attacker when the node is a Byzantine one.
+pub(crate) struct Outgoing {
+    attacker: Option<Attacker>,
+    announced: bool,
+}
+
+impl Outgoing {
+    /// Node `me` of a run seeded `seed`, attacking when `attack` is set.
+    pub(crate) fn new(attack: Option<Attack>, seed: u64, me: PeerIdx) -> Outgoing {
+        let attacker = attack.map(|a| Attacker::new(a, Rng::derive(seed, "attack", u64::from(me))));
+        Outgoing { attacker, announced: false }
+    }
+
+    /// Whether this node's functions compute `round` on flipped labels.
+    pub(crate) fn flips_labels(&self, round: u64) -> bool {
+        self.attacker.as_ref().is_some_and(|a| a.attack().flips_labels(round))
+    }
+
+    /// The gradient this node keeps and the message it sends for `r`; the first attacked
+    /// round is an `attacking` event.
+    pub(crate) fn message(&mut self, r: LocalResult, files: &mut Files, me: PeerIdx) -> (Vec<f32>, Vec<u8>) {
+        let msg =
+            GradientMsg { round: r.round, digest: r.digest, samples: r.samples, loss: r.loss, grad: r.grad };
+        let Some(attacker) = &mut self.attacker else {
+            let m = Message::Gradient(msg);
+            let bytes = wire::encode(&m);
+            let Message::Gradient(msg) = m else { unreachable!("built above") };
+            return (msg.grad, bytes);
+        };
+        let attack = attacker.attack();
+        if attack.active(r.round) && !self.announced {
+            self.announced = true;
+            tracing::warn!(node = me, attack = %attack.kind, round = r.round, "this node attacks from now on");
+            files.event(me, json!({ "event": "attacking", "attack": attack.kind.name(), "round": r.round }));
+        }
+        let t = attacker.tamper(msg);
+        (t.keep.grad, t.send)
+    }
+}
+
+/// One round's gradient work.
+#[derive(Clone)]
+pub(crate) struct Job {
+    pub(crate) me: PeerIdx,
+    pub(crate) round: u64,
+    pub(crate) params: Arc<Vec<f32>>,
+    pub(crate) batches: Vec<Vec<u32>>,
+    pub(crate) model: Arc<Model>,
+    pub(crate) split: Arc<Split>,
+    pub(crate) backend: Arc<GradientBackend>,
+    pub(crate) dataset: String,
+    pub(crate) data_dir: PathBuf,
+    pub(crate) backend_name: String,
+    pub(crate) aggregation: Aggregation,
+    /// This round's gradients are computed on flipped labels (a label-flipping attacker).
+    pub(crate) flip_labels: bool,
+}
+
+impl Job {
+    /// Runs the round's work, starting it over (after 1 s, 2 s, …) when it failed as a whole,
+    /// e.g. every invocation timed out on an overloaded machine. A failed attempt leaves
+    /// nothing behind in the store, and invocations are idempotent per batch, so nothing is
+    /// counted twice. The error of the last attempt is returned.
+    pub(crate) async fn run_with_retries(self, attempts: u32) -> Result<LocalResult, NodeError> {
+        let mut last = None;
+        let mut job = self;
+        for a in 0..attempts.max(1) {
+            if a > 0 {
+                tokio::time::sleep(std::time::Duration::from_secs(u64::from(a))).await;
+                // A retry fetches the gradients one by one: the same sum, bit for bit, but each
+                // gradient is checked on its own, so a bad one is left out instead of
+                // spoiling the sum again.
+                job.aggregation = Aggregation::Fetch;
+            }
+            match job.clone().run().await {
+                Ok(r) => return Ok(r),
+                Err(e @ NodeError::Diverged { .. }) => return Err(e),
+                Err(e) => {
+                    tracing::warn!(round = job.round, attempt = a, error = %e, "gradient work failed; starting it over");
+                    last = Some(e);
+                }
+            }
+        }
+        Err(last.expect("at least one attempt"))
+    }
+
+    /// The work of node `me` for any round: round, parameters and batches are filled in per
+    /// round with struct-update syntax.
+    pub(crate) fn template(
+        run: &RunConfig,
+        me: PeerIdx,
+        model: Arc<Model>,
+        split: Arc<Split>,
+        backend: Arc<GradientBackend>,
+        data_dir: PathBuf,
+    ) -> Job {
+        Job {
+            me,
+            round: 0,
+            params: Arc::new(Vec::new()),
+            batches: Vec::new(),
+            model,
+            split,
+            backend,
+            dataset: run.data.dataset.to_string(),
+            data_dir,
+            backend_name: run.model.backend.to_string(),
+            aggregation: run.p2p.aggregation,
+            flip_labels: false,
+        }
+    }
+
+    /// Runs the work on the tokio runtime (with retries) and sends the result to `tx`.
+    pub(crate) fn spawn(self, tx: mpsc::Sender<super::driver::Computed>) {
+        tokio::spawn(async move {
+            let _ = tx.send(self.run_with_retries(4).await).await;
+        });
+    }
+
+    pub(crate) async fn run(self) -> Result<LocalResult, NodeError> {
+        match &*self.backend {
+            GradientBackend::Local => self.run_in_process().await,
+            GradientBackend::Functions { runtime, store, store_url, .. } => {
+                self.run_on_functions(runtime.as_ref(), store, store_url).await
+            }
+        }
+    }
+
+    fn failure(&self) -> impl Fn(String) -> NodeError + use<> {
+        let round = self.round;
+        move |reason| NodeError::Compute { round, reason }
+    }
+
+    /// Computes the mean gradient over the batches on a blocking thread of this process.
+    async fn run_in_process(&self) -> Result<LocalResult, NodeError> {
+        let (model, split, params, batches, flip) = (
+            self.model.clone(),
+            self.split.clone(),
+            self.params.clone(),
+            self.batches.clone(),
+            self.flip_labels,
+        );
+        let (grad, loss, samples) = tokio::task::spawn_blocking(move || {
+            let mut sum = vec![0f32; params.len()];
+            let mut g = vec![0f32; params.len()];
+            let (mut loss, mut samples) = (0f64, 0u64);
+            for b in &batches {
+                let idx: Vec<usize> = b.iter().map(|&i| i as usize).collect();
+                let mut batch = split.train.gather(&idx);
+                if flip {
+                    batch.flip_labels(split.train.classes);
+                }
+                let l = model.loss_and_grad_into(&params, &batch, &mut g)?;
+                peerless_core::flat::add_assign(&mut sum, &g);
+                loss += f64::from(l);
+                samples += idx.len() as u64;
+            }
+            let k = batches.len().max(1) as f32;
+            sum.iter_mut().for_each(|x| *x /= k);
+            Ok::<_, peerless_ml::ModelError>((sum, (loss / f64::from(k)) as f32, samples))
+        })
+        .await
+        .map_err(|e| self.failure()(e.to_string()))??;
+        let digest = digest(&self.params);
+        Ok(LocalResult { round: self.round, digest, grad, loss, samples, gather_ms: None })
+    }
+
+    /// One invocation a batch through `runtime`, the gradients summed in the store (or
+    /// fetched and summed here), their mean returned.
+    async fn run_on_functions(
+        &self,
+        runtime: &dyn Invoker,
+        store: &RedisStore,
+        store_url: &str,
+    ) -> Result<LocalResult, NodeError> {
+        let fail = self.failure();
+        let keys = Keys::of(self);
+        let d = digest(&self.params);
+        store
+            .put(&keys.params, &to_le_bytes(&self.params))
+            .await
+            .map_err(|e| fail(format!("store put: {e}")))?;
+        let calls = (0..self.batches.len()).map(|j| {
+            let payload = serde_json::to_value(self.request(j, &keys, d, store_url))
+                .expect("invariant: requests serialize");
+            runtime.invoke("gradient", payload, InvokeCtx::new(keys.node.clone(), self.round, j as u32))
+        });
+        let answers = Answers::collect(futures::future::join_all(calls).await);
+        let t = std::time::Instant::now();
+        let sum = self.gather(store, &keys, &answers.delivered).await;
+        let gather_ms = t.elapsed().as_secs_f64() * 1e3;
+        let _ =
+            store.delete(&keys.all(self.batches.len()).iter().map(String::as_str).collect::<Vec<_>>()).await;
+        let Some((sum, count)) = sum? else {
+            return Err(answers.failure(self.round));
+        };
+        if !answers.errors.is_empty() {
+            tracing::warn!(
+                round = self.round,
+                failed = answers.errors.len(),
+                "some gradient invocations failed after retries; using the rest"
+            );
+        }
+        let n = count as f32;
+        Ok(LocalResult {
+            round: self.round,
+            digest: d,
+            grad: sum.iter().map(|x| x / n).collect(),
+            loss: (answers.loss / f64::from(answers.ok.max(1))) as f32,
+            samples: count * self.batches.first().map_or(0, |b| b.len() as u64),
+            gather_ms: Some(gather_ms),
+        })
+    }
+
+    /// The request of batch `j`.
+    fn request(&self, j: usize, keys: &Keys, d: Digest, store_url: &str) -> GradientRequest {
+        GradientRequest {
+            node: keys.node.clone(),
+            round: self.round,
+            batch: j as u32,
+            attempt: 0,
+            model: self.model.id(),
+            backend: self.backend_name.clone(),
+            params_key: keys.params.clone(),
+            params_digest: d.to_string(),
+            dataset: self.dataset.clone(),
+            data_dir: self.data_dir.display().to_string(),
+            indices: self.batches[j].clone(),
+            output_key: keys.output(j),
+            output_mode: if keys.fetch { OutputMode::Put } else { OutputMode::Accumulate },
+            store: StoreRef { url: store_url.to_owned() },
+            // Only the sum is used; hashing each gradient would be waste.
+            return_digest: false,
+            flip_labels: self.flip_labels,
+        }
+    }
+
+    /// The sum of the delivered gradients and their count: fetched one by one, or read from
+    /// the store's sum when it is plausible. `None` when none was delivered.
+    async fn gather(
+        &self,
+        store: &RedisStore,
+        keys: &Keys,
+        delivered: &[usize],
+    ) -> Result<Option<(Vec<f32>, u64)>, NodeError> {
+        let fail = self.failure();
+        if keys.fetch {
+            return self.fetch_sum(store, &|j| keys.output(j), delivered).await.map_err(fail);
+        }
+        let acc = store.read_accumulated(&keys.grad).await.map_err(|e| fail(format!("store read: {e}")))?;
+        let acc = acc.filter(|a| a.count > 0).map(|a| (a.sum, a.count));
+        if let Some((sum, count)) = &acc {
+            // The store adds whatever its clients send: a client holding the store's secret
+            // (another member) could write into this key. The sum is only taken when it is
+            // plausible; the job is then retried in fetch mode, which checks every gradient on
+            // its own (`run_with_retries`).
+            let problem = if *count > self.batches.len() as u64 {
+                Some(format!("{count} contributions for {} batches", self.batches.len()))
+            } else if sum.len() != self.params.len() {
+                Some(format!("{} values, the model has {}", sum.len(), self.params.len()))
+            } else {
+                peerless_core::flat::check_finite("the sum", sum).err().map(|e| e.to_string())
+            };
+            if let Some(p) = problem {
+                let _ = store.delete(&[keys.params.as_str(), keys.grad.as_str()]).await;
+                return Err(fail(format!("in-store sum at {} refused: {p}", keys.grad)));
+            }
+        }
+        Ok(acc)
+    }
+
+    /// Fetch-then-aggregate: reads the gradient of each delivered batch from the store and
+    /// adds them up here; `None` when none was delivered.
+    async fn fetch_sum(
+        &self,
+        store: &RedisStore,
+        key: &impl Fn(usize) -> String,
+        delivered: &[usize],
+    ) -> Result<Option<(Vec<f32>, u64)>, String> {
+        let n = self.params.len();
+        let mut sum: Option<Vec<f32>> = None;
+        let mut count = 0u64;
+        for &j in delivered {
+            let k = key(j);
+            let bytes = store.get(&k).await.map_err(|e| format!("store get {k}: {e}"))?;
+            let g = bytes
+                .as_deref()
+                .map(peerless_core::flat::from_le_bytes)
+                .transpose()
+                .map_err(|e| format!("{k}: {e}"))?
+                .ok_or_else(|| format!("{k}: the function answered but its gradient is not in the store"))?;
+            // A gradient that is not what the function reported (another store client
+            // overwrote it) is left out, like a failed invocation; the rest still count.
+            let problem = if g.len() != n {
+                Some(format!("{} values, the model has {n}", g.len()))
+            } else {
+                peerless_core::flat::check_finite(&k, &g).err().map(|e| e.to_string())
+            };
+            if let Some(problem) = problem {
+                tracing::warn!(round = self.round, key = %k, %problem, "gradient in the store refused");
+                continue;
+            }
+            match &mut sum {
+                Some(s) => peerless_core::flat::add_assign(s, &g),
+                None => sum = Some(g),
+            }
+            count += 1;
+        }
+        Ok(sum.map(|s| (s, count)))
+    }
+}
+
+/// The store keys of one round's gradient work.
+struct Keys {
+    /// The node's name in keys and the ledger.
+    node: String,
+    params: String,
+    grad: String,
+    /// Fetch-then-aggregate: one key per batch, each holding one gradient.
+    fetch: bool,
+}
+
+impl Keys {
+    fn of(job: &Job) -> Keys {
+        let node = format!("peer{}", job.me);
+        Keys {
+            params: format!("{node}/params/{}", job.round),
+            grad: format!("{node}/grad/{}", job.round),
+            fetch: job.aggregation == Aggregation::Fetch,
+            node,
+        }
+    }
+
+    /// Where batch `j`'s gradient goes.
+    fn output(&self, j: usize) -> String {
+        if self.fetch { format!("{}/{j}", self.grad) } else { self.grad.clone() }
+    }
+
+    /// Every key the work may have written, for clean-up.
+    fn all(&self, batches: usize) -> Vec<String> {
+        let mut keys = vec![self.params.clone(), self.grad.clone()];
+        if self.fetch {
+            keys.extend((0..batches).map(|j| self.output(j)));
+        }
+        keys
+    }
+}
+
+/// What the invocations of one round answered.
+#[derive(Default)]
+struct Answers {
+    /// Sum of the reported losses.
+    loss: f64,
+    ok: u32,
+    errors: Vec<String>,
+    /// Failures because the gradient was not finite.
+    non_finite: usize,
+    /// Batches whose gradient was delivered.
+    delivered: Vec<usize>,
+}
+
+impl Answers {
+    fn collect(results: Vec<Result<crate::function::Invocation, crate::function::InvokeError>>) -> Answers {
+        let mut a = Answers::default();
+        for (j, r) in results.into_iter().enumerate() {
+            match r {
+                Ok(inv) if inv.is_ok() => {
+                    let resp: Option<GradientResponse> =
+                        inv.response.and_then(|v| serde_json::from_value(v).ok());
+                    if let Some(resp) = resp {
+                        a.loss += f64::from(resp.loss);
+                        a.ok += 1;
+                        a.delivered.push(j);
+                    }
+                }
+                Ok(inv) => {
+                    a.non_finite +=
+                        usize::from(inv.error.as_ref().is_some_and(|e| e.error_type.ends_with("NonFinite")));
+                    a.errors.push(format!("{:?}: {:?}", inv.outcome, inv.error.map(|e| e.error_message)))
+                }
+                Err(e) => a.errors.push(e.to_string()),
+            }
+        }
+        a
+    }
+
+    /// The error when no gradient was delivered: divergence when every failure was a
+    /// non-finite gradient.
+    fn failure(&self, round: u64) -> NodeError {
+        if self.non_finite > 0 && self.non_finite == self.errors.len() {
+            return NodeError::Diverged { round, reason: self.errors.join("; ") };
+        }
+        NodeError::Compute { round, reason: format!("every invocation failed: {}", self.errors.join("; ")) }
+    }
+}
+
+impl GradientBackend {
+    /// Starts the gradient backend of node `me` (`node` names it in the ledger and store keys).
+    pub(crate) async fn start(
+        run: &RunConfig,
+        me: u32,
+        command: FunctionCommand,
+    ) -> Result<GradientBackend, NodeError> {
+        let p2p = &run.p2p;
+        Ok(match p2p.compute {
+            Compute::Local => GradientBackend::Local,
+            Compute::Functions => {
+                let runtime =
+                    crate::function::start(run.function.clone(), command, run.seed ^ (u64::from(me) << 40))
+                        .map_err(|e| NodeError::Config(e.to_string()))?;
+                let (embedded, store_url) = if p2p.store == "embedded" {
+                    let h = EmbeddedServer::spawn(([127, 0, 0, 1], 0).into(), Some(p2p.secret.clone()))
+                        .map_err(|e| NodeError::Network(format!("embedded store: {e}")))?;
+                    let url = h.url();
+                    (Some(h), url)
+                } else {
+                    (None, p2p.store.clone())
+                };
+                let store = RedisStore::connect(&store_url)
+                    .await
+                    .map_err(|e| NodeError::Network(format!("store {store_url}: {e}")))?;
+                GradientBackend::Functions { runtime, store, store_url, embedded }
+            }
+        })
+    }
+
+    /// Invocation counters so far (zero for in-process compute).
+    pub(crate) fn summary(&self) -> crate::function::metrics::Summary {
+        match self {
+            GradientBackend::Functions { runtime, .. } => runtime.summary(),
+            GradientBackend::Local => Default::default(),
+        }
+    }
+
+    /// Writes the function runtime's metrics (`function_metrics.json`: invocations, cold
+    /// starts, retries, throttles, latency quantiles, cost) and `ledger.csv` into `dir`
+    /// (functions only).
+    pub(crate) fn write_ledger(&self, dir: &Path) -> Result<(), NodeError> {
+        if let GradientBackend::Functions { runtime, .. } = self {
+            runtime.write_run_metrics(dir).map_err(io_err(dir))?;
+        }
+        Ok(())
+    }
+
+    /// Stops the function instances and the embedded store.
+    pub(crate) async fn shutdown(self) {
+        if let GradientBackend::Functions { runtime, embedded, .. } = self {
+            runtime.shutdown().await;
+            if let Some(h) = embedded {
+                h.shutdown().await;
+            }
+        }
+    }
+}
+
+/// The gradient work of a peer or worker: each round's [`Job`] built from one template and run
+/// on the node's backend, its result sent to the node's loop; the outgoing gradient message.
+pub(crate) struct Work {
+    job: Job,
+    backend: Arc<GradientBackend>,
+    pub(crate) outgoing: Outgoing,
+    tx: mpsc::Sender<Result<LocalResult, NodeError>>,
+    started: Instant,
+}
+
+impl Work {
+    /// Starts `node`'s gradient backend (function runtime and store, or in-process).
+    pub(crate) async fn start(node: &Node, command: FunctionCommand) -> Result<Work, NodeError> {
+        let run = &node.file.run;
+        let backend = Arc::new(GradientBackend::start(run, node.me, command).await?);
+        let job = Job::template(
+            run,
+            node.me,
+            node.model.clone(),
+            node.split.clone(),
+            backend.clone(),
+            node.data_dir.clone(),
+        );
+        let outgoing = Outgoing::new(node.file.peer.attack, run.seed, node.me);
+        Ok(Work { job, backend, outgoing, tx: node.results(), started: Instant::now() })
+    }
+
+    /// Starts round `round`'s work on `params` over `batches` (on flipped labels when this
+    /// node attacks so in this round).
+    pub(crate) fn spawn(&mut self, round: u64, params: Vec<f32>, batches: Vec<Vec<u32>>) {
+        self.started = Instant::now();
+        let flip_labels = self.outgoing.flips_labels(round);
+        Job { round, params: Arc::new(params), batches, flip_labels, ..self.job.clone() }
+            .spawn(self.tx.clone());
+    }
+
+    /// Milliseconds since the newest work started.
+    pub(crate) fn elapsed_ms(&self) -> f64 {
+        self.started.elapsed().as_secs_f64() * 1e3
+    }
+
+    /// Invocation counters so far (zero for in-process work).
+    pub(crate) fn counters(&self) -> crate::function::Summary {
+        self.backend.summary()
+    }
+
+    /// Writes the function metrics and the ledger into `dir`.
+    pub(crate) fn write_ledger(&self, dir: &Path) -> Result<(), NodeError> {
+        self.backend.write_ledger(dir)
+    }
+
+    /// Stops the function instances and the embedded store, unless work still runs.
+    pub(crate) async fn shutdown(self) {
+        drop(self.job);
+        if let Ok(b) = Arc::try_unwrap(self.backend) {
+            b.shutdown().await;
+        }
+    }
+}

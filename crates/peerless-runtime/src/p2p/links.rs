@@ -1,0 +1,193 @@
+//! A peer's links to the other peers: the addresses it redials, the requests it has in flight,
+//! the state requests it holds until the round boundary, and how what arrives becomes an input
+//! of the round machine.
+
+use std::collections::{BTreeMap, HashMap};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use libp2p::Multiaddr;
+use libp2p::request_response::{OutboundRequestId, ResponseChannel};
+use peerless_core::flat::digest;
+use peerless_core::p2p::Input;
+use peerless_core::protocol::PeerIdx;
+use peerless_core::wire::{Message, WireError};
+use serde_json::json;
+
+use crate::node::NodeError;
+use crate::node::driver::Node;
+use crate::node::net::{Net, NetEvent, frame};
+
+/// What an outbound request was.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub(super) enum Pending {
+    Gradient(u64),
+    State,
+    Other,
+}
+
+/// The peer's side of its connections.
+#[derive(Default)]
+pub(super) struct Links {
+    /// Addresses of the other peers, redialled while not connected.
+    bootstrap: Vec<Multiaddr>,
+    last_dial: Option<Instant>,
+    /// Addresses this peer dialled and is connected to.
+    connected: HashMap<PeerIdx, Multiaddr>,
+    outbound: HashMap<OutboundRequestId, (PeerIdx, Pending)>,
+    /// State requests, answered at the next round boundary.
+    state_channels: BTreeMap<PeerIdx, Vec<ResponseChannel<Bytes>>>,
+    /// Rounds of the gradient acknowledgements received since last asked.
+    acks: Vec<u64>,
+}
+
+impl Links {
+    /// Links to the peers at `bootstrap` (multiaddrs).
+    pub(super) fn new(bootstrap: &[String]) -> Result<Links, NodeError> {
+        let bootstrap = bootstrap
+            .iter()
+            .map(|a| a.parse().map_err(|e| NodeError::Config(format!("peer.bootstrap {a:?}: {e}"))))
+            .collect::<Result<_, _>>()?;
+        Ok(Links { bootstrap, ..Links::default() })
+    }
+
+    /// Redials the bootstrap addresses not connected, at most once a second.
+    pub(super) fn redial(&mut self, net: &mut Net) {
+        if self.last_dial.is_some_and(|t| t.elapsed() < Duration::from_secs(1)) {
+            return;
+        }
+        self.last_dial = Some(Instant::now());
+        for a in &self.bootstrap {
+            if !self.connected.values().any(|c| c == a) {
+                net.dial(a);
+            }
+        }
+    }
+
+    /// Whether no request is in flight.
+    pub(super) fn is_idle(&self) -> bool {
+        self.outbound.is_empty()
+    }
+
+    /// Sends `bytes` to `to` if it is connected; true when sent.
+    pub(super) fn send(&mut self, net: &mut Net, to: PeerIdx, bytes: Bytes, kind: Pending) -> bool {
+        let Some(id) = net.request_connected(to, bytes) else { return false };
+        self.outbound.insert(id, (to, kind));
+        true
+    }
+
+    /// Answers a state request `to` holds with `msg`.
+    pub(super) fn answer_state(&mut self, net: &mut Net, to: PeerIdx, msg: &Message) {
+        self.answer_state_bytes(net, to, frame(msg));
+    }
+
+    /// Answers a state request `to` holds with already encoded bytes.
+    pub(super) fn answer_state_bytes(&mut self, net: &mut Net, to: PeerIdx, bytes: Bytes) {
+        if let Some(ch) = self.state_channels.get_mut(&to).and_then(Vec::pop) {
+            net.answer_bytes(ch, bytes);
+        }
+    }
+
+    /// Consumes the acknowledgements of `round`'s gradient; true when none is pending.
+    pub(super) fn take_acks(&mut self, round: u64, pending: &mut usize) -> bool {
+        let n = self.acks.iter().filter(|&&r| r == round).count();
+        self.acks.clear();
+        *pending = pending.saturating_sub(n);
+        *pending == 0
+    }
+
+    /// The round machine's input for a network event, if it is one.
+    pub(super) fn input(&mut self, node: &mut Node, ev: NetEvent) -> Option<Input> {
+        match ev {
+            NetEvent::Connected { node: p, first, dialed } => {
+                if let Some(a) = dialed {
+                    self.connected.insert(p, a);
+                }
+                first.then_some(Input::Connected(p))
+            }
+            NetEvent::Disconnected { node: p } => {
+                self.connected.remove(&p);
+                self.state_channels.remove(&p);
+                Some(Input::Disconnected(p))
+            }
+            NetEvent::Request { from, msg, channel } => self.request(node, from, msg, channel),
+            NetEvent::Answer { id, msg } => {
+                let (from, kind) = self.outbound.remove(&id)?;
+                self.answered(node, from, kind, msg)
+            }
+            NetEvent::Failed { id, error } => {
+                let (to, kind) = self.outbound.remove(&id)?;
+                tracing::debug!(peer = node.me, to, %error, "request failed");
+                match kind {
+                    Pending::State => Some(Input::StateFailed(to)),
+                    Pending::Gradient(r) => {
+                        self.acks.push(r);
+                        None
+                    }
+                    Pending::Other => None,
+                }
+            }
+        }
+    }
+
+    /// A request from peer `from`: a state request waits for the round boundary, anything
+    /// else is acknowledged at once; a malformed one is refused.
+    fn request(
+        &mut self,
+        node: &mut Node,
+        from: PeerIdx,
+        msg: Result<Message, WireError>,
+        channel: ResponseChannel<Bytes>,
+    ) -> Option<Input> {
+        let msg = match msg {
+            Ok(Message::StateRequest) => {
+                self.state_channels.entry(from).or_default().push(channel);
+                return Some(Input::StateRequested(from));
+            }
+            Ok(msg) => msg,
+            Err(err) => {
+                tracing::warn!(peer = node.me, from, %err, "rejected a malformed message");
+                node.event(json!({ "event": "rejected", "from": from, "error": err.to_string() }));
+                node.net.answer(channel, &Message::Refused { reason: format!("rejected: {err}") });
+                return Some(Input::Rejected(from));
+            }
+        };
+        node.net.answer(channel, &Message::Ack);
+        match msg {
+            Message::Gradient(g) => Some(Input::Gradient(from, g)),
+            Message::Join { round } => Some(Input::Join(from, round)),
+            Message::Final { round, digest } => Some(Input::Final(from, round, digest)),
+            _ => None,
+        }
+    }
+
+    /// The answer to (or failure of) a request of `kind` to `from`.
+    fn answered(
+        &mut self,
+        node: &mut Node,
+        from: PeerIdx,
+        kind: Pending,
+        msg: Result<Message, WireError>,
+    ) -> Option<Input> {
+        match (kind, msg) {
+            (Pending::Gradient(r), _) => {
+                self.acks.push(r);
+                None
+            }
+            (Pending::Other, _) => None,
+            (Pending::State, Ok(Message::State(s))) if digest(&s.params) != s.digest => {
+                node.event(json!({ "event": "rejected", "from": from, "error": "state digest does not match its parameters" }));
+                Some(Input::StateFailed(from))
+            }
+            (Pending::State, Ok(Message::State(s))) => Some(Input::State(from, s)),
+            (Pending::State, Ok(other)) => {
+                tracing::info!(peer = node.me, from, ?other, "state request not served");
+                Some(Input::StateFailed(from))
+            }
+            (Pending::State, Err(err)) => {
+                node.event(json!({ "event": "rejected", "from": from, "error": err.to_string() }));
+                Some(Input::StateFailed(from))
+            }
+        }
+    }
+}
