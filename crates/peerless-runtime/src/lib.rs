@@ -11,10 +11,11 @@
 //!   API, the ledger; and the function side (`serve`) that `peerless function` runs.
 //! - [`gradient`] — the gradient function: request → parameters from the store → gradient
 //!   aggregated into the store, with the caches a warm instance may keep.
-//! - [`node`] — what peers, the PS and workers share: files, gradient backend, round work.
-//! - [`p2p`] — peer-to-peer training: the libp2p network, the peer process, its sampler.
+//! - [`node`] — one node of a run on one driver: set-up, the event loop, network, replica,
+//!   gradient work, files; a role (peer, PS, worker) only carries out its machine's actions.
+//! - [`p2p`] — peer-to-peer training: the libp2p transport, the peer role, its sampler.
 //! - [`percent`] — URL percent-decoding (Invoke API paths, Redis URLs).
-//! - [`ps`] — the parameter-server baseline: the PS process and its workers.
+//! - [`ps`] — the parameter-server baseline: the PS role and the worker role.
 //! - [`scenario`] — experiment scenarios: a workload and the faults the launcher injects.
 //! - [`store`] — the store trait; the embedded RESP server and the Redis backend, with
 //!   in-store aggregation that counts each gradient once.

@@ -223,7 +223,7 @@ pub struct BenchStepArgs {
 /// `peerless peer`, `peerless ps`, `peerless worker`: one node of a run.
 #[derive(Debug, Args)]
 pub struct NodeArgs {
-    /// The peer's configuration (`[peer]` and `[run]`), as the launcher writes it.
+    /// The peer's configuration (`[node]` and `[run]`), as the launcher writes it.
     #[arg(long)]
     pub config: PathBuf,
     /// Join a run in progress (fetch the state from a live peer, or resume the own checkpoint).

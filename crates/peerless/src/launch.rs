@@ -131,17 +131,16 @@ fn write_peer_files(
 ) -> Result<Vec<PathBuf>> {
     let n = cfg.p2p.peers as usize;
     let ports = free_ports(n)?;
-    let addrs: Vec<String> = ports.iter().map(|p| multiaddr(*p)).collect();
     let mut run = cfg.clone();
     run.p2p.secret = secret.to_owned();
     let mut paths = Vec::new();
-    for i in 0..n {
+    for (i, port) in ports.iter().enumerate() {
         let pdir = dir.join("peers").join(i.to_string());
         std::fs::create_dir_all(&pdir).with_context(|| format!("creating {}", pdir.display()))?;
         let file = NodeFile {
-            peer: NodeSection {
+            node: NodeSection {
                 index: i as u32,
-                listen: addrs[i].clone(),
+                listen: multiaddr(*port),
                 bootstrap: (0..n)
                     .filter(|&j| j != i)
                     .map(|j| dial_addr(proxy, i, j, ports[j]))
@@ -199,7 +198,7 @@ pub fn launch_ps(cfg: &RunConfig, dir: &mut RunDir, faults: &[FaultSpec]) -> Res
         let ndir = if is_ps { dir.path().join("ps") } else { dir.path().join("workers").join(i.to_string()) };
         std::fs::create_dir_all(&ndir).with_context(|| format!("creating {}", ndir.display()))?;
         let file = NodeFile {
-            peer: NodeSection {
+            node: NodeSection {
                 index: i as u32,
                 listen: format!("/ip4/127.0.0.1/tcp/{port}"),
                 bootstrap: if is_ps {

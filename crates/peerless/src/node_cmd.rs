@@ -29,18 +29,18 @@ fn serve(role: Role, args: NodeArgs, index: &mut Option<u32>) -> Result<ExitCode
         peerless_runtime::node::die_with_parent().context("setting the parent-death signal")?;
     }
     let mut file = NodeFile::load(&args.config)?;
-    *index = Some(file.peer.index);
+    *index = Some(file.node.index);
     if args.join {
-        file.peer.join = true;
+        file.node.join = true;
     }
     let data_dir = crate::common::data_dir(args.data_dir.as_deref().or(Some(&file.run.data.dir)));
-    std::fs::create_dir_all(&file.peer.dir)
-        .with_context(|| format!("creating {}", file.peer.dir.display()))?;
+    std::fs::create_dir_all(&file.node.dir)
+        .with_context(|| format!("creating {}", file.node.dir.display()))?;
     // Written then renamed: whoever sees `pid` (tests, tools) never reads it half-written.
-    let tmp = file.peer.dir.join("pid.tmp");
+    let tmp = file.node.dir.join("pid.tmp");
     std::fs::write(&tmp, std::process::id().to_string())
-        .and_then(|()| std::fs::rename(&tmp, file.peer.dir.join("pid")))
-        .with_context(|| format!("writing the pid into {}", file.peer.dir.display()))?;
+        .and_then(|()| std::fs::rename(&tmp, file.node.dir.join("pid")))
+        .with_context(|| format!("writing the pid into {}", file.node.dir.display()))?;
     let exe = std::env::current_exe().context("locating the peerless executable")?;
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
     let summary = rt.block_on(async move {

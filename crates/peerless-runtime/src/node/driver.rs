@@ -22,10 +22,10 @@ use serde_json::json;
 use tokio::sync::{mpsc, watch};
 
 use super::net::{Net, NetEvent};
+use super::sampler::Sampler;
+use super::transport::BehaviourEvent;
 use super::work::LocalResult;
 use super::{Files, NodeError, NodeFile, NodeLine, NodeRow, NodeSummary, Progress, io_err, unix_ms};
-use crate::p2p::net::BehaviourEvent;
-use crate::p2p::sampler::Sampler;
 
 /// What gradient work reports.
 pub(crate) type Computed = Result<LocalResult, NodeError>;
@@ -71,11 +71,11 @@ pub(crate) struct NetPlan {
 }
 
 impl Node {
-    /// Sets up node `file.peer.index`: files, identity and network, data, model, sampler.
+    /// Sets up node `file.node.index`: files, identity and network, data, model, sampler.
     pub(crate) fn open(file: NodeFile, data_dir: PathBuf, plan: NetPlan) -> Result<Node, NodeError> {
         let run = &file.run;
-        let me = file.peer.index;
-        let files = Files::open(&file.peer.dir)?;
+        let me = file.node.index;
+        let files = Files::open(&file.node.dir)?;
         let data_dir = if run.data.dir.as_os_str().is_empty() { data_dir } else { run.data.dir.clone() };
         let split: Arc<Split> = Arc::new(peerless_ml::data::load(run.data.dataset, &data_dir)?);
         let spec = ModelSpec {
@@ -124,6 +124,11 @@ impl Node {
     /// Records an event in `events.jsonl`.
     pub(crate) fn event(&mut self, v: serde_json::Value) {
         self.files.event(self.me, v);
+    }
+
+    /// Records an event a protocol machine emitted.
+    pub(crate) fn machine_event(&mut self, e: &peerless_core::protocol::Event) {
+        self.event(serde_json::to_value(e).unwrap_or_default());
     }
 
     /// Where gradient work reports its result.
@@ -185,7 +190,7 @@ impl Node {
 
     /// Tells the launcher a round is done, when it asked for progress lines.
     pub(crate) fn progress(&self, p: Progress) {
-        if self.file.peer.progress {
+        if self.file.node.progress {
             NodeLine::Progress(p).print();
         }
     }
@@ -223,7 +228,7 @@ impl Node {
     /// Records the `finish` event and writes `summary.json`.
     pub(crate) fn finish(&mut self, s: &NodeSummary) -> Result<(), NodeError> {
         self.event(json!({ "event": "finish", "round": s.rounds, "test_accuracy": s.test_accuracy, "digest": s.param_digest }));
-        let path = self.file.peer.dir.join("summary.json");
+        let path = self.file.node.dir.join("summary.json");
         let text = serde_json::to_string_pretty(s).expect("invariant: summary serializes");
         crate::checkpoint::write_atomic(&path, text.as_bytes()).map_err(io_err(&path))
     }

@@ -12,26 +12,28 @@ use crate::config::{ConfigError, RunConfig};
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct NodeFile {
-    /// The peer's own settings.
-    pub peer: NodeSection,
+    /// The node's own settings (`[node]`; `[peer]` is read as well, the name before 0.2).
+    #[serde(alias = "peer")]
+    pub node: NodeSection,
     /// The run's configuration (shared by all peers).
     pub run: RunConfig,
 }
 
-/// `[peer]`
+/// `[node]`: what is this node's own (the rest of the file is the run's).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct NodeSection {
-    /// This peer's index in the run (0-based).
+    /// This node's index in the run (0-based; the PS's is after the workers').
     pub index: u32,
     /// Listen address (multiaddr), e.g. `/ip4/127.0.0.1/tcp/40001`.
     pub listen: String,
-    /// Addresses of the other peers, dialled at start and redialled while unreachable.
+    /// Addresses of the nodes this one dials (a peer: the other peers; a worker: the PS),
+    /// dialled at start and redialled while unreachable.
     pub bootstrap: Vec<String>,
     /// Peer ids admitted, in index order. Empty: derived from `run.p2p.secret` for indices
     /// `0..run.p2p.peers`.
     pub allow: Vec<String>,
-    /// The peer's directory (identity, checkpoint, metrics, events, summary).
+    /// The node's directory (identity, checkpoint, metrics, events, summary).
     pub dir: PathBuf,
     /// Join a run in progress: fetch the state from a live peer (or resume the own checkpoint).
     pub join: bool,
@@ -61,7 +63,7 @@ impl Default for NodeSection {
 }
 
 impl NodeFile {
-    /// Reads and validates a `peer.toml`.
+    /// Reads and validates a node file.
     pub fn load(path: &Path) -> Result<Self, ConfigError> {
         let text = std::fs::read_to_string(path)
             .map_err(|source| ConfigError::Read { path: path.to_owned(), source })?;
@@ -70,10 +72,10 @@ impl NodeFile {
         f.run.validate()?;
         let n = f.run.p2p.peers;
         // Index `peers` is the parameter server of a PS run.
-        if f.peer.index > n && f.peer.allow.is_empty() {
+        if f.node.index > n && f.node.allow.is_empty() {
             return Err(ConfigError::Invalid {
-                key: "peer.index".into(),
-                value: f.peer.index.to_string(),
+                key: "node.index".into(),
+                value: f.node.index.to_string(),
                 reason: format!("must be at most run.p2p.peers = {n}"),
             });
         }

@@ -3,11 +3,14 @@
 //!
 //! A node is a [`driver::Node`] (the set-up every role shares: identity, network, data,
 //! model, files) driven by [`driver::drive`] with a [`driver::Role`]: the protocol machine of
-//! `peerless_core` and the small type that carries out its actions
-//! ([`crate::p2p::peer::Peer`], [`crate::ps::server::Server`], [`crate::ps::worker::Worker`]).
+//! `peerless_core` and the small type that carries out its actions (the P2P peer in `p2p`,
+//! the PS and the worker in `ps`).
 //!
 //! - [`driver`] — the node set-up and the one event loop: waits for the network, the gradient
 //!   work, the evaluations, the timer and Ctrl-C, and hands each to the role.
+//! - [`transport`] — libp2p (TCP + Noise + Yamux), identities derived from the run secret,
+//!   the allow-list, one request-response protocol carrying wire frames.
+//! - [`sampler`] — which samples a node's functions train on in each round, and take-over.
 //! - [`net`] — the node's network: the swarm with the run's identities, bytes moved, its
 //!   events sorted into what a role acts on.
 //! - [`replica`] — the model replica of a peer or the PS: parameters, optimizer, aggregation,
@@ -28,6 +31,8 @@ mod files;
 pub(crate) mod net;
 pub(crate) mod replica;
 mod row;
+pub mod sampler;
+pub mod transport;
 pub(crate) mod work;
 
 pub use file::{NodeFile, NodeSection, NodeSummary};

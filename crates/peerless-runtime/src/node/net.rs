@@ -13,8 +13,8 @@ use peerless_core::protocol::PeerIdx;
 use peerless_core::wire::{self, Limits, Message, WireError};
 use serde_json::json;
 
+use super::transport::{self, Behaviour, BehaviourEvent};
 use super::{Files, NodeError, NodeFile, io_err};
-use crate::p2p::net::{self as transport, Behaviour, BehaviourEvent};
 
 /// What a role acts on from the network.
 #[derive(Debug)]
@@ -49,15 +49,15 @@ pub(crate) struct Net {
 }
 
 impl Net {
-    /// Node `file.peer.index`'s swarm among `ids`, listening on `file.peer.listen`.
+    /// Node `file.node.index`'s swarm among `ids`, listening on `file.node.listen`.
     pub(crate) fn open(
         file: &NodeFile,
         ids: Vec<PeerId>,
         limits: Limits,
         request_timeout: Duration,
     ) -> Result<(Net, PeerId), NodeError> {
-        let me = file.peer.index;
-        let key_path = file.peer.dir.join("identity.key");
+        let me = file.node.index;
+        let key_path = file.node.dir.join("identity.key");
         let keypair =
             transport::load_or_save_keypair(&key_path, transport::derive_keypair(&file.run.p2p.secret, me))
                 .map_err(io_err(&key_path))?;
@@ -70,7 +70,7 @@ impl Net {
         let mut swarm = transport::build_swarm(keypair, &ids, request_timeout)
             .map_err(|e| NodeError::Network(e.to_string()))?;
         let listen: Multiaddr =
-            file.peer.listen.parse().map_err(|e| NodeError::Config(format!("peer.listen: {e}")))?;
+            file.node.listen.parse().map_err(|e| NodeError::Config(format!("node.listen: {e}")))?;
         swarm.listen_on(listen).map_err(|e| NodeError::Network(format!("listen: {e}")))?;
         let net = Net { swarm, me, ids, index_of, limits, bytes_in: 0, bytes_out: 0, refused: 0 };
         Ok((net, my_id))
@@ -186,19 +186,19 @@ pub(crate) fn frame(msg: &Message) -> Bytes {
     Bytes::from(wire::encode(msg))
 }
 
-/// The identities of a run's `count` nodes: `file.peer.allow` when it lists them, else
+/// The identities of a run's `count` nodes: `file.node.allow` when it lists them, else
 /// derived from the run's secret.
 pub(crate) fn run_ids(file: &NodeFile, count: u32) -> Result<Vec<PeerId>, NodeError> {
-    if !file.peer.allow.is_empty() {
+    if !file.node.allow.is_empty() {
         return file
-            .peer
+            .node
             .allow
             .iter()
-            .map(|s| s.parse::<PeerId>().map_err(|e| NodeError::Config(format!("peer.allow: {s:?}: {e}"))))
+            .map(|s| s.parse::<PeerId>().map_err(|e| NodeError::Config(format!("node.allow: {s:?}: {e}"))))
             .collect();
     }
     if file.run.p2p.secret.is_empty() {
-        return Err(NodeError::Config("p2p.secret is empty and peer.allow lists no peer ids".into()));
+        return Err(NodeError::Config("p2p.secret is empty and node.allow lists no peer ids".into()));
     }
     Ok((0..count).map(|i| transport::derive_peer_id(&file.run.p2p.secret, i)).collect())
 }

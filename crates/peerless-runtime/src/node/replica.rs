@@ -39,7 +39,7 @@ impl Replica {
         let run = &node.file.run;
         let model = &node.model;
         let n = model.num_params();
-        let ck_path = node.file.peer.dir.join("checkpoint.safetensors");
+        let ck_path = node.file.node.dir.join("checkpoint.safetensors");
         let mut replica = Replica {
             params: model.init(run.seed),
             optimizer: Optimizer::new(run.optimizer.clone(), n)?,

@@ -527,7 +527,7 @@ impl Work {
             backend.clone(),
             node.data_dir.clone(),
         );
-        let outgoing = Outgoing::new(node.file.peer.attack, run.seed, node.me);
+        let outgoing = Outgoing::new(node.file.node.attack, run.seed, node.me);
         Ok(Work { job, backend, outgoing, tx: node.results(), started: Instant::now() })
     }
 

@@ -46,7 +46,7 @@ impl Links {
     pub(super) fn new(bootstrap: &[String]) -> Result<Links, NodeError> {
         let bootstrap = bootstrap
             .iter()
-            .map(|a| a.parse().map_err(|e| NodeError::Config(format!("peer.bootstrap {a:?}: {e}"))))
+            .map(|a| a.parse().map_err(|e| NodeError::Config(format!("node.bootstrap {a:?}: {e}"))))
             .collect::<Result<_, _>>()?;
         Ok(Links { bootstrap, ..Links::default() })
     }

@@ -20,7 +20,7 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use peerless_core::flat::digest;
 use peerless_core::p2p::{Action, Input, Round, RoundConfig, Start};
-use peerless_core::protocol::{DeadlinePolicy, Event, PeerIdx};
+use peerless_core::protocol::{DeadlinePolicy, PeerIdx};
 use peerless_core::wire::{Message, StateMsg};
 use serde_json::json;
 use tokio::sync::watch;
@@ -87,14 +87,14 @@ impl Peer {
     /// gradient work and round machine. Prints the ready line.
     async fn start(node: &mut Node, command: FunctionCommand) -> Result<Peer, NodeError> {
         let (replica, resumed) = Replica::open(node)?;
-        let start = match (resumed, node.file.peer.join) {
+        let start = match (resumed, node.file.node.join) {
             (Some(round), true) => Start::Join { own: Some(round) },
             (Some(round), false) => Start::Fresh { round },
             (None, true) => Start::Join { own: None },
             (None, false) => Start::Fresh { round: 0 },
         };
         let work = Work::start(node, command).await?;
-        let links = Links::new(&node.file.peer.bootstrap)?;
+        let links = Links::new(&node.file.node.bootstrap)?;
         let (run, me) = (&node.file.run, node.me);
         let cfg = RoundConfig {
             me,
@@ -154,7 +154,7 @@ impl Peer {
             Action::AnnounceFinal { round, digest, to } => {
                 self.announce(node, &Message::Final { round, digest }, &to)
             }
-            Action::Event(e) => node.event(event_json(&e)),
+            Action::Event(e) => node.machine_event(&e),
             Action::Finalize { .. } => fed_back.push(Input::FinalDigest(digest(&self.replica.params))),
             Action::Finished { round } => {
                 self.completed = true;
@@ -234,7 +234,7 @@ impl Peer {
             view: self.machine.expected().len() + 1,
             test_accuracy: row.test_accuracy,
         });
-        if node.file.peer.halt_at_round.is_some_and(|h| done >= h) {
+        if node.file.node.halt_at_round.is_some_and(|h| done >= h) {
             node.event(json!({ "event": "halt", "round": done }));
             // Like a crash: no goodbye, no final checkpoint.
             std::process::exit(3);
@@ -289,7 +289,7 @@ impl Peer {
         let diverged = ending == Ending::Diverged;
         let rounds = self.machine.round();
         let (test_loss, test_accuracy) = node.evaluate(rounds, &self.replica.params, diverged).await?;
-        self.work.write_ledger(&node.file.peer.dir)?;
+        self.work.write_ledger(&node.file.node.dir)?;
         let outcome = Outcome {
             completed: self.completed,
             diverged,
@@ -357,9 +357,4 @@ impl Role for Peer {
     fn is_done(&self) -> bool {
         self.machine.is_done() && self.links.is_idle()
     }
-}
-
-/// A machine event as an `events.jsonl` object.
-pub(crate) fn event_json(e: &Event) -> serde_json::Value {
-    serde_json::to_value(e).unwrap_or_default()
 }

@@ -18,7 +18,6 @@ use crate::node::net::{NetEvent, frame};
 use crate::node::replica::Replica;
 use crate::node::work::LocalResult;
 use crate::node::{NodeError, NodeLine, NodeRow, NodeSummary, Progress};
-use crate::p2p::peer::event_json;
 
 /// The parameter server: its machine, its replica, and the workers' requests.
 pub(crate) struct Server {
@@ -99,7 +98,7 @@ impl Server {
                 self.replica.checkpoint(node, round, round / (node.rpe * self.vpr))?;
                 node.event(json!({ "event": "checkpoint", "round": round }));
             }
-            PsAction::Event(e) => node.event(event_json(&e)),
+            PsAction::Event(e) => node.machine_event(&e),
             PsAction::Finished { .. } => self.done_at = Some(Instant::now()),
         }
         Ok(())

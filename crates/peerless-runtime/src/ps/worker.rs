@@ -56,12 +56,12 @@ impl Worker {
     pub(crate) async fn start(node: &mut Node, command: FunctionCommand) -> Result<Worker, NodeError> {
         let ps_addr: Multiaddr = node
             .file
-            .peer
+            .node
             .bootstrap
             .first()
-            .ok_or_else(|| NodeError::Config("peer.bootstrap must hold the PS address".into()))?
+            .ok_or_else(|| NodeError::Config("node.bootstrap must hold the PS address".into()))?
             .parse()
-            .map_err(|e| NodeError::Config(format!("peer.bootstrap: {e}")))?;
+            .map_err(|e| NodeError::Config(format!("node.bootstrap: {e}")))?;
         let work = Work::start(node, command).await?;
         let run = &node.file.run;
         let vpr = run.ps.versions_per_round(run.p2p.peers);
@@ -171,7 +171,7 @@ impl Worker {
 
     /// Writes the ledger and the summary, stops the functions.
     pub(crate) async fn finish(self, mut node: Node, ending: Ending) -> Result<NodeSummary, NodeError> {
-        self.work.write_ledger(&node.file.peer.dir)?;
+        self.work.write_ledger(&node.file.node.dir)?;
         let outcome = Outcome {
             completed: self.machine.is_done(),
             diverged: ending == Ending::Diverged,

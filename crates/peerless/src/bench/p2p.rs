@@ -12,7 +12,7 @@ use libp2p::swarm::SwarmEvent;
 use libp2p::{Multiaddr, PeerId};
 use peerless_ml::DatasetName;
 use peerless_runtime::config::{RunConfig, TrainArch};
-use peerless_runtime::p2p::net;
+use peerless_runtime::node::transport as net;
 use peerless_runtime::rundir::RunDir;
 use serde::Serialize;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};

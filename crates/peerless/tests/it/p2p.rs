@@ -216,11 +216,11 @@ fn a_peer_off_the_allow_list_is_refused_and_training_is_unaffected() {
         .collect();
     let text = std::fs::read_to_string(out.join("peers/0/peer.toml")).unwrap();
     let mut file: toml::Table = toml::from_str(&text).unwrap();
-    let bootstrap: Vec<toml::Value> = std::iter::once(file["peer"]["listen"].clone())
-        .chain(file["peer"]["bootstrap"].as_array().unwrap().iter().cloned())
+    let bootstrap: Vec<toml::Value> = std::iter::once(file["node"]["listen"].clone())
+        .chain(file["node"]["bootstrap"].as_array().unwrap().iter().cloned())
         .collect();
     let intruder_dir = tmp.path().join("intruder");
-    let peer = file["peer"].as_table_mut().unwrap();
+    let peer = file["node"].as_table_mut().unwrap();
     peer.insert("listen".into(), "/ip4/127.0.0.1/tcp/0".into());
     peer.insert("bootstrap".into(), toml::Value::Array(bootstrap));
     peer.insert("dir".into(), intruder_dir.display().to_string().into());

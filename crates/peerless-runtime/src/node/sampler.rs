@@ -1,5 +1,6 @@
-//! Which samples each peer's functions train on, per round: deterministic from the seed, so
-//! any peer can compute any other's batches (for shard take-over) and a replay repeats them.
+//! Which samples each node's functions train on, per round (PS worker i trains on peer i's):
+//! deterministic from the seed, so any peer can compute any other's batches (for shard
+//! take-over) and a replay repeats them.
 //!
 //! The training set is split IID into one shard per initial peer. Peer `p`'s epoch `e` is a
 //! permutation of its shard drawn from `Rng::derive(seed, "p2p-order", p << 32 | e)`; round `r`

@@ -1,4 +1,4 @@
-//! The peer network on libp2p: TCP + Noise + Yamux, ed25519 identities, an allow-list, and one
+//! The network of every node on libp2p: TCP + Noise + Yamux, ed25519 identities, an allow-list, and one
 //! request-response protocol that carries [`peerless_core::wire`] messages as raw frames.
 //!
 //! Identities derive from the run secret and the peer's index (`SHA-256("peerless-peer-key" ‖
