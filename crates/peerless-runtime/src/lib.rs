@@ -3,6 +3,9 @@
 //! # Layout
 //! - [`config`] — the run configuration (TOML), defaults, validation naming the bad key.
 //! - [`config_error`] — the configuration error every section's validation returns.
+//! - [`cluster`] — a cluster on this machine (`peerless train --arch p2p|ps`): node files and
+//!   ports, the supervisor of the node processes, fault injection, the merged run files and
+//!   the cluster's summary.
 //! - [`checkpoint`] — safetensors checkpoints (params, optimizer state, round, RNG), atomic writes.
 //! - [`rundir`] — a run's directory: effective config, `metrics.csv`, `events.jsonl`, `summary.json`.
 //! - [`local`] — single-process training, the reference for the distributed architectures.
@@ -27,6 +30,8 @@
 //!   report}` and `store::resp` — on light dependencies, for the fuzz targets in `fuzz/`.
 
 pub mod checkpoint;
+#[cfg(feature = "drivers")]
+pub mod cluster;
 pub mod config;
 pub mod config_error;
 pub mod function;

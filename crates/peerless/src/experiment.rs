@@ -24,7 +24,7 @@ use rustix::process::Signal;
 use serde::Serialize;
 
 use crate::cli::ExperimentArgs;
-use crate::supervise::signal;
+use peerless_runtime::cluster::supervise::signal;
 
 #[derive(Debug, Serialize)]
 struct ScenarioEntry {

@@ -5,13 +5,11 @@ mod cli;
 mod common;
 mod data_cmd;
 mod experiment;
-mod faults;
 mod function_cmd;
 mod launch;
 mod node_cmd;
 mod progress;
 mod report;
-mod supervise;
 mod train;
 
 use std::process::ExitCode;
@@ -21,7 +19,7 @@ use clap::Parser;
 use tracing_subscriber::EnvFilter;
 
 use crate::cli::{BenchCommand, Command};
-use crate::supervise::Role;
+use peerless_runtime::cluster::supervise::Role;
 
 /// Every training step allocates and frees tensors of up to a few MB. glibc's malloc hands
 /// such blocks back to the kernel and page-faults them in again on the next step, which

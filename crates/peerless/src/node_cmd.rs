@@ -10,7 +10,7 @@ use peerless_runtime::node::NodeFile;
 use peerless_runtime::node::NodeLine;
 
 use crate::cli::NodeArgs;
-use crate::supervise::Role;
+use peerless_runtime::cluster::supervise::Role;
 
 /// Runs one node until training is over; SIGINT or SIGTERM stop it after writing its summary.
 /// An error is also told to the launcher (a `failed` line on stdout), which shows it.

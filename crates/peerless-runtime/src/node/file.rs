@@ -88,8 +88,10 @@ impl NodeFile {
     }
 }
 
-/// What a node (peer, PS or worker) reports at the end (its `summary.json`).
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+/// What a node (peer, PS or worker) reports at the end (its `summary.json`). Fields added
+/// since the first release read as their default.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
 pub struct NodeSummary {
     /// Peer index.
     pub peer: u32,
@@ -98,7 +100,6 @@ pub struct NodeSummary {
     /// Whether every planned round ran.
     pub completed: bool,
     /// Training stopped because the model diverged (every gradient non-finite).
-    #[serde(default)]
     pub diverged: bool,
     /// Rounds done (model version).
     pub rounds: u64,
@@ -132,6 +133,6 @@ pub struct NodeSummary {
 }
 
 /// Reads a float that JSON wrote as `null` (serde_json writes NaN and ±∞ so) as NaN.
-fn null_as_nan<'de, D: serde::Deserializer<'de>>(d: D) -> Result<f32, D::Error> {
+pub(crate) fn null_as_nan<'de, D: serde::Deserializer<'de>>(d: D) -> Result<f32, D::Error> {
     Ok(Option::<f32>::deserialize(d)?.unwrap_or(f32::NAN))
 }

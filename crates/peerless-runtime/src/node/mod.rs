@@ -35,6 +35,7 @@ pub mod sampler;
 pub mod transport;
 pub(crate) mod work;
 
+pub(crate) use file::null_as_nan;
 pub use file::{NodeFile, NodeSection, NodeSummary};
 pub(crate) use files::{Files, unix_ms};
 pub use row::NodeRow;

@@ -12,9 +12,9 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use crate::config::TrainArch;
+use crate::scenario::{FaultKind, FaultSpec, NodeRef, resolve_target};
 use anyhow::{Context, Result};
-use peerless_runtime::config::TrainArch;
-use peerless_runtime::scenario::{FaultKind, FaultSpec, NodeRef, resolve_target};
 use serde_json::{Value, json};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
@@ -291,7 +291,7 @@ impl Injector {
 
     fn signal(&self, t: NodeRef, sig: rustix::process::Signal) -> Option<u32> {
         let pid = self.pids.lock().expect("pids").get(t.index).copied().flatten()?;
-        let _ = rustix::process::kill_process(rustix::process::Pid::from_raw(pid as i32)?, sig);
+        signal_pid(Some(pid), sig);
         Some(pid)
     }
 
@@ -308,52 +308,13 @@ impl Injector {
             "round": round,
         });
         match spec.kind {
-            FaultKind::Kill => {
-                let pids: Vec<Option<u32>> = targets.iter().map(|t| self.signal(*t, Signal::KILL)).collect();
-                fields["pids"] = json!(pids);
-                for t in &targets {
-                    if let Some(after) = spec.restart_after_s
-                        && t.role != "ps"
-                    {
-                        orders.push(Order::Restart { index: t.index, after: Duration::from_secs_f64(after) });
-                    }
-                }
-                if let Some(s) = spec.restart_after_s {
-                    fields["restart_after_s"] = json!(s);
-                }
-            }
+            FaultKind::Kill => orders = self.kill(&spec, &targets, &mut fields),
             FaultKind::Stop => {
                 for t in &targets {
                     self.signal(*t, Signal::STOP);
                 }
             }
-            FaultKind::Straggle => {
-                let (stop_ms, period_ms) = (spec.stop_ms.unwrap_or(0), spec.period_ms.unwrap_or(1));
-                fields["stop_ms"] = json!(stop_ms);
-                fields["period_ms"] = json!(period_ms);
-                let flag = Arc::new(AtomicBool::new(false));
-                stop = Some(flag.clone());
-                let (pids, idx): (_, Vec<usize>) =
-                    (self.pids.clone(), targets.iter().map(|t| t.index).collect());
-                std::thread::spawn(move || {
-                    let each = |sig: Signal| {
-                        for &i in &idx {
-                            if let Some(pid) = pids.lock().expect("pids").get(i).copied().flatten()
-                                && let Some(pid) = rustix::process::Pid::from_raw(pid as i32)
-                            {
-                                let _ = rustix::process::kill_process(pid, sig);
-                            }
-                        }
-                    };
-                    while !flag.load(Ordering::Relaxed) {
-                        each(Signal::STOP);
-                        std::thread::sleep(Duration::from_millis(stop_ms));
-                        each(Signal::CONT);
-                        std::thread::sleep(Duration::from_millis(period_ms - stop_ms));
-                    }
-                    each(Signal::CONT);
-                });
-            }
+            FaultKind::Straggle => stop = Some(self.straggle(&spec, &targets, &mut fields)),
             FaultKind::Partition => {
                 let set: BTreeSet<usize> = targets.iter().map(|t| t.index).collect();
                 if let Some(px) = &self.proxy {
@@ -384,6 +345,45 @@ impl Injector {
             _ => Stage::Active(until),
         };
         (("fault_injected", fields), orders)
+    }
+
+    /// SIGKILLs the targets; orders the restart of those that restart (never the PS: the
+    /// launcher restarts it on its own).
+    fn kill(&self, spec: &FaultSpec, targets: &[NodeRef], fields: &mut Value) -> Vec<Order> {
+        let pids: Vec<Option<u32>> =
+            targets.iter().map(|t| self.signal(*t, rustix::process::Signal::KILL)).collect();
+        fields["pids"] = json!(pids);
+        let Some(after) = spec.restart_after_s else { return Vec::new() };
+        fields["restart_after_s"] = json!(after);
+        let after = Duration::from_secs_f64(after);
+        targets.iter().filter(|t| t.role != "ps").map(|t| Order::Restart { index: t.index, after }).collect()
+    }
+
+    /// Freezes the targets for `stop_ms` of every `period_ms` on a thread of its own, until the
+    /// returned flag is set.
+    fn straggle(&self, spec: &FaultSpec, targets: &[NodeRef], fields: &mut Value) -> Arc<AtomicBool> {
+        use rustix::process::Signal;
+        let (stop_ms, period_ms) = (spec.stop_ms.unwrap_or(0), spec.period_ms.unwrap_or(1));
+        fields["stop_ms"] = json!(stop_ms);
+        fields["period_ms"] = json!(period_ms);
+        let flag = Arc::new(AtomicBool::new(false));
+        let (stop, pids) = (flag.clone(), self.pids.clone());
+        let idx: Vec<usize> = targets.iter().map(|t| t.index).collect();
+        std::thread::spawn(move || {
+            let each = |sig: Signal| {
+                for &i in &idx {
+                    signal_pid(pids.lock().expect("pids").get(i).copied().flatten(), sig);
+                }
+            };
+            while !stop.load(Ordering::Relaxed) {
+                each(Signal::STOP);
+                std::thread::sleep(Duration::from_millis(stop_ms));
+                each(Signal::CONT);
+                std::thread::sleep(Duration::from_millis(period_ms - stop_ms));
+            }
+            each(Signal::CONT);
+        });
+        flag
     }
 
     fn clear(&mut self, i: usize, round: u64) -> Record {
@@ -428,6 +428,13 @@ impl Injector {
             .into_iter()
             .map(|i| self.clear(i, round))
             .collect()
+    }
+}
+
+/// Sends `sig` to `pid`, if there is one; a process already gone is not an error.
+fn signal_pid(pid: Option<u32>, sig: rustix::process::Signal) {
+    if let Some(pid) = pid {
+        super::supervise::signal(pid, sig);
     }
 }
 

@@ -21,15 +21,14 @@ use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
-use indicatif::{ProgressBar, ProgressStyle};
-use peerless_runtime::config::RunConfig;
-use peerless_runtime::node::NodeLine;
-use peerless_runtime::rundir::RunDir;
 use rustix::process::Signal;
-use serde::{Deserialize, Serialize};
 use serde_json::json;
 
-use crate::faults::{Injector, Order};
+use super::faults::{Injector, Order};
+use super::{Exit, NodeOutcome, Recovery, Show};
+use crate::config::RunConfig;
+use crate::node::NodeLine;
+use crate::rundir::RunDir;
 
 /// How long a node told to stop has before it is killed.
 const KILL_AFTER: Duration = Duration::from_secs(3);
@@ -85,44 +84,6 @@ impl Node {
     }
 }
 
-/// A node that died and was restarted by the launcher.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct Recovery {
-    /// `ps`.
-    pub node: String,
-    /// Node index in the launcher.
-    pub index: usize,
-    /// When it died, s after the launch.
-    pub died_at_s: f64,
-    /// The last round it had reported done.
-    pub died_at_round: u64,
-    /// The round it resumed from (its checkpoint).
-    pub resumed_from_round: Option<u64>,
-    /// Rounds done again: `died_at_round - resumed_from_round`.
-    pub rounds_lost: Option<u64>,
-    /// From its death to its first round done after the restart, s.
-    pub downtime_s: Option<f64>,
-}
-
-/// How one node of the run ended (`summary.json`'s `nodes`).
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct NodeOutcome {
-    /// `peer`, `ps` or `worker`.
-    pub node: String,
-    /// Its index.
-    pub index: usize,
-    /// How its last process ended: `exit code N` or `killed by signal N`.
-    pub exit: String,
-    /// Whether it exited cleanly having done every round (filled in from its summary).
-    pub completed: bool,
-    /// Why the launcher stopped it, if it did.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub stopped: Option<String>,
-    /// The error its last process reported, if it reported one.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub error: Option<String>,
-}
-
 /// What the supervisor hands back when every node is gone.
 #[derive(Debug)]
 pub struct Supervised {
@@ -136,15 +97,6 @@ pub struct Supervised {
     pub fatal: Option<String>,
     /// Ctrl-C stopped it.
     pub interrupted: bool,
-}
-
-/// Describes an exit status as a value a reader understands.
-pub fn describe(status: ExitStatus) -> String {
-    match (status.code(), status.signal()) {
-        (Some(c), _) => format!("exit code {c}"),
-        (None, Some(s)) => format!("killed by signal {s}"),
-        _ => status.to_string(),
-    }
 }
 
 /// Sends `sig` to `pid`; a process already gone is not an error.
@@ -200,7 +152,9 @@ pub struct Supervisor<'a> {
     injector: Injector,
     tx: mpsc::Sender<(usize, NodeLine)>,
     rx: mpsc::Receiver<(usize, NodeLine)>,
-    bar: ProgressBar,
+    show: &'a dyn Show,
+    /// The executable nodes run (`peerless peer|ps|worker --config …`).
+    exe: PathBuf,
     started: Instant,
     recoveries: Vec<Recovery>,
     /// When a node holding the result first finished cleanly.
@@ -222,21 +176,16 @@ impl std::fmt::Debug for Supervisor<'_> {
 }
 
 impl<'a> Supervisor<'a> {
-    /// A supervisor for `nodes`, with the fault `injector` and progress bar `label`.
+    /// A supervisor for `nodes` run by `exe`, with the fault `injector`; it shows what
+    /// happens through `show` and stops the run on the Ctrl-C presses `interrupts` counts.
     pub fn new(
         cfg: &'a RunConfig,
         dir: &'a mut RunDir,
         nodes: Vec<Node>,
         injector: Injector,
-        label: String,
+        launcher: &'a super::Launcher,
     ) -> Self {
         let (tx, rx) = mpsc::channel();
-        let bar = ProgressBar::new(0);
-        bar.set_style(
-            ProgressStyle::with_template("{prefix} [{elapsed_precise}] {wide_bar} {pos}/{len} rounds {msg}")
-                .expect("invariant: valid template"),
-        );
-        bar.set_prefix(label);
         let is_ps = nodes.iter().any(|n| n.role == Role::Ps);
         let versions_per_round = if is_ps { cfg.ps.versions_per_round(cfg.p2p.peers) } else { 1 };
         let slots = nodes.iter().map(|_| Slot::default()).collect();
@@ -248,13 +197,14 @@ impl<'a> Supervisor<'a> {
             injector,
             tx,
             rx,
-            bar,
+            show: launcher.show,
+            exe: launcher.exe.clone(),
             started: Instant::now(),
             recoveries: Vec::new(),
             result_at: None,
             stopping: None,
             fatal: None,
-            interrupts: watch_interrupts(),
+            interrupts: launcher.interrupts.clone(),
             interrupts_seen: 0,
             versions_per_round,
             acc: None,
@@ -292,7 +242,7 @@ impl<'a> Supervisor<'a> {
         for (name, fields) in self.injector.finish(round) {
             self.dir.event(name, fields)?;
         }
-        self.bar.finish_and_clear();
+        self.show.finish();
         let outcomes = self
             .nodes
             .iter()
@@ -301,7 +251,7 @@ impl<'a> Supervisor<'a> {
             .map(|(index, (node, slot))| NodeOutcome {
                 node: node.role.name().into(),
                 index,
-                exit: slot.exit.map(describe).unwrap_or_else(|| "never started".into()),
+                exit: slot.exit.map_or(Exit::NeverStarted, Exit::of),
                 completed: slot.exit.is_some_and(|s| s.success()),
                 stopped: slot.stopped.clone(),
                 error: slot.error.clone(),
@@ -316,18 +266,13 @@ impl<'a> Supervisor<'a> {
         })
     }
 
-    /// A line for the user: above the progress bar, or on stderr when there is no bar (not a
-    /// terminal: indicatif then drops `println`).
+    /// A line for the user.
     fn say(&self, line: impl AsRef<str>) {
-        if self.bar.is_hidden() {
-            eprintln!("{}", line.as_ref());
-        } else {
-            self.bar.println(line);
-        }
+        self.show.say(line.as_ref());
     }
 
     fn start(&mut self, i: usize, join: bool) -> Result<()> {
-        let mut child = spawn_node(&self.nodes[i], join)?;
+        let mut child = spawn_node(&self.exe, &self.nodes[i], join)?;
         let out = child.stdout.take().expect("invariant: stdout is piped");
         let tx = self.tx.clone();
         std::thread::spawn(move || {
@@ -368,11 +313,8 @@ impl<'a> Supervisor<'a> {
                         rec.downtime_s = Some(self.started.elapsed().as_secs_f64() - rec.died_at_s);
                     }
                     self.acc = p.test_accuracy.or(self.acc);
-                    self.bar.set_length(p.total);
-                    self.bar.set_position(self.slots.iter().map(|s| s.round).max().unwrap_or(0));
-                    let acc = self.acc.map(|a| format!(" acc {:.2}%", a * 100.0)).unwrap_or_default();
-                    let loss = p.loss.map(|l| format!("loss {l:.4}")).unwrap_or_default();
-                    self.bar.set_message(format!("{loss}{acc} view {}", p.view));
+                    let position = self.slots.iter().map(|s| s.round).max().unwrap_or(0);
+                    self.show.progress(position, &p, self.acc);
                 }
             }
         }
@@ -472,7 +414,7 @@ impl<'a> Supervisor<'a> {
         let (ready, restarts_in_a_row) = (slot.ready, slot.restarts_in_a_row);
         let reported = slot.error.clone();
         self.injector.set_pid(i, None);
-        let how = describe(status);
+        let how = Exit::of(status).to_string();
         self.dir.event("node_exit", json!({ "node": node.role.name(), "index": i, "status": how }))?;
         if node.role == Role::Peer {
             self.dir.event("peer_exit", json!({ "peer": i, "status": how }))?;
@@ -574,19 +516,10 @@ impl<'a> Supervisor<'a> {
     }
 }
 
-/// Counts Ctrl-C presses.
-fn watch_interrupts() -> Arc<AtomicU32> {
-    let count = Arc::new(AtomicU32::new(0));
-    let c = count.clone();
-    crate::common::on_interrupt(move |presses| c.store(presses, Ordering::Relaxed));
-    count
-}
-
-fn spawn_node(node: &Node, join: bool) -> Result<Child> {
+fn spawn_node(exe: &Path, node: &Node, join: bool) -> Result<Child> {
     let config = &node.config;
     // A stale pid file must not be mistaken for the new process's.
     let _ = std::fs::remove_file(config.with_file_name("pid"));
-    let exe = std::env::current_exe().context("locating the peerless executable")?;
     let log_path = node.log_path();
     let log = std::fs::OpenOptions::new()
         .create(true)
@@ -603,4 +536,93 @@ fn spawn_node(node: &Node, join: bool) -> Result<Child> {
     }
     cmd.stdout(Stdio::piped()).stderr(Stdio::from(log)).stdin(Stdio::null());
     cmd.spawn().with_context(|| format!("starting the {} of {}", node.role.name(), config.display()))
+}
+
+#[cfg(test)]
+mod tests {
+    //! The supervisor on real processes: a shell script stands in for `peerless`, printing the
+    //! lines a node prints and exiting as a node would.
+    use std::os::unix::fs::PermissionsExt;
+
+    use super::*;
+    use crate::cluster::{Launcher, Show};
+    use crate::node::Progress;
+
+    /// Collects what the supervisor shows.
+    #[derive(Default)]
+    struct Seen(std::sync::Mutex<Vec<String>>);
+
+    impl Show for Seen {
+        fn say(&self, line: &str) {
+            self.0.lock().unwrap().push(line.to_owned());
+        }
+        fn progress(&self, _: u64, _: &Progress, _: Option<f32>) {}
+        fn finish(&self) {}
+    }
+
+    /// A stand-in executable: `$1` is the role, `$3` the node file, whose directory's name
+    /// picks the behaviour written into `behaviours` (one shell snippet per node).
+    fn script(dir: &Path, body: &str) -> PathBuf {
+        let path = dir.join("node.sh");
+        std::fs::write(&path, format!("#!/bin/sh\nnode=$(basename $(dirname \"$3\"))\n{body}\n")).unwrap();
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755)).unwrap();
+        path
+    }
+
+    fn nodes(dir: &Path, n: usize) -> Vec<Node> {
+        (0..n)
+            .map(|i| {
+                let ndir = dir.join(i.to_string());
+                std::fs::create_dir_all(&ndir).unwrap();
+                Node { role: Role::Peer, config: ndir.join("peer.toml"), restart: None }
+            })
+            .collect()
+    }
+
+    fn supervise(body: &str, n: usize, grace_ms: u64) -> (Supervised, Vec<String>) {
+        let tmp = tempfile::tempdir().unwrap();
+        let mut cfg = RunConfig::default();
+        cfg.launcher.grace_ms = grace_ms;
+        let mut dir = RunDir::create(&tmp.path().join("run"), &cfg).unwrap();
+        let seen = Seen::default();
+        let launcher =
+            Launcher { exe: script(tmp.path(), body), show: &seen, interrupts: Arc::new(AtomicU32::new(0)) };
+        let (injector, _) = Injector::new(&[], crate::config::TrainArch::P2p, n, n, None);
+        let ran = Supervisor::new(&cfg, &mut dir, nodes(tmp.path(), n), injector, &launcher).run().unwrap();
+        let said = seen.0.lock().unwrap().clone();
+        (ran, said)
+    }
+
+    #[test]
+    fn a_node_that_fails_before_it_is_ready_ends_the_run_with_its_own_error() {
+        let body = r#"if [ "$node" = 1 ]; then echo '{"failed":1,"error":"no dataset in /nowhere"}'; exit 2; fi
+echo '{"ready":0}'; sleep 30"#;
+        let (ran, _) = supervise(body, 2, 60_000);
+        let fatal = ran.fatal.expect("the run failed");
+        assert!(fatal.contains("peer 1 failed before its first round: no dataset in /nowhere"), "{fatal}");
+        assert_eq!(ran.outcomes[1].exit, Exit::Code(2));
+        // The healthy node was stopped, not left behind.
+        assert!(ran.outcomes[0].exit != Exit::NeverStarted && !ran.outcomes[0].exit.success());
+    }
+
+    #[test]
+    fn a_node_still_running_after_the_result_is_in_is_stopped_after_the_grace_period() {
+        let body = r#"echo "{\"ready\":$node}"
+if [ "$node" = 0 ]; then echo '{"peer":0,"round":1,"total":1,"loss":0.5,"view":2}'; exit 0; fi
+sleep 30"#;
+        let (ran, said) = supervise(body, 2, 200);
+        assert!(ran.fatal.is_none(), "{:?}", ran.fatal);
+        assert!(ran.outcomes[0].exit.success());
+        assert!(ran.outcomes[1].stopped.as_deref().is_some_and(|s| s.contains("after the run's result")));
+        assert!(said.iter().any(|l| l.starts_with("peer 1 stopped by the launcher")), "{said:?}");
+    }
+
+    #[test]
+    fn a_crash_after_ready_is_not_bad_input() {
+        let body = r#"echo "{\"ready\":$node}"; if [ "$node" = 1 ]; then kill -9 $$; fi; exit 0"#;
+        let (ran, said) = supervise(body, 2, 60_000);
+        assert!(ran.fatal.is_none(), "{:?}", ran.fatal);
+        assert_eq!(ran.outcomes[1].exit, Exit::Signal(9));
+        assert!(said.iter().any(|l| l.contains("peer 1 stopped: killed by signal 9")), "{said:?}");
+    }
 }

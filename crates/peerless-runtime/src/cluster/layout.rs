@@ -1,0 +1,163 @@
+//! A cluster's layout on this machine: the nodes' files (`peer.toml`, `ps.toml`,
+//! `worker.toml`), their loopback ports, the run secret, the fault schedule and who attacks.
+
+use std::collections::BTreeMap;
+use std::io::Read;
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use peerless_core::attack::Attack;
+
+use super::faults::{self, Injector, Proxy, Record};
+use super::supervise::{Node, Role};
+use crate::config::{RunConfig, TrainArch};
+use crate::node::{NodeFile, NodeSection};
+use crate::scenario::FaultSpec;
+
+/// The scenario's Byzantine attacks, by the index of the node that carries each out.
+pub(super) type Attacks = BTreeMap<usize, Attack>;
+
+/// The nodes of a run, and the faults planned for them.
+pub(super) struct Layout {
+    pub(super) nodes: Vec<Node>,
+    pub(super) injector: Injector,
+    /// Faults whose target does not exist in this architecture.
+    pub(super) skipped: Vec<Record>,
+    pub(super) attacks: Attacks,
+}
+
+/// Lays out a run of `arch` in `dir` (`cfg.p2p.peers` peers, or as many workers and a PS).
+pub(super) fn lay_out(cfg: &RunConfig, dir: &Path, faults: &[FaultSpec], arch: TrainArch) -> Result<Layout> {
+    let n = cfg.p2p.peers as usize;
+    let nodes = if arch == TrainArch::Ps { n + 1 } else { n };
+    let proxy = if faults::needs_proxy(faults) { Some(Proxy::new()?) } else { None };
+    let (injector, skipped) = Injector::new(faults, arch, n, nodes, proxy);
+    let attacks: Attacks = faults::attacks(faults, arch, n).into_iter().collect();
+    let mut run = cfg.clone();
+    if run.p2p.secret.is_empty() {
+        run.p2p.secret = random_secret();
+    }
+    let ports = free_ports(nodes)?;
+    let nodes = (0..nodes)
+        .map(|i| {
+            let (role, ndir, bootstrap) = place(arch, n, i, dir);
+            let bootstrap = bootstrap
+                .iter()
+                .map(|&j| dial_addr(injector.proxy(), i, j, ports[j]))
+                .collect::<Result<_>>()?;
+            let section = NodeSection {
+                index: i as u32,
+                listen: multiaddr(ports[i]),
+                bootstrap,
+                allow: Vec::new(),
+                dir: ndir.clone(),
+                join: false,
+                // Progress lines come from the nodes that hold the model.
+                progress: role != Role::Worker,
+                halt_at_round: None,
+                attack: attacks.get(&i).copied(),
+            };
+            let config = ndir.join(format!("{}.toml", role.name()));
+            write_node_file(&config, NodeFile { node: section, run: run.clone() })?;
+            let restart = (role == Role::Ps).then(|| Duration::from_millis(cfg.ps.restart_delay_ms));
+            Ok(Node { role, config, restart })
+        })
+        .collect::<Result<_>>()?;
+    Ok(Layout { nodes, injector, skipped, attacks })
+}
+
+/// Node `i`'s role, directory and the nodes it dials, in a run of `arch` with `n` peers or
+/// workers.
+fn place(arch: TrainArch, n: usize, i: usize, dir: &Path) -> (Role, PathBuf, Vec<usize>) {
+    match arch {
+        TrainArch::Ps if i == n => (Role::Ps, dir.join("ps"), Vec::new()),
+        TrainArch::Ps => (Role::Worker, dir.join("workers").join(i.to_string()), vec![n]),
+        _ => (Role::Peer, dir.join("peers").join(i.to_string()), (0..n).filter(|&j| j != i).collect()),
+    }
+}
+
+fn write_node_file(path: &Path, file: NodeFile) -> Result<()> {
+    let dir = &file.node.dir;
+    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    std::fs::write(path, file.to_toml()).with_context(|| format!("writing {}", path.display()))
+}
+
+fn free_ports(n: usize) -> Result<Vec<u16>> {
+    let listeners: Vec<TcpListener> =
+        (0..n).map(|_| TcpListener::bind("127.0.0.1:0")).collect::<std::io::Result<_>>()?;
+    listeners.iter().map(|l| Ok(l.local_addr()?.port())).collect()
+}
+
+fn random_secret() -> String {
+    let mut b = [0u8; 16];
+    if let Ok(mut f) = std::fs::File::open("/dev/urandom") {
+        let _ = f.read_exact(&mut b);
+    }
+    let nanos =
+        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos()).unwrap_or(0);
+    format!(
+        "{}{:x}",
+        b.iter().map(|x| format!("{x:02x}")).collect::<String>(),
+        nanos ^ u128::from(std::process::id())
+    )
+}
+
+fn multiaddr(port: u16) -> String {
+    format!("/ip4/127.0.0.1/tcp/{port}")
+}
+
+/// The address node `from` dials to reach node `to` listening on `port`: direct, or through
+/// the fault proxy when the run injects network faults.
+fn dial_addr(proxy: Option<&Proxy>, from: usize, to: usize, port: u16) -> Result<String> {
+    Ok(match proxy {
+        Some(px) => multiaddr(px.route(from, to, ([127, 0, 0, 1], port).into())?.port()),
+        None => multiaddr(port),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_ps_run_is_laid_out_as_workers_dialling_the_ps_after_them() {
+        let tmp = tempfile::tempdir().unwrap();
+        let mut cfg = RunConfig::default();
+        cfg.p2p.peers = 3;
+        let layout = lay_out(&cfg, tmp.path(), &[], TrainArch::Ps).unwrap();
+        let roles: Vec<Role> = layout.nodes.iter().map(|n| n.role).collect();
+        assert_eq!(roles, [Role::Worker, Role::Worker, Role::Worker, Role::Ps]);
+        let files: Vec<NodeFile> = layout.nodes.iter().map(|n| NodeFile::load(&n.config).unwrap()).collect();
+        let ps = &files[3].node;
+        assert_eq!((ps.index, ps.bootstrap.len(), ps.progress), (3, 0, true));
+        for (i, w) in files[..3].iter().enumerate() {
+            assert_eq!(w.node.index as usize, i);
+            assert_eq!(w.node.bootstrap, std::slice::from_ref(&ps.listen), "worker {i} dials the PS");
+            assert!(!w.node.progress);
+        }
+        assert!(!files[0].run.p2p.secret.is_empty(), "a secret is drawn");
+        assert!(files.iter().all(|f| f.run.p2p.secret == files[0].run.p2p.secret));
+        assert!(layout.nodes[3].restart.is_some() && layout.nodes[0].restart.is_none());
+    }
+
+    #[test]
+    fn each_peer_dials_every_other_peer() {
+        let tmp = tempfile::tempdir().unwrap();
+        let mut cfg = RunConfig::default();
+        cfg.p2p.peers = 3;
+        let layout = lay_out(&cfg, tmp.path(), &[], TrainArch::P2p).unwrap();
+        let files: Vec<NodeFile> = layout.nodes.iter().map(|n| NodeFile::load(&n.config).unwrap()).collect();
+        for (i, f) in files.iter().enumerate() {
+            let others: Vec<String> = files
+                .iter()
+                .enumerate()
+                .filter(|(j, _)| *j != i)
+                .map(|(_, g)| g.node.listen.clone())
+                .collect();
+            assert_eq!(f.node.bootstrap, others);
+            assert_eq!(f.node.dir, tmp.path().join("peers").join(i.to_string()));
+        }
+    }
+}

@@ -1,0 +1,138 @@
+//! A cluster on this machine, as `peerless train --arch p2p|ps` runs it: every node a real
+//! process on loopback, supervised, with the scenario's faults injected.
+//!
+//! - `layout` — the nodes' files, ports, run secret, fault schedule and attackers.
+//! - [`supervise`] — runs the node processes, restarts the PS, decides when the run ends.
+//! - [`faults`] — signals on a schedule, and the loopback fault proxy.
+//! - `collect` — merges the nodes' files into the run directory; the cluster's summary.
+//! - `summary` — [`ClusterSummary`], [`NodeOutcome`], [`Exit`], [`Recovery`]: what the run
+//!   reports, read back by the report through the same types.
+//!
+//! [`run`] is the whole of it; the caller says how to show progress ([`Show`]) and counts
+//! Ctrl-C presses ([`Launcher`]).
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::AtomicU32;
+
+use anyhow::{Result, bail};
+use serde_json::json;
+
+use crate::config::{Compute, RunConfig, TrainArch};
+use crate::node::Progress;
+use crate::rundir::RunDir;
+use crate::scenario::FaultSpec;
+
+mod collect;
+pub mod faults;
+mod layout;
+mod summary;
+pub mod supervise;
+
+pub use summary::{ClusterSummary, Exit, NodeOutcome, Recovery};
+use supervise::Supervisor;
+
+/// How the launcher shows a run to its user.
+pub trait Show {
+    /// A line for the user (a fault injected, a node that died).
+    fn say(&self, line: &str);
+    /// A node reported round `p.round`; `position` is the cluster's highest round,
+    /// `accuracy` the newest test accuracy reported.
+    fn progress(&self, position: u64, p: &Progress, accuracy: Option<f32>);
+    /// The run is over.
+    fn finish(&self);
+}
+
+/// What runs a cluster: the executable of the nodes, how progress is shown, and the Ctrl-C
+/// presses so far.
+pub struct Launcher<'a> {
+    /// The `peerless` executable (`peerless peer|ps|worker --config …`).
+    pub exe: PathBuf,
+    /// Where progress and messages go.
+    pub show: &'a dyn Show,
+    /// Ctrl-C presses, counted by the caller's handler.
+    pub interrupts: Arc<AtomicU32>,
+}
+
+impl std::fmt::Debug for Launcher<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Launcher").field("exe", &self.exe).finish_non_exhaustive()
+    }
+}
+
+/// How a cluster run ended.
+#[derive(Debug)]
+pub struct Ran {
+    /// The summary written to `summary.json` (its `error` says why a failed run failed).
+    pub summary: ClusterSummary,
+    /// Ctrl-C stopped it.
+    pub interrupted: bool,
+}
+
+/// Runs a cluster of `arch` in `dir` with `faults` until every node is gone, then merges the
+/// nodes' files into the run directory and writes the cluster's summary.
+pub fn run(
+    cfg: &RunConfig,
+    dir: &mut RunDir,
+    faults: &[FaultSpec],
+    arch: TrainArch,
+    launcher: &Launcher,
+) -> Result<Ran> {
+    if arch == TrainArch::Local {
+        bail!("a local run has no cluster");
+    }
+    let layout = layout::lay_out(cfg, dir.path(), faults, arch)?;
+    record_start(cfg, dir, arch, &layout)?;
+    let configs: Vec<PathBuf> = layout.nodes.iter().map(|n| n.config.clone()).collect();
+    let supervised = Supervisor::new(cfg, dir, layout.nodes, layout.injector, launcher).run()?;
+    let mut recoveries = supervised.recoveries;
+    for rec in &mut recoveries {
+        rec.resumed_from_round = last_resume(&configs[rec.index]);
+        rec.rounds_lost = rec.resumed_from_round.map(|r| rec.died_at_round.saturating_sub(r));
+        dir.event("recovery", serde_json::to_value(&*rec)?)?;
+    }
+    let per_node = collect::merge(dir, &configs)?;
+    let mut summary = collect::summarize(cfg, dir, arch, per_node, &layout.attacks, supervised.wall_s);
+    dir.event(
+        "finish",
+        json!({ "rounds": summary.rounds, "test_accuracy": summary.test_accuracy, "replicas_agree": summary.replicas_agree }),
+    )?;
+    summary.recoveries = recoveries;
+    summary.nodes = supervised.outcomes;
+    for n in &mut summary.nodes {
+        n.completed &= summary.per_peer.iter().any(|s| s.peer as usize == n.index && s.completed);
+    }
+    if let Some(why) = supervised.fatal {
+        summary.completed = false;
+        summary.error = Some(why);
+    }
+    dir.summary(&summary)?;
+    Ok(Ran { summary, interrupted: supervised.interrupted })
+}
+
+/// Records the run's start, the faults skipped, and the function faults every invocation
+/// may meet.
+fn record_start(cfg: &RunConfig, dir: &mut RunDir, arch: TrainArch, layout: &layout::Layout) -> Result<()> {
+    let compute = cfg.p2p.compute.to_string();
+    dir.event("start", json!({ "arch": arch.to_string(), "nodes": layout.nodes.len(), "compute": compute }))?;
+    for (name, fields) in &layout.skipped {
+        dir.event(name, fields.clone())?;
+    }
+    if cfg.function.faults.any() && cfg.p2p.compute == Compute::Functions {
+        dir.event(
+            "fault_injected",
+            json!({ "fault": "function_faults", "targets": ["functions"], "round": 0, "rates": cfg.function.faults }),
+        )?;
+    }
+    Ok(())
+}
+
+/// The round a restarted node last resumed from, from its own events (its last `resume`).
+fn last_resume(config: &std::path::Path) -> Option<u64> {
+    let ev = std::fs::read_to_string(config.with_file_name("events.jsonl")).unwrap_or_default();
+    ev.lines()
+        .rev()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .find(|v| v["event"] == "resume")
+        .and_then(|v| v["round"].as_u64())
+}
