@@ -162,6 +162,89 @@ impl FaultSpec {
             _ => None,
         }
     }
+
+    /// Checks this fault for a cluster of `n` peers or workers; the error says what is wrong.
+    fn check(&self, n: usize) -> Result<(), String> {
+        self.check_timing()?;
+        if self.targets.is_empty() {
+            return Err("targets is empty".into());
+        }
+        for t in &self.targets {
+            parse_target(t, n)?;
+        }
+        for (key, v) in [("duration_s", self.duration_s), ("restart_after_s", self.restart_after_s)] {
+            if let Some(v) = v
+                && !(v.is_finite() && v >= 0.0)
+            {
+                return Err(format!("{key} = {v}: must be a non-negative number"));
+            }
+        }
+        self.check_keys_apply()?;
+        self.check_kind_needs()
+    }
+
+    /// Exactly one of `at_round` and `at_s`, a time being a non-negative number.
+    fn check_timing(&self) -> Result<(), String> {
+        match (self.at_round, self.at_s) {
+            (Some(_), Some(_)) => Err("give at_round or at_s, not both".into()),
+            (None, None) => Err("give at_round or at_s".into()),
+            (None, Some(s)) if !(s.is_finite() && s >= 0.0) => {
+                Err(format!("at_s = {s}: must be a non-negative number"))
+            }
+            _ => Ok(()),
+        }
+    }
+
+    /// Only the keys of this kind of fault are given.
+    fn check_keys_apply(&self) -> Result<(), String> {
+        let only = |key: &str, given: bool, kinds: &[FaultKind]| -> Result<(), String> {
+            if given && !kinds.contains(&self.kind) {
+                return Err(format!("{key} does not apply to {}", self.kind.name()));
+            }
+            Ok(())
+        };
+        only("restart_after_s", self.restart_after_s.is_some(), &[FaultKind::Kill])?;
+        only("delay_ms", self.delay_ms.is_some(), &[FaultKind::Delay])?;
+        only("stop_ms", self.stop_ms.is_some(), &[FaultKind::Straggle])?;
+        only("period_ms", self.period_ms.is_some(), &[FaultKind::Straggle])?;
+        only("attack", self.attack.is_some(), &[FaultKind::Byzantine])?;
+        only(
+            "duration_s",
+            self.duration_s.is_some(),
+            &[FaultKind::Stop, FaultKind::Straggle, FaultKind::Partition, FaultKind::Delay],
+        )
+    }
+
+    /// What each kind of fault needs, and the targets it cannot have.
+    fn check_kind_needs(&self) -> Result<(), String> {
+        let has_ps = self.targets.iter().any(|t| t == "ps");
+        let reason = match self.kind {
+            FaultKind::Stop if self.duration_s.is_none() => {
+                "needs duration_s (a node stopped for good is a kill)"
+            }
+            FaultKind::Straggle => match (self.stop_ms, self.period_ms) {
+                (Some(s), Some(p)) if s > 0 && s < p && p <= 60_000 => return Ok(()),
+                _ => "needs 0 < stop_ms < period_ms ≤ 60000 (stopped stop_ms of every period_ms)",
+            },
+            FaultKind::Delay if !self.delay_ms.is_some_and(|d| (1..=60_000).contains(&d)) => {
+                "needs delay_ms in 1..=60000"
+            }
+            FaultKind::Byzantine if self.attack.is_none() => {
+                "needs attack: sign-flip, gaussian, label-flip, nan, wrong-length or replay"
+            }
+            FaultKind::Byzantine if self.at_s.is_some() => {
+                "give at_round (the node attacks from that round on), not at_s"
+            }
+            FaultKind::Byzantine if has_ps => {
+                "the PS cannot be Byzantine: the PS baseline trusts its server (docs/threat-model.md)"
+            }
+            FaultKind::Partition if has_ps && self.targets.len() > 1 => {
+                "partition the PS alone, or a set of nodes without it"
+            }
+            _ => return Ok(()),
+        };
+        Err(reason.into())
+    }
 }
 
 /// A target resolved for one run: the launcher's node index.
@@ -246,12 +329,6 @@ impl Scenario {
 
     /// Checks the workload and every fault.
     pub fn validate(&self, origin: &str) -> Result<(), ScenarioError> {
-        let bad = |index: usize, kind: FaultKind, reason: String| ScenarioError::Fault {
-            origin: origin.into(),
-            index: index + 1,
-            kind: kind.name(),
-            reason,
-        };
         if self.name.is_empty() || !self.name.chars().all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
         {
             return Err(ScenarioError::Parse {
@@ -268,95 +345,12 @@ impl Scenario {
         self.run.validate().map_err(|source| ScenarioError::Config { origin: origin.into(), source })?;
         let n = self.run.p2p.peers as usize;
         for (i, f) in self.faults.iter().enumerate() {
-            match (f.at_round, f.at_s) {
-                (Some(_), Some(_)) => return Err(bad(i, f.kind, "give at_round or at_s, not both".into())),
-                (None, None) => return Err(bad(i, f.kind, "give at_round or at_s".into())),
-                (None, Some(s)) if !(s.is_finite() && s >= 0.0) => {
-                    return Err(bad(i, f.kind, format!("at_s = {s}: must be a non-negative number")));
-                }
-                _ => {}
-            }
-            if f.targets.is_empty() {
-                return Err(bad(i, f.kind, "targets is empty".into()));
-            }
-            for t in &f.targets {
-                parse_target(t, n).map_err(|r| bad(i, f.kind, r))?;
-            }
-            for (key, v) in [("duration_s", f.duration_s), ("restart_after_s", f.restart_after_s)] {
-                if let Some(v) = v
-                    && !(v.is_finite() && v >= 0.0)
-                {
-                    return Err(bad(i, f.kind, format!("{key} = {v}: must be a non-negative number")));
-                }
-            }
-            let only = |key: &str, given: bool, kinds: &[FaultKind]| -> Result<(), ScenarioError> {
-                if given && !kinds.contains(&f.kind) {
-                    return Err(bad(i, f.kind, format!("{key} does not apply to {}", f.kind.name())));
-                }
-                Ok(())
-            };
-            only("restart_after_s", f.restart_after_s.is_some(), &[FaultKind::Kill])?;
-            only("delay_ms", f.delay_ms.is_some(), &[FaultKind::Delay])?;
-            only("stop_ms", f.stop_ms.is_some(), &[FaultKind::Straggle])?;
-            only("period_ms", f.period_ms.is_some(), &[FaultKind::Straggle])?;
-            only("attack", f.attack.is_some(), &[FaultKind::Byzantine])?;
-            only(
-                "duration_s",
-                f.duration_s.is_some(),
-                &[FaultKind::Stop, FaultKind::Straggle, FaultKind::Partition, FaultKind::Delay],
-            )?;
-            match f.kind {
-                FaultKind::Stop if f.duration_s.is_none() => {
-                    return Err(bad(
-                        i,
-                        f.kind,
-                        "needs duration_s (a node stopped for good is a kill)".into(),
-                    ));
-                }
-                FaultKind::Straggle => match (f.stop_ms, f.period_ms) {
-                    (Some(s), Some(p)) if s > 0 && s < p && p <= 60_000 => {}
-                    _ => {
-                        return Err(bad(
-                            i,
-                            f.kind,
-                            "needs 0 < stop_ms < period_ms ≤ 60000 (stopped stop_ms of every period_ms)"
-                                .into(),
-                        ));
-                    }
-                },
-                FaultKind::Delay if !f.delay_ms.is_some_and(|d| (1..=60_000).contains(&d)) => {
-                    return Err(bad(i, f.kind, "needs delay_ms in 1..=60000".into()));
-                }
-                FaultKind::Byzantine if f.attack.is_none() => {
-                    return Err(bad(
-                        i,
-                        f.kind,
-                        "needs attack: sign-flip, gaussian, label-flip, nan, wrong-length or replay".into(),
-                    ));
-                }
-                FaultKind::Byzantine if f.at_s.is_some() => {
-                    return Err(bad(
-                        i,
-                        f.kind,
-                        "give at_round (the node attacks from that round on), not at_s".into(),
-                    ));
-                }
-                FaultKind::Byzantine if f.targets.iter().any(|t| t == "ps") => {
-                    return Err(bad(
-                        i,
-                        f.kind,
-                        "the PS cannot be Byzantine: the PS baseline trusts its server (docs/threat-model.md)".into(),
-                    ));
-                }
-                FaultKind::Partition if f.targets.iter().any(|t| t == "ps") && f.targets.len() > 1 => {
-                    return Err(bad(
-                        i,
-                        f.kind,
-                        "partition the PS alone, or a set of nodes without it".into(),
-                    ));
-                }
-                _ => {}
-            }
+            f.check(n).map_err(|reason| ScenarioError::Fault {
+                origin: origin.into(),
+                index: i + 1,
+                kind: f.kind.name(),
+                reason,
+            })?;
         }
         Ok(())
     }

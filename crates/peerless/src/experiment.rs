@@ -95,12 +95,7 @@ enum Outcome {
 /// Runs `peerless experiment`.
 pub fn run(args: ExperimentArgs) -> Result<ExitCode> {
     let files = scenario_files(&args.scenarios)?;
-    let scenarios: Vec<Scenario> = files.iter().map(|f| Scenario::load(f)).collect::<Result<_, _>>()?;
-    let mut names: Vec<&str> = scenarios.iter().map(|s| s.name.as_str()).collect();
-    names.sort_unstable();
-    if let Some(w) = names.windows(2).find(|w| w[0] == w[1]) {
-        bail!("two scenarios are named {:?}; names must be unique", w[0]);
-    }
+    let scenarios = load_scenarios(&files)?;
     let archs: Vec<String> = args.arch.iter().map(|a| a.trim().to_owned()).collect();
     for a in &archs {
         parse_arch(a)?;
@@ -115,77 +110,12 @@ pub fn run(args: ExperimentArgs) -> Result<ExitCode> {
     std::fs::create_dir_all(&out).with_context(|| format!("creating {}", out.display()))?;
     let exe = std::env::current_exe().context("locating the peerless executable")?;
 
-    let mut plan = Vec::new();
-    for (si, s) in scenarios.iter().enumerate() {
-        for a in &archs {
-            for k in 0..args.seeds {
-                let seed = s.seed + k;
-                plan.push(Planned {
-                    scenario: si,
-                    arch: a.clone(),
-                    seed,
-                    dir: out.join(&s.name).join(a).join(format!("seed-{seed}")),
-                });
-            }
-        }
-    }
-    let manifest = Manifest {
-        command: std::env::args().collect::<Vec<_>>().join(" "),
-        scenarios: scenarios
-            .iter()
-            .zip(&files)
-            .map(|(s, f)| ScenarioEntry {
-                name: s.name.clone(),
-                description: s.description.clone(),
-                target_accuracy: s.target_accuracy,
-                file: f.display().to_string(),
-                faults: s.faults.len(),
-                seeds: (s.seed..s.seed + args.seeds).collect(),
-            })
-            .collect(),
-        archs: archs.clone(),
-        seeds: {
-            let mut all: Vec<u64> = plan.iter().map(|p| p.seed).collect();
-            all.sort_unstable();
-            all.dedup();
-            all
-        },
-    };
+    let plan = plan_runs(&scenarios, &archs, args.seeds, &out);
+    let manifest = Manifest::new(&scenarios, &files, &archs, args.seeds, &plan);
     let mpath = out.join("experiment.json");
     std::fs::write(&mpath, serde_json::to_string_pretty(&manifest)?)
         .with_context(|| format!("writing {}", mpath.display()))?;
-    let bar = ProgressBar::new(plan.len() as u64);
-    bar.set_style(
-        ProgressStyle::with_template("experiment [{elapsed_precise}] {wide_bar} {pos}/{len} runs {msg}")
-            .expect("invariant: valid template"),
-    );
-    let mut outcomes = Vec::new();
-    for p in &plan {
-        let s = &scenarios[p.scenario];
-        let label = format!("{} {} seed {}", s.name, p.arch, p.seed);
-        bar.set_message(label.clone());
-        let outcome = if finished(&p.dir) {
-            Outcome::Skipped
-        } else {
-            run_one(&exe, &files[p.scenario], s, p, args.data_dir.as_deref())
-        };
-        let line = match &outcome {
-            Outcome::Done { accuracy, wall_s } => {
-                format!("{label}: {:.2} % in {wall_s:.1} s", accuracy * 100.0)
-            }
-            Outcome::Failed(why) => format!("{label}: FAILED: {why}"),
-            Outcome::Skipped => format!("{label}: already done"),
-        };
-        // Without a terminal the bar is hidden; the per-run lines still go to the log.
-        if bar.is_hidden() {
-            eprintln!("[{}/{}] {line}", outcomes.len() + 1, plan.len());
-        } else {
-            bar.println(line);
-        }
-        outcomes.push(outcome);
-        bar.inc(1);
-    }
-    bar.finish_and_clear();
+    let outcomes = run_plan(&plan, &scenarios, &files, &exe, args.data_dir.as_deref());
     let failed: Vec<String> = plan
         .iter()
         .zip(&outcomes)
@@ -209,6 +139,114 @@ pub fn run(args: ExperimentArgs) -> Result<ExitCode> {
     }
     println!("report       peerless report {}", out.display());
     Ok(if failed.is_empty() { ExitCode::SUCCESS } else { ExitCode::FAILURE })
+}
+
+/// Reads the scenario `files`, whose names must be unique.
+fn load_scenarios(files: &[PathBuf]) -> Result<Vec<Scenario>> {
+    let scenarios: Vec<Scenario> = files.iter().map(|f| Scenario::load(f)).collect::<Result<_, _>>()?;
+    let mut names: Vec<&str> = scenarios.iter().map(|s| s.name.as_str()).collect();
+    names.sort_unstable();
+    if let Some(w) = names.windows(2).find(|w| w[0] == w[1]) {
+        bail!("two scenarios are named {:?}; names must be unique", w[0]);
+    }
+    Ok(scenarios)
+}
+
+/// The matrix: every scenario × arch × `seeds` seeds from the scenario's first, each run in
+/// `<out>/<scenario>/<arch>/seed-<s>`.
+fn plan_runs(scenarios: &[Scenario], archs: &[String], seeds: u64, out: &Path) -> Vec<Planned> {
+    let mut plan = Vec::new();
+    for (si, s) in scenarios.iter().enumerate() {
+        for a in archs {
+            for k in 0..seeds {
+                let seed = s.seed + k;
+                plan.push(Planned {
+                    scenario: si,
+                    arch: a.clone(),
+                    seed,
+                    dir: out.join(&s.name).join(a).join(format!("seed-{seed}")),
+                });
+            }
+        }
+    }
+    plan
+}
+
+impl Manifest {
+    /// The manifest of `plan`: the command line, each scenario (from `files`) with its seeds,
+    /// the archs and every seed run.
+    fn new(
+        scenarios: &[Scenario],
+        files: &[PathBuf],
+        archs: &[String],
+        seeds: u64,
+        plan: &[Planned],
+    ) -> Self {
+        let mut all: Vec<u64> = plan.iter().map(|p| p.seed).collect();
+        all.sort_unstable();
+        all.dedup();
+        Manifest {
+            command: std::env::args().collect::<Vec<_>>().join(" "),
+            scenarios: scenarios
+                .iter()
+                .zip(files)
+                .map(|(s, f)| ScenarioEntry {
+                    name: s.name.clone(),
+                    description: s.description.clone(),
+                    target_accuracy: s.target_accuracy,
+                    file: f.display().to_string(),
+                    faults: s.faults.len(),
+                    seeds: (s.seed..s.seed + seeds).collect(),
+                })
+                .collect(),
+            archs: archs.to_vec(),
+            seeds: all,
+        }
+    }
+}
+
+/// Runs (or skips, when finished) every planned run in order, with a progress bar and a
+/// line per run; returns how each ended.
+fn run_plan(
+    plan: &[Planned],
+    scenarios: &[Scenario],
+    files: &[PathBuf],
+    exe: &Path,
+    data_dir: Option<&Path>,
+) -> Vec<Outcome> {
+    let bar = ProgressBar::new(plan.len() as u64);
+    bar.set_style(
+        ProgressStyle::with_template("experiment [{elapsed_precise}] {wide_bar} {pos}/{len} runs {msg}")
+            .expect("invariant: valid template"),
+    );
+    let mut outcomes = Vec::new();
+    for p in plan {
+        let s = &scenarios[p.scenario];
+        let label = format!("{} {} seed {}", s.name, p.arch, p.seed);
+        bar.set_message(label.clone());
+        let outcome = if finished(&p.dir) {
+            Outcome::Skipped
+        } else {
+            run_one(exe, &files[p.scenario], s, p, data_dir)
+        };
+        let line = match &outcome {
+            Outcome::Done { accuracy, wall_s } => {
+                format!("{label}: {:.2} % in {wall_s:.1} s", accuracy * 100.0)
+            }
+            Outcome::Failed(why) => format!("{label}: FAILED: {why}"),
+            Outcome::Skipped => format!("{label}: already done"),
+        };
+        // Without a terminal the bar is hidden; the per-run lines still go to the log.
+        if bar.is_hidden() {
+            eprintln!("[{}/{}] {line}", outcomes.len() + 1, plan.len());
+        } else {
+            bar.println(line);
+        }
+        outcomes.push(outcome);
+        bar.inc(1);
+    }
+    bar.finish_and_clear();
+    outcomes
 }
 
 /// Whether the run in `dir` finished (a summary without an error); anything else is run again.

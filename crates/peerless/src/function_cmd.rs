@@ -175,6 +175,10 @@ fn cpu_ns(pid: u32, keep: impl Fn(u32) -> bool) -> Option<u64> {
     Some(total)
 }
 
+/// Invocations of the gradient benchmark that are not counted (cold start, dataset load,
+/// parameter fetch).
+const GRADIENT_WARMUP: usize = 5;
+
 /// Times the gradient function warm through `runtime` against the direct computation.
 ///
 /// Direct calls and invocations alternate, so both see the same machine load; the first 5
@@ -185,7 +189,6 @@ async fn bench_gradient(runtime: &LocalRuntime, n: usize) -> Result<GradientBenc
     use peerless_ml::{Arch, Backend, DatasetName, Model, ModelSpec};
     use peerless_runtime::store::{RedisStore, Store, embedded::EmbeddedServer};
 
-    const WARMUP: usize = 5;
     let data_dir = crate::common::data_dir(None);
     let (name, split) = match peerless_ml::data::load(DatasetName::Mnist, &data_dir) {
         Ok(split) => (DatasetName::Mnist, split),
@@ -193,41 +196,33 @@ async fn bench_gradient(runtime: &LocalRuntime, n: usize) -> Result<GradientBenc
     };
     let model = Model::new(ModelSpec::new(Arch::Mlp, split.train.shape, split.train.classes), Backend::Auto)?;
     let params = model.init(0);
-    let params_digest = digest(&params).to_string();
     let indices: Vec<u32> = (0..64).collect();
     let batch = split.train.gather(&indices.iter().map(|&i| i as usize).collect::<Vec<_>>());
     let server = EmbeddedServer::spawn(([127, 0, 0, 1], 0).into(), Some("bench".into()))?;
     let store = RedisStore::connect(&server.url()).await?;
     store.put("params/0", &to_le_bytes(&params)).await?;
-    let (mut direct, mut warm, mut compute) =
-        (Vec::with_capacity(n), Vec::with_capacity(n), Vec::with_capacity(n));
-    // CPU accounting: the function instance (all threads), this process's runtime threads,
-    // and this (calling) thread during the direct calls.
-    let me = std::process::id();
-    let main_thread = |tid: u32| tid == me;
-    let (mut instance, mut cpu_start) = (None, None);
-    let mut direct_cpu_ns = Some(0u64);
-    for i in 0..(n + WARMUP) {
-        let req = GradientRequest {
-            node: "bench".into(),
-            round: 0,
-            batch: i as u32,
-            attempt: 0,
-            model: model.id(),
-            backend: "auto".into(),
-            params_key: "params/0".into(),
-            params_digest: params_digest.clone(),
-            dataset: name.to_string(),
-            data_dir: data_dir.display().to_string(),
-            indices: indices.clone(),
-            output_key: "grad/bench".into(),
-            output_mode: OutputMode::Accumulate,
-            store: StoreRef { url: server.url() },
-            // As the nodes ask: no digest of the gradient.
-            return_digest: false,
-            flip_labels: false,
-        };
-        let payload = serde_json::to_value(&req)?;
+    let request = GradientRequest {
+        node: "bench".into(),
+        round: 0,
+        batch: 0,
+        attempt: 0,
+        model: model.id(),
+        backend: "auto".into(),
+        params_key: "params/0".into(),
+        params_digest: digest(&params).to_string(),
+        dataset: name.to_string(),
+        data_dir: data_dir.display().to_string(),
+        indices,
+        output_key: "grad/bench".into(),
+        output_mode: OutputMode::Accumulate,
+        store: StoreRef { url: server.url() },
+        // As the nodes ask: no digest of the gradient.
+        return_digest: false,
+        flip_labels: false,
+    };
+    let mut times = GradientTimes::new(n);
+    for i in 0..(n + GRADIENT_WARMUP) {
+        let payload = serde_json::to_value(GradientRequest { batch: i as u32, ..request.clone() })?;
         let t = Instant::now();
         let inv = runtime.invoke("gradient", payload, InvokeCtx::new("bench", 0, i as u32)).await?;
         let us = t.elapsed().as_secs_f64() * 1e6;
@@ -236,53 +231,129 @@ async fn bench_gradient(runtime: &LocalRuntime, n: usize) -> Result<GradientBenc
         }
         let answer: GradientResponse =
             serde_json::from_value(inv.response.context("no answer")?).context("gradient answer")?;
-        if i + 1 == WARMUP {
-            instance = inv.pid;
-            cpu_start =
-                instance.and_then(|pid| Some((cpu_ns(pid, |_| true)?, cpu_ns(me, |t| !main_thread(t))?)));
-        } else if i >= WARMUP && inv.pid != instance {
-            // Another instance answered: its predecessor's CPU is no longer readable.
-            cpu_start = None;
-        }
-        let cpu_before = cpu_ns(me, main_thread);
+        times.follow_instance(i, inv.pid);
+        let cpu_before = times.main_thread_cpu_ns();
         let t = Instant::now();
         std::hint::black_box(model.loss_and_grad(&params, &batch)?);
         let elapsed = t.elapsed();
-        if i >= WARMUP {
-            direct.push(elapsed.as_secs_f64() * 1e6);
-            warm.push(us);
-            compute.push(answer.compute_ms * 1e3);
-            direct_cpu_ns = direct_cpu_ns
-                .zip(cpu_before.zip(cpu_ns(me, main_thread)))
-                .map(|(sum, (before, after))| sum + after.saturating_sub(before));
+        if i >= GRADIENT_WARMUP {
+            times.push(elapsed.as_secs_f64() * 1e6, us, answer.compute_ms * 1e3, cpu_before);
         }
     }
-    let per_call = |ns: u64| ns as f64 / 1e3 / n as f64;
-    let (function_cpu_us, invoker_cpu_us) = match (cpu_start, instance) {
-        (Some((f0, p0)), Some(pid)) => (
-            cpu_ns(pid, |_| true).map(|f| per_call(f.saturating_sub(f0))),
-            cpu_ns(me, |t| !main_thread(t)).map(|p| per_call(p.saturating_sub(p0))),
-        ),
-        _ => (None, None),
-    };
-    let direct_cpu_us = direct_cpu_ns.map(per_call);
+    let cpu = times.cpu_per_call(n);
     server.shutdown().await;
-    let (d50, w50) = (q(&mut direct, 0.5), q(&mut warm, 0.5));
-    Ok(GradientBench {
-        dataset: name.to_string(),
-        model: model.id(),
-        direct_p50_us: d50,
-        direct_p99_us: q(&mut direct, 0.99),
-        warm_p50_us: w50,
-        warm_p99_us: q(&mut warm, 0.99),
-        warm_overhead_p50_us: w50 - d50,
-        function_compute_p50_us: q(&mut compute, 0.5),
-        ratio_p50: w50 / d50.max(1e-3),
-        function_cpu_us,
-        invoker_cpu_us,
-        direct_cpu_us,
-        cpu_overhead_us: function_cpu_us.zip(invoker_cpu_us).zip(direct_cpu_us).map(|((f, p), d)| f + p - d),
-    })
+    Ok(times.into_bench(name.to_string(), model.id(), cpu))
+}
+
+/// The samples of the gradient benchmark: wall times per counted iteration (µs) and the CPU
+/// counters of the function instance, this process's runtime threads and this thread.
+struct GradientTimes {
+    direct: Vec<f64>,
+    warm: Vec<f64>,
+    compute: Vec<f64>,
+    /// This process.
+    me: u32,
+    /// The instance that answered the last warm-up, whose CPU is measured.
+    instance: Option<u32>,
+    /// CPU (ns) of that instance and of this process's runtime threads when counting began;
+    /// `None` when unavailable or another instance answered since.
+    cpu_start: Option<(u64, u64)>,
+    /// CPU (ns) of this thread in the counted direct calls.
+    direct_cpu_ns: Option<u64>,
+}
+
+impl GradientTimes {
+    /// Room for `n` counted iterations.
+    fn new(n: usize) -> Self {
+        GradientTimes {
+            direct: Vec::with_capacity(n),
+            warm: Vec::with_capacity(n),
+            compute: Vec::with_capacity(n),
+            me: std::process::id(),
+            instance: None,
+            cpu_start: None,
+            direct_cpu_ns: Some(0),
+        }
+    }
+
+    /// CPU (ns) of this (calling) thread so far.
+    fn main_thread_cpu_ns(&self) -> Option<u64> {
+        let me = self.me;
+        cpu_ns(me, |t| t == me)
+    }
+
+    /// CPU (ns) of this process's other threads (the runtime's) so far.
+    fn runtime_threads_cpu_ns(&self) -> Option<u64> {
+        let me = self.me;
+        cpu_ns(me, |t| t != me)
+    }
+
+    /// Notes that instance `pid` answered iteration `i`: CPU counting starts after the last
+    /// warm-up, and stops being readable when another instance answers.
+    fn follow_instance(&mut self, i: usize, pid: Option<u32>) {
+        if i + 1 == GRADIENT_WARMUP {
+            self.instance = pid;
+            self.cpu_start =
+                pid.and_then(|pid| Some((cpu_ns(pid, |_| true)?, self.runtime_threads_cpu_ns()?)));
+        } else if i >= GRADIENT_WARMUP && pid != self.instance {
+            // Another instance answered: its predecessor's CPU is no longer readable.
+            self.cpu_start = None;
+        }
+    }
+
+    /// Adds a counted iteration: the direct call, the invocation, the instance's own compute
+    /// time (µs), and this thread's CPU before the direct call.
+    fn push(&mut self, direct_us: f64, warm_us: f64, compute_us: f64, cpu_before: Option<u64>) {
+        self.direct.push(direct_us);
+        self.warm.push(warm_us);
+        self.compute.push(compute_us);
+        self.direct_cpu_ns = self
+            .direct_cpu_ns
+            .zip(cpu_before.zip(self.main_thread_cpu_ns()))
+            .map(|(sum, (before, after))| sum + after.saturating_sub(before));
+    }
+
+    /// Mean CPU (µs) per counted iteration: of the instance, of this process's runtime
+    /// threads, of the direct call.
+    fn cpu_per_call(&self, n: usize) -> (Option<f64>, Option<f64>, Option<f64>) {
+        let per_call = |ns: u64| ns as f64 / 1e3 / n as f64;
+        let (function_cpu_us, invoker_cpu_us) = match (self.cpu_start, self.instance) {
+            (Some((f0, p0)), Some(pid)) => (
+                cpu_ns(pid, |_| true).map(|f| per_call(f.saturating_sub(f0))),
+                self.runtime_threads_cpu_ns().map(|p| per_call(p.saturating_sub(p0))),
+            ),
+            _ => (None, None),
+        };
+        (function_cpu_us, invoker_cpu_us, self.direct_cpu_ns.map(per_call))
+    }
+
+    /// The results, with the CPU figures of [`GradientTimes::cpu_per_call`].
+    fn into_bench(
+        mut self,
+        dataset: String,
+        model: String,
+        (function_cpu_us, invoker_cpu_us, direct_cpu_us): (Option<f64>, Option<f64>, Option<f64>),
+    ) -> GradientBench {
+        let (d50, w50) = (q(&mut self.direct, 0.5), q(&mut self.warm, 0.5));
+        GradientBench {
+            dataset,
+            model,
+            direct_p50_us: d50,
+            direct_p99_us: q(&mut self.direct, 0.99),
+            warm_p50_us: w50,
+            warm_p99_us: q(&mut self.warm, 0.99),
+            warm_overhead_p50_us: w50 - d50,
+            function_compute_p50_us: q(&mut self.compute, 0.5),
+            ratio_p50: w50 / d50.max(1e-3),
+            function_cpu_us,
+            invoker_cpu_us,
+            direct_cpu_us,
+            cpu_overhead_us: function_cpu_us
+                .zip(invoker_cpu_us)
+                .zip(direct_cpu_us)
+                .map(|((f, p), d)| f + p - d),
+        }
+    }
 }
 
 /// The `p`-quantile of `v` by nearest rank (0 when empty).
@@ -301,79 +372,117 @@ const BLAS_THREADS: &str = "OPENBLAS_NUM_THREADS";
 /// itself with `OPENBLAS_NUM_THREADS=1` unless that is already set.
 pub fn run_bench_invoke(args: BenchInvokeArgs) -> Result<ExitCode> {
     if std::env::var_os(BLAS_THREADS).is_none_or(|v| v != "1") {
-        let exe = std::env::current_exe().context("locating the peerless executable")?;
-        let status = std::process::Command::new(exe)
-            .args(std::env::args_os().skip(1))
-            .env(BLAS_THREADS, "1")
-            .status()
-            .context("re-running the benchmark with one BLAS thread")?;
-        return Ok(status
-            .code()
-            .and_then(|c| u8::try_from(c).ok())
-            .map_or(ExitCode::FAILURE, ExitCode::from));
+        return rerun_with_one_blas_thread();
     }
     let n = args.n.max(1);
     let command = runtime_command()?;
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
-    let res = rt.block_on(async move {
-        let payload = serde_json::json!({ "x": 1, "tag": "bench" });
-        let handlers = handlers();
-        let mut direct = Vec::with_capacity(n);
-        for _ in 0..n {
-            let t = Instant::now();
-            let v = handlers.call("echo", payload.clone()).await;
-            direct.push(t.elapsed().as_secs_f64() * 1e6);
-            std::hint::black_box(v).ok();
+    let res = rt.block_on(bench_invoke(command, n, args.cold))?;
+    print_invoke_bench(&res, args.cold);
+    if let Some(path) = args.json {
+        std::fs::write(&path, serde_json::to_string_pretty(&res)?)
+            .with_context(|| format!("writing {}", path.display()))?;
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Runs this command again with `OPENBLAS_NUM_THREADS=1`; its exit code is this one's.
+fn rerun_with_one_blas_thread() -> Result<ExitCode> {
+    let exe = std::env::current_exe().context("locating the peerless executable")?;
+    let status = std::process::Command::new(exe)
+        .args(std::env::args_os().skip(1))
+        .env(BLAS_THREADS, "1")
+        .status()
+        .context("re-running the benchmark with one BLAS thread")?;
+    Ok(status.code().and_then(|c| u8::try_from(c).ok()).map_or(ExitCode::FAILURE, ExitCode::from))
+}
+
+/// Echo called directly, then warm and cold (`cold_starts` times) on a local runtime running
+/// `command`, then the gradient function; `n` calls of each are counted.
+async fn bench_invoke(command: FunctionCommand, n: usize, cold_starts: usize) -> Result<InvokeBench> {
+    let payload = serde_json::json!({ "x": 1, "tag": "bench" });
+    let mut direct = time_direct_echo(&payload, n).await;
+    let cfg = function::Config { max_retries: 0, ..function::Config::default() };
+    let runtime = LocalRuntime::start(cfg, command, 0)?;
+    let mut warm = time_warm_echo(&runtime, &payload, n).await?;
+    let (mut cold, mut cold_total) = time_cold_echo(&runtime, &payload, cold_starts).await?;
+    let gradient = bench_gradient(&runtime, n).await?;
+    runtime.shutdown().await;
+    let (d50, d99) = (q(&mut direct, 0.5), q(&mut direct, 0.99));
+    let (w50, w99) = (q(&mut warm, 0.5), q(&mut warm, 0.99));
+    let c50 = q(&mut cold, 0.5);
+    Ok(InvokeBench {
+        direct_p50_us: d50,
+        direct_p99_us: d99,
+        warm_p50_us: w50,
+        warm_p99_us: w99,
+        warm_overhead_p50_us: w50 - d50,
+        warm_overhead_p99_us: w99 - d99,
+        cold_start_p50_us: c50,
+        cold_start_p99_us: q(&mut cold, 0.99),
+        cold_invoke_p50_us: q(&mut cold_total, 0.5),
+        meets_targets: w50 - d50 <= 1000.0
+            && gradient.warm_overhead_p50_us <= 1000.0
+            && (cold_starts == 0 || c50 <= 50_000.0),
+        gradient: Some(gradient),
+    })
+}
+
+/// `n` in-process calls of `echo` (µs each).
+async fn time_direct_echo(payload: &Value, n: usize) -> Vec<f64> {
+    let handlers = handlers();
+    let mut direct = Vec::with_capacity(n);
+    for _ in 0..n {
+        let t = Instant::now();
+        let v = handlers.call("echo", payload.clone()).await;
+        direct.push(t.elapsed().as_secs_f64() * 1e6);
+        std::hint::black_box(v).ok();
+    }
+    direct
+}
+
+/// Warm invocations of `echo` after 20 uncounted ones: `n` round trips (µs).
+async fn time_warm_echo(runtime: &LocalRuntime, payload: &Value, n: usize) -> Result<Vec<f64>> {
+    let mut warm = Vec::with_capacity(n);
+    for i in 0..(n + 20) {
+        let t = Instant::now();
+        let inv = runtime.invoke("echo", payload.clone(), InvokeCtx::new("bench", 0, i as u32)).await?;
+        let us = t.elapsed().as_secs_f64() * 1e6;
+        if !inv.is_ok() {
+            bail!("warm echo failed: {:?}", inv.error);
         }
-        let cfg = function::Config { max_retries: 0, ..function::Config::default() };
-        let runtime = LocalRuntime::start(cfg, command, 0)?;
-        let mut warm = Vec::with_capacity(n);
-        for i in 0..(n + 20) {
-            let t = Instant::now();
-            let inv = runtime.invoke("echo", payload.clone(), InvokeCtx::new("bench", 0, i as u32)).await?;
-            let us = t.elapsed().as_secs_f64() * 1e6;
-            if !inv.is_ok() {
-                bail!("warm echo failed: {:?}", inv.error);
-            }
-            if i >= 20 {
-                warm.push(us);
-            }
+        if i >= 20 {
+            warm.push(us);
         }
-        let mut cold = Vec::new();
-        let mut cold_total = Vec::new();
-        for i in 0..args.cold {
-            runtime.retire_idle().await;
-            let t = Instant::now();
-            let inv =
-                runtime.invoke("echo", payload.clone(), InvokeCtx::new("bench-cold", 0, i as u32)).await?;
-            cold_total.push(t.elapsed().as_secs_f64() * 1e6);
-            let rec = inv.last().context("no record")?;
-            if !inv.is_ok() || !rec.cold_start {
-                bail!("cold echo failed or was not cold: {:?}", inv.error);
-            }
-            cold.push(rec.init_us as f64);
+    }
+    Ok(warm)
+}
+
+/// `count` cold invocations of `echo` (idle instances retired first): the cold starts and the
+/// whole invocations (µs).
+async fn time_cold_echo(
+    runtime: &LocalRuntime,
+    payload: &Value,
+    count: usize,
+) -> Result<(Vec<f64>, Vec<f64>)> {
+    let mut cold = Vec::new();
+    let mut cold_total = Vec::new();
+    for i in 0..count {
+        runtime.retire_idle().await;
+        let t = Instant::now();
+        let inv = runtime.invoke("echo", payload.clone(), InvokeCtx::new("bench-cold", 0, i as u32)).await?;
+        cold_total.push(t.elapsed().as_secs_f64() * 1e6);
+        let rec = inv.last().context("no record")?;
+        if !inv.is_ok() || !rec.cold_start {
+            bail!("cold echo failed or was not cold: {:?}", inv.error);
         }
-        let gradient = bench_gradient(&runtime, n).await?;
-        runtime.shutdown().await;
-        let (d50, d99) = (q(&mut direct, 0.5), q(&mut direct, 0.99));
-        let (w50, w99) = (q(&mut warm, 0.5), q(&mut warm, 0.99));
-        let c50 = q(&mut cold, 0.5);
-        Ok(InvokeBench {
-            direct_p50_us: d50,
-            direct_p99_us: d99,
-            warm_p50_us: w50,
-            warm_p99_us: w99,
-            warm_overhead_p50_us: w50 - d50,
-            warm_overhead_p99_us: w99 - d99,
-            cold_start_p50_us: c50,
-            cold_start_p99_us: q(&mut cold, 0.99),
-            cold_invoke_p50_us: q(&mut cold_total, 0.5),
-            meets_targets: w50 - d50 <= 1000.0
-                && gradient.warm_overhead_p50_us <= 1000.0
-                && (args.cold == 0 || c50 <= 50_000.0),
-            gradient: Some(gradient),
-        })
-    })?;
+        cold.push(rec.init_us as f64);
+    }
+    Ok((cold, cold_total))
+}
+
+/// Prints the results, one line per measure (the cold start only when `cold` were measured).
+fn print_invoke_bench(res: &InvokeBench, cold: usize) {
     println!(
         "echo direct (in-process): p50 {:>8.1} µs  p99 {:>8.1} µs",
         res.direct_p50_us, res.direct_p99_us
@@ -385,7 +494,7 @@ pub fn run_bench_invoke(args: BenchInvokeArgs) -> Result<ExitCode> {
         res.warm_overhead_p50_us,
         res.warm_p50_us / res.direct_p50_us.max(1e-3)
     );
-    if args.cold > 0 {
+    if cold > 0 {
         println!(
             "cold start:               p50 {:>8.1} µs  p99 {:>8.1} µs  (target ≤ 50000 p50); cold invoke p50 {:.1} µs = {:.1}× a warm one",
             res.cold_start_p50_us,
@@ -412,9 +521,4 @@ pub fn run_bench_invoke(args: BenchInvokeArgs) -> Result<ExitCode> {
         }
     }
     println!("targets {}", if res.meets_targets { "met" } else { "NOT met" });
-    if let Some(path) = args.json {
-        std::fs::write(&path, serde_json::to_string_pretty(&res)?)
-            .with_context(|| format!("writing {}", path.display()))?;
-    }
-    Ok(ExitCode::SUCCESS)
 }

@@ -1,6 +1,6 @@
 //! `peerless train`: resolves the effective config, opens the run directory, runs, summarizes.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -28,53 +28,11 @@ pub fn run(args: TrainArgs) -> Result<ExitCode> {
     let faults = scenario.as_ref().map(|s| s.faults.clone()).unwrap_or_default();
     let (cfg, mut dir, resume) = match &args.resume {
         Some(path) => {
-            let given = args.computation_flags();
-            if !given.is_empty() {
-                bail!(
-                    "--resume continues a run with its own config.toml; {} cannot change when resuming \
-                     (allowed: --epochs, --rounds, --eval-every, --checkpoint-every, --data-dir)",
-                    given.join(", ")
-                );
-            }
-            let mut cfg = RunConfig::load(&path.join("config.toml"))
-                .with_context(|| format!("{} is not a run directory", path.display()))?;
-            args.apply_schedule(&mut cfg);
-            if let Some(d) = &args.data_dir {
-                cfg.data.dir = d.clone();
-            }
-            cfg.validate()?;
-            let ck_path = path.join("checkpoint.safetensors");
-            let ck =
-                Checkpoint::read(&ck_path).with_context(|| format!("cannot resume {}", path.display()))?;
-            peerless_runtime::checkpoint::write_atomic(&path.join("config.toml"), cfg.to_toml().as_bytes())
-                .with_context(|| format!("writing {}", path.join("config.toml").display()))?;
-            let dir = RunDir::reopen(path, ck.round)?;
+            let (cfg, dir, ck) = open_resumed(&args, path)?;
             (cfg, dir, Some(ck))
         }
         None => {
-            let mut cfg = match (&args.config, &scenario) {
-                (Some(p), _) => RunConfig::load(p)?,
-                (None, Some(s)) => s.run.clone(),
-                (None, None) => RunConfig::default(),
-            };
-            args.apply(&mut cfg)?;
-            cfg.data.dir = data_dir(Some(&cfg.data.dir));
-            cfg.validate()?;
-            if cfg.name.is_empty() {
-                cfg.name = format!(
-                    "{}-{}-{}-{}",
-                    cfg.train.arch,
-                    cfg.model.arch,
-                    cfg.data.dataset,
-                    crate::common::timestamp()
-                );
-            }
-            let out = args.out.clone().unwrap_or_else(|| PathBuf::from("runs").join(&cfg.name));
-            let dir = RunDir::create(&out, &cfg)?;
-            if let (Some(path), Some(_)) = (&args.scenario, &scenario) {
-                let copy = dir.path().join("scenario.toml");
-                std::fs::copy(path, &copy).with_context(|| format!("copying {}", path.display()))?;
-            }
+            let (cfg, dir) = open_new(&args, scenario.as_ref())?;
             (cfg, dir, None)
         }
     };
@@ -93,6 +51,72 @@ pub fn run(args: TrainArgs) -> Result<ExitCode> {
     if !faults.is_empty() {
         bail!("the scenario's faults need a cluster: use --arch p2p or --arch ps");
     }
+    train_locally(&cfg, &mut dir, resume, args.halt_at_round)
+}
+
+/// Reopens the run directory `path` to continue it: its config (with the schedule flags and
+/// `--data-dir` applied, written back), the directory and its checkpoint.
+fn open_resumed(args: &TrainArgs, path: &Path) -> Result<(RunConfig, RunDir, Checkpoint)> {
+    let given = args.computation_flags();
+    if !given.is_empty() {
+        bail!(
+            "--resume continues a run with its own config.toml; {} cannot change when resuming \
+             (allowed: --epochs, --rounds, --eval-every, --checkpoint-every, --data-dir)",
+            given.join(", ")
+        );
+    }
+    let mut cfg = RunConfig::load(&path.join("config.toml"))
+        .with_context(|| format!("{} is not a run directory", path.display()))?;
+    args.apply_schedule(&mut cfg);
+    if let Some(d) = &args.data_dir {
+        cfg.data.dir = d.clone();
+    }
+    cfg.validate()?;
+    let ck_path = path.join("checkpoint.safetensors");
+    let ck = Checkpoint::read(&ck_path).with_context(|| format!("cannot resume {}", path.display()))?;
+    peerless_runtime::checkpoint::write_atomic(&path.join("config.toml"), cfg.to_toml().as_bytes())
+        .with_context(|| format!("writing {}", path.join("config.toml").display()))?;
+    let dir = RunDir::reopen(path, ck.round)?;
+    Ok((cfg, dir, ck))
+}
+
+/// Creates the run directory of a new run: its config from `--config`, the scenario's
+/// workload or the defaults, with the flags applied; the scenario file is copied in.
+fn open_new(args: &TrainArgs, scenario: Option<&Scenario>) -> Result<(RunConfig, RunDir)> {
+    let mut cfg = match (&args.config, scenario) {
+        (Some(p), _) => RunConfig::load(p)?,
+        (None, Some(s)) => s.run.clone(),
+        (None, None) => RunConfig::default(),
+    };
+    args.apply(&mut cfg)?;
+    cfg.data.dir = data_dir(Some(&cfg.data.dir));
+    cfg.validate()?;
+    if cfg.name.is_empty() {
+        cfg.name = format!(
+            "{}-{}-{}-{}",
+            cfg.train.arch,
+            cfg.model.arch,
+            cfg.data.dataset,
+            crate::common::timestamp()
+        );
+    }
+    let out = args.out.clone().unwrap_or_else(|| PathBuf::from("runs").join(&cfg.name));
+    let dir = RunDir::create(&out, &cfg)?;
+    if let (Some(path), Some(_)) = (&args.scenario, scenario) {
+        let copy = dir.path().join("scenario.toml");
+        std::fs::copy(path, &copy).with_context(|| format!("copying {}", path.display()))?;
+    }
+    Ok((cfg, dir))
+}
+
+/// Trains `cfg` in this process (`--arch local`) with a progress bar and Ctrl-C handling;
+/// prints the summary. Exits with 130 when interrupted.
+fn train_locally(
+    cfg: &RunConfig,
+    dir: &mut RunDir,
+    resume: Option<Checkpoint>,
+    halt_at_round: Option<u64>,
+) -> Result<ExitCode> {
     tracing::info!(seed = cfg.seed, run = %dir.path().display(), "starting");
     let data = data_dir(Some(&cfg.data.dir));
     let split = peerless_ml::data::load(cfg.data.dataset, &data)?;
@@ -100,10 +124,10 @@ pub fn run(args: TrainArgs) -> Result<ExitCode> {
     let stop = Arc::new(AtomicBool::new(false));
     spawn_ctrl_c(stop.clone());
     let mut bar = RunProgress::new(&format!("{} {} on {}", cfg.train.arch, cfg.model.arch, cfg.data.dataset));
-    let controls = Controls { stop: Some(&stop), halt_at_round: args.halt_at_round };
-    let summary = local::train(&cfg, &split, &mut dir, resume, controls, &mut |p| bar.update(&p))?;
+    let controls = Controls { stop: Some(&stop), halt_at_round };
+    let summary = local::train(cfg, &split, dir, resume, controls, &mut |p| bar.update(&p))?;
     bar.finish();
-    print_summary(&summary, &dir);
+    print_summary(&summary, dir);
     if !summary.completed {
         eprintln!(
             "stopped at round {}; continue with: peerless train --resume {}",

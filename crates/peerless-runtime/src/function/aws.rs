@@ -41,20 +41,21 @@ use aws_sdk_lambda::config::timeout::TimeoutConfig;
 use aws_sdk_lambda::config::{BehaviorVersion, Credentials, Region};
 use aws_sdk_lambda::error::{ProvideErrorMetadata, SdkError};
 use aws_sdk_lambda::operation::RequestId;
-use aws_sdk_lambda::operation::invoke::InvokeError as SdkInvokeError;
+use aws_sdk_lambda::operation::invoke::{InvokeError as SdkInvokeError, InvokeOutput};
 use aws_sdk_lambda::primitives::Blob;
 use aws_sdk_lambda::types::{InvocationType, LogType};
 use aws_smithy_http_client::tls::{Provider, rustls_provider::CryptoMode};
 use peerless_core::cost::{Prices, billed_ms};
-use peerless_core::function::{InvocationRecord, Outcome, SYNC_PAYLOAD_LIMIT};
+use peerless_core::function::{InvocationRecord, Outcome};
 use peerless_core::rng::Rng;
 use serde_json::Value;
 
 use super::api::FunctionError;
 use super::config::Config;
-use super::invoke::{Invocation, InvokeCtx, InvokeError, InvokeFuture, Invoker, backoff};
+use super::invoke::{Invocation, InvokeCtx, InvokeError, InvokeFuture, Invoker};
 use super::metrics::{self, Counters, Ledger, Summary};
 use super::report::Report;
+use super::retry;
 use crate::config_error::ConfigError;
 
 /// Static AWS credentials.
@@ -227,30 +228,15 @@ impl AwsLambda {
         ctx: InvokeCtx,
         max_retries: u32,
     ) -> Result<Invocation, InvokeError> {
-        let body = serde_json::to_vec(&payload).map_err(|e| InvokeError::Spawn {
-            function: function.to_owned(),
-            reason: format!("payload does not serialize: {e}"),
-        })?;
-        if body.len() > SYNC_PAYLOAD_LIMIT {
-            return Err(InvokeError::RequestTooLarge { size: body.len() });
-        }
-        let mut attempts = Vec::new();
-        for attempt in 0..=max_retries {
-            if attempt > 0 {
-                let wait = backoff(&self.inner.config, self.inner.seed, function, &ctx, attempt);
-                tracing::debug!(function, attempt, wait_ms = wait.as_millis() as u64, "retrying");
-                tokio::time::sleep(wait).await;
-            }
-            let mut inv = self.attempt(function, &body, &ctx, attempt).await?;
-            attempts.append(&mut inv.attempts);
-            if !inv.outcome.is_retryable() || attempt == max_retries {
-                inv.attempts = attempts;
-                return Ok(inv);
-            }
-        }
-        unreachable!("the loop returns on its last attempt")
+        let body = retry::request_body(function, &payload)?;
+        let (config, seed) = (&self.inner.config, self.inner.seed);
+        retry::with_retries(config, seed, function, &ctx, max_retries, |attempt| {
+            self.attempt(function, &body, &ctx, attempt)
+        })
+        .await
     }
 
+    /// One attempt: one `Invoke`; its record is in `attempts[0]` of the result.
     async fn attempt(
         &self,
         function: &str,
@@ -258,7 +244,6 @@ impl AwsLambda {
         ctx: &InvokeCtx,
         attempt: u32,
     ) -> Result<Invocation, InvokeError> {
-        let cfg = &self.inner.config;
         let target = self.target(function);
         let started = Instant::now();
         let result = self
@@ -273,28 +258,7 @@ impl AwsLambda {
             .await;
         let measured_us = u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX);
         let (request_id, report, (outcome, response, error)) = match result {
-            Ok(out) => {
-                let request_id = out.request_id().map(str::to_owned);
-                let report = out.log_result().and_then(Report::from_log_tail);
-                let bytes = out.payload().map(|b| b.as_ref()).unwrap_or_default();
-                let answer = match out.function_error() {
-                    None => match serde_json::from_slice::<Value>(bytes) {
-                        Ok(v) => (Outcome::Ok, Some(v), None),
-                        Err(e) => (
-                            Outcome::FunctionError,
-                            None,
-                            Some(FunctionError::new("Runtime.InvalidResponseBody", e.to_string())),
-                        ),
-                    },
-                    Some(kind) => {
-                        let fe = serde_json::from_slice::<FunctionError>(bytes).unwrap_or_else(|_| {
-                            FunctionError::new(kind, String::from_utf8_lossy(bytes).into_owned())
-                        });
-                        (function_error_outcome(&fe), None, Some(fe))
-                    }
-                };
-                (request_id, report, answer)
-            }
+            Ok(out) => answered(&out),
             Err(e) => match classify(&e) {
                 Classified::NotFound(reason) => {
                     return Err(InvokeError::Spawn { function: format!("{function} ({target})"), reason });
@@ -304,22 +268,9 @@ impl AwsLambda {
                 }
             },
         };
-        let request_id = request_id.unwrap_or_else(|| {
-            let mut r = self.inner.ids.lock().unwrap_or_else(|e| e.into_inner());
-            format!("aws-{}-{}-{}-{attempt}-{:016x}", ctx.node, ctx.round, ctx.batch, r.next_u64())
-        });
+        let request_id = request_id.unwrap_or_else(|| self.fallback_request_id(ctx, attempt));
         let throttled = outcome == Outcome::Throttled;
-        let (billed, memory_mb, cold_start, init_us, duration_us) = match (&report, throttled) {
-            (_, true) => (0, cfg.memory_mb, false, 0, 0),
-            (Some(r), false) => (
-                r.billed_ms,
-                if r.memory_mb > 0 { r.memory_mb } else { cfg.memory_mb },
-                r.init_us.is_some(),
-                r.init_us.unwrap_or(0),
-                r.duration_us,
-            ),
-            (None, false) => (billed_ms(measured_us), cfg.memory_mb, false, 0, measured_us),
-        };
+        let billing = Billing::new(report.as_ref(), throttled, measured_us, self.inner.config.memory_mb);
         let rec = InvocationRecord {
             function: function.to_owned(),
             request_id: request_id.clone(),
@@ -327,12 +278,16 @@ impl AwsLambda {
             round: ctx.round,
             batch: ctx.batch,
             attempt,
-            memory_mb,
-            billed_ms: billed,
-            cold_start,
-            init_us,
+            memory_mb: billing.memory_mb,
+            billed_ms: billing.billed_ms,
+            cold_start: billing.cold_start,
+            init_us: billing.init_us,
             outcome,
-            cost_pico: if throttled { 0 } else { self.inner.prices.invocation_pico(billed, memory_mb) },
+            cost_pico: if throttled {
+                0
+            } else {
+                self.inner.prices.invocation_pico(billing.billed_ms, billing.memory_mb)
+            },
         };
         if outcome != Outcome::Ok {
             tracing::debug!(function, request_id, ?outcome, error = ?error, "attempt failed");
@@ -342,7 +297,74 @@ impl AwsLambda {
             c.record(&rec, (!throttled).then_some(measured_us), false);
             self.inner.ledger.push(rec.clone());
         }
+        let duration_us = billing.duration_us;
         Ok(Invocation { outcome, response, error, request_id, attempts: vec![rec], pid: None, duration_us })
+    }
+
+    /// A request id for an attempt Lambda gave none, drawn from the seeded id generator.
+    fn fallback_request_id(&self, ctx: &InvokeCtx, attempt: u32) -> String {
+        let mut r = self.inner.ids.lock().unwrap_or_else(|e| e.into_inner());
+        format!("aws-{}-{}-{}-{attempt}-{:016x}", ctx.node, ctx.round, ctx.batch, r.next_u64())
+    }
+}
+
+/// What an attempt Lambda answered yields: its request id, the `REPORT` line of its log tail,
+/// and its outcome, answer and error document (see the module docs).
+fn answered(out: &InvokeOutput) -> (Option<String>, Option<Report>, Answer) {
+    let request_id = out.request_id().map(str::to_owned);
+    let report = out.log_result().and_then(Report::from_log_tail);
+    let bytes = out.payload().map(|b| b.as_ref()).unwrap_or_default();
+    let answer = match out.function_error() {
+        None => match serde_json::from_slice::<Value>(bytes) {
+            Ok(v) => (Outcome::Ok, Some(v), None),
+            Err(e) => (
+                Outcome::FunctionError,
+                None,
+                Some(FunctionError::new("Runtime.InvalidResponseBody", e.to_string())),
+            ),
+        },
+        Some(kind) => {
+            let fe = serde_json::from_slice::<FunctionError>(bytes)
+                .unwrap_or_else(|_| FunctionError::new(kind, String::from_utf8_lossy(bytes).into_owned()));
+            (function_error_outcome(&fe), None, Some(fe))
+        }
+    };
+    (request_id, report, answer)
+}
+
+/// An attempt's outcome, the function's answer and the error document.
+type Answer = (Outcome, Option<Value>, Option<FunctionError>);
+
+/// What an attempt is billed and recorded with.
+struct Billing {
+    billed_ms: u64,
+    memory_mb: u64,
+    cold_start: bool,
+    init_us: u64,
+    duration_us: u64,
+}
+
+impl Billing {
+    /// From Lambda's `REPORT` line when there is one, else as measured here (`measured_us`,
+    /// warm, at the configured `memory_mb`); a throttled attempt is free.
+    fn new(report: Option<&Report>, throttled: bool, measured_us: u64, memory_mb: u64) -> Billing {
+        match (report, throttled) {
+            (_, true) => Billing { billed_ms: 0, memory_mb, cold_start: false, init_us: 0, duration_us: 0 },
+            (Some(r), false) => Billing {
+                billed_ms: r.billed_ms,
+                memory_mb: if r.memory_mb > 0 { r.memory_mb } else { memory_mb },
+                cold_start: r.init_us.is_some(),
+                init_us: r.init_us.unwrap_or(0),
+                duration_us: r.duration_us,
+            },
+            (None, false) => Billing {
+                billed_ms: billed_ms(measured_us),
+                memory_mb,
+                cold_start: false,
+                init_us: 0,
+                duration_us: measured_us,
+            },
+        }
     }
 }
 

@@ -12,6 +12,7 @@ use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
+use tokio::sync::oneshot::error::RecvError;
 use tokio::sync::{mpsc, watch};
 use tokio::time::{MissedTickBehavior, sleep_until};
 
@@ -250,28 +251,15 @@ impl Instance {
         let end = loop {
             tokio::select! {
                 biased;
-                reply = &mut rx, if !held_answer => match (reply, fault) {
-                    (Ok(_), Fault::Crash(_)) => {
-                        self.kill_and_reap().await;
-                        break RunEnd::Crashed("injected crash: killed before its answer was delivered".into());
-                    }
-                    (Ok(_), Fault::Hang(_)) => {
-                        // The work is done but the answer never arrives: wait out the timeout.
+                reply = &mut rx, if !held_answer => match self.on_reply(reply, fault).await {
+                    Some(end) => break end,
+                    None => {
                         held_answer = true;
                         fault_pending = false;
                     }
-                    (Ok(Reply::Response(b)), _) => break RunEnd::Ok(b),
-                    (Ok(Reply::Error(e)), _) => break RunEnd::Error(e),
-                    (Err(_), _) => {
-                        self.kill_and_reap().await;
-                        break RunEnd::Crashed("runtime API dropped the invocation".into());
-                    }
                 },
                 what = async { exit.wait_for(Option::is_some).await.ok().and_then(|e| e.clone()) } => {
-                    let what = what.unwrap_or_else(|| "supervisor gone".into());
-                    self.dead = true;
-                    self.api.cancel();
-                    break RunEnd::Crashed(what);
+                    break self.on_exit(what);
                 }
                 _ = sleep_until(deadline) => {
                     self.kill_and_reap().await;
@@ -283,28 +271,69 @@ impl Instance {
                 }
                 _ = sleep_until(fault_at.unwrap_or(deadline)), if fault_pending => {
                     fault_pending = false;
-                    match fault {
-                        Fault::Crash(_) => {
-                            self.kill_and_reap().await;
-                            break RunEnd::Crashed("injected crash: SIGKILL mid-invocation".into());
-                        }
-                        _ => {
-                            tracing::debug!(pid = self.pid, "injected hang: SIGSTOP");
-                            let _ = self.signals.try_send(Sig::Stop);
-                        }
+                    if let Some(end) = self.on_fault(fault).await {
+                        break end;
                     }
                 }
                 _ = ticker.tick() => {
-                    if let Some(rss_kb) = rss_kb(self.pid).filter(|kb| *kb > limit_kb) {
-                        tracing::debug!(pid = self.pid, rss_kb, limit_kb, "instance over its memory limit");
-                        self.kill_and_reap().await;
-                        break RunEnd::OutOfMemory { rss_kb };
+                    if let Some(end) = self.check_memory(limit_kb).await {
+                        break end;
                     }
                 }
             }
         };
         self.last_used = Instant::now();
         (end, elapsed(start))
+    }
+
+    /// The instance answered (or the Runtime API dropped the invocation): how the invocation
+    /// ends, or `None` when an injected hang holds the answer back.
+    async fn on_reply(&mut self, reply: Result<Reply, RecvError>, fault: Fault) -> Option<RunEnd> {
+        match (reply, fault) {
+            (Ok(_), Fault::Crash(_)) => {
+                self.kill_and_reap().await;
+                Some(RunEnd::Crashed("injected crash: killed before its answer was delivered".into()))
+            }
+            // The work is done but the answer never arrives: wait out the timeout.
+            (Ok(_), Fault::Hang(_)) => None,
+            (Ok(Reply::Response(b)), _) => Some(RunEnd::Ok(b)),
+            (Ok(Reply::Error(e)), _) => Some(RunEnd::Error(e)),
+            (Err(_), _) => {
+                self.kill_and_reap().await;
+                Some(RunEnd::Crashed("runtime API dropped the invocation".into()))
+            }
+        }
+    }
+
+    /// The process exited mid-invocation (`what` says how).
+    fn on_exit(&mut self, what: Option<String>) -> RunEnd {
+        let what = what.unwrap_or_else(|| "supervisor gone".into());
+        self.dead = true;
+        self.api.cancel();
+        RunEnd::Crashed(what)
+    }
+
+    /// The injected fault's time came: a crash ends the invocation, a hang stops the process.
+    async fn on_fault(&mut self, fault: Fault) -> Option<RunEnd> {
+        match fault {
+            Fault::Crash(_) => {
+                self.kill_and_reap().await;
+                Some(RunEnd::Crashed("injected crash: SIGKILL mid-invocation".into()))
+            }
+            _ => {
+                tracing::debug!(pid = self.pid, "injected hang: SIGSTOP");
+                let _ = self.signals.try_send(Sig::Stop);
+                None
+            }
+        }
+    }
+
+    /// Kills the instance when its resident set exceeds `limit_kb`.
+    async fn check_memory(&mut self, limit_kb: u64) -> Option<RunEnd> {
+        let rss_kb = rss_kb(self.pid).filter(|kb| *kb > limit_kb)?;
+        tracing::debug!(pid = self.pid, rss_kb, limit_kb, "instance over its memory limit");
+        self.kill_and_reap().await;
+        Some(RunEnd::OutOfMemory { rss_kb })
     }
 }
 

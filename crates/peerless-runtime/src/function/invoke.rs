@@ -27,6 +27,7 @@ use super::faults::{Fault, FaultInjector};
 use super::instance::{FunctionCommand, Instance, RunEnd, SpawnError, Watch};
 use super::metrics::{self, Counters, Ledger, Summary};
 use super::pool::{Acquire, Pools};
+use super::retry;
 use crate::config_error::ConfigError;
 
 /// Who invokes, for the ledger, fault decisions and request ids.
@@ -168,20 +169,6 @@ pub fn start(config: Config, command: FunctionCommand, seed: u64) -> Result<Arc<
     }
 }
 
-/// Backoff before retry `attempt` (≥ 1) of `(function, ctx)`: equal jitter over a cap that
-/// doubles per retry from `backoff_base_ms` up to `backoff_max_ms`, drawn from `seed`.
-pub(crate) fn backoff(c: &Config, seed: u64, function: &str, ctx: &InvokeCtx, attempt: u32) -> Duration {
-    let cap = c.backoff_base_ms.saturating_mul(1u64 << (attempt - 1).min(20)).min(c.backoff_max_ms);
-    let mut rng = Rng::derive(
-        seed,
-        &format!("backoff/{function}/{}/{}/{}", ctx.node, ctx.round, ctx.batch),
-        u64::from(attempt),
-    );
-    let half = cap / 2;
-    let jitter = if cap - half > 0 { rng.below(cap - half + 1) } else { 0 };
-    Duration::from_millis(half + jitter)
-}
-
 #[derive(Debug)]
 struct Inner {
     config: Config,
@@ -319,11 +306,6 @@ impl LocalRuntime {
         (id, trace)
     }
 
-    /// Backoff before retry `attempt` (≥ 1): equal jitter over an exponentially growing cap.
-    fn backoff(&self, function: &str, ctx: &InvokeCtx, attempt: u32) -> Duration {
-        backoff(&self.inner.config, self.inner.seed, function, ctx, attempt)
-    }
-
     fn record(&self, rec: InvocationRecord, latency_us: Option<u64>, injected: bool) -> InvocationRecord {
         let mut c = self.inner.counters();
         c.record(&rec, latency_us, injected);
@@ -351,30 +333,12 @@ impl LocalRuntime {
         ctx: InvokeCtx,
         max_retries: u32,
     ) -> Result<Invocation, InvokeError> {
-        let body = serde_json::to_vec(&payload).map_err(|e| InvokeError::Spawn {
-            function: function.to_owned(),
-            reason: format!("payload does not serialize: {e}"),
-        })?;
-        if body.len() > SYNC_PAYLOAD_LIMIT {
-            return Err(InvokeError::RequestTooLarge { size: body.len() });
-        }
-        let body = Bytes::from(body);
-        let mut attempts = Vec::new();
-        let max = max_retries;
-        for attempt in 0..=max {
-            if attempt > 0 {
-                let wait = self.backoff(function, &ctx, attempt);
-                tracing::debug!(function, node = %ctx.node, round = ctx.round, batch = ctx.batch, attempt, wait_ms = wait.as_millis() as u64, "retrying");
-                tokio::time::sleep(wait).await;
-            }
-            let mut inv = self.attempt(function, &body, &ctx, attempt).await?;
-            attempts.append(&mut inv.attempts);
-            if !inv.outcome.is_retryable() || attempt == max {
-                inv.attempts = attempts;
-                return Ok(inv);
-            }
-        }
-        unreachable!("the loop returns on its last attempt")
+        let body = Bytes::from(retry::request_body(function, &payload)?);
+        let (config, seed) = (&self.inner.config, self.inner.seed);
+        retry::with_retries(config, seed, function, &ctx, max_retries, |attempt| {
+            self.attempt(function, &body, &ctx, attempt)
+        })
+        .await
     }
 
     /// One attempt; its record is in `attempts[0]` of the result.
@@ -386,186 +350,246 @@ impl LocalRuntime {
         attempt: u32,
     ) -> Result<Invocation, InvokeError> {
         let inner = &self.inner;
-        let cfg = &inner.config;
         let plan = inner.faults.plan(function, &ctx.node, ctx.round, ctx.batch, attempt);
         let (request_id, trace_id) = self.request_id(ctx, attempt);
-        let mut rec = InvocationRecord {
-            function: function.to_owned(),
-            request_id: request_id.clone(),
-            node: ctx.node.clone(),
-            round: ctx.round,
-            batch: ctx.batch,
-            attempt,
-            memory_mb: cfg.memory_mb,
-            billed_ms: 0,
-            cold_start: false,
-            init_us: 0,
-            outcome: Outcome::Throttled,
-            cost_pico: 0,
-        };
-        let done =
-            |rec: InvocationRecord, error: Option<FunctionError>, response, pid, duration_us| Invocation {
-                outcome: rec.outcome,
-                response,
-                error,
-                request_id: rec.request_id.clone(),
-                attempts: vec![rec],
-                pid,
-                duration_us,
-            };
-        let throttled = |injected: bool| {
-            let what = if injected { "injected throttle" } else { "concurrency limit reached" };
-            FunctionError::new("TooManyRequestsException", format!("Rate Exceeded: {what} for {function}"))
-        };
+        let mut rec = throttled_record(function, &request_id, ctx, attempt, inner.config.memory_mb);
         if plan.fault == Fault::Throttle {
             tracing::debug!(function, request_id, "injected throttle");
             let rec = self.record(rec, None, true);
-            return Ok(done(rec, Some(throttled(true)), None, None, 0));
+            return Ok(finished(rec, Some(throttled(function, true)), None, None, 0));
         }
-        let slot = match inner.pools.acquire(function) {
+        let mut slot = match inner.pools.acquire(function) {
             Acquire::Closed => return Err(InvokeError::ShutDown),
             Acquire::Throttled => {
                 let rec = self.record(rec, None, false);
-                return Ok(done(rec, Some(throttled(false)), None, None, 0));
+                return Ok(finished(rec, Some(throttled(function, false)), None, None, 0));
             }
             Acquire::Slot(s) => s,
         };
-        let mut slot = slot;
         let (mut inst, cold) = match slot.warm.take() {
             Some(i) => (i, false),
-            None => {
-                let id = inner.next_instance.fetch_add(1, Ordering::Relaxed);
-                let init_timeout = Duration::from_millis(cfg.init_timeout_ms);
-                let started = std::time::Instant::now();
-                match Instance::spawn(&inner.command, function, cfg.memory_mb, id, init_timeout).await {
-                    Ok((i, init_us)) => {
-                        rec.init_us = init_us;
-                        (i, true)
-                    }
-                    Err(SpawnError::Exec { program, source }) => {
-                        return Err(InvokeError::Spawn {
-                            function: function.to_owned(),
-                            reason: format!("{program}: {source}"),
-                        });
-                    }
-                    Err(SpawnError::Api(e)) => {
-                        return Err(InvokeError::Spawn {
-                            function: function.to_owned(),
-                            reason: e.to_string(),
-                        });
-                    }
-                    Err(e) => {
-                        // Init failed: billed like Lambda bills a custom runtime's init.
-                        let init_us = u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX);
-                        let (outcome, fe) = match e {
-                            SpawnError::Init(fe) => (Outcome::FunctionError, fe),
-                            SpawnError::InitTimeout => (
-                                Outcome::Timeout,
-                                FunctionError::new(
-                                    "Runtime.InitTimeout",
-                                    "the instance did not initialise in time",
-                                ),
-                            ),
-                            other => {
-                                (Outcome::Crashed, FunctionError::new("Runtime.ExitError", other.to_string()))
-                            }
-                        };
-                        rec.cold_start = true;
-                        rec.init_us = init_us;
-                        rec.outcome = outcome;
-                        rec.billed_ms = billed_ms(init_us);
-                        rec.cost_pico = inner.prices.invocation_pico(rec.billed_ms, rec.memory_mb);
-                        tracing::warn!(function, request_id, error = %fe, "instance failed to initialise");
-                        let rec = self.record(rec, Some(init_us), false);
-                        return Ok(done(rec, Some(fe), None, None, 0));
-                    }
+            None => match self.start_instance(function).await? {
+                Started::Ready(i, init_us) => {
+                    rec.init_us = init_us;
+                    (i, true)
                 }
-            }
+                Started::InitFailed(outcome, fe, init_us) => {
+                    return Ok(self.init_failed(rec, outcome, fe, init_us));
+                }
+            },
         };
         if cold && plan.slow_cold_start_ms > 0 {
-            tracing::debug!(function, request_id, ms = plan.slow_cold_start_ms, "injected slow cold start");
-            tokio::time::sleep(Duration::from_millis(plan.slow_cold_start_ms)).await;
-            rec.init_us += plan.slow_cold_start_ms * 1000;
+            slow_cold_start(&mut rec, plan.slow_cold_start_ms).await;
         }
         rec.cold_start = cold;
-        let now_ms = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0);
-        let event = Event {
-            request_id: request_id.clone(),
-            deadline_unix_ms: now_ms + cfg.timeout_ms,
-            function_arn: format!("arn:aws:lambda:local:000000000000:function:{function}"),
-            trace_id,
-            body: body.clone(),
-        };
-        let (end, duration_us) = inst
-            .run(
-                event,
-                Watch {
-                    timeout: Duration::from_millis(cfg.timeout_ms),
-                    limit_kb: cfg.memory_mb * 1024,
-                    poll: Duration::from_millis(cfg.memory_poll_ms),
-                    fault: plan.fault,
-                    expected: inner.pools.expected(function),
-                    shutdown: inner.shutdown.subscribe(),
-                },
-            )
-            .await;
+        let event = self.event(function, &request_id, trace_id, body);
+        let (end, duration_us) = inst.run(event, self.watch(function, plan.fault)).await;
         let pid = Some(inst.pid);
-        let (outcome, response, error) = match end {
-            RunEnd::Ok(bytes) => match serde_json::from_slice::<Value>(&bytes) {
-                Ok(v) => (Outcome::Ok, Some(v), None),
-                Err(e) => (
-                    Outcome::FunctionError,
-                    None,
-                    Some(FunctionError::new("Runtime.InvalidResponseBody", e.to_string())),
-                ),
-            },
-            RunEnd::Error(fe) => (Outcome::FunctionError, None, Some(fe)),
-            RunEnd::Crashed(what) => (
-                Outcome::Crashed,
-                None,
-                Some(FunctionError::new(
-                    "Runtime.ExitError",
-                    format!("RequestId: {request_id} Error: {what}"),
-                )),
-            ),
-            RunEnd::Timeout => (
-                Outcome::Timeout,
-                None,
-                Some(FunctionError::new(
-                    "Sandbox.Timedout",
-                    format!("RequestId: {request_id} Error: Task timed out after {} ms", cfg.timeout_ms),
-                )),
-            ),
-            RunEnd::OutOfMemory { rss_kb } => (
-                Outcome::OutOfMemory,
-                None,
-                Some(FunctionError::new(
-                    "Runtime.OutOfMemory",
-                    format!(
-                        "RequestId: {request_id} Error: Runtime exited with error: signal: killed (resident {} MB > {} MB)",
-                        rss_kb / 1024,
-                        cfg.memory_mb
-                    ),
-                )),
-            ),
-        };
+        let (outcome, response, error) = run_outcome(end, &request_id, &inner.config);
         if outcome == Outcome::Ok {
             inner.pools.observe_ok(function, duration_us);
         }
         slot.release(inst);
         let total_us = duration_us + if cold { rec.init_us } else { 0 };
-        rec.outcome = outcome;
-        rec.billed_ms = billed_ms(total_us);
-        rec.cost_pico = inner.prices.invocation_pico(rec.billed_ms, rec.memory_mb);
+        self.bill(&mut rec, outcome, total_us);
         if outcome != Outcome::Ok {
             tracing::debug!(function, request_id, ?outcome, error = ?error, "attempt failed");
         }
-        let rec = self.record(
-            rec,
-            Some(total_us),
-            plan.fault != Fault::None || plan.slow_cold_start_ms > 0 && cold,
-        );
-        Ok(done(rec, error, response, pid, duration_us))
+        let injected = plan.fault != Fault::None || plan.slow_cold_start_ms > 0 && cold;
+        let rec = self.record(rec, Some(total_us), injected);
+        Ok(finished(rec, error, response, pid, duration_us))
+    }
+
+    /// Starts a fresh instance of `function`; `Err` when its program cannot be run at all.
+    async fn start_instance(&self, function: &str) -> Result<Started, InvokeError> {
+        let inner = &self.inner;
+        let id = inner.next_instance.fetch_add(1, Ordering::Relaxed);
+        let init_timeout = Duration::from_millis(inner.config.init_timeout_ms);
+        let started = std::time::Instant::now();
+        match Instance::spawn(&inner.command, function, inner.config.memory_mb, id, init_timeout).await {
+            Ok((i, init_us)) => Ok(Started::Ready(i, init_us)),
+            Err(SpawnError::Exec { program, source }) => Err(InvokeError::Spawn {
+                function: function.to_owned(),
+                reason: format!("{program}: {source}"),
+            }),
+            Err(SpawnError::Api(e)) => {
+                Err(InvokeError::Spawn { function: function.to_owned(), reason: e.to_string() })
+            }
+            Err(e) => {
+                let init_us = u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX);
+                let (outcome, fe) = init_failure(e);
+                Ok(Started::InitFailed(outcome, fe, init_us))
+            }
+        }
+    }
+
+    /// Records an attempt whose fresh instance failed to initialise after `init_us`: billed
+    /// like Lambda bills a custom runtime's init.
+    fn init_failed(
+        &self,
+        mut rec: InvocationRecord,
+        outcome: Outcome,
+        fe: FunctionError,
+        init_us: u64,
+    ) -> Invocation {
+        rec.cold_start = true;
+        rec.init_us = init_us;
+        self.bill(&mut rec, outcome, init_us);
+        tracing::warn!(function = rec.function, request_id = rec.request_id, error = %fe, "instance failed to initialise");
+        let rec = self.record(rec, Some(init_us), false);
+        finished(rec, Some(fe), None, None, 0)
+    }
+
+    /// Sets how the attempt `rec` records ended, and charges it for `us` µs.
+    fn bill(&self, rec: &mut InvocationRecord, outcome: Outcome, us: u64) {
+        rec.outcome = outcome;
+        rec.billed_ms = billed_ms(us);
+        rec.cost_pico = self.inner.prices.invocation_pico(rec.billed_ms, rec.memory_mb);
+    }
+
+    /// The event handed to the instance, due `timeout_ms` from now.
+    fn event(&self, function: &str, request_id: &str, trace_id: String, body: &Bytes) -> Event {
+        let now_ms = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0);
+        Event {
+            request_id: request_id.to_owned(),
+            deadline_unix_ms: now_ms + self.inner.config.timeout_ms,
+            function_arn: format!("arn:aws:lambda:local:000000000000:function:{function}"),
+            trace_id,
+            body: body.clone(),
+        }
+    }
+
+    /// How an invocation of `function` with the injected `fault` is watched.
+    fn watch(&self, function: &str, fault: Fault) -> Watch {
+        let cfg = &self.inner.config;
+        Watch {
+            timeout: Duration::from_millis(cfg.timeout_ms),
+            limit_kb: cfg.memory_mb * 1024,
+            poll: Duration::from_millis(cfg.memory_poll_ms),
+            fault,
+            expected: self.inner.pools.expected(function),
+            shutdown: self.inner.shutdown.subscribe(),
+        }
+    }
+}
+
+/// How starting a fresh instance ended, when its program could be run.
+enum Started {
+    /// Ready after a cold start of so many µs.
+    Ready(Instance, u64),
+    /// Its init failed after so many µs: the outcome and error document to record.
+    InitFailed(Outcome, FunctionError, u64),
+}
+
+/// The outcome and error document of an instance whose init failed with `e`.
+fn init_failure(e: SpawnError) -> (Outcome, FunctionError) {
+    match e {
+        SpawnError::Init(fe) => (Outcome::FunctionError, fe),
+        SpawnError::InitTimeout => (
+            Outcome::Timeout,
+            FunctionError::new("Runtime.InitTimeout", "the instance did not initialise in time"),
+        ),
+        other => (Outcome::Crashed, FunctionError::new("Runtime.ExitError", other.to_string())),
+    }
+}
+
+/// The record of an attempt before it runs: unbilled, warm, and `Throttled` until it ends.
+fn throttled_record(
+    function: &str,
+    request_id: &str,
+    ctx: &InvokeCtx,
+    attempt: u32,
+    memory_mb: u64,
+) -> InvocationRecord {
+    InvocationRecord {
+        function: function.to_owned(),
+        request_id: request_id.to_owned(),
+        node: ctx.node.clone(),
+        round: ctx.round,
+        batch: ctx.batch,
+        attempt,
+        memory_mb,
+        billed_ms: 0,
+        cold_start: false,
+        init_us: 0,
+        outcome: Outcome::Throttled,
+        cost_pico: 0,
+    }
+}
+
+/// The invocation one attempt's recorded `rec` ends with.
+fn finished(
+    rec: InvocationRecord,
+    error: Option<FunctionError>,
+    response: Option<Value>,
+    pid: Option<u32>,
+    duration_us: u64,
+) -> Invocation {
+    Invocation {
+        outcome: rec.outcome,
+        response,
+        error,
+        request_id: rec.request_id.clone(),
+        attempts: vec![rec],
+        pid,
+        duration_us,
+    }
+}
+
+/// Lambda's error document for a throttled attempt (`injected`, or over the concurrency limit).
+fn throttled(function: &str, injected: bool) -> FunctionError {
+    let what = if injected { "injected throttle" } else { "concurrency limit reached" };
+    FunctionError::new("TooManyRequestsException", format!("Rate Exceeded: {what} for {function}"))
+}
+
+/// Delays a cold start by an injected `ms`, counted in the record's init time.
+async fn slow_cold_start(rec: &mut InvocationRecord, ms: u64) {
+    tracing::debug!(function = rec.function, request_id = rec.request_id, ms, "injected slow cold start");
+    tokio::time::sleep(Duration::from_millis(ms)).await;
+    rec.init_us += ms * 1000;
+}
+
+/// The outcome, answer and error document of an invocation that ended as `end`.
+fn run_outcome(
+    end: RunEnd,
+    request_id: &str,
+    cfg: &Config,
+) -> (Outcome, Option<Value>, Option<FunctionError>) {
+    match end {
+        RunEnd::Ok(bytes) => match serde_json::from_slice::<Value>(&bytes) {
+            Ok(v) => (Outcome::Ok, Some(v), None),
+            Err(e) => (
+                Outcome::FunctionError,
+                None,
+                Some(FunctionError::new("Runtime.InvalidResponseBody", e.to_string())),
+            ),
+        },
+        RunEnd::Error(fe) => (Outcome::FunctionError, None, Some(fe)),
+        RunEnd::Crashed(what) => (
+            Outcome::Crashed,
+            None,
+            Some(FunctionError::new("Runtime.ExitError", format!("RequestId: {request_id} Error: {what}"))),
+        ),
+        RunEnd::Timeout => (
+            Outcome::Timeout,
+            None,
+            Some(FunctionError::new(
+                "Sandbox.Timedout",
+                format!("RequestId: {request_id} Error: Task timed out after {} ms", cfg.timeout_ms),
+            )),
+        ),
+        RunEnd::OutOfMemory { rss_kb } => (
+            Outcome::OutOfMemory,
+            None,
+            Some(FunctionError::new(
+                "Runtime.OutOfMemory",
+                format!(
+                    "RequestId: {request_id} Error: Runtime exited with error: signal: killed (resident {} MB > {} MB)",
+                    rss_kb / 1024,
+                    cfg.memory_mb
+                ),
+            )),
+        ),
     }
 }
 
@@ -632,18 +656,6 @@ mod tests {
         assert_ne!(a, b);
         assert!(trace.starts_with("Root=1-"));
         assert!(a.chars().all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c)));
-    }
-
-    #[tokio::test]
-    async fn backoff_grows_is_capped_and_replays() {
-        let cfg = Config { backoff_base_ms: 100, backoff_max_ms: 300, ..Config::for_test() };
-        let r = rt(cfg.clone());
-        let ctx = InvokeCtx::new("p", 1, 0);
-        let b1 = r.backoff("f", &ctx, 1);
-        let b3 = r.backoff("f", &ctx, 3);
-        assert!((50..=100).contains(&(b1.as_millis() as u64)), "{b1:?}");
-        assert!((150..=300).contains(&(b3.as_millis() as u64)), "{b3:?}");
-        assert_eq!(b1, rt(cfg).backoff("f", &ctx, 1));
     }
 
     #[tokio::test]

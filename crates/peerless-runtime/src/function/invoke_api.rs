@@ -26,7 +26,7 @@ use serde_json::{Value, json};
 use tokio::net::TcpListener;
 use tokio::task::{JoinHandle, JoinSet};
 
-use super::invoke::{InvokeCtx, Invoker, LocalRuntime};
+use super::invoke::{Invocation, InvokeCtx, Invoker, LocalRuntime};
 use super::report::Report;
 
 /// A running Invoke API server. Dropping it stops the server (not the runtime).
@@ -102,12 +102,91 @@ fn service_error(status: StatusCode, kind: &str, message: &str) -> Resp {
 }
 
 async fn handle(state: Arc<State>, req: Request<Incoming>) -> Result<Resp, Infallible> {
-    let path = req.uri().path().to_owned();
+    Ok(match Call::read(req).await {
+        Ok(call) => call.run(&state).await,
+        Err(refused) => refused.response(),
+    })
+}
+
+/// A request refused before any invocation: the AWS service error to answer with.
+struct Refused {
+    status: StatusCode,
+    kind: &'static str,
+    message: String,
+}
+
+impl Refused {
+    /// A refusal with `status`, the error type `kind` and `message`.
+    fn new(status: StatusCode, kind: &'static str, message: impl Into<String>) -> Refused {
+        Refused { status, kind, message: message.into() }
+    }
+
+    /// The answer.
+    fn response(&self) -> Resp {
+        service_error(self.status, self.kind, &self.message)
+    }
+}
+
+/// An Invoke API request, read: the function, the invocation type, the log type, the payload.
+struct Call {
+    name: String,
+    /// `X-Amz-Invocation-Type`: `RequestResponse` unless given.
+    kind: String,
+    /// `X-Amz-Log-Type: Tail`.
+    tail: bool,
+    payload: Value,
+}
+
+impl Call {
+    /// Reads `req`; `Err` when it cannot be served.
+    async fn read(req: Request<Incoming>) -> Result<Call, Refused> {
+        let name = function_name(&req)?;
+        let header = |k: &str| req.headers().get(k).and_then(|v| v.to_str().ok());
+        let tail = header("x-amz-log-type").is_some_and(|v| v.eq_ignore_ascii_case("Tail"));
+        let kind = header("x-amz-invocation-type").unwrap_or("RequestResponse").to_owned();
+        let payload = payload(req.into_body()).await?;
+        Ok(Call { name, kind, tail, payload })
+    }
+
+    /// Serves the call on `state`'s runtime, per its invocation type.
+    async fn run(self, state: &State) -> Resp {
+        let Call { name, kind, tail, payload } = self;
+        let ctx = InvokeCtx::new("invoke-api", 0, state.seq.fetch_add(1, Ordering::Relaxed));
+        match kind.as_str() {
+            "DryRun" => respond(StatusCode::NO_CONTENT, Bytes::new(), &[]),
+            "Event" => {
+                let rt = state.runtime.clone();
+                tokio::spawn(async move {
+                    if let Err(e) = rt.invoke(&name, payload, ctx).await {
+                        tracing::warn!(function = %name, cause = %e, "asynchronous invocation failed");
+                    }
+                });
+                respond(StatusCode::ACCEPTED, Bytes::new(), &[])
+            }
+            "RequestResponse" => match state.runtime.invoke_with_retries(&name, payload, ctx, 0).await {
+                Ok(inv) => answer(inv, tail),
+                Err(e) => {
+                    service_error(StatusCode::INTERNAL_SERVER_ERROR, "ServiceException", &e.to_string())
+                }
+            },
+            other => service_error(
+                StatusCode::BAD_REQUEST,
+                "InvalidParameterValueException",
+                &format!("unknown X-Amz-Invocation-Type {other:?}"),
+            ),
+        }
+    }
+}
+
+/// The function `req` invokes (its name, from a name, an ARN or a partial ARN); `Err` for an
+/// unknown operation.
+fn function_name(req: &Request<Incoming>) -> Result<String, Refused> {
+    let path = req.uri().path();
     let parts: Vec<&str> = path.trim_start_matches('/').split('/').collect();
     let name = match parts.as_slice() {
         ["2015-03-31", "functions", name, "invocations"] => (*name).to_owned(),
         _ => {
-            return Ok(service_error(
+            return Err(Refused::new(
                 StatusCode::NOT_FOUND,
                 "UnknownOperationException",
                 "unknown operation",
@@ -115,77 +194,45 @@ async fn handle(state: Arc<State>, req: Request<Incoming>) -> Result<Resp, Infal
         }
     };
     if req.method() != Method::POST {
-        return Ok(service_error(StatusCode::METHOD_NOT_ALLOWED, "UnknownOperationException", "use POST"));
+        return Err(Refused::new(StatusCode::METHOD_NOT_ALLOWED, "UnknownOperationException", "use POST"));
     }
     // The SDK sends ARNs or partial ARNs too (percent-encoded): keep the function name, the
     // component after `function:` (or the last one).
     let name = crate::percent::decode(&name);
-    let name = match name.split_once(":function:") {
+    Ok(match name.split_once(":function:") {
         Some((_, rest)) => rest.split(':').next().unwrap_or(rest).to_owned(),
         None => name.rsplit(':').next().unwrap_or(&name).to_owned(),
-    };
-    let tail = req
-        .headers()
-        .get("x-amz-log-type")
-        .and_then(|v| v.to_str().ok())
-        .is_some_and(|v| v.eq_ignore_ascii_case("Tail"));
-    let kind = req
-        .headers()
-        .get("x-amz-invocation-type")
-        .and_then(|v| v.to_str().ok())
-        .unwrap_or("RequestResponse")
-        .to_owned();
-    let body = match Limited::new(req.into_body(), SYNC_PAYLOAD_LIMIT).collect().await {
+    })
+}
+
+/// The JSON payload of a request body (`null` when blank); `Err` when it is too large or not
+/// JSON.
+async fn payload(body: Incoming) -> Result<Value, Refused> {
+    let body = match Limited::new(body, SYNC_PAYLOAD_LIMIT).collect().await {
         Ok(b) => b.to_bytes(),
         Err(_) => {
-            return Ok(service_error(
+            return Err(Refused::new(
                 StatusCode::PAYLOAD_TOO_LARGE,
                 "RequestEntityTooLargeException",
                 "Request must be smaller than 6291456 bytes for the InvokeFunction operation",
             ));
         }
     };
-    let payload = if body.iter().all(u8::is_ascii_whitespace) {
-        Value::Null
-    } else {
-        match serde_json::from_slice::<Value>(&body) {
-            Ok(v) => v,
-            Err(e) => {
-                return Ok(service_error(
-                    StatusCode::BAD_REQUEST,
-                    "InvalidRequestContentException",
-                    &format!("Could not parse request body into json: {e}"),
-                ));
-            }
-        }
-    };
-    let ctx = InvokeCtx::new("invoke-api", 0, state.seq.fetch_add(1, Ordering::Relaxed));
-    match kind.as_str() {
-        "DryRun" => return Ok(respond(StatusCode::NO_CONTENT, Bytes::new(), &[])),
-        "Event" => {
-            let rt = state.runtime.clone();
-            tokio::spawn(async move {
-                if let Err(e) = rt.invoke(&name, payload, ctx).await {
-                    tracing::warn!(function = %name, cause = %e, "asynchronous invocation failed");
-                }
-            });
-            return Ok(respond(StatusCode::ACCEPTED, Bytes::new(), &[]));
-        }
-        "RequestResponse" => {}
-        other => {
-            return Ok(service_error(
-                StatusCode::BAD_REQUEST,
-                "InvalidParameterValueException",
-                &format!("unknown X-Amz-Invocation-Type {other:?}"),
-            ));
-        }
+    if body.iter().all(u8::is_ascii_whitespace) {
+        return Ok(Value::Null);
     }
-    let inv = match state.runtime.invoke_with_retries(&name, payload, ctx, 0).await {
-        Ok(inv) => inv,
-        Err(e) => {
-            return Ok(service_error(StatusCode::INTERNAL_SERVER_ERROR, "ServiceException", &e.to_string()));
-        }
-    };
+    serde_json::from_slice::<Value>(&body).map_err(|e| {
+        Refused::new(
+            StatusCode::BAD_REQUEST,
+            "InvalidRequestContentException",
+            format!("Could not parse request body into json: {e}"),
+        )
+    })
+}
+
+/// AWS's answer to a synchronous invocation that ended as `inv`; with `tail`, the `REPORT`
+/// line in `X-Amz-Log-Result`.
+fn answer(inv: Invocation, tail: bool) -> Resp {
     let id = ("x-amzn-requestid", inv.request_id.clone());
     let version = ("x-amz-executed-version", "$LATEST".to_owned());
     let mut headers = vec![id, version];
@@ -199,7 +246,7 @@ async fn handle(state: Arc<State>, req: Request<Incoming>) -> Result<Resp, Infal
         };
         headers.push(("x-amz-log-result", report.to_log_tail()));
     }
-    Ok(match (inv.outcome, inv.response, inv.error) {
+    match (inv.outcome, inv.response, inv.error) {
         (Outcome::Ok, Some(v), _) => respond(StatusCode::OK, Bytes::from(v.to_string()), &headers),
         (Outcome::Throttled, _, _) => {
             service_error(StatusCode::TOO_MANY_REQUESTS, "TooManyRequestsException", "Rate Exceeded.")
@@ -209,5 +256,5 @@ async fn handle(state: Arc<State>, req: Request<Incoming>) -> Result<Resp, Infal
             headers.push(("x-amz-function-error", "Unhandled".to_owned()));
             respond(StatusCode::OK, err.to_json(), &headers)
         }
-    })
+    }
 }

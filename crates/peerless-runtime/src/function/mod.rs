@@ -6,6 +6,7 @@
 //! - `instance` — one instance: an OS process, its supervisor, timeout/memory watch.
 //! - `pool` — warm pools, concurrency limits, keep-alive.
 //! - [`invoke`] — the [`Invoker`] trait and [`LocalRuntime`]: attempts, retries, ledger.
+//! - `retry` — the retry loop and seeded backoff every invoker shares.
 //! - [`faults`] — seeded fault injection (crash, hang, throttle, slow cold start).
 //! - [`metrics`] — the ledger (`ledger.csv`), the [`Summary`] counters (`function_metrics.json`)
 //!   and [`write_run_metrics`](metrics::write_run_metrics), which leaves both in a run directory.
@@ -38,6 +39,8 @@ pub mod metrics;
 #[cfg(feature = "drivers")]
 pub(crate) mod pool;
 pub mod report;
+#[cfg(feature = "drivers")]
+pub(crate) mod retry;
 
 #[cfg(feature = "drivers")]
 pub use api::FunctionError;

@@ -154,6 +154,7 @@ impl<S: Store + Clone + 'static> GradientFunction<S> {
         }
     }
 
+    /// Validates `req`, computes its gradient and delivers it; `cold` is reported back.
     async fn serve(&mut self, req: &GradientRequest, cold: bool) -> Result<GradientResponse, GradientError> {
         let parsed = parse(req)?;
         let data = self.dataset(parsed.dataset, &req.data_dir).await?;
@@ -164,47 +165,35 @@ impl<S: Store + Clone + 'static> GradientFunction<S> {
 
         let indices: Vec<usize> = req.indices.iter().map(|&i| i as usize).collect();
         let mut grad = self.scratch.take().unwrap_or_default();
-        // The computation runs right here, on the instance's one runtime thread: an instance
-        // serves one invocation at a time and has nothing else to do meanwhile, and handing
-        // it to a blocking thread cost two thread wake-ups per invocation (hundreds of µs on a
-        // busy machine). A panic is caught and becomes a retryable `Aborted`, as it was there.
         let t = Instant::now();
-        let computed = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-            let mut batch = data.gather(&indices);
-            if req.flip_labels {
-                batch.flip_labels(data.classes);
-            }
-            // Every element is overwritten: the buffer only needs the right length.
-            grad.resize(model.num_params(), 0.0);
-            model.loss_and_grad_into(&params, &batch, &mut grad)
-        }));
+        let computed = compute(req, &data, &model, &params, &indices, &mut grad);
         let compute_ms = t.elapsed().as_secs_f64() * 1e3;
-        let loss = match computed {
-            Ok(r) => r?,
-            Err(panic) => {
-                let why = panic
-                    .downcast_ref::<&str>()
-                    .map(|s| (*s).to_owned())
-                    .or_else(|| panic.downcast_ref::<String>().cloned())
-                    .unwrap_or_else(|| "panic".to_owned());
-                return Err(GradientError::Aborted(format!("computing the gradient panicked: {why}")));
-            }
-        };
-        let non_finite = |reason: String| GradientError::NonFinite {
-            model: req.model.clone(),
-            round: req.round,
-            batch: req.batch,
-            reason,
-        };
-        if !loss.is_finite() {
+        let loss = computed?;
+        if let Err(e) = check_computed(req, loss, &grad) {
             self.scratch = Some(grad);
-            return Err(non_finite(format!("loss is {loss}")));
+            return Err(e);
         }
-        if let Err(e) = check_finite("gradient", &grad) {
-            self.scratch = Some(grad);
-            return Err(non_finite(e.to_string()));
-        }
+        let delivery = self.deliver(&store, req, grad).await?;
+        Ok(GradientResponse {
+            key: req.output_key.clone(),
+            len: delivery.len,
+            digest: delivery.digest,
+            loss,
+            samples: req.indices.len() as u32,
+            compute_ms,
+            applied: delivery.applied,
+            cold,
+        })
+    }
 
+    /// Writes `grad` to the store as `req` asks, hashing it meanwhile when asked; keeps the
+    /// buffer for the next invocation.
+    async fn deliver(
+        &mut self,
+        store: &S,
+        req: &GradientRequest,
+        grad: Vec<f32>,
+    ) -> Result<Delivery, GradientError> {
         // The digest is only for the response. When asked for, a blocking thread computes it
         // while this one delivers (≈ 0.5 ms each for the 235k-parameter MLP).
         let grad = Arc::new(grad);
@@ -240,16 +229,63 @@ impl<S: Store + Clone + 'static> GradientFunction<S> {
         let len = grad.len();
         // The hashing task has returned, so this is the only reference: keep the buffer.
         self.scratch = Arc::into_inner(grad);
-        let applied = applied?;
-        Ok(GradientResponse {
-            key: req.output_key.clone(),
-            len,
-            digest,
-            loss,
-            samples: req.indices.len() as u32,
-            compute_ms,
-            applied,
-            cold,
-        })
+        Ok(Delivery { len, digest, applied: applied? })
     }
+}
+
+/// A delivered gradient: its length, its digest when asked for, whether the store applied it.
+struct Delivery {
+    len: usize,
+    digest: Option<String>,
+    applied: bool,
+}
+
+/// The loss and gradient (into `grad`) of `req`'s batch of `data` at `params`.
+///
+/// The computation runs right here, on the instance's one runtime thread: an instance serves
+/// one invocation at a time and has nothing else to do meanwhile, and handing it to a blocking
+/// thread cost two thread wake-ups per invocation (hundreds of µs on a busy machine). A panic
+/// is caught and becomes a retryable `Aborted`, as it was there.
+fn compute(
+    req: &GradientRequest,
+    data: &Dataset,
+    model: &Model,
+    params: &[f32],
+    indices: &[usize],
+    grad: &mut Vec<f32>,
+) -> Result<f32, GradientError> {
+    let computed = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        let mut batch = data.gather(indices);
+        if req.flip_labels {
+            batch.flip_labels(data.classes);
+        }
+        // Every element is overwritten: the buffer only needs the right length.
+        grad.resize(model.num_params(), 0.0);
+        model.loss_and_grad_into(params, &batch, grad)
+    }));
+    match computed {
+        Ok(r) => Ok(r?),
+        Err(panic) => {
+            let why = panic
+                .downcast_ref::<&str>()
+                .map(|s| (*s).to_owned())
+                .or_else(|| panic.downcast_ref::<String>().cloned())
+                .unwrap_or_else(|| "panic".to_owned());
+            Err(GradientError::Aborted(format!("computing the gradient panicked: {why}")))
+        }
+    }
+}
+
+/// Refuses a non-finite loss or gradient computed for `req`.
+fn check_computed(req: &GradientRequest, loss: f32, grad: &[f32]) -> Result<(), GradientError> {
+    let non_finite = |reason: String| GradientError::NonFinite {
+        model: req.model.clone(),
+        round: req.round,
+        batch: req.batch,
+        reason,
+    };
+    if !loss.is_finite() {
+        return Err(non_finite(format!("loss is {loss}")));
+    }
+    check_finite("gradient", grad).map_err(|e| non_finite(e.to_string()))
 }

@@ -382,59 +382,52 @@ impl Connection {
         if !self.authenticated && !matches!(name.as_str(), "AUTH" | "HELLO" | "QUIT") {
             return (Reply::error(NOAUTH), Next::Continue);
         }
-        let reply = match name.as_str() {
-            "QUIT" => return (Reply::ok(), Next::Close),
+        if name == "QUIT" {
+            return (Reply::ok(), Next::Close);
+        }
+        (self.command(shared, &name, rest), Next::Continue)
+    }
+
+    /// The reply to command `name` (in capitals) with arguments `rest`.
+    fn command(&mut self, shared: &Shared, name: &str, rest: &[Bytes]) -> Reply {
+        match name {
             "AUTH" => match rest {
                 [password] => self.auth(shared, None, password),
                 [user, password] => self.auth(shared, Some(user), password),
-                _ => arity(&name),
+                _ => arity(name),
             },
             "HELLO" => self.hello(shared, rest),
             "PING" => match rest {
                 [] => Reply::Simple("PONG".to_owned()),
                 [msg] => Reply::Bulk(msg.clone()),
-                _ => arity(&name),
+                _ => arity(name),
             },
             "ECHO" => match rest {
                 [msg] => Reply::Bulk(msg.clone()),
-                _ => arity(&name),
+                _ => arity(name),
             },
             "SELECT" => match rest {
                 [db] if db.as_ref() == b"0" => Reply::ok(),
                 [_] => Reply::error("ERR DB index is out of range"),
-                _ => arity(&name),
+                _ => arity(name),
             },
             "CLIENT" => client(rest),
             "PEERLESS.PING" => match rest {
                 [] => Reply::Simple("PEERLESS".to_owned()),
-                _ => arity(&name),
+                _ => arity(name),
             },
             "GET" => match rest {
-                [key] => match shared.db().get(key) {
-                    None => Reply::Null,
-                    Some(Entry::Str(v)) => Reply::Bulk(v.clone()),
-                    Some(Entry::Set(_)) => Reply::error(WRONGTYPE),
-                },
-                _ => arity(&name),
+                [key] => get(&shared.db(), key),
+                _ => arity(name),
             },
-            "MGET" if !rest.is_empty() => {
-                let db = shared.db();
-                Reply::Array(
-                    rest.iter()
-                        .map(|k| match db.get(k) {
-                            Some(Entry::Str(v)) => Reply::Bulk(v.clone()),
-                            _ => Reply::Null,
-                        })
-                        .collect(),
-                )
-            }
+            "MGET" if !rest.is_empty() => mget(&shared.db(), rest),
             "SET" => match rest {
                 [key, value] => {
                     shared.db().insert(key.clone(), Entry::Str(value.clone()));
                     Reply::ok()
                 }
                 [_, _, ..] => Reply::error("ERR syntax error (SET options are not supported)"),
-                _ => arity(&name),
+                _ => arity(name),
             },
             "DEL" if !rest.is_empty() => {
                 let mut db = shared.db();
@@ -444,18 +437,17 @@ impl Connection {
                 let db = shared.db();
                 Reply::Integer(rest.iter().filter(|k| db.contains_key(*k)).count() as i64)
             }
-            "MGET" | "DEL" | "EXISTS" => arity(&name),
+            "MGET" | "DEL" | "EXISTS" => arity(name),
             "PEERLESS.ACCUM" => match rest {
                 [key, token, blob] => accumulate(&mut shared.db(), key, token, blob),
-                _ => arity(&name),
+                _ => arity(name),
             },
             _ => Reply::error(format!(
                 "ERR unknown command '{}', with args beginning with: {}",
                 quote(name.as_bytes()),
                 rest.iter().take(3).map(|a| format!("'{}' ", quote(a))).collect::<String>()
             )),
-        };
-        (reply, Next::Continue)
+        }
     }
 
     fn auth(&mut self, shared: &Shared, user: Option<&Bytes>, password: &[u8]) -> Reply {
@@ -520,6 +512,27 @@ impl Connection {
             Reply::Array(vec![]),
         ])
     }
+}
+
+/// `GET key`: its string value, nil when missing, `WRONGTYPE` for a set.
+fn get(db: &HashMap<Bytes, Entry>, key: &Bytes) -> Reply {
+    match db.get(key) {
+        None => Reply::Null,
+        Some(Entry::Str(v)) => Reply::Bulk(v.clone()),
+        Some(Entry::Set(_)) => Reply::error(WRONGTYPE),
+    }
+}
+
+/// `MGET key…`: each key's string value, nil when missing or not a string.
+fn mget(db: &HashMap<Bytes, Entry>, keys: &[Bytes]) -> Reply {
+    Reply::Array(
+        keys.iter()
+            .map(|k| match db.get(k) {
+                Some(Entry::Str(v)) => Reply::Bulk(v.clone()),
+                _ => Reply::Null,
+            })
+            .collect(),
+    )
 }
 
 /// `CLIENT SETNAME|SETINFO|GETNAME`: accepted so client handshakes succeed; names are not kept.

@@ -504,6 +504,11 @@ fn attack_of(r: &Run) -> Option<(String, usize)> {
     })
 }
 
+/// Final accuracies (%) by aggregation rule.
+type ByRule = std::collections::BTreeMap<String, Vec<f64>>;
+/// The rows of one robustness table: (attack order, attack, attackers) → accuracies by rule.
+type AttackRows = std::collections::BTreeMap<(usize, String, usize), ByRule>;
+
 /// Final accuracy for each attack × aggregation rule, per architecture and cluster size, from
 /// the scenarios whose runs are clean or only attacked.
 fn robustness(md: &mut String, exp: &Experiment) {
@@ -512,10 +517,31 @@ fn robustness(md: &mut String, exp: &Experiment) {
         "## Byzantine robustness: attack × aggregation rule
 "
     );
-    // (arch, n) → (attack, attackers) → rule → final accuracies (%).
-    type Cells =
-        std::collections::BTreeMap<(usize, String, usize), std::collections::BTreeMap<String, Vec<f64>>>;
-    let mut tables: std::collections::BTreeMap<(String, u32), Cells> = Default::default();
+    let tables = robustness_tables(exp);
+    if tables.is_empty() {
+        let _ = writeln!(
+            md,
+            "Not measured: this experiment has no scenario with a `byzantine` fault (see `scenarios/attacks/`).\n"
+        );
+        return;
+    }
+    let _ = writeln!(
+        md,
+        "Final test accuracy (%) of the honest nodes' model, mean ± 95 % interval over seeds; in brackets the \
+         difference to the clean run with the same rule and cluster size (points). Scenarios with other faults \
+         are left out. `sign-flip`, `gaussian` and `label-flip` send well-formed gradients that only a robust rule \
+         can limit; `nan`, `wrong-length` and `replay` are refused by the codec or the round protocol before \
+         aggregation, whatever the rule.\n"
+    );
+    for ((arch, n), rows) in &tables {
+        robustness_table(md, arch, *n, rows);
+    }
+}
+
+/// The robustness tables by (arch, cluster size): the clean or only attacked runs computed by
+/// functions and aggregated in the store, for cluster sizes that were attacked.
+fn robustness_tables(exp: &Experiment) -> std::collections::BTreeMap<(String, u32), AttackRows> {
+    let mut tables: std::collections::BTreeMap<(String, u32), AttackRows> = Default::default();
     for s in &exp.scenarios {
         for c in &s.cells {
             for (_, r) in &c.runs {
@@ -536,66 +562,75 @@ fn robustness(md: &mut String, exp: &Experiment) {
     }
     // Only cluster sizes that were attacked, with their clean runs as the reference.
     tables.retain(|_, rows| rows.keys().any(|(_, a, _)| a.as_str() != "none"));
-    if tables.is_empty() {
-        let _ = writeln!(
-            md,
-            "Not measured: this experiment has no scenario with a `byzantine` fault (see `scenarios/attacks/`).\n"
-        );
-        return;
-    }
-    let _ = writeln!(
-        md,
-        "Final test accuracy (%) of the honest nodes' model, mean ± 95 % interval over seeds; in brackets the \
-         difference to the clean run with the same rule and cluster size (points). Scenarios with other faults \
-         are left out. `sign-flip`, `gaussian` and `label-flip` send well-formed gradients that only a robust rule \
-         can limit; `nan`, `wrong-length` and `replay` are refused by the codec or the round protocol before \
-         aggregation, whatever the rule.\n"
-    );
-    for ((arch, n), rows) in &tables {
-        let mut rules: Vec<&String> = rows.values().flat_map(|m| m.keys()).collect();
-        rules.sort_by_key(|r| (r.as_str() != "mean", r.as_str()));
-        rules.dedup();
-        let clean = rows.iter().find(|((_, a, _), _)| a.as_str() == "none").map(|(_, m)| m);
-        let _ = writeln!(md, "### {} with {n} nodes\n", arch_label(arch));
-        let head: Vec<String> = rules.iter().map(|r| format!("`{r}`")).collect();
-        let _ = writeln!(md, "| Attack (attackers) | {} |", head.join(" | "));
-        let _ = writeln!(md, "| --- |{}", " --- |".repeat(rules.len()));
-        let mut verdicts: Vec<String> = Vec::new();
-        let mut compared = 0;
-        for ((_, attack, k), by_rule) in rows {
-            let mut cells = Vec::new();
-            for rule in &rules {
-                let Some(v) = by_rule.get(*rule) else {
-                    cells.push("—".to_owned());
-                    continue;
-                };
-                let base = clean.and_then(|c| c.get(*rule)).and_then(|c| mean(c));
-                let delta = match (attack.as_str(), base, mean(v)) {
-                    ("none", ..) | (_, None, _) | (_, _, None) => String::new(),
-                    (_, Some(b), Some(m)) => {
-                        compared += 1;
-                        if m - b < -2.0 {
-                            verdicts.push(format!("`{rule}` under {attack}: {:+.1} points", m - b));
-                        }
-                        format!(" ({:+.1})", m - b)
-                    }
-                };
-                cells.push(format!("{}{delta}", fmt_values(v)));
-            }
-            let who =
-                if attack.as_str() == "none" { "none".to_owned() } else { format!("{attack} ({k} of {n})") };
-            let _ = writeln!(md, "| {} | {} |", cell(&who), cells.join(" | "));
+    tables
+}
+
+/// One robustness table (a row per attack, a column per rule) and its verdict.
+fn robustness_table(md: &mut String, arch: &str, n: u32, rows: &AttackRows) {
+    let mut rules: Vec<&String> = rows.values().flat_map(|m| m.keys()).collect();
+    rules.sort_by_key(|r| (r.as_str() != "mean", r.as_str()));
+    rules.dedup();
+    let clean = rows.iter().find(|((_, a, _), _)| a.as_str() == "none").map(|(_, m)| m);
+    let _ = writeln!(md, "### {} with {n} nodes\n", arch_label(arch));
+    let head: Vec<String> = rules.iter().map(|r| format!("`{r}`")).collect();
+    let _ = writeln!(md, "| Attack (attackers) | {} |", head.join(" | "));
+    let _ = writeln!(md, "| --- |{}", " --- |".repeat(rules.len()));
+    let mut comparison = CleanComparison::default();
+    for ((_, attack, k), by_rule) in rows {
+        let mut cells = Vec::new();
+        for rule in &rules {
+            let Some(v) = by_rule.get(*rule) else {
+                cells.push("—".to_owned());
+                continue;
+            };
+            let base = clean.and_then(|c| c.get(*rule)).and_then(|c| mean(c));
+            let delta = comparison.delta(rule, attack, base, mean(v));
+            cells.push(format!("{}{delta}", fmt_values(v)));
         }
-        let _ = writeln!(md);
-        if compared == 0 {
+        let who =
+            if attack.as_str() == "none" { "none".to_owned() } else { format!("{attack} ({k} of {n})") };
+        let _ = writeln!(md, "| {} | {} |", cell(&who), cells.join(" | "));
+    }
+    let _ = writeln!(md);
+    comparison.verdict(md);
+}
+
+/// The attacked cells of a robustness table compared with their clean runs.
+#[derive(Debug, Default)]
+struct CleanComparison {
+    /// Cells compared.
+    compared: usize,
+    /// Cells more than 2 points below their clean run, described.
+    drops: Vec<String>,
+}
+
+impl CleanComparison {
+    /// The bracketed difference of `rule`'s mean accuracy `m` under `attack` to its clean
+    /// run's `base` (empty for the clean row or without both means), counted.
+    fn delta(&mut self, rule: &str, attack: &str, base: Option<f64>, m: Option<f64>) -> String {
+        match (attack, base, m) {
+            ("none", ..) | (_, None, _) | (_, _, None) => String::new(),
+            (_, Some(b), Some(m)) => {
+                self.compared += 1;
+                if m - b < -2.0 {
+                    self.drops.push(format!("`{rule}` under {attack}: {:+.1} points", m - b));
+                }
+                format!(" ({:+.1})", m - b)
+            }
+        }
+    }
+
+    /// The sentence under the table.
+    fn verdict(&self, md: &mut String) {
+        if self.compared == 0 {
             let _ = writeln!(
                 md,
                 "No attacked cell has a clean run (attack `none`) with its rule to compare with.\n"
             );
-        } else if verdicts.is_empty() {
+        } else if self.drops.is_empty() {
             let _ = writeln!(md, "Every attacked cell is within 2 points of its clean run.\n");
         } else {
-            let _ = writeln!(md, "More than 2 points below the clean run: {}.\n", verdicts.join("; "));
+            let _ = writeln!(md, "More than 2 points below the clean run: {}.\n", self.drops.join("; "));
         }
     }
 }

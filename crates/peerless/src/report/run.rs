@@ -116,121 +116,28 @@ fn rule_label(v: &toml::Value) -> String {
 impl Run {
     /// Reads the run in `dir`; `Ok(None)` when it has no summary.json (unfinished).
     pub fn load(dir: &Path) -> Result<Option<Run>> {
-        let spath = dir.join("summary.json");
-        let text = match std::fs::read_to_string(&spath) {
-            Ok(t) => t,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
-            Err(e) => return Err(e).with_context(|| format!("reading {}", spath.display())),
-        };
-        let summary: Summary =
-            serde_json::from_str(&text).with_context(|| format!("parsing {}", spath.display()))?;
-        let cpath = dir.join("config.toml");
-        let config: toml::Value = match std::fs::read_to_string(&cpath) {
-            Ok(t) => toml::from_str(&t).with_context(|| format!("parsing {}", cpath.display()))?,
-            Err(_) => toml::Value::Table(Default::default()),
-        };
-        let p2p = config.get("p2p");
-        let key = |k: &str| p2p.and_then(|t| t.get(k)).and_then(|v| v.as_str()).map(str::to_owned);
-        let compute = key("compute").unwrap_or_else(|| summary.compute.clone());
-        let aggregation = key("aggregation");
-        let aggregator = p2p.and_then(|t| t.get("aggregator")).map_or_else(|| "mean".to_owned(), rule_label);
-        let function_faults =
-            config.get("function").and_then(|f| f.get("faults")).and_then(|f| f.as_table()).is_some_and(
-                |t| t.iter().any(|(k, v)| k.ends_with("_rate") && v.as_float().is_some_and(|r| r > 0.0)),
-            );
-
+        let Some(summary) = read_summary(&dir.join("summary.json"))? else { return Ok(None) };
+        let labels = ConfigLabels::read(&dir.join("config.toml"), &summary)?;
         let events = read_events(&dir.join("events.jsonl"))?;
-        let mpath = dir.join("metrics.csv");
-        let metrics =
-            std::fs::read_to_string(&mpath).with_context(|| format!("reading {}", mpath.display()))?;
-        let table = Table::parse(&metrics).with_context(|| format!("parsing {}", mpath.display()))?;
-
-        // The run starts at the launcher's start event (the one naming no peer); failing that,
-        // at the earliest start or metrics row.
-        let launcher_start = events
-            .iter()
-            .filter(|e| e["event"] == "start" && e.get("peer").is_none())
-            .filter_map(|e| e["t_ms"].as_u64())
-            .min();
-        let start_ms = launcher_start
-            .or_else(|| {
-                events.iter().filter(|e| e["event"] == "start").filter_map(|e| e["t_ms"].as_u64()).min()
-            })
-            .or_else(|| table.rows.iter().map(|r| r.t_ms).min())
-            .unwrap_or(0);
+        let table = Table::read(&dir.join("metrics.csv"))?;
+        let start_ms = start_ms(&events, &table);
         let secs = |t_ms: u64| (t_ms as f64 - start_ms as f64) / 1000.0;
-
-        let mut faults: Vec<Fault> = events
-            .iter()
-            .filter(|e| e["event"] == "fault_injected")
-            .filter_map(|e| {
-                Some(Fault {
-                    t: secs(e["t_ms"].as_u64()?),
-                    kind: e["fault"].as_str().unwrap_or("fault").to_owned(),
-                    targets: e["targets"]
-                        .as_array()
-                        .map(|a| {
-                            a.iter()
-                                .map(|t| t.as_str().map_or_else(|| t.to_string(), str::to_owned))
-                                .collect()
-                        })
-                        .unwrap_or_default(),
-                    attack: e["attack"].as_str().map(str::to_owned),
-                })
-            })
-            .collect();
-        faults.sort_by(|a, b| a.t.total_cmp(&b.t));
+        let faults = fault_series(&events, secs);
 
         // In a PS run only the PS's rows (index = number of workers) are global versions.
         let ps_index = (summary.arch == "ps").then_some(u64::from(summary.peers));
         let rows: Vec<&Row> = table.rows.iter().filter(|r| ps_index.is_none_or(|ps| r.peer == ps)).collect();
         let global = global_series(&rows, ps_index.is_some(), secs);
-
-        let mut evals: Vec<(f64, f64)> = Vec::new();
-        let mut seen_eval = std::collections::BTreeSet::new();
-        for r in &rows {
-            if let Some(acc) = r.test_accuracy
-                && seen_eval.insert(r.eval_round.unwrap_or(r.round))
-            {
-                evals.push((secs(r.t_ms), acc));
-            }
-        }
-
-        // Loss per global round: mean over the rows of that round, at its first completion.
-        let mut by_round: BTreeMap<u64, (u64, f64, u32)> = BTreeMap::new();
-        let mut loss: Vec<(f64, f64)> = Vec::new();
-        if ps_index.is_some() {
-            // The PS's counter can go back after a restart: keep its rows as they come.
-            loss.extend(rows.iter().filter_map(|r| Some((secs(r.t_ms), r.train_loss?))));
-        } else {
-            for r in &rows {
-                if let Some(l) = r.train_loss {
-                    let e = by_round.entry(r.round).or_insert((r.t_ms, 0.0, 0));
-                    e.0 = e.0.min(r.t_ms);
-                    e.1 += l;
-                    e.2 += 1;
-                }
-            }
-            loss.extend(by_round.values().map(|&(t, sum, n)| (secs(t), sum / f64::from(n))));
-            loss.sort_by(|a, b| a.0.total_cmp(&b.0));
-        }
-
-        let column_means = TIME_COLUMNS
-            .iter()
-            .filter_map(|c| {
-                let i = table.column(c)?;
-                let v: Vec<f64> =
-                    table.raw.iter().filter_map(|r| r.get(i).and_then(|s| s.parse().ok())).collect();
-                stats::estimate(&v).map(|e| ((*c).to_owned(), e.mean))
-            })
-            .collect();
+        let evals = eval_series(&rows, secs);
+        let loss = loss_series(&rows, ps_index.is_some(), secs);
+        let column_means = table.column_means();
 
         Ok(Some(Run {
             summary,
-            compute,
-            aggregation,
-            aggregator,
-            function_faults,
+            compute: labels.compute,
+            aggregation: labels.aggregation,
+            aggregator: labels.aggregator,
+            function_faults: labels.function_faults,
             global,
             evals,
             loss,
@@ -297,6 +204,120 @@ impl Figures {
     }
 }
 
+/// Reads summary.json; `Ok(None)` when there is none.
+fn read_summary(path: &Path) -> Result<Option<Summary>> {
+    let text = match std::fs::read_to_string(path) {
+        Ok(t) => t,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(e).with_context(|| format!("reading {}", path.display())),
+    };
+    serde_json::from_str(&text).with_context(|| format!("parsing {}", path.display())).map(Some)
+}
+
+/// What config.toml says about the run, as the tables label it.
+struct ConfigLabels {
+    compute: String,
+    aggregation: Option<String>,
+    aggregator: String,
+    function_faults: bool,
+}
+
+impl ConfigLabels {
+    /// Reads config.toml at `path` (a missing file reads as empty); `compute` defaults to
+    /// the summary's.
+    fn read(path: &Path, summary: &Summary) -> Result<ConfigLabels> {
+        let config: toml::Value = match std::fs::read_to_string(path) {
+            Ok(t) => toml::from_str(&t).with_context(|| format!("parsing {}", path.display()))?,
+            Err(_) => toml::Value::Table(Default::default()),
+        };
+        let p2p = config.get("p2p");
+        let key = |k: &str| p2p.and_then(|t| t.get(k)).and_then(|v| v.as_str()).map(str::to_owned);
+        let function_faults =
+            config.get("function").and_then(|f| f.get("faults")).and_then(|f| f.as_table()).is_some_and(
+                |t| t.iter().any(|(k, v)| k.ends_with("_rate") && v.as_float().is_some_and(|r| r > 0.0)),
+            );
+        Ok(ConfigLabels {
+            compute: key("compute").unwrap_or_else(|| summary.compute.clone()),
+            aggregation: key("aggregation"),
+            aggregator: p2p.and_then(|t| t.get("aggregator")).map_or_else(|| "mean".to_owned(), rule_label),
+            function_faults,
+        })
+    }
+}
+
+/// When the run started, ms: the launcher's start event (the one naming no peer); failing
+/// that, the earliest start or metrics row.
+fn start_ms(events: &[serde_json::Value], table: &Table) -> u64 {
+    let launcher_start = events
+        .iter()
+        .filter(|e| e["event"] == "start" && e.get("peer").is_none())
+        .filter_map(|e| e["t_ms"].as_u64())
+        .min();
+    launcher_start
+        .or_else(|| events.iter().filter(|e| e["event"] == "start").filter_map(|e| e["t_ms"].as_u64()).min())
+        .or_else(|| table.rows.iter().map(|r| r.t_ms).min())
+        .unwrap_or(0)
+}
+
+/// The injected faults of `events`, in time order.
+fn fault_series(events: &[serde_json::Value], secs: impl Fn(u64) -> f64) -> Vec<Fault> {
+    let mut faults: Vec<Fault> = events
+        .iter()
+        .filter(|e| e["event"] == "fault_injected")
+        .filter_map(|e| {
+            Some(Fault {
+                t: secs(e["t_ms"].as_u64()?),
+                kind: e["fault"].as_str().unwrap_or("fault").to_owned(),
+                targets: e["targets"]
+                    .as_array()
+                    .map(|a| {
+                        a.iter().map(|t| t.as_str().map_or_else(|| t.to_string(), str::to_owned)).collect()
+                    })
+                    .unwrap_or_default(),
+                attack: e["attack"].as_str().map(str::to_owned),
+            })
+        })
+        .collect();
+    faults.sort_by(|a, b| a.t.total_cmp(&b.t));
+    faults
+}
+
+/// Test evaluations `(t s, accuracy)` of `rows`, the first row of each evaluated round.
+fn eval_series(rows: &[&Row], secs: impl Fn(u64) -> f64) -> Vec<(f64, f64)> {
+    let mut evals: Vec<(f64, f64)> = Vec::new();
+    let mut seen_eval = std::collections::BTreeSet::new();
+    for r in rows {
+        if let Some(acc) = r.test_accuracy
+            && seen_eval.insert(r.eval_round.unwrap_or(r.round))
+        {
+            evals.push((secs(r.t_ms), acc));
+        }
+    }
+    evals
+}
+
+/// Loss per global round: mean over the rows of that round, at its first completion; a PS
+/// run's rows as they come (its counter can go back after a restart).
+fn loss_series(rows: &[&Row], is_ps: bool, secs: impl Fn(u64) -> f64) -> Vec<(f64, f64)> {
+    let mut by_round: BTreeMap<u64, (u64, f64, u32)> = BTreeMap::new();
+    let mut loss: Vec<(f64, f64)> = Vec::new();
+    if is_ps {
+        loss.extend(rows.iter().filter_map(|r| Some((secs(r.t_ms), r.train_loss?))));
+    } else {
+        for r in rows {
+            if let Some(l) = r.train_loss {
+                let e = by_round.entry(r.round).or_insert((r.t_ms, 0.0, 0));
+                e.0 = e.0.min(r.t_ms);
+                e.1 += l;
+                e.2 += 1;
+            }
+        }
+        loss.extend(by_round.values().map(|&(t, sum, n)| (secs(t), sum / f64::from(n))));
+        loss.sort_by(|a, b| a.0.total_cmp(&b.0));
+    }
+    loss
+}
+
 /// Global round completions from node rows in time order. A PS run's rows are the PS's own,
 /// kept as they are (its counter goes back when it resumes from an older checkpoint). In a P2P
 /// run global progress is the highest round any peer completed: a row counts when it raises it.
@@ -342,6 +363,12 @@ struct Table {
 }
 
 impl Table {
+    /// Reads and parses metrics.csv at `path`.
+    fn read(path: &Path) -> Result<Table> {
+        let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+        Table::parse(&text).with_context(|| format!("parsing {}", path.display()))
+    }
+
     fn parse(text: &str) -> Result<Table> {
         let mut lines = text.lines();
         let header: Vec<String> = lines.next().unwrap_or_default().split(',').map(str::to_owned).collect();
@@ -379,6 +406,19 @@ impl Table {
 
     fn column(&self, name: &str) -> Option<usize> {
         self.header.iter().position(|h| h == name)
+    }
+
+    /// Mean of each of [`TIME_COLUMNS`] over the rows that have it.
+    fn column_means(&self) -> BTreeMap<String, f64> {
+        TIME_COLUMNS
+            .iter()
+            .filter_map(|c| {
+                let i = self.column(c)?;
+                let v: Vec<f64> =
+                    self.raw.iter().filter_map(|r| r.get(i).and_then(|s| s.parse().ok())).collect();
+                stats::estimate(&v).map(|e| ((*c).to_owned(), e.mean))
+            })
+            .collect()
     }
 }
 
