@@ -20,7 +20,7 @@ fuzz_target!(
     init: {
         peerless_fuzz::seeds(|| {
             let mut p2p = RunConfig::default();
-            p2p.p2p.peers = 5;
+            p2p.cluster.nodes = 5;
             p2p.optimizer = OptimizerConfig::adam(0.001);
             vec![
                 ("default".into(), RunConfig::default().to_toml().into_bytes()),
@@ -28,7 +28,7 @@ fuzz_target!(
                 ("krum".into(), b"[p2p]\npeers = 5\naggregator = { rule = \"krum\", f = 1 }\n".to_vec()),
                 (
                     "clipping".into(),
-                    b"[p2p.aggregator]\nrule = \"centered-clipping\"\ntau = 0.5\niters = 3\n".to_vec(),
+                    b"[cluster.aggregator]\nrule = \"centered-clipping\"\ntau = 0.5\niters = 3\n".to_vec(),
                 ),
                 ("trimmed".into(), b"[p2p]\naggregator = { rule = \"trimmed-mean\", beta = 0.2 }\n".to_vec()),
                 ("ps".into(), b"[train]\narch = \"ps\"\n[ps]\nmode = \"async\"\nmax_staleness = 4\n".to_vec()),
@@ -79,13 +79,13 @@ fn check_built(u: &mut Unstructured) -> Result<()> {
     cfg.train.batch_size = num(u, 1..=256)?;
     cfg.train.eval_every = num(u, 0..=100)?;
     cfg.train.checkpoint_every = num(u, 0..=100)?;
-    cfg.p2p.peers = num(u, 1..=64)?;
-    cfg.p2p.functions_per_peer = num(u, 1..=64)?;
-    cfg.p2p.deadline_floor_ms = num(u, 1..=1000)?;
-    cfg.p2p.deadline_ceiling_ms = num(u, 1000..=100_000)?;
-    cfg.p2p.deadline_factor = float(u, 1.0, 10.0)?;
-    cfg.p2p.secret = u.arbitrary()?;
-    cfg.p2p.store =
+    cfg.cluster.nodes = num(u, 1..=64)?;
+    cfg.cluster.functions_per_node = num(u, 1..=64)?;
+    cfg.cluster.deadline_floor_ms = num(u, 1..=1000)?;
+    cfg.cluster.deadline_ceiling_ms = num(u, 1000..=100_000)?;
+    cfg.cluster.deadline_factor = float(u, 1.0, 10.0)?;
+    cfg.cluster.secret = u.arbitrary()?;
+    cfg.cluster.store =
         if u.arbitrary()? { "embedded".into() } else { format!("redis://{}", u.arbitrary::<&str>()?) };
     cfg.ps.restart_delay_ms = num(u, 0..=10_000)?;
     cfg.ps.max_staleness = num(u, 0..=64)?;

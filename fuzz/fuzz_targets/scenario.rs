@@ -17,7 +17,7 @@ timeout_s = 60
 [run]
 data.dataset = "digits"
 train.epochs = 1
-p2p.peers = 4
+cluster.nodes = 4
 [run.function.faults]
 crash_rate = 0.1
 [[fault]]
@@ -57,7 +57,7 @@ fuzz_target!(
         match Scenario::from_toml(text, "fuzz.toml", "fuzz") {
             Ok(s) => {
                 s.validate("fuzz.toml").expect("a loaded scenario is valid");
-                let n = s.run.p2p.peers as usize;
+                let n = s.run.cluster.nodes as usize;
                 for f in &s.faults {
                     for t in &f.targets {
                         let p2p = resolve_target(t, TrainArch::P2p, n);

@@ -68,10 +68,12 @@ pub struct RunConfig {
     pub train: TrainConfig,
     /// Optimizer; `kind = "sgd"` or `"adam"`.
     pub optimizer: OptimizerConfig,
-    /// Peer-to-peer training (`train.arch = "p2p"`).
+    /// What both distributed architectures share: how many nodes compute gradients, where,
+    /// and how a round's gradients are combined.
+    pub cluster: ClusterConfig,
+    /// What only peer-to-peer training uses (`train.arch = "p2p"`).
     pub p2p: P2pConfig,
-    /// The parameter-server baseline (`train.arch = "ps"`); its workers are sized by `[p2p]`'s
-    /// `peers` and `functions_per_peer`, and it shares the deadline, store and compute keys.
+    /// What only the parameter-server baseline uses (`train.arch = "ps"`).
     pub ps: PsSection,
     /// The function runtime gradients are computed in.
     pub function: crate::function::Config,
@@ -158,6 +160,7 @@ impl Default for RunConfig {
             model: ModelConfig::default(),
             train: TrainConfig::default(),
             optimizer: OptimizerConfig::sgd(0.02),
+            cluster: ClusterConfig::default(),
             p2p: P2pConfig::default(),
             ps: PsSection::default(),
             function: crate::function::Config::default(),
@@ -256,16 +259,16 @@ pub enum Aggregation {
     Fetch,
 }
 
-/// `[p2p]`
+/// `[cluster]`: what P2P and the PS baseline share.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
-pub struct P2pConfig {
-    /// Peers the launcher starts.
-    pub peers: u32,
-    /// Gradient functions each peer invokes per round, one mini-batch of `train.batch_size`
-    /// each; a round's global batch is `peers × functions_per_peer × batch_size`.
-    pub functions_per_peer: u32,
-    /// `functions` (serverless) or `local` (gradients in the peer process).
+pub struct ClusterConfig {
+    /// Nodes that compute gradients: the peers (P2P), or the workers (PS; the PS is one more).
+    pub nodes: u32,
+    /// Gradient functions each node invokes per round, one mini-batch of `train.batch_size`
+    /// each; a round's global batch is `nodes × functions_per_node × batch_size`.
+    pub functions_per_node: u32,
+    /// `functions` (serverless) or `local` (gradients in the node's process).
     pub compute: Compute,
     /// Functions: `in-store` (gradients summed where they land) or `fetch` (the node fetches
     /// each and sums them).
@@ -276,35 +279,32 @@ pub struct P2pConfig {
     pub deadline_ceiling_ms: u64,
     /// Deadline = this × the smoothed observed wait, within floor and ceiling.
     pub deadline_factor: f64,
-    /// How long peers wait for each other at start (and a joiner for a live peer), ms.
+    /// How long nodes wait for each other at start (and a joiner for a live peer), ms.
     pub start_timeout_ms: u64,
-    /// Survivors take over the shards of peers that left, so their data is still trained on.
-    pub takeover: bool,
     /// Aggregation rule: `"mean"` (default), `"median"`, `"trimmed-mean"`, `"krum"`,
     /// `"multi-krum"`, `"bulyan"`, `"centered-clipping"`, or a table with the rule's parameters,
     /// e.g. `{ rule = "krum", f = 1 }` (see [`peerless_core::aggregate::AggregatorConfig`]). Its
-    /// precondition is checked against `peers` (the PS's workers are `peers` too).
+    /// precondition is checked against `nodes`.
     pub aggregator: peerless_core::aggregate::AggregatorConfig,
-    /// The run secret: peer identities and the allow-list derive from it. Empty: the launcher
-    /// draws one at random (and writes it into the peers' configs).
+    /// The run secret: node identities and the allow-list derive from it. Empty: the launcher
+    /// draws one at random (and writes it into the node files).
     pub secret: String,
     /// The store functions read parameters from and accumulate gradients into: `embedded`
-    /// (served by each peer), or a `redis://` URL of a Redis server.
+    /// (served by each node), or a `redis://` URL of a Redis server.
     pub store: String,
 }
 
-impl Default for P2pConfig {
+impl Default for ClusterConfig {
     fn default() -> Self {
-        P2pConfig {
-            peers: 4,
-            functions_per_peer: 4,
+        ClusterConfig {
+            nodes: 4,
+            functions_per_node: 4,
             compute: Compute::Functions,
             aggregation: Aggregation::InStore,
             deadline_floor_ms: 1_000,
             deadline_ceiling_ms: 10_000,
             deadline_factor: 4.0,
             start_timeout_ms: 20_000,
-            takeover: true,
             aggregator: peerless_core::aggregate::AggregatorConfig::Mean,
             secret: String::new(),
             store: "embedded".into(),
@@ -312,36 +312,94 @@ impl Default for P2pConfig {
     }
 }
 
-impl P2pConfig {
+impl ClusterConfig {
     fn validate(&self) -> Result<(), ConfigError> {
-        if !(1..=64).contains(&self.peers) {
-            return Err(invalid("p2p.peers", self.peers, "must be in 1..=64"));
+        if !(1..=64).contains(&self.nodes) {
+            return Err(invalid("cluster.nodes", self.nodes, "must be in 1..=64"));
         }
-        if !(1..=64).contains(&self.functions_per_peer) {
-            return Err(invalid("p2p.functions_per_peer", self.functions_per_peer, "must be in 1..=64"));
+        if !(1..=64).contains(&self.functions_per_node) {
+            return Err(invalid("cluster.functions_per_node", self.functions_per_node, "must be in 1..=64"));
         }
         if self.deadline_floor_ms == 0 {
-            return Err(invalid("p2p.deadline_floor_ms", 0, "must be positive"));
+            return Err(invalid("cluster.deadline_floor_ms", 0, "must be positive"));
         }
         if self.deadline_ceiling_ms < self.deadline_floor_ms {
             return Err(invalid(
-                "p2p.deadline_ceiling_ms",
+                "cluster.deadline_ceiling_ms",
                 self.deadline_ceiling_ms,
-                "must be at least p2p.deadline_floor_ms",
+                "must be at least cluster.deadline_floor_ms",
             ));
         }
         if !(self.deadline_factor.is_finite() && self.deadline_factor >= 1.0) {
-            return Err(invalid("p2p.deadline_factor", self.deadline_factor, "must be finite and ≥ 1"));
+            return Err(invalid("cluster.deadline_factor", self.deadline_factor, "must be finite and ≥ 1"));
         }
-        // A round aggregates one gradient per peer (P2P) or per worker (PS); both are `peers`.
-        self.aggregator
-            .validate(self.peers as usize)
-            .map_err(|e| invalid("p2p.aggregator", self.aggregator, &format!("{e} (n = p2p.peers)")))?;
+        // A round aggregates one gradient per peer (P2P) or per worker (PS): `nodes` of them.
+        self.aggregator.validate(self.nodes as usize).map_err(|e| {
+            invalid("cluster.aggregator", self.aggregator, &format!("{e} (n = cluster.nodes)"))
+        })?;
         if self.store != "embedded" && !self.store.starts_with("redis://") {
-            return Err(invalid("p2p.store", &self.store, "must be \"embedded\" or a redis:// URL"));
+            return Err(invalid("cluster.store", &self.store, "must be \"embedded\" or a redis:// URL"));
         }
         Ok(())
     }
+}
+
+/// `[p2p]`: what only peer-to-peer training uses.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct P2pConfig {
+    /// Survivors take over the shards of peers that left, so their data is still trained on.
+    pub takeover: bool,
+}
+
+impl Default for P2pConfig {
+    fn default() -> Self {
+        P2pConfig { takeover: true }
+    }
+}
+
+/// The keys `[cluster]` took over from `[p2p]` (before 0.2): old name, new name.
+const MOVED_FROM_P2P: [(&str, &str); 11] = [
+    ("peers", "nodes"),
+    ("functions_per_peer", "functions_per_node"),
+    ("compute", "compute"),
+    ("aggregation", "aggregation"),
+    ("deadline_floor_ms", "deadline_floor_ms"),
+    ("deadline_ceiling_ms", "deadline_ceiling_ms"),
+    ("deadline_factor", "deadline_factor"),
+    ("start_timeout_ms", "start_timeout_ms"),
+    ("aggregator", "aggregator"),
+    ("secret", "secret"),
+    ("store", "store"),
+];
+
+/// Moves the keys of `run` (a run configuration as a TOML table) that are still under `[p2p]`
+/// to `[cluster]`, under their new names; returns one warning per key moved. A key set under
+/// both names is an error naming both.
+pub fn move_legacy_keys(run: &mut toml::Table) -> Result<Vec<String>, ConfigError> {
+    let Some(toml::Value::Table(p2p)) = run.get_mut("p2p") else { return Ok(Vec::new()) };
+    let moved: Vec<(&str, &str, toml::Value)> =
+        MOVED_FROM_P2P.iter().filter_map(|&(old, new)| p2p.remove(old).map(|v| (old, new, v))).collect();
+    if moved.is_empty() {
+        return Ok(Vec::new());
+    }
+    let cluster = run.entry("cluster").or_insert_with(|| toml::Value::Table(toml::Table::new()));
+    let toml::Value::Table(cluster) = cluster else {
+        return Err(invalid("cluster", "?", "must be a table"));
+    };
+    let mut warnings = Vec::new();
+    for (old, new, v) in moved {
+        if cluster.contains_key(new) {
+            return Err(invalid(
+                &format!("p2p.{old}"),
+                &v,
+                &format!("is also set as cluster.{new}: keep one"),
+            ));
+        }
+        warnings.push(format!("p2p.{old} is now cluster.{new}; the old name is read until the next release"));
+        cluster.insert(new.to_owned(), v);
+    }
+    Ok(warnings)
 }
 
 impl RunConfig {
@@ -352,10 +410,18 @@ impl RunConfig {
         Self::from_toml(&text, &path.display().to_string())
     }
 
-    /// Parses and validates TOML text; `origin` names it in errors.
+    /// Parses and validates TOML text; `origin` names it in errors. Keys still under their
+    /// names before 0.2 are read, each with a warning in the log.
     pub fn from_toml(text: &str, origin: &str) -> Result<Self, ConfigError> {
-        let cfg: RunConfig = toml::from_str(text)
-            .map_err(|e| ConfigError::Parse { origin: origin.into(), message: e.to_string() })?;
+        let parse = |e: toml::de::Error| ConfigError::Parse { origin: origin.into(), message: e.to_string() };
+        let mut table: toml::Table = toml::from_str(text).map_err(parse)?;
+        let warnings = move_legacy_keys(&mut table)?;
+        // Without old keys, parse the text itself: its errors then point at a line.
+        let cfg: RunConfig =
+            if warnings.is_empty() { toml::from_str(text) } else { table.try_into() }.map_err(parse)?;
+        for w in warnings {
+            tracing::warn!(config = origin, "{w}");
+        }
         cfg.validate()?;
         Ok(cfg)
     }
@@ -381,7 +447,7 @@ impl RunConfig {
                 "must list one or more positive widths",
             ));
         }
-        self.p2p.validate()?;
+        self.cluster.validate()?;
         self.function.validate()?;
         self.optimizer.validate().map_err(|e| match e {
             peerless_core::optim::OptimError::InvalidConfig { key, value, reason } => ConfigError::Invalid {
@@ -442,36 +508,52 @@ mod tests {
     }
 
     #[test]
-    fn aggregator_precondition_is_checked_against_peers() {
+    fn aggregator_precondition_is_checked_against_nodes() {
         use peerless_core::aggregate::AggregatorConfig;
-        let err =
-            RunConfig::from_toml("[p2p]\npeers = 4\naggregator = \"krum\"\n", "x").unwrap_err().to_string();
-        assert_eq!(
-            err,
-            "p2p.aggregator = krum (f = 1): krum needs n ≥ 2f+3 = 5 inputs for f = 1, the run has 4 (n = p2p.peers)"
-        );
-        let cfg = RunConfig::from_toml("[p2p]\npeers = 5\naggregator = \"krum\"\n", "x").unwrap();
-        assert_eq!(cfg.p2p.aggregator, AggregatorConfig::Krum { f: 1 });
-        let err = RunConfig::from_toml("[p2p]\npeers = 9\naggregator = { rule = \"bulyan\", f = 2 }\n", "x")
+        let err = RunConfig::from_toml("[cluster]\nnodes = 4\naggregator = \"krum\"\n", "x")
             .unwrap_err()
             .to_string();
+        assert_eq!(
+            err,
+            "cluster.aggregator = krum (f = 1): krum needs n ≥ 2f+3 = 5 inputs for f = 1, the run has 4 (n = cluster.nodes)"
+        );
+        let cfg = RunConfig::from_toml("[cluster]\nnodes = 5\naggregator = \"krum\"\n", "x").unwrap();
+        assert_eq!(cfg.cluster.aggregator, AggregatorConfig::Krum { f: 1 });
+        let err =
+            RunConfig::from_toml("[cluster]\nnodes = 9\naggregator = { rule = \"bulyan\", f = 2 }\n", "x")
+                .unwrap_err()
+                .to_string();
         assert!(err.contains("bulyan needs n ≥ 4f+3 = 11"), "{err}");
-        let err = RunConfig::from_toml("[p2p]\naggregator = { rule = \"krum\", byzantine = 1 }\n", "x")
+        let err = RunConfig::from_toml("[cluster]\naggregator = { rule = \"krum\", byzantine = 1 }\n", "x")
             .unwrap_err()
             .to_string();
         assert!(err.contains("byzantine"), "{err}");
-        assert_eq!(RunConfig::default().p2p.aggregator, AggregatorConfig::Mean);
+        assert_eq!(RunConfig::default().cluster.aggregator, AggregatorConfig::Mean);
     }
 
     #[test]
     fn aggregator_tables_round_trip_through_the_effective_config() {
-        let text =
-            "[p2p]\npeers = 7\naggregator = { rule = \"multi-krum\", f = 2, m = 3 }\nstore = \"embedded\"\n";
+        let text = "[cluster]\nnodes = 7\naggregator = { rule = \"multi-krum\", f = 2, m = 3 }\nstore = \"embedded\"\n";
         let cfg = RunConfig::from_toml(text, "x").unwrap();
         let back = RunConfig::from_toml(&cfg.to_toml(), "effective").unwrap();
         assert_eq!(cfg, back);
-        let text = "[p2p]\npeers = 5\n[p2p.aggregator]\nrule = \"centered-clipping\"\ntau = 0.5\n";
+        let text = "[cluster]\nnodes = 5\n[cluster.aggregator]\nrule = \"centered-clipping\"\ntau = 0.5\n";
         let cfg = RunConfig::from_toml(text, "x").unwrap();
         assert_eq!(cfg, RunConfig::from_toml(&cfg.to_toml(), "effective").unwrap());
+    }
+
+    #[test]
+    fn keys_under_their_old_p2p_names_are_read_as_cluster_keys() {
+        let cfg = RunConfig::from_toml("[p2p]\npeers = 3\nfunctions_per_peer = 2\ntakeover = false\n", "x")
+            .unwrap();
+        assert_eq!((cfg.cluster.nodes, cfg.cluster.functions_per_node, cfg.p2p.takeover), (3, 2, false));
+        let cfg = RunConfig::from_toml("p2p.compute = \"local\"\ncluster.nodes = 2\n", "x").unwrap();
+        assert_eq!((cfg.cluster.compute, cfg.cluster.nodes), (Compute::Local, 2));
+        let err =
+            RunConfig::from_toml("[p2p]\npeers = 3\n[cluster]\nnodes = 4\n", "x").unwrap_err().to_string();
+        assert!(err.contains("p2p.peers") && err.contains("cluster.nodes"), "{err}");
+        // The new names parse from the text itself, so an error still points at its line.
+        let err = RunConfig::from_toml("[cluster]\nnodes = 3\nnodez = 4\n", "x").unwrap_err().to_string();
+        assert!(err.contains("nodez") && err.contains("line 3"), "{err}");
     }
 }

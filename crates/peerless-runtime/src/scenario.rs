@@ -11,7 +11,7 @@
 //! [run]                               # the workload: the same keys as a --config file
 //! data.dataset = "mnist"
 //! train.epochs = 2
-//! p2p.peers = 4
+//! cluster.nodes = 4
 //!
 //! [[fault]]
 //! kind = "kill"                       # kill | stop | straggle | partition | delay | byzantine
@@ -316,10 +316,22 @@ impl Scenario {
     }
 
     /// Parses and validates scenario text; `origin` names it in errors, `stem` is the default
-    /// name.
+    /// name. Keys of `[run]` still under their names before 0.2 are read, with a warning.
     pub fn from_toml(text: &str, origin: &str, stem: &str) -> Result<Scenario, ScenarioError> {
-        let mut s: Scenario = toml::from_str(text)
-            .map_err(|e| ScenarioError::Parse { origin: origin.into(), message: e.to_string() })?;
+        let parse =
+            |e: toml::de::Error| ScenarioError::Parse { origin: origin.into(), message: e.to_string() };
+        let mut table: toml::Table = toml::from_str(text).map_err(parse)?;
+        let warnings = match table.get_mut("run") {
+            Some(toml::Value::Table(run)) => crate::config::move_legacy_keys(run)
+                .map_err(|source| ScenarioError::Config { origin: origin.into(), source })?,
+            _ => Vec::new(),
+        };
+        // Without old keys, parse the text itself: its errors then point at a line.
+        let mut s: Scenario =
+            if warnings.is_empty() { toml::from_str(text) } else { table.try_into() }.map_err(parse)?;
+        for w in warnings {
+            tracing::warn!(scenario = origin, "{w}");
+        }
         if s.name.is_empty() {
             s.name = stem.to_owned();
         }
@@ -343,7 +355,7 @@ impl Scenario {
             });
         }
         self.run.validate().map_err(|source| ScenarioError::Config { origin: origin.into(), source })?;
-        let n = self.run.p2p.peers as usize;
+        let n = self.run.cluster.nodes as usize;
         for (i, f) in self.faults.iter().enumerate() {
             f.check(n).map_err(|reason| ScenarioError::Fault {
                 origin: origin.into(),
@@ -402,7 +414,7 @@ mod tests {
     const OK: &str = r#"
 description = "a peer dies"
 [run]
-p2p.peers = 4
+cluster.nodes = 4
 [[fault]]
 kind = "kill"
 targets = ["node:1"]
@@ -452,7 +464,7 @@ period_ms = 200
             ),
             ("[[fault]]\nkind = \"melt\"\ntargets = [\"node:1\"]\nat_s = 1\n", "unknown variant"),
             ("[[fault]]\nkind = \"kill\"\ntargets = [\"node:1\"]\nat_s = 1\ncolour = 1\n", "unknown field"),
-            ("[run]\np2p.peers = 0\n", "p2p.peers"),
+            ("[run]\ncluster.nodes = 0\n", "cluster.nodes"),
             ("[[fault]]\nkind = \"byzantine\"\ntargets = [\"node:1\"]\nat_round = 0\n", "needs attack"),
             (
                 "[[fault]]\nkind = \"byzantine\"\ntargets = [\"node:1\"]\nat_s = 1\nattack = \"nan\"\n",

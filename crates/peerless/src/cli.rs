@@ -157,14 +157,15 @@ pub struct TrainArgs {
     /// Stop after this many rounds with a checkpoint, as if interrupted (for tests of resume).
     #[arg(long, hide = true)]
     pub halt_at_round: Option<u64>,
-    /// P2P: peers to start (PS: workers; `--workers` is the same flag).
-    #[arg(long, alias = "workers")]
+    /// `cluster.nodes`: P2P peers to start, or PS workers (`--workers` and `--nodes` are the
+    /// same flag).
+    #[arg(long, visible_alias = "workers", alias = "nodes")]
     pub peers: Option<u32>,
-    /// P2P: gradient functions each peer invokes per round, one mini-batch each (PS: per
-    /// worker; `--functions-per-worker` is the same flag).
-    #[arg(long, alias = "functions-per-worker")]
+    /// `cluster.functions_per_node`: gradient functions each peer (PS: worker) invokes per
+    /// round, one mini-batch each (`--functions-per-worker`, `--functions-per-node`: the same).
+    #[arg(long, visible_alias = "functions-per-worker", alias = "functions-per-node")]
     pub functions_per_peer: Option<u32>,
-    /// P2P: where gradients are computed: `functions` (serverless) or `local` (in the peer).
+    /// Where gradients are computed: `functions` (serverless) or `local` (in the node).
     #[arg(long, value_parser = parse_name::<Compute>)]
     pub compute: Option<Compute>,
     /// Functions: sum a node's gradients `in-store` (as they land) or `fetch` each and sum

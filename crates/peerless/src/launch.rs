@@ -26,7 +26,7 @@ pub fn launch_ps(cfg: &RunConfig, dir: &mut RunDir, faults: &[FaultSpec]) -> Res
 }
 
 fn run(cfg: &RunConfig, dir: &mut RunDir, faults: &[FaultSpec], arch: TrainArch) -> Result<ExitCode> {
-    let bar = Bar::new(format!("{arch}×{} {} on {}", cfg.p2p.peers, cfg.model.arch, cfg.data.dataset));
+    let bar = Bar::new(format!("{arch}×{} {} on {}", cfg.cluster.nodes, cfg.model.arch, cfg.data.dataset));
     let launcher = Launcher {
         exe: std::env::current_exe().context("locating the peerless executable")?,
         show: &bar,

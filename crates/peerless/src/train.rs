@@ -211,16 +211,16 @@ impl TrainArgs {
             cfg.name = n.clone();
         }
         if let Some(n) = self.peers {
-            cfg.p2p.peers = n;
+            cfg.cluster.nodes = n;
         }
         if let Some(k) = self.functions_per_peer {
-            cfg.p2p.functions_per_peer = k;
+            cfg.cluster.functions_per_node = k;
         }
         if let Some(c) = self.compute {
-            cfg.p2p.compute = c;
+            cfg.cluster.compute = c;
         }
         if let Some(a) = self.aggregation {
-            cfg.p2p.aggregation = a;
+            cfg.cluster.aggregation = a;
         }
         if let Some(m) = self.ps_mode {
             cfg.ps.mode = m;

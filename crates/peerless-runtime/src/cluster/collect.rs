@@ -81,11 +81,11 @@ pub(super) fn summarize(
     ClusterSummary {
         run: dir.path().file_name().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default(),
         arch: arch.to_string(),
-        compute: cfg.p2p.compute.to_string(),
+        compute: cfg.cluster.compute.to_string(),
         model: cfg.model.arch.to_string(),
         dataset: cfg.data.dataset.to_string(),
         seed: cfg.seed,
-        peers: cfg.p2p.peers,
+        peers: cfg.cluster.nodes,
         completed: !finished.is_empty() && !diverged,
         diverged,
         rounds: per_node.iter().map(|s| s.rounds).max().unwrap_or(0),

@@ -28,16 +28,16 @@ pub(super) struct Layout {
     pub(super) attacks: Attacks,
 }
 
-/// Lays out a run of `arch` in `dir` (`cfg.p2p.peers` peers, or as many workers and a PS).
+/// Lays out a run of `arch` in `dir` (`cfg.cluster.nodes` peers, or as many workers and a PS).
 pub(super) fn lay_out(cfg: &RunConfig, dir: &Path, faults: &[FaultSpec], arch: TrainArch) -> Result<Layout> {
-    let n = cfg.p2p.peers as usize;
+    let n = cfg.cluster.nodes as usize;
     let nodes = if arch == TrainArch::Ps { n + 1 } else { n };
     let proxy = if faults::needs_proxy(faults) { Some(Proxy::new()?) } else { None };
     let (injector, skipped) = Injector::new(faults, arch, n, nodes, proxy);
     let attacks: Attacks = faults::attacks(faults, arch, n).into_iter().collect();
     let mut run = cfg.clone();
-    if run.p2p.secret.is_empty() {
-        run.p2p.secret = random_secret();
+    if run.cluster.secret.is_empty() {
+        run.cluster.secret = random_secret();
     }
     let ports = free_ports(nodes)?;
     let nodes = (0..nodes)
@@ -125,7 +125,7 @@ mod tests {
     fn a_ps_run_is_laid_out_as_workers_dialling_the_ps_after_them() {
         let tmp = tempfile::tempdir().unwrap();
         let mut cfg = RunConfig::default();
-        cfg.p2p.peers = 3;
+        cfg.cluster.nodes = 3;
         let layout = lay_out(&cfg, tmp.path(), &[], TrainArch::Ps).unwrap();
         let roles: Vec<Role> = layout.nodes.iter().map(|n| n.role).collect();
         assert_eq!(roles, [Role::Worker, Role::Worker, Role::Worker, Role::Ps]);
@@ -137,8 +137,8 @@ mod tests {
             assert_eq!(w.node.bootstrap, std::slice::from_ref(&ps.listen), "worker {i} dials the PS");
             assert!(!w.node.progress);
         }
-        assert!(!files[0].run.p2p.secret.is_empty(), "a secret is drawn");
-        assert!(files.iter().all(|f| f.run.p2p.secret == files[0].run.p2p.secret));
+        assert!(!files[0].run.cluster.secret.is_empty(), "a secret is drawn");
+        assert!(files.iter().all(|f| f.run.cluster.secret == files[0].run.cluster.secret));
         assert!(layout.nodes[3].restart.is_some() && layout.nodes[0].restart.is_none());
     }
 
@@ -146,7 +146,7 @@ mod tests {
     fn each_peer_dials_every_other_peer() {
         let tmp = tempfile::tempdir().unwrap();
         let mut cfg = RunConfig::default();
-        cfg.p2p.peers = 3;
+        cfg.cluster.nodes = 3;
         let layout = lay_out(&cfg, tmp.path(), &[], TrainArch::P2p).unwrap();
         let files: Vec<NodeFile> = layout.nodes.iter().map(|n| NodeFile::load(&n.config).unwrap()).collect();
         for (i, f) in files.iter().enumerate() {

@@ -113,12 +113,12 @@ pub fn run(
 /// Records the run's start, the faults skipped, and the function faults every invocation
 /// may meet.
 fn record_start(cfg: &RunConfig, dir: &mut RunDir, arch: TrainArch, layout: &layout::Layout) -> Result<()> {
-    let compute = cfg.p2p.compute.to_string();
+    let compute = cfg.cluster.compute.to_string();
     dir.event("start", json!({ "arch": arch.to_string(), "nodes": layout.nodes.len(), "compute": compute }))?;
     for (name, fields) in &layout.skipped {
         dir.event(name, fields.clone())?;
     }
-    if cfg.function.faults.any() && cfg.p2p.compute == Compute::Functions {
+    if cfg.function.faults.any() && cfg.cluster.compute == Compute::Functions {
         dir.event(
             "fault_injected",
             json!({ "fault": "function_faults", "targets": ["functions"], "round": 0, "rates": cfg.function.faults }),

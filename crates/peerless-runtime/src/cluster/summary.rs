@@ -73,7 +73,8 @@ pub struct ClusterSummary {
 }
 
 /// A node that died and was restarted by the launcher.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(default)]
 pub struct Recovery {
     /// `ps`.
     pub node: String,
@@ -92,7 +93,8 @@ pub struct Recovery {
 }
 
 /// How one node of the run ended (`summary.json`'s `nodes`).
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(default)]
 pub struct NodeOutcome {
     /// `peer`, `ps` or `worker`.
     pub node: String,
@@ -103,10 +105,10 @@ pub struct NodeOutcome {
     /// Whether it exited cleanly having done every round (filled in from its summary).
     pub completed: bool,
     /// Why the launcher stopped it, if it did.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub stopped: Option<String>,
     /// The error its last process reported, if it reported one.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
 }
 

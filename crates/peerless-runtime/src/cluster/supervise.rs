@@ -187,7 +187,7 @@ impl<'a> Supervisor<'a> {
     ) -> Self {
         let (tx, rx) = mpsc::channel();
         let is_ps = nodes.iter().any(|n| n.role == Role::Ps);
-        let versions_per_round = if is_ps { cfg.ps.versions_per_round(cfg.p2p.peers) } else { 1 };
+        let versions_per_round = if is_ps { cfg.ps.versions_per_round(cfg.cluster.nodes) } else { 1 };
         let slots = nodes.iter().map(|_| Slot::default()).collect();
         Supervisor {
             cfg,

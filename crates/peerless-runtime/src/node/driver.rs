@@ -85,11 +85,11 @@ impl Node {
         let model = Arc::new(Model::new(spec, run.model.backend)?);
         let limits = Limits { params: model.num_params() };
         let (net, my_id) = Net::open(&file, plan.ids, limits, plan.request_timeout)?;
-        let p2p = &run.p2p;
+        let cluster = &run.cluster;
         let sampler = Arc::new(Sampler::new(
             split.train.len(),
-            p2p.peers,
-            p2p.functions_per_peer,
+            cluster.nodes,
+            cluster.functions_per_node,
             run.train.batch_size,
             run.seed,
         ));

@@ -30,8 +30,8 @@ pub struct NodeSection {
     /// Addresses of the nodes this one dials (a peer: the other peers; a worker: the PS),
     /// dialled at start and redialled while unreachable.
     pub bootstrap: Vec<String>,
-    /// Peer ids admitted, in index order. Empty: derived from `run.p2p.secret` for indices
-    /// `0..run.p2p.peers`.
+    /// Peer ids admitted, in index order. Empty: derived from `run.cluster.secret` for indices
+    /// `0..run.cluster.nodes`.
     pub allow: Vec<String>,
     /// The node's directory (identity, checkpoint, metrics, events, summary).
     pub dir: PathBuf,
@@ -70,13 +70,13 @@ impl NodeFile {
         let f: NodeFile = toml::from_str(&text)
             .map_err(|e| ConfigError::Parse { origin: path.display().to_string(), message: e.to_string() })?;
         f.run.validate()?;
-        let n = f.run.p2p.peers;
+        let n = f.run.cluster.nodes;
         // Index `peers` is the parameter server of a PS run.
         if f.node.index > n && f.node.allow.is_empty() {
             return Err(ConfigError::Invalid {
                 key: "node.index".into(),
                 value: f.node.index.to_string(),
-                reason: format!("must be at most run.p2p.peers = {n}"),
+                reason: format!("must be at most run.cluster.nodes = {n}"),
             });
         }
         Ok(f)

@@ -58,9 +58,11 @@ impl Net {
     ) -> Result<(Net, PeerId), NodeError> {
         let me = file.node.index;
         let key_path = file.node.dir.join("identity.key");
-        let keypair =
-            transport::load_or_save_keypair(&key_path, transport::derive_keypair(&file.run.p2p.secret, me))
-                .map_err(io_err(&key_path))?;
+        let keypair = transport::load_or_save_keypair(
+            &key_path,
+            transport::derive_keypair(&file.run.cluster.secret, me),
+        )
+        .map_err(io_err(&key_path))?;
         let my_id = keypair.public().to_peer_id();
         let index_of: HashMap<PeerId, PeerIdx> =
             ids.iter().enumerate().map(|(i, p)| (*p, i as PeerIdx)).collect();
@@ -197,8 +199,8 @@ pub(crate) fn run_ids(file: &NodeFile, count: u32) -> Result<Vec<PeerId>, NodeEr
             .map(|s| s.parse::<PeerId>().map_err(|e| NodeError::Config(format!("node.allow: {s:?}: {e}"))))
             .collect();
     }
-    if file.run.p2p.secret.is_empty() {
-        return Err(NodeError::Config("p2p.secret is empty and node.allow lists no peer ids".into()));
+    if file.run.cluster.secret.is_empty() {
+        return Err(NodeError::Config("cluster.secret is empty and node.allow lists no peer ids".into()));
     }
-    Ok((0..count).map(|i| transport::derive_peer_id(&file.run.p2p.secret, i)).collect())
+    Ok((0..count).map(|i| transport::derive_peer_id(&file.run.cluster.secret, i)).collect())
 }

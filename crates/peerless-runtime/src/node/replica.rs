@@ -43,7 +43,7 @@ impl Replica {
         let mut replica = Replica {
             params: model.init(run.seed),
             optimizer: Optimizer::new(run.optimizer.clone(), n)?,
-            aggregator: run.p2p.aggregator.build(),
+            aggregator: run.cluster.aggregator.build(),
             agg: vec![0f32; n],
             ck_path,
         };

@@ -156,7 +156,7 @@ impl Job {
             dataset: run.data.dataset.to_string(),
             data_dir,
             backend_name: run.model.backend.to_string(),
-            aggregation: run.p2p.aggregation,
+            aggregation: run.cluster.aggregation,
             flip_labels: false,
         }
     }
@@ -452,20 +452,20 @@ impl GradientBackend {
         me: u32,
         command: FunctionCommand,
     ) -> Result<GradientBackend, NodeError> {
-        let p2p = &run.p2p;
-        Ok(match p2p.compute {
+        let cluster = &run.cluster;
+        Ok(match cluster.compute {
             Compute::Local => GradientBackend::Local,
             Compute::Functions => {
                 let runtime =
                     crate::function::start(run.function.clone(), command, run.seed ^ (u64::from(me) << 40))
                         .map_err(|e| NodeError::Config(e.to_string()))?;
-                let (embedded, store_url) = if p2p.store == "embedded" {
-                    let h = EmbeddedServer::spawn(([127, 0, 0, 1], 0).into(), Some(p2p.secret.clone()))
+                let (embedded, store_url) = if cluster.store == "embedded" {
+                    let h = EmbeddedServer::spawn(([127, 0, 0, 1], 0).into(), Some(cluster.secret.clone()))
                         .map_err(|e| NodeError::Network(format!("embedded store: {e}")))?;
                     let url = h.url();
                     (Some(h), url)
                 } else {
-                    (None, p2p.store.clone())
+                    (None, cluster.store.clone())
                 };
                 let store = RedisStore::connect(&store_url)
                     .await

@@ -40,10 +40,10 @@ pub async fn run(
     data_dir: PathBuf,
     mut stop: watch::Receiver<bool>,
 ) -> Result<NodeSummary, NodeError> {
-    let p2p = &file.run.p2p;
+    let cluster = &file.run.cluster;
     let plan = NetPlan {
-        ids: run_ids(&file, p2p.peers)?,
-        request_timeout: Duration::from_millis(3 * p2p.deadline_ceiling_ms + p2p.start_timeout_ms),
+        ids: run_ids(&file, cluster.nodes)?,
+        request_timeout: Duration::from_millis(3 * cluster.deadline_ceiling_ms + cluster.start_timeout_ms),
     };
     let mut node = Node::open(file, data_dir, plan)?;
     let mut peer = Peer::start(&mut node, command).await?;
@@ -98,15 +98,15 @@ impl Peer {
         let (run, me) = (&node.file.run, node.me);
         let cfg = RoundConfig {
             me,
-            members: (0..run.p2p.peers).collect(),
+            members: (0..run.cluster.nodes).collect(),
             total_rounds: node.rounds,
             checkpoint_every: run.train.checkpoint_every,
             deadline: DeadlinePolicy {
-                floor_ms: run.p2p.deadline_floor_ms,
-                ceiling_ms: run.p2p.deadline_ceiling_ms,
-                factor: run.p2p.deadline_factor,
+                floor_ms: run.cluster.deadline_floor_ms,
+                ceiling_ms: run.cluster.deadline_ceiling_ms,
+                factor: run.cluster.deadline_factor,
             },
-            start_timeout_ms: run.p2p.start_timeout_ms,
+            start_timeout_ms: run.cluster.start_timeout_ms,
         };
         let (total, rpe, id) = (node.rounds, node.rpe, node.my_id.to_string());
         node.event(json!({ "event": "start", "peer_id": id, "total_rounds": total, "rounds_per_epoch": rpe, "start": format!("{start:?}") }));

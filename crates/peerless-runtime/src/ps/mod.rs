@@ -29,11 +29,11 @@ pub(crate) mod worker;
 /// How the network of a PS run is set up: the workers and the PS, and requests that may
 /// wait (a long poll) up to an hour past the round deadline.
 fn plan(file: &NodeFile) -> Result<NetPlan, NodeError> {
-    let p2p = &file.run.p2p;
+    let cluster = &file.run.cluster;
     Ok(NetPlan {
-        ids: run_ids(file, p2p.peers + 1)?,
+        ids: run_ids(file, cluster.nodes + 1)?,
         request_timeout: Duration::from_millis(
-            3 * p2p.deadline_ceiling_ms + p2p.start_timeout_ms + 3_600_000,
+            3 * cluster.deadline_ceiling_ms + cluster.start_timeout_ms + 3_600_000,
         ),
     })
 }

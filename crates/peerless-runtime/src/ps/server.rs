@@ -50,7 +50,7 @@ impl Server {
     /// Prints the ready line.
     pub(crate) fn start(node: &mut Node) -> Result<Server, NodeError> {
         let run = &node.file.run;
-        let n = run.p2p.peers;
+        let n = run.cluster.nodes;
         let vpr = run.ps.versions_per_round(n);
         let total = node.rounds * vpr;
         let cfg = PsConfig {
@@ -58,11 +58,11 @@ impl Server {
             total_rounds: total,
             checkpoint_every: run.train.checkpoint_every * vpr,
             deadline: DeadlinePolicy {
-                floor_ms: run.p2p.deadline_floor_ms,
-                ceiling_ms: run.p2p.deadline_ceiling_ms,
-                factor: run.p2p.deadline_factor,
+                floor_ms: run.cluster.deadline_floor_ms,
+                ceiling_ms: run.cluster.deadline_ceiling_ms,
+                factor: run.cluster.deadline_factor,
             },
-            start_timeout_ms: run.p2p.start_timeout_ms,
+            start_timeout_ms: run.cluster.start_timeout_ms,
             mode: run.ps.mode(),
         };
         let asynchronous = run.ps.mode == PsModeName::Async;

@@ -64,7 +64,7 @@ impl Worker {
             .map_err(|e| NodeError::Config(format!("node.bootstrap: {e}")))?;
         let work = Work::start(node, command).await?;
         let run = &node.file.run;
-        let vpr = run.ps.versions_per_round(run.p2p.peers);
+        let vpr = run.ps.versions_per_round(run.cluster.nodes);
         let cfg = WorkerConfig {
             me: node.me,
             total_rounds: node.rounds * vpr,
@@ -73,7 +73,7 @@ impl Worker {
             dial_every_ms: 1_000,
         };
         let machine = Machine::new(cfg, Rng::derive(run.seed, "worker-backoff", u64::from(node.me)));
-        let ps = run.p2p.peers;
+        let ps = run.cluster.nodes;
         let id = node.my_id.to_string();
         node.event(json!({ "event": "start", "role": "worker", "peer_id": id }));
         NodeLine::Ready { ready: node.me }.print();

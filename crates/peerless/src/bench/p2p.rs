@@ -76,7 +76,7 @@ fn median(mut v: Vec<f64>) -> f64 {
 fn cluster(base: &RunConfig, peers: u32, rounds: u64, dir: &Path) -> Result<ClusterBench> {
     let mut cfg = base.clone();
     cfg.train.arch = TrainArch::P2p;
-    cfg.p2p.peers = peers;
+    cfg.cluster.nodes = peers;
     cfg.train.rounds = rounds;
     cfg.train.eval_every = rounds + 1;
     let out = dir.join(format!("p{peers}"));
@@ -110,7 +110,7 @@ fn cluster(base: &RunConfig, peers: u32, rounds: u64, dir: &Path) -> Result<Clus
     }
     let [compute, wait, exchange, aggregate, update] = cols;
     let round_ms = median(round_ms);
-    let global_batch = f64::from(peers * cfg.p2p.functions_per_peer) * cfg.train.batch_size as f64;
+    let global_batch = f64::from(peers * cfg.cluster.functions_per_node) * cfg.train.batch_size as f64;
     Ok(ClusterBench {
         peers,
         rounds,
@@ -240,7 +240,7 @@ pub fn run_cli(args: crate::cli::BenchP2pArgs) -> Result<std::process::ExitCode>
             DatasetName::Digits
         }
     });
-    cfg.p2p.compute = args.compute;
+    cfg.cluster.compute = args.compute;
     let tmp;
     let dir = match args.out {
         Some(d) => d,

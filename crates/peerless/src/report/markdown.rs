@@ -371,10 +371,12 @@ fn serverless_vs_serverful(md: &mut String, exp: &Experiment) {
     let (Some(sf), Some(sl)) = (serverful, base) else {
         let mut need = Vec::new();
         if serverful.is_none() {
-            need.push("a scenario whose P2P runs compute gradients in the peers (`p2p.compute = \"local\"`)");
+            need.push(
+                "a scenario whose P2P runs compute gradients in the peers (`cluster.compute = \"local\"`)",
+            );
         }
         if base.is_none() {
-            need.push("a fault-free scenario whose P2P runs compute gradients in functions (`p2p.compute = \"functions\"`)");
+            need.push("a fault-free scenario whose P2P runs compute gradients in functions (`cluster.compute = \"functions\"`)");
         }
         let _ = writeln!(md, "Not measured: this experiment lacks {}.\n", need.join(" and "));
         let _ = writeln!(
@@ -427,7 +429,7 @@ fn aggregation(md: &mut String, exp: &Experiment) {
     let (Some(fe), Some(st)) = (fetch, base) else {
         let mut need = Vec::new();
         if fetch.is_none() {
-            need.push("a scenario whose P2P runs aggregate by fetching (`p2p.aggregation = \"fetch\"`)");
+            need.push("a scenario whose P2P runs aggregate by fetching (`cluster.aggregation = \"fetch\"`)");
         }
         if base.is_none() {
             need.push("a fault-free scenario whose P2P runs aggregate in the store with functions");
@@ -556,7 +558,7 @@ fn robustness_tables(exp: &Experiment) -> std::collections::BTreeMap<(String, u3
                     .or_default()
                     .entry(r.aggregator.clone())
                     .or_default()
-                    .push(r.summary.test_accuracy * 100.0);
+                    .push(f64::from(r.summary.test_accuracy) * 100.0);
             }
         }
     }

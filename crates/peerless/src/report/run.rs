@@ -5,58 +5,12 @@ use std::collections::BTreeMap;
 use std::path::Path;
 
 use anyhow::{Context, Result, bail};
-use serde::Deserialize;
 
 use super::stats::{self, Completion};
 
-/// The fields of `summary.json` the report reads; the rest of the file is ignored, and a
-/// missing field reads as its default, so older and newer runs both load.
-#[derive(Debug, Clone, Default, Deserialize)]
-#[serde(default)]
-pub struct Summary {
-    /// `p2p` or `ps`.
-    pub arch: String,
-    /// `functions` or `local`.
-    pub compute: String,
-    /// Seed.
-    pub seed: u64,
-    /// Peers (P2P) or workers (PS).
-    pub peers: u32,
-    /// Whether the run finished.
-    pub completed: bool,
-    /// Rounds done.
-    pub rounds: u64,
-    /// Final test accuracy, 0..1.
-    pub test_accuracy: f64,
-    /// Launcher wall time, s.
-    pub wall_time_s: f64,
-    /// Function invocation attempts.
-    pub invocations: u64,
-    /// Cold starts.
-    pub cold_starts: u64,
-    /// Total cost, USD.
-    pub total_cost_usd: f64,
-    /// Per node.
-    pub per_peer: Vec<NodeSummary>,
-    /// Nodes the launcher restarted.
-    pub recoveries: Vec<RecoverySummary>,
-}
-
-/// The per-node fields of `summary.json` the report reads.
-#[derive(Debug, Clone, Default, Deserialize)]
-#[serde(default)]
-pub struct NodeSummary {
-    /// Failed invocation attempts that were retried.
-    pub retries: u64,
-}
-
-/// A launcher-measured restart.
-#[derive(Debug, Clone, Default, Deserialize)]
-#[serde(default)]
-pub struct RecoverySummary {
-    /// Rounds done again after the restart.
-    pub rounds_lost: Option<u64>,
-}
+/// A cluster run's `summary.json`, read through the launcher's own type (fields a run
+/// predates read as their default).
+pub type Summary = peerless_runtime::cluster::ClusterSummary;
 
 /// A fault the launcher injected, `t` in seconds since the run's start.
 #[derive(Debug, Clone, PartialEq)]
@@ -76,11 +30,11 @@ pub struct Fault {
 pub struct Run {
     /// The summary.
     pub summary: Summary,
-    /// `p2p.compute` from config.toml (`functions` unless set).
+    /// `cluster.compute` from config.toml (`functions` unless set).
     pub compute: String,
-    /// `p2p.aggregation` from config.toml, when the key exists.
+    /// `cluster.aggregation` from config.toml, when the key exists.
     pub aggregation: Option<String>,
-    /// `p2p.aggregator` from config.toml as a label: `mean`, `krum`, `trimmed-mean (beta = 0.2)`.
+    /// `cluster.aggregator` from config.toml as a label: `mean`, `krum`, `trimmed-mean (beta = 0.2)`.
     pub aggregator: String,
     /// Whether config.toml sets a non-zero function fault rate (`[function.faults]`).
     pub function_faults: bool,
@@ -153,7 +107,7 @@ impl Run {
         let from_launcher: u64 = self.summary.recoveries.iter().filter_map(|r| r.rounds_lost).sum();
         Figures {
             time_to_target: target_accuracy.map(|t| stats::time_to_target(&self.evals, t)),
-            final_accuracy: self.summary.test_accuracy,
+            final_accuracy: f64::from(self.summary.test_accuracy),
             wall_time_s: self.summary.wall_time_s,
             downtime_s: stats::downtime(&progress),
             // An attack is not an outage: nothing to recover from.
@@ -230,8 +184,9 @@ impl ConfigLabels {
             Ok(t) => toml::from_str(&t).with_context(|| format!("parsing {}", path.display()))?,
             Err(_) => toml::Value::Table(Default::default()),
         };
-        let p2p = config.get("p2p");
-        let key = |k: &str| p2p.and_then(|t| t.get(k)).and_then(|v| v.as_str()).map(str::to_owned);
+        // `[cluster]`; runs before 0.2 have these keys under `[p2p]`.
+        let value = |k: &str| ["cluster", "p2p"].iter().find_map(|s| config.get(s).and_then(|t| t.get(k)));
+        let key = |k: &str| value(k).and_then(|v| v.as_str()).map(str::to_owned);
         let function_faults =
             config.get("function").and_then(|f| f.get("faults")).and_then(|f| f.as_table()).is_some_and(
                 |t| t.iter().any(|(k, v)| k.ends_with("_rate") && v.as_float().is_some_and(|r| r > 0.0)),
@@ -239,7 +194,7 @@ impl ConfigLabels {
         Ok(ConfigLabels {
             compute: key("compute").unwrap_or_else(|| summary.compute.clone()),
             aggregation: key("aggregation"),
-            aggregator: p2p.and_then(|t| t.get("aggregator")).map_or_else(|| "mean".to_owned(), rule_label),
+            aggregator: value("aggregator").map_or_else(|| "mean".to_owned(), rule_label),
             function_faults,
         })
     }

@@ -204,7 +204,7 @@ fn an_experiment_reports_a_broken_run_as_failed_with_its_error_and_goes_on() {
     let scenario = |name: &str, dataset: &str| {
         let text = format!(
             "description = \"test\"\ntarget_accuracy = 0.5\ntimeout_s = 300\n[run]\ndata.dataset = \"{dataset}\"\n\
-             train.rounds = 20\np2p.peers = 2\np2p.functions_per_peer = 1\n"
+             train.rounds = 20\ncluster.nodes = 2\ncluster.functions_per_node = 1\n"
         );
         std::fs::write(scenarios.join(format!("{name}.toml")), text).unwrap();
     };

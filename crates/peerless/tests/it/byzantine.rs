@@ -14,8 +14,8 @@ use crate::summary;
 fn scenario(dir: &Path, name: &str, nodes: u32, rule: &str, attackers: &[(u32, &str, u64)]) -> PathBuf {
     let mut text = format!(
         "description = \"test\"\ntarget_accuracy = 0.5\n[run]\ndata.dataset = \"digits\"\n\
-         train.rounds = 100\ntrain.checkpoint_every = 0\np2p.peers = {nodes}\np2p.functions_per_peer = 1\n\
-         p2p.aggregator = \"{rule}\"\noptimizer = {{ kind = \"sgd\", lr = 0.05, momentum = 0.9 }}\n"
+         train.rounds = 100\ntrain.checkpoint_every = 0\ncluster.nodes = {nodes}\ncluster.functions_per_node = 1\n\
+         cluster.aggregator = \"{rule}\"\noptimizer = {{ kind = \"sgd\", lr = 0.05, momentum = 0.9 }}\n"
     );
     for (node, attack, from) in attackers {
         text.push_str(&format!(
@@ -162,7 +162,7 @@ async fn a_poisoned_in_store_sum_is_refused_and_the_round_redone_from_checked_gr
         store.accumulate(&format!("peer{peer}/grad/8"), "hostile", &vec![1.0; n]).await.unwrap();
     }
     let args = ["--peers", "2", "--functions-per-peer", "2", "--rounds", "16", "--lr", "0.05", "--seed", "5"];
-    let calm = "[p2p]\ndeadline_floor_ms = 60000\ndeadline_ceiling_ms = 60000\n";
+    let calm = "[cluster]\ndeadline_floor_ms = 60000\ndeadline_ceiling_ms = 60000\n";
     let mut digests = Vec::new();
     for (name, store) in [("poisoned", server.url()), ("clean", "embedded".to_string())] {
         let config = tmp.path().join(format!("{name}.toml"));

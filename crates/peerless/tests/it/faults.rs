@@ -11,7 +11,7 @@ use crate::{peerless, run, summary};
 fn scenario(dir: &Path, name: &str, rounds: u32, extra: &str) -> std::path::PathBuf {
     let text = format!(
         "description = \"test\"\ntarget_accuracy = 0.5\n[run]\ndata.dataset = \"digits\"\n\
-         train.rounds = {rounds}\ntrain.checkpoint_every = 10\np2p.peers = 3\np2p.functions_per_peer = 2\n\
+         train.rounds = {rounds}\ntrain.checkpoint_every = 10\ncluster.nodes = 3\ncluster.functions_per_node = 2\n\
          optimizer = {{ kind = \"sgd\", lr = 0.05, momentum = 0.9 }}\n{extra}"
     );
     let p = dir.join(format!("{name}.toml"));

@@ -105,7 +105,7 @@ fn survivors_of_a_sigkilled_peer_continue_without_waiting_for_the_deadline() {
     // A 60 s deadline floor: a survivor that waited for the dead peer instead of dropping it
     // at once would show it in the round times and as a suspicion.
     let cfg = tmp.path().join("run.toml");
-    std::fs::write(&cfg, "[p2p]\ndeadline_floor_ms = 60000\ndeadline_ceiling_ms = 60000\n").unwrap();
+    std::fs::write(&cfg, "[cluster]\ndeadline_floor_ms = 60000\ndeadline_ceiling_ms = 60000\n").unwrap();
     let child = peerless()
         .args(["train", "--config"])
         .arg(&cfg)
@@ -150,7 +150,7 @@ fn survivors_of_a_sigkilled_peer_continue_without_waiting_for_the_deadline() {
 /// for digest must not differ because a slow peer missed a deadline in one of them.
 fn calm_config(dir: &Path) -> String {
     let p = dir.join("calm.toml");
-    std::fs::write(&p, "[p2p]\ndeadline_floor_ms = 60000\ndeadline_ceiling_ms = 60000\n").unwrap();
+    std::fs::write(&p, "[cluster]\ndeadline_floor_ms = 60000\ndeadline_ceiling_ms = 60000\n").unwrap();
     p.display().to_string()
 }
 
@@ -227,11 +227,11 @@ fn a_peer_off_the_allow_list_is_refused_and_training_is_unaffected() {
     peer.insert("progress".into(), false.into());
     peer.insert("index".into(), 3.into());
     peer.insert("allow".into(), toml::Value::Array(ids));
-    let mut p2p = file["run"]["p2p"].as_table().unwrap().clone();
-    p2p.insert("secret".into(), "not-the-run-secret".into());
-    p2p.insert("start_timeout_ms".into(), 60_000.into());
-    p2p.insert("compute".into(), "local".into());
-    file["run"].as_table_mut().unwrap().insert("p2p".into(), p2p.into());
+    let mut cluster = file["run"]["cluster"].as_table().unwrap().clone();
+    cluster.insert("secret".into(), "not-the-run-secret".into());
+    cluster.insert("start_timeout_ms".into(), 60_000.into());
+    cluster.insert("compute".into(), "local".into());
+    file["run"].as_table_mut().unwrap().insert("cluster".into(), cluster.into());
     let cfg = tmp.path().join("intruder.toml");
     std::fs::write(&cfg, toml::to_string(&file).unwrap()).unwrap();
     let mut intruder = peerless()

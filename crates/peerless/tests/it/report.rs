@@ -54,7 +54,10 @@ fn report_holds_the_runs_numbers_and_writes_png_and_svg_charts() {
     expect("Recovery time (s)", &|_| "no fault".into());
     assert!(md.contains("peerless experiment scenarios/no-faults.toml"), "{md}");
     assert!(md.contains("`no-faults/p2p/seed-2`"), "{md}");
-    assert!(md.contains("## Serverless vs serverful P2P") && md.contains("p2p.compute = \"local\""), "{md}");
+    assert!(
+        md.contains("## Serverless vs serverful P2P") && md.contains("cluster.compute = \"local\""),
+        "{md}"
+    );
 
     // The charts need DejaVu Sans (fonts-dejavu-core); without it the report says so and keeps
     // its tables. `.ci/run` installs the font and requires the charts.
