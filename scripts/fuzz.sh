@@ -13,6 +13,10 @@
 # seeded by each target from the code (and scenarios/ for the scenario target); a crash stops
 # the script with its input in fuzz/artifacts/<target>/. Extra libFuzzer flags:
 # FUZZ_FLAGS="-jobs=2 -workers=2" scripts/fuzz.sh 600 config
+#
+# fuzz/seeds/<target>/ is committed: every run starts from it too, so CI's short runs re-check
+# what long runs found (and the regression inputs of fixed failures). After a long run,
+# FUZZ_KEEP=1 merges the inputs that add coverage into it (libFuzzer -merge=1).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -49,7 +53,8 @@ for t in "${targets[@]}"; do
   # -timeout: one input taking 10 s is a hang; -rss_limit_mb: 2 GB is an unbounded allocation.
   status=0
   # shellcheck disable=SC2086
-  PEERLESS_FUZZ_SEED_DIR="$corpus" "${fuzz[@]}" "$t" "$corpus" -- \
+  mkdir -p "fuzz/seeds/$t"
+  PEERLESS_FUZZ_SEED_DIR="$corpus" "${fuzz[@]}" "$t" "$corpus" "fuzz/seeds/$t" -- \
     -max_total_time="$seconds" -timeout=10 -rss_limit_mb=2048 -print_final_stats=1 ${FUZZ_FLAGS:-} \
     >"$log" 2>&1 || status=$?
   grep -E '^#[0-9]+ +DONE|^stat::(number_of_executed_units|peak_rss_mb)' "$log" || true
@@ -60,5 +65,10 @@ for t in "${targets[@]}"; do
     exit 1
   fi
   rm -f "$log"
+  if [ "${FUZZ_KEEP:-0}" = 1 ]; then
+    before=$(find "fuzz/seeds/$t" -type f | wc -l)
+    "${fuzz[@]}" "$t" "fuzz/seeds/$t" "$corpus" -- -merge=1 >/dev/null 2>&1
+    echo "kept $(($(find "fuzz/seeds/$t" -type f | wc -l) - before)) new inputs in fuzz/seeds/$t"
+  fi
 done
 echo "--- fuzzed ${#targets[@]} targets for ${seconds} s each"

@@ -608,7 +608,7 @@ echo '{"ready":0}'; sleep 30"#;
     #[test]
     fn a_node_still_running_after_the_result_is_in_is_stopped_after_the_grace_period() {
         let body = r#"echo "{\"ready\":$node}"
-if [ "$node" = 0 ]; then echo '{"peer":0,"round":1,"total":1,"loss":0.5,"view":2}'; exit 0; fi
+if [ "$node" = 0 ]; then echo '{"node":0,"round":1,"total":1,"loss":0.5,"view":2}'; exit 0; fi
 sleep 30"#;
         let (ran, said) = supervise(body, 2, 200);
         assert!(ran.fatal.is_none(), "{:?}", ran.fatal);

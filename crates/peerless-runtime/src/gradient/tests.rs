@@ -658,3 +658,29 @@ async fn overhead_of_the_function_path() {
     eprintln!("embedded RESP store on loopback: handle {w:.3} ms; overhead over direct {:.3} ms", w - dm);
     server.shutdown().await;
 }
+
+/// Found by `fuzz/fuzz_targets/gradient_request.rs` after four minutes (issue #20): a
+/// `compute_ms` written with a long decimal expansion decoded to a neighbour of its value,
+/// whose shortest encoding then decoded to another. JSON floats now decode correctly rounded
+/// (serde_json's `float_roundtrip`), so decode → encode → decode is stable.
+#[test]
+fn a_response_s_floats_decode_correctly_rounded_and_round_trip() {
+    let response = |ms: &str| {
+        format!(
+            r#"{{"key":"k","len":1,"loss":2.25,"samples":1,"compute_ms":{ms},"applied":true,"cold":false}}"#
+        )
+    };
+    let found = "1.1111111111110000445766447492118";
+    let mut cases = vec![found.to_owned()];
+    for zeros in 1..200 {
+        for tail in ["445766447492118", "5", "49999999999999999"] {
+            cases.push(format!("1.111111111111{}{tail}", "0".repeat(zeros)));
+        }
+    }
+    for ms in cases {
+        let r: GradientResponse = serde_json::from_str(&response(&ms)).unwrap();
+        assert_eq!(r.compute_ms, ms.parse::<f64>().unwrap(), "{ms} decodes to its nearest f64");
+        let back: GradientResponse = serde_json::from_str(&serde_json::to_string(&r).unwrap()).unwrap();
+        assert_eq!(back, r, "{ms}");
+    }
+}

@@ -18,14 +18,15 @@ use peerless_core::flat::digest;
 use peerless_core::protocol::PeerIdx;
 use peerless_core::wire::Limits;
 use peerless_ml::{Model, ModelSpec, Split};
-use serde_json::json;
 use tokio::sync::{mpsc, watch};
 
 use super::net::{Net, NetEvent};
 use super::sampler::Sampler;
 use super::transport::BehaviourEvent;
 use super::work::LocalResult;
-use super::{Files, NodeError, NodeFile, NodeLine, NodeRow, NodeSummary, Progress, io_err, unix_ms};
+use super::{
+    Files, NodeError, NodeEvent, NodeFile, NodeLine, NodeRow, NodeSummary, Progress, io_err, unix_ms,
+};
 
 /// What gradient work reports.
 pub(crate) type Computed = Result<LocalResult, NodeError>;
@@ -122,13 +123,13 @@ impl Node {
     }
 
     /// Records an event in `events.jsonl`.
-    pub(crate) fn event(&mut self, v: serde_json::Value) {
-        self.files.event(self.me, v);
+    pub(crate) fn event(&mut self, ev: NodeEvent) {
+        self.files.event(self.me, &ev);
     }
 
     /// Records an event a protocol machine emitted.
     pub(crate) fn machine_event(&mut self, e: &peerless_core::protocol::Event) {
-        self.event(serde_json::to_value(e).unwrap_or_default());
+        self.files.event(self.me, e);
     }
 
     /// Where gradient work reports its result.
@@ -227,7 +228,11 @@ impl Node {
 
     /// Records the `finish` event and writes `summary.json`.
     pub(crate) fn finish(&mut self, s: &NodeSummary) -> Result<(), NodeError> {
-        self.event(json!({ "event": "finish", "round": s.rounds, "test_accuracy": s.test_accuracy, "digest": s.param_digest }));
+        self.event(NodeEvent::Finish {
+            round: s.rounds,
+            test_accuracy: s.test_accuracy,
+            digest: s.param_digest.clone(),
+        });
         let path = self.file.node.dir.join("summary.json");
         let text = serde_json::to_string_pretty(s).expect("invariant: summary serializes");
         crate::checkpoint::write_atomic(&path, text.as_bytes()).map_err(io_err(&path))
@@ -338,17 +343,17 @@ pub(crate) async fn drive<R: Role>(
             Wake::Computed(Ok(r)) => inputs.extend(role.on_computed(node, r)),
             Wake::Computed(Err(NodeError::Diverged { round, reason })) => {
                 tracing::error!(node = node.me, round, %reason, "the model diverged; training stops");
-                node.event(json!({ "event": "diverged", "round": round, "reason": reason }));
+                node.event(NodeEvent::Diverged { round, reason });
                 return Ok(Ending::Diverged);
             }
             Wake::Computed(Err(e)) => return Err(e),
             Wake::Evaluated(e) => {
-                node.event(json!({ "event": "eval", "round": e.round, "test_loss": e.loss, "test_accuracy": e.accuracy }));
+                node.event(NodeEvent::Eval { round: e.round, test_loss: e.loss, test_accuracy: e.accuracy });
                 node.evaluated = Some(e);
             }
             Wake::Timer => inputs.push_back(R::tick()),
             Wake::Interrupted => {
-                node.event(json!({ "event": "stop", "round": role.round(), "reason": "interrupted" }));
+                node.event(NodeEvent::Stop { round: role.round(), reason: "interrupted".into() });
                 return Ok(Ending::Interrupted);
             }
         }

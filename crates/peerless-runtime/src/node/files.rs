@@ -38,8 +38,11 @@ impl Files {
         Ok(Files { dir: dir.to_owned(), metrics, events: BufWriter::new(f) })
     }
 
-    pub(crate) fn event(&mut self, peer: PeerIdx, v: serde_json::Value) {
+    /// Appends `ev` (a [`super::NodeEvent`] or a machine's event), stamped with the time and
+    /// `peer`, to `events.jsonl`.
+    pub(crate) fn event(&mut self, peer: PeerIdx, ev: &impl serde::Serialize) {
         let mut obj = json!({ "t_ms": unix_ms(), "peer": peer });
+        let v = serde_json::to_value(ev).unwrap_or_default();
         if let (Some(o), serde_json::Value::Object(extra)) = (obj.as_object_mut(), v) {
             o.extend(extra);
         }

@@ -17,8 +17,8 @@
 //!   checkpoints, evaluation.
 //! - [`work`] — the gradient work of a peer or worker: functions or in-process, retries, the
 //!   outgoing message (through the attacker of a Byzantine node).
-//! - [`files`], [`row`], [`file`] — `metrics.csv` and `events.jsonl`; the typed metrics row;
-//!   the node file and `summary.json`.
+//! - [`files`], [`row`], [`events`], [`file`] — `metrics.csv` and `events.jsonl`; the typed
+//!   metrics row and events; the node file and `summary.json`.
 
 use std::path::{Path, PathBuf};
 
@@ -26,6 +26,7 @@ use peerless_core::protocol::PeerIdx;
 use serde::{Deserialize, Serialize};
 
 pub(crate) mod driver;
+mod events;
 mod file;
 mod files;
 pub(crate) mod net;
@@ -35,6 +36,7 @@ pub mod sampler;
 pub mod transport;
 pub(crate) mod work;
 
+pub use events::NodeEvent;
 pub(crate) use file::null_as_nan;
 pub use file::{NodeFile, NodeSection, NodeSummary};
 pub(crate) use files::{Files, unix_ms};
@@ -126,7 +128,8 @@ pub enum NodeLine {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Progress {
     /// The node's index.
-    pub peer: PeerIdx,
+    #[serde(alias = "peer")]
+    pub node: PeerIdx,
     /// Rounds (PS: model versions) done.
     pub round: u64,
     /// Rounds (versions) in the run.

@@ -11,10 +11,9 @@ use libp2p::swarm::{ListenError, SwarmEvent};
 use libp2p::{Multiaddr, PeerId, Swarm};
 use peerless_core::protocol::PeerIdx;
 use peerless_core::wire::{self, Limits, Message, WireError};
-use serde_json::json;
 
 use super::transport::{self, Behaviour, BehaviourEvent};
-use super::{Files, NodeError, NodeFile, io_err};
+use super::{Files, NodeError, NodeEvent, NodeFile, io_err};
 
 /// What a role acts on from the network.
 #[derive(Debug)]
@@ -123,24 +122,21 @@ impl Net {
         match ev {
             SwarmEvent::NewListenAddr { address, .. } => {
                 tracing::info!(node = me, %address, "listening");
-                files.event(me, json!({ "event": "listening", "address": address.to_string() }));
+                files.event(me, &NodeEvent::Listening { address: address.to_string() });
                 None
             }
             SwarmEvent::ConnectionEstablished { peer_id, endpoint, num_established, .. } => {
                 let node = *self.index_of.get(&peer_id)?;
                 let first = num_established.get() == 1;
                 if first {
-                    files.event(
-                        me,
-                        json!({ "event": "connected", "to": node, "peer_id": peer_id.to_string() }),
-                    );
+                    files.event(me, &NodeEvent::Connected { to: node, peer_id: peer_id.to_string() });
                 }
                 let dialed = endpoint.is_dialer().then(|| endpoint.get_remote_address().clone());
                 Some(NetEvent::Connected { node, first, dialed })
             }
             SwarmEvent::ConnectionClosed { peer_id, num_established: 0, .. } => {
                 let node = *self.index_of.get(&peer_id)?;
-                files.event(me, json!({ "event": "disconnected", "to": node }));
+                files.event(me, &NodeEvent::Disconnected { to: node });
                 Some(NetEvent::Disconnected { node })
             }
             SwarmEvent::IncomingConnectionError {
@@ -152,7 +148,14 @@ impl Net {
                 self.refused += 1;
                 let id = peer_id.map(|p| p.to_string()).unwrap_or_default();
                 tracing::warn!(node = me, from = %id, addr = %send_back_addr, "refused a connection from a peer not on the allow-list");
-                files.event(me, json!({ "event": "refused", "peer_id": id, "addr": send_back_addr.to_string(), "reason": "not on the allow-list" }));
+                files.event(
+                    me,
+                    &NodeEvent::Refused {
+                        peer_id: id,
+                        addr: send_back_addr.to_string(),
+                        reason: "not on the allow-list".into(),
+                    },
+                );
                 None
             }
             SwarmEvent::Behaviour(BehaviourEvent::Rr(e)) => self.sort_rr(e),

@@ -13,11 +13,10 @@ use peerless_core::protocol::PeerIdx;
 use peerless_core::rng::Rng;
 use peerless_core::wire::{self, GradientMsg, Message};
 use peerless_ml::{Model, Split};
-use serde_json::json;
 use tokio::sync::mpsc;
 
 use super::driver::Node;
-use super::{Files, NodeError, io_err};
+use super::{Files, NodeError, NodeEvent, io_err};
 use crate::config::{Aggregation, Compute, RunConfig};
 use crate::function::{FunctionCommand, InvokeCtx, Invoker};
 use crate::store::embedded::{EmbeddedHandle, EmbeddedServer};
@@ -82,7 +81,7 @@ impl Outgoing {
         if attack.active(r.round) && !self.announced {
             self.announced = true;
             tracing::warn!(node = me, attack = %attack.kind, round = r.round, "this node attacks from now on");
-            files.event(me, json!({ "event": "attacking", "attack": attack.kind.name(), "round": r.round }));
+            files.event(me, &NodeEvent::Attacking { attack: attack.kind.name().into(), round: r.round });
         }
         let t = attacker.tamper(msg);
         (t.keep.grad, t.send)

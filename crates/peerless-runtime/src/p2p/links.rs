@@ -12,11 +12,10 @@ use peerless_core::flat::digest;
 use peerless_core::p2p::Input;
 use peerless_core::protocol::PeerIdx;
 use peerless_core::wire::{Message, WireError};
-use serde_json::json;
 
-use crate::node::NodeError;
 use crate::node::driver::Node;
 use crate::node::net::{Net, NetEvent, frame};
+use crate::node::{NodeError, NodeEvent};
 
 /// What an outbound request was.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -147,7 +146,7 @@ impl Links {
             Ok(msg) => msg,
             Err(err) => {
                 tracing::warn!(peer = node.me, from, %err, "rejected a malformed message");
-                node.event(json!({ "event": "rejected", "from": from, "error": err.to_string() }));
+                node.event(NodeEvent::Rejected { from, error: err.to_string() });
                 node.net.answer(channel, &Message::Refused { reason: format!("rejected: {err}") });
                 return Some(Input::Rejected(from));
             }
@@ -176,7 +175,10 @@ impl Links {
             }
             (Pending::Other, _) => None,
             (Pending::State, Ok(Message::State(s))) if digest(&s.params) != s.digest => {
-                node.event(json!({ "event": "rejected", "from": from, "error": "state digest does not match its parameters" }));
+                node.event(NodeEvent::Rejected {
+                    from,
+                    error: "state digest does not match its parameters".into(),
+                });
                 Some(Input::StateFailed(from))
             }
             (Pending::State, Ok(Message::State(s))) => Some(Input::State(from, s)),
@@ -185,7 +187,7 @@ impl Links {
                 Some(Input::StateFailed(from))
             }
             (Pending::State, Err(err)) => {
-                node.event(json!({ "event": "rejected", "from": from, "error": err.to_string() }));
+                node.event(NodeEvent::Rejected { from, error: err.to_string() });
                 Some(Input::StateFailed(from))
             }
         }

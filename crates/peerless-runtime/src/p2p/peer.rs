@@ -22,7 +22,6 @@ use peerless_core::flat::digest;
 use peerless_core::p2p::{Action, Input, Round, RoundConfig, Start};
 use peerless_core::protocol::{DeadlinePolicy, PeerIdx};
 use peerless_core::wire::{Message, StateMsg};
-use serde_json::json;
 use tokio::sync::watch;
 
 use super::links::{Links, Pending};
@@ -31,7 +30,7 @@ use crate::node::driver::{Ending, NetPlan, Node, Outcome, Role, drive};
 use crate::node::net::{NetEvent, frame, run_ids};
 use crate::node::replica::Replica;
 use crate::node::work::{LocalResult, Work};
-use crate::node::{NodeError, NodeFile, NodeLine, NodeRow, NodeSummary, Progress};
+use crate::node::{NodeError, NodeEvent, NodeFile, NodeLine, NodeRow, NodeSummary, Progress};
 
 /// Runs one peer until training is over (or `stop` is set, or `halt_at_round` is reached).
 pub async fn run(
@@ -109,7 +108,14 @@ impl Peer {
             start_timeout_ms: run.cluster.start_timeout_ms,
         };
         let (total, rpe, id) = (node.rounds, node.rpe, node.my_id.to_string());
-        node.event(json!({ "event": "start", "peer_id": id, "total_rounds": total, "rounds_per_epoch": rpe, "start": format!("{start:?}") }));
+        node.event(NodeEvent::Start {
+            role: None,
+            peer_id: id.clone(),
+            total_rounds: Some(total),
+            rounds_per_epoch: Some(rpe),
+            start: Some(format!("{start:?}")),
+            round: None,
+        });
         tracing::info!(peer = me, %id, total, "peer starting");
         NodeLine::Ready { ready: me }.print();
         Ok(Peer {
@@ -138,7 +144,7 @@ impl Peer {
             Action::Apply { round, inputs } => self.apply(node, round, &inputs)?,
             Action::Checkpoint { round } => {
                 self.replica.checkpoint(node, round, round / node.rpe)?;
-                node.event(json!({ "event": "checkpoint", "round": round }));
+                node.event(NodeEvent::Checkpoint { round });
             }
             Action::ServeState { to, round } => self.serve_state(node, round, &to),
             Action::RefuseState { to, reason } => {
@@ -227,7 +233,7 @@ impl Peer {
         node.files.metrics(&row);
         self.counted = inv;
         node.progress(Progress {
-            peer: node.me,
+            node: node.me,
             round: done,
             total: node.rounds,
             loss: Some(s.loss),
@@ -235,7 +241,7 @@ impl Peer {
             test_accuracy: row.test_accuracy,
         });
         if node.file.node.halt_at_round.is_some_and(|h| done >= h) {
-            node.event(json!({ "event": "halt", "round": done }));
+            node.event(NodeEvent::Halt { round: done });
             // Like a crash: no goodbye, no final checkpoint.
             std::process::exit(3);
         }
@@ -247,7 +253,7 @@ impl Peer {
         let msg = frame(&Message::State(self.replica.state(round)));
         for &p in to {
             self.links.answer_state_bytes(&mut node.net, p, msg.clone());
-            node.event(json!({ "event": "served_state", "to": p, "round": round }));
+            node.event(NodeEvent::ServedState { to: p, round });
         }
     }
 
@@ -255,7 +261,7 @@ impl Peer {
     fn adopt(&mut self, node: &mut Node, state: StateMsg) -> Result<(), NodeError> {
         let (round, d) = (state.round, state.digest);
         self.replica.adopt(state)?;
-        node.event(json!({ "event": "adopted", "round": round, "digest": d.to_string() }));
+        node.event(NodeEvent::Adopted { round, digest: d.to_string() });
         Ok(())
     }
 

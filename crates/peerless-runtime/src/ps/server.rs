@@ -10,14 +10,13 @@ use libp2p::request_response::ResponseChannel;
 use peerless_core::protocol::{DeadlinePolicy, PeerIdx};
 use peerless_core::ps::{Ps, PsAction, PsConfig, PsInput};
 use peerless_core::wire::{Message, WireError};
-use serde_json::json;
 
 use crate::config::PsModeName;
 use crate::node::driver::{Node, Outcome, Role};
 use crate::node::net::{NetEvent, frame};
 use crate::node::replica::Replica;
 use crate::node::work::LocalResult;
-use crate::node::{NodeError, NodeLine, NodeRow, NodeSummary, Progress};
+use crate::node::{NodeError, NodeEvent, NodeLine, NodeRow, NodeSummary, Progress};
 
 /// The parameter server: its machine, its replica, and the workers' requests.
 pub(crate) struct Server {
@@ -68,11 +67,18 @@ impl Server {
         let asynchronous = run.ps.mode == PsModeName::Async;
         let (replica, resumed) = Replica::open(node)?;
         if let Some(round) = resumed {
-            node.event(json!({ "event": "resume", "round": round }));
+            node.event(NodeEvent::Resume { round });
         }
         let start_round = resumed.unwrap_or(0);
         let id = node.my_id.to_string();
-        node.event(json!({ "event": "start", "role": "ps", "peer_id": id, "total_rounds": total, "round": start_round }));
+        node.event(NodeEvent::Start {
+            role: Some("ps".into()),
+            peer_id: id,
+            total_rounds: Some(total),
+            rounds_per_epoch: None,
+            start: None,
+            round: Some(start_round),
+        });
         NodeLine::Ready { ready: node.me }.print();
         Ok(Server {
             machine: Ps::new(cfg, start_round, 0),
@@ -96,7 +102,7 @@ impl Server {
             PsAction::Apply { round, inputs, staleness } => self.apply(node, round, &inputs, staleness)?,
             PsAction::Checkpoint { round } => {
                 self.replica.checkpoint(node, round, round / (node.rpe * self.vpr))?;
-                node.event(json!({ "event": "checkpoint", "round": round }));
+                node.event(NodeEvent::Checkpoint { round });
             }
             PsAction::Event(e) => node.machine_event(&e),
             PsAction::Finished { .. } => self.done_at = Some(Instant::now()),
@@ -154,7 +160,7 @@ impl Server {
         };
         node.files.metrics(&row);
         let p = Progress {
-            peer: node.me,
+            node: node.me,
             round: done,
             total: self.total,
             loss: Some(loss),
@@ -202,7 +208,7 @@ impl Server {
             }
             Err(err) => {
                 tracing::warn!(worker = w, %err, "rejected a malformed push");
-                node.event(json!({ "event": "rejected", "from": w, "error": err.to_string() }));
+                node.event(NodeEvent::Rejected { from: w, error: err.to_string() });
                 // Its turn at this version is used up, and it is not waited for.
                 if let Some((r, _)) = &self.published {
                     self.pushed.insert(w, *r);

@@ -13,14 +13,13 @@ use peerless_core::protocol::PeerIdx;
 use peerless_core::rng::Rng;
 use peerless_core::wire::{Message, ParamsMsg, WireError};
 use peerless_core::worker::{Worker as Machine, WorkerAction, WorkerConfig, WorkerInput};
-use serde_json::json;
 
 use crate::config::PsModeName;
 use crate::function::FunctionCommand;
 use crate::node::driver::{Ending, Node, Outcome, Role};
 use crate::node::net::{NetEvent, frame};
 use crate::node::work::{LocalResult, Work};
-use crate::node::{NodeError, NodeLine, NodeRow, NodeSummary};
+use crate::node::{NodeError, NodeEvent, NodeLine, NodeRow, NodeSummary};
 
 /// A worker: its machine, its gradient work, its requests to the PS.
 pub(crate) struct Worker {
@@ -75,7 +74,14 @@ impl Worker {
         let machine = Machine::new(cfg, Rng::derive(run.seed, "worker-backoff", u64::from(node.me)));
         let ps = run.cluster.nodes;
         let id = node.my_id.to_string();
-        node.event(json!({ "event": "start", "role": "worker", "peer_id": id }));
+        node.event(NodeEvent::Start {
+            role: Some("worker".into()),
+            peer_id: id,
+            total_rounds: None,
+            rounds_per_epoch: None,
+            start: None,
+            round: None,
+        });
         NodeLine::Ready { ready: node.me }.print();
         Ok(Worker {
             machine,
@@ -116,7 +122,7 @@ impl Worker {
     fn compute(&mut self, node: &mut Node, round: u64, batches_at: u64) {
         let p = self.fetched.take().expect("invariant: a fetch brought the model to compute on");
         let wait_ms = self.fetched_at.elapsed().as_secs_f64() * 1e3;
-        node.event(json!({ "event": "fetched", "round": round, "wait_ms": wait_ms }));
+        node.event(NodeEvent::Fetched { round, wait_ms });
         let batches = node.sampler.batches(node.me, batches_at);
         self.work.spawn(round, p.params, batches);
     }
@@ -145,7 +151,7 @@ impl Worker {
             }
             other => {
                 let answer = format!("{other:?}").chars().take(200).collect::<String>();
-                node.event(json!({ "event": "fetch_failed", "answer": answer }));
+                node.event(NodeEvent::FetchFailed { answer: Some(answer), error: None });
                 WorkerInput::FetchFailed
             }
         }
@@ -226,7 +232,7 @@ impl Role for Worker {
                 // A push that failed (the PS is gone) is dropped, never re-sent.
                 Request::Push => Some(WorkerInput::PushEnded),
                 Request::Fetch => {
-                    node.event(json!({ "event": "fetch_failed", "error": error }));
+                    node.event(NodeEvent::FetchFailed { answer: None, error: Some(error) });
                     Some(WorkerInput::FetchFailed)
                 }
             },
