@@ -13,11 +13,28 @@ use peerless_core::optim::{OptimError, Optimizer};
 use peerless_core::rng::Rng;
 use peerless_ml::{Model, ModelError, ModelSpec, Split};
 use serde::{Deserialize, Serialize};
-use serde_json::json;
 
 use crate::checkpoint::{Checkpoint, CheckpointError};
 use crate::config::RunConfig;
 use crate::rundir::{MetricsRow, RunDir, RunDirError};
+
+/// What a local run records in its `events.jsonl`.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+#[serde(tag = "event", rename_all = "snake_case")]
+enum LocalEvent {
+    /// A fresh run starts.
+    Start { model: String, params: usize, total_rounds: u64 },
+    /// A run resumes from its checkpoint at `round`.
+    Resume { round: u64 },
+    /// The test-set evaluation after `round`.
+    Eval { round: u64, test_loss: f32, test_accuracy: f32 },
+    /// Checkpoint of `round` written.
+    Checkpoint { round: u64 },
+    /// Stopped by Ctrl-C.
+    Stop { round: u64, reason: String },
+    /// Every round done.
+    Finish { round: u64, test_accuracy: f32 },
+}
 
 /// Errors of a local run.
 #[derive(Debug, thiserror::Error)]
@@ -144,7 +161,7 @@ pub fn train(
             progress(Progress::Checkpoint { round: run.round });
         }
         if stop_requested && run.round < schedule.total {
-            dir.event("stop", json!({ "round": run.round, "reason": "interrupted" }))?;
+            dir.record(&LocalEvent::Stop { round: run.round, reason: "interrupted".into() })?;
             completed = false;
             break;
         }
@@ -212,7 +229,7 @@ fn begin(
                 .into());
             }
             optimizer.load_state(ck.optimizer)?;
-            dir.event("resume", json!({ "round": ck.round }))?;
+            dir.record(&LocalEvent::Resume { round: ck.round })?;
             Ok(Start {
                 params: ck.params,
                 round: ck.round,
@@ -221,10 +238,11 @@ fn begin(
             })
         }
         None => {
-            dir.event(
-                "start",
-                json!({ "model": model_id, "params": model.num_params(), "total_rounds": total }),
-            )?;
+            dir.record(&LocalEvent::Start {
+                model: model_id,
+                params: model.num_params(),
+                total_rounds: total,
+            })?;
             Ok(Start {
                 params: model.init(config.seed),
                 round: 0,
@@ -349,7 +367,7 @@ impl<'a> Training<'a> {
             row.test_loss = Some(l);
             row.test_accuracy = Some(a);
             self.last_eval = Some((l, a));
-            dir.event("eval", json!({ "round": round, "test_loss": l, "test_accuracy": a }))?;
+            dir.record(&LocalEvent::Eval { round, test_loss: l, test_accuracy: a })?;
         }
         dir.metrics(&row)?;
         Ok(row)
@@ -373,7 +391,7 @@ impl<'a> Training<'a> {
             wall_s: self.wall_before + self.started.elapsed().as_secs_f64(),
         }
         .save(&dir.checkpoint_path())?;
-        dir.event("checkpoint", json!({ "round": round }))?;
+        dir.record(&LocalEvent::Checkpoint { round })?;
         Ok(())
     }
 
@@ -407,7 +425,7 @@ impl<'a> Training<'a> {
             param_digest: digest(&self.params),
         };
         if completed {
-            dir.event("finish", json!({ "round": round, "test_accuracy": test_accuracy }))?;
+            dir.record(&LocalEvent::Finish { round, test_accuracy })?;
         }
         dir.summary(&summary)?;
         Ok(summary)

@@ -153,12 +153,14 @@ impl RunDir {
         writeln!(self.metrics, "{}", row.csv()).map_err(io(&p))
     }
 
-    /// Appends an event: `{"t_ms": <unix ms>, "event": kind, ...fields}`.
-    pub fn event(&mut self, kind: &str, fields: serde_json::Value) -> Result<(), RunDirError> {
+    /// Appends a typed event (an enum tagged `event`), stamped `t_ms` with the wall clock.
+    pub fn record(&mut self, ev: &impl Serialize) -> Result<(), RunDirError> {
         let t_ms = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis()).unwrap_or(0);
-        let mut obj = serde_json::json!({ "t_ms": t_ms, "event": kind });
-        if let (Some(o), serde_json::Value::Object(extra)) = (obj.as_object_mut(), fields) {
-            o.extend(extra);
+        let mut obj = serde_json::json!({ "t_ms": t_ms });
+        if let (Some(o), Ok(serde_json::Value::Object(fields))) =
+            (obj.as_object_mut(), serde_json::to_value(ev))
+        {
+            o.extend(fields);
         }
         let p = self.path.join("events.jsonl");
         writeln!(self.events, "{obj}").map_err(io(&p))?;

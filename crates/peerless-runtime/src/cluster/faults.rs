@@ -12,10 +12,10 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use super::events::{ClusterEvent, FaultRecord};
 use crate::config::TrainArch;
 use crate::scenario::{FaultKind, FaultSpec, NodeRef, resolve_target};
 use anyhow::{Context, Result};
-use serde_json::{Value, json};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{mpsc, watch};
@@ -217,8 +217,8 @@ pub struct Injector {
     pids: Arc<Mutex<Vec<Option<u32>>>>,
 }
 
-/// One line for `events.jsonl`: (event name, fields).
-pub type Record = (&'static str, Value);
+/// What the injector records in `events.jsonl`.
+pub type Record = ClusterEvent;
 
 impl Injector {
     /// Resolves `faults` for a run of `arch` with `n` peers or workers; targets that do not
@@ -238,10 +238,12 @@ impl Injector {
                 let targets: Vec<NodeRef> =
                     spec.targets.iter().filter_map(|t| resolve_target(t, arch, n)).collect();
                 if targets.len() < spec.targets.len() {
-                    skipped.push((
-                        "fault_skipped",
-                        json!({ "fault": spec.kind.name(), "targets": spec.targets, "reason": "a target does not exist in this architecture" }),
-                    ));
+                    skipped.push(ClusterEvent::FaultSkipped(FaultRecord {
+                        fault: spec.kind.name().into(),
+                        targets: spec.targets.clone(),
+                        reason: Some("a target does not exist in this architecture".into()),
+                        ..FaultRecord::default()
+                    }));
                     return None;
                 }
                 Some(Planned { id, spec: spec.clone(), targets, stage: Stage::Pending, stop: None })
@@ -302,11 +304,13 @@ impl Injector {
         let until = spec.duration_s.map(|s| Instant::now() + Duration::from_secs_f64(s));
         let mut orders = Vec::new();
         let mut stop = None;
-        let mut fields = json!({
-            "fault": spec.kind.name(),
-            "targets": targets.iter().map(ToString::to_string).collect::<Vec<_>>(),
-            "round": round,
-        });
+        let mut fields = FaultRecord {
+            fault: spec.kind.name().into(),
+            targets: targets.iter().map(ToString::to_string).collect(),
+            round: Some(round),
+            duration_s: spec.duration_s,
+            ..FaultRecord::default()
+        };
         match spec.kind {
             FaultKind::Kill => orders = self.kill(&spec, &targets, &mut fields),
             FaultKind::Stop => {
@@ -324,19 +328,16 @@ impl Injector {
             // The targets' node files carry the attack (see `attacks`); they start at this
             // round on their own.
             FaultKind::Byzantine => {
-                fields["attack"] = json!(spec.attack.map(|a| a.name()));
+                fields.attack = spec.attack.map(|a| a.name().to_owned());
             }
             FaultKind::Delay => {
                 let set: BTreeSet<usize> = targets.iter().map(|t| t.index).collect();
                 let ms = spec.delay_ms.unwrap_or(0);
-                fields["delay_ms"] = json!(ms);
+                fields.delay_ms = Some(ms);
                 if let Some(px) = &self.proxy {
                     px.update(|s| s.delays.push((id, set, ms)));
                 }
             }
-        }
-        if let Some(d) = spec.duration_s {
-            fields["duration_s"] = json!(d);
         }
         let p = &mut self.planned[i];
         p.stop = stop;
@@ -344,28 +345,28 @@ impl Injector {
             FaultKind::Kill | FaultKind::Byzantine => Stage::Done,
             _ => Stage::Active(until),
         };
-        (("fault_injected", fields), orders)
+        (ClusterEvent::FaultInjected(fields), orders)
     }
 
     /// SIGKILLs the targets; orders the restart of those that restart (never the PS: the
     /// launcher restarts it on its own).
-    fn kill(&self, spec: &FaultSpec, targets: &[NodeRef], fields: &mut Value) -> Vec<Order> {
+    fn kill(&self, spec: &FaultSpec, targets: &[NodeRef], fields: &mut FaultRecord) -> Vec<Order> {
         let pids: Vec<Option<u32>> =
             targets.iter().map(|t| self.signal(*t, rustix::process::Signal::KILL)).collect();
-        fields["pids"] = json!(pids);
+        fields.pids = Some(pids);
         let Some(after) = spec.restart_after_s else { return Vec::new() };
-        fields["restart_after_s"] = json!(after);
+        fields.restart_after_s = Some(after);
         let after = Duration::from_secs_f64(after);
         targets.iter().filter(|t| t.role != "ps").map(|t| Order::Restart { index: t.index, after }).collect()
     }
 
     /// Freezes the targets for `stop_ms` of every `period_ms` on a thread of its own, until the
     /// returned flag is set.
-    fn straggle(&self, spec: &FaultSpec, targets: &[NodeRef], fields: &mut Value) -> Arc<AtomicBool> {
+    fn straggle(&self, spec: &FaultSpec, targets: &[NodeRef], fields: &mut FaultRecord) -> Arc<AtomicBool> {
         use rustix::process::Signal;
         let (stop_ms, period_ms) = (spec.stop_ms.unwrap_or(0), spec.period_ms.unwrap_or(1));
-        fields["stop_ms"] = json!(stop_ms);
-        fields["period_ms"] = json!(period_ms);
+        fields.stop_ms = Some(stop_ms);
+        fields.period_ms = Some(period_ms);
         let flag = Arc::new(AtomicBool::new(false));
         let (stop, pids) = (flag.clone(), self.pids.clone());
         let idx: Vec<usize> = targets.iter().map(|t| t.index).collect();
@@ -414,10 +415,12 @@ impl Injector {
             }
             FaultKind::Kill | FaultKind::Straggle | FaultKind::Byzantine => {}
         }
-        (
-            "fault_cleared",
-            json!({ "fault": kind.name(), "targets": targets.iter().map(ToString::to_string).collect::<Vec<_>>(), "round": round }),
-        )
+        ClusterEvent::FaultCleared(FaultRecord {
+            fault: kind.name().into(),
+            targets: targets.iter().map(ToString::to_string).collect(),
+            round: Some(round),
+            ..FaultRecord::default()
+        })
     }
 
     /// Clears every active fault (the run is over): stopped nodes continue, partitions heal.

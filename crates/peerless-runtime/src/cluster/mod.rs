@@ -4,6 +4,7 @@
 //! - `layout` — the nodes' files, ports, run secret, fault schedule and attackers.
 //! - [`supervise`] — runs the node processes, restarts the PS, decides when the run ends.
 //! - [`faults`] — signals on a schedule, and the loopback fault proxy.
+//! - `events` — [`ClusterEvent`], what the launcher records in the run's `events.jsonl`.
 //! - `collect` — merges the nodes' files into the run directory; the cluster's summary.
 //! - `summary` — [`ClusterSummary`], [`NodeOutcome`], [`Exit`], [`Recovery`]: what the run
 //!   reports, read back by the report through the same types.
@@ -16,7 +17,6 @@ use std::sync::Arc;
 use std::sync::atomic::AtomicU32;
 
 use anyhow::{Result, bail};
-use serde_json::json;
 
 use crate::config::{Compute, RunConfig, TrainArch};
 use crate::node::Progress;
@@ -24,11 +24,13 @@ use crate::rundir::RunDir;
 use crate::scenario::FaultSpec;
 
 mod collect;
+mod events;
 pub mod faults;
 mod layout;
 mod summary;
 pub mod supervise;
 
+pub use events::{ClusterEvent, FaultRecord};
 pub use summary::{ClusterSummary, Exit, NodeOutcome, Recovery};
 use supervise::Supervisor;
 
@@ -89,14 +91,13 @@ pub fn run(
     for rec in &mut recoveries {
         rec.resumed_from_round = last_resume(&configs[rec.index]);
         rec.rounds_lost = rec.resumed_from_round.map(|r| rec.died_at_round.saturating_sub(r));
-        dir.event("recovery", serde_json::to_value(&*rec)?)?;
+        dir.record(&ClusterEvent::Recovery(rec.clone()))?;
     }
     let per_node = collect::merge(dir, &configs)?;
     let mut summary = collect::summarize(cfg, dir, arch, per_node, &layout.attacks, supervised.wall_s);
-    dir.event(
-        "finish",
-        json!({ "rounds": summary.rounds, "test_accuracy": summary.test_accuracy, "replicas_agree": summary.replicas_agree }),
-    )?;
+    let (rounds, test_accuracy, replicas_agree) =
+        (summary.rounds, summary.test_accuracy, summary.replicas_agree);
+    dir.record(&ClusterEvent::Finish { rounds, test_accuracy, replicas_agree })?;
     summary.recoveries = recoveries;
     summary.nodes = supervised.outcomes;
     for n in &mut summary.nodes {
@@ -114,15 +115,18 @@ pub fn run(
 /// may meet.
 fn record_start(cfg: &RunConfig, dir: &mut RunDir, arch: TrainArch, layout: &layout::Layout) -> Result<()> {
     let compute = cfg.cluster.compute.to_string();
-    dir.event("start", json!({ "arch": arch.to_string(), "nodes": layout.nodes.len(), "compute": compute }))?;
-    for (name, fields) in &layout.skipped {
-        dir.event(name, fields.clone())?;
+    dir.record(&ClusterEvent::Start { arch: arch.to_string(), nodes: layout.nodes.len(), compute })?;
+    for rec in &layout.skipped {
+        dir.record(rec)?;
     }
     if cfg.function.faults.any() && cfg.cluster.compute == Compute::Functions {
-        dir.event(
-            "fault_injected",
-            json!({ "fault": "function_faults", "targets": ["functions"], "round": 0, "rates": cfg.function.faults }),
-        )?;
+        dir.record(&ClusterEvent::FaultInjected(FaultRecord {
+            fault: "function_faults".into(),
+            targets: vec!["functions".into()],
+            round: Some(0),
+            rates: Some(cfg.function.faults.clone()),
+            ..FaultRecord::default()
+        }))?;
     }
     Ok(())
 }

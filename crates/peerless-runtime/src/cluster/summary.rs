@@ -73,7 +73,7 @@ pub struct ClusterSummary {
 }
 
 /// A node that died and was restarted by the launcher.
-#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(default)]
 pub struct Recovery {
     /// `ps`.

@@ -22,8 +22,8 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
 use rustix::process::Signal;
-use serde_json::json;
 
+use super::events::ClusterEvent;
 use super::faults::{Injector, Order};
 use super::{Exit, NodeOutcome, Recovery, Show};
 use crate::config::RunConfig;
@@ -239,8 +239,8 @@ impl<'a> Supervisor<'a> {
             }
         }
         let round = self.global_round();
-        for (name, fields) in self.injector.finish(round) {
-            self.dir.event(name, fields)?;
+        for rec in self.injector.finish(round) {
+            self.dir.record(&rec)?;
         }
         self.show.finish();
         let outcomes = self
@@ -325,9 +325,9 @@ impl<'a> Supervisor<'a> {
             return Ok(());
         }
         let (records, orders) = self.injector.tick(self.started.elapsed(), self.global_round());
-        for (name, fields) in records {
-            self.say(format!("{name}: {fields}"));
-            self.dir.event(name, fields)?;
+        for rec in records {
+            self.say(rec.line());
+            self.dir.record(&rec)?;
         }
         for Order::Restart { index, after } in orders {
             self.slots[index].restart_at =
@@ -388,7 +388,7 @@ impl<'a> Supervisor<'a> {
 
     /// Ends the run with `why`: every node is stopped; the launcher exits with this error.
     fn fail(&mut self, why: String) -> Result<()> {
-        self.dir.event("run_failed", json!({ "error": why }))?;
+        self.dir.record(&ClusterEvent::RunFailed { error: why.clone() })?;
         self.fatal.get_or_insert(why);
         self.stop_all(Signal::TERM, KILL_AFTER);
         Ok(())
@@ -415,9 +415,10 @@ impl<'a> Supervisor<'a> {
         let reported = slot.error.clone();
         self.injector.set_pid(i, None);
         let how = Exit::of(status).to_string();
-        self.dir.event("node_exit", json!({ "node": node.role.name(), "index": i, "status": how }))?;
+        let exit = Exit::of(status);
+        self.dir.record(&ClusterEvent::NodeExit { node: node.role.name().into(), index: i, status: exit })?;
         if node.role == Role::Peer {
-            self.dir.event("peer_exit", json!({ "peer": i, "status": how }))?;
+            self.dir.record(&ClusterEvent::PeerExit { peer: i, status: exit })?;
         }
         if self.stopping.is_some() {
             return Ok(());
@@ -486,7 +487,8 @@ impl<'a> Supervisor<'a> {
             if !self.recoveries.iter().any(|r| r.index == i && r.downtime_s.is_none()) {
                 self.record_death(i);
             }
-            self.dir.event("node_restart", json!({ "node": self.nodes[i].role.name(), "index": i }))?;
+            self.dir
+                .record(&ClusterEvent::NodeRestart { node: self.nodes[i].role.name().into(), index: i })?;
             self.say(format!("{} restarted", self.nodes[i].label(i)));
         }
         Ok(())
@@ -504,10 +506,8 @@ impl<'a> Supervisor<'a> {
             if self.slots[i].child.is_some() {
                 let label = self.nodes[i].label(i);
                 self.say(format!("{label} stopped by the launcher: {why}"));
-                self.dir.event(
-                    "node_stopped",
-                    json!({ "node": self.nodes[i].role.name(), "index": i, "reason": why }),
-                )?;
+                let node = self.nodes[i].role.name().into();
+                self.dir.record(&ClusterEvent::NodeStopped { node, index: i, reason: why.clone() })?;
                 self.slots[i].stopped = Some(why.clone());
             }
         }
