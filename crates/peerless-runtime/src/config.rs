@@ -440,11 +440,14 @@ impl RunConfig {
         if t.epochs == 0 && t.rounds == 0 {
             return Err(invalid("train.epochs", t.epochs, "must be positive when train.rounds = 0"));
         }
-        if self.model.arch == Arch::Mlp && (self.model.hidden.is_empty() || self.model.hidden.contains(&0)) {
+        let widths = &self.model.hidden;
+        if self.model.arch == Arch::Mlp
+            && (widths.is_empty() || widths.iter().any(|&w| w == 0 || w > 1 << 16))
+        {
             return Err(invalid(
                 "model.hidden",
-                format!("{:?}", self.model.hidden),
-                "must list one or more positive widths",
+                format!("{widths:?}"),
+                "must list one or more widths in 1..=65536",
             ));
         }
         self.cluster.validate()?;
@@ -457,6 +460,28 @@ impl RunConfig {
             },
             other => invalid("optimizer", "?", &other.to_string()),
         })?;
+        self.check_integers_fit_toml()
+    }
+
+    /// Every integer must fit TOML's (a signed 64-bit one), or the effective config written
+    /// into the run directory would not load back: e.g. `--seed 18446744073709551615`.
+    fn check_integers_fit_toml(&self) -> Result<(), ConfigError> {
+        let text = self.to_toml();
+        let mut section = String::new();
+        for line in text.lines().map(str::trim) {
+            if let Some(name) = line.strip_prefix('[').and_then(|l| l.strip_suffix(']')) {
+                section = format!("{}.", name.trim_matches('['));
+                continue;
+            }
+            let Some((key, value)) = line.split_once(" = ") else { continue };
+            let too_large = value
+                .split(|c: char| !c.is_ascii_digit())
+                .any(|n| !n.is_empty() && n.parse::<i64>().is_err() && !value.starts_with('"'));
+            if too_large {
+                let reason = format!("must be at most {} (the largest TOML integer)", i64::MAX);
+                return Err(invalid(&format!("{section}{key}"), value, &reason));
+            }
+        }
         Ok(())
     }
 }
@@ -540,6 +565,26 @@ mod tests {
         let text = "[cluster]\nnodes = 5\n[cluster.aggregator]\nrule = \"centered-clipping\"\ntau = 0.5\n";
         let cfg = RunConfig::from_toml(text, "x").unwrap();
         assert_eq!(cfg, RunConfig::from_toml(&cfg.to_toml(), "effective").unwrap());
+    }
+
+    /// Found by `fuzz/fuzz_targets/config.rs` (issue #20): an `eval_every` above TOML's
+    /// largest integer was accepted, and the effective config then did not load back.
+    #[test]
+    fn integers_beyond_toml_s_range_are_refused_naming_the_key() {
+        let mut cfg = RunConfig::default();
+        cfg.train.eval_every = 18_446_743_409_740_954_912;
+        let err = cfg.validate().unwrap_err().to_string();
+        assert!(err.starts_with("train.eval_every = 18446743409740954912: must be at most"), "{err}");
+        let mut cfg = RunConfig::default();
+        cfg.seed = u64::MAX;
+        assert!(cfg.validate().unwrap_err().to_string().starts_with("seed = "));
+        let mut cfg = RunConfig::default();
+        cfg.seed = i64::MAX as u64;
+        cfg.validate().unwrap();
+        assert_eq!(RunConfig::from_toml(&cfg.to_toml(), "x").unwrap(), cfg);
+        let mut cfg = RunConfig::default();
+        cfg.model.hidden = vec![7_021_802_706_024_166_491];
+        assert!(cfg.validate().unwrap_err().to_string().starts_with("model.hidden"));
     }
 
     #[test]
