@@ -149,7 +149,11 @@ fn message(u: &mut Unstructured, limits: Limits) -> Result<Message> {
                 optimizer: OptimizerState { kind, steps, buffers },
             })
         }
-        7 => Message::Params(ParamsMsg { round: u.arbitrary()?, digest: digest(u)?, params: floats(u, limits)? }),
+        7 => Message::Params(ParamsMsg {
+            round: u.arbitrary()?,
+            digest: digest(u)?,
+            params: floats(u, limits)?,
+        }),
         _ => Message::Refused { reason: u.arbitrary()? },
     })
 }
