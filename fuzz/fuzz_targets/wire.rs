@@ -12,7 +12,9 @@ use libfuzzer_sys::arbitrary::{Result, Unstructured};
 use libfuzzer_sys::fuzz_target;
 use peerless_core::flat::Digest;
 use peerless_core::optim::OptimizerState;
-use peerless_core::wire::{GradientMsg, Limits, Message, ParamsMsg, StateMsg, WireError, decode, encode};
+use peerless_core::wire::{
+    GradientMsg, Limits, MAX_PEERS, Message, ParamsMsg, StateMsg, WireError, decode, encode,
+};
 
 fuzz_target!(
     init: {
@@ -29,6 +31,8 @@ fuzz_target!(
                 Message::Final { round: 40, digest },
                 Message::Params(ParamsMsg { round: 4, digest, params: vec![0.5, -0.5, 2.0] }),
                 Message::Refused { reason: "not a member".into() },
+                Message::Received { round: 5, peers: vec![0, 2, 3] },
+                Message::Heartbeat,
             ];
             // Mode byte 3: raw decoding with a 3-parameter model.
             msgs.iter().enumerate().map(|(i, m)| (format!("msg{i}"), [&[3u8][..], &encode(m)].concat())).collect()
@@ -70,6 +74,8 @@ fn check_round_trip(msg: &Message, limits: Limits, u: &mut Unstructured) {
             let named = match &e {
                 WireError::NonFinite { .. } => "non-finite",
                 WireError::WrongLength { .. } => "wrong length",
+                WireError::Malformed { field: "peer count", .. } => "too many peers",
+                WireError::Malformed { field: "peer indices", .. } => "not ascending",
                 WireError::Malformed { .. } => "too many buffers",
                 other => panic!("invalid message ({problem}) refused for another reason: {other}"),
             };
@@ -106,6 +112,8 @@ fn problem(msg: &Message, limits: Limits) -> Option<&'static str> {
             }
             s.optimizer.buffers.iter().find_map(|(_, b)| vector(b))
         }),
+        Message::Received { peers, .. } if peers.len() > MAX_PEERS => Some("too many peers"),
+        Message::Received { peers, .. } if !peers.windows(2).all(|w| w[0] < w[1]) => Some("not ascending"),
         _ => None,
     }
 }
@@ -121,7 +129,7 @@ fn digest(u: &mut Unstructured) -> Result<Digest> {
 }
 
 fn message(u: &mut Unstructured, limits: Limits) -> Result<Message> {
-    Ok(match u.int_in_range(0..=8u8)? {
+    Ok(match u.int_in_range(0..=10u8)? {
         0 => Message::Gradient(GradientMsg {
             round: u.arbitrary()?,
             digest: digest(u)?,
@@ -154,6 +162,19 @@ fn message(u: &mut Unstructured, limits: Limits) -> Result<Message> {
             digest: digest(u)?,
             params: floats(u, limits)?,
         }),
+        8 => Message::Received {
+            round: u.arbitrary()?,
+            // Mostly ascending, as a peer sends it; sometimes not.
+            peers: {
+                let mut p: Vec<u32> = u.arbitrary()?;
+                if !u.ratio(1, 8)? {
+                    p.sort_unstable();
+                    p.dedup();
+                }
+                p
+            },
+        },
+        9 => Message::Heartbeat,
         _ => Message::Refused { reason: u.arbitrary()? },
     })
 }

@@ -11,19 +11,33 @@
 //! 1. `Compute { round: r }`: the driver invokes its functions; gradients from faster peers that
 //!    arrive meanwhile are kept.
 //! 2. [`Input::LocalGradient`] → `Broadcast` to every connected peer, then collect.
-//! 3. The round closes when every *expected* peer's gradient for `r` is in, or at the deadline.
+//! 3. Collection ends when every *expected* peer's gradient for `r` is in, or at the deadline.
 //!    Expected = connected, announced as active from a round ≤ `r`, and not suspected. A peer
 //!    whose connection drops leaves at once ([`EventKind::PeerLeft`]); one that is silent at the
-//!    deadline, whose message the codec refused, or that replayed a round it had sent, is
-//!    suspected ([`EventKind::PeerSuspected`]) and not waited for again until it sends a
-//!    gradient of the current round (a stale one does not count) or announces a join.
-//! 4. `Apply` with the gradients of the peers that share this peer's model digest, ordered by
-//!    peer index, so replicas that saw the same inputs stay bit-identical.
+//!    deadline, whose message the codec refused, that replayed a round it had sent, or whose
+//!    heartbeats stopped ([`Input::Unresponsive`]), is suspected ([`EventKind::PeerSuspected`],
+//!    [`EventKind::Unresponsive`]) and not waited for again until it sends a gradient of the
+//!    current round (a stale one does not count) or announces a join.
+//! 4. **Agreement.** `AnnounceReceived` tells every connected peer which gradients this peer
+//!    received (itself included), then it waits for the same announcement from each peer it
+//!    received a gradient from (while that peer stays connected and unsuspected). The round's
+//!    inputs are the gradients received that *every* announcement heard lists. A peer that dies
+//!    mid-broadcast, after some survivors received its gradient and others did not, is thus left
+//!    out by all of them, and a gradient that reached every survivor is kept by all of them:
+//!    no replica splits, so no live peer has to fetch a state because another one crashed.
+//!    The same holds for a straggler whose gradient beat some deadlines and not others, and for
+//!    a joiner whose announcement some peers saw before closing and others after
+//!    ([`EventKind::Unshared`] records each gradient left out this way).
+//! 5. `Apply` with the agreed gradients of the peers that share this peer's model digest,
+//!    ordered by peer index, so replicas that saw the same inputs stay bit-identical. (This
+//!    peer's own gradient is left out too when another peer did not receive it; when nothing is
+//!    agreed, the inputs are empty and the round changes nothing.)
 //!
 //! # Reconciliation rule
 //! Every gradient carries the digest of the parameters it was computed at. When the digests
-//! of a round differ (views differed in an earlier round, e.g. a straggler's gradient reached
-//! some peers before their deadline and others after), the **majority digest wins**: the
+//! of a round differ (views differed in an earlier round despite the agreement, e.g. two
+//! faults in one round, or a peer that resumed from its own checkpoint), the **majority digest
+//! wins**: the
 //! digest held by the most peers among those heard from, ties broken towards the group with the
 //! lowest peer index. Peers of the majority apply the round with only the majority's
 //! gradients; a peer in the minority does not apply, but fetches the state (parameters and
@@ -101,6 +115,17 @@ pub enum Input {
     Rejected(PeerIdx),
     /// A peer announced it takes part from `round` on.
     Join(PeerIdx, u64),
+    /// A peer announced which gradients of `round` it received (ascending, itself included).
+    Received(PeerIdx, u64, Vec<PeerIdx>),
+    /// A connected peer stopped answering heartbeats `silent_ms` ago (frozen or cut off, with its
+    /// connection still up): it is not waited for until it sends a gradient of the current
+    /// round or announces a join.
+    Unresponsive {
+        /// Peer.
+        peer: PeerIdx,
+        /// Time since it was last heard from, ms.
+        silent_ms: u64,
+    },
     /// A peer asks for this peer's state.
     StateRequested(PeerIdx),
     /// The state this peer asked for.
@@ -176,6 +201,15 @@ pub enum Action {
     },
     /// Replace parameters and optimizer state with these.
     Adopt(StateMsg),
+    /// Tell `to` which gradients of `round` this peer received (ascending, itself included).
+    AnnounceReceived {
+        /// Round.
+        round: u64,
+        /// Peers whose gradients were received.
+        peers: Vec<PeerIdx>,
+        /// Recipients.
+        to: Vec<PeerIdx>,
+    },
     /// Tell `to` this peer takes part from `round` on.
     AnnounceJoin {
         /// Round.
@@ -216,8 +250,9 @@ struct Member {
     /// gradient of the current round.
     suspected: bool,
     /// The last [`REPLAY_WINDOW`] rounds it sent a gradient for (reset when it disconnects):
-    /// one of them again, or a round older than all of them, is a replay. (Two messages can
-    /// arrive out of order, so an older round alone is not.)
+    /// one of them again is a replay. (An older round alone is not: messages arrive out of
+    /// order, by many rounds when this process resumes from a SIGSTOP with a backlog. Older
+    /// rounds are dropped as late anyway.)
     sent: BTreeSet<u64>,
 }
 
@@ -240,6 +275,12 @@ enum Phase {
     Collecting {
         since: u64,
     },
+    /// Collection ended (`timed_out`: at the deadline); waiting for the other peers' lists of
+    /// gradients received.
+    Agreeing {
+        since: u64,
+        timed_out: bool,
+    },
     /// All rounds applied; comparing final digests (a view that differed in the last round
     /// has no next round to show it).
     Finalizing {
@@ -259,6 +300,8 @@ pub struct Round {
     members: BTreeMap<PeerIdx, Member>,
     mine: Option<(Digest, Vec<f32>)>,
     received: BTreeMap<PeerIdx, GradientMsg>,
+    /// Per round, the gradients each peer said it received ([`Input::Received`]).
+    lists: BTreeMap<u64, BTreeMap<PeerIdx, Vec<PeerIdx>>>,
     /// Gradients for the next round that arrived early (while syncing: each peer's newest).
     early: BTreeMap<PeerIdx, GradientMsg>,
     pending_state: Vec<PeerIdx>,
@@ -287,6 +330,7 @@ impl Round {
             members,
             mine: None,
             received: BTreeMap::new(),
+            lists: BTreeMap::new(),
             early: BTreeMap::new(),
             pending_state: Vec::new(),
             finals: BTreeMap::new(),
@@ -337,6 +381,7 @@ impl Round {
             Phase::Collecting { since } | Phase::Finalizing { since, mine: Some(_) } => {
                 Some(since + self.deadline_ms())
             }
+            Phase::Agreeing { since, .. } => Some(since + self.agreement_timeout_ms()),
             Phase::Computing | Phase::Finalizing { mine: None, .. } | Phase::Done => None,
         }
     }
@@ -347,12 +392,23 @@ impl Round {
         2 * self.cfg.deadline.ceiling_ms + self.cfg.start_timeout_ms
     }
 
+    /// How long to wait for a peer's list of gradients received: it sends it when its own
+    /// collection ends, at most a deadline after its gradient was ready.
+    fn agreement_timeout_ms(&self) -> u64 {
+        2 * self.deadline_ms()
+    }
+
     fn expected_at(&self, round: u64) -> Vec<PeerIdx> {
         self.members
             .iter()
             .filter(|(_, m)| m.connected && !m.suspected && m.active_from.is_some_and(|a| a <= round))
             .map(|(&p, _)| p)
             .collect()
+    }
+
+    /// Whether a connection to `p` is up (only a connection makes a peer connected).
+    fn is_connected(&self, p: PeerIdx) -> bool {
+        self.members.get(&p).is_some_and(|m| m.connected)
     }
 
     fn event(&mut self, now: u64, kind: EventKind) {
@@ -396,17 +452,34 @@ impl Round {
                     *asked_at = now;
                 }
             }
-            Input::Join(p, round) if p != self.cfg.me => {
+            Input::Join(p, round) if p != self.cfg.me && self.is_connected(p) => {
+                let current = self.round;
                 let m = self.member(p);
-                m.connected = true;
                 m.suspected = false;
-                m.active_from = Some(round);
+                if round >= current {
+                    m.active_from = Some(round);
+                } else if m.active_from.is_none_or(|a| a <= round) {
+                    // It joined a round this peer is already past: it is catching up, and is
+                    // waited for once a gradient of a current round shows it has.
+                    m.active_from = None;
+                }
                 self.event(now, EventKind::PeerJoined { peer: p, round });
             }
-            Input::Gradient(p, g) if p != self.cfg.me => self.on_gradient(now, p, g),
+            Input::Gradient(p, g) if p != self.cfg.me && self.is_connected(p) => self.on_gradient(now, p, g),
             Input::Rejected(p) if p != self.cfg.me => self.suspect_now(now, p),
+            Input::Received(p, round, peers) if p != self.cfg.me && round >= self.round => {
+                self.lists.entry(round).or_default().insert(p, peers);
+            }
+            Input::Unresponsive { peer, silent_ms } if peer != self.cfg.me => {
+                let round = self.round;
+                let m = self.member(peer);
+                if m.connected && !m.suspected {
+                    m.suspected = true;
+                    self.event(now, EventKind::Unresponsive { peer, round, silent_ms });
+                }
+            }
             Input::StateRequested(p) => match self.phase {
-                Phase::Computing | Phase::Collecting { .. } => {
+                Phase::Computing | Phase::Collecting { .. } | Phase::Agreeing { .. } => {
                     if !self.pending_state.contains(&p) {
                         self.pending_state.push(p);
                     }
@@ -445,7 +518,6 @@ impl Round {
                 }
             }
             Input::Final(p, round, d) if p != self.cfg.me && round == self.cfg.total_rounds => {
-                self.member(p).connected = true;
                 let known = self.finals.insert(p, d);
                 match self.phase {
                     Phase::Done if known != Some(d) && self.final_digest != Some(d) => {
@@ -455,7 +527,10 @@ impl Round {
                         }
                         self.decide_final(now);
                     }
-                    Phase::Computing | Phase::Collecting { .. } | Phase::Starting { .. }
+                    Phase::Computing
+                    | Phase::Collecting { .. }
+                    | Phase::Agreeing { .. }
+                    | Phase::Starting { .. }
                         if self.round + 1 < round =>
                     {
                         // The sender finished while this peer is more than a round behind.
@@ -467,12 +542,16 @@ impl Round {
                 }
             }
             Input::Tick => {}
-            // Inputs about this peer itself are ignored.
+            // Inputs about this peer itself, lists of rounds already closed, and a join or a
+            // gradient from a peer that has disconnected since (a message delivered after the
+            // disconnection: the peer is gone, whatever it said last) are ignored.
             Input::Connected(_)
             | Input::Disconnected(_)
             | Input::Join(..)
             | Input::Gradient(..)
             | Input::Rejected(_)
+            | Input::Received(..)
+            | Input::Unresponsive { .. }
             | Input::Final(..) => {}
         }
         self.advance(now);
@@ -492,11 +571,9 @@ impl Round {
     fn on_gradient(&mut self, now: u64, p: PeerIdx, g: GradientMsg) {
         let current = g.round >= self.round;
         let m = self.member(p);
-        m.connected = true;
         // A peer sends each round's gradient once: a second one is a replay, dropped, and its
         // sender is not waited for.
-        let full = m.sent.len() >= REPLAY_WINDOW;
-        if m.sent.contains(&g.round) || (full && m.sent.first().is_some_and(|&f| g.round < f)) {
+        if m.sent.contains(&g.round) {
             let r = self.round;
             self.event(now, EventKind::LateGradient { peer: p, round: g.round, current: r });
             self.suspect_now(now, p);
@@ -527,6 +604,10 @@ impl Round {
             }
             Phase::Computing | Phase::Collecting { .. } if g.round == r => {
                 self.received.entry(p).or_insert(g);
+            }
+            Phase::Agreeing { .. } if g.round == r => {
+                // This peer's list is out: the gradient is too late for this round.
+                self.event(now, EventKind::LateGradient { peer: p, round: g.round, current: r })
             }
             Phase::Starting { .. } | Phase::Syncing { .. } if g.round == r => {
                 self.early.entry(p).or_insert(g);
@@ -567,6 +648,7 @@ impl Round {
     fn begin_sync(&mut self, now: u64, from: PeerIdx) {
         self.mine = None;
         self.received.clear();
+        self.lists.clear();
         self.out.push(Action::RequestState { from });
         self.phase =
             Phase::Syncing { since: now, asked: Some(from), asked_at: now, tried: BTreeSet::from([from]) };
@@ -598,6 +680,7 @@ impl Round {
             return;
         }
         let r = self.round;
+        self.lists.retain(|&round, _| round >= r);
         let early = std::mem::take(&mut self.early);
         for (p, g) in early {
             if g.round == r {
@@ -661,15 +744,20 @@ impl Round {
                 let waited = now.saturating_sub(since);
                 if missing.is_empty() {
                     DeadlinePolicy::observe(&mut self.wait_ewma_ms, waited);
-                    self.close_round(now, false);
+                    self.end_collection(now, false);
                 } else if waited >= self.deadline_ms() {
-                    for p in missing {
-                        self.member(p).suspected = true;
-                        self.event(
-                            now,
-                            EventKind::PeerSuspected { peer: p, round: self.round, waited_ms: waited },
-                        );
-                    }
+                    self.suspect_all(now, missing, waited);
+                    self.end_collection(now, true);
+                }
+            }
+            Phase::Agreeing { since, timed_out } => {
+                let (since, timed_out) = (*since, *timed_out);
+                let missing = self.awaited_lists();
+                let waited = now.saturating_sub(since);
+                if missing.is_empty() {
+                    self.close_round(now, timed_out);
+                } else if waited >= self.agreement_timeout_ms() {
+                    self.suspect_all(now, missing, waited);
                     self.close_round(now, true);
                 }
             }
@@ -710,13 +798,65 @@ impl Round {
         }
     }
 
+    /// Suspects each of `peers`, silent for `waited_ms` at a deadline.
+    fn suspect_all(&mut self, now: u64, peers: Vec<PeerIdx>, waited_ms: u64) {
+        let round = self.round;
+        for p in peers {
+            self.member(p).suspected = true;
+            self.event(now, EventKind::PeerSuspected { peer: p, round, waited_ms });
+        }
+    }
+
+    /// Collection is over: tell every connected peer which gradients this peer has, then agree.
+    fn end_collection(&mut self, now: u64, timed_out: bool) {
+        let round = self.round;
+        let mut peers: Vec<PeerIdx> = self.received.keys().copied().collect();
+        peers.push(self.cfg.me);
+        peers.sort_unstable();
+        let to = self.connected();
+        if !to.is_empty() {
+            self.out.push(Action::AnnounceReceived { round, peers, to });
+        }
+        self.phase = Phase::Agreeing { since: now, timed_out };
+        self.advance(now);
+    }
+
+    /// Peers whose gradient this peer received and whose list it still waits for.
+    fn awaited_lists(&self) -> Vec<PeerIdx> {
+        let lists = self.lists.get(&self.round);
+        self.received
+            .keys()
+            .copied()
+            .filter(|p| self.members.get(p).is_some_and(|m| m.connected && !m.suspected))
+            .filter(|p| lists.is_none_or(|l| !l.contains_key(p)))
+            .collect()
+    }
+
+    /// Whether every list heard from a peer this peer received a gradient from names `p`.
+    fn agreed(&self, p: PeerIdx) -> bool {
+        let Some(lists) = self.lists.get(&self.round) else { return true };
+        self.received.keys().filter_map(|q| lists.get(q)).all(|l| l.binary_search(&p).is_ok())
+    }
+
     fn close_round(&mut self, now: u64, timed_out: bool) {
         let r = self.round;
+        let me = self.cfg.me;
+        let mine_agreed = self.agreed(me);
+        let unshared: Vec<PeerIdx> = self.received.keys().copied().filter(|&p| !self.agreed(p)).collect();
         let Some((my_digest, my_grad)) = self.mine.take() else { return };
-        let received = std::mem::take(&mut self.received);
+        let mut received = std::mem::take(&mut self.received);
+        for &p in &unshared {
+            received.remove(&p);
+        }
+        if !mine_agreed {
+            self.event(now, EventKind::Unshared { peer: me, round: r });
+        }
+        for p in unshared {
+            self.event(now, EventKind::Unshared { peer: p, round: r });
+        }
         // Group the peers heard from by model digest.
         let mut groups: BTreeMap<Digest, Vec<PeerIdx>> = BTreeMap::new();
-        groups.entry(my_digest).or_default().push(self.cfg.me);
+        groups.entry(my_digest).or_default().push(me);
         for (&p, g) in &received {
             groups.entry(g.digest).or_default().push(p);
         }
@@ -730,7 +870,7 @@ impl Round {
             self.begin_sync(now, from);
             return;
         }
-        let mut inputs = vec![(self.cfg.me, my_grad)];
+        let mut inputs = if mine_agreed { vec![(me, my_grad)] } else { Vec::new() };
         for (p, g) in received {
             if g.digest == my_digest {
                 inputs.push((p, g.grad));

@@ -82,6 +82,24 @@ pub enum EventKind {
         /// How long this peer waited after its own gradient was ready, ms.
         waited_ms: u64,
     },
+    /// A connected peer stopped answering heartbeats; it is not waited for until it speaks
+    /// again.
+    Unresponsive {
+        /// Peer.
+        peer: PeerIdx,
+        /// Round in progress.
+        round: u64,
+        /// How long it had been silent when detected, ms.
+        silent_ms: u64,
+    },
+    /// A gradient this peer received was left out of the round because another peer said it
+    /// had not received it (its sender died mid-broadcast, or straggled past some deadlines).
+    Unshared {
+        /// Sender of the gradient.
+        peer: PeerIdx,
+        /// Round.
+        round: u64,
+    },
     /// A gradient for a round already closed arrived and was dropped.
     LateGradient {
         /// Sender.

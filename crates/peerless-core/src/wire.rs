@@ -48,6 +48,17 @@ pub enum Message {
     /// The parameter server's answer to a [`Message::ParamsRequest`]: a model version (the
     /// optimizer stays on the PS).
     Params(ParamsMsg),
+    /// The peers whose gradients for `round` the sender received before it stopped waiting
+    /// (itself included), ascending: what the P2P round's agreement step intersects.
+    Received {
+        /// Round.
+        round: u64,
+        /// Peer indices, strictly ascending.
+        peers: Vec<u32>,
+    },
+    /// "I am alive" (a P2P peer sends one to each connected peer every fifth of
+    /// `p2p.detection_ms`, so a frozen one is noticed).
+    Heartbeat,
     /// A request was refused; the reason says why.
     Refused {
         /// Why.
@@ -164,7 +175,12 @@ mod kind {
     pub const FINAL: u8 = 7;
     pub const PARAMS_REQUEST: u8 = 8;
     pub const PARAMS: u8 = 9;
+    pub const RECEIVED: u8 = 10;
+    pub const HEARTBEAT: u8 = 11;
 }
+
+/// Most peer indices a [`Message::Received`] may list.
+pub const MAX_PEERS: usize = 1 << 16;
 
 /// Encodes a message.
 pub fn encode(msg: &Message) -> Vec<u8> {
@@ -193,6 +209,7 @@ pub fn encode(msg: &Message) -> Vec<u8> {
             w.u64(*round);
         }
         Message::StateRequest => w.u8(kind::STATE_REQUEST),
+        Message::Heartbeat => w.u8(kind::HEARTBEAT),
         Message::Ack => w.u8(kind::ACK),
         Message::State(s) => {
             w.u8(kind::STATE);
@@ -213,6 +230,14 @@ pub fn encode(msg: &Message) -> Vec<u8> {
             w.0.extend_from_slice(&p.digest.0);
             w.vec(&p.params);
         }
+        Message::Received { round, peers } => {
+            w.u8(kind::RECEIVED);
+            w.u64(*round);
+            w.u32(peers.len() as u32);
+            for p in peers {
+                w.u32(*p);
+            }
+        }
         Message::Refused { reason } => {
             w.u8(kind::REFUSED);
             w.str(reason);
@@ -225,6 +250,7 @@ fn payload_len(msg: &Message) -> usize {
     match msg {
         Message::Gradient(g) => g.grad.len() * 4,
         Message::Params(p) => p.params.len() * 4,
+        Message::Received { peers, .. } => peers.len() * 4,
         Message::State(s) => {
             (s.params.len() + s.optimizer.buffers.iter().map(|(_, v)| v.len()).sum::<usize>()) * 4
         }
@@ -251,6 +277,7 @@ pub fn decode(bytes: &[u8], limits: Limits) -> Result<Message, WireError> {
         kind::FINAL => Message::Final { round: r.u64("round")?, digest: r.digest()? },
         kind::PARAMS_REQUEST => Message::ParamsRequest { round: r.u64("round")? },
         kind::STATE_REQUEST => Message::StateRequest,
+        kind::HEARTBEAT => Message::Heartbeat,
         kind::ACK => Message::Ack,
         kind::STATE => {
             let round = r.u64("round")?;
@@ -283,6 +310,7 @@ pub fn decode(bytes: &[u8], limits: Limits) -> Result<Message, WireError> {
             let digest = r.digest()?;
             Message::Params(ParamsMsg { round, digest, params: r.vec("parameters", limits.params)? })
         }
+        kind::RECEIVED => Message::Received { round: r.u64("round")?, peers: r.peers()? },
         kind::REFUSED => Message::Refused { reason: r.str("reason")? },
         other => return Err(WireError::UnknownKind(other)),
     };
@@ -370,6 +398,26 @@ impl<'a> Reader<'a> {
         String::from_utf8(b.to_vec())
             .map_err(|e| WireError::Malformed { field, reason: format!("not UTF-8: {e}") })
     }
+    /// A count, then that many strictly ascending peer indices.
+    fn peers(&mut self) -> Result<Vec<u32>, WireError> {
+        let n = self.u32("peer count")? as usize;
+        if n > MAX_PEERS {
+            return Err(WireError::Malformed {
+                field: "peer count",
+                reason: format!("{n} peers (at most {MAX_PEERS})"),
+            });
+        }
+        let raw = self.take("peer indices", n * 4)?;
+        let peers: Vec<u32> =
+            raw.chunks_exact(4).map(|c| u32::from_le_bytes(c.try_into().expect("4 bytes"))).collect();
+        if !peers.windows(2).all(|w| w[0] < w[1]) {
+            return Err(WireError::Malformed {
+                field: "peer indices",
+                reason: "not strictly ascending".into(),
+            });
+        }
+        Ok(peers)
+    }
     fn vec(&mut self, field: &str, expected: usize) -> Result<Vec<f32>, WireError> {
         let n = self.u32("vector length")? as usize;
         if n != expected {
@@ -408,6 +456,7 @@ mod tests {
             Message::Final { round: 40, digest: Digest([7; 32]) },
             Message::ParamsRequest { round: 3 },
             Message::StateRequest,
+            Message::Heartbeat,
             Message::Ack,
             Message::State(StateMsg {
                 round: 9,
@@ -420,8 +469,22 @@ mod tests {
                 },
             }),
             Message::Params(ParamsMsg { round: 4, digest: Digest([4; 32]), params: vec![0.5; 5] }),
+            Message::Received { round: 5, peers: vec![0, 2, 3] },
+            Message::Received { round: 6, peers: vec![] },
             Message::Refused { reason: "not a member".into() },
         ]
+    }
+
+    #[test]
+    fn received_peers_must_be_ascending_and_bounded() {
+        let dup = encode(&Message::Received { round: 1, peers: vec![2, 2] });
+        let err = decode(&dup, L).unwrap_err();
+        assert!(err.to_string().contains("not strictly ascending"), "{err}");
+        let mut huge = encode(&Message::Received { round: 1, peers: vec![] });
+        let n = huge.len();
+        huge[n - 4..].copy_from_slice(&(MAX_PEERS as u32 + 1).to_le_bytes());
+        let err = decode(&huge, L).unwrap_err();
+        assert!(err.to_string().contains("at most"), "{err}");
     }
 
     #[test]

@@ -350,11 +350,23 @@ impl ClusterConfig {
 pub struct P2pConfig {
     /// Survivors take over the shards of peers that left, so their data is still trained on.
     pub takeover: bool,
+    /// A connected peer silent this long (frozen, or cut off with its connection up) is
+    /// detected by heartbeats and not waited for, ms; the round deadline stays for stragglers.
+    pub detection_ms: u64,
 }
 
 impl Default for P2pConfig {
     fn default() -> Self {
-        P2pConfig { takeover: true }
+        P2pConfig { takeover: true, detection_ms: 250 }
+    }
+}
+
+impl P2pConfig {
+    fn validate(&self) -> Result<(), ConfigError> {
+        if !(5..=600_000).contains(&self.detection_ms) {
+            return Err(invalid("p2p.detection_ms", self.detection_ms, "must be in 5..=600000"));
+        }
+        Ok(())
     }
 }
 
@@ -451,6 +463,7 @@ impl RunConfig {
             ));
         }
         self.cluster.validate()?;
+        self.p2p.validate()?;
         self.function.validate()?;
         self.optimizer.validate().map_err(|e| match e {
             peerless_core::optim::OptimError::InvalidConfig { key, value, reason } => ConfigError::Invalid {

@@ -32,6 +32,10 @@ struct Peer {
     checkpoint: Option<(u64, Vec<f32>)>,
     events: Vec<Event>,
     incarnation: u32,
+    /// Each applied round with its contributors, over every incarnation.
+    applied_sets: Vec<(u64, Vec<PeerIdx>)>,
+    /// States adopted, over every incarnation.
+    adoptions: u32,
 }
 
 struct Sim {
@@ -45,6 +49,9 @@ struct Sim {
     cfg: RoundConfig,
     /// Extra latency of messages *from* a peer, ms.
     slow: BTreeMap<u32, u64>,
+    /// `(peer, n)`: the peer crashes when it is about to send its `n+1`-th message from now,
+    /// so a broadcast can reach some recipients and not others.
+    crash_plan: Option<(u32, u32)>,
 }
 
 fn grad_of(peer: u32, round: u64, params: &[f32]) -> Vec<f32> {
@@ -73,6 +80,8 @@ impl Sim {
                 checkpoint: None,
                 events: Vec::new(),
                 incarnation: 0,
+                applied_sets: Vec::new(),
+                adoptions: 0,
             })
             .collect();
         let mut sim = Sim {
@@ -84,13 +93,14 @@ impl Sim {
             pending: BTreeMap::new(),
             cfg,
             slow: BTreeMap::new(),
+            crash_plan: None,
         };
+        // A connection comes up at both ends at once, so nothing arrives before it.
         for i in 0..n {
-            for j in 0..n {
-                if i != j {
-                    let d = 1 + sim.rng.below(20);
-                    sim.schedule(d, j, Delivery::Input(Input::Connected(i)));
-                }
+            for j in i + 1..n {
+                let d = 1 + sim.rng.below(20);
+                sim.schedule(d, j, Delivery::Input(Input::Connected(i)));
+                sim.schedule(d, i, Delivery::Input(Input::Connected(j)));
             }
         }
         sim
@@ -108,6 +118,16 @@ impl Sim {
         let (f, t) = (&self.peers[from as usize], &self.peers[to as usize]);
         if !f.alive || !t.alive || f.silent {
             return;
+        }
+        if let Some((peer, left)) = &mut self.crash_plan
+            && *peer == from
+        {
+            if *left == 0 {
+                self.crash_plan = None;
+                self.kill(from);
+                return;
+            }
+            *left -= 1;
         }
         let delay = 1 + self.rng.below(15) + self.slow.get(&from).copied().unwrap_or(0);
         self.schedule(delay, to, Delivery::Input(input));
@@ -137,14 +157,15 @@ impl Sim {
                     }
                 }
                 Action::Apply { round, inputs } => {
-                    assert!(inputs.iter().any(|(q, _)| *q == i), "own gradient is always applied");
                     assert!(inputs.windows(2).all(|w| w[0].0 < w[1].0), "inputs ordered by peer");
                     if let Some(&last) = p.applied.last() {
                         assert_eq!(round, last + 1, "peer {i} applied {round} after {last}");
                     }
                     p.applied.push(round);
+                    p.applied_sets.push((round, inputs.iter().map(|(q, _)| *q).collect()));
+                    // Empty inputs (nothing agreed) change nothing.
                     let n = inputs.len() as f32;
-                    for j in 0..N_PARAMS {
+                    for j in (0..N_PARAMS).filter(|_| !inputs.is_empty()) {
                         let g: f32 = inputs.iter().map(|(_, v)| v[j]).sum::<f32>() / n;
                         p.params[j] -= 0.1 * g;
                     }
@@ -167,6 +188,12 @@ impl Sim {
                 Action::Adopt(s) => {
                     p.params = s.params;
                     p.applied.clear();
+                    p.adoptions += 1;
+                }
+                Action::AnnounceReceived { round, peers, to } => {
+                    for t in to {
+                        self.send(i, t, Input::Received(i, round, peers.clone()));
+                    }
                 }
                 Action::AnnounceJoin { round, to } => {
                     for t in to {
@@ -315,6 +342,18 @@ impl Sim {
         }
         let d = self.digests();
         assert!(d.windows(2).all(|w| w[0] == w[1]), "replicas differ: {d:?}");
+    }
+
+    /// Prints every peer's events but the ordinary round closes (for a failing seed).
+    fn dump(&self) {
+        for (i, p) in self.peers.iter().enumerate() {
+            eprintln!("peer {i} alive {} digest {}", p.alive, digest(&p.params).short());
+            for e in
+                p.events.iter().filter(|e| !matches!(e.kind, EventKind::RoundClosed { timed_out: false, .. }))
+            {
+                eprintln!("   {e:?}");
+            }
+        }
     }
 
     fn events_of(&self, i: u32) -> &[Event] {
@@ -525,8 +564,14 @@ fn applied(out: &[Action]) -> Option<Vec<PeerIdx>> {
 fn a_peer_whose_message_was_refused_is_not_waited_for() {
     let (mut m, d) = collecting_peer();
     assert_eq!(applied(&m.handle(2, Input::Gradient(1, msg(0, d)))), None, "peer 2 is still expected");
-    // Peer 2's message failed to decode: the round closes now, long before the deadline.
+    // Peer 2's message failed to decode: collection ends now, long before the deadline.
     let out = m.handle(3, Input::Rejected(2));
+    assert!(
+        out.iter().any(|a| matches!(a, Action::AnnounceReceived { round: 0, peers, .. } if peers == &[0, 1])),
+        "{out:?}"
+    );
+    // The round closes once peer 1, whose gradient is in, says what it received.
+    let out = m.handle(4, Input::Received(1, 0, vec![0, 1]));
     assert_eq!(applied(&out), Some(vec![0, 1]), "{out:?}");
 }
 
@@ -535,11 +580,14 @@ fn a_replayed_round_is_dropped_and_its_sender_not_waited_for() {
     let (mut m, d) = collecting_peer();
     // Round 0 from both: the round closes with three contributors.
     m.handle(2, Input::Gradient(2, msg(0, d)));
-    let out = m.handle(3, Input::Gradient(1, msg(0, d)));
+    m.handle(3, Input::Gradient(1, msg(0, d)));
+    m.handle(3, Input::Received(1, 0, vec![0, 1, 2]));
+    let out = m.handle(3, Input::Received(2, 0, vec![0, 1, 2]));
     assert_eq!(applied(&out), Some(vec![0, 1, 2]));
     let d1 = digest(&[2.0]);
     m.handle(4, Input::LocalGradient { round: 1, digest: d1, grad: vec![1.0; N_PARAMS] });
     m.handle(5, Input::Gradient(1, msg(1, d1)));
+    m.handle(5, Input::Received(1, 1, vec![0, 1]));
     // Peer 2 sends its round-0 message again: dropped, and round 1 closes without it.
     let out = m.handle(6, Input::Gradient(2, msg(0, d)));
     assert_eq!(applied(&out), Some(vec![0, 1]), "{out:?}");
@@ -555,4 +603,122 @@ fn a_replayed_round_is_dropped_and_its_sender_not_waited_for() {
         "{ev:?}"
     );
     assert!(ev.iter().any(|e| matches!(e, EventKind::PeerSuspected { peer: 2, waited_ms: 0, .. })), "{ev:?}");
+}
+
+/// Events that show a peer paid for a fault: suspected, resynchronised, or waited a deadline.
+fn paid_for_a_fault(k: &EventKind) -> bool {
+    matches!(
+        k,
+        EventKind::PeerSuspected { .. }
+            | EventKind::Unresponsive { .. }
+            | EventKind::Reconcile { .. }
+            | EventKind::Synced { .. }
+            | EventKind::RoundClosed { timed_out: true, .. }
+    )
+}
+
+#[test]
+fn a_crash_at_any_point_of_a_round_costs_no_live_peer_a_deadline_a_suspicion_or_a_state() {
+    let mut split_broadcasts = 0;
+    for seed in 0..1_000u64 {
+        let mut rng = Rng::new(seed ^ 0x00C0_FFEE);
+        let n = 3 + rng.below(3) as u32;
+        let mut sim = Sim::new(n, 30, seed);
+        let victim = rng.below(n as u64) as u32;
+        sim.run_until(40 + rng.below(400));
+        // Each round a peer sends n-1 gradients and n-1 lists: crash before any one of them.
+        sim.crash_plan = Some((victim, rng.below(2 * (n as u64 - 1) + 1) as u32));
+        while sim.peers[victim as usize].alive && sim.step() {}
+        assert!(!sim.peers[victim as usize].alive, "seed {seed}: the victim finished before its crash");
+        let restarted = rng.below(2) == 0;
+        if restarted {
+            let t = sim.now + 20 + rng.below(300);
+            sim.run_until(t);
+            sim.restart(victim);
+        }
+        sim.run_to_end();
+        sim.assert_converged();
+        for (i, p) in sim.peers.iter().enumerate() {
+            if i as u32 == victim {
+                assert!(p.adoptions <= 1, "seed {seed}: the victim adopted {} states", p.adoptions);
+                continue;
+            }
+            let paid: Vec<&Event> = p.events.iter().filter(|e| paid_for_a_fault(&e.kind)).collect();
+            if !paid.is_empty() {
+                sim.dump();
+            }
+            assert!(paid.is_empty(), "seed {seed}: live peer {i} paid for peer {victim}'s crash: {paid:?}");
+            assert_eq!(p.adoptions, 0, "seed {seed}: live peer {i} adopted a state");
+            let rounds: Vec<u64> = p.applied_sets.iter().map(|(r, _)| *r).collect();
+            assert_eq!(rounds, (0..30).collect::<Vec<_>>(), "seed {seed}: peer {i} applied each round once");
+        }
+        let unshared = |p: &Peer| count(&p.events, |k| matches!(k, EventKind::Unshared { .. }));
+        if sim.peers.iter().any(|p| unshared(p) > 0) {
+            split_broadcasts += 1;
+        }
+    }
+    // The seeds do exercise the hard case: a gradient that reached only some survivors.
+    assert!(split_broadcasts >= 50, "only {split_broadcasts} seeds split a broadcast");
+}
+
+#[test]
+fn a_peer_whose_heartbeats_stopped_is_not_waited_for() {
+    let (mut m, d) = collecting_peer();
+    m.handle(2, Input::Gradient(1, msg(0, d)));
+    // Peer 2 froze (its connection is up): the driver's heartbeats notice after 240 ms.
+    let out = m.handle(242, Input::Unresponsive { peer: 2, silent_ms: 240 });
+    assert!(
+        out.iter().any(|a| matches!(
+            a,
+            Action::Event(Event { kind: EventKind::Unresponsive { peer: 2, round: 0, silent_ms: 240 }, .. })
+        )),
+        "{out:?}"
+    );
+    assert!(out.iter().any(|a| matches!(a, Action::AnnounceReceived { round: 0, .. })), "{out:?}");
+    let out = m.handle(243, Input::Received(1, 0, vec![0, 1]));
+    assert_eq!(applied(&out), Some(vec![0, 1]), "closed long before the 1 s deadline: {out:?}");
+    let closed = out.iter().find_map(|a| match a {
+        Action::Event(Event { kind: EventKind::RoundClosed { timed_out, .. }, .. }) => Some(*timed_out),
+        _ => None,
+    });
+    assert_eq!(closed, Some(false));
+    // When it resumes with a gradient of the current round, it is waited for again.
+    let d1 = digest(&[2.0]);
+    m.handle(250, Input::LocalGradient { round: 1, digest: d1, grad: vec![1.0; N_PARAMS] });
+    m.handle(251, Input::Gradient(2, msg(1, d1)));
+    assert_eq!(m.expected(), vec![1, 2]);
+}
+
+#[test]
+fn a_gradient_only_some_peers_received_is_left_out_by_all() {
+    // Peer 2 died mid-broadcast: peer 0 got its gradient, peer 1 did not.
+    let (mut m, d) = collecting_peer();
+    m.handle(2, Input::Gradient(1, msg(0, d)));
+    m.handle(3, Input::Gradient(2, msg(0, d)));
+    m.handle(4, Input::Disconnected(2));
+    let out = m.handle(5, Input::Received(1, 0, vec![0, 1]));
+    assert_eq!(applied(&out), Some(vec![0, 1]), "{out:?}");
+    assert!(
+        out.iter().any(|a| matches!(
+            a,
+            Action::Event(Event { kind: EventKind::Unshared { peer: 2, round: 0 }, .. })
+        )),
+        "{out:?}"
+    );
+}
+
+#[test]
+fn a_peer_that_joined_a_round_already_past_is_not_waited_for_until_it_catches_up() {
+    let (mut m, d) = collecting_peer();
+    m.handle(2, Input::Gradient(1, msg(0, d)));
+    m.handle(3, Input::Disconnected(2));
+    let out = m.handle(4, Input::Received(1, 0, vec![0, 1]));
+    assert_eq!(applied(&out), Some(vec![0, 1]));
+    // Peer 2 restarts and joins round 0, which this peer has closed.
+    m.handle(5, Input::Connected(2));
+    m.handle(6, Input::Join(2, 0));
+    assert_eq!(m.expected(), vec![1], "a joiner behind is not waited for");
+    // Its gradient of the current round shows it caught up.
+    m.handle(7, Input::Gradient(2, msg(1, digest(&[2.0]))));
+    assert_eq!(m.expected(), vec![1, 2]);
 }

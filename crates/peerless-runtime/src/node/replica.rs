@@ -74,6 +74,11 @@ impl Replica {
         inputs: &[(PeerIdx, Vec<f32>)],
         lone_as_is: bool,
     ) -> Result<Applied, NodeError> {
+        if inputs.is_empty() {
+            // Nothing was agreed (the P2P agreement left every gradient out): the round
+            // changes nothing, on every replica alike.
+            return Ok(Applied { aggregate_ms: 0.0, update_ms: 0.0, effective_f: 0 });
+        }
         let t = Instant::now();
         let (update, effective_f): (&[f32], usize) = match inputs {
             [(_, g)] if lone_as_is => (g, 0),

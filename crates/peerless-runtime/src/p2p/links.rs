@@ -13,6 +13,7 @@ use peerless_core::p2p::Input;
 use peerless_core::protocol::PeerIdx;
 use peerless_core::wire::{Message, WireError};
 
+use super::heartbeat::Heartbeats;
 use crate::node::driver::Node;
 use crate::node::net::{Net, NetEvent, frame};
 use crate::node::{NodeError, NodeEvent};
@@ -22,6 +23,8 @@ use crate::node::{NodeError, NodeEvent};
 pub(super) enum Pending {
     Gradient(u64),
     State,
+    /// A heartbeat: not waited for at the end (a frozen peer never answers).
+    Heartbeat,
     Other,
 }
 
@@ -38,16 +41,46 @@ pub(super) struct Links {
     state_channels: BTreeMap<PeerIdx, Vec<ResponseChannel<Bytes>>>,
     /// Rounds of the gradient acknowledgements received since last asked.
     acks: Vec<u64>,
+    /// Who was heard from when.
+    beats: Option<Heartbeats>,
 }
 
 impl Links {
     /// Links to the peers at `bootstrap` (multiaddrs).
-    pub(super) fn new(bootstrap: &[String]) -> Result<Links, NodeError> {
+    /// Links to the peers at `bootstrap` (multiaddrs) that detect a silent peer within
+    /// `detection_ms`.
+    pub(super) fn new(bootstrap: &[String], detection_ms: u64) -> Result<Links, NodeError> {
         let bootstrap = bootstrap
             .iter()
             .map(|a| a.parse().map_err(|e| NodeError::Config(format!("node.bootstrap {a:?}: {e}"))))
             .collect::<Result<_, _>>()?;
-        Ok(Links { bootstrap, ..Links::default() })
+        Ok(Links { bootstrap, beats: Some(Heartbeats::new(detection_ms, 0)), ..Links::default() })
+    }
+
+    /// When the next heartbeat is due, ms on the node's clock.
+    pub(super) fn next_beat(&self) -> Option<u64> {
+        self.beats.as_ref().map(Heartbeats::next_timer)
+    }
+
+    /// Sends the heartbeats due at `now` and returns an input for each peer newly found silent.
+    pub(super) fn beat(&mut self, net: &mut Net, now: u64) -> Vec<Input> {
+        let Some(beat) = self.beats.as_mut().and_then(|b| b.beat(now)) else { return Vec::new() };
+        let bytes = frame(&Message::Heartbeat);
+        for p in beat.to {
+            self.send(net, p, bytes.clone(), Pending::Heartbeat);
+        }
+        beat.silent.into_iter().map(|(peer, silent_ms)| Input::Unresponsive { peer, silent_ms }).collect()
+    }
+
+    /// Stops the heartbeats (training is over).
+    pub(super) fn stop_beats(&mut self) {
+        self.beats = None;
+    }
+
+    fn heard(&mut self, p: PeerIdx, now: u64) {
+        if let Some(b) = &mut self.beats {
+            b.heard(p, now);
+        }
     }
 
     /// Redials the bootstrap addresses not connected, at most once a second.
@@ -63,9 +96,9 @@ impl Links {
         }
     }
 
-    /// Whether no request is in flight.
+    /// Whether no request but heartbeats is in flight.
     pub(super) fn is_idle(&self) -> bool {
-        self.outbound.is_empty()
+        self.outbound.values().all(|(_, kind)| *kind == Pending::Heartbeat)
     }
 
     /// Sends `bytes` to `to` if it is connected; true when sent.
@@ -97,21 +130,30 @@ impl Links {
 
     /// The round machine's input for a network event, if it is one.
     pub(super) fn input(&mut self, node: &mut Node, ev: NetEvent) -> Option<Input> {
+        let now = node.now_ms();
         match ev {
             NetEvent::Connected { node: p, first, dialed } => {
                 if let Some(a) = dialed {
                     self.connected.insert(p, a);
                 }
+                self.heard(p, now);
                 first.then_some(Input::Connected(p))
             }
             NetEvent::Disconnected { node: p } => {
                 self.connected.remove(&p);
                 self.state_channels.remove(&p);
+                if let Some(b) = &mut self.beats {
+                    b.gone(p);
+                }
                 Some(Input::Disconnected(p))
             }
-            NetEvent::Request { from, msg, channel } => self.request(node, from, msg, channel),
+            NetEvent::Request { from, msg, channel } => {
+                self.heard(from, now);
+                self.request(node, from, msg, channel)
+            }
             NetEvent::Answer { id, msg } => {
                 let (from, kind) = self.outbound.remove(&id)?;
+                self.heard(from, now);
                 self.answered(node, from, kind, msg)
             }
             NetEvent::Failed { id, error } => {
@@ -123,7 +165,7 @@ impl Links {
                         self.acks.push(r);
                         None
                     }
-                    Pending::Other => None,
+                    Pending::Heartbeat | Pending::Other => None,
                 }
             }
         }
@@ -156,6 +198,7 @@ impl Links {
             Message::Gradient(g) => Some(Input::Gradient(from, g)),
             Message::Join { round } => Some(Input::Join(from, round)),
             Message::Final { round, digest } => Some(Input::Final(from, round, digest)),
+            Message::Received { round, peers } => Some(Input::Received(from, round, peers)),
             _ => None,
         }
     }
@@ -173,7 +216,7 @@ impl Links {
                 self.acks.push(r);
                 None
             }
-            (Pending::Other, _) => None,
+            (Pending::Heartbeat | Pending::Other, _) => None,
             (Pending::State, Ok(Message::State(s))) if digest(&s.params) != s.digest => {
                 node.event(NodeEvent::Rejected {
                     from,

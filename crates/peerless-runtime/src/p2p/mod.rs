@@ -8,5 +8,6 @@
 //! A peer is started with a `peer.toml` ([`NodeFile`](crate::node::NodeFile)): the run's
 //! configuration under `[run]` and the node's own settings under `[node]`.
 
+mod heartbeat;
 mod links;
 pub mod peer;

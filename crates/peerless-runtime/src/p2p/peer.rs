@@ -93,7 +93,7 @@ impl Peer {
             (None, false) => Start::Fresh { round: 0 },
         };
         let work = Work::start(node, command).await?;
-        let links = Links::new(&node.file.node.bootstrap)?;
+        let links = Links::new(&node.file.node.bootstrap, node.file.run.p2p.detection_ms)?;
         let (run, me) = (&node.file.run, node.me);
         let cfg = RoundConfig {
             me,
@@ -157,6 +157,9 @@ impl Peer {
             }
             Action::Adopt(state) => self.adopt(node, state)?,
             Action::AnnounceJoin { round, to } => self.announce(node, &Message::Join { round }, &to),
+            Action::AnnounceReceived { round, peers, to } => {
+                self.announce(node, &Message::Received { round, peers }, &to)
+            }
             Action::AnnounceFinal { round, digest, to } => {
                 self.announce(node, &Message::Final { round, digest }, &to)
             }
@@ -321,7 +324,10 @@ impl Role for Peer {
     }
 
     fn next_timer(&self) -> Option<u64> {
-        self.machine.next_timer()
+        match (self.machine.next_timer(), self.links.next_beat()) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        }
     }
 
     fn round(&self) -> u64 {
@@ -329,9 +335,13 @@ impl Role for Peer {
     }
 
     fn step(&mut self, node: &mut Node, input: Input) -> Result<Vec<Input>, NodeError> {
-        let mut fed_back = Vec::new();
-        for action in self.machine.handle(node.now_ms(), input) {
+        let now = node.now_ms();
+        let mut fed_back = self.links.beat(&mut node.net, now);
+        for action in self.machine.handle(now, input) {
             self.carry_out(node, action, &mut fed_back)?;
+        }
+        if self.machine.is_done() {
+            self.links.stop_beats();
         }
         self.note_exchange();
         Ok(fed_back)
