@@ -50,7 +50,9 @@
 //! # Joining
 //! A new or restarted peer starts in [`Start::Join`]: it asks a connected peer for its state,
 //! which that peer sends at its next round boundary, adopts it (unless its own checkpoint is
-//! newer), announces `Join { round }` and enters that round.
+//! newer), announces `Join { round }` and enters that round. The others wait for it only from
+//! the round after its first gradient arrived: a joiner's first round may take long (cold
+//! functions), or the others may be past it already, and nobody waits a deadline for that.
 //!
 //! # Deadline
 //! Adaptive: `clamp(factor × ewma(wait), floor, ceiling)`, where `wait` is the time from this
@@ -453,16 +455,12 @@ impl Round {
                 }
             }
             Input::Join(p, round) if p != self.cfg.me && self.is_connected(p) => {
-                let current = self.round;
+                // A joiner is waited for only once a gradient shows it keeps up: its first
+                // round may take long (cold functions) or be already past here. Until then its
+                // gradients count when they arrive in time, and nobody waits a deadline for it.
                 let m = self.member(p);
                 m.suspected = false;
-                if round >= current {
-                    m.active_from = Some(round);
-                } else if m.active_from.is_none_or(|a| a <= round) {
-                    // It joined a round this peer is already past: it is catching up, and is
-                    // waited for once a gradient of a current round shows it has.
-                    m.active_from = None;
-                }
+                m.active_from = m.active_from.filter(|&a| a >= round);
                 self.event(now, EventKind::PeerJoined { peer: p, round });
             }
             Input::Gradient(p, g) if p != self.cfg.me && self.is_connected(p) => self.on_gradient(now, p, g),

@@ -718,6 +718,9 @@ fn a_peer_that_joined_a_round_already_past_is_not_waited_for_until_it_catches_up
     m.handle(5, Input::Connected(2));
     m.handle(6, Input::Join(2, 0));
     assert_eq!(m.expected(), vec![1], "a joiner behind is not waited for");
+    // Nor one that joined the current round, until it shows it keeps up.
+    m.handle(6, Input::Join(2, 1));
+    assert_eq!(m.expected(), vec![1], "a joiner is not waited for before its first gradient");
     // Its gradient of the current round shows it caught up.
     m.handle(7, Input::Gradient(2, msg(1, digest(&[2.0]))));
     assert_eq!(m.expected(), vec![1, 2]);
