@@ -466,7 +466,7 @@ impl Round {
             Input::Gradient(p, g) if p != self.cfg.me && self.is_connected(p) => self.on_gradient(now, p, g),
             Input::Rejected(p) if p != self.cfg.me => self.suspect_now(now, p),
             Input::Received(p, round, peers) if p != self.cfg.me && round >= self.round => {
-                self.lists.entry(round).or_default().insert(p, peers);
+                self.keep_list(p, round, peers)
             }
             Input::Unresponsive { peer, silent_ms } if peer != self.cfg.me => {
                 let round = self.round;
@@ -817,6 +817,17 @@ impl Round {
         }
         self.phase = Phase::Agreeing { since: now, timed_out };
         self.advance(now);
+    }
+
+    /// Keeps `p`'s list of `round`, and of its lists only those of that round and the one
+    /// before (a peer more rounds ahead means this one is behind and will fetch a state), so
+    /// no peer can make this one hold lists of many rounds.
+    fn keep_list(&mut self, p: PeerIdx, round: u64, peers: Vec<PeerIdx>) {
+        for (_, lists) in self.lists.range_mut(..round.saturating_sub(1)) {
+            lists.remove(&p);
+        }
+        self.lists.retain(|_, lists| !lists.is_empty());
+        self.lists.entry(round).or_default().insert(p, peers);
     }
 
     /// Peers whose gradient this peer received and whose list it still waits for.

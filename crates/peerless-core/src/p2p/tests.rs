@@ -725,3 +725,13 @@ fn a_peer_that_joined_a_round_already_past_is_not_waited_for_until_it_catches_up
     m.handle(7, Input::Gradient(2, msg(1, digest(&[2.0]))));
     assert_eq!(m.expected(), vec![1, 2]);
 }
+
+#[test]
+fn a_peer_cannot_make_another_hold_lists_of_many_rounds() {
+    let (mut m, _) = collecting_peer();
+    for round in 0..1_000 {
+        m.handle(2, Input::Received(1, round, vec![1]));
+    }
+    let held: usize = m.lists.values().map(|l| l.len()).sum();
+    assert!(held <= 3, "{held} lists held");
+}
