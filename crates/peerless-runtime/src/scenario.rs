@@ -557,6 +557,36 @@ period_ms = 200
     }
 
     #[test]
+    fn every_scenario_of_the_library_loads_and_names_a_twin_it_has() {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../scenarios");
+        let mut names = Vec::new();
+        let mut scenarios = Vec::new();
+        for sub in [dir.clone(), dir.join("attacks")] {
+            for e in std::fs::read_dir(&sub).unwrap() {
+                let path = e.unwrap().path();
+                if path.extension().is_some_and(|x| x == "toml") {
+                    let s = Scenario::load(&path).unwrap_or_else(|e| panic!("{e}"));
+                    names.push(s.name.clone());
+                    scenarios.push(s);
+                }
+            }
+        }
+        for s in &scenarios {
+            if let Some(b) = &s.baseline {
+                let twin =
+                    scenarios.iter().find(|t| &t.name == b).unwrap_or_else(|| panic!("{}: no {b}", s.name));
+                assert!(twin.faults.is_empty(), "{}: its twin {b} has faults", s.name);
+                assert_eq!(twin.run, s.run, "{}: its twin {b} runs another workload", s.name);
+            }
+        }
+        // The churn: node 1, 2 or 3 killed every 3 s from 3 s to 24 s (7 faults).
+        let churn = scenarios.iter().find(|s| s.name == "churn").expect("scenarios/churn.toml");
+        let draws = crate::cluster::churn::expand(&churn.faults[0], 0, 1, TrainArch::P2p, 4, f64::INFINITY);
+        assert_eq!(draws.len(), 7, "{draws:?}");
+        assert!(draws.iter().all(|d| d.kind == FaultKind::Kill && d.target.is_some_and(|t| t.index != 0)));
+    }
+
+    #[test]
     fn bad_scenarios_are_refused_with_the_fault_and_reason() {
         let cases = [
             ("[[fault]]\nkind = \"kill\"\ntargets = [\"node:9\"]\nat_round = 1\n", "the run has 4 nodes"),

@@ -128,8 +128,9 @@ impl Stream {
     }
 }
 
-/// The draws of the stream of `spec` (at position `fault`) due before `until_s`, with nothing
-/// but the stream itself taking nodes down: a pure function of the seed and the spec.
+/// The draws of the stream of `spec` (at position `fault`) due before `until_s` (or its end),
+/// with nothing but the stream itself taking nodes down: a pure function of the seed and the
+/// spec. A stream without `duration_s` needs a finite `until_s`.
 pub fn expand(
     spec: &FaultSpec,
     fault: usize,
