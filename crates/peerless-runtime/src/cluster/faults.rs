@@ -395,14 +395,17 @@ impl Injector {
         });
     }
 
-    /// Whether node `index` is up: its process is running, and no fault has it stopped or
-    /// cut off.
+    /// Whether node `index` is up: its process is running, no fault has it stopped or cut
+    /// off, and no churn draw about to be injected hits it.
     fn is_up(&self, index: usize) -> bool {
         let running = self.pids.lock().expect("pids").get(index).copied().flatten().is_some();
         let held = self.planned.iter().any(|p| {
-            matches!(p.stage, Stage::Active(_))
-                && matches!(p.spec.kind, FaultKind::Stop | FaultKind::Partition)
-                && p.targets.iter().any(|t| t.index == index)
+            let holds = match p.stage {
+                Stage::Active(_) => matches!(p.spec.kind, FaultKind::Stop | FaultKind::Partition),
+                Stage::Pending => p.churn.is_some(),
+                Stage::Done => false,
+            };
+            holds && p.targets.iter().any(|t| t.index == index)
         });
         running && !held
     }
@@ -638,6 +641,36 @@ mod tests {
         // Once the result is in, the stream draws nothing more.
         inj.end_streams();
         assert_eq!(inj.tick(Duration::from_secs(60), 9), (vec![], vec![]));
+    }
+
+    #[test]
+    fn two_churn_streams_due_at_once_never_hit_the_same_node() {
+        let stream = "[[fault]]\nkind = \"churn\"\nevery_s = 1\ndown_s = 5\nkinds = [\"stop\"]\n\
+                      targets = [\"node:1\", \"node:2\"]\n";
+        let text = format!("[run]\ncluster.nodes = 3\n{stream}{stream}");
+        let faults = crate::scenario::Scenario::from_toml(&text, "c.toml", "c").unwrap().faults;
+        for seed in 0..8 {
+            let (mut inj, _) = Injector::new(&faults, TrainArch::P2p, 3, 3, None, seed);
+            let mut nodes: Vec<std::process::Child> =
+                (0..3).map(|_| std::process::Command::new("sleep").arg("30").spawn().unwrap()).collect();
+            for (i, c) in nodes.iter().enumerate() {
+                inj.set_pid(i, Some(c.id()));
+            }
+            let (records, _) = inj.tick(Duration::from_secs(1), 0);
+            let mut hit: Vec<&str> = records
+                .iter()
+                .map(|r| match r {
+                    ClusterEvent::FaultInjected(f) => f.targets[0].as_str(),
+                    other => panic!("seed {seed}: {other:?}"),
+                })
+                .collect();
+            hit.sort_unstable();
+            assert_eq!(hit, ["peer 1", "peer 2"], "seed {seed}");
+            for c in &mut nodes {
+                let _ = c.kill();
+                let _ = c.wait();
+            }
+        }
     }
 
     #[test]
