@@ -46,6 +46,14 @@ kind = "delay"
 targets = ["node:0", "node:2"]
 at_round = 1
 delay_ms = 20
+[[fault]]
+kind = "churn"
+every_s = 3
+kinds = ["kill", "stop", "partition"]
+down_s = 1
+targets = ["node:1", "ps"]
+at_s = 2
+duration_s = 30
 "#;
 
 fuzz_target!(

@@ -7,6 +7,7 @@
 //! target_accuracy = 0.95              # for time-to-target in the report
 //! seed = 1                            # first seed; `--seeds k` runs seed, seed+1, …
 //! timeout_s = 900                     # a run still going after this long is stopped (failed)
+//! baseline = "no-faults"              # the fault-free twin for goodput (default: no-faults)
 //!
 //! [run]                               # the workload: the same keys as a --config file
 //! data.dataset = "mnist"
@@ -18,6 +19,15 @@
 //! targets = ["node:1"]                # node:i (peer i / worker i), peer:i, worker:i, ps
 //! at_round = 60                       # or at_s = 12.5 (seconds after the launch)
 //! restart_after_s = 5                 # kill: start it again (a peer rejoins with --join)
+//!
+//! [[fault]]
+//! kind = "churn"                      # a seeded random stream of faults
+//! every_s = 3                         # one fault every every_s seconds
+//! kinds = ["kill", "stop", "partition"]  # drawn uniformly (default ["kill"])
+//! down_s = 1                          # restarted / continued / healed after down_s
+//! targets = ["node:1", "node:2"]      # default: every peer (P2P) or worker (PS)
+//! at_s = 3                            # the first fault (default every_s)
+//! duration_s = 21                     # no fault from at_s + duration_s on (default: the end)
 //! ```
 //!
 //! - `kill`: SIGKILL. The PS is always restarted by the launcher after `ps.restart_delay_ms`
@@ -32,6 +42,15 @@
 //!   with `attack = "sign-flip" | "gaussian" | "label-flip" | "nan" | "wrong-length" |
 //!   "replay"` ([`peerless_core::attack`]). The launcher writes the attack into their node
 //!   files, so their own processes attack; the injection is recorded when the round comes.
+//! - `churn`: a fault every `every_s` from `at_s` (default `every_s`) for `duration_s` (default:
+//!   until the first node holding the result finishes). Each is a `kill` (restarted after
+//!   `down_s`; a peer rejoins with `--join`, the PS is restarted by the launcher as always), a
+//!   `stop` (SIGCONT after `down_s`) or a `partition` (healed after `down_s`) of one target,
+//!   kind and target drawn uniformly from the run's seed ([`crate::cluster::churn`]): the same
+//!   seed gives the same stream. A target that is down (killed and not yet restarted, stopped,
+//!   cut off) is never picked; a tick with none up is skipped and recorded (`fault_skipped`).
+//!   Targets default to every peer (P2P) or every worker (PS); the PS only when listed.
+//!   `every_s` > 0 and `down_s` ≥ 0 are required; `at_round` does not apply.
 //!
 //! Function failures (crash, timeout, throttle, slow cold starts) are rates in the workload's
 //! `[run.function.faults]`; the launcher records them as a `function_faults` injection.
@@ -66,6 +85,10 @@ pub struct Scenario {
     /// Runs still going after this long are stopped and count as failed, s.
     #[serde(default = "default_timeout")]
     pub timeout_s: u64,
+    /// The fault-free twin the report compares throughput with (goodput); default: the
+    /// scenario named `no-faults` in the same experiment.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub baseline: Option<String>,
     /// The workload.
     #[serde(default)]
     pub run: RunConfig,
@@ -100,6 +123,8 @@ pub enum FaultKind {
     Delay,
     /// Make the targets Byzantine: they send attacked gradients from `at_round` on.
     Byzantine,
+    /// A seeded random stream of `kill`, `stop` and `partition` faults, one every `every_s`.
+    Churn,
 }
 
 impl FaultKind {
@@ -112,6 +137,7 @@ impl FaultKind {
             FaultKind::Partition => "partition",
             FaultKind::Delay => "delay",
             FaultKind::Byzantine => "byzantine",
+            FaultKind::Churn => "churn",
         }
     }
 }
@@ -122,7 +148,8 @@ impl FaultKind {
 pub struct FaultSpec {
     /// What.
     pub kind: FaultKind,
-    /// Whom: `node:i`, `peer:i`, `worker:i` or `ps`.
+    /// Whom: `node:i`, `peer:i`, `worker:i` or `ps` (`churn`: default every peer or worker).
+    #[serde(default)]
     pub targets: Vec<String>,
     /// When the cluster's highest completed round reaches this.
     #[serde(default)]
@@ -131,7 +158,7 @@ pub struct FaultSpec {
     #[serde(default)]
     pub at_s: Option<f64>,
     /// `stop`, `straggle`, `partition`, `delay`: how long (default: to the end; required for
-    /// `stop`).
+    /// `stop`). `churn`: how long the stream lasts from its first fault (default: to the end).
     #[serde(default)]
     pub duration_s: Option<f64>,
     /// `kill`: restart the node this long after the kill.
@@ -150,7 +177,21 @@ pub struct FaultSpec {
     /// `wrong-length`, `replay`; see [`peerless_core::attack`]).
     #[serde(default)]
     pub attack: Option<AttackKind>,
+    /// `churn`: one fault every this long, s.
+    #[serde(default)]
+    pub every_s: Option<f64>,
+    /// `churn`: the kinds each fault is drawn from, uniformly (`kill`, `stop`, `partition`;
+    /// default `kill`).
+    #[serde(default)]
+    pub kinds: Option<Vec<FaultKind>>,
+    /// `churn`: how long each fault lasts, s: a killed node is started again after it, a
+    /// stopped one continued, a partition healed.
+    #[serde(default)]
+    pub down_s: Option<f64>,
 }
+
+/// The kinds a `churn` stream can draw.
+pub const CHURN_KINDS: [FaultKind; 3] = [FaultKind::Kill, FaultKind::Stop, FaultKind::Partition];
 
 impl FaultSpec {
     /// The attack a `byzantine` fault gives its targets.
@@ -166,13 +207,17 @@ impl FaultSpec {
     /// Checks this fault for a cluster of `n` peers or workers; the error says what is wrong.
     fn check(&self, n: usize) -> Result<(), String> {
         self.check_timing()?;
-        if self.targets.is_empty() {
-            return Err("targets is empty".into());
+        if self.targets.is_empty() && self.kind != FaultKind::Churn {
+            return Err("targets is empty (give the nodes it hits)".into());
         }
         for t in &self.targets {
             parse_target(t, n)?;
         }
-        for (key, v) in [("duration_s", self.duration_s), ("restart_after_s", self.restart_after_s)] {
+        for (key, v) in [
+            ("duration_s", self.duration_s),
+            ("restart_after_s", self.restart_after_s),
+            ("down_s", self.down_s),
+        ] {
             if let Some(v) = v
                 && !(v.is_finite() && v >= 0.0)
             {
@@ -183,9 +228,14 @@ impl FaultSpec {
         self.check_kind_needs()
     }
 
-    /// Exactly one of `at_round` and `at_s`, a time being a non-negative number.
+    /// Exactly one of `at_round` and `at_s`, a time being a non-negative number; a `churn`
+    /// stream is timed, `at_s` optional.
     fn check_timing(&self) -> Result<(), String> {
         match (self.at_round, self.at_s) {
+            (Some(_), _) if self.kind == FaultKind::Churn => {
+                Err("at_round does not apply to churn: its faults are timed (at_s, every_s)".into())
+            }
+            (None, None) if self.kind == FaultKind::Churn => Ok(()),
             (Some(_), Some(_)) => Err("give at_round or at_s, not both".into()),
             (None, None) => Err("give at_round or at_s".into()),
             (None, Some(s)) if !(s.is_finite() && s >= 0.0) => {
@@ -208,11 +258,43 @@ impl FaultSpec {
         only("stop_ms", self.stop_ms.is_some(), &[FaultKind::Straggle])?;
         only("period_ms", self.period_ms.is_some(), &[FaultKind::Straggle])?;
         only("attack", self.attack.is_some(), &[FaultKind::Byzantine])?;
+        only("every_s", self.every_s.is_some(), &[FaultKind::Churn])?;
+        only("kinds", self.kinds.is_some(), &[FaultKind::Churn])?;
+        only("down_s", self.down_s.is_some(), &[FaultKind::Churn])?;
         only(
             "duration_s",
             self.duration_s.is_some(),
-            &[FaultKind::Stop, FaultKind::Straggle, FaultKind::Partition, FaultKind::Delay],
+            &[FaultKind::Stop, FaultKind::Straggle, FaultKind::Partition, FaultKind::Delay, FaultKind::Churn],
         )
+    }
+
+    /// A `churn` stream's own keys: a positive `every_s`, a `down_s`, known `kinds`.
+    fn check_churn(&self) -> Result<(), String> {
+        match self.every_s {
+            None => return Err("needs every_s (seconds between two faults)".into()),
+            Some(e) if !(e.is_finite() && e > 0.0) => {
+                return Err(format!("every_s = {e}: must be a positive number"));
+            }
+            Some(_) => {}
+        }
+        if self.down_s.is_none() {
+            return Err(
+                "needs down_s (how long each fault lasts: a killed node is restarted after it)".into()
+            );
+        }
+        match &self.kinds {
+            Some(k) if k.is_empty() => Err("kinds is empty: give some of kill, stop, partition".into()),
+            Some(k) => match k.iter().find(|k| !CHURN_KINDS.contains(k)) {
+                Some(bad) => Err(format!("kinds: {} cannot churn; use kill, stop or partition", bad.name())),
+                None => Ok(()),
+            },
+            None => Ok(()),
+        }
+    }
+
+    /// A `churn` stream's kinds (default `kill`).
+    pub fn churn_kinds(&self) -> Vec<FaultKind> {
+        self.kinds.clone().unwrap_or_else(|| vec![FaultKind::Kill])
     }
 
     /// What each kind of fault needs, and the targets it cannot have.
@@ -241,6 +323,7 @@ impl FaultSpec {
             FaultKind::Partition if has_ps && self.targets.len() > 1 => {
                 "partition the PS alone, or a set of nodes without it"
             }
+            FaultKind::Churn => return self.check_churn(),
             _ => return Ok(()),
         };
         Err(reason.into())
@@ -341,12 +424,17 @@ impl Scenario {
 
     /// Checks the workload and every fault.
     pub fn validate(&self, origin: &str) -> Result<(), ScenarioError> {
-        if self.name.is_empty() || !self.name.chars().all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
-        {
-            return Err(ScenarioError::Parse {
-                origin: origin.into(),
-                message: format!("name {:?}: use letters, digits, '-', '_' or '.'", self.name),
-            });
+        let named =
+            |n: &str| !n.is_empty() && n.chars().all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c));
+        for (key, value) in [("name", Some(&self.name)), ("baseline", self.baseline.as_ref())] {
+            if let Some(v) = value
+                && !named(v)
+            {
+                return Err(ScenarioError::Parse {
+                    origin: origin.into(),
+                    message: format!("{key} {v:?}: use letters, digits, '-', '_' or '.'"),
+                });
+            }
         }
         if !(0.0..=1.0).contains(&self.target_accuracy) {
             return Err(ScenarioError::Parse {
@@ -452,6 +540,53 @@ period_ms = 200
     }
 
     #[test]
+    fn a_churn_fault_needs_only_its_rate_and_down_time_and_names_its_twin() {
+        let text = "baseline = \"calm\"\n[run]\ncluster.nodes = 4\n[[fault]]\nkind = \"churn\"\nevery_s = 3\ndown_s = 1\n\
+                    [[fault]]\nkind = \"churn\"\nevery_s = 5\ndown_s = 0\nkinds = [\"stop\", \"partition\"]\n\
+                    targets = [\"ps\", \"node:2\"]\nat_s = 0\nduration_s = 60\n";
+        let s = Scenario::from_toml(text, "churn.toml", "churn").unwrap();
+        assert_eq!(s.baseline.as_deref(), Some("calm"));
+        let (a, b) = (&s.faults[0], &s.faults[1]);
+        assert_eq!((a.churn_kinds(), a.targets.len(), a.at_s), (vec![FaultKind::Kill], 0, None));
+        assert_eq!(b.churn_kinds(), [FaultKind::Stop, FaultKind::Partition]);
+        // Written back, it loads back equal (the fuzz target checks the same of every input).
+        let back = Scenario::from_toml(&toml::to_string(&s).unwrap(), "back.toml", "churn").unwrap();
+        assert_eq!(back, s);
+        let err = Scenario::from_toml("baseline = \"no faults\"\n", "b.toml", "b").unwrap_err().to_string();
+        assert!(err.contains("b.toml") && err.contains("baseline \"no faults\": use letters"), "{err}");
+    }
+
+    #[test]
+    fn every_scenario_of_the_library_loads_and_names_a_twin_it_has() {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../scenarios");
+        let mut names = Vec::new();
+        let mut scenarios = Vec::new();
+        for sub in [dir.clone(), dir.join("attacks")] {
+            for e in std::fs::read_dir(&sub).unwrap() {
+                let path = e.unwrap().path();
+                if path.extension().is_some_and(|x| x == "toml") {
+                    let s = Scenario::load(&path).unwrap_or_else(|e| panic!("{e}"));
+                    names.push(s.name.clone());
+                    scenarios.push(s);
+                }
+            }
+        }
+        for s in &scenarios {
+            if let Some(b) = &s.baseline {
+                let twin =
+                    scenarios.iter().find(|t| &t.name == b).unwrap_or_else(|| panic!("{}: no {b}", s.name));
+                assert!(twin.faults.is_empty(), "{}: its twin {b} has faults", s.name);
+                assert_eq!(twin.run, s.run, "{}: its twin {b} runs another workload", s.name);
+            }
+        }
+        // The issue's churn: node 1, 2 or 3 killed every 3 s from 3 s to 24 s (7 faults).
+        let churn = scenarios.iter().find(|s| s.name == "churn").expect("scenarios/churn.toml");
+        let draws = crate::cluster::churn::expand(&churn.faults[0], 0, 1, TrainArch::P2p, 4, f64::INFINITY);
+        assert_eq!(draws.len(), 7, "{draws:?}");
+        assert!(draws.iter().all(|d| d.kind == FaultKind::Kill && d.target.is_some_and(|t| t.index != 0)));
+    }
+
+    #[test]
     fn bad_scenarios_are_refused_with_the_fault_and_reason() {
         let cases = [
             ("[[fault]]\nkind = \"kill\"\ntargets = [\"node:9\"]\nat_round = 1\n", "the run has 4 nodes"),
@@ -486,6 +621,45 @@ period_ms = 200
             (
                 "[[fault]]\nkind = \"straggle\"\ntargets = [\"node:1\"]\nat_s = 1\nstop_ms = 300\nperiod_ms = 200\n",
                 "stop_ms < period_ms",
+            ),
+            ("[[fault]]\nkind = \"kill\"\nat_s = 1\n", "targets is empty"),
+            ("[[fault]]\nkind = \"churn\"\ndown_s = 1\n", "needs every_s"),
+            ("[[fault]]\nkind = \"churn\"\nevery_s = 0\ndown_s = 1\n", "every_s = 0: must be a positive"),
+            ("[[fault]]\nkind = \"churn\"\nevery_s = -2\ndown_s = 1\n", "every_s = -2"),
+            ("[[fault]]\nkind = \"churn\"\nevery_s = 3\n", "needs down_s"),
+            (
+                "[[fault]]\nkind = \"churn\"\nevery_s = 3\ndown_s = -1\n",
+                "down_s = -1: must be a non-negative",
+            ),
+            ("[[fault]]\nkind = \"churn\"\nevery_s = 3\ndown_s = 1\nkinds = []\n", "kinds is empty"),
+            (
+                "[[fault]]\nkind = \"churn\"\nevery_s = 3\ndown_s = 1\nkinds = [\"kill\", \"delay\"]\n",
+                "kinds: delay cannot churn",
+            ),
+            ("[[fault]]\nkind = \"churn\"\nevery_s = 3\ndown_s = 1\nkinds = [\"melt\"]\n", "unknown variant"),
+            (
+                "[[fault]]\nkind = \"churn\"\nevery_s = 3\ndown_s = 1\nat_round = 4\n",
+                "at_round does not apply",
+            ),
+            (
+                "[[fault]]\nkind = \"churn\"\nevery_s = 3\ndown_s = 1\nrestart_after_s = 1\n",
+                "restart_after_s does not apply to churn",
+            ),
+            (
+                "[[fault]]\nkind = \"churn\"\nevery_s = 3\ndown_s = 1\ntargets = [\"node:4\"]\n",
+                "the run has 4 nodes",
+            ),
+            (
+                "[[fault]]\nkind = \"kill\"\ntargets = [\"node:1\"]\nat_s = 1\nevery_s = 3\n",
+                "every_s does not apply to kill",
+            ),
+            (
+                "[[fault]]\nkind = \"stop\"\ntargets = [\"node:1\"]\nat_s = 1\nduration_s = 1\ndown_s = 1\n",
+                "down_s does not apply to stop",
+            ),
+            (
+                "[[fault]]\nkind = \"kill\"\ntargets = [\"node:1\"]\nat_s = 1\nkinds = [\"kill\"]\n",
+                "kinds does not apply to kill",
             ),
         ];
         for (text, want) in cases {

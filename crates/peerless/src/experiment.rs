@@ -34,6 +34,9 @@ struct ScenarioEntry {
     file: String,
     faults: usize,
     seeds: Vec<u64>,
+    /// The fault-free twin the report measures goodput against, when the scenario names one.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    baseline: Option<String>,
 }
 
 #[derive(Debug, Serialize)]
@@ -197,6 +200,7 @@ impl Manifest {
                     file: f.display().to_string(),
                     faults: s.faults.len(),
                     seeds: (s.seed..s.seed + seeds).collect(),
+                    baseline: s.baseline.clone(),
                 })
                 .collect(),
             archs: archs.to_vec(),

@@ -24,7 +24,8 @@ pub enum ClusterEvent {
     FaultInjected(FaultRecord),
     /// A fault with a duration ended (or the run did).
     FaultCleared(FaultRecord),
-    /// A fault was not injected: its target does not exist in this architecture.
+    /// A fault was not injected: its target does not exist in this architecture, or (a churn
+    /// draw) every target was down.
     FaultSkipped(FaultRecord),
     /// A node process exited.
     NodeExit {
@@ -123,6 +124,9 @@ pub struct FaultRecord {
     /// Skipped: why.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub reason: Option<String>,
+    /// A `churn` stream's fault: the draw's number in its stream, from 0.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub churn: Option<u64>,
 }
 
 #[cfg(test)]

@@ -1,6 +1,10 @@
 //! Fault injection for the local cluster launcher: signals to node processes on a schedule,
 //! and a loopback fault proxy between nodes for partitions and delays.
 //!
+//! A `churn` fault is a stream ([`super::churn::Stream`]): each of its draws becomes a `kill`,
+//! `stop` or `partition` of one node, injected and cleared like a hand-written one and
+//! recorded the same way, with the draw's number (`churn`).
+//!
 //! The proxy: node `i` reaches node `j` through its own listener `(i → j)`, so every
 //! connection's two ends are known and a partition can cut exactly the pairs across it
 //! (closing live connections, refusing new ones) while delays hold each chunk until
@@ -12,6 +16,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use super::churn::{Draw, Stream};
 use super::events::{ClusterEvent, FaultRecord};
 use crate::config::TrainArch;
 use crate::scenario::{FaultKind, FaultSpec, NodeRef, resolve_target};
@@ -157,7 +162,11 @@ async fn pipe(
 
 /// Whether any of `faults` needs the proxy.
 pub fn needs_proxy(faults: &[FaultSpec]) -> bool {
-    faults.iter().any(|f| matches!(f.kind, FaultKind::Partition | FaultKind::Delay))
+    faults.iter().any(|f| match f.kind {
+        FaultKind::Partition | FaultKind::Delay => true,
+        FaultKind::Churn => f.churn_kinds().contains(&FaultKind::Partition),
+        _ => false,
+    })
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -170,8 +179,11 @@ enum Stage {
 
 #[derive(Debug)]
 struct Planned {
+    /// Unique among the run's faults (the proxy's faults are removed by it).
     id: usize,
     spec: FaultSpec,
+    /// A churn stream's draw: its number.
+    churn: Option<u64>,
     targets: Vec<NodeRef>,
     stage: Stage,
     /// Straggle: tells its thread to stop.
@@ -212,6 +224,10 @@ pub enum Order {
 #[derive(Debug)]
 pub struct Injector {
     planned: Vec<Planned>,
+    /// The churn streams; each draw is added to `planned` when due.
+    streams: Vec<Stream>,
+    /// The next id of a drawn fault.
+    next_id: usize,
     proxy: Option<Proxy>,
     /// Current pid of each launcher node (`None` while it is down).
     pids: Arc<Mutex<Vec<Option<u32>>>>,
@@ -221,19 +237,34 @@ pub struct Injector {
 pub type Record = ClusterEvent;
 
 impl Injector {
-    /// Resolves `faults` for a run of `arch` with `n` peers or workers; targets that do not
-    /// exist in this architecture are reported in the returned records and skipped.
+    /// Resolves `faults` for a run of `arch` with `n` peers or workers and seed `seed`;
+    /// targets that do not exist in this architecture are reported in the returned records and
+    /// skipped.
     pub fn new(
         faults: &[FaultSpec],
         arch: TrainArch,
         n: usize,
         nodes: usize,
         proxy: Option<Proxy>,
+        seed: u64,
     ) -> (Injector, Vec<Record>) {
         let mut skipped = Vec::new();
+        let mut streams = Vec::new();
+        for (id, spec) in faults.iter().enumerate().filter(|(_, f)| f.kind == FaultKind::Churn) {
+            match Stream::new(spec, id, seed, arch, n) {
+                Some(s) => streams.push(s),
+                None => skipped.push(ClusterEvent::FaultSkipped(FaultRecord {
+                    fault: spec.kind.name().into(),
+                    targets: spec.targets.clone(),
+                    reason: Some("no target exists in this architecture".into()),
+                    ..FaultRecord::default()
+                })),
+            }
+        }
         let planned = faults
             .iter()
             .enumerate()
+            .filter(|(_, spec)| spec.kind != FaultKind::Churn)
             .filter_map(|(id, spec)| {
                 let targets: Vec<NodeRef> =
                     spec.targets.iter().filter_map(|t| resolve_target(t, arch, n)).collect();
@@ -246,10 +277,24 @@ impl Injector {
                     }));
                     return None;
                 }
-                Some(Planned { id, spec: spec.clone(), targets, stage: Stage::Pending, stop: None })
+                Some(Planned {
+                    id,
+                    spec: spec.clone(),
+                    churn: None,
+                    targets,
+                    stage: Stage::Pending,
+                    stop: None,
+                })
             })
             .collect();
-        (Injector { planned, proxy, pids: Arc::new(Mutex::new(vec![None; nodes])) }, skipped)
+        let pids = Arc::new(Mutex::new(vec![None; nodes]));
+        (Injector { planned, streams, next_id: faults.len(), proxy, pids }, skipped)
+    }
+
+    /// Ends the churn streams: no more of their faults are drawn (the run's result is in);
+    /// those already injected are cleared when due.
+    pub fn end_streams(&mut self) {
+        self.streams.iter_mut().for_each(Stream::end);
     }
 
     /// The proxy, to route node addresses through (if the schedule has network faults).
@@ -267,7 +312,7 @@ impl Injector {
     /// Injects and clears what is due at `elapsed` since the launch, with the cluster at
     /// `round`; returns the event records and the launcher's orders.
     pub fn tick(&mut self, elapsed: Duration, round: u64) -> (Vec<Record>, Vec<Order>) {
-        let (mut records, mut orders) = (Vec::new(), Vec::new());
+        let (mut records, mut orders) = (self.draw_due(elapsed.as_secs_f64()), Vec::new());
         let now = Instant::now();
         for i in 0..self.planned.len() {
             let p = &self.planned[i];
@@ -291,6 +336,80 @@ impl Injector {
         (records, orders)
     }
 
+    /// Draws the churn faults due at `elapsed_s` and plans each (injected by this tick);
+    /// returns the records of the ticks skipped because every target was down.
+    fn draw_due(&mut self, elapsed_s: f64) -> Vec<Record> {
+        let mut skipped = Vec::new();
+        for s in 0..self.streams.len() {
+            while self.streams[s].next_at().is_some_and(|t| t <= elapsed_s) {
+                let nodes = self.pids.lock().expect("pids").len();
+                let up: Vec<bool> = (0..nodes).map(|i| self.is_up(i)).collect();
+                let Some(draw) = self.streams[s].draw(|t| up.get(t.index).copied().unwrap_or(false)) else {
+                    break;
+                };
+                let down_s = self.streams[s].down_s();
+                match draw.target {
+                    Some(target) => self.plan_draw(&draw, target, down_s),
+                    None => skipped.push(ClusterEvent::FaultSkipped(FaultRecord {
+                        fault: draw.kind.name().into(),
+                        targets: self.streams[s].targets().iter().map(ToString::to_string).collect(),
+                        reason: Some("churn: every target is down".into()),
+                        churn: Some(draw.index),
+                        ..FaultRecord::default()
+                    })),
+                }
+            }
+        }
+        skipped
+    }
+
+    /// Plans a churn draw on `target` as the fault it is, due at once: a kill restarted after
+    /// `down_s`, a stop or partition lasting `down_s`.
+    fn plan_draw(&mut self, draw: &Draw, target: NodeRef, down_s: f64) {
+        let lasts = matches!(draw.kind, FaultKind::Stop | FaultKind::Partition);
+        let spec = FaultSpec {
+            kind: draw.kind,
+            targets: vec![target.to_string()],
+            at_round: None,
+            at_s: Some(draw.at_s),
+            duration_s: lasts.then_some(down_s),
+            restart_after_s: (draw.kind == FaultKind::Kill).then_some(down_s),
+            delay_ms: None,
+            stop_ms: None,
+            period_ms: None,
+            attack: None,
+            every_s: None,
+            kinds: None,
+            down_s: None,
+        };
+        let id = self.next_id;
+        self.next_id += 1;
+        let churn = Some(draw.index);
+        self.planned.push(Planned {
+            id,
+            spec,
+            churn,
+            targets: vec![target],
+            stage: Stage::Pending,
+            stop: None,
+        });
+    }
+
+    /// Whether node `index` is up: its process is running, no fault has it stopped or cut
+    /// off, and no churn draw about to be injected hits it.
+    fn is_up(&self, index: usize) -> bool {
+        let running = self.pids.lock().expect("pids").get(index).copied().flatten().is_some();
+        let held = self.planned.iter().any(|p| {
+            let holds = match p.stage {
+                Stage::Active(_) => matches!(p.spec.kind, FaultKind::Stop | FaultKind::Partition),
+                Stage::Pending => p.churn.is_some(),
+                Stage::Done => false,
+            };
+            holds && p.targets.iter().any(|t| t.index == index)
+        });
+        running && !held
+    }
+
     fn signal(&self, t: NodeRef, sig: rustix::process::Signal) -> Option<u32> {
         let pid = self.pids.lock().expect("pids").get(t.index).copied().flatten()?;
         signal_pid(Some(pid), sig);
@@ -309,6 +428,7 @@ impl Injector {
             targets: targets.iter().map(ToString::to_string).collect(),
             round: Some(round),
             duration_s: spec.duration_s,
+            churn: p.churn,
             ..FaultRecord::default()
         };
         match spec.kind {
@@ -338,11 +458,13 @@ impl Injector {
                     px.update(|s| s.delays.push((id, set, ms)));
                 }
             }
+            // A stream is never planned itself: its draws are (see `draw_due`).
+            FaultKind::Churn => debug_assert!(false, "invariant: a churn fault is drawn, not injected"),
         }
         let p = &mut self.planned[i];
         p.stop = stop;
         p.stage = match spec.kind {
-            FaultKind::Kill | FaultKind::Byzantine => Stage::Done,
+            FaultKind::Kill | FaultKind::Byzantine | FaultKind::Churn => Stage::Done,
             _ => Stage::Active(until),
         };
         (ClusterEvent::FaultInjected(fields), orders)
@@ -389,13 +511,13 @@ impl Injector {
 
     fn clear(&mut self, i: usize, round: u64) -> Record {
         use rustix::process::Signal;
-        let (kind, targets, id) = {
+        let (kind, targets, id, churn) = {
             let p = &mut self.planned[i];
             p.stage = Stage::Done;
             if let Some(f) = p.stop.take() {
                 f.store(true, Ordering::Relaxed);
             }
-            (p.spec.kind, p.targets.clone(), p.id)
+            (p.spec.kind, p.targets.clone(), p.id, p.churn)
         };
         match kind {
             FaultKind::Stop => {
@@ -413,12 +535,13 @@ impl Injector {
                     px.update(|s| s.delays.retain(|(f, _, _)| *f != id));
                 }
             }
-            FaultKind::Kill | FaultKind::Straggle | FaultKind::Byzantine => {}
+            FaultKind::Kill | FaultKind::Straggle | FaultKind::Byzantine | FaultKind::Churn => {}
         }
         ClusterEvent::FaultCleared(FaultRecord {
             fault: kind.name().into(),
             targets: targets.iter().map(ToString::to_string).collect(),
             round: Some(round),
+            churn,
             ..FaultRecord::default()
         })
     }
@@ -483,6 +606,71 @@ mod tests {
         s.read_exact(&mut buf)?;
         assert_eq!(&buf, b"ping");
         Ok(t.elapsed())
+    }
+
+    #[test]
+    fn churn_draws_are_injected_and_recorded_like_hand_written_faults_and_skip_nodes_that_are_down() {
+        use std::os::unix::process::ExitStatusExt;
+        let text = "[run]\ncluster.nodes = 3\n[[fault]]\nkind = \"churn\"\nevery_s = 1\ndown_s = 0.5\n";
+        let faults = crate::scenario::Scenario::from_toml(text, "c.toml", "c").unwrap().faults;
+        let (mut inj, skipped) = Injector::new(&faults, TrainArch::P2p, 3, 3, None, 5);
+        assert!(skipped.is_empty());
+        // Only peer 2 runs (a stand-in process): the first draw can only hit it.
+        let mut victim = std::process::Command::new("sleep").arg("30").spawn().unwrap();
+        inj.set_pid(2, Some(victim.id()));
+        assert_eq!(inj.tick(Duration::from_millis(900), 0), (vec![], vec![]), "nothing before at_s");
+        let (records, orders) = inj.tick(Duration::from_secs(1), 4);
+        let want = FaultRecord {
+            fault: "kill".into(),
+            targets: vec!["peer 2".into()],
+            round: Some(4),
+            pids: Some(vec![Some(victim.id())]),
+            restart_after_s: Some(0.5),
+            churn: Some(0),
+            ..FaultRecord::default()
+        };
+        assert_eq!(records, [ClusterEvent::FaultInjected(want)]);
+        assert_eq!(orders, [Order::Restart { index: 2, after: Duration::from_millis(500) }]);
+        assert_eq!(victim.wait().unwrap().signal(), Some(9));
+        // Peer 2 is down now (the supervisor reaped it), like the others: the tick is skipped.
+        inj.set_pid(2, None);
+        let (records, orders) = inj.tick(Duration::from_secs(2), 5);
+        assert!(orders.is_empty());
+        let [ClusterEvent::FaultSkipped(rec)] = records.as_slice() else { panic!("{records:?}") };
+        assert_eq!((rec.churn, rec.reason.as_deref()), (Some(1), Some("churn: every target is down")));
+        // Once the result is in, the stream draws nothing more.
+        inj.end_streams();
+        assert_eq!(inj.tick(Duration::from_secs(60), 9), (vec![], vec![]));
+    }
+
+    #[test]
+    fn two_churn_streams_due_at_once_never_hit_the_same_node() {
+        let stream = "[[fault]]\nkind = \"churn\"\nevery_s = 1\ndown_s = 5\nkinds = [\"stop\"]\n\
+                      targets = [\"node:1\", \"node:2\"]\n";
+        let text = format!("[run]\ncluster.nodes = 3\n{stream}{stream}");
+        let faults = crate::scenario::Scenario::from_toml(&text, "c.toml", "c").unwrap().faults;
+        for seed in 0..8 {
+            let (mut inj, _) = Injector::new(&faults, TrainArch::P2p, 3, 3, None, seed);
+            let mut nodes: Vec<std::process::Child> =
+                (0..3).map(|_| std::process::Command::new("sleep").arg("30").spawn().unwrap()).collect();
+            for (i, c) in nodes.iter().enumerate() {
+                inj.set_pid(i, Some(c.id()));
+            }
+            let (records, _) = inj.tick(Duration::from_secs(1), 0);
+            let mut hit: Vec<&str> = records
+                .iter()
+                .map(|r| match r {
+                    ClusterEvent::FaultInjected(f) => f.targets[0].as_str(),
+                    other => panic!("seed {seed}: {other:?}"),
+                })
+                .collect();
+            hit.sort_unstable();
+            assert_eq!(hit, ["peer 1", "peer 2"], "seed {seed}");
+            for c in &mut nodes {
+                let _ = c.kill();
+                let _ = c.wait();
+            }
+        }
     }
 
     #[test]

@@ -33,7 +33,7 @@ pub(super) fn lay_out(cfg: &RunConfig, dir: &Path, faults: &[FaultSpec], arch: T
     let n = cfg.cluster.nodes as usize;
     let nodes = if arch == TrainArch::Ps { n + 1 } else { n };
     let proxy = if faults::needs_proxy(faults) { Some(Proxy::new()?) } else { None };
-    let (injector, skipped) = Injector::new(faults, arch, n, nodes, proxy);
+    let (injector, skipped) = Injector::new(faults, arch, n, nodes, proxy, cfg.seed);
     let attacks: Attacks = faults::attacks(faults, arch, n).into_iter().collect();
     let mut run = cfg.clone();
     if run.cluster.secret.is_empty() {

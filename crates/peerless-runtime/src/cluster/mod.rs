@@ -4,6 +4,7 @@
 //! - `layout` — the nodes' files, ports, run secret, fault schedule and attackers.
 //! - [`supervise`] — runs the node processes, restarts the PS, decides when the run ends.
 //! - [`faults`] — signals on a schedule, and the loopback fault proxy.
+//! - [`churn`] — a `churn` fault's seeded stream of kills, stops and partitions.
 //! - `events` — [`ClusterEvent`], what the launcher records in the run's `events.jsonl`.
 //! - `collect` — merges the nodes' files into the run directory; the cluster's summary.
 //! - `summary` — [`ClusterSummary`], [`NodeOutcome`], [`Exit`], [`Recovery`]: what the run
@@ -23,6 +24,7 @@ use crate::node::Progress;
 use crate::rundir::RunDir;
 use crate::scenario::FaultSpec;
 
+pub mod churn;
 mod collect;
 mod events;
 pub mod faults;

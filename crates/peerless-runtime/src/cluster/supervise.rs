@@ -437,6 +437,8 @@ impl<'a> Supervisor<'a> {
         if status.success() {
             if node.role.holds_result() && self.result_at.is_none() {
                 self.result_at = Some(Instant::now());
+                // Training is over: churn would only hit nodes on their way out.
+                self.injector.end_streams();
             }
             return Ok(());
         }
@@ -587,7 +589,7 @@ mod tests {
         let seen = Seen::default();
         let launcher =
             Launcher { exe: script(tmp.path(), body), show: &seen, interrupts: Arc::new(AtomicU32::new(0)) };
-        let (injector, _) = Injector::new(&[], crate::config::TrainArch::P2p, n, n, None);
+        let (injector, _) = Injector::new(&[], crate::config::TrainArch::P2p, n, n, None, 1);
         let ran = Supervisor::new(&cfg, &mut dir, nodes(tmp.path(), n), injector, &launcher).run().unwrap();
         let said = seen.0.lock().unwrap().clone();
         (ran, said)

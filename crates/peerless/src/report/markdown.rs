@@ -5,7 +5,7 @@ use std::fmt::Write as _;
 
 use super::run::{Figures, Run};
 use super::stats::{self, Estimate};
-use super::{ChartFiles, Experiment, ScenarioRuns};
+use super::{ChartFiles, Experiment, ScenarioRuns, goodput};
 
 /// Published reference: serverless P2P needs this much less gradient computation time than
 /// serverful P2P (per cent)…
@@ -67,10 +67,13 @@ struct Measure {
     cell: fn(&[Figures]) -> String,
 }
 
-const MEASURES: [Measure; 11] = [
+const MEASURES: [Measure; 14] = [
     Measure { name: "Time to target accuracy (s)", cell: cell_time_to_target },
     Measure { name: "Final test accuracy (%)", cell: |f| values(f, |x| Some(x.final_accuracy * 100.0)) },
     Measure { name: "Wall time (s)", cell: |f| values(f, |x| Some(x.wall_time_s)) },
+    Measure { name: "Throughput (samples/s)", cell: |f| values(f, |x| x.throughput) },
+    Measure { name: "Goodput (% of fault-free)", cell: goodput_cell },
+    Measure { name: "Faults injected", cell: |f| counts(f, |x| x.faults_injected as f64) },
     Measure { name: "Downtime (s)", cell: |f| values(f, |x| Some(x.downtime_s)) },
     Measure { name: "Recovery time (s)", cell: cell_recovery },
     Measure { name: "Rounds lost", cell: |f| counts(f, |x| x.rounds_lost as f64) },
@@ -82,7 +85,7 @@ const MEASURES: [Measure; 11] = [
 ];
 
 /// Measures shown in the summary table, by index into [`MEASURES`].
-const SUMMARY_MEASURES: [usize; 6] = [0, 1, 3, 4, 5, 9];
+const SUMMARY_MEASURES: [usize; 8] = [0, 1, 4, 5, 6, 7, 8, 12];
 
 fn values(f: &[Figures], get: impl Fn(&Figures) -> Option<f64>) -> String {
     fmt_values(&f.iter().filter_map(get).collect::<Vec<_>>())
@@ -90,6 +93,11 @@ fn values(f: &[Figures], get: impl Fn(&Figures) -> Option<f64>) -> String {
 
 fn counts(f: &[Figures], get: impl Fn(&Figures) -> f64) -> String {
     fmt_counts(&f.iter().map(get).collect::<Vec<_>>())
+}
+
+/// Goodput in per cent: the mean over the seeds that have a twin run, "—" when none has.
+pub(super) fn goodput_cell(f: &[Figures]) -> String {
+    values(f, |x| x.goodput.map(|g| g * 100.0))
 }
 
 fn cell_time_to_target(f: &[Figures]) -> String {
@@ -132,9 +140,15 @@ fn cell_recovery(f: &[Figures]) -> String {
     }
 }
 
-/// Each run's figures for one scenario and architecture.
-fn figures(s: &ScenarioRuns, arch: &str) -> Vec<Figures> {
-    s.runs(arch).iter().map(|(_, r)| r.figures(s.spec.target_accuracy)).collect()
+/// Each run's figures for one scenario and architecture, with its goodput against the same
+/// seed of the scenario's twin in `exp`.
+pub(super) fn figures(exp: &Experiment, s: &ScenarioRuns, arch: &str) -> Vec<Figures> {
+    let twin = goodput::twin(exp, s).map_or(&[][..], |t| t.runs(arch));
+    let runs = s.runs(arch);
+    runs.iter()
+        .zip(goodput::per_seed(runs, twin))
+        .map(|((_, r), goodput)| Figures { goodput, ..r.figures(s.spec.target_accuracy) })
+        .collect()
 }
 
 /// Markdown table cell text: pipes escaped.
@@ -211,7 +225,7 @@ fn summary(md: &mut String, exp: &Experiment) {
     for s in &exp.scenarios {
         let target = s.spec.target_accuracy.map_or_else(|| "—".into(), |t| format!("{:.1} %", t * 100.0));
         let mut row = vec![format!("[{}](#{})", s.spec.name, anchor(&s.spec.name)), target];
-        let figs: Vec<Vec<Figures>> = archs.iter().map(|a| figures(s, a)).collect();
+        let figs: Vec<Vec<Figures>> = archs.iter().map(|a| figures(exp, s, a)).collect();
         for &m in &SUMMARY_MEASURES {
             for f in &figs {
                 row.push(cell(&(MEASURES[m].cell)(f)));
@@ -244,6 +258,19 @@ fn scenario(md: &mut String, exp: &Experiment, s: &ScenarioRuns, charts: &[Chart
     }
     if let Some(f) = &s.spec.file {
         let _ = writeln!(md, "- Scenario file: `{f}`");
+    }
+    let twin = goodput::twin_name(&s.spec);
+    match goodput::twin(exp, s) {
+        Some(t) if t.spec.name == s.spec.name => {}
+        Some(_) => {
+            let _ = writeln!(md, "- Goodput against: [{twin}](#{}), the same seeds", anchor(twin));
+        }
+        None => {
+            let _ = writeln!(
+                md,
+                "- Goodput: not measured, its fault-free twin `{twin}` is not in this experiment"
+            );
+        }
     }
     for c in &s.cells {
         let seeds: Vec<String> = c.runs.iter().map(|(seed, _)| seed.to_string()).collect();
@@ -290,7 +317,7 @@ fn scenario(md: &mut String, exp: &Experiment, s: &ScenarioRuns, charts: &[Chart
     }
     let _ = writeln!(md);
     let archs = &exp.file.archs;
-    let figs: Vec<Vec<Figures>> = archs.iter().map(|a| figures(s, a)).collect();
+    let figs: Vec<Vec<Figures>> = archs.iter().map(|a| figures(exp, s, a)).collect();
     let head: Vec<String> = archs.iter().map(|a| arch_label(a)).collect();
     let _ = writeln!(md, "| Measure | {} |", head.join(" | "));
     let _ = writeln!(md, "| --- |{}", " --- |".repeat(head.len()));
@@ -649,6 +676,9 @@ fn definitions(md: &mut String) {
 - **Downtime**: time without global progress beyond normal. With g the gaps between consecutive progress timestamps, downtime = Σ max(0, g − {f} × median(g)); a run that progresses steadily has none.
 - **Recovery time**: for each `fault_injected` event, the time from the injection to the first completion of a global round above the highest round completed at the injection (a PS killed and restarted includes its restart). A run's value is the mean over its faults; faults after which no such round came are counted as not recovered.
 - **Rounds lost**: every row of the global counter whose round is not above the previous row's adds previous − round + 1 (rounds done again, e.g. a PS resumed from an older checkpoint). The launcher's `rounds_lost` in `summary.json`'s `recoveries` measures the same restarts, so the larger of the two is reported, not their sum.
+- **Throughput**: samples trained per second of wall time: the sum of `metrics.csv`'s `samples` column (every node process's rows, those of a process later killed included) over `wall_time_s`; for a run whose metrics lack the column, `summary.json`'s `samples_per_s`.
+- **Goodput**: a run's throughput over the throughput of the run with the same seed of the scenario's fault-free twin (the scenario its `baseline` key names, default `no-faults`), in per cent; the mean is over the seeds that have a twin run, and the cell is \"—\" when none has (the twin was not part of the experiment).
+- **Faults injected**: the run's `fault_injected` events (each draw of a `churn` stream is one; the function runtime's failure rates, `function_faults`, are not counted).
 - **Cost per accuracy point**: cost / (final test accuracy × 100).
 - **Charts**: accuracy from the evaluation rows, training loss per global round (the mean over peers in P2P, the PS's in PS) as a moving average over 1 % of the rounds; bold lines are the mean over seeds on their common time span, faint lines the seeds; dashed vertical lines mark fault injections.
 "
@@ -724,6 +754,9 @@ mod tests {
             cold_starts: 0,
             retries: 0,
             cost_usd: 0.0,
+            throughput: None,
+            faults_injected: 0,
+            goodput: None,
         };
         let missed = Figures { time_to_target: Some(None), ..base.clone() };
         assert_eq!(cell_time_to_target(&[base.clone(), missed.clone()]), "10.00 (n=1); not reached 1/2");

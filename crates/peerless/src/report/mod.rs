@@ -4,12 +4,14 @@
 //! # Layout
 //! - `run`: one run directory read into series (global progress, evaluations, loss, faults).
 //! - `stats`: means with Student-t intervals; downtime, recovery time, rounds lost.
+//! - `goodput`: each run's throughput over its fault-free twin's (same seed).
 //! - `markdown`: the report's text and tables.
 //! - `plot`: the charts (plotters).
 //!
 //! Every number in the report is computed from the run files; nothing is typed in except the
 //! published reference figures the comparison sections quote.
 
+mod goodput;
 mod markdown;
 mod plot;
 mod run;
@@ -45,6 +47,9 @@ struct ScenarioSpec {
     target_accuracy: Option<f64>,
     #[serde(default)]
     file: Option<String>,
+    /// Its fault-free twin, for goodput (default `no-faults`).
+    #[serde(default)]
+    baseline: Option<String>,
 }
 
 /// The runs of one scenario and architecture.
@@ -302,6 +307,10 @@ mod tests {
         assert_eq!(row("Rounds lost"), "| Rounds lost | 1 (n=1) |");
         assert_eq!(row("Retries"), "| Retries | 3 (n=1) |");
         assert_eq!(row("Cost per accuracy point ($)"), "| Cost per accuracy point ($) | 0.00001000 (n=1) |");
+        assert_eq!(row("Faults injected"), "| Faults injected | 1 (n=1) |");
+        // No `no-faults` twin in this experiment: no goodput, and the section says why.
+        assert_eq!(row("Goodput (% of fault-free)"), "| Goodput (% of fault-free) | — |");
+        assert!(md.contains("its fault-free twin `no-faults` is not in this experiment"), "{md}");
         assert!(md.contains("`ps-crash/ps/seed-2`"), "{md}");
         assert!(md.contains("Not measured: this experiment lacks"), "{md}");
         for ext in ["png", "svg"] {

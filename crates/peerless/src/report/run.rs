@@ -48,6 +48,9 @@ pub struct Run {
     pub faults: Vec<Fault>,
     /// Mean of each time column (`compute_ms`, `gather_ms`, …) over the rows that have it.
     pub column_means: BTreeMap<String, f64>,
+    /// Samples trained: the sum of `metrics.csv`'s `samples` column over every node process,
+    /// restarted ones included; `None` when no row has it.
+    pub samples_trained: Option<u64>,
 }
 
 /// Columns whose per-round mean the comparisons use.
@@ -85,6 +88,7 @@ impl Run {
         let evals = eval_series(&rows, secs);
         let loss = loss_series(&rows, ps_index.is_some(), secs);
         let column_means = table.column_means();
+        let samples_trained = table.rows.iter().filter_map(|r| r.samples).reduce(|a, b| a + b);
 
         Ok(Some(Run {
             summary,
@@ -97,7 +101,24 @@ impl Run {
             loss,
             faults,
             column_means,
+            samples_trained,
         }))
+    }
+
+    /// Training throughput, samples per second of wall time: samples trained (`metrics.csv`,
+    /// which keeps the rows of a process later killed) over `wall_time_s`; failing that, the
+    /// summary's `samples_per_s` (whose count covers each node's last process only). `None`
+    /// without a positive figure.
+    pub fn throughput(&self) -> Option<f64> {
+        let wall = self.summary.wall_time_s;
+        let from_rows = self.samples_trained.filter(|_| wall > 0.0).map(|s| s as f64 / wall);
+        from_rows.or(Some(self.summary.samples_per_s)).filter(|t| t.is_finite() && *t > 0.0)
+    }
+
+    /// Faults the launcher injected: its `fault_injected` events, churn draws included, the
+    /// function runtime's failure rates (`function_faults`, not an event in time) left out.
+    pub fn faults_injected(&self) -> u64 {
+        self.faults.iter().filter(|f| f.kind != "function_faults").count() as u64
     }
 
     /// Per-run figures the tables aggregate over seeds.
@@ -122,6 +143,9 @@ impl Run {
             cold_starts: self.summary.cold_starts,
             retries: self.summary.per_peer.iter().map(|p| p.retries).sum(),
             cost_usd: self.summary.total_cost_usd,
+            throughput: self.throughput(),
+            faults_injected: self.faults_injected(),
+            goodput: None,
         }
     }
 }
@@ -149,6 +173,13 @@ pub struct Figures {
     pub retries: u64,
     /// Total cost, USD.
     pub cost_usd: f64,
+    /// Training throughput, samples/s ([`Run::throughput`]).
+    pub throughput: Option<f64>,
+    /// Faults injected ([`Run::faults_injected`]).
+    pub faults_injected: u64,
+    /// Throughput over that of the same seed's fault-free twin; `None` without a twin run
+    /// (filled in by the report, which knows the twin: see `super::goodput`).
+    pub goodput: Option<f64>,
 }
 
 impl Figures {
@@ -307,6 +338,8 @@ struct Row {
     train_loss: Option<f64>,
     eval_round: Option<u64>,
     test_accuracy: Option<f64>,
+    /// Samples the node's gradient work covered in this round.
+    samples: Option<u64>,
 }
 
 /// metrics.csv: rows sorted by time, and the raw cells for the column means.
@@ -332,6 +365,7 @@ impl Table {
             bail!("the header lacks t_ms, peer or round: {:?}", header.join(","));
         };
         let (loss, er, acc) = (col("train_loss"), col("eval_round"), col("test_accuracy"));
+        let samples = col("samples");
         let mut rows = Vec::new();
         let mut raw = Vec::new();
         for line in lines.filter(|l| !l.trim().is_empty()) {
@@ -352,6 +386,7 @@ impl Table {
                 train_loss: get(loss).and_then(|s| s.parse().ok()).filter(|v: &f64| v.is_finite()),
                 eval_round: get(er).and_then(|s| s.parse().ok()),
                 test_accuracy: get(acc).and_then(|s| s.parse().ok()).filter(|v: &f64| v.is_finite()),
+                samples: get(samples).and_then(|s| s.parse().ok()),
             });
             raw.push(cells);
         }

@@ -5,6 +5,7 @@ mod aws_lambda;
 mod bad_input;
 mod bench;
 mod byzantine;
+mod churn;
 mod faults;
 mod function;
 mod gradient;
