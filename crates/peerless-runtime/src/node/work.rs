@@ -6,6 +6,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Instant;
 
+use futures::StreamExt as _;
 use peerless_core::attack::{Attack, Attacker};
 use peerless_core::flat::{Digest, digest, to_le_bytes};
 use peerless_core::function::{GradientRequest, GradientResponse, OutputMode, StoreRef};
@@ -104,6 +105,9 @@ pub(crate) struct Job {
     pub(crate) aggregation: Aggregation,
     /// This round's gradients are computed on flipped labels (a label-flipping attacker).
     pub(crate) flip_labels: bool,
+    /// Invocations in flight at once (`cluster.functions_per_node`): the batches a node takes
+    /// over from peers that left wait for a warm instance instead of cold-starting new ones.
+    pub(crate) concurrency: usize,
 }
 
 impl Job {
@@ -157,6 +161,7 @@ impl Job {
             backend_name: run.model.backend.to_string(),
             aggregation: run.cluster.aggregation,
             flip_labels: false,
+            concurrency: run.cluster.functions_per_node.max(1) as usize,
         }
     }
 
@@ -235,7 +240,9 @@ impl Job {
                 .expect("invariant: requests serialize");
             runtime.invoke("gradient", payload, InvokeCtx::new(keys.node.clone(), self.round, j as u32))
         });
-        let answers = Answers::collect(futures::future::join_all(calls).await);
+        let answers = Answers::collect(
+            futures::stream::iter(calls).buffered(self.concurrency).collect::<Vec<_>>().await,
+        );
         let t = std::time::Instant::now();
         let sum = self.gather(store, &keys, &answers.delivered).await;
         let gather_ms = t.elapsed().as_secs_f64() * 1e3;
