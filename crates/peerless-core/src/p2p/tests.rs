@@ -24,8 +24,11 @@ enum Delivery {
 struct Peer {
     machine: Round,
     alive: bool,
-    /// Messages from the peer are not delivered (a SIGSTOPped process: connections stay up).
+    /// Messages from the peer are not delivered (a process cut off, its connections up).
     silent: bool,
+    /// Until this time the peer does nothing (a SIGSTOPped process): what arrives waits, its
+    /// timers and computation stand still.
+    frozen_until: u64,
     params: Vec<f32>,
     /// Rounds applied, in order (reset by an adoption).
     applied: Vec<u64>,
@@ -75,6 +78,7 @@ impl Sim {
                 machine: Round::new(RoundConfig { me: i, ..cfg.clone() }, Start::Fresh { round: 0 }, 0),
                 alive: true,
                 silent: false,
+                frozen_until: 0,
                 params: vec![1.0; N_PARAMS],
                 applied: Vec::new(),
                 checkpoint: None,
@@ -227,7 +231,12 @@ impl Sim {
     /// Advances to the next delivery or timer; false when nothing is left to happen.
     fn step(&mut self) -> bool {
         let next_msg = self.queue.peek().map(|r| r.0.0);
-        let next_timer = self.peers.iter().filter(|p| p.alive).filter_map(|p| p.machine.next_timer()).min();
+        let next_timer = self
+            .peers
+            .iter()
+            .filter(|p| p.alive)
+            .filter_map(|p| p.machine.next_timer().map(|t| t.max(p.frozen_until)))
+            .min();
         let t = match (next_msg, next_timer) {
             (None, None) => return false,
             (Some(a), None) | (None, Some(a)) => a,
@@ -239,6 +248,12 @@ impl Sim {
             let (to, inc, d) = self.pending.remove(&seq).expect("scheduled");
             let p = &self.peers[to as usize];
             if !p.alive || p.incarnation != inc {
+                return true;
+            }
+            if p.frozen_until > self.now {
+                // It waits in the frozen process's socket buffers.
+                let wait = p.frozen_until - self.now;
+                self.schedule(wait, to, d);
                 return true;
             }
             let input = match d {
@@ -255,7 +270,10 @@ impl Sim {
         } else {
             for i in 0..self.peers.len() as u32 {
                 let p = &self.peers[i as usize];
-                if p.alive && p.machine.next_timer().is_some_and(|x| x <= self.now) {
+                if p.alive
+                    && p.frozen_until <= self.now
+                    && p.machine.next_timer().is_some_and(|x| x <= self.now)
+                {
                     self.input(i, Input::Tick);
                 }
             }
@@ -307,6 +325,20 @@ impl Sim {
         for j in 0..self.peers.len() as u32 {
             if j != k && self.peers[j as usize].alive {
                 self.schedule(1, j, Delivery::Input(Input::Disconnected(k)));
+            }
+        }
+    }
+
+    /// SIGSTOPs peer `k` for `ms`; the others' heartbeats notice after `detect_ms` if it is
+    /// still frozen then.
+    fn freeze(&mut self, k: u32, ms: u64, detect_ms: u64) {
+        self.peers[k as usize].frozen_until = self.now + ms;
+        if ms > detect_ms {
+            for j in 0..self.peers.len() as u32 {
+                if j != k && self.peers[j as usize].alive {
+                    let input = Input::Unresponsive { peer: k, silent_ms: detect_ms };
+                    self.schedule(detect_ms, j, Delivery::Input(input));
+                }
             }
         }
     }
@@ -734,4 +766,56 @@ fn a_peer_cannot_make_another_hold_lists_of_many_rounds() {
     }
     let held: usize = m.lists.values().map(|l| l.len()).sum();
     assert!(held <= 3, "{held} lists held");
+}
+
+#[test]
+fn a_frozen_peer_is_excluded_at_the_detection_bound_and_a_short_freeze_costs_nothing() {
+    for seed in 0..200u64 {
+        let mut rng = Rng::new(seed ^ 0x5_7095);
+        let n = 3 + rng.below(3) as u32;
+        let mut sim = Sim::new(n, 40, seed);
+        let k = rng.below(n as u64) as u32;
+        sim.run_until(50 + rng.below(300));
+        let long = seed % 2 == 0;
+        // Detection at 250 ms (the deadline floor here is 300 ms); a short freeze stays below it.
+        let (ms, detect) = if long { (1_000 + rng.below(1_000), 250) } else { (10 + rng.below(200), 250) };
+        let frozen_at = sim.now;
+        sim.freeze(k, ms, detect);
+        sim.run_to_end();
+        sim.assert_converged();
+        for (i, p) in sim.peers.iter().enumerate() {
+            if i as u32 == k {
+                // (Its own deadline may pass while it is frozen: it then closes a round early,
+                // which the agreement turns into left-out gradients, not split replicas.)
+                continue;
+            }
+            let timed_out = count(&p.events, |e| matches!(e, EventKind::RoundClosed { timed_out: true, .. }));
+            assert_eq!(timed_out, 0, "seed {seed}: peer {i} waited a deadline");
+            let found: Vec<u64> = p
+                .events
+                .iter()
+                .filter(|e| matches!(e.kind, EventKind::Unresponsive { .. }))
+                .map(|e| e.at_ms - frozen_at)
+                .collect();
+            if long {
+                assert!(found.len() <= 1 && found.iter().all(|&t| t <= detect), "seed {seed}: {found:?}");
+            } else {
+                assert!(found.is_empty(), "seed {seed}");
+            }
+            assert_eq!(p.adoptions, 0, "seed {seed}: live peer {i} adopted a state");
+        }
+        if !long {
+            // It missed nothing: no state transfer, no suspicion.
+            let frozen = &sim.peers[k as usize];
+            assert_eq!(frozen.adoptions, 0, "seed {seed}: a short freeze cost a state transfer");
+            let suspected = sim
+                .peers
+                .iter()
+                .enumerate()
+                .filter(|(i, _)| *i as u32 != k)
+                .map(|(_, p)| count(&p.events, |e| matches!(e, EventKind::PeerSuspected { .. })))
+                .sum::<usize>();
+            assert_eq!(suspected, 0, "seed {seed}: the others suspected someone");
+        }
+    }
 }
