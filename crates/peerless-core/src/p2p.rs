@@ -149,6 +149,13 @@ pub enum Input {
     Final(PeerIdx, u64, Digest),
     /// Time passed (the driver calls this at [`Round::next_timer`] at the latest).
     Tick,
+    /// This process itself stood still for `ms` (SIGSTOP, a stalled machine), found by the
+    /// driver's own timers firing late. Waits in progress are extended by as much, so the
+    /// messages that queued up meanwhile are taken in before any deadline passes.
+    Paused {
+        /// How long, ms.
+        ms: u64,
+    },
 }
 
 /// What the driver must do, in order.
@@ -540,6 +547,7 @@ impl Round {
                 }
             }
             Input::Tick => {}
+            Input::Paused { ms } => self.extend_waits(now, ms),
             // Inputs about this peer itself, lists of rounds already closed, and a join or a
             // gradient from a peer that has disconnected since (a message delivered after the
             // disconnection: the peer is gone, whatever it said last) are ignored.
@@ -554,6 +562,23 @@ impl Round {
         }
         self.advance(now);
         std::mem::take(&mut self.out)
+    }
+
+    /// Moves the start of the wait in progress `ms` later (this process was paused).
+    fn extend_waits(&mut self, now: u64, ms: u64) {
+        match &mut self.phase {
+            Phase::Starting { since }
+            | Phase::Collecting { since }
+            | Phase::Agreeing { since, .. }
+            | Phase::Finalizing { since, .. } => *since += ms,
+            Phase::Syncing { since, asked_at, .. } => {
+                *since += ms;
+                *asked_at += ms;
+            }
+            Phase::Computing | Phase::Done => {}
+        }
+        let round = self.round;
+        self.event(now, EventKind::Paused { round, ms });
     }
 
     /// `p` sent something refused: it is not waited for from now on.
@@ -583,11 +608,13 @@ impl Round {
         }
         // Only a gradient for this round or later shows the sender keeps up: a stale one (a
         // straggler's, or a replay) does not lift a suspicion, so nobody waits for it again.
+        // Nor does it make a peer that is not waited for (a joiner, one catching up) active:
+        // it may be fetching a state right now.
         if current {
             m.suspected = false;
-        }
-        if m.active_from.is_none_or(|a| a > g.round) {
-            m.active_from = Some(g.round);
+            if m.active_from.is_none_or(|a| a > g.round) {
+                m.active_from = Some(g.round);
+            }
         }
         let r = self.round;
         match self.phase {

@@ -92,6 +92,13 @@ pub enum EventKind {
         /// How long it had been silent when detected, ms.
         silent_ms: u64,
     },
+    /// This process stood still (SIGSTOP, a stalled machine): its waits were extended.
+    Paused {
+        /// Round in progress.
+        round: u64,
+        /// How long, ms.
+        ms: u64,
+    },
     /// A gradient this peer received was left out of the round because another peer said it
     /// had not received it (its sender died mid-broadcast, or straggled past some deadlines).
     Unshared {

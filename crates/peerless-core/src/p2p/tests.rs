@@ -333,6 +333,8 @@ impl Sim {
     /// still frozen then.
     fn freeze(&mut self, k: u32, ms: u64, detect_ms: u64) {
         self.peers[k as usize].frozen_until = self.now + ms;
+        // Its driver notices its own timers fired late, before it takes in the backlog.
+        self.schedule(ms, k, Delivery::Input(Input::Paused { ms }));
         if ms > detect_ms {
             for j in 0..self.peers.len() as u32 {
                 if j != k && self.peers[j as usize].alive {
@@ -784,13 +786,11 @@ fn a_frozen_peer_is_excluded_at_the_detection_bound_and_a_short_freeze_costs_not
         sim.run_to_end();
         sim.assert_converged();
         for (i, p) in sim.peers.iter().enumerate() {
-            if i as u32 == k {
-                // (Its own deadline may pass while it is frozen: it then closes a round early,
-                // which the agreement turns into left-out gradients, not split replicas.)
-                continue;
-            }
             let timed_out = count(&p.events, |e| matches!(e, EventKind::RoundClosed { timed_out: true, .. }));
             assert_eq!(timed_out, 0, "seed {seed}: peer {i} waited a deadline");
+            if i as u32 == k {
+                continue;
+            }
             let found: Vec<u64> = p
                 .events
                 .iter()
@@ -811,11 +811,9 @@ fn a_frozen_peer_is_excluded_at_the_detection_bound_and_a_short_freeze_costs_not
             let suspected = sim
                 .peers
                 .iter()
-                .enumerate()
-                .filter(|(i, _)| *i as u32 != k)
-                .map(|(_, p)| count(&p.events, |e| matches!(e, EventKind::PeerSuspected { .. })))
+                .map(|p| count(&p.events, |e| matches!(e, EventKind::PeerSuspected { .. })))
                 .sum::<usize>();
-            assert_eq!(suspected, 0, "seed {seed}: the others suspected someone");
+            assert_eq!(suspected, 0, "seed {seed}: someone was suspected");
         }
     }
 }

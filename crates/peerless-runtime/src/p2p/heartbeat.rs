@@ -28,6 +28,8 @@ pub(super) struct Beat {
     pub(super) to: Vec<PeerIdx>,
     /// Newly silent peers and for how long, ms.
     pub(super) silent: Vec<(PeerIdx, u64)>,
+    /// This process itself stood still about this long, ms (the beat came that late).
+    pub(super) paused_ms: Option<u64>,
 }
 
 impl Heartbeats {
@@ -67,7 +69,9 @@ impl Heartbeats {
         }
         let late = now - self.next_timer();
         self.last_beat = now;
-        if late > self.period_ms {
+        // A beat one period late is scheduling noise on a busy machine; two is a pause.
+        let paused_ms = (late > 2 * self.period_ms).then_some(late);
+        if paused_ms.is_some() {
             // This process itself was paused (SIGSTOP, a stalled machine): everyone looks
             // silent for the same reason. Start counting afresh rather than blame the others.
             for t in self.heard.values_mut() {
@@ -81,7 +85,7 @@ impl Heartbeats {
             .map(|(&p, &t)| (p, now - t))
             .collect::<Vec<_>>();
         self.reported.extend(silent.iter().map(|(p, _)| *p));
-        Some(Beat { to: self.heard.keys().copied().collect(), silent })
+        Some(Beat { to: self.heard.keys().copied().collect(), silent, paused_ms })
     }
 }
 
@@ -112,8 +116,8 @@ mod tests {
         assert!(reported_at.is_some_and(|r| r <= 250), "{reported_at:?}");
         // Heard again: it can be reported again later.
         h.heard(2, 610);
-        let b = (610..=900).step_by(50).filter_map(|t| h.beat(t)).flat_map(|b| b.silent).collect::<Vec<_>>();
-        assert_eq!(b.len(), 1);
+        let again = (610..=900).step_by(50).filter_map(|t| h.beat(t)).flat_map(|b| b.silent);
+        assert_eq!(again.filter(|(p, _)| *p == 2).count(), 1);
     }
 
     #[test]
@@ -122,8 +126,9 @@ mod tests {
         h.heard(1, 0);
         assert_eq!(h.beat(50).unwrap().silent, vec![]);
         // Nothing ran for 5 s (this process was stopped).
-        assert_eq!(h.beat(5_050).unwrap().silent, vec![]);
+        let b = h.beat(5_050).unwrap();
+        assert_eq!((b.silent, b.paused_ms), (vec![], Some(4_950)));
         h.gone(1);
-        assert_eq!(h.beat(5_100).unwrap(), Beat { to: vec![], silent: vec![] });
+        assert_eq!(h.beat(5_100).unwrap(), Beat { to: vec![], silent: vec![], paused_ms: None });
     }
 }

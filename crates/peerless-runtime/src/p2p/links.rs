@@ -62,14 +62,17 @@ impl Links {
         self.beats.as_ref().map(Heartbeats::next_timer)
     }
 
-    /// Sends the heartbeats due at `now` and returns an input for each peer newly found silent.
+    /// Sends the heartbeats due at `now`; returns `Paused` when this process stood still,
+    /// then an input for each peer newly found silent.
     pub(super) fn beat(&mut self, net: &mut Net, now: u64) -> Vec<Input> {
         let Some(beat) = self.beats.as_mut().and_then(|b| b.beat(now)) else { return Vec::new() };
         let bytes = frame(&Message::Heartbeat);
         for p in beat.to {
             self.send(net, p, bytes.clone(), Pending::Heartbeat);
         }
-        beat.silent.into_iter().map(|(peer, silent_ms)| Input::Unresponsive { peer, silent_ms }).collect()
+        let paused = beat.paused_ms.map(|ms| Input::Paused { ms });
+        let silent = beat.silent.into_iter().map(|(peer, silent_ms)| Input::Unresponsive { peer, silent_ms });
+        paused.into_iter().chain(silent).collect()
     }
 
     /// Stops the heartbeats (training is over).

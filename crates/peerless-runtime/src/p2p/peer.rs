@@ -336,9 +336,13 @@ impl Role for Peer {
 
     fn step(&mut self, node: &mut Node, input: Input) -> Result<Vec<Input>, NodeError> {
         let now = node.now_ms();
-        let mut fed_back = self.links.beat(&mut node.net, now);
-        for action in self.machine.handle(now, input) {
-            self.carry_out(node, action, &mut fed_back)?;
+        let mut fed_back = Vec::new();
+        // What the heartbeats found goes first: after a pause of this process, its waits are
+        // extended before the backlog of messages is taken in.
+        for input in self.links.beat(&mut node.net, now).into_iter().chain([input]) {
+            for action in self.machine.handle(now, input) {
+                self.carry_out(node, action, &mut fed_back)?;
+            }
         }
         if self.machine.is_done() {
             self.links.stop_beats();
