@@ -211,7 +211,7 @@ fn on_disk(name: DatasetName, data_dir: &Path) -> u64 {
     };
     let files =
         name.files().iter().filter_map(|s| peerless_ml::data::locate(dir, s)).collect::<Vec<PathBuf>>();
-    let cache = dir.join("peerless-pixels.cache");
+    let cache = dir.join(peerless_ml::data::cache::FILE_NAME);
     files
         .iter()
         .chain(std::iter::once(&cache))
