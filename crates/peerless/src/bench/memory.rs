@@ -79,8 +79,11 @@ pub struct MemoryBench {
     pub total_pss_peaks_mb: f64,
     /// Largest sum of PSS in one sample, MB.
     pub total_pss_sampled_mb: f64,
-    /// The dataset's files on disk (IDX files, and the raw cache file if there is one), MB.
+    /// The dataset's IDX files on disk, MB.
     pub dataset_on_disk_mb: f64,
+    /// The raw cache file (`peerless-pixels.cache`), MB: held once in the page cache for every
+    /// process, and counted in no process's RSS (it is read, not mapped); 0 when absent.
+    pub cache_file_mb: f64,
     /// What the images are as u8 pixels (train + test), MB.
     pub dataset_u8_mb: f64,
 }
@@ -197,27 +200,22 @@ fn by_kind(peaks: &BTreeMap<u32, Peaks>) -> Vec<KindMemory> {
         .collect()
 }
 
-/// Bytes of the dataset's files on disk (0 for the embedded digits): the IDX files and, if
-/// present, the raw cache file.
-fn on_disk(name: DatasetName, data_dir: &Path) -> u64 {
+/// Bytes of the dataset's IDX files and of its raw cache file on disk (0 for the embedded
+/// digits, or a file that is absent).
+fn on_disk(name: DatasetName, data_dir: &Path) -> (u64, u64) {
     if name.is_embedded() {
-        return 0;
+        return (0, 0);
     }
     let dirs = [name.dir(data_dir), data_dir.to_owned()];
     let Some(dir) =
         dirs.iter().find(|d| name.files().iter().any(|s| peerless_ml::data::locate(d, s).is_some()))
     else {
-        return 0;
+        return (0, 0);
     };
     let files =
         name.files().iter().filter_map(|s| peerless_ml::data::locate(dir, s)).collect::<Vec<PathBuf>>();
-    let cache = dir.join(peerless_ml::data::cache::FILE_NAME);
-    files
-        .iter()
-        .chain(std::iter::once(&cache))
-        .filter_map(|p| std::fs::metadata(p).ok())
-        .map(|m| m.len())
-        .sum()
+    let size = |p: &PathBuf| std::fs::metadata(p).map_or(0, |m| m.len());
+    (files.iter().map(size).sum(), size(&dir.join(peerless_ml::data::cache::FILE_NAME)))
 }
 
 /// Runs the cluster described by `cfg` in `dir` while sampling its processes.
@@ -234,6 +232,8 @@ pub fn run(cfg: &RunConfig, dir: &Path) -> Result<MemoryBench> {
     ran?;
     let split = peerless_ml::data::load(cfg.data.dataset, &cfg.data.dir)?;
     let u8_bytes = (split.train.len() + split.test.len()) * split.train.features();
+    let (idx_bytes, cache_bytes) = on_disk(cfg.data.dataset, &cfg.data.dir);
+    let mib = |b: u64| b as f64 / (1 << 20) as f64;
     Ok(MemoryBench {
         dataset: cfg.data.dataset.to_string(),
         peers: cfg.cluster.nodes,
@@ -244,8 +244,9 @@ pub fn run(cfg: &RunConfig, dir: &Path) -> Result<MemoryBench> {
         total_rss_sampled_mb: mb(sampled.rss_total_kb),
         total_pss_peaks_mb: mb(sampled.peaks.values().map(|p| p.pss_kb).sum()),
         total_pss_sampled_mb: mb(sampled.pss_total_kb),
-        dataset_on_disk_mb: on_disk(cfg.data.dataset, &cfg.data.dir) as f64 / (1 << 20) as f64,
-        dataset_u8_mb: u8_bytes as f64 / (1 << 20) as f64,
+        dataset_on_disk_mb: mib(idx_bytes),
+        cache_file_mb: mib(cache_bytes),
+        dataset_u8_mb: mib(u8_bytes as u64),
     })
 }
 
@@ -267,8 +268,8 @@ fn print(r: &MemoryBench) {
         r.total_rss_peaks_mb, r.total_rss_sampled_mb, r.total_pss_peaks_mb, r.total_pss_sampled_mb
     );
     println!(
-        "dataset: {:.1} on disk (IDX files and cache file), {:.1} as u8 pixels",
-        r.dataset_on_disk_mb, r.dataset_u8_mb
+        "dataset: {:.1} on disk as IDX files, {:.1} as u8 pixels; cache file {:.1} (in the page cache once, in no RSS)",
+        r.dataset_on_disk_mb, r.dataset_u8_mb, r.cache_file_mb
     );
 }
 
