@@ -166,6 +166,11 @@ pub struct InvocationRecord {
     pub outcome: Outcome,
     /// Charge in pico-dollars (0 when throttled: Lambda does not bill throttles).
     pub cost_pico: u64,
+    /// Lambda's "Max Memory Used", MB: the instance's peak resident memory up to the end of
+    /// this attempt (locally its process's `VmHWM`; on AWS from the `REPORT` line); 0 when
+    /// unknown (throttled, no instance, no report). Absent from older ledgers: 0.
+    #[serde(default)]
+    pub max_memory_mb: u64,
 }
 
 #[cfg(test)]

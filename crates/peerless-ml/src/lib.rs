@@ -17,7 +17,7 @@ pub mod data;
 pub mod model;
 pub mod spec;
 
-pub use data::{Batch, Dataset, DatasetName, Split};
+pub use data::{Batch, Dataset, DatasetName, Norm, Split};
 #[cfg(feature = "burn")]
 pub use model::{Model, Prepared};
 pub use spec::{Arch, Backend, ModelError, ModelSpec};

@@ -270,17 +270,15 @@ impl Model {
         }
         let dev = &self.device;
         let p = self.param_tensors(params, dev, false);
-        let features = data.features();
         let k = self.spec.classes;
         let (mut loss_sum, mut correct) = (0f64, 0usize);
         const CHUNK: usize = 1000;
         for start in (0..total).step_by(CHUNK) {
             let end = (start + CHUNK).min(total);
-            let x = &data.images[start * features..end * features];
-            let y = &data.labels[start..end];
-            let n = self.check_batch(x, y, data.shape)?;
-            let logits = read_f32(self.forward(&p, x, n, dev))?;
-            for (row, &label) in logits.chunks_exact(k).zip(y) {
+            let chunk = data.range(start, end)?;
+            let n = self.check_batch(&chunk.x, &chunk.y, data.shape)?;
+            let logits = read_f32(self.forward(&p, &chunk.x, n, dev))?;
+            for (row, &label) in logits.chunks_exact(k).zip(&chunk.y) {
                 let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
                 let lse = max as f64 + row.iter().map(|&v| ((v - max) as f64).exp()).sum::<f64>().ln();
                 loss_sum += lse - row[usize::from(label)] as f64;
@@ -397,7 +395,7 @@ mod tests {
     fn digits_batch(n: usize) -> (Dataset, Batch) {
         let split = load(DatasetName::Digits, std::path::Path::new("/unused")).unwrap();
         let idx: Vec<usize> = (0..n).map(|i| (i * 37) % split.train.len()).collect();
-        let batch = split.train.gather(&idx);
+        let batch = split.train.gather(&idx).unwrap();
         (split.train, batch)
     }
 

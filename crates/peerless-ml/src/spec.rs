@@ -37,6 +37,9 @@ pub enum ModelError {
     /// Reading a tensor back from the backend failed.
     #[error("backend read-back failed: {0}")]
     Backend(String),
+    /// Reading the data of a batch failed.
+    #[error(transparent)]
+    Data(#[from] crate::data::DataError),
 }
 
 /// Result alias for this module.

@@ -51,6 +51,9 @@ pub enum TrainError {
     /// Run directory.
     #[error(transparent)]
     RunDir(#[from] RunDirError),
+    /// Reading the data of a batch.
+    #[error(transparent)]
+    Data(#[from] peerless_ml::data::DataError),
     /// The loss diverged.
     #[error("training diverged at round {round}: loss is {loss}; lower optimizer.lr")]
     Diverged {
@@ -326,7 +329,7 @@ impl<'a> Training<'a> {
         }
         let pos = (self.round % per_epoch) as usize * bs;
         let idx = &self.order[pos..(pos + bs).min(n)];
-        let batch = self.split.train.gather(idx);
+        let batch = self.split.train.gather(idx)?;
         let loss = self.model.loss_and_grad_into(&self.params, &batch, &mut self.grad)?;
         if !loss.is_finite() {
             return Err(TrainError::Diverged { round: self.round, loss });

@@ -58,6 +58,9 @@ pub enum BenchCommand {
     /// Warm invocation overhead of `echo` through the local function runtime against a direct
     /// in-process call, and cold-start time.
     Invoke(BenchInvokeArgs),
+    /// Peak resident memory (and PSS) of a small P2P cluster's processes, per kind (peers,
+    /// function instances), and the total, against the dataset's size on disk.
+    Memory(BenchMemoryArgs),
     /// P2P rounds on 1, 2 and 4 local peers (time split, samples/s) and the peer network's
     /// exchange throughput as a ratio of a plain TCP copy.
     P2p(BenchP2pArgs),
@@ -193,6 +196,29 @@ pub struct BenchP2pArgs {
     #[arg(long, default_value = "functions", value_parser = parse_name::<Compute>)]
     pub compute: Compute,
     /// Directory for the runs (default: a temporary one).
+    #[arg(long)]
+    pub out: Option<PathBuf>,
+    /// Also write the results as JSON to this file.
+    #[arg(long)]
+    pub json: Option<PathBuf>,
+}
+
+/// `peerless bench memory`.
+#[derive(Debug, Args)]
+pub struct BenchMemoryArgs {
+    /// Peers.
+    #[arg(long, default_value_t = 4)]
+    pub peers: u32,
+    /// Function instances per peer (gradient functions invoked in parallel each round).
+    #[arg(long, default_value_t = 2)]
+    pub functions_per_peer: u32,
+    /// Rounds.
+    #[arg(long, default_value_t = 10)]
+    pub rounds: u64,
+    /// Dataset [default: mnist].
+    #[arg(long)]
+    pub dataset: Option<DatasetName>,
+    /// Directory for the run (default: a temporary one).
     #[arg(long)]
     pub out: Option<PathBuf>,
     /// Also write the results as JSON to this file.

@@ -38,9 +38,10 @@ fn fetch(name: peerless_ml::DatasetName, dir: Option<&std::path::Path>) -> Resul
     Ok(ExitCode::SUCCESS)
 }
 
-/// Verifies `name`'s files and loads them.
+/// Verifies `name`'s files (the IDX files themselves, not the cache) and loads them.
 fn verify(name: peerless_ml::DatasetName, dir: Option<&std::path::Path>) -> Result<ExitCode> {
     let dir = data_dir(dir);
+    peerless_ml::data::verify_files(name, &dir)?;
     let split = peerless_ml::data::load(name, &dir)?;
     println!(
         "{name}: ok — {} train / {} test samples, {:?} inputs, {} classes",

@@ -197,7 +197,7 @@ async fn bench_gradient(runtime: &LocalRuntime, n: usize) -> Result<GradientBenc
     let model = Model::new(ModelSpec::new(Arch::Mlp, split.train.shape, split.train.classes), Backend::Auto)?;
     let params = model.init(0);
     let indices: Vec<u32> = (0..64).collect();
-    let batch = split.train.gather(&indices.iter().map(|&i| i as usize).collect::<Vec<_>>());
+    let batch = split.train.gather(&indices.iter().map(|&i| i as usize).collect::<Vec<_>>())?;
     let server = EmbeddedServer::spawn(([127, 0, 0, 1], 0).into(), Some("bench".into()))?;
     let store = RedisStore::connect(&server.url()).await?;
     store.put("params/0", &to_le_bytes(&params)).await?;

@@ -14,6 +14,7 @@ use std::str::FromStr;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
+use super::cache;
 use super::dataset::{Dataset, Split};
 use super::error::{DataError, Result};
 use super::idx;
@@ -222,43 +223,89 @@ fn name_other_dataset(err: DataError, name: DatasetName, spec: &FileSpec) -> Dat
     }
 }
 
-/// Load a dataset's train/test split, verifying every file.
+/// Load a dataset's train/test split.
 ///
-/// `data_dir` is the root holding `mnist/` and `fashion-mnist/`; it is ignored for `digits`.
+/// `data_dir` is the root holding `mnist/` and `fashion-mnist/`; it is ignored for `digits`,
+/// which is decompressed from the binary and held in memory. The others come from the raw
+/// cache file in the dataset's folder (see `cache.rs`), built once from the IDX files, every
+/// one verified against its pinned checksum, and read by every process of the machine.
 pub fn load(name: DatasetName, data_dir: &Path) -> Result<Split> {
-    let mut raw: Vec<(Vec<u8>, String)> = Vec::with_capacity(4);
     if name.is_embedded() {
-        let fix = "rebuild peerless: its embedded digits files are damaged";
-        for (spec, bytes) in name.files().iter().zip(DIGITS_BYTES) {
-            let origin = format!("embedded digits/{}.gz", spec.name);
-            let decoded = idx::decompress(bytes, &origin)?.into_owned();
-            raw.push((verify(decoded, spec, PathBuf::from(&origin), fix)?, origin));
-        }
-    } else {
-        let (dir, tried) = dataset_dir(name, data_dir);
-        let fix = format!("re-run: {}", name.fetch_command(data_dir));
-        for spec in name.files() {
-            let path = locate(&dir, &spec).ok_or_else(|| DataError::Missing {
-                dataset: name,
-                title: name.title(),
-                tried: tried.clone(),
-                data_dir: data_dir.to_owned(),
-                file: spec.name,
-            })?;
-            let bytes = read_verified(&path, &spec, &fix).map_err(|e| name_other_dataset(e, name, &spec))?;
-            raw.push((bytes, path.display().to_string()));
-        }
+        return build(name, embedded()?);
     }
+    let (dir, tried) = dataset_dir(name, data_dir);
+    let located: Vec<Option<PathBuf>> = name.files().iter().map(|spec| locate(&dir, spec)).collect();
+    let read = || read_sources(name, data_dir, &located, &tried);
+    let Some(sources) = located.iter().cloned().collect::<Option<Vec<PathBuf>>>() else {
+        // A file is missing: the error names the first problem, in file order.
+        return build(name, read()?);
+    };
+    let identity = cache::identity(name, &sources)?;
+    let split = cache::load(name, &dir, identity, || build(name, read()?))?;
+    let norm = split.train.norm();
+    tracing::debug!(dataset = %name, train = split.train.len(), test = split.test.len(), mean = norm.mean, inv_std = norm.inv_std, shared = split.train.is_shared(), "loaded dataset");
+    Ok(split)
+}
+
+/// Verifies every file of `name` against its pinned checksum, reading the IDX files
+/// themselves (not the cache file, which [`load`] does not re-hash).
+pub fn verify_files(name: DatasetName, data_dir: &Path) -> Result<()> {
+    if name.is_embedded() {
+        return embedded().map(drop);
+    }
+    let (dir, tried) = dataset_dir(name, data_dir);
+    let located: Vec<Option<PathBuf>> = name.files().iter().map(|spec| locate(&dir, spec)).collect();
+    read_sources(name, data_dir, &located, &tried).map(drop)
+}
+
+/// The four files' decompressed bytes, each verified, with their paths; the first missing or
+/// corrupt one, in file order, is the error.
+fn read_sources(
+    name: DatasetName,
+    data_dir: &Path,
+    located: &[Option<PathBuf>],
+    tried: &[PathBuf],
+) -> Result<Vec<(Vec<u8>, String)>> {
+    let fix = format!("re-run: {}", name.fetch_command(data_dir));
+    let mut raw = Vec::with_capacity(4);
+    for (spec, path) in name.files().iter().zip(located) {
+        let path = path.as_ref().ok_or_else(|| DataError::Missing {
+            dataset: name,
+            title: name.title(),
+            tried: tried.to_vec(),
+            data_dir: data_dir.to_owned(),
+            file: spec.name,
+        })?;
+        let bytes = read_verified(path, spec, &fix).map_err(|e| name_other_dataset(e, name, spec))?;
+        raw.push((bytes, path.display().to_string()));
+    }
+    Ok(raw)
+}
+
+/// The embedded digits files, decompressed and verified, with their origins.
+fn embedded() -> Result<Vec<(Vec<u8>, String)>> {
+    let fix = "rebuild peerless: its embedded digits files are damaged";
+    let mut raw = Vec::with_capacity(4);
+    for (spec, bytes) in DIGITS_FILES.iter().zip(DIGITS_BYTES) {
+        let origin = format!("embedded digits/{}.gz", spec.name);
+        let decoded = idx::decompress(bytes, &origin)?.into_owned();
+        raw.push((verify(decoded, spec, PathBuf::from(&origin), fix)?, origin));
+    }
+    Ok(raw)
+}
+
+/// The split held in memory from the four files' decompressed bytes (in [`FileRole`] order),
+/// standardized with the training set's statistics.
+fn build(name: DatasetName, raw: Vec<(Vec<u8>, String)>) -> Result<Split> {
     let classes = name.classes();
-    let build = |part: &str, (img, img_origin): &(Vec<u8>, String), (lab, lab_origin): &(Vec<u8>, String)| {
+    let part = |part: &str, (img, img_origin): &(Vec<u8>, String), (lab, lab_origin): &(Vec<u8>, String)| {
         let images = idx::images_view(img, img_origin)?;
         let labels = idx::parse_labels(lab, classes, lab_origin)?;
         Dataset::from_idx(format!("{name}/{part}"), images, labels, classes, img_origin, lab_origin)
     };
-    let mut split =
-        Split { train: build("train", &raw[0], &raw[1])?, test: build("test", &raw[2], &raw[3])? };
-    let (mean, std) = split.standardize();
-    tracing::debug!(dataset = %name, train = split.train.len(), test = split.test.len(), mean, std, "loaded dataset");
+    let mut split = Split { train: part("train", &raw[0], &raw[1])?, test: part("test", &raw[2], &raw[3])? };
+    let (mean, std) = split.standardize()?;
+    tracing::debug!(dataset = %name, mean, std, "standardized");
     Ok(split)
 }
 
@@ -307,7 +354,7 @@ mod tests {
         assert_eq!(train.len() + test.len(), 1797);
         assert_eq!((train.len(), test.len()), (1442, 355));
         assert_eq!((train.features(), train.shape, train.classes), (64, [1, 8, 8], 10));
-        assert_standardized(&train.images);
+        assert_standardized(&train.range(0, train.len()).unwrap().x);
         // Stratified: every class is in both sets, at roughly 20% test.
         for (tr, te) in train.class_counts().into_iter().zip(test.class_counts()) {
             assert!(tr > 100 && te > 25, "{tr} {te}");
@@ -331,10 +378,39 @@ mod tests {
         let (train, test) = (&split.train, &split.test);
         assert_eq!((train.len(), test.len()), (60_000, 10_000));
         assert_eq!((train.shape, train.features(), train.classes), ([1, 28, 28], 784, 10));
-        assert_eq!(train.images.len(), 60_000 * 784);
         assert!(train.class_counts().iter().all(|&c| c > 5000));
-        assert_standardized(&train.images);
-        assert!(test.images.iter().all(|v| v.is_finite()));
+        let all = train.range(0, train.len()).unwrap().x;
+        assert_eq!(all.len(), 60_000 * 784);
+        assert_standardized(&all);
+        assert!(train.is_shared(), "read from the cache file");
+        let again = load(name, &root).unwrap();
+        assert!(again.train.is_shared() && again.train.norm() == train.norm());
+        let raw = [&name.files()[0], &name.files()[2]].map(|spec| {
+            let path = locate(&name.dir(&root), spec).or_else(|| locate(&root, spec)).unwrap();
+            let bytes = read_verified(&path, spec, "").unwrap();
+            idx::images_view(&bytes, "x").unwrap().pixels.to_vec()
+        });
+        assert_matches_old_form(&split, &raw[0], &raw[1]);
+    }
+
+    /// `split`'s batches equal, bit for bit, those of the float copy standardized at load that
+    /// the u8 pixels replaced.
+    fn assert_matches_old_form(split: &Split, train_px: &[u8], test_px: &[u8]) {
+        use crate::data::dataset::tests::{bits, old_gather, old_standardized};
+        let (old_train, old_test) = old_standardized(train_px, test_px);
+        let f = split.train.features();
+        let idx: Vec<usize> = (0..500).map(|i| (i * 7919) % split.train.len()).collect();
+        let new = split.train.gather(&idx).unwrap();
+        assert_eq!(bits(&new.x), bits(&old_gather(&old_train, f, &idx)));
+        assert_eq!(bits(&split.test.range(0, split.test.len()).unwrap().x), bits(&old_test));
+    }
+
+    #[test]
+    fn digits_batches_equal_the_old_standardized_float_batches_bit_for_bit() {
+        let split = load(DatasetName::Digits, Path::new("/unused")).unwrap();
+        let raw = embedded().unwrap();
+        let px = |i: usize| idx::images_view(&raw[i].0, "x").unwrap().pixels.to_vec();
+        assert_matches_old_form(&split, &px(0), &px(2));
     }
 
     #[test]

@@ -288,6 +288,7 @@ impl AwsLambda {
             } else {
                 self.inner.prices.invocation_pico(billing.billed_ms, billing.memory_mb)
             },
+            max_memory_mb: report.as_ref().and_then(|r| r.max_memory_mb).unwrap_or(0),
         };
         if outcome != Outcome::Ok {
             tracing::debug!(function, request_id, ?outcome, error = ?error, "attempt failed");

@@ -89,7 +89,7 @@ impl Handlers {
     /// - `sleep` `{"ms": n}`: sleeps n ms, returns `{"slept_ms": n}`;
     /// - `crash` `{"after_ms": n}` (optional): exits the process abruptly (status 3);
     /// - `alloc` `{"mb": n, "hold_ms": h}`: allocates and touches n MB, holds it h ms
-    ///   (default 1000), returns `{"mb": n}`;
+    ///   (default 1000), returns `{"mb": n, "pages": touched, "vm_hwm_kb": its own VmHWM}`;
     /// - `fail` `{"message": s}` (optional): returns a function error (`Peerless.Fail`);
     /// - `crash_once` `{"marker": path, …}`: if `path` does not exist, creates it and exits
     ///   abruptly; otherwise returns its input (so the first attempt crashes, the retry works);
@@ -125,7 +125,9 @@ impl Handlers {
                 std::hint::black_box(&buf);
                 tokio::time::sleep(Duration::from_millis(hold)).await;
                 let touched = buf.iter().step_by(4096).filter(|b| **b == 1).count();
-                Ok(json!({ "mb": mb, "pages": touched }))
+                // The instance's own peak, for checking the runtime's "Max Memory Used".
+                let hwm = super::instance::peak_rss_kb(std::process::id());
+                Ok(json!({ "mb": mb, "pages": touched, "vm_hwm_kb": hwm }))
             })
             .with("fail", |v| async move {
                 let msg = v.get("message").and_then(Value::as_str).unwrap_or("requested failure");

@@ -121,6 +121,8 @@ pub(crate) struct Instance {
     pub dead: bool,
     pub last_used: Instant,
     pub invocations: u64,
+    /// Largest `VmHWM` read so far, kB (kept once the process is gone).
+    peak_kb: u64,
 }
 
 impl Instance {
@@ -169,6 +171,7 @@ impl Instance {
             dead: false,
             last_used: Instant::now(),
             invocations: 0,
+            peak_kb: 0,
         };
         let mut status = inst.api.status();
         let mut exit = inst.exit.clone();
@@ -328,9 +331,23 @@ impl Instance {
         }
     }
 
+    /// The instance's peak resident memory so far, kB: its process's `VmHWM`, the kernel's
+    /// high-water mark of the resident set since the process started (Linux), which is what
+    /// Lambda's "Max Memory Used" reports for an execution environment (the most it has held,
+    /// not what one invocation added). Read now while the process lives, else the last value
+    /// read (every memory poll reads it, so a killed instance keeps its peak up to then).
+    pub fn max_memory_kb(&mut self) -> u64 {
+        if let Some(kb) = peak_rss_kb(self.pid) {
+            self.peak_kb = self.peak_kb.max(kb);
+        }
+        self.peak_kb
+    }
+
     /// Kills the instance when its resident set exceeds `limit_kb`.
     async fn check_memory(&mut self, limit_kb: u64) -> Option<RunEnd> {
+        self.max_memory_kb();
         let rss_kb = rss_kb(self.pid).filter(|kb| *kb > limit_kb)?;
+        self.peak_kb = self.peak_kb.max(rss_kb);
         tracing::debug!(pid = self.pid, rss_kb, limit_kb, "instance over its memory limit");
         self.kill_and_reap().await;
         Some(RunEnd::OutOfMemory { rss_kb })
@@ -339,8 +356,19 @@ impl Instance {
 
 /// Resident set size of `pid` in kB (`VmRSS` in `/proc/<pid>/status`); `None` once it is gone.
 pub(crate) fn rss_kb(pid: u32) -> Option<u64> {
+    status_kb(pid, "VmRSS:")
+}
+
+/// Peak resident set size of `pid` in kB (`VmHWM` in `/proc/<pid>/status`, Linux); `None`
+/// once it is gone.
+pub(crate) fn peak_rss_kb(pid: u32) -> Option<u64> {
+    status_kb(pid, "VmHWM:")
+}
+
+/// The kB value of the `key` line of `/proc/<pid>/status`.
+fn status_kb(pid: u32, key: &str) -> Option<u64> {
     let text = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-    let line = text.lines().find(|l| l.starts_with("VmRSS:"))?;
+    let line = text.lines().find(|l| l.starts_with(key))?;
     line.split_whitespace().nth(1)?.parse().ok()
 }
 

@@ -384,6 +384,7 @@ impl LocalRuntime {
         rec.cold_start = cold;
         let event = self.event(function, &request_id, trace_id, body);
         let (end, duration_us) = inst.run(event, self.watch(function, plan.fault)).await;
+        rec.max_memory_mb = inst.max_memory_kb().div_ceil(1024);
         let pid = Some(inst.pid);
         let (outcome, response, error) = run_outcome(end, &request_id, &inner.config);
         if outcome == Outcome::Ok {
@@ -397,6 +398,7 @@ impl LocalRuntime {
         }
         let injected = plan.fault != Fault::None || plan.slow_cold_start_ms > 0 && cold;
         let rec = self.record(rec, Some(total_us), injected);
+        tracing::debug!(function, "{}", report_line(&rec, duration_us).trim_end());
         Ok(finished(rec, error, response, pid, duration_us))
     }
 
@@ -493,6 +495,19 @@ fn init_failure(e: SpawnError) -> (Outcome, FunctionError) {
     }
 }
 
+/// Lambda's `REPORT` line for the attempt `rec` that ran `duration_us`, as CloudWatch logs it.
+pub(crate) fn report_line(rec: &InvocationRecord, duration_us: u64) -> String {
+    super::report::Report {
+        request_id: rec.request_id.clone(),
+        duration_us,
+        billed_ms: rec.billed_ms,
+        memory_mb: rec.memory_mb,
+        max_memory_mb: (rec.max_memory_mb > 0).then_some(rec.max_memory_mb),
+        init_us: rec.cold_start.then_some(rec.init_us),
+    }
+    .line()
+}
+
 /// The record of an attempt before it runs: unbilled, warm, and `Throttled` until it ends.
 fn throttled_record(
     function: &str,
@@ -514,6 +529,7 @@ fn throttled_record(
         init_us: 0,
         outcome: Outcome::Throttled,
         cost_pico: 0,
+        max_memory_mb: 0,
     }
 }
 

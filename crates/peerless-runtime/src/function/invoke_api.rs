@@ -7,8 +7,8 @@
 //! `X-Amz-Invocation-Type: Event` answers 202 at once and runs the invocation (with the
 //! runtime's retries) in the background; `DryRun` answers 204. Synchronous invocations are
 //! not retried, as on AWS. `X-Amz-Log-Type: Tail` adds `X-Amz-Log-Result`: the base64
-//! `REPORT` line ([`Report`]) with the duration, billed duration, memory and (after a cold
-//! start) init duration the local ledger recorded. So `peerless invoke` and the AWS SDK (with
+//! `REPORT` line ([`Report`](super::report::Report)) with the duration, billed duration, memory, max memory used and
+//! (after a cold start) init duration the local ledger recorded. So `peerless invoke` and the AWS SDK (with
 //! `endpoint_url`) can call local functions, and bill them as the local runtime does.
 
 use std::convert::Infallible;
@@ -27,7 +27,6 @@ use tokio::net::TcpListener;
 use tokio::task::{JoinHandle, JoinSet};
 
 use super::invoke::{Invocation, InvokeCtx, Invoker, LocalRuntime};
-use super::report::Report;
 
 /// A running Invoke API server. Dropping it stops the server (not the runtime).
 #[derive(Debug)]
@@ -237,14 +236,8 @@ fn answer(inv: Invocation, tail: bool) -> Resp {
     let version = ("x-amz-executed-version", "$LATEST".to_owned());
     let mut headers = vec![id, version];
     if let (true, Some(rec)) = (tail, inv.last()) {
-        let report = Report {
-            request_id: inv.request_id.clone(),
-            duration_us: inv.duration_us,
-            billed_ms: rec.billed_ms,
-            memory_mb: rec.memory_mb,
-            init_us: rec.cold_start.then_some(rec.init_us),
-        };
-        headers.push(("x-amz-log-result", report.to_log_tail()));
+        let line = super::invoke::report_line(rec, inv.duration_us);
+        headers.push(("x-amz-log-result", super::report::base64_encode(line.as_bytes())));
     }
     match (inv.outcome, inv.response, inv.error) {
         (Outcome::Ok, Some(v), _) => respond(StatusCode::OK, Bytes::from(v.to_string()), &headers),

@@ -5,6 +5,7 @@
 //! does it for a live invoker (the `peerless invoke --out` command, a peer's or worker's run
 //! directory).
 
+use std::collections::BTreeMap;
 use std::path::Path;
 use std::sync::{Arc, Mutex, MutexGuard};
 
@@ -26,9 +27,9 @@ pub struct Ledger {
     records: Arc<Mutex<Vec<InvocationRecord>>>,
 }
 
-/// Column names of `ledger.csv`, in order.
-pub const LEDGER_CSV_HEADER: &str =
-    "function,request_id,node,round,batch,attempt,memory_mb,billed_ms,cold_start,init_us,outcome,cost_pico";
+/// Column names of `ledger.csv`, in order. `max_memory_mb` came last, so a reader of the older
+/// columns by position reads a new ledger unchanged.
+pub const LEDGER_CSV_HEADER: &str = "function,request_id,node,round,batch,attempt,memory_mb,billed_ms,cold_start,init_us,outcome,cost_pico,max_memory_mb";
 
 impl Ledger {
     fn lock(&self) -> MutexGuard<'_, Vec<InvocationRecord>> {
@@ -96,7 +97,7 @@ fn csv_field(s: &str) -> String {
 /// One record as a CSV line (no newline).
 pub fn csv_line(r: &InvocationRecord) -> String {
     format!(
-        "{},{},{},{},{},{},{},{},{},{},{},{}",
+        "{},{},{},{},{},{},{},{},{},{},{},{},{}",
         csv_field(&r.function),
         csv_field(&r.request_id),
         csv_field(&r.node),
@@ -108,7 +109,8 @@ pub fn csv_line(r: &InvocationRecord) -> String {
         r.cold_start,
         r.init_us,
         outcome_name(r.outcome),
-        r.cost_pico
+        r.cost_pico,
+        r.max_memory_mb
     )
 }
 
@@ -165,6 +167,10 @@ pub struct Summary {
     pub cost_pico: u64,
     /// The same in micro-dollars, rounded down (for reading).
     pub cost_micro: u64,
+    /// Lambda's "Max Memory Used": the largest `max_memory_mb` of any attempt, MB.
+    pub max_memory_mb: u64,
+    /// The same per function name.
+    pub max_memory_mb_by_function: BTreeMap<String, u64>,
 }
 
 /// The `q`-quantile (0..=1) of `v` by nearest rank; 0 for an empty slice.
@@ -220,6 +226,9 @@ impl Counters {
         if injected {
             t.faults_injected += 1;
         }
+        t.max_memory_mb = t.max_memory_mb.max(r.max_memory_mb);
+        let peak = t.max_memory_mb_by_function.entry(r.function.clone()).or_default();
+        *peak = (*peak).max(r.max_memory_mb);
         t.billed_ms = t.billed_ms.saturating_add(r.billed_ms);
         t.cost_pico = t.cost_pico.saturating_add(r.cost_pico);
         if let Some(l) = latency_us {
@@ -251,6 +260,7 @@ mod tests {
             init_us: 10,
             outcome,
             cost_pico: cost,
+            max_memory_mb: 40 + u64::from(attempt),
         }
     }
 
@@ -284,7 +294,7 @@ mod tests {
         let text = std::fs::read_to_string(&p).unwrap();
         let lines: Vec<&str> = text.lines().collect();
         assert_eq!(lines[0], LEDGER_CSV_HEADER);
-        assert_eq!(lines[1], "echo,\"n,1\",n,1,2,0,128,3,true,10,crashed,5");
+        assert_eq!(lines[1], "echo,\"n,1\",n,1,2,0,128,3,true,10,crashed,5,40");
         assert_eq!(lines.len(), 3);
     }
 
@@ -326,6 +336,8 @@ mod tests {
                 billed_ms: 18,
                 cost_pico: 9_000_000,
                 cost_micro: 9,
+                max_memory_mb: 41,
+                max_memory_mb_by_function: [("echo".to_owned(), 41)].into(),
             }
         );
     }
@@ -351,7 +363,7 @@ mod tests {
         }
         let csv = std::fs::read_to_string(run.join(LEDGER_FILE)).unwrap();
         assert_eq!(csv.lines().count(), 3);
-        assert!(csv.lines().nth(1).unwrap().ends_with(",timeout,2000001"), "{csv}");
+        assert!(csv.lines().nth(1).unwrap().ends_with(",timeout,2000001,40"), "{csv}");
         // Rewriting replaces both files whole.
         write_run_metrics(&run, &Summary::default(), &[]).unwrap();
         assert_eq!(std::fs::read_to_string(run.join(LEDGER_FILE)).unwrap(), format!("{LEDGER_CSV_HEADER}\n"));

@@ -18,6 +18,8 @@ pub struct Report {
     pub billed_ms: u64,
     /// Configured memory, MB.
     pub memory_mb: u64,
+    /// "Max Memory Used", MB: the instance's peak resident memory; `None` when not measured.
+    pub max_memory_mb: Option<u64>,
     /// Cold start (init) duration, µs, when the invocation needed a new instance.
     pub init_us: Option<u64>,
 }
@@ -50,6 +52,9 @@ impl Report {
             self.billed_ms,
             self.memory_mb
         );
+        if let Some(max) = self.max_memory_mb {
+            s.push_str(&format!("\tMax Memory Used: {max} MB"));
+        }
         if let Some(init) = self.init_us {
             s.push_str(&format!("\tInit Duration: {} ms", ms(init)));
         }
@@ -60,8 +65,14 @@ impl Report {
     /// The last `REPORT` line in `log`, if there is one with a billed duration.
     pub fn parse(log: &str) -> Option<Report> {
         let line = log.lines().rev().find(|l| l.trim_start().starts_with("REPORT "))?;
-        let mut r =
-            Report { request_id: String::new(), duration_us: 0, billed_ms: 0, memory_mb: 0, init_us: None };
+        let mut r = Report {
+            request_id: String::new(),
+            duration_us: 0,
+            billed_ms: 0,
+            memory_mb: 0,
+            max_memory_mb: None,
+            init_us: None,
+        };
         let mut billed = false;
         for field in line.trim_start().trim_start_matches("REPORT ").split('\t') {
             let Some((key, value)) = field.split_once(": ") else { continue };
@@ -74,6 +85,7 @@ impl Report {
                     billed = true;
                 }
                 "Memory Size" => r.memory_mb = number.parse().ok()?,
+                "Max Memory Used" => r.max_memory_mb = Some(number.parse().ok()?),
                 "Init Duration" => r.init_us = Some(parse_ms(number)?),
                 _ => {}
             }
@@ -157,16 +169,17 @@ mod tests {
             duration_us: 12_345,
             billed_ms: 13,
             memory_mb: 1769,
+            max_memory_mb: Some(80),
             init_us: Some(95_100),
         };
         assert_eq!(
             r.line(),
-            "REPORT RequestId: abc-1\tDuration: 12.34 ms\tBilled Duration: 13 ms\tMemory Size: 1769 MB\tInit Duration: 95.10 ms\t\n"
+            "REPORT RequestId: abc-1\tDuration: 12.34 ms\tBilled Duration: 13 ms\tMemory Size: 1769 MB\tMax Memory Used: 80 MB\tInit Duration: 95.10 ms\t\n"
         );
         let back = Report::from_log_tail(&r.to_log_tail()).unwrap();
         assert_eq!(back, Report { duration_us: 12_340, ..r.clone() });
-        let warm = Report { init_us: None, ..r };
-        assert_eq!(Report::parse(&warm.line()).unwrap().init_us, None);
+        let warm = Report { init_us: None, max_memory_mb: None, ..r };
+        assert_eq!(Report::parse(&warm.line()).unwrap(), Report { duration_us: 12_340, ..warm });
     }
 
     #[test]

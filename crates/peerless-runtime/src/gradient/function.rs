@@ -255,7 +255,8 @@ fn compute(
     grad: &mut Vec<f32>,
 ) -> Result<f32, GradientError> {
     let computed = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-        let mut batch = data.gather(indices);
+        // A failed read of the cache file comes back as `ModelError::Data`, naming the file.
+        let mut batch = data.gather(indices)?;
         if req.flip_labels {
             batch.flip_labels(data.classes);
         }

@@ -132,7 +132,7 @@ fn batch_indices(n: u32, offset: u32) -> Vec<u32> {
 /// The gradient computed directly, as the reference.
 fn direct(model: &Model, params: &[f32], data: &Dataset, indices: &[u32]) -> (f32, Vec<f32>) {
     let idx: Vec<usize> = indices.iter().map(|&i| i as usize).collect();
-    model.loss_and_grad(params, &data.gather(&idx)).unwrap()
+    model.loss_and_grad(params, &data.gather(&idx).unwrap()).unwrap()
 }
 
 fn bits(v: &[f32]) -> Vec<u32> {
@@ -363,7 +363,7 @@ async fn a_label_flipping_request_computes_on_labels_classes_minus_one_minus_y()
     let req = GradientRequest { flip_labels: true, ..request(&model, "params/7", &d, batch_indices(32, 2)) };
     let resp = f.handle(req.clone()).await.unwrap();
     let idx: Vec<usize> = req.indices.iter().map(|&i| i as usize).collect();
-    let mut flipped = data.gather(&idx);
+    let mut flipped = data.gather(&idx).unwrap();
     let honest = flipped.y.clone();
     flipped.flip_labels(data.classes);
     assert!(flipped.y.iter().zip(&honest).all(|(f, y)| usize::from(*f) == 9 - usize::from(*y)));
@@ -618,7 +618,7 @@ async fn overhead_of_the_function_path() {
         warm.push(t.elapsed().as_secs_f64() * 1e3);
         compute.push(resp.compute_ms);
         let t = Instant::now();
-        let batch = data.gather(&idx);
+        let batch = data.gather(&idx).unwrap();
         let (_, g) = model.loss_and_grad(&params, &batch).unwrap();
         direct_ms.push(t.elapsed().as_secs_f64() * 1e3);
         assert_eq!(Some(digest(&g).to_string()), resp.digest);

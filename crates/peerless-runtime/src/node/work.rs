@@ -201,7 +201,7 @@ impl Job {
             let (mut loss, mut samples) = (0f64, 0u64);
             for b in &batches {
                 let idx: Vec<usize> = b.iter().map(|&i| i as usize).collect();
-                let mut batch = split.train.gather(&idx);
+                let mut batch = split.train.gather(&idx)?;
                 if flip {
                     batch.flip_labels(split.train.classes);
                 }

@@ -11,6 +11,7 @@
 //! every contender once, in turn, so all see the same machine load; medians of the passes
 //! are compared.
 
+pub mod memory;
 pub mod p2p;
 
 use std::process::Command;

@@ -92,7 +92,8 @@ impl Fixture {
             "the store holds what the function computed"
         );
         let ix: Vec<usize> = self.indices(batch).iter().map(|&i| i as usize).collect();
-        let (loss, direct) = self.model.loss_and_grad(&self.params, &self.split.train.gather(&ix)).unwrap();
+        let (loss, direct) =
+            self.model.loss_and_grad(&self.params, &self.split.train.gather(&ix).unwrap()).unwrap();
         assert_eq!(acc.sum.len(), direct.len());
         let max_err = acc.sum.iter().zip(&direct).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
         assert!(max_err < 1e-5, "function's gradient differs from the direct one by {max_err}");

@@ -206,6 +206,39 @@ async fn instance_over_its_memory_limit_is_killed() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ledger_max_memory_is_the_instances_own_peak_resident_memory() {
+    let dir = tempfile::tempdir().unwrap();
+    let rt = runtime(Config::for_test().with_memory_mb(512).with_max_retries(0));
+    let mut peaks = Vec::new();
+    for (i, mb) in [16u64, 96, 8].into_iter().enumerate() {
+        let inv =
+            invoke(&rt, "alloc", json!({"mb": mb, "hold_ms": 0}), InvokeCtx::new("p6", 0, i as u32)).await;
+        assert_eq!(inv.outcome, Outcome::Ok, "{:?}", inv.error);
+        let own_kb = inv.response.as_ref().unwrap()["vm_hwm_kb"].as_u64().expect("the instance's VmHWM");
+        let recorded = inv.last().unwrap().max_memory_mb;
+        // Read by the runtime just after the answer: the instance's peak then, or a little more.
+        let own_mb = own_kb.div_ceil(1024);
+        assert!((own_mb..=own_mb + 2).contains(&recorded), "ledger {recorded} MB, instance {own_kb} kB");
+        assert!(recorded > mb, "{recorded} MB for {mb} MB allocated");
+        peaks.push(recorded);
+    }
+    // One warm instance: its peak never falls, as Lambda reports an environment's.
+    assert!(peaks[2] >= peaks[1] && peaks[1] > peaks[0] + 64, "{peaks:?}");
+    rt.write_run_metrics(dir.path()).unwrap();
+    let csv = std::fs::read_to_string(dir.path().join("ledger.csv")).unwrap();
+    let header: Vec<&str> = csv.lines().next().unwrap().split(',').collect();
+    let col = header.iter().position(|h| *h == "max_memory_mb").expect("max_memory_mb column");
+    let column: Vec<u64> =
+        csv.lines().skip(1).map(|l| l.split(',').nth(col).unwrap().parse().unwrap()).collect();
+    assert_eq!(column, peaks);
+    let summary: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.path().join("function_metrics.json")).unwrap())
+            .unwrap();
+    assert_eq!(summary["max_memory_mb"], json!(peaks[2]));
+    assert_eq!(summary["max_memory_mb_by_function"]["alloc"], json!(peaks[2]));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ledger_has_one_record_per_attempt_billed_like_lambda() {
     let dir = tempfile::tempdir().unwrap();
     let rt = runtime(Config::for_test().with_max_retries(1));

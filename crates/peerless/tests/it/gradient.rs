@@ -70,7 +70,7 @@ async fn k_functions_aggregate_in_store_exactly_once_even_when_instances_crash()
     let mut expected = vec![0f32; params.len()];
     for idx in &batches {
         let ix: Vec<usize> = idx.iter().map(|&i| i as usize).collect();
-        let (_, g) = model.loss_and_grad(&params, &split.train.gather(&ix)).unwrap();
+        let (_, g) = model.loss_and_grad(&params, &split.train.gather(&ix).unwrap()).unwrap();
         expected.iter_mut().zip(&g).for_each(|(e, v)| *e += v);
     }
     let max_err = acc.sum.iter().zip(&expected).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
