@@ -33,6 +33,7 @@ fuzz_target!(
                 Message::Refused { reason: "not a member".into() },
                 Message::Received { round: 5, peers: vec![0, 2, 3] },
                 Message::Heartbeat,
+                Message::Resend { round: 8 },
             ];
             // Mode byte 3: raw decoding with a 3-parameter model.
             msgs.iter().enumerate().map(|(i, m)| (format!("msg{i}"), [&[3u8][..], &encode(m)].concat())).collect()
@@ -129,7 +130,7 @@ fn digest(u: &mut Unstructured) -> Result<Digest> {
 }
 
 fn message(u: &mut Unstructured, limits: Limits) -> Result<Message> {
-    Ok(match u.int_in_range(0..=10u8)? {
+    Ok(match u.int_in_range(0..=11u8)? {
         0 => Message::Gradient(GradientMsg {
             round: u.arbitrary()?,
             digest: digest(u)?,
@@ -175,6 +176,7 @@ fn message(u: &mut Unstructured, limits: Limits) -> Result<Message> {
             },
         },
         9 => Message::Heartbeat,
+        10 => Message::Resend { round: u.arbitrary()? },
         _ => Message::Refused { reason: u.arbitrary()? },
     })
 }

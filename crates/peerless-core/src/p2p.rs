@@ -68,6 +68,11 @@ use crate::wire::{GradientMsg, StateMsg};
 /// Wait between state requests after one failed, ms.
 const RETRY_MS: u64 = 200;
 
+/// A joiner sends its first state request once it is connected to every member, or this long
+/// after it started, ms: a peer it is not connected to yet would not send it the gradients of
+/// the round it enters, and it could not follow that round.
+const JOIN_GRACE_MS: u64 = 100;
+
 /// Static configuration of a peer's round machine.
 #[derive(Debug, Clone, PartialEq)]
 pub struct RoundConfig {
@@ -130,6 +135,9 @@ pub enum Input {
     },
     /// A peer asks for this peer's state.
     StateRequested(PeerIdx),
+    /// A peer asks for this peer's gradient of `round` again (a joiner that connected after it
+    /// went out).
+    ResendRequested(PeerIdx, u64),
     /// The state this peer asked for.
     State(PeerIdx, StateMsg),
     /// A state request failed (refused, or the connection broke).
@@ -208,6 +216,13 @@ pub enum Action {
         /// Peer asked.
         from: PeerIdx,
     },
+    /// Ask `from` to send its gradient of `round` again.
+    RequestResend {
+        /// Round.
+        round: u64,
+        /// Peer asked.
+        from: PeerIdx,
+    },
     /// Replace parameters and optimizer state with these.
     Adopt(StateMsg),
     /// Tell `to` which gradients of `round` this peer received (ascending, itself included).
@@ -281,6 +296,13 @@ enum Phase {
         tried: BTreeSet<PeerIdx>,
     },
     Computing,
+    /// A joiner's first round: not computing, only waiting for the others' gradients and
+    /// lists to apply what they applied (its own view of who takes part is not known yet).
+    Observing {
+        since: u64,
+        /// Gradients every list names were missing and their senders were asked again.
+        asked: bool,
+    },
     Collecting {
         since: u64,
     },
@@ -317,6 +339,10 @@ pub struct Round {
     finals: BTreeMap<PeerIdx, Digest>,
     final_digest: Option<Digest>,
     wait_ewma_ms: Option<f64>,
+    /// The next round started is observed, not computed (set when a state was adopted).
+    observe_next: bool,
+    /// Gradients asked for again (peer, round): a second copy of one is not a replay.
+    resends: BTreeSet<(PeerIdx, u64)>,
     out: Vec<Action>,
 }
 
@@ -345,6 +371,8 @@ impl Round {
             finals: BTreeMap::new(),
             final_digest: None,
             wait_ewma_ms: None,
+            observe_next: false,
+            resends: BTreeSet::new(),
             out: Vec::new(),
         }
     }
@@ -383,13 +411,13 @@ impl Round {
     pub fn next_timer(&self) -> Option<u64> {
         match &self.phase {
             Phase::Starting { since } => Some(since + self.cfg.start_timeout_ms),
-            Phase::Syncing { asked: None, asked_at, .. } => {
-                Some(asked_at + RETRY_MS.min(self.cfg.start_timeout_ms).max(1))
+            Phase::Syncing { since, asked: None, asked_at, tried } => {
+                Some(asked_at + self.retry_pause_ms(*since, *asked_at, tried).max(1))
             }
             Phase::Syncing { asked_at, .. } => Some(asked_at + self.state_timeout_ms()),
-            Phase::Collecting { since } | Phase::Finalizing { since, mine: Some(_) } => {
-                Some(since + self.deadline_ms())
-            }
+            Phase::Collecting { since }
+            | Phase::Observing { since, .. }
+            | Phase::Finalizing { since, mine: Some(_) } => Some(since + self.deadline_ms()),
             Phase::Agreeing { since, .. } => Some(since + self.agreement_timeout_ms()),
             Phase::Computing | Phase::Finalizing { mine: None, .. } | Phase::Done => None,
         }
@@ -399,6 +427,17 @@ impl Round {
     /// asked answers at its next round boundary, which is at most a deadline away.
     fn state_timeout_ms(&self) -> u64 {
         2 * self.cfg.deadline.ceiling_ms + self.cfg.start_timeout_ms
+    }
+
+    /// How long a syncing peer waits before asking (again) for a state: for its first request,
+    /// until it is connected to every member (at most [`JOIN_GRACE_MS`]); then a retry pause.
+    fn retry_pause_ms(&self, since: u64, asked_at: u64, tried: &BTreeSet<PeerIdx>) -> u64 {
+        let all_connected = self.members.values().all(|m| m.connected);
+        match tried.is_empty() && asked_at == since {
+            true if all_connected => 0,
+            true => JOIN_GRACE_MS.min(self.cfg.start_timeout_ms),
+            false => RETRY_MS.min(self.cfg.start_timeout_ms).max(1),
+        }
     }
 
     /// How long to wait for a peer's list of gradients received: it sends it when its own
@@ -484,7 +523,10 @@ impl Round {
                 }
             }
             Input::StateRequested(p) => match self.phase {
-                Phase::Computing | Phase::Collecting { .. } | Phase::Agreeing { .. } => {
+                Phase::Computing
+                | Phase::Observing { .. }
+                | Phase::Collecting { .. }
+                | Phase::Agreeing { .. } => {
                     if !self.pending_state.contains(&p) {
                         self.pending_state.push(p);
                     }
@@ -498,6 +540,12 @@ impl Round {
                 }),
             },
             Input::State(p, s) => self.on_state(now, p, s),
+            // Its own gradient of this round or the last, which the driver still holds.
+            Input::ResendRequested(p, round)
+                if p != self.cfg.me && round <= self.round && round + 1 >= self.round =>
+            {
+                self.out.push(Action::Broadcast { round, to: vec![p] })
+            }
             Input::StateFailed(p) => {
                 if let Phase::Syncing { asked, asked_at, .. } = &mut self.phase
                     && *asked == Some(p)
@@ -533,6 +581,7 @@ impl Round {
                         self.decide_final(now);
                     }
                     Phase::Computing
+                    | Phase::Observing { .. }
                     | Phase::Collecting { .. }
                     | Phase::Agreeing { .. }
                     | Phase::Starting { .. }
@@ -557,6 +606,7 @@ impl Round {
             | Input::Gradient(..)
             | Input::Rejected(_)
             | Input::Received(..)
+            | Input::ResendRequested(..)
             | Input::Unresponsive { .. }
             | Input::Final(..) => {}
         }
@@ -568,6 +618,7 @@ impl Round {
     fn extend_waits(&mut self, now: u64, ms: u64) {
         match &mut self.phase {
             Phase::Starting { since }
+            | Phase::Observing { since, .. }
             | Phase::Collecting { since }
             | Phase::Agreeing { since, .. }
             | Phase::Finalizing { since, .. } => *since += ms,
@@ -597,6 +648,9 @@ impl Round {
         // A peer sends each round's gradient once: a second one is a replay, dropped, and its
         // sender is not waited for.
         if m.sent.contains(&g.round) {
+            if self.resends.remove(&(p, g.round)) {
+                return; // the copy asked for, after the original arrived after all
+            }
             let r = self.round;
             self.event(now, EventKind::LateGradient { peer: p, round: g.round, current: r });
             self.suspect_now(now, p);
@@ -627,7 +681,7 @@ impl Round {
             _ if g.round < r => {
                 self.event(now, EventKind::LateGradient { peer: p, round: g.round, current: r })
             }
-            Phase::Computing | Phase::Collecting { .. } if g.round == r => {
+            Phase::Computing | Phase::Observing { .. } | Phase::Collecting { .. } if g.round == r => {
                 self.received.entry(p).or_insert(g);
             }
             Phase::Agreeing { .. } if g.round == r => {
@@ -674,6 +728,7 @@ impl Round {
         self.mine = None;
         self.received.clear();
         self.lists.clear();
+        self.resends.clear();
         self.out.push(Action::RequestState { from });
         self.phase =
             Phase::Syncing { since: now, asked: Some(from), asked_at: now, tried: BTreeSet::from([from]) };
@@ -695,6 +750,10 @@ impl Round {
             let m = self.member(p);
             m.active_from = Some(m.active_from.map_or(round, |a| a.min(round)));
         }
+        // With a live peer's state, the first round is observed: this peer does not know yet
+        // which peers take part, so a list of its own could leave out a gradient the others
+        // keep. It applies what they agree on, then takes part from the next round.
+        self.observe_next = from.is_some();
         self.start_round(now, true);
     }
 
@@ -721,13 +780,94 @@ impl Round {
         if log {
             self.event(now, EventKind::Entered { round: r, view: view.clone() });
         }
+        if std::mem::take(&mut self.observe_next) {
+            self.phase = Phase::Observing { since: now, asked: false };
+            return;
+        }
         self.phase = Phase::Computing;
         self.out.push(Action::Compute { round: r, view });
+    }
+
+    /// An observed round closes once every peer this peer has a gradient from sent its list:
+    /// it applies the gradients every list names. One every list names that it lacks (sent
+    /// before it connected) it asks its sender for again; still lacking one at the deadline, it
+    /// cannot follow and fetches a state again. Nothing heard by the deadline: it computes the
+    /// round after all.
+    fn observe(&mut self, now: u64, since: u64, asked: bool) {
+        let late = now >= since + self.deadline_ms();
+        let Some((named, first)) = self.named_by_every_list() else {
+            if late {
+                self.start_round(now, false);
+            }
+            return;
+        };
+        let missing: Vec<PeerIdx> =
+            named.iter().copied().filter(|p| !self.received.contains_key(p)).collect();
+        if !missing.is_empty() {
+            let r = self.round;
+            if late {
+                self.event(now, EventKind::Reconcile { round: r, from: first, reason: "behind".into() });
+                self.begin_sync(now, first);
+            } else if !asked {
+                let connected: Vec<PeerIdx> = missing.into_iter().filter(|&p| self.is_connected(p)).collect();
+                for from in connected {
+                    self.resends.insert((from, r));
+                    self.out.push(Action::RequestResend { round: r, from });
+                }
+                self.phase = Phase::Observing { since, asked: true };
+            }
+            return;
+        }
+        let agreed: Vec<(PeerIdx, GradientMsg)> =
+            std::mem::take(&mut self.received).into_iter().filter(|(p, _)| named.contains(p)).collect();
+        // The state adopted is the majority's: apply the majority's gradients.
+        let mut groups: BTreeMap<Digest, Vec<PeerIdx>> = BTreeMap::new();
+        for (p, g) in &agreed {
+            groups.entry(g.digest).or_default().push(*p);
+        }
+        let inputs = match groups.is_empty() {
+            true => Vec::new(),
+            false => self.same_digest(now, agreed, majority(&groups).0),
+        };
+        self.apply_round(now, inputs, false);
+    }
+
+    /// Once every peer this peer has a gradient from sent its list of the current round: the
+    /// peers every list names, and the lowest-indexed sender.
+    fn named_by_every_list(&self) -> Option<(BTreeSet<PeerIdx>, PeerIdx)> {
+        let lists = self.lists.get(&self.round)?;
+        let first = *self.received.keys().next()?;
+        let heard: Vec<&Vec<PeerIdx>> = self.received.keys().map(|q| lists.get(q)).collect::<Option<_>>()?;
+        let named = heard[0].iter().copied().filter(|p| heard.iter().all(|l| l.binary_search(p).is_ok()));
+        Some((named.collect(), first))
+    }
+
+    /// The gradients of `received` computed at `digest`; the others are recorded as excluded.
+    fn same_digest(
+        &mut self,
+        now: u64,
+        received: impl IntoIterator<Item = (PeerIdx, GradientMsg)>,
+        digest: Digest,
+    ) -> Vec<(PeerIdx, Vec<f32>)> {
+        let r = self.round;
+        let mut inputs = Vec::new();
+        for (p, g) in received {
+            if g.digest == digest {
+                inputs.push((p, g.grad));
+            } else {
+                self.event(now, EventKind::Excluded { peer: p, round: r });
+            }
+        }
+        inputs
     }
 
     /// Moves on where inputs allow: starts, gives up waiting, closes rounds.
     fn advance(&mut self, now: u64) {
         let state_timeout = self.state_timeout_ms();
+        let pause = match &self.phase {
+            Phase::Syncing { since, asked_at, tried, .. } => self.retry_pause_ms(*since, *asked_at, tried),
+            _ => 0,
+        };
         match &mut self.phase {
             Phase::Starting { since } => {
                 let all = self.members.values().all(|m| m.connected);
@@ -741,7 +881,7 @@ impl Round {
                     *asked = None;
                     *asked_at = now;
                 }
-                if asked.is_none() && now >= *asked_at + RETRY_MS.min(self.cfg.start_timeout_ms).max(1) {
+                if asked.is_none() && now >= *asked_at + pause {
                     let candidates: Vec<PeerIdx> =
                         self.members.iter().filter(|(_, m)| m.connected).map(|(&p, _)| p).collect();
                     let pick = candidates.iter().find(|p| !tried.contains(p)).copied();
@@ -793,6 +933,10 @@ impl Round {
                 if !missing || now >= since + self.deadline_ms() {
                     self.decide_final(now);
                 }
+            }
+            Phase::Observing { since, asked } => {
+                let (since, asked) = (*since, *asked);
+                self.observe(now, since, asked);
             }
             Phase::Computing | Phase::Finalizing { mine: None, .. } | Phase::Done => {}
         }
@@ -906,14 +1050,16 @@ impl Round {
             self.begin_sync(now, from);
             return;
         }
-        let mut inputs = if mine_agreed { vec![(me, my_grad)] } else { Vec::new() };
-        for (p, g) in received {
-            if g.digest == my_digest {
-                inputs.push((p, g.grad));
-            } else {
-                self.event(now, EventKind::Excluded { peer: p, round: r });
-            }
+        let mut inputs = self.same_digest(now, received, my_digest);
+        if mine_agreed {
+            inputs.push((me, my_grad));
         }
+        self.apply_round(now, inputs, timed_out);
+    }
+
+    /// Applies round `self.round` with `inputs` (any order) and starts the next one.
+    fn apply_round(&mut self, now: u64, mut inputs: Vec<(PeerIdx, Vec<f32>)>, timed_out: bool) {
+        let r = self.round;
         inputs.sort_by_key(|(p, _)| *p);
         let deadline_ms = self.deadline_ms();
         self.event(

@@ -56,6 +56,11 @@ pub enum Message {
         /// Peer indices, strictly ascending.
         peers: Vec<u32>,
     },
+    /// "Send me your gradient of `round` again" (a joiner that connected after it went out).
+    Resend {
+        /// Round.
+        round: u64,
+    },
     /// "I am alive" (a P2P peer sends one to each connected peer every fifth of
     /// `p2p.detection_ms`, so a frozen one is noticed).
     Heartbeat,
@@ -177,6 +182,7 @@ mod kind {
     pub const PARAMS: u8 = 9;
     pub const RECEIVED: u8 = 10;
     pub const HEARTBEAT: u8 = 11;
+    pub const RESEND: u8 = 12;
 }
 
 /// Most peer indices a [`Message::Received`] may list.
@@ -210,6 +216,10 @@ pub fn encode(msg: &Message) -> Vec<u8> {
         }
         Message::StateRequest => w.u8(kind::STATE_REQUEST),
         Message::Heartbeat => w.u8(kind::HEARTBEAT),
+        Message::Resend { round } => {
+            w.u8(kind::RESEND);
+            w.u64(*round);
+        }
         Message::Ack => w.u8(kind::ACK),
         Message::State(s) => {
             w.u8(kind::STATE);
@@ -278,6 +288,7 @@ pub fn decode(bytes: &[u8], limits: Limits) -> Result<Message, WireError> {
         kind::PARAMS_REQUEST => Message::ParamsRequest { round: r.u64("round")? },
         kind::STATE_REQUEST => Message::StateRequest,
         kind::HEARTBEAT => Message::Heartbeat,
+        kind::RESEND => Message::Resend { round: r.u64("round")? },
         kind::ACK => Message::Ack,
         kind::STATE => {
             let round = r.u64("round")?;
@@ -457,6 +468,7 @@ mod tests {
             Message::ParamsRequest { round: 3 },
             Message::StateRequest,
             Message::Heartbeat,
+            Message::Resend { round: 8 },
             Message::Ack,
             Message::State(StateMsg {
                 round: 9,

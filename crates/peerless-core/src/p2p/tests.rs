@@ -39,6 +39,8 @@ struct Peer {
     applied_sets: Vec<(u64, Vec<PeerIdx>)>,
     /// States adopted, over every incarnation.
     adoptions: u32,
+    /// Its own gradient messages of the last two rounds it sent (for resends).
+    sent: BTreeMap<u64, GradientMsg>,
 }
 
 struct Sim {
@@ -86,6 +88,7 @@ impl Sim {
                 incarnation: 0,
                 applied_sets: Vec::new(),
                 adoptions: 0,
+                sent: BTreeMap::new(),
             })
             .collect();
         let mut sim = Sim {
@@ -149,13 +152,22 @@ impl Sim {
                     self.schedule(d, i, Delivery::Local { round, version });
                 }
                 Action::Broadcast { round, to } => {
-                    let msg = GradientMsg {
-                        round,
-                        digest: digest(&p.params),
-                        samples: 64,
-                        loss: 1.0,
-                        grad: grad_of(i, round, &p.params),
-                    };
+                    // A resend (of this round or the last) is the message sent then.
+                    let params = p.params.clone();
+                    let msg = p
+                        .sent
+                        .entry(round)
+                        .or_insert_with(|| GradientMsg {
+                            round,
+                            digest: digest(&params),
+                            samples: 64,
+                            loss: 1.0,
+                            grad: grad_of(i, round, &params),
+                        })
+                        .clone();
+                    while p.sent.len() > 2 {
+                        p.sent.pop_first();
+                    }
                     for t in to {
                         self.send(i, t, Input::Gradient(i, msg.clone()));
                     }
@@ -189,6 +201,7 @@ impl Sim {
                 }
                 Action::RefuseState { to, .. } => self.send(i, to, Input::StateFailed(i)),
                 Action::RequestState { from } => self.send(i, from, Input::StateRequested(i)),
+                Action::RequestResend { round, from } => self.send(i, from, Input::ResendRequested(i, round)),
                 Action::Adopt(s) => {
                     p.params = s.params;
                     p.applied.clear();
@@ -353,6 +366,7 @@ impl Sim {
         p.alive = true;
         p.silent = false;
         p.applied.clear();
+        p.sent.clear();
         p.params = own.as_ref().map_or(vec![1.0; N_PARAMS], |c| c.1.clone());
         p.machine = Round::new(cfg, Start::Join { own: own.map(|c| c.0) }, self.now);
         for j in 0..self.peers.len() as u32 {
@@ -674,6 +688,9 @@ fn a_crash_at_any_point_of_a_round_costs_no_live_peer_a_deadline_a_suspicion_or_
         sim.assert_converged();
         for (i, p) in sim.peers.iter().enumerate() {
             if i as u32 == victim {
+                if p.adoptions > 1 {
+                    sim.dump();
+                }
                 assert!(p.adoptions <= 1, "seed {seed}: the victim adopted {} states", p.adoptions);
                 continue;
             }

@@ -202,6 +202,7 @@ impl Links {
             Message::Join { round } => Some(Input::Join(from, round)),
             Message::Final { round, digest } => Some(Input::Final(from, round, digest)),
             Message::Received { round, peers } => Some(Input::Received(from, round, peers)),
+            Message::Resend { round } => Some(Input::ResendRequested(from, round)),
             _ => None,
         }
     }

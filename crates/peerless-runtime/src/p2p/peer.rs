@@ -74,6 +74,8 @@ pub(crate) struct Peer {
     stats: RoundStats,
     /// The own gradient message of the newest round, until it is broadcast.
     mine: Option<(u64, Bytes)>,
+    /// The own gradient message of the round before, for a joiner that asks for it again.
+    previous: Option<(u64, Bytes)>,
     /// Samples computed on in the whole run.
     samples: u64,
     completed: bool,
@@ -125,6 +127,7 @@ impl Peer {
             links,
             stats: RoundStats::default(),
             mine: None,
+            previous: None,
             samples: 0,
             completed: false,
             counted: Default::default(),
@@ -150,6 +153,7 @@ impl Peer {
             Action::RefuseState { to, reason } => {
                 self.links.answer_state(&mut node.net, to, &Message::Refused { reason })
             }
+            Action::RequestResend { round, from } => self.announce(node, &Message::Resend { round }, &[from]),
             Action::RequestState { from } => {
                 if !self.links.send(&mut node.net, from, frame(&Message::StateRequest), Pending::State) {
                     fed_back.push(Input::StateFailed(from));
@@ -180,12 +184,17 @@ impl Peer {
         self.work.spawn(round, self.replica.params.clone(), batches);
     }
 
-    /// Sends the own gradient of `round` to `to`.
+    /// Sends the own gradient of `round` to `to` (the newest round's, or again the one before).
     fn broadcast(&mut self, node: &mut Node, round: u64, to: &[PeerIdx]) {
-        let Some((r, bytes)) = &self.mine else { return };
-        if *r != round {
+        let held = |m: &Option<(u64, Bytes)>| m.as_ref().filter(|(r, _)| *r == round).map(|(_, b)| b.clone());
+        let Some(bytes) = held(&self.mine) else {
+            if let Some(bytes) = held(&self.previous) {
+                for &p in to {
+                    self.links.send(&mut node.net, p, bytes.clone(), Pending::Other);
+                }
+            }
             return;
-        }
+        };
         self.stats.broadcast_at = Some(Instant::now());
         self.stats.round = Some(round);
         self.stats.acks_pending = to
@@ -366,7 +375,7 @@ impl Role for Peer {
         self.samples += r.samples;
         let (round, digest) = (r.round, r.digest);
         let (grad, msg) = self.work.outgoing.message(r, &mut node.files, node.me);
-        self.mine = Some((round, Bytes::from(msg)));
+        self.previous = self.mine.replace((round, Bytes::from(msg)));
         Some(Input::LocalGradient { round, digest, grad })
     }
 
