@@ -245,4 +245,14 @@ mod tests {
         s.end();
         assert_eq!(s.draw(|_| true), None, "an ended stream draws nothing");
     }
+
+    #[test]
+    fn the_library_s_churn_scenario_is_the_issue_s_seven_kills() {
+        // Node 1, 2 or 3 killed every 3 s from 3 s to 24 s.
+        let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../../scenarios/churn.toml");
+        let churn = Scenario::load(std::path::Path::new(path)).unwrap();
+        let draws = expand(&churn.faults[0], 0, 1, TrainArch::P2p, 4, f64::INFINITY);
+        assert_eq!(draws.len(), 7, "{draws:?}");
+        assert!(draws.iter().all(|d| d.kind == FaultKind::Kill && d.target.is_some_and(|t| t.index != 0)));
+    }
 }
