@@ -69,6 +69,21 @@ pub struct GradientRequest {
     /// attacker (experiments only; default `false`).
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub flip_labels: bool,
+    /// DiLoCo: take this many local optimizer steps, one per consecutive chunk of `indices`,
+    /// and deliver the parameter delta (start − end) instead of one gradient. Absent: one
+    /// gradient on all of `indices`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub inner: Option<InnerSteps>,
+}
+
+/// The local steps of one DiLoCo invocation.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct InnerSteps {
+    /// Local optimizer steps; `indices` splits into this many equal mini-batches.
+    pub steps: u32,
+    /// The inner optimizer, its state fresh at the first step.
+    pub optimizer: crate::optim::OptimizerConfig,
 }
 
 fn yes() -> bool {

@@ -25,7 +25,7 @@ macro_rules! display_as_toml_name {
         }
     )*};
 }
-display_as_toml_name!(TrainArch, Compute, Aggregation, PsModeName);
+display_as_toml_name!(TrainArch, Compute, Aggregation, PsModeName, SyncMode);
 
 /// Parses a configuration enum from the name its TOML uses (`"p2p"`, `"in-store"`, `"async"`):
 /// one spelling for files and flags, the error listing the names allowed.
@@ -353,11 +353,42 @@ pub struct P2pConfig {
     /// A connected peer silent this long (frozen, or cut off with its connection up) is
     /// detected by heartbeats and not waited for, ms; the round deadline stays for stragglers.
     pub detection_ms: u64,
+    /// How often nodes synchronise (P2P and the synchronous PS alike): `every-step` exchanges
+    /// gradients every optimizer step; `diloco` takes `inner_steps` local steps between
+    /// exchanges of parameter deltas.
+    pub sync: SyncMode,
+    /// `diloco`: local optimizer steps (the `optimizer` section, its state fresh every outer
+    /// round) each function takes per round, one mini-batch each.
+    pub inner_steps: u32,
+    /// `diloco`: learning rate of the outer optimizer (SGD with Nesterov momentum) that applies
+    /// the aggregated parameter delta (the pseudo-gradient).
+    pub outer_lr: f64,
+    /// `diloco`: Nesterov momentum of the outer optimizer, in `[0, 1)`.
+    pub outer_momentum: f64,
+}
+
+/// `p2p.sync`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum SyncMode {
+    /// One optimizer step per round on the round's aggregated gradient.
+    #[default]
+    EveryStep,
+    /// DiLoCo: `inner_steps` local steps per round, then the aggregated parameter delta is
+    /// applied by the outer optimizer.
+    Diloco,
 }
 
 impl Default for P2pConfig {
     fn default() -> Self {
-        P2pConfig { takeover: true, detection_ms: 250 }
+        P2pConfig {
+            takeover: true,
+            detection_ms: 250,
+            sync: SyncMode::EveryStep,
+            inner_steps: 50,
+            outer_lr: 0.7,
+            outer_momentum: 0.9,
+        }
     }
 }
 
@@ -366,7 +397,38 @@ impl P2pConfig {
         if !(5..=600_000).contains(&self.detection_ms) {
             return Err(invalid("p2p.detection_ms", self.detection_ms, "must be in 5..=600000"));
         }
+        if !(1..=100_000).contains(&self.inner_steps) {
+            return Err(invalid("p2p.inner_steps", self.inner_steps, "must be in 1..=100000"));
+        }
+        if !(self.outer_lr.is_finite() && self.outer_lr > 0.0) {
+            return Err(invalid("p2p.outer_lr", self.outer_lr, "must be positive and finite"));
+        }
+        if !(0.0..1.0).contains(&self.outer_momentum) {
+            return Err(invalid("p2p.outer_momentum", self.outer_momentum, "must be in [0, 1)"));
+        }
         Ok(())
+    }
+
+    /// Local steps per round: `inner_steps` under DiLoCo, else 1.
+    pub fn steps_per_round(&self) -> u32 {
+        match self.sync {
+            SyncMode::EveryStep => 1,
+            SyncMode::Diloco => self.inner_steps,
+        }
+    }
+
+    /// What a node's replica applies a round's aggregate with: the outer optimizer under
+    /// DiLoCo, else `optimizer` (the run's).
+    pub fn update_optimizer(&self, optimizer: &OptimizerConfig) -> OptimizerConfig {
+        match self.sync {
+            SyncMode::EveryStep => optimizer.clone(),
+            SyncMode::Diloco => OptimizerConfig::Sgd {
+                lr: self.outer_lr,
+                momentum: self.outer_momentum,
+                weight_decay: 0.0,
+                nesterov: self.outer_momentum > 0.0,
+            },
+        }
     }
 }
 
@@ -464,6 +526,16 @@ impl RunConfig {
         }
         self.cluster.validate()?;
         self.p2p.validate()?;
+        if self.p2p.sync == SyncMode::Diloco
+            && self.train.arch == TrainArch::Ps
+            && self.ps.mode == PsModeName::Async
+        {
+            return Err(invalid(
+                "p2p.sync",
+                "diloco",
+                "needs ps.mode = \"sync\" (outer rounds are synchronous)",
+            ));
+        }
         self.function.validate()?;
         self.optimizer.validate().map_err(|e| match e {
             peerless_core::optim::OptimError::InvalidConfig { key, value, reason } => ConfigError::Invalid {
@@ -515,6 +587,28 @@ mod tests {
         assert_eq!(Aggregation::InStore.to_string(), "in-store");
         let err = parse_name::<TrainArch>("mesh").unwrap_err();
         assert!(err.contains("mesh") && err.contains("p2p"), "{err}");
+    }
+
+    #[test]
+    fn diloco_keys_load_validate_and_choose_the_outer_optimizer() {
+        let cfg = RunConfig::from_toml("[p2p]\nsync = \"diloco\"\ninner_steps = 20\nouter_lr = 0.5\n", "x")
+            .unwrap();
+        assert_eq!((cfg.p2p.sync, cfg.p2p.steps_per_round()), (SyncMode::Diloco, 20));
+        assert_eq!(
+            cfg.p2p.update_optimizer(&cfg.optimizer),
+            OptimizerConfig::Sgd { lr: 0.5, momentum: 0.9, weight_decay: 0.0, nesterov: true }
+        );
+        assert_eq!(RunConfig::default().p2p.update_optimizer(&cfg.optimizer), cfg.optimizer);
+        assert_eq!(RunConfig::default().p2p.steps_per_round(), 1);
+        for (text, key) in [
+            ("inner_steps = 0", "p2p.inner_steps"),
+            ("outer_lr = -1.0", "p2p.outer_lr"),
+            ("outer_momentum = 1.0", "p2p.outer_momentum"),
+        ] {
+            let err = RunConfig::from_toml(&format!("[p2p]\nsync = \"diloco\"\n{text}\n"), "x").unwrap_err();
+            assert!(err.to_string().contains(key), "{err}");
+        }
+        assert!(RunConfig::from_toml("[p2p]\nsync = \"local-sgd\"\n", "x").is_err());
     }
 
     #[test]

@@ -5,7 +5,7 @@ use std::path::PathBuf;
 
 use clap::{Args, Parser, Subcommand};
 use peerless_ml::DatasetName;
-use peerless_runtime::config::{Aggregation, Compute, PsModeName, TrainArch, parse_name};
+use peerless_runtime::config::{Aggregation, Compute, PsModeName, SyncMode, TrainArch, parse_name};
 
 /// peerless: serverless peer-to-peer ML training, and the parameter-server baseline it is
 /// measured against.
@@ -181,6 +181,16 @@ pub struct TrainArgs {
     /// PS, asynchronous mode: drop gradients more than this many versions old.
     #[arg(long)]
     pub max_staleness: Option<u64>,
+    /// `p2p.sync`: `every-step` (exchange gradients every step) or `diloco` (exchange
+    /// parameter deltas every `--inner-steps` local steps); P2P and synchronous PS.
+    #[arg(long, value_parser = parse_name::<SyncMode>)]
+    pub sync: Option<SyncMode>,
+    /// `p2p.inner_steps`: DiLoCo's local steps per round.
+    #[arg(long)]
+    pub inner_steps: Option<u32>,
+    /// `p2p.outer_lr`: DiLoCo's outer learning rate (SGD with Nesterov momentum).
+    #[arg(long)]
+    pub outer_lr: Option<f64>,
 }
 
 /// `peerless bench p2p`.

@@ -219,6 +219,7 @@ async fn bench_gradient(runtime: &LocalRuntime, n: usize) -> Result<GradientBenc
         // As the nodes ask: no digest of the gradient.
         return_digest: false,
         flip_labels: false,
+        inner: None,
     };
     let mut times = GradientTimes::new(n);
     for i in 0..(n + GRADIENT_WARMUP) {

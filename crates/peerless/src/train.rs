@@ -228,6 +228,15 @@ impl TrainArgs {
         if let Some(s) = self.max_staleness {
             cfg.ps.max_staleness = s;
         }
+        if let Some(s) = self.sync {
+            cfg.p2p.sync = s;
+        }
+        if let Some(h) = self.inner_steps {
+            cfg.p2p.inner_steps = h;
+        }
+        if let Some(lr) = self.outer_lr {
+            cfg.p2p.outer_lr = lr;
+        }
         self.apply_schedule(cfg);
         Ok(())
     }
@@ -254,8 +263,11 @@ impl TrainArgs {
     /// Names of flags given that would change the computation (refused on resume).
     pub fn computation_flags(&self) -> Vec<&'static str> {
         let mut v = Vec::new();
-        let checks: [(&'static str, bool); 18] = [
+        let checks: [(&'static str, bool); 21] = [
             ("--aggregation", self.aggregation.is_some()),
+            ("--sync", self.sync.is_some()),
+            ("--inner-steps", self.inner_steps.is_some()),
+            ("--outer-lr", self.outer_lr.is_some()),
             ("--ps-mode", self.ps_mode.is_some()),
             ("--max-staleness", self.max_staleness.is_some()),
             ("--peers", self.peers.is_some()),

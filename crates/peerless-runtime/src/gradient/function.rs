@@ -255,14 +255,29 @@ fn compute(
     grad: &mut Vec<f32>,
 ) -> Result<f32, GradientError> {
     let computed = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        if let Some(inner) = &req.inner {
+            use super::inner::{InnerError, pseudo_gradient};
+            return pseudo_gradient(model, data, params, indices, inner, req.flip_labels, grad).map_err(
+                |e| match e {
+                    InnerError::Model(e) => GradientError::Model(e),
+                    InnerError::Split { .. } => super::error::invalid("inner.steps", e.to_string()),
+                    InnerError::Step { .. } => GradientError::NonFinite {
+                        model: req.model.clone(),
+                        round: req.round,
+                        batch: req.batch,
+                        reason: format!("DiLoCo {e}"),
+                    },
+                },
+            );
+        }
         // A failed read of the cache file comes back as `ModelError::Data`, naming the file.
-        let mut batch = data.gather(indices)?;
+        let mut batch = data.gather(indices).map_err(peerless_ml::ModelError::from)?;
         if req.flip_labels {
             batch.flip_labels(data.classes);
         }
         // Every element is overwritten: the buffer only needs the right length.
         grad.resize(model.num_params(), 0.0);
-        model.loss_and_grad_into(params, &batch, grad)
+        Ok(model.loss_and_grad_into(params, &batch, grad)?)
     }));
     match computed {
         Ok(r) => Ok(r?),

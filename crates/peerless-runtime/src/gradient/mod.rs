@@ -32,12 +32,14 @@
 //! - `function.rs` — [`GradientFunction`]: validate, compute, deliver, and hash on a blocking
 //!   thread meanwhile (when asked to).
 //! - `cache.rs` — what a warm instance keeps (above) and how each cache is filled.
+//! - `inner.rs` — DiLoCo's local steps and the parameter delta they give.
 //! - `request.rs` — checks of a request's fields that need no I/O.
 //! - `error.rs` — [`GradientError`], its kinds and retryability.
 
 mod cache;
 mod error;
 mod function;
+pub mod inner;
 mod request;
 #[cfg(test)]
 mod tests;

@@ -43,6 +43,16 @@ pub(super) fn parse(req: &GradientRequest) -> Result<Parsed, GradientError> {
             return Err(invalid(field, "empty"));
         }
     }
+    if let Some(inner) = &req.inner {
+        let steps = inner.steps as usize;
+        if steps == 0 || !req.indices.len().is_multiple_of(steps) {
+            return Err(invalid(
+                "inner.steps",
+                format!("{} samples do not split into {steps} equal mini-batches", req.indices.len()),
+            ));
+        }
+        inner.optimizer.validate().map_err(|e| invalid("inner.optimizer", e.to_string()))?;
+    }
     if req.output_key == req.params_key {
         return Err(invalid("output_key", format!("{:?} is also the parameters key", req.output_key)));
     }

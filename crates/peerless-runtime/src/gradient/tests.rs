@@ -122,6 +122,7 @@ fn request(model: &Model, params_key: &str, params_digest: &str, indices: Vec<u3
         store: StoreRef { url: URL.into() },
         return_digest: true,
         flip_labels: false,
+        inner: None,
     }
 }
 

@@ -91,7 +91,8 @@ impl Node {
             split.train.len(),
             cluster.nodes,
             cluster.functions_per_node,
-            run.train.batch_size,
+            // Under DiLoCo a function's batch is its local steps' mini-batches, back to back.
+            run.train.batch_size * run.p2p.steps_per_round() as usize,
             run.seed,
         ));
         let rpe = sampler.rounds_per_epoch();

@@ -42,7 +42,7 @@ impl Replica {
         let ck_path = node.file.node.dir.join("checkpoint.safetensors");
         let mut replica = Replica {
             params: model.init(run.seed),
-            optimizer: Optimizer::new(run.optimizer.clone(), n)?,
+            optimizer: Optimizer::new(run.p2p.update_optimizer(&run.optimizer), n)?,
             aggregator: run.cluster.aggregator.build(),
             agg: vec![0f32; n],
             ck_path,

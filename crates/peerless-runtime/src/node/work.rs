@@ -9,7 +9,7 @@ use std::time::Instant;
 use futures::StreamExt as _;
 use peerless_core::attack::{Attack, Attacker};
 use peerless_core::flat::{Digest, digest, to_le_bytes};
-use peerless_core::function::{GradientRequest, GradientResponse, OutputMode, StoreRef};
+use peerless_core::function::{GradientRequest, GradientResponse, InnerSteps, OutputMode, StoreRef};
 use peerless_core::protocol::PeerIdx;
 use peerless_core::rng::Rng;
 use peerless_core::wire::{self, GradientMsg, Message};
@@ -18,8 +18,9 @@ use tokio::sync::mpsc;
 
 use super::driver::Node;
 use super::{Files, NodeError, NodeEvent, io_err};
-use crate::config::{Aggregation, Compute, RunConfig};
+use crate::config::{Aggregation, Compute, RunConfig, SyncMode};
 use crate::function::{FunctionCommand, InvokeCtx, Invoker};
+use crate::gradient::inner::{InnerError, pseudo_gradient};
 use crate::store::embedded::{EmbeddedHandle, EmbeddedServer};
 use crate::store::{RedisStore, Store};
 
@@ -108,6 +109,9 @@ pub(crate) struct Job {
     /// Invocations in flight at once (`cluster.functions_per_node`): the batches a node takes
     /// over from peers that left wait for a warm instance instead of cold-starting new ones.
     pub(crate) concurrency: usize,
+    /// DiLoCo: each batch is this many local steps' mini-batches, and the work returns the
+    /// mean parameter delta instead of the mean gradient.
+    pub(crate) inner: Option<InnerSteps>,
 }
 
 impl Job {
@@ -162,6 +166,8 @@ impl Job {
             aggregation: run.cluster.aggregation,
             flip_labels: false,
             concurrency: run.cluster.functions_per_node.max(1) as usize,
+            inner: (run.p2p.sync == SyncMode::Diloco)
+                .then(|| InnerSteps { steps: run.p2p.inner_steps, optimizer: run.optimizer.clone() }),
         }
     }
 
@@ -188,12 +194,13 @@ impl Job {
 
     /// Computes the mean gradient over the batches on a blocking thread of this process.
     async fn run_in_process(&self) -> Result<LocalResult, NodeError> {
-        let (model, split, params, batches, flip) = (
+        let (model, split, params, batches, flip, inner) = (
             self.model.clone(),
             self.split.clone(),
             self.params.clone(),
             self.batches.clone(),
             self.flip_labels,
+            self.inner.clone(),
         );
         let (grad, loss, samples) = tokio::task::spawn_blocking(move || {
             let mut sum = vec![0f32; params.len()];
@@ -201,21 +208,27 @@ impl Job {
             let (mut loss, mut samples) = (0f64, 0u64);
             for b in &batches {
                 let idx: Vec<usize> = b.iter().map(|&i| i as usize).collect();
-                let mut batch = split.train.gather(&idx)?;
-                if flip {
-                    batch.flip_labels(split.train.classes);
-                }
-                let l = model.loss_and_grad_into(&params, &batch, &mut g)?;
+                let l = match &inner {
+                    Some(inner) => pseudo_gradient(&model, &split.train, &params, &idx, inner, flip, &mut g)?,
+                    None => {
+                        let mut batch = split.train.gather(&idx).map_err(peerless_ml::ModelError::from)?;
+                        if flip {
+                            batch.flip_labels(split.train.classes);
+                        }
+                        model.loss_and_grad_into(&params, &batch, &mut g)?
+                    }
+                };
                 peerless_core::flat::add_assign(&mut sum, &g);
                 loss += f64::from(l);
                 samples += idx.len() as u64;
             }
             let k = batches.len().max(1) as f32;
             sum.iter_mut().for_each(|x| *x /= k);
-            Ok::<_, peerless_ml::ModelError>((sum, (loss / f64::from(k)) as f32, samples))
+            Ok::<_, InnerError>((sum, (loss / f64::from(k)) as f32, samples))
         })
         .await
-        .map_err(|e| self.failure()(e.to_string()))??;
+        .map_err(|e| self.failure()(e.to_string()))?
+        .map_err(|e| self.failure()(e.to_string()))?;
         let digest = digest(&self.params);
         Ok(LocalResult { round: self.round, digest, grad, loss, samples, gather_ms: None })
     }
@@ -289,6 +302,7 @@ impl Job {
             // Only the sum is used; hashing each gradient would be waste.
             return_digest: false,
             flip_labels: self.flip_labels,
+            inner: self.inner.clone(),
         }
     }
 

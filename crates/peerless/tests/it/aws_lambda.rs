@@ -72,6 +72,7 @@ impl Fixture {
             store: StoreRef { url: self.server.url() },
             return_digest: true,
             flip_labels: false,
+            inner: None,
         };
         serde_json::to_value(&req).unwrap()
     }

@@ -28,6 +28,7 @@ fn request(url: &str, params: &[f32], batch: u32, indices: Vec<u32>) -> Gradient
         store: StoreRef { url: url.into() },
         return_digest: true,
         flip_labels: false,
+        inner: None,
     }
 }
 
