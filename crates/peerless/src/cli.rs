@@ -196,21 +196,43 @@ pub struct TrainArgs {
 /// `peerless bench p2p`.
 #[derive(Debug, Args)]
 pub struct BenchP2pArgs {
-    /// Rounds per cluster size.
+    /// Rounds per cluster size (with `--against ddp`, also the DDP steps).
     #[arg(long, default_value_t = 60)]
     pub rounds: u64,
     /// Dataset (default: MNIST when present, else the embedded digits).
     #[arg(long)]
     pub dataset: Option<DatasetName>,
-    /// `functions` or `local`.
+    /// `functions` or `local` (with `--against`, both run and this is ignored).
     #[arg(long, default_value = "functions", value_parser = parse_name::<Compute>)]
     pub compute: Compute,
+    /// Gradient functions per peer [default: 1 with `--against ddp`, a batch of 64 per node as
+    /// per DDP rank; else 4].
+    #[arg(long)]
+    pub functions_per_peer: Option<u32>,
+    /// Run a reference side by side, interleaved with peerless serverful and serverless runs:
+    /// `ddp` (PyTorch DistributedDataParallel over gloo, one thread per rank).
+    #[arg(long, value_enum)]
+    pub against: Option<Against>,
+    /// The Python to run the reference with [default: $PEERLESS_PYTHON, else python3].
+    #[arg(long, requires = "against")]
+    pub python: Option<String>,
+    /// With `--against`: interleaved passes, each running every world size on every side
+    /// once; the table shows medians of the passes.
+    #[arg(long, default_value_t = 3)]
+    pub passes: usize,
     /// Directory for the runs (default: a temporary one).
     #[arg(long)]
     pub out: Option<PathBuf>,
     /// Also write the results as JSON to this file.
     #[arg(long)]
     pub json: Option<PathBuf>,
+}
+
+/// What `peerless bench p2p --against` compares peerless with.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Against {
+    /// PyTorch DistributedDataParallel over gloo, one thread per rank.
+    Ddp,
 }
 
 /// `peerless bench memory`.

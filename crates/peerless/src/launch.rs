@@ -17,16 +17,29 @@ use peerless_runtime::scenario::FaultSpec;
 
 /// `peerless train --arch p2p`: starts the cluster, injects `faults`, and waits for it.
 pub fn launch(cfg: &RunConfig, dir: &mut RunDir, faults: &[FaultSpec]) -> Result<ExitCode> {
-    run(cfg, dir, faults, TrainArch::P2p)
+    run(cfg, dir, faults, TrainArch::P2p, false)
+}
+
+/// A P2P run for a benchmark: as [`launch`], without the progress bar and the summary (the
+/// benchmark prints its own line per run).
+pub fn launch_quiet(cfg: &RunConfig, dir: &mut RunDir) -> Result<ExitCode> {
+    run(cfg, dir, &[], TrainArch::P2p, true)
 }
 
 /// `peerless train --arch ps`: the parameter server and its workers.
 pub fn launch_ps(cfg: &RunConfig, dir: &mut RunDir, faults: &[FaultSpec]) -> Result<ExitCode> {
-    run(cfg, dir, faults, TrainArch::Ps)
+    run(cfg, dir, faults, TrainArch::Ps, false)
 }
 
-fn run(cfg: &RunConfig, dir: &mut RunDir, faults: &[FaultSpec], arch: TrainArch) -> Result<ExitCode> {
-    let bar = Bar::new(format!("{arch}×{} {} on {}", cfg.cluster.nodes, cfg.model.arch, cfg.data.dataset));
+fn run(
+    cfg: &RunConfig,
+    dir: &mut RunDir,
+    faults: &[FaultSpec],
+    arch: TrainArch,
+    quiet: bool,
+) -> Result<ExitCode> {
+    let label = format!("{arch}×{} {} on {}", cfg.cluster.nodes, cfg.model.arch, cfg.data.dataset);
+    let bar = if quiet { Bar(ProgressBar::hidden()) } else { Bar::new(label) };
     let launcher = Launcher {
         exe: std::env::current_exe().context("locating the peerless executable")?,
         show: &bar,
@@ -37,7 +50,9 @@ fn run(cfg: &RunConfig, dir: &mut RunDir, faults: &[FaultSpec], arch: TrainArch)
     if let Some(why) = &s.error {
         bail!("{why}\n(run files: {})", dir.path().display());
     }
-    print_summary(s, dir.path());
+    if !quiet {
+        print_summary(s, dir.path());
+    }
     if ran.interrupted {
         return Ok(ExitCode::from(130));
     }

@@ -11,8 +11,10 @@
 //! every contender once, in turn, so all see the same machine load; medians of the passes
 //! are compared.
 
+pub mod ddp;
 pub mod memory;
 pub mod p2p;
+pub mod versus;
 
 use std::process::Command;
 use std::time::{Duration, Instant};

@@ -17,8 +17,11 @@ use peerless_runtime::rundir::RunDir;
 use serde::Serialize;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
+/// The cluster sizes measured.
+pub const WORLDS: [u32; 3] = [1, 2, 4];
+
 /// One cluster size.
-#[derive(Debug, Serialize)]
+#[derive(Debug, Clone, Serialize)]
 pub struct ClusterBench {
     /// Peers.
     pub peers: u32,
@@ -67,21 +70,23 @@ pub struct P2pBench {
 }
 
 /// The median of the finite values of `v` (NaN when there are none).
-fn median(mut v: Vec<f64>) -> f64 {
+pub(super) fn median(mut v: Vec<f64>) -> f64 {
     v.retain(|x| x.is_finite());
     peerless_core::stats::median(&v).unwrap_or(f64::NAN)
 }
 
-/// Runs a cluster of `peers` for `rounds` rounds in `dir` and reads its metrics.
-fn cluster(base: &RunConfig, peers: u32, rounds: u64, dir: &Path) -> Result<ClusterBench> {
+/// Runs a cluster of `peers` for `rounds` rounds in the run directory `out` and reads its
+/// metrics.
+pub(super) fn cluster(base: &RunConfig, peers: u32, rounds: u64, out: &Path) -> Result<ClusterBench> {
     let mut cfg = base.clone();
     cfg.train.arch = TrainArch::P2p;
     cfg.cluster.nodes = peers;
     cfg.train.rounds = rounds;
     cfg.train.eval_every = rounds + 1;
-    let out = dir.join(format!("p{peers}"));
-    let mut rd = RunDir::create(&out, &cfg)?;
-    crate::launch::launch(&cfg, &mut rd, &[])?;
+    let mut rd = RunDir::create(out, &cfg)?;
+    if crate::launch::launch_quiet(&cfg, &mut rd)? != std::process::ExitCode::SUCCESS {
+        anyhow::bail!("the run in {} was interrupted", out.display());
+    }
     let s: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(out.join("summary.json"))?)?;
     let text = std::fs::read_to_string(out.join("metrics.csv"))?;
     let mut lines = text.lines();
@@ -211,8 +216,13 @@ async fn tcp_exchange(bytes: usize, reps: usize) -> Result<Vec<f64>> {
 /// Runs the whole benchmark.
 pub fn run(base: &RunConfig, rounds: u64, dir: &Path) -> Result<P2pBench> {
     let mut clusters = Vec::new();
-    for peers in [1, 2, 4] {
-        clusters.push(cluster(base, peers, rounds, dir)?);
+    for peers in WORLDS {
+        let c = cluster(base, peers, rounds, &dir.join(format!("p{peers}")))?;
+        eprintln!(
+            "{peers} peers: {:.1} ms/round, {:.0} samples/s (steady)",
+            c.round_ms, c.steady_samples_per_s
+        );
+        clusters.push(c);
     }
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
     let mut exchange = Vec::new();
@@ -229,8 +239,9 @@ pub fn run(base: &RunConfig, rounds: u64, dir: &Path) -> Result<P2pBench> {
     Ok(P2pBench { dataset: base.data.dataset.to_string(), clusters, exchange })
 }
 
-/// `peerless bench p2p`: runs the benchmark and prints its tables.
-pub fn run_cli(args: crate::cli::BenchP2pArgs) -> Result<std::process::ExitCode> {
+/// The configuration every run of `peerless bench p2p` starts from: the defaults, on the
+/// chosen dataset (MNIST when present, else digits), with the given functions per peer.
+fn base_config(args: &crate::cli::BenchP2pArgs) -> RunConfig {
     let mut cfg = RunConfig::default();
     cfg.data.dir = crate::common::data_dir(None);
     cfg.data.dataset = args.dataset.unwrap_or_else(|| {
@@ -241,14 +252,25 @@ pub fn run_cli(args: crate::cli::BenchP2pArgs) -> Result<std::process::ExitCode>
         }
     });
     cfg.cluster.compute = args.compute;
-    let tmp;
-    let dir = match args.out {
-        Some(d) => d,
-        None => {
-            tmp = std::env::temp_dir().join(format!("peerless-bench-p2p-{}", std::process::id()));
-            tmp
-        }
-    };
+    match (args.functions_per_peer, args.against) {
+        (Some(k), _) => cfg.cluster.functions_per_node = k,
+        (None, Some(crate::cli::Against::Ddp)) => cfg.cluster.functions_per_node = 1,
+        (None, None) => {}
+    }
+    cfg
+}
+
+/// `peerless bench p2p`: runs the benchmark (or, with `--against`, the side-by-side one) and
+/// prints its tables.
+pub fn run_cli(args: crate::cli::BenchP2pArgs) -> Result<std::process::ExitCode> {
+    let cfg = base_config(&args);
+    let dir = args
+        .out
+        .clone()
+        .unwrap_or_else(|| std::env::temp_dir().join(format!("peerless-bench-p2p-{}", std::process::id())));
+    if args.against.is_some() {
+        return super::versus::run_cli(&args, &cfg, &dir);
+    }
     let r = run(&cfg, args.rounds.max(5), &dir)?;
     println!("\nP2P rounds, {} (medians, ms)", r.dataset);
     println!("peers  samples/s (steady)  round  compute   wait  exchange  aggregate  update");

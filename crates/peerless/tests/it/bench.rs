@@ -1,4 +1,5 @@
-//! `peerless bench step`: every backend of the build against the reference, in one run.
+//! `peerless bench step` and `bench p2p --against ddp`: every contender of the build against the
+//! reference, in one run, and what they print when the reference (PyTorch) is missing.
 
 use crate::{peerless, run};
 
@@ -24,4 +25,48 @@ fn bench_step_measures_every_backend_and_names_the_missing_reference() {
         assert_eq!(row["passes"].as_array().unwrap().len(), 2, "{row}");
         assert!(row["steps_per_s"].as_f64().unwrap() > 0.0, "{row}");
     }
+}
+
+#[test]
+fn bench_p2p_against_ddp_without_torch_says_so_and_prints_the_peerless_rows() {
+    let tmp = tempfile::tempdir().unwrap();
+    let json = tmp.path().join("versus.json");
+    let o = run(peerless()
+        .args(["bench", "p2p", "--against", "ddp", "--python", "/nonexistent/python"])
+        .args(["--rounds", "5", "--passes", "1", "--dataset", "digits"])
+        .env("PEERLESS_PYTHON", "/nonexistent/python3")
+        .env("PATH", "/nonexistent")
+        .arg("--out")
+        .arg(tmp.path().join("runs"))
+        .arg("--json")
+        .arg(&json));
+    assert!(o.status.success());
+    let out = String::from_utf8_lossy(&o.stdout);
+    assert!(out.contains("PyTorch DDP: no PyTorch reference"), "{out}");
+    assert!(out.contains("summary: DDP not measured"), "{out}");
+    for variant in ["serverful", "serverless"] {
+        assert_eq!(out.lines().filter(|l| l.split_whitespace().nth(1) == Some(variant)).count(), 3, "{out}");
+    }
+    let r: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+    assert_eq!(r["functions_per_peer"], 1, "{r}");
+    let rows = r["rows"].as_array().unwrap();
+    assert_eq!(rows.iter().map(|x| x["world"].as_u64().unwrap()).collect::<Vec<_>>(), [1, 2, 4], "{r}");
+    for row in rows {
+        assert!(row["ddp"].is_null() && row["serverful_ratio"].is_null(), "{row}");
+        for variant in ["serverful", "serverless"] {
+            assert!(row[variant]["steady_samples_per_s"].as_f64().unwrap() > 0.0, "{row}");
+        }
+    }
+    assert_eq!(r["runs"].as_array().unwrap().len(), 3, "one pass × three world sizes: {r}");
+}
+
+#[test]
+fn bench_p2p_python_needs_against() {
+    let o = peerless().args(["bench", "p2p", "--python", "python3"]).output().unwrap();
+    assert!(!o.status.success());
+    assert!(
+        String::from_utf8_lossy(&o.stderr).contains("--against"),
+        "{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
 }
