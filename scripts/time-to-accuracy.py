@@ -1,0 +1,160 @@
+#!/usr/bin/env python3
+# Time to a target test accuracy on MNIST (#18): PyTorch DDP (gloo, one thread per rank) against
+# peerless P2P with every-step sync and with DiLoCo, W nodes on this machine, measured in one run.
+#
+#   python3 scripts/time-to-accuracy.py --python V/bin/python3 [--peerless target/release/peerless]
+#
+# Every side trains the MLP 784-256-128-10, batch 64 per node, SGD (lr, momentum 0.9) on the
+# standardized training set, and evaluates on the whole test set every `eval_samples` training
+# samples; the time to target is the wall time (from the start of training, evaluation
+# excluded for DDP, whose rank 0 evaluates while the others wait) until the first evaluation at
+# or above the target. Bytes are what one node sent until then: peerless counts them on its
+# links; DDP's are a ring all-reduce's 2·(W−1)/W of the gradient per step (gloo's algorithm
+# for this size), counted, not measured.
+import argparse, gzip, json, os, socket, struct, subprocess, sys, time
+from pathlib import Path
+
+def idx(path):
+    for p in (path, path.with_name(path.name + ".gz")):
+        if p.exists():
+            data = (gzip.open if p.suffix == ".gz" else open)(p, "rb").read()
+            dims = data[3]
+            shape = struct.unpack(">" + "I" * dims, data[4:4 + 4 * dims])
+            return data[4 + 4 * dims:], shape
+    sys.exit(f"no {path} (or .gz): run `peerless data fetch mnist`")
+
+def ddp_rank(a):
+    import torch, torch.distributed as dist
+    torch.set_num_threads(1)
+    d = Path(a.data_dir) / "mnist"
+    def load(img, lbl):
+        x, (n, h, w) = idx(d / img)
+        y, _ = idx(d / lbl)
+        return torch.frombuffer(bytearray(x), dtype=torch.uint8).reshape(n, h * w).float() / 255, \
+            torch.frombuffer(bytearray(y), dtype=torch.uint8).long()
+    xtr, ytr = load("train-images-idx3-ubyte", "train-labels-idx1-ubyte")
+    xte, yte = load("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")
+    mean, std = xtr.mean(), xtr.std(unbiased=False)
+    xtr, xte = (xtr - mean) / std, (xte - mean) / std
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{a.port}", rank=a.rank, world_size=a.world)
+    torch.manual_seed(a.seed)
+    model = torch.nn.Sequential(torch.nn.Linear(784, 256), torch.nn.ReLU(), torch.nn.Linear(256, 128),
+                                torch.nn.ReLU(), torch.nn.Linear(128, 10))
+    ddp = torch.nn.parallel.DistributedDataParallel(model)
+    opt = torch.optim.SGD(model.parameters(), lr=a.lr, momentum=0.9)
+    loss_fn = torch.nn.CrossEntropyLoss()
+    params = sum(p.numel() for p in model.parameters())
+    every = max(1, a.eval_samples // (64 * a.world))
+    g = torch.Generator().manual_seed(a.seed)
+    step, clock, hit, acc = 0, 0.0, None, 0.0
+    stop = torch.zeros(1)
+    dist.barrier()
+    for epoch in range(a.max_epochs):
+        perm = torch.randperm(len(xtr), generator=g)[a.rank::a.world]
+        for i in range(0, len(perm) - 63, 64):
+            t = time.perf_counter()
+            b = perm[i:i + 64]
+            opt.zero_grad(set_to_none=True)
+            loss_fn(ddp(xtr[b]), ytr[b]).backward()
+            opt.step()
+            step += 1
+            clock += time.perf_counter() - t
+            if step % every == 0:
+                if a.rank == 0:
+                    with torch.no_grad():
+                        acc = (model(xte).argmax(1) == yte).float().mean().item()
+                    if hit is None and acc >= a.target:
+                        hit = clock
+                    stop[0] = 1.0 if hit is not None else 0.0
+                dist.broadcast(stop, 0)
+                if stop[0] > 0:
+                    break
+        if stop[0] > 0:
+            break
+    if a.rank == 0:
+        sent = step * 2 * (a.world - 1) / a.world * params * 4
+        print(json.dumps({"time_s": hit, "steps": step, "accuracy": acc, "bytes_per_node": sent,
+                          "torch": torch.__version__}))
+    dist.destroy_process_group()
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+def ddp(a):
+    port = free_port()
+    procs = [subprocess.Popen([a.python, __file__, "--rank", str(r), "--port", str(port)] + a.forward,
+                              stdout=subprocess.PIPE, text=True) for r in range(a.world)]
+    try:
+        out = [p.communicate(timeout=1800)[0] for p in procs]
+    finally:
+        for p in procs:
+            p.kill()
+    if any(p.returncode for p in procs):
+        sys.exit("a DDP rank failed")
+    return json.loads(out[0].strip().splitlines()[-1])
+
+def peerless(a, name, extra):
+    out = Path(a.out) / name
+    eval_every = max(1, a.eval_samples // (64 * a.world))
+    if "diloco" in extra:
+        eval_every = max(1, eval_every // a.inner_steps)
+    cmd = [a.peerless, "train", "--arch", "p2p", "--peers", str(a.world), "--functions-per-peer", "1",
+           "--compute", a.compute, "--dataset", "mnist", "--data-dir", a.data_dir, "--model", "mlp",
+           "--batch-size", "64", "--lr", str(a.lr), "--seed", str(a.seed), "--epochs", str(a.max_epochs),
+           "--eval-every", str(eval_every), "--out", str(out)] + extra
+    subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
+    rows = [l.split(",") for l in (out / "metrics.csv").read_text().splitlines()]
+    h = {k: i for i, k in enumerate(rows[0])}
+    hit, acc = None, 0.0
+    for r in rows[1:]:
+        if r[h["test_accuracy"]]:
+            acc = float(r[h["test_accuracy"]])
+            if hit is None and acc >= a.target:
+                hit = (float(r[h["wall_s"]]), int(r[h["bytes_out"]]))
+    return {"time_s": hit and hit[0], "bytes_per_node": hit and hit[1], "accuracy": acc}
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__)
+    p.add_argument("--python", default=os.environ.get("PEERLESS_PYTHON", sys.executable))
+    p.add_argument("--peerless", default="target/release/peerless")
+    p.add_argument("--data-dir", default=os.environ.get("PEERLESS_DATA_DIR", str(Path.home() / ".local/share/peerless")))
+    p.add_argument("--world", type=int, default=4)
+    p.add_argument("--target", type=float, default=0.97)
+    p.add_argument("--lr", type=float, default=0.05)
+    p.add_argument("--inner-steps", type=int, default=50)
+    p.add_argument("--compute", default="local")
+    p.add_argument("--eval-samples", type=int, default=12800)
+    p.add_argument("--max-epochs", type=int, default=10)
+    p.add_argument("--seed", type=int, default=1)
+    p.add_argument("--out", default="/tmp/peerless-time-to-accuracy")
+    p.add_argument("--rank", type=int)
+    p.add_argument("--port", type=int)
+    a = p.parse_args()
+    if a.rank is not None:
+        return ddp_rank(a)
+    a.forward = ["--data-dir", a.data_dir, "--world", str(a.world), "--target", str(a.target), "--lr", str(a.lr),
+                 "--eval-samples", str(a.eval_samples), "--max-epochs", str(a.max_epochs), "--seed", str(a.seed)]
+    rows = []
+    print(f"time to {a.target:.0%} test accuracy, MNIST MLP, {a.world} nodes, batch 64 each", file=sys.stderr)
+    for name, run in [("ddp", lambda: ddp(a)),
+                      ("every-step", lambda: peerless(a, "every-step", [])),
+                      (f"diloco H={a.inner_steps}", lambda: peerless(a, "diloco", ["--sync", "diloco", "--inner-steps", str(a.inner_steps)]))]:
+        print(f"  running {name} …", file=sys.stderr)
+        rows.append((name, run()))
+    ddp_t = rows[0][1]["time_s"]
+    every_b = rows[1][1]["bytes_per_node"]
+    print(f"\n{'':<16}{'time to target':>15}{'vs DDP':>9}{'MB sent/node':>14}{'vs every-step':>15}{'last acc':>10}")
+    for name, r in rows:
+        t, b = r["time_s"], r["bytes_per_node"]
+        fmt = lambda v, f: f.format(v) if v is not None else "not reached"
+        print(f"{name:<16}{fmt(t, '{:>14.2f}s'):>15}{fmt(t and ddp_t and ddp_t / t, '{:>8.2f}x'):>9}"
+              f"{fmt(b and b / 1e6, '{:>14.1f}'):>14}{fmt(b and every_b and every_b / b, '{:>14.1f}x'):>15}"
+              f"{r['accuracy']:>10.4f}")
+    print("\n(vs DDP: DDP's time / this one's, > 1 is faster; vs every-step: bytes saved)")
+    Path(a.out).mkdir(parents=True, exist_ok=True)
+    (Path(a.out) / "time-to-accuracy.json").write_text(json.dumps(dict(rows), indent=1))
+
+if __name__ == "__main__":
+    main()
