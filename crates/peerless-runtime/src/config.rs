@@ -682,11 +682,9 @@ mod tests {
         cfg.train.eval_every = 18_446_743_409_740_954_912;
         let err = cfg.validate().unwrap_err().to_string();
         assert!(err.starts_with("train.eval_every = 18446743409740954912: must be at most"), "{err}");
-        let mut cfg = RunConfig::default();
-        cfg.seed = u64::MAX;
+        let cfg = RunConfig { seed: u64::MAX, ..RunConfig::default() };
         assert!(cfg.validate().unwrap_err().to_string().starts_with("seed = "));
-        let mut cfg = RunConfig::default();
-        cfg.seed = i64::MAX as u64;
+        let cfg = RunConfig { seed: i64::MAX as u64, ..RunConfig::default() };
         cfg.validate().unwrap();
         assert_eq!(RunConfig::from_toml(&cfg.to_toml(), "x").unwrap(), cfg);
         let mut cfg = RunConfig::default();
