@@ -10,10 +10,11 @@
 
 use libfuzzer_sys::arbitrary::{Result, Unstructured};
 use libfuzzer_sys::fuzz_target;
+use peerless_core::compress::{Compressed, INT8_BLOCK};
 use peerless_core::flat::Digest;
 use peerless_core::optim::OptimizerState;
 use peerless_core::wire::{
-    GradientMsg, Limits, MAX_PEERS, Message, ParamsMsg, StateMsg, WireError, decode, encode,
+    CompressedMsg, GradientMsg, Limits, MAX_PEERS, Message, ParamsMsg, StateMsg, WireError, decode, encode,
 };
 
 fuzz_target!(
@@ -34,6 +35,20 @@ fuzz_target!(
                 Message::Received { round: 5, peers: vec![0, 2, 3] },
                 Message::Heartbeat,
                 Message::Resend { round: 8 },
+                Message::Compressed(CompressedMsg {
+                    round: 3,
+                    digest,
+                    samples: 64,
+                    loss: 0.5,
+                    grad: Compressed::Int8 { scales: vec![0.01], q: vec![-127, 3, 127] },
+                }),
+                Message::Compressed(CompressedMsg {
+                    round: 3,
+                    digest,
+                    samples: 64,
+                    loss: 0.5,
+                    grad: Compressed::TopK { n: 3, idx: vec![0, 2], vals: vec![1.5, -2.0] },
+                }),
             ];
             // Mode byte 3: raw decoding with a 3-parameter model.
             msgs.iter().enumerate().map(|(i, m)| (format!("msg{i}"), [&[3u8][..], &encode(m)].concat())).collect()
@@ -77,6 +92,9 @@ fn check_round_trip(msg: &Message, limits: Limits, u: &mut Unstructured) {
                 WireError::WrongLength { .. } => "wrong length",
                 WireError::Malformed { field: "peer count", .. } => "too many peers",
                 WireError::Malformed { field: "peer indices", .. } => "not ascending",
+                WireError::Malformed { field: "int8 scales", .. } => "bad scale",
+                WireError::Malformed { field: "top-k count", .. } => "bad count",
+                WireError::Malformed { field: "top-k indices", .. } => "bad indices",
                 WireError::Malformed { .. } => "too many buffers",
                 other => panic!("invalid message ({problem}) refused for another reason: {other}"),
             };
@@ -113,6 +131,24 @@ fn problem(msg: &Message, limits: Limits) -> Option<&'static str> {
             }
             s.optimizer.buffers.iter().find_map(|(_, b)| vector(b))
         }),
+        Message::Compressed(c) if !c.loss.is_finite() => Some("non-finite"),
+        Message::Compressed(c) if c.grad.len() != limits.params => Some("wrong length"),
+        Message::Compressed(c) => match &c.grad {
+            Compressed::Int8 { scales, .. } if scales.iter().any(|s| !(s.is_finite() && *s >= 0.0)) => {
+                Some("bad scale")
+            }
+            Compressed::Int8 { .. } => None,
+            Compressed::TopK { n, idx, .. } if idx.len() > *n as usize || (idx.is_empty() && *n > 0) => {
+                Some("bad count")
+            }
+            Compressed::TopK { n, idx, .. }
+                if !idx.windows(2).all(|w| w[0] < w[1]) || idx.last().is_some_and(|i| i >= n) =>
+            {
+                Some("bad indices")
+            }
+            Compressed::TopK { vals, .. } if vals.iter().any(|x| !x.is_finite()) => Some("non-finite"),
+            Compressed::TopK { .. } => None,
+        },
         Message::Received { peers, .. } if peers.len() > MAX_PEERS => Some("too many peers"),
         Message::Received { peers, .. } if !peers.windows(2).all(|w| w[0] < w[1]) => Some("not ascending"),
         _ => None,
@@ -130,7 +166,7 @@ fn digest(u: &mut Unstructured) -> Result<Digest> {
 }
 
 fn message(u: &mut Unstructured, limits: Limits) -> Result<Message> {
-    Ok(match u.int_in_range(0..=11u8)? {
+    Ok(match u.int_in_range(0..=12u8)? {
         0 => Message::Gradient(GradientMsg {
             round: u.arbitrary()?,
             digest: digest(u)?,
@@ -177,6 +213,33 @@ fn message(u: &mut Unstructured, limits: Limits) -> Result<Message> {
         },
         9 => Message::Heartbeat,
         10 => Message::Resend { round: u.arbitrary()? },
+        11 => Message::Compressed(CompressedMsg {
+            round: u.arbitrary()?,
+            digest: digest(u)?,
+            samples: u.arbitrary()?,
+            loss: f32::from_bits(u.arbitrary()?),
+            grad: compressed(u, limits)?,
+        }),
         _ => Message::Refused { reason: u.arbitrary()? },
     })
+}
+
+/// Int8 with one scale a block (any values), or top-k with mostly ascending indices below n
+/// and mostly as many values as indices.
+fn compressed(u: &mut Unstructured, limits: Limits) -> Result<Compressed> {
+    let n = if u.ratio(1, 8)? { u.int_in_range(0..=9)? } else { limits.params };
+    if u.arbitrary()? {
+        let scales =
+            (0..n.div_ceil(INT8_BLOCK)).map(|_| Ok(f32::from_bits(u.arbitrary()?))).collect::<Result<_>>()?;
+        let q = (0..n).map(|_| u.arbitrary()).collect::<Result<_>>()?;
+        return Ok(Compressed::Int8 { scales, q });
+    }
+    let mut idx: Vec<u32> = u.arbitrary()?;
+    if !u.ratio(1, 8)? {
+        idx.iter_mut().for_each(|i| *i %= (n as u32).max(1));
+        idx.sort_unstable();
+        idx.dedup();
+    }
+    let vals = (0..idx.len()).map(|_| Ok(f32::from_bits(u.arbitrary()?))).collect::<Result<_>>()?;
+    Ok(Compressed::TopK { n: n as u32, idx, vals })
 }

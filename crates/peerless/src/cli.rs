@@ -5,7 +5,9 @@ use std::path::PathBuf;
 
 use clap::{Args, Parser, Subcommand};
 use peerless_ml::DatasetName;
-use peerless_runtime::config::{Aggregation, Compute, PsModeName, SyncMode, TrainArch, parse_name};
+use peerless_runtime::config::{
+    Aggregation, CompressionName, Compute, PsModeName, SyncMode, TrainArch, parse_name,
+};
 
 /// peerless: serverless peer-to-peer ML training, and the parameter-server baseline it is
 /// measured against.
@@ -191,6 +193,10 @@ pub struct TrainArgs {
     /// `p2p.outer_lr`: DiLoCo's outer learning rate (SGD with Nesterov momentum).
     #[arg(long)]
     pub outer_lr: Option<f64>,
+    /// `p2p.compression`: what nodes send of a gradient or delta: `none`, `int8` or `topk`
+    /// (the `p2p.topk_fraction` largest), with error feedback.
+    #[arg(long, value_parser = parse_name::<CompressionName>)]
+    pub compression: Option<CompressionName>,
 }
 
 /// `peerless bench p2p`.

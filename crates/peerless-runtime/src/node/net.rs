@@ -172,11 +172,11 @@ impl Net {
                     self.answer(channel, &Message::Refused { reason: "unknown peer".into() });
                     return None;
                 };
-                Some(NetEvent::Request { from, msg: wire::decode(&request, self.limits), channel })
+                Some(NetEvent::Request { from, msg: decode(&request, self.limits), channel })
             }
             Event::Message { message: Rr::Response { request_id, response }, .. } => {
                 self.bytes_in += response.len() as u64;
-                Some(NetEvent::Answer { id: request_id, msg: wire::decode(&response, self.limits) })
+                Some(NetEvent::Answer { id: request_id, msg: decode(&response, self.limits) })
             }
             Event::OutboundFailure { request_id, error, .. } => {
                 Some(NetEvent::Failed { id: request_id, error: error.to_string() })
@@ -206,4 +206,13 @@ pub(crate) fn run_ids(file: &NodeFile, count: u32) -> Result<Vec<PeerId>, NodeEr
         return Err(NodeError::Config("cluster.secret is empty and node.allow lists no peer ids".into()));
     }
     Ok((0..count).map(|i| transport::derive_peer_id(&file.run.cluster.secret, i)).collect())
+}
+
+/// Decodes a message; a compressed gradient arrives as the dense gradient the sender kept, so
+/// nothing past the network sees compression.
+fn decode(bytes: &[u8], limits: wire::Limits) -> Result<Message, WireError> {
+    match wire::decode(bytes, limits)? {
+        Message::Compressed(c) => Ok(Message::Gradient(c.densify())),
+        other => Ok(other),
+    }
 }

@@ -8,11 +8,12 @@ use std::time::Instant;
 
 use futures::StreamExt as _;
 use peerless_core::attack::{Attack, Attacker};
+use peerless_core::compress::ErrorFeedback;
 use peerless_core::flat::{Digest, digest, to_le_bytes};
 use peerless_core::function::{GradientRequest, GradientResponse, InnerSteps, OutputMode, StoreRef};
 use peerless_core::protocol::PeerIdx;
 use peerless_core::rng::Rng;
-use peerless_core::wire::{self, GradientMsg, Message};
+use peerless_core::wire::{self, CompressedMsg, GradientMsg, Message};
 use peerless_ml::{Model, Split};
 use tokio::sync::mpsc;
 
@@ -68,17 +69,37 @@ impl Outgoing {
         self.attacker.as_ref().is_some_and(|a| a.attack().flips_labels(round))
     }
 
-    /// The gradient this node keeps and the message it sends for `r`; the first attacked
-    /// round is an `attacking` event.
-    pub(crate) fn message(&mut self, r: LocalResult, files: &mut Files, me: PeerIdx) -> (Vec<f32>, Vec<u8>) {
-        let msg =
-            GradientMsg { round: r.round, digest: r.digest, samples: r.samples, loss: r.loss, grad: r.grad };
+    /// The gradient this node keeps and the message it sends for `r`, compressed through
+    /// `feedback` when the run compresses (the node then keeps the dense form receivers see);
+    /// the first attacked round is an `attacking` event (an attacker sends dense).
+    pub(crate) fn message(
+        &mut self,
+        r: LocalResult,
+        files: &mut Files,
+        me: PeerIdx,
+        feedback: &mut ErrorFeedback,
+    ) -> (Vec<f32>, Vec<u8>) {
         let Some(attacker) = &mut self.attacker else {
+            if let Some((grad, dense)) = feedback.step(&r.grad) {
+                let (round, digest, samples, loss) = (r.round, r.digest, r.samples, r.loss);
+                let bytes =
+                    wire::encode(&Message::Compressed(CompressedMsg { round, digest, samples, loss, grad }));
+                return (dense, bytes);
+            }
+            let msg = GradientMsg {
+                round: r.round,
+                digest: r.digest,
+                samples: r.samples,
+                loss: r.loss,
+                grad: r.grad,
+            };
             let m = Message::Gradient(msg);
             let bytes = wire::encode(&m);
             let Message::Gradient(msg) = m else { unreachable!("built above") };
             return (msg.grad, bytes);
         };
+        let msg =
+            GradientMsg { round: r.round, digest: r.digest, samples: r.samples, loss: r.loss, grad: r.grad };
         let attack = attacker.attack();
         if attack.active(r.round) && !self.announced {
             self.announced = true;

@@ -374,7 +374,7 @@ impl Role for Peer {
         self.stats.gather_ms = r.gather_ms;
         self.samples += r.samples;
         let (round, digest) = (r.round, r.digest);
-        let (grad, msg) = self.work.outgoing.message(r, &mut node.files, node.me);
+        let (grad, msg) = self.work.outgoing.message(r, &mut node.files, node.me, &mut self.replica.feedback);
         self.previous = self.mine.replace((round, Bytes::from(msg)));
         Some(Input::LocalGradient { round, digest, grad })
     }
