@@ -165,6 +165,7 @@ pub(super) fn render(exp: &Experiment, charts: &[Vec<ChartFiles>]) -> String {
         scenario(&mut md, exp, s, files);
     }
     serverless_vs_serverful(&mut md, exp);
+    communication(&mut md, exp);
     aggregation(&mut md, exp);
     robustness(&mut md, exp);
     definitions(&mut md);
@@ -446,6 +447,41 @@ fn serverless_vs_serverful(md: &mut String, exp: &Experiment) {
         fmt_values(&wf),
         reduction(&wl, &wf)
     );
+}
+
+/// Bytes, time to target and accuracy per scenario and architecture, with each run's sync
+/// mode and compression: what communication-efficient training buys and costs.
+fn communication(md: &mut String, exp: &Experiment) {
+    let _ = writeln!(md, "## Communication\n");
+    let _ = writeln!(
+        md,
+        "Bytes sent per node: the mean over the nodes of each run (every request and answer), then over the seeds.\n"
+    );
+    let _ = writeln!(
+        md,
+        "| Scenario | Architecture | Sync | Compression | MB sent per node | Time to target (s) | Final accuracy |"
+    );
+    let _ = writeln!(md, "| --- | --- | --- | --- | --- | --- | --- |");
+    for s in &exp.scenarios {
+        for c in &s.cells {
+            let Some((_, first)) = c.runs.first() else { continue };
+            let f = figures(exp, s, &c.arch);
+            let mb: Vec<f64> =
+                c.runs.iter().filter_map(|(_, r)| r.bytes_per_node()).map(|b| b / 1e6).collect();
+            let _ = writeln!(
+                md,
+                "| {} | {} | {} | {} | {} | {} | {} |",
+                cell(&s.spec.name),
+                arch_label(&c.arch),
+                cell(&first.sync),
+                cell(&first.compression),
+                fmt_values(&mb),
+                cell_time_to_target(&f),
+                values(&f, |x| Some(x.final_accuracy * 100.0)),
+            );
+        }
+    }
+    let _ = writeln!(md);
 }
 
 fn aggregation(md: &mut String, exp: &Experiment) {

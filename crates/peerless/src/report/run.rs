@@ -38,6 +38,11 @@ pub struct Run {
     pub aggregator: String,
     /// Whether config.toml sets a non-zero function fault rate (`[function.faults]`).
     pub function_faults: bool,
+    /// `p2p.sync` from config.toml (`every-step` unless set), with DiLoCo's `inner_steps`:
+    /// `diloco (H = 50)`.
+    pub sync: String,
+    /// `p2p.compression` from config.toml (`none` unless set), with top-k's fraction.
+    pub compression: String,
     /// Global round completions in time order (see [`global_series`]).
     pub global: Vec<Completion>,
     /// Test evaluations `(t s, accuracy 0..1)` in time order, one per evaluated round.
@@ -96,6 +101,8 @@ impl Run {
             aggregation: labels.aggregation,
             aggregator: labels.aggregator,
             function_faults: labels.function_faults,
+            sync: labels.sync,
+            compression: labels.compression,
             global,
             evals,
             loss,
@@ -113,6 +120,14 @@ impl Run {
         let wall = self.summary.wall_time_s;
         let from_rows = self.samples_trained.filter(|_| wall > 0.0).map(|s| s as f64 / wall);
         from_rows.or(Some(self.summary.samples_per_s)).filter(|t| t.is_finite() && *t > 0.0)
+    }
+
+    /// Bytes each node sent, on average over the nodes (requests and answers; the PS counts as
+    /// a node); `None` when the summary has no node.
+    pub fn bytes_per_node(&self) -> Option<f64> {
+        let nodes = &self.summary.per_peer;
+        (!nodes.is_empty())
+            .then(|| nodes.iter().map(|n| n.bytes_out as f64).sum::<f64>() / nodes.len() as f64)
     }
 
     /// Faults the launcher injected: its `fault_injected` events, churn draws included, the
@@ -205,6 +220,8 @@ struct ConfigLabels {
     aggregation: Option<String>,
     aggregator: String,
     function_faults: bool,
+    sync: String,
+    compression: String,
 }
 
 impl ConfigLabels {
@@ -222,11 +239,28 @@ impl ConfigLabels {
             config.get("function").and_then(|f| f.get("faults")).and_then(|f| f.as_table()).is_some_and(
                 |t| t.iter().any(|(k, v)| k.ends_with("_rate") && v.as_float().is_some_and(|r| r > 0.0)),
             );
+        let p2p = |k: &str| config.get("p2p").and_then(|t| t.get(k));
+        let sync = match p2p("sync").and_then(|v| v.as_str()) {
+            Some("diloco") => {
+                format!("diloco (H = {})", p2p("inner_steps").and_then(|v| v.as_integer()).unwrap_or(50))
+            }
+            Some(other) => other.to_owned(),
+            None => "every-step".to_owned(),
+        };
+        let compression = match p2p("compression").and_then(|v| v.as_str()) {
+            Some("topk") => {
+                format!("topk ({})", p2p("topk_fraction").and_then(|v| v.as_float()).unwrap_or(0.01))
+            }
+            Some(other) => other.to_owned(),
+            None => "none".to_owned(),
+        };
         Ok(ConfigLabels {
             compute: key("compute").unwrap_or_else(|| summary.compute.clone()),
             aggregation: key("aggregation"),
             aggregator: value("aggregator").map_or_else(|| "mean".to_owned(), rule_label),
             function_faults,
+            sync,
+            compression,
         })
     }
 }
