@@ -63,16 +63,22 @@ impl LinkFaults {
         self.rates.iter().filter(|(_, s, _)| s.contains(&n)).map(|(_, _, r)| *r).reduce(f64::min)
     }
 
-    /// When `len` bytes that arrived at `t` from `src` for `dst` have gone through `src`'s
-    /// uplink and `dst`'s downlink (`t` itself without caps); books both links until then.
+    /// When `src`'s capped uplink is free again (`None`: not capped).
+    fn ready(&self, src: usize) -> Option<tokio::time::Instant> {
+        self.rate(src).and(self.free.get(&(src, true)).copied())
+    }
+
+    /// When `len` bytes that arrived at `t` from `src` for `dst` are through: out of `src`'s
+    /// uplink once it has sent what it took before, then through `dst`'s downlink once that
+    /// has delivered what it took before (a switch's output queue). `t` itself without caps.
     fn carry(&mut self, src: usize, dst: usize, t: tokio::time::Instant, len: usize) -> tokio::time::Instant {
-        let mut done = t;
-        let mut start = t;
+        let (mut start, mut done) = (t, t);
         for (node, up) in [(src, true), (dst, false)] {
             let Some(rate) = self.rate(node) else { continue };
             let free = self.free.entry((node, up)).or_insert(t);
+            // Cut-through: the downlink starts on a chunk as its first bytes come in, and
+            // cannot finish before its last ones have.
             start = start.max(*free);
-            // Cut-through: a chunk does not wait to be whole at one link before the next.
             done = done.max(start + Duration::from_secs_f64(len as f64 / rate));
             *free = done;
         }
@@ -167,20 +173,33 @@ async fn pipe(
     state: &Mutex<LinkFaults>,
 ) {
     let (tx, mut rx) = mpsc::unbounded_channel::<(tokio::time::Instant, Vec<u8>)>();
+    // Reads a chunk only once the capped links are (nearly) free, so a busy link pushes back
+    // on its senders' sockets instead of queueing without bound: connections sharing a
+    // link take turns, and a small message (an acknowledgement, a heartbeat) waits behind
+    // at most one chunk of another connection, as on a link with a short queue.
     let read = async move {
-        let mut buf = vec![0u8; 64 * 1024];
-        while let Ok(n) = r.read(&mut buf).await {
-            if n == 0 || tx.send((tokio::time::Instant::now(), buf[..n].to_vec())).is_err() {
+        let mut buf = vec![0u8; 16 * 1024];
+        loop {
+            loop {
+                let ready = state.lock().expect("proxy state").ready(src);
+                match ready {
+                    Some(at) if at > tokio::time::Instant::now() + Duration::from_millis(1) => {
+                        tokio::time::sleep_until(at).await;
+                    }
+                    _ => break,
+                }
+            }
+            let Ok(n) = r.read(&mut buf).await else { break };
+            let now = tokio::time::Instant::now();
+            let sent = state.lock().expect("proxy state").carry(src, dst, now, n);
+            if n == 0 || tx.send((sent, buf[..n].to_vec())).is_err() {
                 break;
             }
         }
     };
     let write = async {
-        while let Some((t, data)) = rx.recv().await {
-            let (d, sent) = {
-                let mut s = state.lock().expect("proxy state");
-                (s.delay(src, dst), s.carry(src, dst, t, data.len()))
-            };
+        while let Some((sent, data)) = rx.recv().await {
+            let d = state.lock().expect("proxy state").delay(src, dst);
             if sent + d > tokio::time::Instant::now() {
                 tokio::time::sleep_until(sent + d).await;
             }
