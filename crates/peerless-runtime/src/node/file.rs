@@ -130,6 +130,9 @@ pub struct NodeSummary {
     pub bytes_out: u64,
     /// Connections refused (peer ids off the allow-list).
     pub refused: u64,
+    /// Peak resident memory of this node's process, MB (`VmHWM`; 0 where the kernel does
+    /// not say). Its function instances are in `function_metrics.json`.
+    pub max_memory_mb: u64,
 }
 
 /// Reads a float that JSON wrote as `null` (serde_json writes NaN and ±∞ so) as NaN.

@@ -67,7 +67,7 @@ struct Measure {
     cell: fn(&[Figures]) -> String,
 }
 
-const MEASURES: [Measure; 14] = [
+const MEASURES: [Measure; 15] = [
     Measure { name: "Time to target accuracy (s)", cell: cell_time_to_target },
     Measure { name: "Final test accuracy (%)", cell: |f| values(f, |x| Some(x.final_accuracy * 100.0)) },
     Measure { name: "Wall time (s)", cell: |f| values(f, |x| Some(x.wall_time_s)) },
@@ -82,6 +82,7 @@ const MEASURES: [Measure; 14] = [
     Measure { name: "Retries", cell: |f| counts(f, |x| x.retries as f64) },
     Measure { name: "Cost ($)", cell: |f| values(f, |x| Some(x.cost_usd)) },
     Measure { name: "Cost per accuracy point ($)", cell: |f| values(f, Figures::cost_per_point) },
+    Measure { name: "Peak node memory (MB)", cell: |f| values(f, |x| x.max_node_memory_mb) },
 ];
 
 /// Measures shown in the summary table, by index into [`MEASURES`].
@@ -716,6 +717,7 @@ fn definitions(md: &mut String) {
 - **Goodput**: a run's throughput over the throughput of the run with the same seed of the scenario's fault-free twin (the scenario its `baseline` key names, default `no-faults`), in per cent; the mean is over the seeds that have a twin run, and the cell is \"—\" when none has (the twin was not part of the experiment).
 - **Faults injected**: the run's `fault_injected` events (each draw of a `churn` stream is one; the function runtime's failure rates, `function_faults`, are not counted).
 - **Cost per accuracy point**: cost / (final test accuracy × 100).
+- **Peak node memory**: the largest peak resident memory (`VmHWM`) of a node process of the run, its own `summary.json`'s `max_memory_mb`; function instances are in `function_metrics.json`.
 - **Charts**: accuracy from the evaluation rows, training loss per global round (the mean over peers in P2P, the PS's in PS) as a moving average over 1 % of the rounds; bold lines are the mean over seeds on their common time span, faint lines the seeds; dashed vertical lines mark fault injections.
 "
     );
@@ -792,6 +794,7 @@ mod tests {
             cost_usd: 0.0,
             throughput: None,
             faults_injected: 0,
+            max_node_memory_mb: None,
             goodput: None,
         };
         let missed = Figures { time_to_target: Some(None), ..base.clone() };

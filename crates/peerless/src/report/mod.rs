@@ -358,7 +358,10 @@ mod tests {
             write_p2p_run(&run, 2, "mean", 0.9, None);
             let mut summary: serde_json::Value =
                 serde_json::from_str(&std::fs::read_to_string(run.join("summary.json")).unwrap()).unwrap();
-            summary["per_peer"] = serde_json::json!([{"bytes_out": bytes[0]}, {"bytes_out": bytes[1]}]);
+            summary["per_peer"] = serde_json::json!([
+                {"bytes_out": bytes[0], "max_memory_mb": 70},
+                {"bytes_out": bytes[1], "max_memory_mb": 90}
+            ]);
             std::fs::write(run.join("summary.json"), summary.to_string()).unwrap();
             let config = std::fs::read_to_string(run.join("config.toml")).unwrap() + extra;
             std::fs::write(run.join("config.toml"), config).unwrap();
@@ -380,6 +383,8 @@ mod tests {
             row("diloco"),
             "| diloco | P2P | diloco (H = 20) | topk (0.05) | 0.05000 (n=1) | 0.2000 (n=1) | 90.00 (n=1) |"
         );
+        // The largest node's peak memory, in the scenario tables.
+        assert!(md.contains("| Peak node memory (MB) | 90.00 (n=1) |"), "{md}");
         std::fs::remove_dir_all(&dir).unwrap();
     }
 

@@ -160,6 +160,14 @@ impl Run {
             cost_usd: self.summary.total_cost_usd,
             throughput: self.throughput(),
             faults_injected: self.faults_injected(),
+            max_node_memory_mb: self
+                .summary
+                .per_peer
+                .iter()
+                .map(|n| n.max_memory_mb)
+                .max()
+                .filter(|&m| m > 0)
+                .map(|m| m as f64),
             goodput: None,
         }
     }
@@ -192,6 +200,9 @@ pub struct Figures {
     pub throughput: Option<f64>,
     /// Faults injected ([`Run::faults_injected`]).
     pub faults_injected: u64,
+    /// The largest peak resident memory of a node process, MB (`None` for runs before it
+    /// was recorded).
+    pub max_node_memory_mb: Option<f64>,
     /// Throughput over that of the same seed's fault-free twin; `None` without a twin run
     /// (filled in by the report, which knows the twin: see `super::goodput`).
     pub goodput: Option<f64>,
