@@ -5,7 +5,6 @@
 
 use std::path::Path;
 
-use crate::faults::train;
 use crate::{assert_completed_and_agreed, peerless, run, summary};
 
 /// Trains digits (3 nodes × 2 functions, 30 rounds) with `compression`; returns the final
@@ -56,20 +55,5 @@ fn int8_and_top_k_send_a_fraction_of_the_bytes_and_p2p_equals_the_ps() {
 
 #[test]
 fn a_compressing_peer_killed_and_restarted_ends_with_the_others_model() {
-    let tmp = tempfile::tempdir().unwrap();
-    let f = tmp.path().join("kill.toml");
-    std::fs::write(
-        &f,
-        "description = \"topk kill\"\ntarget_accuracy = 0.5\n[run]\ndata.dataset = \"digits\"\n\
-         train.rounds = 150\ntrain.checkpoint_every = 10\ncluster.nodes = 3\ncluster.functions_per_node = 2\n\
-         p2p.compression = \"topk\"\np2p.topk_fraction = 0.05\n\
-         optimizer = { kind = \"sgd\", lr = 0.05, momentum = 0.9 }\n\
-         [[fault]]\nkind = \"kill\"\ntargets = [\"node:1\"]\nat_round = 40\nrestart_after_s = 0.5\n",
-    )
-    .unwrap();
-    let out = tmp.path().join("run");
-    let ev = train(&f, "p2p", &out);
-    assert!(ev.iter().any(|e| e["event"] == "fault_injected" && e["fault"] == "kill"));
-    assert!(ev.iter().any(|e| e["event"] == "synced" && e["peer"] == 1), "the restarted peer synced");
-    assert_completed_and_agreed(&summary(&out));
+    crate::faults::a_killed_peer_rejoins("p2p.compression = \"topk\"\np2p.topk_fraction = 0.05\n", 150, 40);
 }
