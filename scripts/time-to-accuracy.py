@@ -137,7 +137,7 @@ def main():
     p.add_argument("--world", type=int, default=4)
     p.add_argument("--target", type=float, default=0.97)
     p.add_argument("--lr", type=float, default=0.05)
-    p.add_argument("--inner-steps", type=int, default=50)
+    p.add_argument("--inner-steps", type=int, default=100)
     p.add_argument("--compute", default="local")
     p.add_argument("--eval-samples", type=int, default=12800)
     p.add_argument("--max-epochs", type=int, default=10)

@@ -82,6 +82,10 @@ pub fn run_invoke(args: InvokeArgs) -> Result<ExitCode> {
         for rec in &inv.attempts {
             println!("{}", serde_json::to_string(rec)?);
         }
+        if let Some(peak) = inv.attempts.iter().map(|r| r.max_memory_mb).max().filter(|&m| m > 0) {
+            let configured = inv.attempts.iter().map(|r| r.memory_mb).max().unwrap_or(peak);
+            eprintln!("right-sizing: {}", peerless_core::cost::RightSizing::new(peak, configured).describe());
+        }
         if let Some(path) = &args.ledger {
             function::metrics::write_ledger_csv(path, &runtime.ledger())
                 .with_context(|| format!("writing {}", path.display()))?;

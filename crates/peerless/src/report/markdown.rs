@@ -1,6 +1,7 @@
 //! The text of `report.md`: header, summary table, per-scenario detail, the two comparison
 //! sections and the definitions of every measure.
 
+use peerless_core::cost::RightSizing;
 use std::fmt::Write as _;
 
 use super::run::{Figures, Run};
@@ -167,6 +168,7 @@ pub(super) fn render(exp: &Experiment, charts: &[Vec<ChartFiles>]) -> String {
     }
     serverless_vs_serverful(&mut md, exp);
     communication(&mut md, exp);
+    right_sizing(&mut md, exp);
     aggregation(&mut md, exp);
     robustness(&mut md, exp);
     definitions(&mut md);
@@ -481,6 +483,49 @@ fn communication(md: &mut String, exp: &Experiment) {
                 values(&f, |x| Some(x.final_accuracy * 100.0)),
             );
         }
+    }
+    let _ = writeln!(md);
+}
+
+/// Per scenario and architecture, what the functions' measured peak memory says about the
+/// size they were configured with.
+fn right_sizing(md: &mut String, exp: &Experiment) {
+    let _ = writeln!(md, "## Right-sizing the functions\n");
+    let rows: Vec<(String, String, RightSizing)> = exp
+        .scenarios
+        .iter()
+        .flat_map(|s| s.cells.iter().map(move |c| (s, c)))
+        .filter_map(|(s, c)| {
+            let sizes: Vec<RightSizing> = c.runs.iter().filter_map(|(_, r)| r.right_sizing()).collect();
+            let peak = sizes.iter().map(|r| r.peak_mb).max()?;
+            let configured = sizes.iter().map(|r| r.configured_mb).max()?;
+            Some((s.spec.name.clone(), arch_label(&c.arch), RightSizing::new(peak, configured)))
+        })
+        .collect();
+    let Some(largest) = rows.iter().map(|(_, _, r)| *r).max_by_key(|r| r.peak_mb) else {
+        let _ = writeln!(
+            md,
+            "No run measured its functions' memory (runs before it was recorded, or no invocations).\n"
+        );
+        return;
+    };
+    let _ = writeln!(md, "Over every run: {}.\n", largest.describe());
+    let _ = writeln!(
+        md,
+        "| Scenario | Architecture | Function peak (MB) | Configured (MB) | Suggested (MB) | Duration charge at it | Compute-bound slowdown |"
+    );
+    let _ = writeln!(md, "| --- | --- | --- | --- | --- | --- | --- |");
+    for (scenario, arch, r) in &rows {
+        let _ = writeln!(
+            md,
+            "| {} | {arch} | {} | {} | {} | {:.1} % | {:.1}× |",
+            cell(scenario),
+            r.peak_mb,
+            r.configured_mb,
+            r.suggested_mb,
+            r.duration_charge_ratio() * 100.0,
+            r.slowdown()
+        );
     }
     let _ = writeln!(md);
 }

@@ -359,8 +359,8 @@ mod tests {
             let mut summary: serde_json::Value =
                 serde_json::from_str(&std::fs::read_to_string(run.join("summary.json")).unwrap()).unwrap();
             summary["per_peer"] = serde_json::json!([
-                {"bytes_out": bytes[0], "max_memory_mb": 70},
-                {"bytes_out": bytes[1], "max_memory_mb": 90}
+                {"bytes_out": bytes[0], "max_memory_mb": 70, "function_max_memory_mb": 43, "function_memory_mb": 1769},
+                {"bytes_out": bytes[1], "max_memory_mb": 90, "function_max_memory_mb": 41, "function_memory_mb": 1769}
             ]);
             std::fs::write(run.join("summary.json"), summary.to_string()).unwrap();
             let config = std::fs::read_to_string(run.join("config.toml")).unwrap() + extra;
@@ -385,6 +385,12 @@ mod tests {
         );
         // The largest node's peak memory, in the scenario tables.
         assert!(md.contains("| Peak node memory (MB) | 90.00 (n=1) |"), "{md}");
+        // Right-sizing: 43 MB × 1.2 → Lambda's 128 MB floor, 7.2 % of 1769 MB's duration charge.
+        assert!(md.contains("| every | P2P | 43 | 1769 | 128 | 7.2 % | 13.8× |"), "{md}");
+        assert!(
+            md.contains("the smallest Lambda size with 20 % headroom is 128 MB (configured 1769 MB)"),
+            "{md}"
+        );
         std::fs::remove_dir_all(&dir).unwrap();
     }
 

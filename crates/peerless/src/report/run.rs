@@ -122,6 +122,15 @@ impl Run {
         from_rows.or(Some(self.summary.samples_per_s)).filter(|t| t.is_finite() && *t > 0.0)
     }
 
+    /// The right-sizing of this run's functions: their largest "Max Memory Used" against
+    /// their configured size; `None` without invocations that measured it.
+    pub fn right_sizing(&self) -> Option<peerless_core::cost::RightSizing> {
+        let nodes = &self.summary.per_peer;
+        let peak = nodes.iter().map(|n| n.function_max_memory_mb).max().filter(|&m| m > 0)?;
+        let configured = nodes.iter().map(|n| n.function_memory_mb).max().filter(|&m| m > 0)?;
+        Some(peerless_core::cost::RightSizing::new(peak, configured))
+    }
+
     /// Bytes each node sent, on average over the nodes (requests and answers; the PS counts as
     /// a node); `None` when the summary has no node.
     pub fn bytes_per_node(&self) -> Option<f64> {
