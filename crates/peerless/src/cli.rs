@@ -343,6 +343,11 @@ pub struct BenchInvokeArgs {
     /// Cold starts measured.
     #[arg(long, default_value_t = 30)]
     pub cold: usize,
+    /// Instead: the gradient function at each of these Lambda memory sizes (MB,
+    /// comma-separated, e.g. `128,512,1024,1769`), its instances held to the CPU share Lambda
+    /// gives the size (a cgroup CPU quota; needs root), with each size's duration and cost.
+    #[arg(long, value_delimiter = ',')]
+    pub memory_sizes: Vec<u64>,
     /// Also write the results as JSON to this file.
     #[arg(long)]
     pub json: Option<PathBuf>,
