@@ -132,8 +132,10 @@ pub struct ErrorFeedback {
 }
 
 impl ErrorFeedback {
-    /// A node of a model with `n` parameters, nothing left unsent.
+    /// A node of a model with `n` parameters, nothing left unsent (no residual at all
+    /// without compression).
     pub fn new(compression: Compression, n: usize) -> ErrorFeedback {
+        let n = if compression == Compression::None { 0 } else { n };
         ErrorFeedback { compression, residual: vec![0.0; n] }
     }
 
