@@ -53,8 +53,9 @@ pub struct Run {
     pub faults: Vec<Fault>,
     /// Mean of each time column (`compute_ms`, `gather_ms`, …) over the rows that have it.
     pub column_means: BTreeMap<String, f64>,
-    /// Samples trained: the sum of `metrics.csv`'s `samples` column over every node process,
-    /// restarted ones included; `None` when no row has it.
+    /// Samples trained: in P2P runs, the samples behind the gradients each round applied
+    /// (`applied_samples`, once per round); otherwise the sum of `metrics.csv`'s `samples`
+    /// column over every node process, restarted ones included; `None` when no row has it.
     pub samples_trained: Option<u64>,
 }
 
@@ -93,7 +94,7 @@ impl Run {
         let evals = eval_series(&rows, secs);
         let loss = loss_series(&rows, ps_index.is_some(), secs);
         let column_means = table.column_means();
-        let samples_trained = table.rows.iter().filter_map(|r| r.samples).reduce(|a, b| a + b);
+        let samples_trained = table.samples_trained();
 
         Ok(Some(Run {
             summary,
@@ -394,6 +395,8 @@ struct Row {
     test_accuracy: Option<f64>,
     /// Samples the node's gradient work covered in this round.
     samples: Option<u64>,
+    /// Samples behind the gradients the round applied (P2P rows).
+    applied_samples: Option<u64>,
 }
 
 /// metrics.csv: rows sorted by time, and the raw cells for the column means.
@@ -411,6 +414,23 @@ impl Table {
         Table::parse(&text).with_context(|| format!("parsing {}", path.display()))
     }
 
+    /// What training used: each round's `applied_samples` once (every peer applies the
+    /// same gradients), so a gradient computed but left out of its round does not count;
+    /// for runs without that column, every row's `samples`.
+    fn samples_trained(&self) -> Option<u64> {
+        let mut per_round: BTreeMap<u64, u64> = BTreeMap::new();
+        for r in &self.rows {
+            if let Some(a) = r.applied_samples {
+                let e = per_round.entry(r.round).or_default();
+                *e = (*e).max(a);
+            }
+        }
+        if !per_round.is_empty() {
+            return Some(per_round.values().sum());
+        }
+        self.rows.iter().filter_map(|r| r.samples).reduce(|a, b| a + b)
+    }
+
     fn parse(text: &str) -> Result<Table> {
         let mut lines = text.lines();
         let header: Vec<String> = lines.next().unwrap_or_default().split(',').map(str::to_owned).collect();
@@ -419,7 +439,7 @@ impl Table {
             bail!("the header lacks t_ms, peer or round: {:?}", header.join(","));
         };
         let (loss, er, acc) = (col("train_loss"), col("eval_round"), col("test_accuracy"));
-        let samples = col("samples");
+        let (samples, applied) = (col("samples"), col("applied_samples"));
         let mut rows = Vec::new();
         let mut raw = Vec::new();
         for line in lines.filter(|l| !l.trim().is_empty()) {
@@ -441,6 +461,7 @@ impl Table {
                 eval_round: get(er).and_then(|s| s.parse().ok()),
                 test_accuracy: get(acc).and_then(|s| s.parse().ok()).filter(|v: &f64| v.is_finite()),
                 samples: get(samples).and_then(|s| s.parse().ok()),
+                applied_samples: get(applied).and_then(|s| s.parse().ok()),
             });
             raw.push(cells);
         }
@@ -502,5 +523,17 @@ mod tests {
         assert_eq!(t.rows[0].train_loss, Some(2.0));
         assert_eq!(t.rows[0].test_accuracy, None);
         assert!(Table::parse("a,b\n1,2\n").is_err());
+    }
+
+    #[test]
+    fn samples_trained_counts_each_applied_round_once_and_not_the_work_left_out() {
+        // Round 1: both peers applied 128 samples; round 2: peer 1's 64 were left out, but it
+        // still computed them.
+        let csv =
+            "t_ms,peer,round,samples,applied_samples\n1,0,1,64,128\n2,1,1,64,128\n3,0,2,64,64\n4,1,2,64,64\n";
+        assert_eq!(Table::parse(csv).unwrap().samples_trained(), Some(192));
+        // Without the column (PS rows, older runs): every row's work.
+        let old = "t_ms,peer,round,samples\n1,0,1,64\n2,1,1,64\n";
+        assert_eq!(Table::parse(old).unwrap().samples_trained(), Some(128));
     }
 }
