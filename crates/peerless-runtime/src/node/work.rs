@@ -223,7 +223,7 @@ impl Job {
             self.flip_labels,
             self.inner.clone(),
         );
-        let (grad, loss, samples) = tokio::task::spawn_blocking(move || {
+        let computed = tokio::task::spawn_blocking(move || {
             let mut sum = vec![0f32; params.len()];
             let mut g = vec![0f32; params.len()];
             let (mut loss, mut samples) = (0f64, 0u64);
@@ -245,12 +245,15 @@ impl Job {
             }
             let k = batches.len().max(1) as f32;
             sum.iter_mut().for_each(|x| *x /= k);
-            Ok::<_, InnerError>((sum, (loss / f64::from(k)) as f32, samples))
+            // Hashed here too, not on the runtime's thread, where half a millisecond of
+            // SHA-256 would hold up the network.
+            let digest = digest(&params);
+            Ok::<_, InnerError>((sum, (loss / f64::from(k)) as f32, samples, digest))
         })
         .await
         .map_err(|e| self.failure()(e.to_string()))?
         .map_err(|e| self.failure()(e.to_string()))?;
-        let digest = digest(&self.params);
+        let (grad, loss, samples, digest) = computed;
         Ok(LocalResult { round: self.round, digest, grad, loss, samples, gather_ms: None })
     }
 
@@ -264,11 +267,12 @@ impl Job {
     ) -> Result<LocalResult, NodeError> {
         let fail = self.failure();
         let keys = Keys::of(self);
-        let d = digest(&self.params);
-        store
-            .put(&keys.params, &to_le_bytes(&self.params))
+        // Hashing and encoding the parameters take about a millisecond: off the runtime's thread.
+        let params = self.params.clone();
+        let (d, bytes) = tokio::task::spawn_blocking(move || (digest(&params), to_le_bytes(&params)))
             .await
-            .map_err(|e| fail(format!("store put: {e}")))?;
+            .map_err(|e| fail(e.to_string()))?;
+        store.put(&keys.params, &bytes).await.map_err(|e| fail(format!("store put: {e}")))?;
         let calls = (0..self.batches.len()).map(|j| {
             let payload = serde_json::to_value(self.request(j, &keys, d, store_url))
                 .expect("invariant: requests serialize");
