@@ -133,6 +133,11 @@ pub(crate) struct Job {
     /// DiLoCo: each batch is this many local steps' mini-batches, and the work returns the
     /// mean parameter delta instead of the mean gradient.
     pub(crate) inner: Option<InnerSteps>,
+    /// The warm-up's work (its own keys; its result is dropped), not a round's.
+    warm_up: bool,
+    /// Turns true once the warm-up is over: a round's work waits for it, since its
+    /// invocations would otherwise cold-start instances of their own beside the warming ones.
+    warmed: Option<tokio::sync::watch::Receiver<bool>>,
 }
 
 impl Job {
@@ -141,6 +146,9 @@ impl Job {
     /// nothing behind in the store, and invocations are idempotent per batch, so nothing is
     /// counted twice. The error of the last attempt is returned.
     pub(crate) async fn run_with_retries(self, attempts: u32) -> Result<LocalResult, NodeError> {
+        if let Some(mut warmed) = self.warmed.clone() {
+            let _ = warmed.wait_for(|done| *done).await;
+        }
         let mut last = None;
         let mut job = self;
         for a in 0..attempts.max(1) {
@@ -189,6 +197,8 @@ impl Job {
             concurrency: run.cluster.functions_per_node.max(1) as usize,
             inner: (run.p2p.sync == SyncMode::Diloco)
                 .then(|| InnerSteps { steps: run.p2p.inner_steps, optimizer: run.optimizer.clone() }),
+            warm_up: false,
+            warmed: None,
         }
     }
 
@@ -418,7 +428,7 @@ struct Keys {
 
 impl Keys {
     fn of(job: &Job) -> Keys {
-        let node = format!("peer{}", job.me);
+        let node = if job.warm_up { format!("peer{}-warm-up", job.me) } else { format!("peer{}", job.me) };
         Keys {
             params: format!("{node}/params/{}", job.round),
             grad: format!("{node}/grad/{}", job.round),
@@ -559,6 +569,30 @@ pub(crate) struct Work {
     started: Instant,
 }
 
+/// Starts warming `functions_per_node` function instances while the node sets itself up (a
+/// restarted peer fetches its state meanwhile): one invocation each on the node's first
+/// batches at the initial parameters, under keys of its own, its result dropped. Their cold
+/// starts (process, dataset and model caches) happen now rather than in the first round.
+/// Returns the round template, whose work waits until the warm-up is over.
+fn warm_up(template: Job, node: &Node) -> Job {
+    let (done, warmed) = tokio::sync::watch::channel(false);
+    let warm = Job {
+        params: Arc::new(node.model.init(node.file.run.seed)),
+        batches: node.sampler.batches(node.me, 0),
+        warm_up: true,
+        ..template.clone()
+    };
+    tokio::spawn(async move {
+        let t = Instant::now();
+        match warm.run().await {
+            Ok(_) => tracing::debug!(ms = t.elapsed().as_millis() as u64, "function instances warmed up"),
+            Err(e) => tracing::warn!(error = %e, "warming up the function instances failed; the first round starts them"),
+        }
+        let _ = done.send(true);
+    });
+    Job { warmed: Some(warmed), ..template }
+}
+
 impl Work {
     /// Starts `node`'s gradient backend (function runtime and store, or in-process).
     pub(crate) async fn start(node: &Node, command: FunctionCommand) -> Result<Work, NodeError> {
@@ -573,6 +607,10 @@ impl Work {
             node.data_dir.clone(),
         );
         let outgoing = Outgoing::new(node.file.node.attack, run.seed, node.me);
+        let job = match *backend {
+            GradientBackend::Functions { .. } => warm_up(job, node),
+            GradientBackend::Local => job,
+        };
         Ok(Work { job, backend, outgoing, tx: node.results(), started: Instant::now() })
     }
 
