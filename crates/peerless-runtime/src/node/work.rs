@@ -79,27 +79,20 @@ impl Outgoing {
         me: PeerIdx,
         feedback: &mut ErrorFeedback,
     ) -> (Vec<f32>, Vec<u8>) {
+        let msg =
+            GradientMsg { round: r.round, digest: r.digest, samples: r.samples, loss: r.loss, grad: r.grad };
         let Some(attacker) = &mut self.attacker else {
-            if let Some((grad, dense)) = feedback.step(&r.grad) {
-                let (round, digest, samples, loss) = (r.round, r.digest, r.samples, r.loss);
+            if let Some((grad, dense)) = feedback.step(&msg.grad) {
+                let GradientMsg { round, digest, samples, loss, .. } = msg;
                 let bytes =
                     wire::encode(&Message::Compressed(CompressedMsg { round, digest, samples, loss, grad }));
                 return (dense, bytes);
             }
-            let msg = GradientMsg {
-                round: r.round,
-                digest: r.digest,
-                samples: r.samples,
-                loss: r.loss,
-                grad: r.grad,
-            };
             let m = Message::Gradient(msg);
             let bytes = wire::encode(&m);
             let Message::Gradient(msg) = m else { unreachable!("built above") };
             return (msg.grad, bytes);
         };
-        let msg =
-            GradientMsg { round: r.round, digest: r.digest, samples: r.samples, loss: r.loss, grad: r.grad };
         let attack = attacker.attack();
         if attack.active(r.round) && !self.announced {
             self.announced = true;
@@ -586,7 +579,9 @@ fn warm_up(template: Job, node: &Node) -> Job {
         let t = Instant::now();
         match warm.run().await {
             Ok(_) => tracing::debug!(ms = t.elapsed().as_millis() as u64, "function instances warmed up"),
-            Err(e) => tracing::warn!(error = %e, "warming up the function instances failed; the first round starts them"),
+            Err(e) => {
+                tracing::warn!(error = %e, "warming up the function instances failed; the first round starts them")
+            }
         }
         let _ = done.send(true);
     });

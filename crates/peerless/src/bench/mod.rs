@@ -12,6 +12,7 @@
 //! are compared.
 
 pub mod ddp;
+pub mod fixture;
 pub mod memory;
 pub mod p2p;
 pub mod sizes;

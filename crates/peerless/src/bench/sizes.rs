@@ -104,7 +104,7 @@ pub fn cpu_share(memory_mb: u64) -> f64 {
 
 /// Measures the gradient function `n` warm times at each of `sizes`.
 pub async fn measure(command: &FunctionCommand, sizes: &[u64], n: usize) -> Result<Vec<SizeRow>> {
-    let fixture = crate::function_cmd::GradientFixture::new().await?;
+    let fixture = super::fixture::GradientFixture::new().await?;
     let mut rows = Vec::new();
     for &mb in sizes {
         let share = cpu_share(mb);
@@ -129,7 +129,7 @@ pub async fn measure(command: &FunctionCommand, sizes: &[u64], n: usize) -> Resu
 
 async fn measure_size(
     runtime: &LocalRuntime,
-    fixture: &crate::function_cmd::GradientFixture,
+    fixture: &super::fixture::GradientFixture,
     mb: u64,
     share: f64,
     n: usize,
