@@ -13,7 +13,7 @@ use libfuzzer_sys::fuzz_target;
 use peerless_core::flat::Digest;
 use peerless_core::optim::OptimizerState;
 use peerless_core::wire::{
-    GradientMsg, Limits, MAX_PEERS, Message, ParamsMsg, StateMsg, WireError, decode, encode,
+    GradientMsg, Limits, MAX_CERTIFICATE, MAX_PEERS, Message, ParamsMsg, StateMsg, WireError, decode, encode,
 };
 
 fuzz_target!(
@@ -34,6 +34,7 @@ fuzz_target!(
                 Message::Received { round: 5, peers: vec![0, 2, 3] },
                 Message::Heartbeat,
                 Message::Resend { round: 8 },
+                Message::Admit { certificate: b"PLCT\x01 a certificate's bytes".to_vec() },
             ];
             // Mode byte 3: raw decoding with a 3-parameter model.
             msgs.iter().enumerate().map(|(i, m)| (format!("msg{i}"), [&[3u8][..], &encode(m)].concat())).collect()
@@ -77,6 +78,7 @@ fn check_round_trip(msg: &Message, limits: Limits, u: &mut Unstructured) {
                 WireError::WrongLength { .. } => "wrong length",
                 WireError::Malformed { field: "peer count", .. } => "too many peers",
                 WireError::Malformed { field: "peer indices", .. } => "not ascending",
+                WireError::Malformed { field: "certificate length", .. } => "certificate too long",
                 WireError::Malformed { .. } => "too many buffers",
                 other => panic!("invalid message ({problem}) refused for another reason: {other}"),
             };
@@ -114,6 +116,7 @@ fn problem(msg: &Message, limits: Limits) -> Option<&'static str> {
             s.optimizer.buffers.iter().find_map(|(_, b)| vector(b))
         }),
         Message::Received { peers, .. } if peers.len() > MAX_PEERS => Some("too many peers"),
+        Message::Admit { certificate } if certificate.len() > MAX_CERTIFICATE => Some("certificate too long"),
         Message::Received { peers, .. } if !peers.windows(2).all(|w| w[0] < w[1]) => Some("not ascending"),
         _ => None,
     }
@@ -130,7 +133,7 @@ fn digest(u: &mut Unstructured) -> Result<Digest> {
 }
 
 fn message(u: &mut Unstructured, limits: Limits) -> Result<Message> {
-    Ok(match u.int_in_range(0..=11u8)? {
+    Ok(match u.int_in_range(0..=12u8)? {
         0 => Message::Gradient(GradientMsg {
             round: u.arbitrary()?,
             digest: digest(u)?,
@@ -177,6 +180,17 @@ fn message(u: &mut Unstructured, limits: Limits) -> Result<Message> {
         },
         9 => Message::Heartbeat,
         10 => Message::Resend { round: u.arbitrary()? },
+        11 => Message::Admit {
+            // Mostly a certificate's size; sometimes past the bound.
+            certificate: {
+                let n = if u.ratio(1, 8)? {
+                    u.int_in_range(0..=MAX_CERTIFICATE + 64)?
+                } else {
+                    u.int_in_range(0..=200)?
+                };
+                (0..n).map(|_| u.arbitrary()).collect::<Result<_>>()?
+            },
+        },
         _ => Message::Refused { reason: u.arbitrary()? },
     })
 }

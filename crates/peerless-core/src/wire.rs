@@ -64,6 +64,13 @@ pub enum Message {
     /// "I am alive" (a P2P peer sends one to each connected peer every fifth of
     /// `p2p.detection_ms`, so a frozen one is noticed).
     Heartbeat,
+    /// "Admit me": the sender's admission certificate
+    /// ([`crate::admission::Certificate`]'s bytes, at most [`MAX_CERTIFICATE`]), sent once a
+    /// connection is up; answered [`Message::Ack`] or [`Message::Refused`] with the reason.
+    Admit {
+        /// The certificate's bytes (checked by [`crate::admission::verify`], not here).
+        certificate: Vec<u8>,
+    },
     /// A request was refused; the reason says why.
     Refused {
         /// Why.
@@ -183,7 +190,11 @@ mod kind {
     pub const RECEIVED: u8 = 10;
     pub const HEARTBEAT: u8 = 11;
     pub const RESEND: u8 = 12;
+    pub const ADMIT: u8 = 13;
 }
+
+/// Most bytes a [`Message::Admit`] certificate may have (a version-1 certificate has ≤ 163).
+pub const MAX_CERTIFICATE: usize = 1024;
 
 /// Most peer indices a [`Message::Received`] may list.
 pub const MAX_PEERS: usize = 1 << 16;
@@ -247,6 +258,13 @@ pub fn encode(msg: &Message) -> Vec<u8> {
             for p in peers {
                 w.u32(*p);
             }
+        }
+        Message::Admit { certificate } => {
+            // At most u16::MAX bytes (longer is refused by `decode` anyway).
+            let c = &certificate[..certificate.len().min(u16::MAX as usize)];
+            w.u8(kind::ADMIT);
+            w.u16(c.len() as u16);
+            w.0.extend_from_slice(c);
         }
         Message::Refused { reason } => {
             w.u8(kind::REFUSED);
@@ -323,6 +341,7 @@ pub fn decode(bytes: &[u8], limits: Limits) -> Result<Message, WireError> {
         }
         kind::RECEIVED => Message::Received { round: r.u64("round")?, peers: r.peers()? },
         kind::REFUSED => Message::Refused { reason: r.str("reason")? },
+        kind::ADMIT => Message::Admit { certificate: r.certificate()? },
         other => return Err(WireError::UnknownKind(other)),
     };
     let left = bytes.len() - r.pos;
@@ -337,6 +356,9 @@ struct Writer(Vec<u8>);
 impl Writer {
     fn u8(&mut self, v: u8) {
         self.0.push(v);
+    }
+    fn u16(&mut self, v: u16) {
+        self.0.extend_from_slice(&v.to_le_bytes());
     }
     fn u32(&mut self, v: u32) {
         self.0.extend_from_slice(&v.to_le_bytes());
@@ -409,6 +431,17 @@ impl<'a> Reader<'a> {
             .map_err(|e| WireError::Malformed { field, reason: format!("not UTF-8: {e}") })
     }
     /// A count, then that many strictly ascending peer indices.
+    fn certificate(&mut self) -> Result<Vec<u8>, WireError> {
+        let n = usize::from(self.u16("certificate length")?);
+        if n > MAX_CERTIFICATE {
+            return Err(WireError::Malformed {
+                field: "certificate length",
+                reason: format!("{n} bytes (at most {MAX_CERTIFICATE})"),
+            });
+        }
+        Ok(self.take("certificate", n)?.to_vec())
+    }
+
     fn peers(&mut self) -> Result<Vec<u32>, WireError> {
         let n = self.u32("peer count")? as usize;
         if n > MAX_PEERS {
@@ -484,7 +517,18 @@ mod tests {
             Message::Received { round: 5, peers: vec![0, 2, 3] },
             Message::Received { round: 6, peers: vec![] },
             Message::Refused { reason: "not a member".into() },
+            Message::Admit { certificate: vec![1, 2, 3] },
+            Message::Admit { certificate: vec![] },
         ]
+    }
+
+    #[test]
+    fn a_certificate_longer_than_the_bound_is_refused() {
+        let ok = encode(&Message::Admit { certificate: vec![7; MAX_CERTIFICATE] });
+        assert!(decode(&ok, L).is_ok());
+        let long = encode(&Message::Admit { certificate: vec![7; MAX_CERTIFICATE + 1] });
+        let err = decode(&long, L).unwrap_err();
+        assert!(err.to_string().contains("certificate length"), "{err}");
     }
 
     #[test]

@@ -29,6 +29,17 @@ pub enum Command {
     Ps(NodeArgs),
     /// Run one worker of a PS run (the launcher starts these).
     Worker(NodeArgs),
+    /// Write a fresh random ed25519 identity for a node of this host (prints its peer id).
+    Keygen {
+        /// The identity file to write (must not exist; mode 0600).
+        #[arg(long)]
+        out: PathBuf,
+    },
+    /// A run across hosts: `peerless run init`.
+    #[command(subcommand)]
+    Run(RunCommand),
+    /// Sign an admission certificate for a node of a run (the run's owner does this).
+    Admit(AdmitArgs),
     /// Datasets: fetch, verify.
     #[command(subcommand)]
     Data(DataCommand),
@@ -50,6 +61,38 @@ pub enum Command {
         /// The experiment directory (holding experiment.json).
         dir: PathBuf,
     },
+}
+
+/// `peerless run …`.
+#[derive(Debug, Subcommand)]
+pub enum RunCommand {
+    /// Write a new run into `--out DIR`: `DIR/run.toml` (the training config from `--config`
+    /// and the training flags, with `[admission]`: a random run id and the run's public
+    /// admission key) and `DIR/admission.key` (the private key; keep it).
+    Init(Box<TrainArgs>),
+}
+
+/// `peerless admit`.
+#[derive(Debug, Args)]
+pub struct AdmitArgs {
+    /// The run's directory (holding `run.toml` and `admission.key`, from `peerless run init`).
+    #[arg(long)]
+    pub run: PathBuf,
+    /// The node's peer id (what `peerless keygen` printed).
+    #[arg(long)]
+    pub peer: String,
+    /// `peer`, `worker` or `ps`.
+    #[arg(long)]
+    pub role: String,
+    /// The node's index (default: the next free one of its role; the PS's is `cluster.nodes`).
+    #[arg(long)]
+    pub index: Option<u32>,
+    /// How long the certificate is valid: a number and `s`, `m`, `h` or `d` (`90d`, `12h`).
+    #[arg(long, default_value = "90d")]
+    pub expires_in: String,
+    /// The certificate file to write.
+    #[arg(long)]
+    pub out: PathBuf,
 }
 
 /// `peerless bench …`.

@@ -30,11 +30,16 @@ pub struct NodeSection {
     /// Addresses of the nodes this one dials (a peer: the other peers; a worker: the PS),
     /// dialled at start and redialled while unreachable.
     pub bootstrap: Vec<String>,
-    /// Peer ids admitted, in index order. Empty: derived from `run.cluster.secret` for indices
-    /// `0..run.cluster.nodes`.
+    /// Peer ids admitted, in index order (admission by allow-list). Empty: admission by
+    /// certificate, which needs `run.admission` and `certificate`.
     pub allow: Vec<String>,
-    /// The node's directory (identity, checkpoint, metrics, events, summary).
+    /// The node's directory (checkpoint, metrics, events, summary).
     pub dir: PathBuf,
+    /// The node's identity (`peerless keygen`). Empty: `identity.key` in `dir`, generated
+    /// (random) on first start.
+    pub identity: PathBuf,
+    /// The node's admission certificate (`peerless admit`). Empty: none (allow-list only).
+    pub certificate: PathBuf,
     /// Join a run in progress: fetch the state from a live peer (or resume the own checkpoint).
     pub join: bool,
     /// Print one JSON progress line per round on stdout (for the launcher).
@@ -54,6 +59,8 @@ impl Default for NodeSection {
             bootstrap: Vec::new(),
             allow: Vec::new(),
             dir: PathBuf::from("peer"),
+            identity: PathBuf::new(),
+            certificate: PathBuf::new(),
             join: false,
             progress: false,
             halt_at_round: None,
