@@ -325,9 +325,28 @@ pub struct BenchStepArgs {
 /// `peerless peer`, `peerless ps`, `peerless worker`: one node of a run.
 #[derive(Debug, Args)]
 pub struct NodeArgs {
-    /// The peer's configuration (`[node]` and `[run]`), as the launcher writes it.
+    /// The node file (`[node]` and `[run]`), as the launcher writes it. Without it, the node
+    /// is started from `--run`, `--identity`, `--cert` and `--listen`.
+    #[arg(long, required_unless_present = "run", conflicts_with_all = ["run", "identity", "cert", "listen", "bootstrap", "out"])]
+    pub config: Option<PathBuf>,
+    /// The run file (`run.toml` from `peerless run init`).
+    #[arg(long, requires_all = ["identity", "cert", "listen"])]
+    pub run: Option<PathBuf>,
+    /// This node's identity (`peerless keygen`).
     #[arg(long)]
-    pub config: PathBuf,
+    pub identity: Option<PathBuf>,
+    /// This node's certificate (`peerless admit`); its index is the node's.
+    #[arg(long)]
+    pub cert: Option<PathBuf>,
+    /// The address to listen on, e.g. `/ip4/0.0.0.0/tcp/4001`.
+    #[arg(long)]
+    pub listen: Option<String>,
+    /// An address of another node to dial (repeat for several; dialled until reachable).
+    #[arg(long)]
+    pub bootstrap: Vec<String>,
+    /// This node's directory (checkpoint, metrics, events, summary); default `node-<index>`.
+    #[arg(long)]
+    pub out: Option<PathBuf>,
     /// Join a run in progress (fetch the state from a live peer, or resume the own checkpoint).
     #[arg(long)]
     pub join: bool,

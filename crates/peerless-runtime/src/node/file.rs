@@ -76,17 +76,23 @@ impl NodeFile {
             .map_err(|source| ConfigError::Read { path: path.to_owned(), source })?;
         let f: NodeFile = toml::from_str(&text)
             .map_err(|e| ConfigError::Parse { origin: path.display().to_string(), message: e.to_string() })?;
-        f.run.validate()?;
-        let n = f.run.cluster.nodes;
+        f.validate()?;
+        Ok(f)
+    }
+
+    /// Checks the run's configuration and the node's index against it.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        self.run.validate()?;
+        let n = self.run.cluster.nodes;
         // Index `peers` is the parameter server of a PS run.
-        if f.node.index > n && f.node.allow.is_empty() {
+        if self.node.index > n && self.node.allow.is_empty() {
             return Err(ConfigError::Invalid {
                 key: "node.index".into(),
-                value: f.node.index.to_string(),
+                value: self.node.index.to_string(),
                 reason: format!("must be at most run.cluster.nodes = {n}"),
             });
         }
-        Ok(f)
+        Ok(())
     }
 
     /// The file as TOML.

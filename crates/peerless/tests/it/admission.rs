@@ -257,3 +257,78 @@ fn keygen_refuses_to_overwrite_and_admit_names_what_is_wrong() {
         assert!(err.contains(named), "{args:?}: {err}");
     }
 }
+
+/// Node `dir`'s first listening address, from its events.
+fn listening(dir: &Path) -> String {
+    let mut addr = String::new();
+    wait_for("a listening address", Duration::from_secs(60), || {
+        let ev = events(&dir.join("events.jsonl"));
+        match ev.iter().find(|e| e["event"] == "listening") {
+            Some(e) => {
+                addr = e["address"].as_str().unwrap().to_owned();
+                true
+            }
+            None => false,
+        }
+    });
+    addr
+}
+
+#[test]
+fn three_peers_started_from_the_command_line_alone_train_to_the_launchers_digest() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    let calm = dir.join("calm.toml");
+    std::fs::write(&calm, "[cluster]\ndeadline_floor_ms = 60000\ndeadline_ceiling_ms = 60000\n").unwrap();
+    let flags =
+        ["--peers", "3", "--functions-per-peer", "2", "--rounds", "60", "--lr", "0.05", "--seed", "7"];
+    let reference = dir.join("reference");
+    let o = run(peerless()
+        .args(["train", "--arch", "p2p"])
+        .args(flags)
+        .arg("--config")
+        .arg(&calm)
+        .arg("--out")
+        .arg(&reference));
+    assert!(o.status.success());
+    let run_dir = dir.join("run");
+    let o = run(peerless()
+        .args(["run", "init"])
+        .args(flags)
+        .arg("--config")
+        .arg(&calm)
+        .arg("--out")
+        .arg(&run_dir));
+    assert!(o.status.success());
+    let mut addrs: Vec<String> = Vec::new();
+    let mut peers: Vec<Child> = Vec::new();
+    for i in 0..3 {
+        let (key, cert, out) =
+            (dir.join(format!("{i}.key")), dir.join(format!("{i}.cert")), dir.join(format!("host{i}")));
+        let id = keygen(&key);
+        let o = run(peerless()
+            .args(["admit", "--run"])
+            .arg(&run_dir)
+            .args(["--peer", &id, "--role", "peer", "--out"])
+            .arg(&cert));
+        assert!(String::from_utf8_lossy(&o.stdout).contains(&format!("as peer {i} ")), "the next free index");
+        let mut cmd = peerless();
+        cmd.args(["peer", "--run"]).arg(run_dir.join("run.toml"));
+        cmd.arg("--identity").arg(&key).arg("--cert").arg(&cert).args(["--listen", "/ip4/127.0.0.1/tcp/0"]);
+        for a in &addrs {
+            cmd.args(["--bootstrap", a]);
+        }
+        peers.push(cmd.arg("--out").arg(&out).stdout(Stdio::null()).stderr(Stdio::piped()).spawn().unwrap());
+        addrs.push(listening(&out));
+    }
+    for (i, p) in peers.into_iter().enumerate() {
+        let o = p.wait_with_output().unwrap();
+        assert!(o.status.success(), "peer {i}: {}", String::from_utf8_lossy(&o.stderr));
+    }
+    let want = digests(&summary(&reference));
+    for i in 0..3 {
+        let s = summary(&dir.join(format!("host{i}")));
+        assert_eq!(s["completed"], true, "{s}");
+        assert_eq!(s["param_digest"].as_str().unwrap(), want[0], "host {i} ends with the launcher's model");
+    }
+}
