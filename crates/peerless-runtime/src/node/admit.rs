@@ -122,6 +122,13 @@ impl Gate {
         Ok(index)
     }
 
+    /// Whether this node must present its certificate to `peer` again when `peer` presents
+    /// its own: an earlier process of that peer id accepted ours and none is in flight, so
+    /// `peer` restarted while its old connection lingered (a host that crashed, a partition).
+    pub(crate) fn must_present_again(&self, peer: &PeerId) -> bool {
+        self.sessions.get(peer).is_some_and(|s| s.accepted) && !self.asks.values().any(|p| p == peer)
+    }
+
     /// `peer`'s certificate was accepted for `index`. Returns whether it just became ready.
     pub(crate) fn admit(&mut self, peer: PeerId, index: PeerIdx) -> bool {
         let s = self.sessions.entry(peer).or_default();
@@ -206,6 +213,17 @@ mod tests {
         assert!(!g.accepted(b));
         assert!(g.admit(b, 2));
         assert!(g.closed(&a) && g.admitted(&a).is_none(), "closing forgets the session");
+    }
+
+    #[test]
+    fn a_peer_that_presents_again_after_accepting_ours_gets_ours_again() {
+        let mut g = gate();
+        let a = id();
+        g.opened(a, None);
+        assert!(!g.must_present_again(&a), "ours has not been accepted yet");
+        g.admit(a, 1);
+        g.accepted(a);
+        assert!(g.must_present_again(&a), "a restarted process of a needs ours again");
     }
 
     #[test]

@@ -200,13 +200,19 @@ impl Net {
     fn opened(&mut self, peer: PeerId, dialed: Option<Multiaddr>) -> Option<NetEvent> {
         let gate = self.gate.as_mut().expect("invariant: called under admission by certificate");
         if gate.opened(peer, dialed.clone()) {
-            let admit = frame(&Message::Admit { certificate: gate.certificate().to_vec() });
-            let id = self.send(peer, admit);
-            self.gate.as_mut().expect("invariant: checked above").asked(id, peer);
+            self.present(peer);
             return None;
         }
         let node = *self.index_of.get(&peer)?;
         gate.is_ready(&peer).then_some(NetEvent::Connected { node, first: false, dialed })
+    }
+
+    /// Sends `peer` this node's certificate.
+    fn present(&mut self, peer: PeerId) {
+        let gate = self.gate.as_mut().expect("invariant: called under admission by certificate");
+        let admit = frame(&Message::Admit { certificate: gate.certificate().to_vec() });
+        let id = self.send(peer, admit);
+        self.gate.as_mut().expect("invariant: checked above").asked(id, peer);
     }
 
     fn sort_rr(&mut self, e: request_response::Event<Bytes, Bytes>, files: &mut Files) -> Vec<NetEvent> {
@@ -265,7 +271,11 @@ impl Net {
         if let Ok(Message::Admit { certificate }) = &msg {
             return match gate.check(&peer, certificate, unix_s()) {
                 Ok(index) => {
+                    let again = gate.must_present_again(&peer);
                     self.answer(channel, &Message::Ack);
+                    if again {
+                        self.present(peer);
+                    }
                     self.admitted(peer, index, files).into_iter().collect()
                 }
                 Err(denial) => {
