@@ -332,3 +332,55 @@ fn three_peers_started_from_the_command_line_alone_train_to_the_launchers_digest
         assert_eq!(s["param_digest"].as_str().unwrap(), want[0], "host {i} ends with the launcher's model");
     }
 }
+
+#[test]
+fn a_ps_and_workers_started_from_the_command_line_alone_compute_the_launchers_model() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    let flags =
+        ["--arch", "ps", "--workers", "2", "--functions-per-worker", "2", "--rounds", "40", "--seed", "3"];
+    let reference = dir.join("reference");
+    assert!(run(peerless().arg("train").args(flags).arg("--out").arg(&reference)).status.success());
+    let run_dir = dir.join("run");
+    assert!(run(peerless().args(["run", "init"]).args(flags).arg("--out").arg(&run_dir)).status.success());
+    let start = |role: &str, name: &str, bootstrap: Option<&str>| -> Child {
+        let (key, cert) = (dir.join(format!("{name}.key")), dir.join(format!("{name}.cert")));
+        let id = keygen(&key);
+        let o = run(peerless()
+            .args(["admit", "--run"])
+            .arg(&run_dir)
+            .args(["--peer", &id, "--role", role, "--out"])
+            .arg(&cert));
+        assert!(o.status.success());
+        let mut cmd = peerless();
+        cmd.args([role, "--run"])
+            .arg(run_dir.join("run.toml"))
+            .arg("--identity")
+            .arg(&key)
+            .arg("--cert")
+            .arg(&cert);
+        cmd.args(["--listen", "/ip4/127.0.0.1/tcp/0"])
+            .args(bootstrap.map(|b| ["--bootstrap", b]).into_iter().flatten());
+        cmd.arg("--out").arg(dir.join(name)).stdout(Stdio::null()).stderr(Stdio::piped()).spawn().unwrap()
+    };
+    let ps = start("ps", "ps", None);
+    let addr = listening(&dir.join("ps"));
+    let workers: Vec<Child> = (0..2).map(|i| start("worker", &format!("worker{i}"), Some(&addr))).collect();
+    for (name, c) in std::iter::once(("ps".to_string(), ps))
+        .chain(workers.into_iter().enumerate().map(|(i, c)| (format!("worker {i}"), c)))
+    {
+        let o = c.wait_with_output().unwrap();
+        assert!(o.status.success(), "{name}: {}", String::from_utf8_lossy(&o.stderr));
+    }
+    let want = summary(&reference.join("ps"))["param_digest"].clone();
+    let got = summary(&dir.join("ps"));
+    assert_eq!(got["completed"], true, "{got}");
+    assert_eq!(got["param_digest"], want, "the PS started by hand computes the launcher's model");
+    let admitted: Vec<u64> = events(&dir.join("ps/events.jsonl"))
+        .iter()
+        .filter(|e| e["event"] == "connected")
+        .filter_map(|e| e["to"].as_u64())
+        .collect();
+    assert_eq!(admitted.len(), 2, "both workers, by their certificates' indices: {admitted:?}");
+    assert!(admitted.contains(&0) && admitted.contains(&1), "{admitted:?}");
+}
