@@ -13,7 +13,8 @@ use libfuzzer_sys::fuzz_target;
 use peerless_core::flat::Digest;
 use peerless_core::optim::OptimizerState;
 use peerless_core::wire::{
-    GradientMsg, Limits, MAX_CERTIFICATE, MAX_PEERS, Message, ParamsMsg, StateMsg, WireError, decode, encode,
+    GradientMsg, Limits, MAX_CERTIFICATE, MAX_MEMBERS, MAX_PEERS, Message, ParamsMsg, StateMsg, WireError,
+    decode, encode,
 };
 
 fuzz_target!(
@@ -34,7 +35,8 @@ fuzz_target!(
                 Message::Received { round: 5, peers: vec![0, 2, 3] },
                 Message::Heartbeat,
                 Message::Resend { round: 8 },
-                Message::Admit { certificate: b"PLCT\x01 a certificate's bytes".to_vec() },
+                Message::Admit { certificate: b"PLCT\x01 a certificate's bytes".to_vec(), address: "/ip4/10.0.0.1/tcp/4001".into() },
+                Message::Members { members: vec![(0, "/ip4/10.0.0.1/tcp/4001".into()), (3, "/dns4/h/tcp/1".into())] },
             ];
             // Mode byte 3: raw decoding with a 3-parameter model.
             msgs.iter().enumerate().map(|(i, m)| (format!("msg{i}"), [&[3u8][..], &encode(m)].concat())).collect()
@@ -79,6 +81,8 @@ fn check_round_trip(msg: &Message, limits: Limits, u: &mut Unstructured) {
                 WireError::Malformed { field: "peer count", .. } => "too many peers",
                 WireError::Malformed { field: "peer indices", .. } => "not ascending",
                 WireError::Malformed { field: "certificate length", .. } => "certificate too long",
+                WireError::Malformed { field: "member count", .. } => "too many members",
+                WireError::Malformed { field: "member indices", .. } => "members not ascending",
                 WireError::Malformed { .. } => "too many buffers",
                 other => panic!("invalid message ({problem}) refused for another reason: {other}"),
             };
@@ -116,7 +120,13 @@ fn problem(msg: &Message, limits: Limits) -> Option<&'static str> {
             s.optimizer.buffers.iter().find_map(|(_, b)| vector(b))
         }),
         Message::Received { peers, .. } if peers.len() > MAX_PEERS => Some("too many peers"),
-        Message::Admit { certificate } if certificate.len() > MAX_CERTIFICATE => Some("certificate too long"),
+        Message::Admit { certificate, .. } if certificate.len() > MAX_CERTIFICATE => {
+            Some("certificate too long")
+        }
+        Message::Members { members } if members.len() > MAX_MEMBERS => Some("too many members"),
+        Message::Members { members } if !members.windows(2).all(|w| w[0].0 < w[1].0) => {
+            Some("members not ascending")
+        }
         Message::Received { peers, .. } if !peers.windows(2).all(|w| w[0] < w[1]) => Some("not ascending"),
         _ => None,
     }
@@ -133,7 +143,7 @@ fn digest(u: &mut Unstructured) -> Result<Digest> {
 }
 
 fn message(u: &mut Unstructured, limits: Limits) -> Result<Message> {
-    Ok(match u.int_in_range(0..=12u8)? {
+    Ok(match u.int_in_range(0..=13u8)? {
         0 => Message::Gradient(GradientMsg {
             round: u.arbitrary()?,
             digest: digest(u)?,
@@ -189,6 +199,24 @@ fn message(u: &mut Unstructured, limits: Limits) -> Result<Message> {
                     u.int_in_range(0..=200)?
                 };
                 (0..n).map(|_| u.arbitrary()).collect::<Result<_>>()?
+            },
+            address: u.arbitrary()?,
+        },
+        12 => Message::Members {
+            // Mostly ascending, as a node sends them; sometimes not, sometimes too many.
+            members: {
+                let n = if u.ratio(1, 16)? {
+                    u.int_in_range(0..=MAX_MEMBERS + 8)?
+                } else {
+                    u.int_in_range(0..=8)?
+                };
+                let mut m: Vec<(u32, String)> =
+                    (0..n).map(|_| Ok((u.arbitrary()?, u.arbitrary()?))).collect::<Result<_>>()?;
+                if !u.ratio(1, 8)? {
+                    m.sort_by_key(|(i, _)| *i);
+                    m.dedup_by_key(|(i, _)| *i);
+                }
+                m
             },
         },
         _ => Message::Refused { reason: u.arbitrary()? },

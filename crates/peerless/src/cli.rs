@@ -327,7 +327,7 @@ pub struct BenchStepArgs {
 pub struct NodeArgs {
     /// The node file (`[node]` and `[run]`), as the launcher writes it. Without it, the node
     /// is started from `--run`, `--identity`, `--cert` and `--listen`.
-    #[arg(long, required_unless_present = "run", conflicts_with_all = ["run", "identity", "cert", "listen", "bootstrap", "out"])]
+    #[arg(long, required_unless_present = "run", conflicts_with_all = ["run", "identity", "cert", "listen", "bootstrap", "external", "out"])]
     pub config: Option<PathBuf>,
     /// The run file (`run.toml` from `peerless run init`).
     #[arg(long, requires_all = ["identity", "cert", "listen"])]
@@ -344,6 +344,10 @@ pub struct NodeArgs {
     /// An address of another node to dial (repeat for several; dialled until reachable).
     #[arg(long)]
     pub bootstrap: Vec<String>,
+    /// Where other nodes can dial this one, if not the first listening address (e.g. the
+    /// host's public address behind a NAT or with `--listen /ip4/0.0.0.0/…`).
+    #[arg(long)]
+    pub external: Option<String>,
     /// This node's directory (checkpoint, metrics, events, summary); default `node-<index>`.
     #[arg(long)]
     pub out: Option<PathBuf>,

@@ -97,6 +97,7 @@ fn node_file(args: &NodeArgs) -> Result<NodeFile> {
         index,
         listen: listen.clone(),
         bootstrap: args.bootstrap.clone(),
+        external: args.external.clone().unwrap_or_default(),
         dir,
         identity: identity.clone(),
         certificate: cert.clone(),

@@ -59,6 +59,9 @@ pub(super) fn lay_out(cfg: &RunConfig, dir: &Path, faults: &[FaultSpec], arch: T
                 bootstrap,
                 allow: Vec::new(),
                 dir: ndir.clone(),
+                external: String::new(),
+                // The launcher connects every pair itself (through the fault proxy if any).
+                share_addresses: false,
                 identity,
                 certificate,
                 join: false,

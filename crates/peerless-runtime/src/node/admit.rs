@@ -11,8 +11,12 @@
 //! accepted here and this node's was accepted there. Requests of a peer id whose certificate was
 //! not accepted are refused (`no certificate`). The state is per peer id and forgotten when its
 //! last connection closes, so a peer that reconnects presents its certificate again.
+//!
+//! Each `Admit` also carries where its sender can be dialled. When a peer becomes ready, this
+//! node tells it the other ready members and their addresses (`Members`), so a node that
+//! reaches one member reaches them all.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 
 use libp2p::request_response::OutboundRequestId;
 use libp2p::{Multiaddr, PeerId};
@@ -33,6 +37,8 @@ pub(crate) struct Gate {
     sessions: HashMap<PeerId, Session>,
     /// This node's `Admit` requests in flight, by the peer they went to.
     asks: HashMap<OutboundRequestId, PeerId>,
+    /// This node's `Members` requests in flight (their answers are for no role).
+    tellings: HashSet<OutboundRequestId>,
 }
 
 /// One peer id while it has a connection.
@@ -48,6 +54,8 @@ struct Session {
     refusal_recorded: bool,
     /// The address this node dialled it at, for the role's redialling.
     dialed: Option<Multiaddr>,
+    /// Where it says it can be dialled (from its `Admit`).
+    address: String,
 }
 
 /// Why a certificate does not admit its presenter: the short reason events name, and details.
@@ -68,7 +76,17 @@ impl Gate {
         me: PeerIdx,
         mine: Vec<u8>,
     ) -> Gate {
-        Gate { run, key, accepts, count, me, mine, sessions: HashMap::new(), asks: HashMap::new() }
+        Gate {
+            run,
+            key,
+            accepts,
+            count,
+            me,
+            mine,
+            sessions: HashMap::new(),
+            asks: HashMap::new(),
+            tellings: HashSet::new(),
+        }
     }
 
     /// This node's certificate.
@@ -129,10 +147,12 @@ impl Gate {
         self.sessions.get(peer).is_some_and(|s| s.accepted) && !self.asks.values().any(|p| p == peer)
     }
 
-    /// `peer`'s certificate was accepted for `index`. Returns whether it just became ready.
-    pub(crate) fn admit(&mut self, peer: PeerId, index: PeerIdx) -> bool {
+    /// `peer`'s certificate was accepted for `index`; it can be dialled at `address`. Returns
+    /// whether it just became ready.
+    pub(crate) fn admit(&mut self, peer: PeerId, index: PeerIdx, address: &str) -> bool {
         let s = self.sessions.entry(peer).or_default();
         s.admitted = Some(index);
+        s.address = address.to_owned();
         Self::ready_now(s)
     }
 
@@ -141,6 +161,28 @@ impl Gate {
         let s = self.sessions.entry(peer).or_default();
         s.accepted = true;
         Self::ready_now(s)
+    }
+
+    /// The ready members other than `peer` with an address, by index (what `peer` is told).
+    pub(crate) fn others(&self, peer: &PeerId) -> Vec<(PeerIdx, String)> {
+        let mut m: Vec<(PeerIdx, String)> = self
+            .sessions
+            .iter()
+            .filter(|(p, s)| *p != peer && s.announced && !s.address.is_empty())
+            .filter_map(|(_, s)| Some((s.admitted?, s.address.clone())))
+            .collect();
+        m.sort();
+        m
+    }
+
+    /// This node's `Members` went out as request `id`.
+    pub(crate) fn told(&mut self, id: OutboundRequestId) {
+        self.tellings.insert(id);
+    }
+
+    /// Whether request `id` was a `Members` (its answer is consumed here).
+    pub(crate) fn take_telling(&mut self, id: &OutboundRequestId) -> bool {
+        self.tellings.remove(id)
     }
 
     /// `peer`'s index when its certificate was accepted here.
@@ -206,12 +248,12 @@ mod tests {
         let (a, b) = (id(), id());
         assert!(g.opened(a, None) && !g.opened(a, None), "the first connection presents");
         assert_eq!(g.check(&a, &cert(&a, 1, Role::Peer), 10), Ok(1));
-        assert!(!g.admit(a, 1));
+        assert!(!g.admit(a, 1, ""));
         assert!(g.accepted(a) && g.is_ready(&a));
         assert!(!g.accepted(a), "ready once");
         g.opened(b, None);
         assert!(!g.accepted(b));
-        assert!(g.admit(b, 2));
+        assert!(g.admit(b, 2, ""));
         assert!(g.closed(&a) && g.admitted(&a).is_none(), "closing forgets the session");
     }
 
@@ -221,9 +263,28 @@ mod tests {
         let a = id();
         g.opened(a, None);
         assert!(!g.must_present_again(&a), "ours has not been accepted yet");
-        g.admit(a, 1);
+        g.admit(a, 1, "");
         g.accepted(a);
         assert!(g.must_present_again(&a), "a restarted process of a needs ours again");
+    }
+
+    #[test]
+    fn a_new_member_is_told_the_other_ready_members_with_an_address() {
+        let mut g = gate();
+        let (a, b, c) = (id(), id(), id());
+        for (p, i, addr) in [(a, 1, "/ip4/10.0.0.1/tcp/1"), (b, 2, "/ip4/10.0.0.2/tcp/2")] {
+            g.opened(p, None);
+            g.admit(p, i, addr);
+        }
+        assert!(g.others(&b).is_empty(), "a is not ready yet (it has not accepted ours)");
+        g.accepted(a);
+        g.accepted(b);
+        assert_eq!(g.others(&b), vec![(1, "/ip4/10.0.0.1/tcp/1".to_string())]);
+        g.closed(&a);
+        g.opened(c, None);
+        g.admit(c, 1, "");
+        g.accepted(c);
+        assert!(g.others(&b).is_empty(), "c has no address, a is gone: {:?}", g.others(&b));
     }
 
     #[test]
@@ -233,7 +294,7 @@ mod tests {
         assert_eq!(g.check(&a, &cert(&a, 3, Role::Peer), 10).unwrap_err().reason, "index");
         assert_eq!(g.check(&a, &cert(&a, 0, Role::Peer), 10).unwrap_err().reason, "index");
         g.opened(a, None);
-        g.admit(a, 1);
+        g.admit(a, 1, "");
         assert_eq!(g.check(&b, &cert(&b, 1, Role::Peer), 10).unwrap_err().reason, "index in use");
         g.closed(&a);
         assert_eq!(g.check(&b, &cert(&b, 1, Role::Peer), 10), Ok(1), "free again once a's gone");

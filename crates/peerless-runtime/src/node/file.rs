@@ -35,6 +35,14 @@ pub struct NodeSection {
     pub allow: Vec<String>,
     /// The node's directory (checkpoint, metrics, events, summary).
     pub dir: PathBuf,
+    /// Where other nodes can dial this one (multiaddr), as it tells them when it presents its
+    /// certificate. Empty: its first listening address.
+    pub external: String,
+    /// Tell the members this node admits where the others can be dialled (its own address in
+    /// its `Admit`, the others' in `Members`), so one bootstrap address is enough. The launcher
+    /// turns it off: it wires every pair itself, through its fault proxy when it injects
+    /// network faults, which dialling told addresses would bypass.
+    pub share_addresses: bool,
     /// The node's identity (`peerless keygen`). Empty: `identity.key` in `dir`, generated
     /// (random) on first start.
     pub identity: PathBuf,
@@ -59,6 +67,8 @@ impl Default for NodeSection {
             bootstrap: Vec::new(),
             allow: Vec::new(),
             dir: PathBuf::from("peer"),
+            external: String::new(),
+            share_addresses: true,
             identity: PathBuf::new(),
             certificate: PathBuf::new(),
             join: false,

@@ -55,6 +55,11 @@ pub(crate) struct Net {
     index_of: HashMap<PeerId, PeerIdx>,
     /// Admission by certificate; `None`: by allow-list.
     gate: Option<Gate>,
+    /// Where this node can be dialled, as it tells others: `node.external`, else its first
+    /// listening address.
+    address: Option<Multiaddr>,
+    /// Whether it tells members where to dial it and the others (`node.share_addresses`).
+    share: bool,
     limits: Limits,
     /// Bytes received (requests and answers).
     pub(crate) bytes_in: u64,
@@ -93,7 +98,24 @@ impl Net {
         let listen: Multiaddr =
             file.node.listen.parse().map_err(|e| NodeError::Config(format!("node.listen: {e}")))?;
         swarm.listen_on(listen).map_err(|e| NodeError::Network(format!("listen: {e}")))?;
-        let net = Net { swarm, me, ids, index_of, gate, limits, bytes_in: 0, bytes_out: 0, refused: 0 };
+        let address = match file.node.external.as_str() {
+            "" => None,
+            a => Some(a.parse().map_err(|e| NodeError::Config(format!("node.external = {a:?}: {e}")))?),
+        };
+        let share = file.node.share_addresses;
+        let net = Net {
+            swarm,
+            me,
+            ids,
+            index_of,
+            gate,
+            address,
+            share,
+            limits,
+            bytes_in: 0,
+            bytes_out: 0,
+            refused: 0,
+        };
         Ok((net, my_id))
     }
 
@@ -147,6 +169,9 @@ impl Net {
         match ev {
             SwarmEvent::NewListenAddr { address, .. } => {
                 tracing::info!(node = me, %address, "listening");
+                if self.address.is_none() {
+                    self.address = Some(address.clone());
+                }
                 files.event(me, &NodeEvent::Listening { address: address.to_string() });
                 Vec::new()
             }
@@ -210,7 +235,8 @@ impl Net {
     /// Sends `peer` this node's certificate.
     fn present(&mut self, peer: PeerId) {
         let gate = self.gate.as_mut().expect("invariant: called under admission by certificate");
-        let admit = frame(&Message::Admit { certificate: gate.certificate().to_vec() });
+        let address = self.address.as_ref().filter(|_| self.share).map(|a| a.to_string()).unwrap_or_default();
+        let admit = frame(&Message::Admit { certificate: gate.certificate().to_vec(), address });
         let id = self.send(peer, admit);
         self.gate.as_mut().expect("invariant: checked above").asked(id, peer);
     }
@@ -228,10 +254,17 @@ impl Net {
                     self.answer(channel, &Message::Refused { reason: "unknown peer".into() });
                     return Vec::new();
                 };
-                if let Ok(Message::Admit { .. }) = msg {
-                    let reason = "this node admits by peer id (allow-list), not by certificate";
-                    self.answer(channel, &Message::Refused { reason: reason.into() });
-                    return Vec::new();
+                match msg {
+                    Ok(Message::Admit { .. }) => {
+                        let reason = "this node admits by peer id (allow-list), not by certificate";
+                        self.answer(channel, &Message::Refused { reason: reason.into() });
+                        return Vec::new();
+                    }
+                    Ok(Message::Members { .. }) => {
+                        self.answer(channel, &Message::Ack);
+                        return Vec::new();
+                    }
+                    _ => {}
                 }
                 vec![NetEvent::Request { from, msg, channel }]
             }
@@ -243,13 +276,18 @@ impl Net {
                 {
                     return self.admit_answered(peer, msg, files).into_iter().collect();
                 }
+                if let Some(g) = self.gate.as_mut()
+                    && g.take_telling(&request_id)
+                {
+                    return Vec::new();
+                }
                 vec![NetEvent::Answer { id: request_id, msg }]
             }
             Event::OutboundFailure { request_id, error, peer, .. } => {
                 if let Some(g) = self.gate.as_mut()
-                    && g.take_ask(&request_id).is_some()
+                    && (g.take_ask(&request_id).is_some() || g.take_telling(&request_id))
                 {
-                    tracing::debug!(node = self.me, %peer, %error, "presenting the certificate failed");
+                    tracing::debug!(node = self.me, %peer, %error, "presenting the certificate or the members failed");
                     return Vec::new();
                 }
                 vec![NetEvent::Failed { id: request_id, error: error.to_string() }]
@@ -268,7 +306,7 @@ impl Net {
         files: &mut Files,
     ) -> Vec<NetEvent> {
         let gate = self.gate.as_mut().expect("invariant: called under admission by certificate");
-        if let Ok(Message::Admit { certificate }) = &msg {
+        if let Ok(Message::Admit { certificate, address }) = &msg {
             return match gate.check(&peer, certificate, unix_s()) {
                 Ok(index) => {
                     let again = gate.must_present_again(&peer);
@@ -276,7 +314,7 @@ impl Net {
                     if again {
                         self.present(peer);
                     }
-                    self.admitted(peer, index, files).into_iter().collect()
+                    self.admitted(peer, index, address, files).into_iter().collect()
                 }
                 Err(denial) => {
                     self.answer(channel, &Message::Refused { reason: denial.detail.clone() });
@@ -299,6 +337,11 @@ impl Net {
             }
             return Vec::new();
         };
+        if let Ok(Message::Members { members }) = msg {
+            self.answer(channel, &Message::Ack);
+            self.dial_members(&members);
+            return Vec::new();
+        }
         // A member sends only once it accepted this node's certificate: its request can
         // overtake its answer to this node's `Admit`.
         let mut out: Vec<NetEvent> =
@@ -307,8 +350,14 @@ impl Net {
         out
     }
 
-    /// `peer`'s certificate for `index` was accepted.
-    fn admitted(&mut self, peer: PeerId, index: PeerIdx, files: &mut Files) -> Option<NetEvent> {
+    /// `peer`'s certificate for `index` was accepted; it can be dialled at `address`.
+    fn admitted(
+        &mut self,
+        peer: PeerId,
+        index: PeerIdx,
+        address: &str,
+        files: &mut Files,
+    ) -> Option<NetEvent> {
         if let Some(old) = self.ids[index as usize].replace(peer)
             && old != peer
         {
@@ -316,7 +365,7 @@ impl Net {
         }
         self.index_of.insert(peer, index);
         let gate = self.gate.as_mut().expect("invariant: called under admission by certificate");
-        gate.admit(peer, index).then(|| self.ready(peer, index, files))
+        gate.admit(peer, index, address).then(|| self.ready(peer, index, files))
     }
 
     /// The answer of `peer` to this node's `Admit`.
@@ -346,11 +395,43 @@ impl Net {
         }
     }
 
-    /// `peer` (node `index`) is ready: recorded, and shown to the role.
+    /// `peer` (node `index`) is ready: recorded, told the other members, and shown to the role.
     fn ready(&mut self, peer: PeerId, index: PeerIdx, files: &mut Files) -> NetEvent {
         files.event(self.me, &NodeEvent::Connected { to: index, peer_id: peer.to_string() });
+        self.tell_members(peer);
         let dialed = self.gate.as_ref().and_then(|g| g.dialed(&peer));
         NetEvent::Connected { node: index, first: true, dialed }
+    }
+
+    /// Tells `peer` the other ready members and where to dial them (when there are any).
+    fn tell_members(&mut self, peer: PeerId) {
+        let gate = self.gate.as_mut().expect("invariant: called under admission by certificate");
+        let members = gate.others(&peer);
+        if members.is_empty() || !self.share {
+            return;
+        }
+        let id = self.send(peer, frame(&Message::Members { members }));
+        self.gate.as_mut().expect("invariant: checked above").told(id);
+    }
+
+    /// Dials the members a member told of that are not connected (a failure shows up as no
+    /// connection; the member dialled is not redialled).
+    fn dial_members(&mut self, members: &[(PeerIdx, String)]) {
+        for (index, address) in members {
+            let known = self.ids.get(*index as usize).copied().flatten();
+            if *index == self.me || known.is_some_and(|p| self.swarm.is_connected(&p)) {
+                continue;
+            }
+            match address.parse::<Multiaddr>() {
+                Ok(a) => {
+                    tracing::info!(node = self.me, to = index, %a, "dialling a member another member told of");
+                    let _ = self.swarm.dial(a);
+                }
+                Err(e) => {
+                    tracing::warn!(node = self.me, to = index, %address, error = %e, "a member told of an address that does not parse")
+                }
+            }
+        }
     }
 
     /// Records that `peer` was refused for `denial`.
