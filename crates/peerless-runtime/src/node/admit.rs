@@ -130,6 +130,14 @@ impl Gate {
                 ),
             });
         }
+        if let Some(had) = self.sessions.get(peer).and_then(|s| s.admitted)
+            && had != index
+        {
+            return Err(Denial {
+                reason: "index",
+                detail: format!("this peer was admitted as index {had} on this connection, not {index}"),
+            });
+        }
         let taken = self.sessions.iter().any(|(p, s)| p != peer && s.admitted == Some(index));
         if taken {
             return Err(Denial {
@@ -296,6 +304,11 @@ mod tests {
         g.opened(a, None);
         g.admit(a, 1, "");
         assert_eq!(g.check(&b, &cert(&b, 1, Role::Peer), 10).unwrap_err().reason, "index in use");
+        assert_eq!(
+            g.check(&a, &cert(&a, 2, Role::Peer), 10).unwrap_err().reason,
+            "index",
+            "one index a session"
+        );
         g.closed(&a);
         assert_eq!(g.check(&b, &cert(&b, 1, Role::Peer), 10), Ok(1), "free again once a's gone");
     }
