@@ -3,6 +3,7 @@
 # peerless P2P with every-step sync and with DiLoCo, W nodes on this machine, measured in one run.
 #
 #   python3 scripts/time-to-accuracy.py --python V/bin/python3 [--peerless target/release/peerless]
+#       [--link 50,20]   # also over links capped at 50 Mbit/s with 20 ms delay (the fault proxy)
 #
 # Every side trains the MLP 784-256-128-10, batch 64 per node, SGD (lr, momentum 0.9) on the
 # standardized training set, and evaluates on the whole test set every `eval_samples` training
@@ -95,6 +96,19 @@ def ddp(a):
         sys.exit("a DDP rank failed")
     return json.loads(out[0].strip().splitlines()[-1])
 
+def link_scenario(a):
+    # Every node's link capped from the start; detection and deadlines on the link's time scale.
+    mbit, ms = a.link.split(",")
+    nodes = ", ".join(f'"node:{i}"' for i in range(a.world))
+    text = (f'description = "{mbit} Mbit/s, {ms} ms"\n[run]\np2p.detection_ms = 3000\n'
+            f'cluster.deadline_floor_ms = 5000\n'
+            f'[[fault]]\nkind = "bandwidth"\ntargets = [{nodes}]\nat_s = 0.0\nrate_mbit = {float(mbit)}\n'
+            f'[[fault]]\nkind = "delay"\ntargets = [{nodes}]\nat_s = 0.0\ndelay_ms = {int(ms)}\n')
+    path = Path(a.out) / "link.toml"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
+    return ["--scenario", str(path)]
+
 def peerless(a, name, extra):
     out = Path(a.out) / name
     eval_every = max(1, a.eval_samples // (64 * a.world))
@@ -123,11 +137,12 @@ def main():
     p.add_argument("--world", type=int, default=4)
     p.add_argument("--target", type=float, default=0.97)
     p.add_argument("--lr", type=float, default=0.05)
-    p.add_argument("--inner-steps", type=int, default=50)
+    p.add_argument("--inner-steps", type=int, default=100)
     p.add_argument("--compute", default="local")
     p.add_argument("--eval-samples", type=int, default=12800)
     p.add_argument("--max-epochs", type=int, default=10)
     p.add_argument("--seed", type=int, default=1)
+    p.add_argument("--link", help="MBIT,MS: also run over links capped at MBIT Mbit/s with MS ms delay")
     p.add_argument("--out", default="/tmp/peerless-time-to-accuracy")
     p.add_argument("--rank", type=int)
     p.add_argument("--port", type=int)
@@ -138,21 +153,36 @@ def main():
                  "--eval-samples", str(a.eval_samples), "--max-epochs", str(a.max_epochs), "--seed", str(a.seed)]
     rows = []
     print(f"time to {a.target:.0%} test accuracy, MNIST MLP, {a.world} nodes, batch 64 each", file=sys.stderr)
-    for name, run in [("ddp", lambda: ddp(a)),
-                      ("every-step", lambda: peerless(a, "every-step", [])),
-                      (f"diloco H={a.inner_steps}", lambda: peerless(a, "diloco", ["--sync", "diloco", "--inner-steps", str(a.inner_steps)]))]:
+    diloco = ["--sync", "diloco", "--inner-steps", str(a.inner_steps)]
+    h = f"diloco H={a.inner_steps}"
+    runs = [("ddp", lambda: ddp(a)),
+            ("every-step", lambda: peerless(a, "every-step", [])),
+            (h, lambda: peerless(a, "diloco", diloco)),
+            (f"{h} int8", lambda: peerless(a, "diloco-int8", diloco + ["--compression", "int8"])),
+            (f"{h} topk 1%", lambda: peerless(a, "diloco-topk", diloco + ["--compression", "topk"]))]
+    if a.link:
+        capped = link_scenario(a)
+        runs += [(f"every-step @{a.link}", lambda: peerless(a, "every-step-link", capped)),
+                 (f"{h} @{a.link}", lambda: peerless(a, "diloco-link", diloco + capped)),
+                 (f"{h} int8 @{a.link}", lambda: peerless(a, "diloco-int8-link", diloco + ["--compression", "int8"] + capped))]
+    for name, run in runs:
         print(f"  running {name} …", file=sys.stderr)
         rows.append((name, run()))
     ddp_t = rows[0][1]["time_s"]
     every_b = rows[1][1]["bytes_per_node"]
-    print(f"\n{'':<16}{'time to target':>15}{'vs DDP':>9}{'MB sent/node':>14}{'vs every-step':>15}{'last acc':>10}")
+    print(f"\n{'':<28}{'time to target':>15}{'vs DDP':>9}{'MB sent/node':>14}{'vs every-step':>15}{'last acc':>10}")
     for name, r in rows:
         t, b = r["time_s"], r["bytes_per_node"]
         fmt = lambda v, f: f.format(v) if v is not None else "not reached"
-        print(f"{name:<16}{fmt(t, '{:>14.2f}s'):>15}{fmt(t and ddp_t and ddp_t / t, '{:>8.2f}x'):>9}"
+        print(f"{name:<28}{fmt(t, '{:>14.2f}s'):>15}{fmt(t and ddp_t and ddp_t / t, '{:>8.2f}x'):>9}"
               f"{fmt(b and b / 1e6, '{:>14.1f}'):>14}{fmt(b and every_b and every_b / b, '{:>14.1f}x'):>15}"
               f"{r['accuracy']:>10.4f}")
     print("\n(vs DDP: DDP's time / this one's, > 1 is faster; vs every-step: bytes saved)")
+    times = dict((n, r["time_s"]) for n, r in rows)
+    for n in [n for n in times if "@" in n]:
+        base = times.get(n.split(" @")[0])
+        if base and times[n]:
+            print(f"{n}: {times[n] / base:.2f}x its uncapped time to target")
     Path(a.out).mkdir(parents=True, exist_ok=True)
     (Path(a.out) / "time-to-accuracy.json").write_text(json.dumps(dict(rows), indent=1))
 

@@ -32,6 +32,7 @@ fuzz_target!(
                 },
                 rng: [1, 2, u64::MAX, 4],
                 wall_s: 12.5,
+                error_feedback: Some(vec![0.0, 1e-3, -2.0]),
             };
             vec![("adam".into(), [&[0u8][..], &ck.to_bytes()].concat())]
         })
@@ -93,6 +94,11 @@ fn problem(ck: &Checkpoint) -> Option<&'static str> {
     if !(ck.wall_s.is_finite() && ck.wall_s >= 0.0) {
         return Some("wall time not a finite number of seconds");
     }
+    if let Some(e) = &ck.error_feedback {
+        if e.len() != ck.params.len() || !finite(e) {
+            return Some("error feedback of the wrong length or not finite");
+        }
+    }
     let buffers = &ck.optimizer.buffers;
     for (i, (name, b)) in buffers.iter().enumerate() {
         if buffers[..i].iter().any(|(n, _)| n == name) {
@@ -134,5 +140,11 @@ fn checkpoint(u: &mut Unstructured) -> Result<Checkpoint> {
         optimizer: OptimizerState { kind: u.arbitrary()?, steps: u.arbitrary()?, buffers },
         rng: u.arbitrary()?,
         wall_s: f64::from_bits(u.arbitrary()?),
+        error_feedback: if u.arbitrary()? {
+            let len = if u.ratio(1, 8)? { u.int_in_range(0..=9)? } else { n };
+            Some(floats(u, len)?)
+        } else {
+            None
+        },
     })
 }

@@ -20,7 +20,7 @@ fuzz_target!(
         peerless_fuzz::seeds(|| {
             let frames: [&[&[u8]]; 4] = [
                 &[b"AUTH", b"default", b"secret"],
-                &[b"PEERLESS.ACCUM", b"grad/3", b"node-1/3/0", &[0, 0, 128, 63, 0, 0, 0, 64]],
+                &[b"PEERLESS.ACCUM", b"grad/3", b"node-1/3/0", b"0", &[0, 0, 128, 63, 0, 0, 0, 64]],
                 &[b"SET", b"params/3", b"\r\n\x00"],
                 &[b"GET", b"params/3"],
             ];

@@ -10,11 +10,12 @@
 
 use libfuzzer_sys::arbitrary::{Result, Unstructured};
 use libfuzzer_sys::fuzz_target;
+use peerless_core::compress::{Compressed, INT8_BLOCK};
 use peerless_core::flat::Digest;
 use peerless_core::optim::OptimizerState;
 use peerless_core::wire::{
-    GradientMsg, Limits, MAX_CERTIFICATE, MAX_MEMBERS, MAX_PEERS, Message, ParamsMsg, StateMsg, WireError,
-    decode, encode,
+    CompressedMsg, GradientMsg, Limits, MAX_CERTIFICATE, MAX_MEMBERS, MAX_PEERS, Message, ParamsMsg,
+    StateMsg, WireError, decode, encode,
 };
 
 fuzz_target!(
@@ -35,6 +36,20 @@ fuzz_target!(
                 Message::Received { round: 5, peers: vec![0, 2, 3] },
                 Message::Heartbeat,
                 Message::Resend { round: 8 },
+                Message::Compressed(CompressedMsg {
+                    round: 3,
+                    digest,
+                    samples: 64,
+                    loss: 0.5,
+                    grad: Compressed::Int8 { scales: vec![0.01], q: vec![-127, 3, 127] },
+                }),
+                Message::Compressed(CompressedMsg {
+                    round: 3,
+                    digest,
+                    samples: 64,
+                    loss: 0.5,
+                    grad: Compressed::TopK { n: 3, idx: vec![0, 2], vals: vec![1.5, -2.0] },
+                }),
                 Message::Admit { certificate: b"PLCT\x01 a certificate's bytes".to_vec(), address: "/ip4/10.0.0.1/tcp/4001".into() },
                 Message::Members { members: vec![(0, "/ip4/10.0.0.1/tcp/4001".into()), (3, "/dns4/h/tcp/1".into())] },
             ];
@@ -80,6 +95,9 @@ fn check_round_trip(msg: &Message, limits: Limits, u: &mut Unstructured) {
                 WireError::WrongLength { .. } => "wrong length",
                 WireError::Malformed { field: "peer count", .. } => "too many peers",
                 WireError::Malformed { field: "peer indices", .. } => "not ascending",
+                WireError::Malformed { field: "int8 scales", .. } => "bad scale",
+                WireError::Malformed { field: "top-k count", .. } => "bad count",
+                WireError::Malformed { field: "top-k indices", .. } => "bad indices",
                 WireError::Malformed { field: "certificate length", .. } => "certificate too long",
                 WireError::Malformed { field: "member count", .. } => "too many members",
                 WireError::Malformed { field: "member indices", .. } => "members not ascending",
@@ -119,6 +137,24 @@ fn problem(msg: &Message, limits: Limits) -> Option<&'static str> {
             }
             s.optimizer.buffers.iter().find_map(|(_, b)| vector(b))
         }),
+        Message::Compressed(c) if !c.loss.is_finite() => Some("non-finite"),
+        Message::Compressed(c) if c.grad.len() != limits.params => Some("wrong length"),
+        Message::Compressed(c) => match &c.grad {
+            Compressed::Int8 { scales, .. } if scales.iter().any(|s| !(s.is_finite() && *s >= 0.0)) => {
+                Some("bad scale")
+            }
+            Compressed::Int8 { .. } => None,
+            Compressed::TopK { n, idx, .. } if idx.len() > *n as usize || (idx.is_empty() && *n > 0) => {
+                Some("bad count")
+            }
+            Compressed::TopK { n, idx, .. }
+                if !idx.windows(2).all(|w| w[0] < w[1]) || idx.last().is_some_and(|i| i >= n) =>
+            {
+                Some("bad indices")
+            }
+            Compressed::TopK { vals, .. } if vals.iter().any(|x| !x.is_finite()) => Some("non-finite"),
+            Compressed::TopK { .. } => None,
+        },
         Message::Received { peers, .. } if peers.len() > MAX_PEERS => Some("too many peers"),
         Message::Admit { certificate, .. } if certificate.len() > MAX_CERTIFICATE => {
             Some("certificate too long")
@@ -143,7 +179,7 @@ fn digest(u: &mut Unstructured) -> Result<Digest> {
 }
 
 fn message(u: &mut Unstructured, limits: Limits) -> Result<Message> {
-    Ok(match u.int_in_range(0..=13u8)? {
+    Ok(match u.int_in_range(0..=14u8)? {
         0 => Message::Gradient(GradientMsg {
             round: u.arbitrary()?,
             digest: digest(u)?,
@@ -190,7 +226,14 @@ fn message(u: &mut Unstructured, limits: Limits) -> Result<Message> {
         },
         9 => Message::Heartbeat,
         10 => Message::Resend { round: u.arbitrary()? },
-        11 => Message::Admit {
+        11 => Message::Compressed(CompressedMsg {
+            round: u.arbitrary()?,
+            digest: digest(u)?,
+            samples: u.arbitrary()?,
+            loss: f32::from_bits(u.arbitrary()?),
+            grad: compressed(u, limits)?,
+        }),
+        12 => Message::Admit {
             // Mostly a certificate's size; sometimes past the bound.
             certificate: {
                 let n = if u.ratio(1, 8)? {
@@ -202,7 +245,7 @@ fn message(u: &mut Unstructured, limits: Limits) -> Result<Message> {
             },
             address: u.arbitrary()?,
         },
-        12 => Message::Members {
+        13 => Message::Members {
             // Mostly ascending, as a node sends them; sometimes not, sometimes too many.
             members: {
                 let n = if u.ratio(1, 16)? {
@@ -221,4 +264,24 @@ fn message(u: &mut Unstructured, limits: Limits) -> Result<Message> {
         },
         _ => Message::Refused { reason: u.arbitrary()? },
     })
+}
+
+/// Int8 with one scale a block (any values), or top-k with mostly ascending indices below n
+/// and mostly as many values as indices.
+fn compressed(u: &mut Unstructured, limits: Limits) -> Result<Compressed> {
+    let n = if u.ratio(1, 8)? { u.int_in_range(0..=9)? } else { limits.params };
+    if u.arbitrary()? {
+        let scales =
+            (0..n.div_ceil(INT8_BLOCK)).map(|_| Ok(f32::from_bits(u.arbitrary()?))).collect::<Result<_>>()?;
+        let q = (0..n).map(|_| u.arbitrary()).collect::<Result<_>>()?;
+        return Ok(Compressed::Int8 { scales, q });
+    }
+    let mut idx: Vec<u32> = u.arbitrary()?;
+    if !u.ratio(1, 8)? {
+        idx.iter_mut().for_each(|i| *i %= (n as u32).max(1));
+        idx.sort_unstable();
+        idx.dedup();
+    }
+    let vals = (0..idx.len()).map(|_| Ok(f32::from_bits(u.arbitrary()?))).collect::<Result<_>>()?;
+    Ok(Compressed::TopK { n: n as u32, idx, vals })
 }

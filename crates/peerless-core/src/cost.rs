@@ -118,6 +118,66 @@ impl Prices {
     }
 }
 
+/// Lambda's smallest and largest memory sizes, MB.
+pub const LAMBDA_MEMORY_MB: std::ops::RangeInclusive<u64> = 128..=10_240;
+
+/// The memory size at which Lambda gives a function one full vCPU, MB (CPU is in
+/// proportion to memory below it).
+pub const ONE_VCPU_MB: u64 = 1_769;
+
+/// What a function's measured peak memory says about the size it is configured with.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RightSizing {
+    /// The largest "Max Memory Used" measured, MB.
+    pub peak_mb: u64,
+    /// The configured size, MB.
+    pub configured_mb: u64,
+    /// The smallest Lambda size that holds the peak with a fifth to spare, in 64 MB steps.
+    pub suggested_mb: u64,
+}
+
+impl RightSizing {
+    /// The sizing for a function that peaked at `peak_mb` and is configured with
+    /// `configured_mb`.
+    pub fn new(peak_mb: u64, configured_mb: u64) -> RightSizing {
+        let with_headroom = peak_mb.saturating_mul(6).div_ceil(5);
+        let suggested = with_headroom.div_ceil(64).saturating_mul(64);
+        let suggested_mb = suggested.clamp(*LAMBDA_MEMORY_MB.start(), *LAMBDA_MEMORY_MB.end());
+        RightSizing { peak_mb, configured_mb, suggested_mb }
+    }
+
+    /// The duration charge at the suggested size for the same billed milliseconds, as a
+    /// share of the configured size's (request charges are the same at any size).
+    pub fn duration_charge_ratio(&self) -> f64 {
+        self.suggested_mb as f64 / self.configured_mb.max(1) as f64
+    }
+
+    /// How much longer a compute-bound invocation would run at the suggested size than at
+    /// the configured one, because Lambda gives CPU in proportion to memory up to one vCPU at
+    /// [`ONE_VCPU_MB`] (more memory adds vCPUs a single-threaded function cannot use).
+    pub fn slowdown(&self) -> f64 {
+        let cpu = |mb: u64| mb.min(ONE_VCPU_MB) as f64 / ONE_VCPU_MB as f64;
+        cpu(self.configured_mb) / cpu(self.suggested_mb)
+    }
+
+    /// One sentence for reports and `peerless invoke`.
+    pub fn describe(&self) -> String {
+        format!(
+            "functions peaked at {} MB; the smallest Lambda size with 20 % headroom is {} MB (configured {} MB): \
+             the same billed time costs {:.1} % of the duration charge there, but Lambda gives CPU in proportion \
+             to memory (one vCPU at {} MB), so a compute-bound invocation runs about {:.1}× longer and costs about \
+             {:.0} % as much",
+            self.peak_mb,
+            self.suggested_mb,
+            self.configured_mb,
+            self.duration_charge_ratio() * 100.0,
+            ONE_VCPU_MB,
+            self.slowdown(),
+            self.duration_charge_ratio() * self.slowdown() * 100.0
+        )
+    }
+}
+
 /// Lambda rounds duration up to the next millisecond.
 pub fn billed_ms(duration_us: u64) -> u64 {
     duration_us.div_ceil(1000).max(1)
@@ -166,5 +226,19 @@ mod tests {
         let p = PriceTable::default().prices().unwrap();
         assert_eq!(p.node_pico(3_600_000), 72_500_000_000);
         assert_eq!(pico_to_micro(p.node_pico(3_600_000)), 72_500);
+    }
+
+    #[test]
+    fn right_sizing_keeps_a_fifth_of_headroom_in_64_mb_steps_and_prices_the_cpu_share() {
+        let r = RightSizing::new(43, 1769);
+        assert_eq!(r.suggested_mb, 128, "Lambda's floor");
+        assert!((r.duration_charge_ratio() - 128.0 / 1769.0).abs() < 1e-12);
+        assert!((r.slowdown() - 1769.0 / 128.0).abs() < 1e-9);
+        assert_eq!(RightSizing::new(300, 1769).suggested_mb, 384, "300 × 1.2 = 360 → 384");
+        assert_eq!(RightSizing::new(320, 1769).suggested_mb, 384, "exactly 384");
+        assert_eq!(RightSizing::new(9_000, 1769).suggested_mb, 10_240, "Lambda's ceiling");
+        // Above one vCPU more memory adds no CPU for one thread.
+        assert!((RightSizing::new(1_000, 3_008).slowdown() - 1769.0 / 1216.0).abs() < 1e-9);
+        assert!(r.describe().contains("128 MB (configured 1769 MB)"), "{}", r.describe());
     }
 }

@@ -11,6 +11,7 @@
 //! - [`wire`] — the peer-to-peer messages and their validating codec.
 //! - [`aggregate`] — aggregation rules behind one trait.
 //! - [`attack`] — Byzantine behaviour of a node, for experiments.
+//! - [`compress`] — int8 and top-k gradient compression with error feedback.
 //! - [`protocol`] — what the protocols share: node index, round deadline, events.
 //! - [`p2p`] — the P2P round protocol as an I/O-free state machine.
 //! - [`ps`] — the parameter server's round protocol, likewise.
@@ -24,6 +25,7 @@
 pub mod admission;
 pub mod aggregate;
 pub mod attack;
+pub mod compress;
 pub mod cost;
 pub mod flat;
 pub mod function;

@@ -11,6 +11,7 @@
 //! (a property test feeds it arbitrary bytes). Round numbers are checked by the state machine,
 //! which knows the current round.
 
+use crate::compress::{Compressed, INT8_BLOCK};
 use crate::flat::Digest;
 use crate::optim::OptimizerState;
 
@@ -21,6 +22,9 @@ const MAGIC: &[u8; 4] = b"PLS1";
 pub enum Message {
     /// A peer's aggregated gradient `G_i^r` for round `round`.
     Gradient(GradientMsg),
+    /// The same, compressed (`p2p.compression`); receivers densify it into a
+    /// [`Message::Gradient`] ([`CompressedMsg::densify`]) before anything else sees it.
+    Compressed(CompressedMsg),
     /// "I take part from round `round` on" (after a join or a resynchronisation).
     Join {
         /// First round the sender will contribute to.
@@ -99,6 +103,34 @@ pub struct GradientMsg {
     pub loss: f32,
     /// The gradient (mean over the sender's batches).
     pub grad: Vec<f32>,
+}
+
+/// One peer's compressed gradient for one round.
+#[derive(Debug, Clone, PartialEq)]
+pub struct CompressedMsg {
+    /// Round (= model version the gradient was computed at).
+    pub round: u64,
+    /// Digest of the sender's parameters at that version.
+    pub digest: Digest,
+    /// Samples behind the gradient.
+    pub samples: u64,
+    /// Mean training loss over those samples.
+    pub loss: f32,
+    /// The gradient, compressed.
+    pub grad: Compressed,
+}
+
+impl CompressedMsg {
+    /// The gradient message every receiver sees: the same dense bits the sender kept.
+    pub fn densify(&self) -> GradientMsg {
+        GradientMsg {
+            round: self.round,
+            digest: self.digest,
+            samples: self.samples,
+            loss: self.loss,
+            grad: self.grad.densify(),
+        }
+    }
 }
 
 /// A peer's full training state at the start of round `round`.
@@ -198,8 +230,15 @@ mod kind {
     pub const RECEIVED: u8 = 10;
     pub const HEARTBEAT: u8 = 11;
     pub const RESEND: u8 = 12;
-    pub const ADMIT: u8 = 13;
-    pub const MEMBERS: u8 = 14;
+    pub const COMPRESSED: u8 = 13;
+    pub const ADMIT: u8 = 14;
+    pub const MEMBERS: u8 = 15;
+}
+
+/// The codec byte of a [`Message::Compressed`].
+mod codec {
+    pub const INT8: u8 = 1;
+    pub const TOP_K: u8 = 2;
 }
 
 /// Most members a [`Message::Members`] may list.
@@ -223,6 +262,28 @@ pub fn encode(msg: &Message) -> Vec<u8> {
             w.u64(g.samples);
             w.f32(g.loss);
             w.vec(&g.grad);
+        }
+        Message::Compressed(c) => {
+            w.u8(kind::COMPRESSED);
+            w.u64(c.round);
+            w.0.extend_from_slice(&c.digest.0);
+            w.u64(c.samples);
+            w.f32(c.loss);
+            match &c.grad {
+                Compressed::Int8 { scales, q } => {
+                    w.u8(codec::INT8);
+                    w.u32(q.len() as u32);
+                    w.0.extend(scales.iter().flat_map(|x| x.to_le_bytes()));
+                    w.0.extend(q.iter().map(|&x| x as u8));
+                }
+                Compressed::TopK { n, idx, vals } => {
+                    w.u8(codec::TOP_K);
+                    w.u32(*n);
+                    w.u32(idx.len() as u32);
+                    w.0.extend(idx.iter().flat_map(|x| x.to_le_bytes()));
+                    w.0.extend(vals.iter().flat_map(|x| x.to_le_bytes()));
+                }
+            }
         }
         Message::Join { round } => {
             w.u8(kind::JOIN);
@@ -298,6 +359,10 @@ pub fn encode(msg: &Message) -> Vec<u8> {
 fn payload_len(msg: &Message) -> usize {
     match msg {
         Message::Gradient(g) => g.grad.len() * 4,
+        Message::Compressed(c) => match &c.grad {
+            Compressed::Int8 { scales, q } => scales.len() * 4 + q.len(),
+            Compressed::TopK { idx, .. } => idx.len() * 8,
+        },
         Message::Params(p) => p.params.len() * 4,
         Message::Received { peers, .. } => peers.len() * 4,
         Message::State(s) => {
@@ -321,6 +386,14 @@ pub fn decode(bytes: &[u8], limits: Limits) -> Result<Message, WireError> {
             let loss = r.f32("loss")?;
             let grad = r.vec("gradient", limits.params)?;
             Message::Gradient(GradientMsg { round, digest, samples, loss, grad })
+        }
+        kind::COMPRESSED => {
+            let round = r.u64("round")?;
+            let digest = r.digest()?;
+            let samples = r.u64("samples")?;
+            let loss = r.f32("loss")?;
+            let grad = r.compressed(limits.params)?;
+            Message::Compressed(CompressedMsg { round, digest, samples, loss, grad })
         }
         kind::JOIN => Message::Join { round: r.u64("round")? },
         kind::FINAL => Message::Final { round: r.u64("round")?, digest: r.digest()? },
@@ -505,12 +578,48 @@ impl<'a> Reader<'a> {
         }
         Ok(peers)
     }
-    fn vec(&mut self, field: &str, expected: usize) -> Result<Vec<f32>, WireError> {
+    /// A codec byte, the dense length (the model's), then the codec's fields, all checked:
+    /// int8 scales finite and non-negative; top-k indices strictly ascending below the length,
+    /// at least one and at most the length of them, values finite.
+    fn compressed(&mut self, params: usize) -> Result<Compressed, WireError> {
+        let codec = self.u8("codec")?;
         let n = self.u32("vector length")? as usize;
-        if n != expected {
-            return Err(WireError::WrongLength { field: field.into(), got: n, expected });
+        if n != params {
+            return Err(WireError::WrongLength { field: "gradient".into(), got: n, expected: params });
         }
-        let raw = self.take("vector data", n * 4)?;
+        let malformed = |field, reason: String| WireError::Malformed { field, reason };
+        match codec {
+            codec::INT8 => {
+                let raw = self.take("int8 scales", n.div_ceil(INT8_BLOCK) * 4)?;
+                let scales = crate::flat::from_le_bytes(raw).expect("invariant: a multiple of 4 bytes");
+                if let Some(s) = scales.iter().find(|s| !(s.is_finite() && **s >= 0.0)) {
+                    return Err(malformed("int8 scales", format!("scale {s} is not finite and ≥ 0")));
+                }
+                let q = self.take("int8 values", n)?.iter().map(|&b| b as i8).collect();
+                Ok(Compressed::Int8 { scales, q })
+            }
+            codec::TOP_K => {
+                let k = self.u32("top-k count")? as usize;
+                if k > n || (k == 0 && n > 0) {
+                    return Err(malformed("top-k count", format!("{k} of {n} elements")));
+                }
+                let raw = self.take("top-k indices", k * 4)?;
+                let idx: Vec<u32> =
+                    raw.chunks_exact(4).map(|c| u32::from_le_bytes(c.try_into().expect("4 bytes"))).collect();
+                if !idx.windows(2).all(|w| w[0] < w[1]) || idx.last().is_some_and(|&i| i as usize >= n) {
+                    return Err(malformed("top-k indices", format!("not strictly ascending below {n}")));
+                }
+                let vals = self.floats("top-k values", "top-k values", k)?;
+                Ok(Compressed::TopK { n: n as u32, idx, vals })
+            }
+            other => Err(malformed("codec", format!("unknown codec {other}"))),
+        }
+    }
+
+    /// `n` finite `f32`s, without a length prefix (`field` names them in errors, `part` in
+    /// truncation errors).
+    fn floats(&mut self, field: &str, part: &'static str, n: usize) -> Result<Vec<f32>, WireError> {
+        let raw = self.take(part, n * 4)?;
         // Converted, then checked: two loops that vectorize, where one loop that stops at the
         // first bad value does not.
         let v = crate::flat::from_le_bytes(raw).expect("invariant: a multiple of 4 bytes");
@@ -521,6 +630,14 @@ impl<'a> Reader<'a> {
             }
             Err(e) => unreachable!("check_finite reports only non-finite values: {e}"),
         }
+    }
+
+    fn vec(&mut self, field: &str, expected: usize) -> Result<Vec<f32>, WireError> {
+        let n = self.u32("vector length")? as usize;
+        if n != expected {
+            return Err(WireError::WrongLength { field: field.into(), got: n, expected });
+        }
+        self.floats(field, "vector data", n)
     }
 }
 
@@ -565,7 +682,49 @@ mod tests {
             Message::Admit { certificate: vec![], address: String::new() },
             Message::Members { members: vec![(0, "/ip4/10.0.0.1/tcp/4001".into()), (2, String::new())] },
             Message::Members { members: vec![] },
+            compressed(Compressed::Int8 { scales: vec![0.02], q: vec![-127, 0, 5, 127, 1] }),
+            compressed(Compressed::TopK { n: 5, idx: vec![1, 4], vals: vec![-2.0, 3.5] }),
         ]
+    }
+
+    fn compressed(grad: Compressed) -> Message {
+        Message::Compressed(CompressedMsg {
+            round: 7,
+            digest: Digest([3; 32]),
+            samples: 64,
+            loss: 0.25,
+            grad,
+        })
+    }
+
+    #[test]
+    fn compressed_gradients_are_checked_and_densify_as_the_sender_kept_them() {
+        let refused = [
+            (Compressed::Int8 { scales: vec![-1.0], q: vec![0; 5] }, "scale -1"),
+            (Compressed::Int8 { scales: vec![f32::NAN], q: vec![0; 5] }, "scale NaN"),
+            (Compressed::TopK { n: 5, idx: vec![3, 1], vals: vec![1.0, 1.0] }, "not strictly ascending"),
+            (Compressed::TopK { n: 5, idx: vec![1, 5], vals: vec![1.0, 1.0] }, "below 5"),
+            (Compressed::TopK { n: 5, idx: vec![], vals: vec![] }, "0 of 5"),
+            (Compressed::TopK { n: 5, idx: vec![0], vals: vec![f32::INFINITY] }, "non-finite"),
+            (Compressed::TopK { n: 6, idx: vec![0], vals: vec![1.0] }, "the model has 5"),
+        ];
+        for (grad, why) in refused {
+            let err = decode(&encode(&compressed(grad.clone())), L).unwrap_err().to_string();
+            assert!(err.contains(why), "{grad:?}: {err}");
+        }
+        let m = CompressedMsg {
+            round: 2,
+            digest: Digest([1; 32]),
+            samples: 8,
+            loss: 1.0,
+            grad: Compressed::TopK { n: 5, idx: vec![0, 3], vals: vec![0.5, -1.0] },
+        };
+        assert_eq!(m.densify().grad, vec![0.5, 0.0, 0.0, -1.0, 0.0]);
+        // Dense: a length and 4 bytes an element; top-k: a codec byte, the length, a count
+        // and 8 bytes a kept element.
+        let dense = encode(&Message::Gradient(m.densify())).len();
+        let sparse = encode(&Message::Compressed(m)).len();
+        assert_eq!(sparse + (4 + 5 * 4), dense + (1 + 4 + 4 + 2 * 8));
     }
 
     #[test]

@@ -67,6 +67,9 @@ pub struct Checkpoint {
     pub rng: [u64; 4],
     /// Training wall time up to this checkpoint, seconds (so resumed runs report the total).
     pub wall_s: f64,
+    /// What this node computed but has not sent yet (`p2p.compression`'s error feedback);
+    /// `None` without compression. Tensor `error_feedback`.
+    pub error_feedback: Option<Vec<f32>>,
 }
 
 fn f32_bytes(v: &[f32]) -> Vec<u8> {
@@ -80,6 +83,9 @@ impl Checkpoint {
             vec![("params".into(), f32_bytes(&self.params), self.params.len())];
         for (name, buf) in &self.optimizer.buffers {
             owned.push((format!("optim.{name}"), f32_bytes(buf), buf.len()));
+        }
+        if let Some(e) = &self.error_feedback {
+            owned.push(("error_feedback".into(), f32_bytes(e), e.len()));
         }
         let views = owned.iter().map(|(name, bytes, n)| {
             let view =
@@ -160,6 +166,19 @@ impl Checkpoint {
             }
             buffers.push((name.to_string(), buf));
         }
+        let error_feedback = match tensors.names().contains(&"error_feedback") {
+            false => None,
+            true => {
+                let e = read("error_feedback")?;
+                if e.len() != params.len() || e.iter().any(|v| !v.is_finite()) {
+                    return Err(corrupt(format!(
+                        "error_feedback must hold {} finite values, the parameters' count",
+                        params.len()
+                    )));
+                }
+                Some(e)
+            }
+        };
         let wall_s: f64 = get("wall_s")?.parse().map_err(|e| corrupt(format!("metadata wall_s: {e}")))?;
         if !(wall_s.is_finite() && wall_s >= 0.0) {
             return Err(corrupt(format!("metadata wall_s = {wall_s}: must be a finite number of seconds")));
@@ -173,6 +192,7 @@ impl Checkpoint {
             optimizer: OptimizerState { kind: get("optim.kind")?, steps: num("optim.steps")?, buffers },
             rng,
             wall_s,
+            error_feedback,
         })
     }
 
@@ -234,6 +254,7 @@ mod tests {
             },
             rng: [1, 2, u64::MAX, 4],
             wall_s: 12.5,
+            error_feedback: Some(vec![0.0, -1e-3, 2.0]),
         }
     }
 
@@ -275,6 +296,10 @@ mod tests {
         for wall_s in [f64::NAN, f64::INFINITY, -1.0] {
             refused(&Checkpoint { wall_s, ..sample() }, "wall_s");
         }
+        refused(&Checkpoint { error_feedback: Some(vec![0.0]), ..sample() }, "error_feedback");
+        refused(&Checkpoint { error_feedback: Some(vec![0.0, f32::NAN, 1.0]), ..sample() }, "error_feedback");
+        let plain = Checkpoint { error_feedback: None, ..sample() };
+        assert_eq!(Checkpoint::from_bytes(&plain.to_bytes(), Path::new("ck")).unwrap(), plain);
         let mut ck = sample();
         ck.optimizer.buffers[0].1[1] = f32::NAN;
         refused(&ck, "optimizer buffer \"momentum\" value 1 is NaN");

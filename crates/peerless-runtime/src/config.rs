@@ -25,7 +25,7 @@ macro_rules! display_as_toml_name {
         }
     )*};
 }
-display_as_toml_name!(TrainArch, Compute, Aggregation, PsModeName, SyncMode);
+display_as_toml_name!(TrainArch, Compute, Aggregation, PsModeName, SyncMode, CompressionName);
 
 /// Parses a configuration enum from the name its TOML uses (`"p2p"`, `"in-store"`, `"async"`):
 /// one spelling for files and flags, the error listing the names allowed.
@@ -400,6 +400,25 @@ pub struct P2pConfig {
     pub outer_lr: f64,
     /// `diloco`: Nesterov momentum of the outer optimizer, in `[0, 1)`.
     pub outer_momentum: f64,
+    /// What a node sends of its gradient (or DiLoCo delta), P2P and PS alike: `none`
+    /// (dense), `int8` (one byte an element, a scale per block) or `topk` (the `topk_fraction`
+    /// largest); what is left out is kept per node and added to the next one (error feedback).
+    pub compression: CompressionName,
+    /// `topk`: the share of elements sent, in `(0, 1]`.
+    pub topk_fraction: f64,
+}
+
+/// `p2p.compression`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum CompressionName {
+    /// Dense `f32`.
+    #[default]
+    None,
+    /// int8 with a scale per block of 1024.
+    Int8,
+    /// Top-k by magnitude.
+    Topk,
 }
 
 /// `p2p.sync`.
@@ -423,6 +442,8 @@ impl Default for P2pConfig {
             inner_steps: 50,
             outer_lr: 0.7,
             outer_momentum: 0.9,
+            compression: CompressionName::None,
+            topk_fraction: 0.01,
         }
     }
 }
@@ -441,7 +462,20 @@ impl P2pConfig {
         if !(0.0..1.0).contains(&self.outer_momentum) {
             return Err(invalid("p2p.outer_momentum", self.outer_momentum, "must be in [0, 1)"));
         }
+        if !(self.topk_fraction > 0.0 && self.topk_fraction <= 1.0) {
+            return Err(invalid("p2p.topk_fraction", self.topk_fraction, "must be in (0, 1]"));
+        }
         Ok(())
+    }
+
+    /// The compression nodes apply to what they send.
+    pub fn compression(&self) -> peerless_core::compress::Compression {
+        use peerless_core::compress::Compression;
+        match self.compression {
+            CompressionName::None => Compression::None,
+            CompressionName::Int8 => Compression::Int8,
+            CompressionName::Topk => Compression::TopK { fraction: self.topk_fraction },
+        }
     }
 
     /// Local steps per round: `inner_steps` under DiLoCo, else 1.
@@ -718,11 +752,9 @@ mod tests {
         cfg.train.eval_every = 18_446_743_409_740_954_912;
         let err = cfg.validate().unwrap_err().to_string();
         assert!(err.starts_with("train.eval_every = 18446743409740954912: must be at most"), "{err}");
-        let mut cfg = RunConfig::default();
-        cfg.seed = u64::MAX;
+        let cfg = RunConfig { seed: u64::MAX, ..RunConfig::default() };
         assert!(cfg.validate().unwrap_err().to_string().starts_with("seed = "));
-        let mut cfg = RunConfig::default();
-        cfg.seed = i64::MAX as u64;
+        let cfg = RunConfig { seed: i64::MAX as u64, ..RunConfig::default() };
         cfg.validate().unwrap();
         assert_eq!(RunConfig::from_toml(&cfg.to_toml(), "x").unwrap(), cfg);
         let mut cfg = RunConfig::default();

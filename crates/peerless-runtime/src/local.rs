@@ -392,6 +392,7 @@ impl<'a> Training<'a> {
             optimizer: self.optimizer.state(),
             rng,
             wall_s: self.wall_before + self.started.elapsed().as_secs_f64(),
+            error_feedback: None,
         }
         .save(&dir.checkpoint_path())?;
         dir.record(&LocalEvent::Checkpoint { round })?;

@@ -15,7 +15,7 @@
 //! cluster.nodes = 4
 //!
 //! [[fault]]
-//! kind = "kill"                       # kill | stop | straggle | partition | delay | byzantine
+//! kind = "kill"                       # kill | stop | straggle | partition | delay | bandwidth | byzantine
 //! targets = ["node:1"]                # node:i (peer i / worker i), peer:i, worker:i, ps
 //! at_round = 60                       # or at_s = 12.5 (seconds after the launch)
 //! restart_after_s = 5                 # kill: start it again (a peer rejoins with --join)
@@ -38,6 +38,10 @@
 //! - `partition`: the targets are cut off from every other node for `duration_s` (or to the
 //!   end): existing connections are closed and new ones refused by the fault proxy.
 //! - `delay`: every byte to or from the targets is delivered `delay_ms` late.
+//! - `bandwidth`: each direction of every link to or from the targets carries at most
+//!   `rate_mbit` megabits per second (a link's bytes leave one after another at that rate;
+//!   with a `delay` too, they then arrive `delay_ms` later), for `duration_s` or to the end.
+//!   Targets `["node:0", "node:1", …]` cap every link of those nodes.
 //! - `byzantine`: the targets (peers or workers, never the PS) misbehave from `at_round` on
 //!   with `attack = "sign-flip" | "gaussian" | "label-flip" | "nan" | "wrong-length" |
 //!   "replay"` ([`peerless_core::attack`]). The launcher writes the attack into their node
@@ -121,6 +125,8 @@ pub enum FaultKind {
     Partition,
     /// Deliver the targets' traffic late.
     Delay,
+    /// Cap the rate of the targets' links.
+    Bandwidth,
     /// Make the targets Byzantine: they send attacked gradients from `at_round` on.
     Byzantine,
     /// A seeded random stream of `kill`, `stop` and `partition` faults, one every `every_s`.
@@ -136,6 +142,7 @@ impl FaultKind {
             FaultKind::Straggle => "straggle",
             FaultKind::Partition => "partition",
             FaultKind::Delay => "delay",
+            FaultKind::Bandwidth => "bandwidth",
             FaultKind::Byzantine => "byzantine",
             FaultKind::Churn => "churn",
         }
@@ -167,6 +174,9 @@ pub struct FaultSpec {
     /// `delay`: added latency, ms.
     #[serde(default)]
     pub delay_ms: Option<u64>,
+    /// `bandwidth`: megabits per second each direction of a capped link carries.
+    #[serde(default)]
+    pub rate_mbit: Option<f64>,
     /// `straggle`: stopped for this long …
     #[serde(default)]
     pub stop_ms: Option<u64>,
@@ -255,6 +265,7 @@ impl FaultSpec {
         };
         only("restart_after_s", self.restart_after_s.is_some(), &[FaultKind::Kill])?;
         only("delay_ms", self.delay_ms.is_some(), &[FaultKind::Delay])?;
+        only("rate_mbit", self.rate_mbit.is_some(), &[FaultKind::Bandwidth])?;
         only("stop_ms", self.stop_ms.is_some(), &[FaultKind::Straggle])?;
         only("period_ms", self.period_ms.is_some(), &[FaultKind::Straggle])?;
         only("attack", self.attack.is_some(), &[FaultKind::Byzantine])?;
@@ -264,7 +275,14 @@ impl FaultSpec {
         only(
             "duration_s",
             self.duration_s.is_some(),
-            &[FaultKind::Stop, FaultKind::Straggle, FaultKind::Partition, FaultKind::Delay, FaultKind::Churn],
+            &[
+                FaultKind::Stop,
+                FaultKind::Straggle,
+                FaultKind::Partition,
+                FaultKind::Delay,
+                FaultKind::Bandwidth,
+                FaultKind::Churn,
+            ],
         )
     }
 
@@ -310,6 +328,9 @@ impl FaultSpec {
             },
             FaultKind::Delay if !self.delay_ms.is_some_and(|d| (1..=60_000).contains(&d)) => {
                 "needs delay_ms in 1..=60000"
+            }
+            FaultKind::Bandwidth if !self.rate_mbit.is_some_and(|r| (0.001..=1e6).contains(&r)) => {
+                "needs rate_mbit in 0.001..=1000000 (megabits per second)"
             }
             FaultKind::Byzantine if self.attack.is_none() => {
                 "needs attack: sign-flip, gaussian, label-flip, nan, wrong-length or replay"
@@ -588,6 +609,15 @@ period_ms = 200
             ("[[fault]]\nkind = \"kill\"\ntargets = [\"node:1\"]\n", "give at_round or at_s"),
             ("[[fault]]\nkind = \"stop\"\ntargets = [\"node:1\"]\nat_s = 1\n", "needs duration_s"),
             ("[[fault]]\nkind = \"delay\"\ntargets = [\"node:1\"]\nat_s = 1\n", "needs delay_ms"),
+            ("[[fault]]\nkind = \"bandwidth\"\ntargets = [\"node:1\"]\nat_s = 1\n", "needs rate_mbit"),
+            (
+                "[[fault]]\nkind = \"bandwidth\"\ntargets = [\"node:1\"]\nat_s = 1\nrate_mbit = 0.0\n",
+                "needs rate_mbit",
+            ),
+            (
+                "[[fault]]\nkind = \"delay\"\ntargets = [\"node:1\"]\nat_s = 1\ndelay_ms = 5\nrate_mbit = 5\n",
+                "rate_mbit does not apply",
+            ),
             (
                 "[[fault]]\nkind = \"kill\"\ntargets = [\"node:1\"]\nat_s = 1\ndelay_ms = 3\n",
                 "does not apply",

@@ -5,7 +5,9 @@ use std::path::PathBuf;
 
 use clap::{Args, Parser, Subcommand};
 use peerless_ml::DatasetName;
-use peerless_runtime::config::{Aggregation, Compute, PsModeName, SyncMode, TrainArch, parse_name};
+use peerless_runtime::config::{
+    Aggregation, CompressionName, Compute, PsModeName, SyncMode, TrainArch, parse_name,
+};
 
 /// peerless: serverless peer-to-peer ML training, and the parameter-server baseline it is
 /// measured against.
@@ -234,6 +236,10 @@ pub struct TrainArgs {
     /// `p2p.outer_lr`: DiLoCo's outer learning rate (SGD with Nesterov momentum).
     #[arg(long)]
     pub outer_lr: Option<f64>,
+    /// `p2p.compression`: what nodes send of a gradient or delta: `none`, `int8` or `topk`
+    /// (the `p2p.topk_fraction` largest), with error feedback.
+    #[arg(long, value_parser = parse_name::<CompressionName>)]
+    pub compression: Option<CompressionName>,
 }
 
 /// `peerless bench p2p`.
@@ -403,6 +409,11 @@ pub struct BenchInvokeArgs {
     /// Cold starts measured.
     #[arg(long, default_value_t = 30)]
     pub cold: usize,
+    /// Instead: the gradient function at each of these Lambda memory sizes (MB,
+    /// comma-separated, e.g. `128,512,1024,1769`), its instances held to the CPU share Lambda
+    /// gives the size (a cgroup CPU quota; needs root), with each size's duration and cost.
+    #[arg(long, value_delimiter = ',')]
+    pub memory_sizes: Vec<u64>,
     /// Also write the results as JSON to this file.
     #[arg(long)]
     pub json: Option<PathBuf>,

@@ -27,6 +27,7 @@ pub fn started_as_lambda_bootstrap() -> bool {
 /// It needs Lambda's environment (`AWS_LAMBDA_RUNTIME_API`, …), which the function runtime
 /// (or AWS Lambda) sets.
 pub fn run_function() -> Result<ExitCode> {
+    crate::bench::sizes::join_cgroup_from_env()?;
     // One thread, like one Lambda vCPU; a current-thread runtime also starts fastest.
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().context("tokio runtime")?;
     rt.block_on(function::serve(handlers()))?;
@@ -81,6 +82,10 @@ pub fn run_invoke(args: InvokeArgs) -> Result<ExitCode> {
         }
         for rec in &inv.attempts {
             println!("{}", serde_json::to_string(rec)?);
+        }
+        if let Some(peak) = inv.attempts.iter().map(|r| r.max_memory_mb).max().filter(|&m| m > 0) {
+            let configured = inv.attempts.iter().map(|r| r.memory_mb).max().unwrap_or(peak);
+            eprintln!("right-sizing: {}", peerless_core::cost::RightSizing::new(peak, configured).describe());
         }
         if let Some(path) = &args.ledger {
             function::metrics::write_ledger_csv(path, &runtime.ledger())
@@ -183,47 +188,78 @@ const GRADIENT_WARMUP: usize = 5;
 ///
 /// Direct calls and invocations alternate, so both see the same machine load; the first 5
 /// invocations (cold start, dataset load, parameter fetch) are not counted.
-async fn bench_gradient(runtime: &LocalRuntime, n: usize) -> Result<GradientBench> {
-    use peerless_core::flat::{digest, to_le_bytes};
-    use peerless_core::function::{GradientRequest, GradientResponse, OutputMode, StoreRef};
-    use peerless_ml::{Arch, Backend, DatasetName, Model, ModelSpec};
-    use peerless_runtime::store::{RedisStore, Store, embedded::EmbeddedServer};
+/// The gradient function's benchmark input: an embedded store holding the MLP's initial
+/// parameters, and a request for one batch of 64 (MNIST when present, else digits).
+pub(crate) struct GradientFixture {
+    server: peerless_runtime::store::embedded::EmbeddedHandle,
+    request: peerless_core::function::GradientRequest,
+    model: peerless_ml::Model,
+    params: Vec<f32>,
+    batch: peerless_ml::Batch,
+    dataset: String,
+}
 
-    let data_dir = crate::common::data_dir(None);
-    let (name, split) = match peerless_ml::data::load(DatasetName::Mnist, &data_dir) {
-        Ok(split) => (DatasetName::Mnist, split),
-        Err(_) => (DatasetName::Digits, peerless_ml::data::load(DatasetName::Digits, &data_dir)?),
-    };
-    let model = Model::new(ModelSpec::new(Arch::Mlp, split.train.shape, split.train.classes), Backend::Auto)?;
-    let params = model.init(0);
-    let indices: Vec<u32> = (0..64).collect();
-    let batch = split.train.gather(&indices.iter().map(|&i| i as usize).collect::<Vec<_>>())?;
-    let server = EmbeddedServer::spawn(([127, 0, 0, 1], 0).into(), Some("bench".into()))?;
-    let store = RedisStore::connect(&server.url()).await?;
-    store.put("params/0", &to_le_bytes(&params)).await?;
-    let request = GradientRequest {
-        node: "bench".into(),
-        round: 0,
-        batch: 0,
-        attempt: 0,
-        model: model.id(),
-        backend: "auto".into(),
-        params_key: "params/0".into(),
-        params_digest: digest(&params).to_string(),
-        dataset: name.to_string(),
-        data_dir: data_dir.display().to_string(),
-        indices,
-        output_key: "grad/bench".into(),
-        output_mode: OutputMode::Accumulate,
-        store: StoreRef { url: server.url() },
-        // As the nodes ask: no digest of the gradient.
-        return_digest: false,
-        flip_labels: false,
-        inner: None,
-    };
+impl GradientFixture {
+    pub(crate) async fn new() -> Result<GradientFixture> {
+        use peerless_core::flat::{digest, to_le_bytes};
+        use peerless_core::function::{GradientRequest, OutputMode, StoreRef};
+        use peerless_ml::{Arch, Backend, DatasetName, Model, ModelSpec};
+        use peerless_runtime::store::{RedisStore, Store, embedded::EmbeddedServer};
+
+        let data_dir = crate::common::data_dir(None);
+        let (name, split) = match peerless_ml::data::load(DatasetName::Mnist, &data_dir) {
+            Ok(split) => (DatasetName::Mnist, split),
+            Err(_) => (DatasetName::Digits, peerless_ml::data::load(DatasetName::Digits, &data_dir)?),
+        };
+        let model =
+            Model::new(ModelSpec::new(Arch::Mlp, split.train.shape, split.train.classes), Backend::Auto)?;
+        let params = model.init(0);
+        let indices: Vec<u32> = (0..64).collect();
+        let batch = split.train.gather(&indices.iter().map(|&i| i as usize).collect::<Vec<_>>())?;
+        let server = EmbeddedServer::spawn(([127, 0, 0, 1], 0).into(), Some("bench".into()))?;
+        let store = RedisStore::connect(&server.url()).await?;
+        store.put("params/0", &to_le_bytes(&params)).await?;
+        let request = GradientRequest {
+            node: "bench".into(),
+            round: 0,
+            batch: 0,
+            attempt: 0,
+            model: model.id(),
+            backend: "auto".into(),
+            params_key: "params/0".into(),
+            params_digest: digest(&params).to_string(),
+            dataset: name.to_string(),
+            data_dir: data_dir.display().to_string(),
+            indices,
+            output_key: "grad/bench".into(),
+            output_mode: OutputMode::Accumulate,
+            store: StoreRef { url: server.url() },
+            // As the nodes ask: no digest of the gradient.
+            return_digest: false,
+            flip_labels: false,
+            inner: None,
+        };
+        Ok(GradientFixture { server, request, model, params, batch, dataset: name.to_string() })
+    }
+
+    /// The request of batch `batch` (its slot in the store's sum), as JSON.
+    pub(crate) fn payload(&self, batch: u32) -> Result<Value> {
+        let req = peerless_core::function::GradientRequest { batch, ..self.request.clone() };
+        Ok(serde_json::to_value(req)?)
+    }
+
+    pub(crate) async fn shutdown(self) {
+        self.server.shutdown().await;
+    }
+}
+
+async fn bench_gradient(runtime: &LocalRuntime, n: usize) -> Result<GradientBench> {
+    use peerless_core::function::GradientResponse;
+
+    let fx = GradientFixture::new().await?;
     let mut times = GradientTimes::new(n);
     for i in 0..(n + GRADIENT_WARMUP) {
-        let payload = serde_json::to_value(GradientRequest { batch: i as u32, ..request.clone() })?;
+        let payload = fx.payload(i as u32)?;
         let t = Instant::now();
         let inv = runtime.invoke("gradient", payload, InvokeCtx::new("bench", 0, i as u32)).await?;
         let us = t.elapsed().as_secs_f64() * 1e6;
@@ -235,15 +271,16 @@ async fn bench_gradient(runtime: &LocalRuntime, n: usize) -> Result<GradientBenc
         times.follow_instance(i, inv.pid);
         let cpu_before = times.main_thread_cpu_ns();
         let t = Instant::now();
-        std::hint::black_box(model.loss_and_grad(&params, &batch)?);
+        std::hint::black_box(fx.model.loss_and_grad(&fx.params, &fx.batch)?);
         let elapsed = t.elapsed();
         if i >= GRADIENT_WARMUP {
             times.push(elapsed.as_secs_f64() * 1e6, us, answer.compute_ms * 1e3, cpu_before);
         }
     }
     let cpu = times.cpu_per_call(n);
-    server.shutdown().await;
-    Ok(times.into_bench(name.to_string(), model.id(), cpu))
+    let (dataset, model) = (fx.dataset.clone(), fx.model.id());
+    fx.shutdown().await;
+    Ok(times.into_bench(dataset, model, cpu))
 }
 
 /// The samples of the gradient benchmark: wall times per counted iteration (µs) and the CPU
@@ -378,6 +415,20 @@ pub fn run_bench_invoke(args: BenchInvokeArgs) -> Result<ExitCode> {
     let n = args.n.max(1);
     let command = runtime_command()?;
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
+    if !args.memory_sizes.is_empty() {
+        if let Some(bad) =
+            args.memory_sizes.iter().find(|m| !peerless_core::cost::LAMBDA_MEMORY_MB.contains(m))
+        {
+            bail!("--memory-sizes: {bad} MB is not a Lambda memory size (128..=10240)");
+        }
+        let rows = rt.block_on(crate::bench::sizes::measure(&command, &args.memory_sizes, n))?;
+        crate::bench::sizes::print(&rows, function::Config::default().memory_mb);
+        if let Some(path) = args.json {
+            std::fs::write(&path, serde_json::to_string_pretty(&rows)?)
+                .with_context(|| format!("writing {}", path.display()))?;
+        }
+        return Ok(ExitCode::SUCCESS);
+    }
     let res = rt.block_on(bench_invoke(command, n, args.cold))?;
     print_invoke_bench(&res, args.cold);
     if let Some(path) = args.json {

@@ -237,6 +237,9 @@ impl TrainArgs {
         if let Some(lr) = self.outer_lr {
             cfg.p2p.outer_lr = lr;
         }
+        if let Some(c) = self.compression {
+            cfg.p2p.compression = c;
+        }
         self.apply_schedule(cfg);
         Ok(())
     }
@@ -263,7 +266,8 @@ impl TrainArgs {
     /// Names of flags given that would change the computation (refused on resume).
     pub fn computation_flags(&self) -> Vec<&'static str> {
         let mut v = Vec::new();
-        let checks: [(&'static str, bool); 21] = [
+        let checks: [(&'static str, bool); 22] = [
+            ("--compression", self.compression.is_some()),
             ("--aggregation", self.aggregation.is_some()),
             ("--sync", self.sync.is_some()),
             ("--inner-steps", self.inner_steps.is_some()),

@@ -115,6 +115,9 @@ pub struct FaultRecord {
     /// Delay: added to every chunk, ms.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub delay_ms: Option<u64>,
+    /// Bandwidth: each direction's cap, megabits per second.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub rate_mbit: Option<f64>,
     /// How long it lasts, s.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub duration_s: Option<f64>,

@@ -1,5 +1,5 @@
 //! Fault injection for the local cluster launcher: signals to node processes on a schedule,
-//! and a loopback fault proxy between nodes for partitions and delays.
+//! and a loopback fault proxy between nodes for partitions, delays and bandwidth caps.
 //!
 //! A `churn` fault is a stream ([`super::churn::Stream`]): each of its draws becomes a `kill`,
 //! `stop` or `partition` of one node, injected and cleared like a hand-written one and
@@ -8,7 +8,11 @@
 //! The proxy: node `i` reaches node `j` through its own listener `(i → j)`, so every
 //! connection's two ends are known and a partition can cut exactly the pairs across it
 //! (closing live connections, refusing new ones) while delays hold each chunk until
-//! `arrival + delay`. Without network faults there is no proxy: nodes dial each other directly.
+//! `arrival + delay`. A bandwidth cap gives each capped node an uplink and a downlink of that
+//! rate, shared by all its connections (what `tc tbf` on a host's interface does): a chunk
+//! goes out once the sender's uplink has carried what it took before (its bytes take
+//! `len / rate`), comes in through the receiver's downlink likewise, then the delay runs.
+//! Without network faults there is no proxy: nodes dial each other directly.
 
 use std::collections::BTreeSet;
 use std::net::SocketAddr;
@@ -32,6 +36,10 @@ struct LinkFaults {
     cuts: Vec<(usize, BTreeSet<usize>)>,
     /// Active delays: (fault id, nodes, ms).
     delays: Vec<(usize, BTreeSet<usize>, u64)>,
+    /// Active bandwidth caps: (fault id, nodes, bytes per second).
+    rates: Vec<(usize, BTreeSet<usize>, f64)>,
+    /// When each capped node's uplink (`true`) or downlink (`false`) is free again.
+    free: std::collections::HashMap<(usize, bool), tokio::time::Instant>,
 }
 
 impl LinkFaults {
@@ -48,6 +56,33 @@ impl LinkFaults {
             .max()
             .unwrap_or(0);
         Duration::from_millis(ms)
+    }
+
+    /// The lowest cap on node `n`'s links, bytes per second.
+    fn rate(&self, n: usize) -> Option<f64> {
+        self.rates.iter().filter(|(_, s, _)| s.contains(&n)).map(|(_, _, r)| *r).reduce(f64::min)
+    }
+
+    /// When `src`'s capped uplink is free again (`None`: not capped).
+    fn ready(&self, src: usize) -> Option<tokio::time::Instant> {
+        self.rate(src).and(self.free.get(&(src, true)).copied())
+    }
+
+    /// When `len` bytes that arrived at `t` from `src` for `dst` are through: out of `src`'s
+    /// uplink once it has sent what it took before, then through `dst`'s downlink once that
+    /// has delivered what it took before (a switch's output queue). `t` itself without caps.
+    fn carry(&mut self, src: usize, dst: usize, t: tokio::time::Instant, len: usize) -> tokio::time::Instant {
+        let (mut start, mut done) = (t, t);
+        for (node, up) in [(src, true), (dst, false)] {
+            let Some(rate) = self.rate(node) else { continue };
+            let free = self.free.entry((node, up)).or_insert(t);
+            // Cut-through: the downlink starts on a chunk as its first bytes come in, and
+            // cannot finish before its last ones have.
+            start = start.max(*free);
+            done = done.max(start + Duration::from_secs_f64(len as f64 / rate));
+            *free = done;
+        }
+        done
     }
 }
 
@@ -122,34 +157,51 @@ async fn relay(
     };
     tokio::select! {
         _ = pipe(ar, bw, from, to, &state) => {}
-        _ = pipe(br, aw, from, to, &state) => {}
+        _ = pipe(br, aw, to, from, &state) => {}
         _ = watch_cut => {}
     }
 }
 
-/// One direction: chunks are delivered in order, each no earlier than its arrival plus the
-/// delay in force.
+/// One direction, from node `src` to node `dst`: chunks are delivered in order, each no
+/// earlier than its arrival plus the delay in force; under bandwidth caps, no earlier than the
+/// capped links have carried it, plus the delay.
 async fn pipe(
     mut r: tokio::net::tcp::OwnedReadHalf,
     mut w: tokio::net::tcp::OwnedWriteHalf,
-    from: usize,
-    to: usize,
+    src: usize,
+    dst: usize,
     state: &Mutex<LinkFaults>,
 ) {
     let (tx, mut rx) = mpsc::unbounded_channel::<(tokio::time::Instant, Vec<u8>)>();
+    // Reads a chunk only once the capped links are (nearly) free, so a busy link pushes back
+    // on its senders' sockets instead of queueing without bound: connections sharing a
+    // link take turns, and a small message (an acknowledgement, a heartbeat) waits behind
+    // at most one chunk of another connection, as on a link with a short queue.
     let read = async move {
-        let mut buf = vec![0u8; 64 * 1024];
-        while let Ok(n) = r.read(&mut buf).await {
-            if n == 0 || tx.send((tokio::time::Instant::now(), buf[..n].to_vec())).is_err() {
+        let mut buf = vec![0u8; 16 * 1024];
+        loop {
+            loop {
+                let ready = state.lock().expect("proxy state").ready(src);
+                match ready {
+                    Some(at) if at > tokio::time::Instant::now() + Duration::from_millis(1) => {
+                        tokio::time::sleep_until(at).await;
+                    }
+                    _ => break,
+                }
+            }
+            let Ok(n) = r.read(&mut buf).await else { break };
+            let now = tokio::time::Instant::now();
+            let sent = state.lock().expect("proxy state").carry(src, dst, now, n);
+            if n == 0 || tx.send((sent, buf[..n].to_vec())).is_err() {
                 break;
             }
         }
     };
     let write = async {
-        while let Some((t, data)) = rx.recv().await {
-            let d = state.lock().expect("proxy state").delay(from, to);
-            if !d.is_zero() {
-                tokio::time::sleep_until(t + d).await;
+        while let Some((sent, data)) = rx.recv().await {
+            let d = state.lock().expect("proxy state").delay(src, dst);
+            if sent + d > tokio::time::Instant::now() {
+                tokio::time::sleep_until(sent + d).await;
             }
             if w.write_all(&data).await.is_err() {
                 break;
@@ -163,7 +215,7 @@ async fn pipe(
 /// Whether any of `faults` needs the proxy.
 pub fn needs_proxy(faults: &[FaultSpec]) -> bool {
     faults.iter().any(|f| match f.kind {
-        FaultKind::Partition | FaultKind::Delay => true,
+        FaultKind::Partition | FaultKind::Delay | FaultKind::Bandwidth => true,
         FaultKind::Churn => f.churn_kinds().contains(&FaultKind::Partition),
         _ => false,
     })
@@ -375,6 +427,7 @@ impl Injector {
             duration_s: lasts.then_some(down_s),
             restart_after_s: (draw.kind == FaultKind::Kill).then_some(down_s),
             delay_ms: None,
+            rate_mbit: None,
             stop_ms: None,
             period_ms: None,
             attack: None,
@@ -458,6 +511,14 @@ impl Injector {
                     px.update(|s| s.delays.push((id, set, ms)));
                 }
             }
+            FaultKind::Bandwidth => {
+                let set: BTreeSet<usize> = targets.iter().map(|t| t.index).collect();
+                let mbit = spec.rate_mbit.unwrap_or(f64::INFINITY);
+                fields.rate_mbit = Some(mbit);
+                if let Some(px) = &self.proxy {
+                    px.update(|s| s.rates.push((id, set, mbit * 1e6 / 8.0)));
+                }
+            }
             // A stream is never planned itself: its draws are (see `draw_due`).
             FaultKind::Churn => debug_assert!(false, "invariant: a churn fault is drawn, not injected"),
         }
@@ -533,6 +594,11 @@ impl Injector {
             FaultKind::Delay => {
                 if let Some(px) = &self.proxy {
                     px.update(|s| s.delays.retain(|(f, _, _)| *f != id));
+                }
+            }
+            FaultKind::Bandwidth => {
+                if let Some(px) = &self.proxy {
+                    px.update(|s| s.rates.retain(|(f, _, _)| *f != id));
                 }
             }
             FaultKind::Kill | FaultKind::Straggle | FaultKind::Byzantine | FaultKind::Churn => {}
@@ -697,5 +763,43 @@ mod tests {
         let mut s3 = std::net::TcpStream::connect(via).unwrap();
         s3.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
         round_trip(&mut s3).unwrap();
+    }
+
+    #[test]
+    fn a_bandwidth_cap_paces_each_direction_and_lifts_when_cleared() {
+        let server = echo_server();
+        let px = Proxy::new().unwrap();
+        let via = px.route(0, 1, server).unwrap();
+        let mut s = std::net::TcpStream::connect(via).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        // 2 Mbit/s = 250 kB/s on node 1's links: 100 kB in and the same back out take at
+        // least 0.4 s.
+        px.update(|st| st.rates.push((3, BTreeSet::from([1]), 2e6 / 8.0)));
+        let data = vec![7u8; 100_000];
+        let t = Instant::now();
+        let echo = {
+            let mut r = s.try_clone().unwrap();
+            std::thread::spawn(move || {
+                let mut back = vec![0u8; 100_000];
+                r.read_exact(&mut back).map(|()| back)
+            })
+        };
+        s.write_all(&data).unwrap();
+        assert_eq!(echo.join().unwrap().unwrap(), data);
+        assert!(t.elapsed() >= Duration::from_millis(400), "{:?}", t.elapsed());
+        px.update(|st| st.rates.clear());
+        round_trip(&mut s).unwrap();
+        assert_eq!(LinkFaults::default().rate(0), None);
+        let mut two = LinkFaults {
+            rates: vec![(1, BTreeSet::from([0, 1]), 5.0), (2, BTreeSet::from([1]), 2.0)],
+            ..LinkFaults::default()
+        };
+        assert_eq!((two.rate(0), two.rate(1)), (Some(5.0), Some(2.0)), "the lowest cap on a node");
+        // 10 bytes from 0 (uplink 5 B/s: 2 s) to 1 (downlink 2 B/s: 5 s) take 5 s; the next
+        // 10 bytes from 0 to 1 queue behind them on 1's downlink.
+        let t = tokio::time::Instant::now();
+        assert_eq!(two.carry(0, 1, t, 10), t + Duration::from_secs(5));
+        assert_eq!(two.carry(0, 1, t, 10), t + Duration::from_secs(10));
+        assert_eq!(two.carry(2, 3, t, 10), t, "an uncapped link is not held up");
     }
 }

@@ -204,7 +204,7 @@ impl<S: Store + Clone + 'static> GradientFunction<S> {
         let t = Instant::now();
         let applied = match req.output_mode {
             OutputMode::Accumulate => {
-                let r = store.accumulate(&req.output_key, &req.idempotency_key(), &grad).await;
+                let r = store.accumulate(&req.output_key, &req.idempotency_key(), req.batch, &grad).await;
                 self.check_store(&req.store.url, r)
             }
             OutputMode::Put => {

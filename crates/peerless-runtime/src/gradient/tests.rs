@@ -58,7 +58,7 @@ impl Store for MemStore {
         }
         Ok(())
     }
-    async fn accumulate(&self, key: &str, token: &str, grad: &[f32]) -> Result<bool, StoreError> {
+    async fn accumulate(&self, key: &str, token: &str, _slot: u32, grad: &[f32]) -> Result<bool, StoreError> {
         let mut m = self.lock();
         let (sum, count, tokens) =
             m.sums.entry(key.to_owned()).or_insert_with(|| (vec![0.0; grad.len()], 0, HashSet::new()));
@@ -632,7 +632,7 @@ async fn overhead_of_the_function_path() {
     eprintln!("digest of {} f32: {:.3} ms", g.len(), t.elapsed().as_secs_f64() * 1e3 / 20.0);
     let t = Instant::now();
     for _ in 0..20 {
-        store.accumulate("x", &format!("{}", t.elapsed().as_nanos()), &g).await.unwrap();
+        store.accumulate("x", &format!("{}", t.elapsed().as_nanos()), 0, &g).await.unwrap();
     }
     eprintln!("MemStore accumulate: {:.3} ms", t.elapsed().as_secs_f64() * 1e3 / 20.0);
     let (w, c, dm) = (median(warm), median(compute), median(direct_ms));

@@ -224,6 +224,11 @@ impl Node {
             bytes_in: self.net.bytes_in,
             bytes_out: self.net.bytes_out,
             refused: self.net.refused,
+            max_memory_mb: crate::function::instance::peak_rss_kb(std::process::id())
+                .unwrap_or(0)
+                .div_ceil(1024),
+            function_max_memory_mb: inv.max_memory_mb,
+            function_memory_mb: self.file.run.function.memory_mb,
         }
     }
 

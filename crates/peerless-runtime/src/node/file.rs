@@ -153,6 +153,14 @@ pub struct NodeSummary {
     pub bytes_out: u64,
     /// Connections refused (peer ids off the allow-list).
     pub refused: u64,
+    /// Peak resident memory of this node's process, MB (`VmHWM`; 0 where the kernel does
+    /// not say). Its function instances are in `function_metrics.json`.
+    pub max_memory_mb: u64,
+    /// Lambda's "Max Memory Used" of this node's function instances: the largest of its
+    /// invocations, MB (0 without invocations).
+    pub function_max_memory_mb: u64,
+    /// The memory size its functions were configured with (`function.memory_mb`), MB.
+    pub function_memory_mb: u64,
 }
 
 /// Reads a float that JSON wrote as `null` (serde_json writes NaN and ±∞ so) as NaN.

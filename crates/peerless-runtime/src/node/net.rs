@@ -246,7 +246,7 @@ impl Net {
         match e {
             Event::Message { peer, message: Rr::Request { request, channel, .. }, .. } => {
                 self.bytes_in += request.len() as u64;
-                let msg = wire::decode(&request, self.limits);
+                let msg = decode(&request, self.limits);
                 if self.gate.is_some() {
                     return self.certified_request(peer, msg, channel, files);
                 }
@@ -270,7 +270,7 @@ impl Net {
             }
             Event::Message { peer, message: Rr::Response { request_id, response }, .. } => {
                 self.bytes_in += response.len() as u64;
-                let msg = wire::decode(&response, self.limits);
+                let msg = decode(&response, self.limits);
                 if let Some(g) = self.gate.as_mut()
                     && g.take_ask(&request_id).is_some()
                 {
@@ -529,4 +529,13 @@ fn gate(file: &NodeFile, my_id: &PeerId, count: u32, accepts: Vec<Role>) -> Resu
 
 fn read_certificate(path: &Path) -> Result<Vec<u8>, NodeError> {
     std::fs::read(path).map_err(|e| NodeError::Config(format!("node.certificate = {}: {e}", path.display())))
+}
+
+/// Decodes a message; a compressed gradient arrives as the dense gradient the sender kept, so
+/// nothing past the network sees compression.
+fn decode(bytes: &[u8], limits: wire::Limits) -> Result<Message, WireError> {
+    match wire::decode(bytes, limits)? {
+        Message::Compressed(c) => Ok(Message::Gradient(c.densify())),
+        other => Ok(other),
+    }
 }

@@ -5,6 +5,7 @@ use std::path::PathBuf;
 use std::time::Instant;
 
 use peerless_core::aggregate::Aggregator;
+use peerless_core::compress::{Compression, ErrorFeedback};
 use peerless_core::flat::digest;
 use peerless_core::optim::Optimizer;
 use peerless_core::protocol::PeerIdx;
@@ -22,6 +23,8 @@ pub(crate) struct Replica {
     /// The aggregate of the round being applied.
     agg: Vec<f32>,
     ck_path: PathBuf,
+    /// What this node computed but has not sent (`p2p.compression`).
+    pub(crate) feedback: ErrorFeedback,
 }
 
 /// What applying one round took.
@@ -46,11 +49,15 @@ impl Replica {
             aggregator: run.cluster.aggregator.build(),
             agg: vec![0f32; n],
             ck_path,
+            feedback: ErrorFeedback::new(run.p2p.compression(), n),
         };
         let resumed = match Checkpoint::read(&replica.ck_path) {
             Ok(ck) if ck.model == model.id() && ck.layout == model.layout().fingerprint() => {
                 replica.params = ck.params;
                 replica.optimizer.load_state(ck.optimizer)?;
+                if let Some(e) = ck.error_feedback {
+                    replica.feedback.residual = e;
+                }
                 Some(ck.round)
             }
             Ok(ck) => {
@@ -107,6 +114,8 @@ impl Replica {
             optimizer: self.optimizer.state(),
             rng: [0; 4],
             wall_s: node.t0.elapsed().as_secs_f64(),
+            error_feedback: (node.file.run.p2p.compression() != Compression::None)
+                .then(|| self.feedback.residual.clone()),
         }
         .save(&self.ck_path)?;
         Ok(())
@@ -131,6 +140,8 @@ impl Replica {
     pub(crate) fn adopt(&mut self, state: StateMsg) -> Result<(), NodeError> {
         self.params = state.params;
         self.optimizer.load_state(state.optimizer)?;
+        // What was left unsent belongs to this node's old trajectory.
+        self.feedback.reset();
         Ok(())
     }
 }

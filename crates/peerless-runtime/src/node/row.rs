@@ -56,6 +56,10 @@ pub struct NodeRow {
     pub gather_ms: Option<f64>,
     /// The Byzantine bound the aggregation rule worked with.
     pub effective_f: Option<usize>,
+    /// Samples behind the gradients the round applied (P2P: every included peer's; what
+    /// training actually used, unlike `samples`, which counts this node's work even when the
+    /// round left it out).
+    pub applied_samples: Option<u64>,
 }
 
 fn opt<T: ToString>(v: Option<T>) -> String {
@@ -68,7 +72,7 @@ fn fixed(v: Option<f64>, digits: usize) -> String {
 
 impl NodeRow {
     /// Every column: its name, and this row's value as written.
-    fn cells(&self) -> [(&'static str, String); 26] {
+    fn cells(&self) -> [(&'static str, String); 27] {
         [
             ("t_ms", self.t_ms.to_string()),
             ("peer", self.node.to_string()),
@@ -96,6 +100,7 @@ impl NodeRow {
             ("staleness", opt(self.staleness)),
             ("gather_ms", fixed(self.gather_ms, 3)),
             ("effective_f", opt(self.effective_f)),
+            ("applied_samples", opt(self.applied_samples)),
         ]
     }
 
@@ -118,13 +123,13 @@ mod tests {
     fn header_and_rows_have_the_same_columns_and_empty_cells_for_what_a_role_lacks() {
         let header = NodeRow::header();
         assert!(header.starts_with("t_ms,peer,round,epoch,wall_s,train_loss,view,contributors"));
-        assert!(header.ends_with("staleness,gather_ms,effective_f"));
+        assert!(header.ends_with("staleness,gather_ms,effective_f,applied_samples"));
         let row = NodeRow { t_ms: 5, node: 1, round: 2, epoch: 0.5, wall_s: 1.0, ..NodeRow::default() };
         let line = row.to_csv();
         assert_eq!(line.split(',').count(), header.split(',').count());
         assert!(line.starts_with("5,1,2,0.5000,1.0000,,,"), "{line}");
         let full = NodeRow { train_loss: Some(0.25), effective_f: Some(1), compute_ms: Some(1.234), ..row };
         assert!(full.to_csv().starts_with("5,1,2,0.5000,1.0000,0.250000,"), "{}", full.to_csv());
-        assert!(full.to_csv().contains(",1.23,") && full.to_csv().ends_with(",1"), "{}", full.to_csv());
+        assert!(full.to_csv().contains(",1.23,") && full.to_csv().ends_with(",1,"), "{}", full.to_csv());
     }
 }

@@ -8,11 +8,12 @@ use std::time::Instant;
 
 use futures::StreamExt as _;
 use peerless_core::attack::{Attack, Attacker};
+use peerless_core::compress::ErrorFeedback;
 use peerless_core::flat::{Digest, digest, to_le_bytes};
 use peerless_core::function::{GradientRequest, GradientResponse, InnerSteps, OutputMode, StoreRef};
 use peerless_core::protocol::PeerIdx;
 use peerless_core::rng::Rng;
-use peerless_core::wire::{self, GradientMsg, Message};
+use peerless_core::wire::{self, CompressedMsg, GradientMsg, Message};
 use peerless_ml::{Model, Split};
 use tokio::sync::mpsc;
 
@@ -68,17 +69,37 @@ impl Outgoing {
         self.attacker.as_ref().is_some_and(|a| a.attack().flips_labels(round))
     }
 
-    /// The gradient this node keeps and the message it sends for `r`; the first attacked
-    /// round is an `attacking` event.
-    pub(crate) fn message(&mut self, r: LocalResult, files: &mut Files, me: PeerIdx) -> (Vec<f32>, Vec<u8>) {
-        let msg =
-            GradientMsg { round: r.round, digest: r.digest, samples: r.samples, loss: r.loss, grad: r.grad };
+    /// The gradient this node keeps and the message it sends for `r`, compressed through
+    /// `feedback` when the run compresses (the node then keeps the dense form receivers see);
+    /// the first attacked round is an `attacking` event (an attacker sends dense).
+    pub(crate) fn message(
+        &mut self,
+        r: LocalResult,
+        files: &mut Files,
+        me: PeerIdx,
+        feedback: &mut ErrorFeedback,
+    ) -> (Vec<f32>, Vec<u8>) {
         let Some(attacker) = &mut self.attacker else {
+            if let Some((grad, dense)) = feedback.step(&r.grad) {
+                let (round, digest, samples, loss) = (r.round, r.digest, r.samples, r.loss);
+                let bytes =
+                    wire::encode(&Message::Compressed(CompressedMsg { round, digest, samples, loss, grad }));
+                return (dense, bytes);
+            }
+            let msg = GradientMsg {
+                round: r.round,
+                digest: r.digest,
+                samples: r.samples,
+                loss: r.loss,
+                grad: r.grad,
+            };
             let m = Message::Gradient(msg);
             let bytes = wire::encode(&m);
             let Message::Gradient(msg) = m else { unreachable!("built above") };
             return (msg.grad, bytes);
         };
+        let msg =
+            GradientMsg { round: r.round, digest: r.digest, samples: r.samples, loss: r.loss, grad: r.grad };
         let attack = attacker.attack();
         if attack.active(r.round) && !self.announced {
             self.announced = true;
@@ -112,6 +133,11 @@ pub(crate) struct Job {
     /// DiLoCo: each batch is this many local steps' mini-batches, and the work returns the
     /// mean parameter delta instead of the mean gradient.
     pub(crate) inner: Option<InnerSteps>,
+    /// The warm-up's work (its own keys; its result is dropped), not a round's.
+    warm_up: bool,
+    /// Turns true once the warm-up is over: a round's work waits for it, since its
+    /// invocations would otherwise cold-start instances of their own beside the warming ones.
+    warmed: Option<tokio::sync::watch::Receiver<bool>>,
 }
 
 impl Job {
@@ -120,6 +146,9 @@ impl Job {
     /// nothing behind in the store, and invocations are idempotent per batch, so nothing is
     /// counted twice. The error of the last attempt is returned.
     pub(crate) async fn run_with_retries(self, attempts: u32) -> Result<LocalResult, NodeError> {
+        if let Some(mut warmed) = self.warmed.clone() {
+            let _ = warmed.wait_for(|done| *done).await;
+        }
         let mut last = None;
         let mut job = self;
         for a in 0..attempts.max(1) {
@@ -168,6 +197,8 @@ impl Job {
             concurrency: run.cluster.functions_per_node.max(1) as usize,
             inner: (run.p2p.sync == SyncMode::Diloco)
                 .then(|| InnerSteps { steps: run.p2p.inner_steps, optimizer: run.optimizer.clone() }),
+            warm_up: false,
+            warmed: None,
         }
     }
 
@@ -202,7 +233,7 @@ impl Job {
             self.flip_labels,
             self.inner.clone(),
         );
-        let (grad, loss, samples) = tokio::task::spawn_blocking(move || {
+        let computed = tokio::task::spawn_blocking(move || {
             let mut sum = vec![0f32; params.len()];
             let mut g = vec![0f32; params.len()];
             let (mut loss, mut samples) = (0f64, 0u64);
@@ -224,12 +255,15 @@ impl Job {
             }
             let k = batches.len().max(1) as f32;
             sum.iter_mut().for_each(|x| *x /= k);
-            Ok::<_, InnerError>((sum, (loss / f64::from(k)) as f32, samples))
+            // Hashed here too, not on the runtime's thread, where half a millisecond of
+            // SHA-256 would hold up the network.
+            let digest = digest(&params);
+            Ok::<_, InnerError>((sum, (loss / f64::from(k)) as f32, samples, digest))
         })
         .await
         .map_err(|e| self.failure()(e.to_string()))?
         .map_err(|e| self.failure()(e.to_string()))?;
-        let digest = digest(&self.params);
+        let (grad, loss, samples, digest) = computed;
         Ok(LocalResult { round: self.round, digest, grad, loss, samples, gather_ms: None })
     }
 
@@ -243,11 +277,12 @@ impl Job {
     ) -> Result<LocalResult, NodeError> {
         let fail = self.failure();
         let keys = Keys::of(self);
-        let d = digest(&self.params);
-        store
-            .put(&keys.params, &to_le_bytes(&self.params))
+        // Hashing and encoding the parameters take about a millisecond: off the runtime's thread.
+        let params = self.params.clone();
+        let (d, bytes) = tokio::task::spawn_blocking(move || (digest(&params), to_le_bytes(&params)))
             .await
-            .map_err(|e| fail(format!("store put: {e}")))?;
+            .map_err(|e| fail(e.to_string()))?;
+        store.put(&keys.params, &bytes).await.map_err(|e| fail(format!("store put: {e}")))?;
         let calls = (0..self.batches.len()).map(|j| {
             let payload = serde_json::to_value(self.request(j, &keys, d, store_url))
                 .expect("invariant: requests serialize");
@@ -393,7 +428,7 @@ struct Keys {
 
 impl Keys {
     fn of(job: &Job) -> Keys {
-        let node = format!("peer{}", job.me);
+        let node = if job.warm_up { format!("peer{}-warm-up", job.me) } else { format!("peer{}", job.me) };
         Keys {
             params: format!("{node}/params/{}", job.round),
             grad: format!("{node}/grad/{}", job.round),
@@ -534,6 +569,30 @@ pub(crate) struct Work {
     started: Instant,
 }
 
+/// Starts warming `functions_per_node` function instances while the node sets itself up (a
+/// restarted peer fetches its state meanwhile): one invocation each on the node's first
+/// batches at the initial parameters, under keys of its own, its result dropped. Their cold
+/// starts (process, dataset and model caches) happen now rather than in the first round.
+/// Returns the round template, whose work waits until the warm-up is over.
+fn warm_up(template: Job, node: &Node) -> Job {
+    let (done, warmed) = tokio::sync::watch::channel(false);
+    let warm = Job {
+        params: Arc::new(node.model.init(node.file.run.seed)),
+        batches: node.sampler.batches(node.me, 0),
+        warm_up: true,
+        ..template.clone()
+    };
+    tokio::spawn(async move {
+        let t = Instant::now();
+        match warm.run().await {
+            Ok(_) => tracing::debug!(ms = t.elapsed().as_millis() as u64, "function instances warmed up"),
+            Err(e) => tracing::warn!(error = %e, "warming up the function instances failed; the first round starts them"),
+        }
+        let _ = done.send(true);
+    });
+    Job { warmed: Some(warmed), ..template }
+}
+
 impl Work {
     /// Starts `node`'s gradient backend (function runtime and store, or in-process).
     pub(crate) async fn start(node: &Node, command: FunctionCommand) -> Result<Work, NodeError> {
@@ -548,6 +607,10 @@ impl Work {
             node.data_dir.clone(),
         );
         let outgoing = Outgoing::new(node.file.node.attack, run.seed, node.me);
+        let job = match *backend {
+            GradientBackend::Functions { .. } => warm_up(job, node),
+            GradientBackend::Local => job,
+        };
         Ok(Work { job, backend, outgoing, tx: node.results(), started: Instant::now() })
     }
 

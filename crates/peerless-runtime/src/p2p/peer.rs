@@ -78,6 +78,9 @@ pub(crate) struct Peer {
     previous: Option<(u64, Bytes)>,
     /// Samples computed on in the whole run.
     samples: u64,
+    /// Samples behind each gradient of a round not yet applied, by round and sender (the own
+    /// included): what the round's `applied_samples` adds up.
+    behind: std::collections::BTreeMap<(u64, PeerIdx), u64>,
     completed: bool,
     /// Invocation counters at the last metrics row.
     counted: crate::function::Summary,
@@ -129,6 +132,7 @@ impl Peer {
             mine: None,
             previous: None,
             samples: 0,
+            behind: Default::default(),
             completed: false,
             counted: Default::default(),
         })
@@ -213,6 +217,9 @@ impl Peer {
     ) -> Result<(), NodeError> {
         let wait_ms = self.stats.local_ready.map_or(0.0, |t| t.elapsed().as_secs_f64() * 1e3);
         let applied = self.replica.apply(round, inputs, false)?;
+        let applied_samples =
+            inputs.iter().map(|(p, _)| self.behind.get(&(round, *p)).copied().unwrap_or(0)).sum();
+        self.behind.retain(|&(r, _), _| r > round);
         let done = round + 1;
         let eval_now = match node.file.run.train.eval_every {
             0 => done.is_multiple_of(node.rpe),
@@ -240,6 +247,7 @@ impl Peer {
             staleness: Some(0),
             gather_ms: s.gather_ms,
             effective_f: Some(applied.effective_f),
+            applied_samples: Some(applied_samples),
             ..node.row(done, node.rpe)
         };
         node.files.metrics(&row);
@@ -363,6 +371,11 @@ impl Role for Peer {
     fn on_net(&mut self, node: &mut Node, ev: NetEvent) -> Option<Input> {
         let input = self.links.input(node, ev);
         self.note_exchange();
+        if let Some(Input::Gradient(from, g)) = &input
+            && g.round >= self.machine.round()
+        {
+            self.behind.insert((g.round, *from), g.samples);
+        }
         input
     }
 
@@ -373,8 +386,9 @@ impl Role for Peer {
         self.stats.samples = r.samples;
         self.stats.gather_ms = r.gather_ms;
         self.samples += r.samples;
+        self.behind.insert((r.round, node.me), r.samples);
         let (round, digest) = (r.round, r.digest);
-        let (grad, msg) = self.work.outgoing.message(r, &mut node.files, node.me);
+        let (grad, msg) = self.work.outgoing.message(r, &mut node.files, node.me, &mut self.replica.feedback);
         self.previous = self.mine.replace((round, Bytes::from(msg)));
         Some(Input::LocalGradient { round, digest, grad })
     }

@@ -8,6 +8,7 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use libp2p::Multiaddr;
 use libp2p::request_response::OutboundRequestId;
+use peerless_core::compress::ErrorFeedback;
 use peerless_core::flat::digest;
 use peerless_core::protocol::PeerIdx;
 use peerless_core::rng::Rng;
@@ -41,6 +42,9 @@ pub(crate) struct Worker {
     row: Option<NodeRow>,
     /// Samples computed on in the whole run.
     samples: u64,
+    /// What this worker computed but has not pushed (`p2p.compression`); not checkpointed: a
+    /// restarted worker starts with nothing left unsent.
+    feedback: ErrorFeedback,
 }
 
 /// The two requests a worker has in flight.
@@ -95,6 +99,7 @@ impl Worker {
             computed: None,
             row: None,
             samples: 0,
+            feedback: ErrorFeedback::new(node.file.run.p2p.compression(), node.model.num_params()),
         })
     }
 
@@ -109,7 +114,7 @@ impl Worker {
             WorkerAction::Compute { round, batches_at } => self.compute(node, round, batches_at),
             WorkerAction::Push { .. } => {
                 let r = self.computed.take().expect("invariant: the machine pushes what was computed");
-                let (_, msg) = self.work.outgoing.message(r, &mut node.files, node.me);
+                let (_, msg) = self.work.outgoing.message(r, &mut node.files, node.me, &mut self.feedback);
                 // Pushed once; if the PS is gone, this round's work is dropped, never re-sent.
                 self.pushing = node.net.request(self.ps, Bytes::from(msg));
             }

@@ -80,16 +80,17 @@ impl AccumLine {
         }
     }
 
-    /// Sends `PEERLESS.ACCUM key token <grad as little-endian f32>` and returns the reply.
+    /// Sends `PEERLESS.ACCUM key token slot <grad as little-endian f32>` and returns the reply.
     /// An I/O error or timeout drops the connection (the next call reconnects).
     pub(super) async fn accumulate(
         &self,
         key: &str,
         token: &str,
+        slot: u32,
         grad: &[f32],
     ) -> std::io::Result<AccumReply> {
         let mut state = self.state.lock().await;
-        let r = tokio::time::timeout(self.timeout, self.exchange(&mut state, key, token, grad)).await;
+        let r = tokio::time::timeout(self.timeout, self.exchange(&mut state, key, token, slot, grad)).await;
         let r = r.unwrap_or_else(|_| {
             Err(std::io::Error::new(
                 std::io::ErrorKind::TimedOut,
@@ -107,6 +108,7 @@ impl AccumLine {
         state: &mut State,
         key: &str,
         token: &str,
+        slot: u32,
         grad: &[f32],
     ) -> std::io::Result<AccumReply> {
         let State { stream, buf } = state;
@@ -115,10 +117,11 @@ impl AccumLine {
         }
         let stream = stream.as_mut().expect("invariant: connected above");
         buf.clear();
-        buf.extend_from_slice(b"*4\r\n");
+        buf.extend_from_slice(b"*5\r\n");
         bulk(buf, b"PEERLESS.ACCUM");
         bulk(buf, key.as_bytes());
         bulk(buf, token.as_bytes());
+        bulk(buf, slot.to_string().as_bytes());
         buf.extend_from_slice(format!("${}\r\n", grad.len() * 4).as_bytes());
         // The header rides with the first piece; the trailer with the last.
         let head = buf.len();

@@ -6,13 +6,18 @@
 //! GETNAME`, `GET`, `SET`, `MGET`, `DEL`, `EXISTS`, and two of its own:
 //!
 //! - `PEERLESS.PING` → `+PEERLESS`: lets a client tell this server from a real Redis.
-//! - `PEERLESS.ACCUM key token blob` → `:1` if applied, `:0` if `token` was already applied to
-//!   `key`. Adds the little-endian `f32` vector `blob` element-wise into the value at `key`
-//!   (creating it on first use), records the token in the set `key:tokens` and increments the
-//!   integer at `key:n` — the same layout the Lua script keeps on a real Redis, so the
-//!   accumulator is read back with `MGET key key:n` on either backend. A blob whose length
-//!   differs from the accumulator's, or is not a multiple of 4, is refused with
-//!   `-WRONGLEN ...` and nothing changes.
+//! - `PEERLESS.ACCUM key token slot blob` → `:1` if applied, `:0` if `token` was already
+//!   applied to `key`. Adds the little-endian `f32` vector `blob` into the sum at `key`
+//!   **in slot order**, whatever order the calls arrive in: the value at `key` is always
+//!   `((v₀ + v₁) + v₂) + …` over the slots received so far, in ascending slot order, so the
+//!   sum of k vectors is the same bit for bit for every arrival order. Vectors arriving in
+//!   order are added in place as they land; one that arrives before a lower slot waits in
+//!   `key:slots` and the sum is recomputed from the contiguous prefix. The call records the
+//!   token in the set `key:tokens` and increments the integer at `key:n` — the same layout
+//!   the Lua script keeps on a real Redis, so the accumulator is read back with `MGET key
+//!   key:n` on either backend. A blob whose length differs from the accumulator's, or is not
+//!   a multiple of 4, is refused with `-WRONGLEN ...`; a slot already filled with
+//!   `-ERR slot …`; nothing changes.
 //!
 //! # FrameLimits and lifecycle
 //! Connections are capped by a semaphore ([`EmbeddedServer::max_connections`]); each has its
@@ -336,6 +341,44 @@ enum Next {
 enum Entry {
     Str(Bytes),
     Set(HashSet<Bytes>),
+    Slots(Slots),
+}
+
+/// The slot order of one accumulator (`key:slots`): the sum of the contiguous slots
+/// `0..next`, and the vectors of higher slots that arrived before a lower one.
+#[derive(Debug, Clone, Default)]
+struct Slots {
+    prefix: Option<Bytes>,
+    next: u32,
+    pending: std::collections::BTreeMap<u32, Bytes>,
+}
+
+impl Slots {
+    /// Whether `slot` already holds a vector.
+    fn filled(&self, slot: u32) -> bool {
+        slot < self.next || self.pending.contains_key(&slot)
+    }
+
+    /// Takes in `blob` at `slot` (not yet filled) and returns the sum over every slot held,
+    /// in slot order.
+    fn add(&mut self, slot: u32, blob: Bytes) -> Bytes {
+        self.pending.insert(slot, blob);
+        while let Some(v) = self.pending.remove(&self.next) {
+            self.prefix = Some(match self.prefix.take() {
+                Some(sum) => add_f32_le(sum, &v),
+                None => v,
+            });
+            self.next += 1;
+        }
+        let mut sum = self.prefix.clone();
+        for v in self.pending.values() {
+            sum = Some(match sum {
+                Some(s) => add_f32_le(s, v),
+                None => v.clone(),
+            });
+        }
+        sum.expect("invariant: at least the vector just added")
+    }
 }
 
 /// State shared by all connections.
@@ -439,7 +482,11 @@ impl Connection {
             }
             "MGET" | "DEL" | "EXISTS" => arity(name),
             "PEERLESS.ACCUM" => match rest {
-                [key, token, blob] => accumulate(&mut shared.db(), key, token, blob),
+                [key, token, slot, blob] => match std::str::from_utf8(slot).ok().and_then(|s| s.parse().ok())
+                {
+                    Some(slot) => accumulate(&mut shared.db(), key, token, slot, blob),
+                    None => Reply::error("ERR slot is not an integer or out of range"),
+                },
                 _ => arity(name),
             },
             _ => Reply::error(format!(
@@ -519,7 +566,7 @@ fn get(db: &HashMap<Bytes, Entry>, key: &Bytes) -> Reply {
     match db.get(key) {
         None => Reply::Null,
         Some(Entry::Str(v)) => Reply::Bulk(v.clone()),
-        Some(Entry::Set(_)) => Reply::error(WRONGTYPE),
+        Some(_) => Reply::error(WRONGTYPE),
     }
 }
 
@@ -564,15 +611,23 @@ fn suffixed(key: &[u8], suffix: &[u8]) -> Bytes {
     Bytes::from(k)
 }
 
-/// `PEERLESS.ACCUM key token blob`. All checks come before any change, so a refused call
-/// leaves the accumulator, its tokens and its count untouched.
-fn accumulate(db: &mut HashMap<Bytes, Entry>, key: &Bytes, token: &Bytes, blob: &Bytes) -> Reply {
+/// `PEERLESS.ACCUM key token slot blob`. All checks come before any change, so a refused call
+/// leaves the accumulator, its slots, its tokens and its count untouched.
+fn accumulate(db: &mut HashMap<Bytes, Entry>, key: &Bytes, token: &Bytes, slot: u32, blob: &Bytes) -> Reply {
     let tokens_key = suffixed(key, b":tokens");
     let count_key = suffixed(key, b":n");
+    let slots_key = suffixed(key, b":slots");
     match db.get(&tokens_key) {
         Some(Entry::Set(tokens)) if tokens.contains(token) => return Reply::Integer(0),
         Some(Entry::Set(_)) | None => {}
-        Some(Entry::Str(_)) => return Reply::error(WRONGTYPE),
+        Some(_) => return Reply::error(WRONGTYPE),
+    }
+    match db.get(&slots_key) {
+        Some(Entry::Slots(slots)) if slots.filled(slot) => {
+            return Reply::error(format!("ERR slot {slot} of {} is already filled", quote(key)));
+        }
+        Some(Entry::Slots(_)) | None => {}
+        Some(_) => return Reply::error(WRONGTYPE),
     }
     if !blob.len().is_multiple_of(4) {
         return Reply::error(format!("WRONGLEN blob length {} is not a multiple of 4", blob.len()));
@@ -583,36 +638,34 @@ fn accumulate(db: &mut HashMap<Bytes, Entry>, key: &Bytes, token: &Bytes, blob: 
             Some(n) => n,
             None => return Reply::error("ERR value is not an integer or out of range"),
         },
-        Some(Entry::Set(_)) => return Reply::error(WRONGTYPE),
+        Some(_) => return Reply::error(WRONGTYPE),
     };
     let Some(count) = count.checked_add(1) else {
         return Reply::error("ERR increment or decrement would overflow");
     };
     match db.get(key) {
         None => {}
-        Some(Entry::Set(_)) => return Reply::error(WRONGTYPE),
         Some(Entry::Str(cur)) if cur.len() != blob.len() => {
             return Reply::error(format!("WRONGLEN accumulator has {} bytes, got {}", cur.len(), blob.len()));
         }
         Some(Entry::Str(_)) => {}
+        Some(_) => return Reply::error(WRONGTYPE),
     }
-    // Every check has passed: nothing below can fail.
-    match db.get_mut(key) {
-        Some(Entry::Str(cur)) => {
-            let taken = std::mem::take(cur);
-            *cur = add_f32_le(taken, blob);
-        }
-        _ => {
-            // The first vector becomes the sum as it is (no copy).
-            db.insert(key.clone(), Entry::Str(blob.clone()));
-        }
-    }
+    // Every check has passed: nothing below can fail. The sum at `key` is dropped first, so
+    // that in-order additions into the prefix happen in place (no other holder).
+    db.remove(key);
+    let sum = match db.entry(slots_key).or_insert_with(|| Entry::Slots(Slots::default())) {
+        Entry::Slots(slots) => slots.add(slot, blob.clone()),
+        // Checked above; unreachable, but refuse rather than panic.
+        _ => return Reply::error(WRONGTYPE),
+    };
+    db.insert(key.clone(), Entry::Str(sum));
     match db.entry(tokens_key).or_insert_with(|| Entry::Set(HashSet::new())) {
         Entry::Set(tokens) => {
             tokens.insert(token.clone());
         }
         // Checked above; unreachable, but refuse rather than panic.
-        Entry::Str(_) => return Reply::error(WRONGTYPE),
+        _ => return Reply::error(WRONGTYPE),
     }
     db.insert(count_key, Entry::Str(Bytes::from(count.to_string())));
     Reply::Integer(1)
@@ -713,27 +766,75 @@ mod tests {
     fn accumulate_semantics() {
         let sh = shared(None);
         let mut c = Connection { authenticated: true };
-        let acc = |c: &mut Connection, tok: &[u8], v: &[f32]| {
-            run(c, &sh, &[b"PEERLESS.ACCUM", b"g", tok, &floats(v)])
+        let acc = |c: &mut Connection, tok: &[u8], slot: &[u8], v: &[f32]| {
+            run(c, &sh, &[b"PEERLESS.ACCUM", b"g", tok, slot, &floats(v)])
         };
-        assert_eq!(acc(&mut c, b"t1", &[1.0, 2.0]), Reply::Integer(1));
-        assert_eq!(acc(&mut c, b"t2", &[10.0, 20.0]), Reply::Integer(1));
-        assert_eq!(acc(&mut c, b"t1", &[100.0, 100.0]), Reply::Integer(0));
-        assert!(matches!(acc(&mut c, b"t3", &[1.0]), Reply::Error(e) if e.starts_with("WRONGLEN")));
+        assert_eq!(acc(&mut c, b"t1", b"0", &[1.0, 2.0]), Reply::Integer(1));
+        assert_eq!(acc(&mut c, b"t2", b"1", &[10.0, 20.0]), Reply::Integer(1));
+        assert_eq!(acc(&mut c, b"t1", b"0", &[100.0, 100.0]), Reply::Integer(0));
+        assert!(matches!(acc(&mut c, b"t3", b"2", &[1.0]), Reply::Error(e) if e.starts_with("WRONGLEN")));
         assert!(matches!(
-            run(&mut c, &sh, &[b"PEERLESS.ACCUM", b"g", b"t4", b"abc"]),
+            run(&mut c, &sh, &[b"PEERLESS.ACCUM", b"g", b"t4", b"3", b"abc"]),
             Reply::Error(e) if e.starts_with("WRONGLEN")
         ));
+        assert!(
+            matches!(acc(&mut c, b"t5", b"1", &[1.0, 1.0]), Reply::Error(e) if e.contains("already filled"))
+        );
+        assert!(matches!(acc(&mut c, b"t5", b"x", &[1.0, 1.0]), Reply::Error(e) if e.contains("slot")));
         assert_eq!(
             run(&mut c, &sh, &[b"MGET", b"g", b"g:n"]),
             Reply::Array(vec![Reply::Bulk(Bytes::from(floats(&[11.0, 22.0]))), Reply::Bulk(b("2"))])
         );
         // A refused call recorded no token: t3 can still be applied with the right length.
-        assert_eq!(acc(&mut c, b"t3", &[0.5, 0.5]), Reply::Integer(1));
+        assert_eq!(acc(&mut c, b"t3", b"2", &[0.5, 0.5]), Reply::Integer(1));
         assert_eq!(run(&mut c, &sh, &[b"GET", b"g:tokens"]), Reply::error(WRONGTYPE));
         assert_eq!(run(&mut c, &sh, &[b"SET", b"h:tokens", b"x"]), Reply::ok());
-        assert_eq!(run(&mut c, &sh, &[b"PEERLESS.ACCUM", b"h", b"t", b""]), Reply::error(WRONGTYPE));
+        assert_eq!(run(&mut c, &sh, &[b"PEERLESS.ACCUM", b"h", b"t", b"0", b""]), Reply::error(WRONGTYPE));
         assert_eq!(run(&mut c, &sh, &[b"EXISTS", b"h"]), Reply::Integer(0));
+    }
+
+    #[test]
+    fn the_sum_is_taken_in_slot_order_for_every_arrival_order() {
+        // Values whose f32 sum depends on the order of additions.
+        let vs: [Vec<f32>; 4] =
+            [vec![1e8, 0.1, 3.3], vec![-1e8, 0.7, 1e-7], vec![0.3, 1e7, -3.3], vec![1.5, -1e7, 1e-3]];
+        let ordered = vs[1..].iter().fold(vs[0].clone(), |mut s, v| {
+            s.iter_mut().zip(v).for_each(|(a, b)| *a += b);
+            s
+        });
+        let mut orders = Vec::new();
+        for a in 0..4 {
+            for b in (0..4).filter(|&b| b != a) {
+                for c in (0..4).filter(|&c| c != a && c != b) {
+                    orders.push([a, b, c, 6 - a - b - c]);
+                }
+            }
+        }
+        let mut differs = false;
+        for order in orders {
+            let sh = shared(None);
+            let mut c = Connection { authenticated: true };
+            let mut arrival = vs[order[0]].clone();
+            for (i, &j) in order.iter().enumerate() {
+                let (tok, slot) = (format!("t{j}"), j.to_string());
+                let r = run(
+                    &mut c,
+                    &sh,
+                    &[b"PEERLESS.ACCUM", b"g", tok.as_bytes(), slot.as_bytes(), &floats(&vs[j])],
+                );
+                assert_eq!(r, Reply::Integer(1));
+                if i > 0 {
+                    arrival.iter_mut().zip(&vs[j]).for_each(|(a, b)| *a += b);
+                }
+            }
+            differs |= arrival != ordered;
+            assert_eq!(
+                run(&mut c, &sh, &[b"GET", b"g"]),
+                Reply::Bulk(Bytes::from(floats(&ordered))),
+                "{order:?}"
+            );
+        }
+        assert!(differs, "the values must make arrival order matter, or the test proves nothing");
     }
 
     #[test]

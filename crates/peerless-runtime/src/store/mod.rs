@@ -72,13 +72,16 @@ pub trait Store: Send + Sync {
     /// Deletes keys (and accumulator bookkeeping for them); missing keys are fine.
     fn delete(&self, keys: &[&str]) -> impl Future<Output = Result<(), StoreError>> + Send;
     /// Adds `grad` element-wise into the accumulator at `key` unless `token` was already
-    /// applied to it; creates the accumulator on first use. All vectors added to one key must
+    /// applied to it; creates the accumulator on first use. The sum is taken in ascending
+    /// `slot` order whatever order the calls arrive in, so it is the same bit for bit for any
+    /// arrival order; a slot already filled is refused. All vectors added to one key must
     /// have the same length (else [`StoreError::BadValue`], nothing changed). Returns whether
     /// this call was applied. Atomic: concurrent calls never lose an addition.
     fn accumulate(
         &self,
         key: &str,
         token: &str,
+        slot: u32,
         grad: &[f32],
     ) -> impl Future<Output = Result<bool, StoreError>> + Send;
     /// The accumulator at `key`: sum and count (`None` if nothing was accumulated).

@@ -65,26 +65,26 @@ where
 
     // accumulate: create, add, duplicate, wrong length.
     assert_eq!(s.read_accumulated("acc").await.expect("read none"), None);
-    assert!(s.accumulate("acc", "t0", &[1.0, 2.0, 3.0]).await.expect("first"));
+    assert!(s.accumulate("acc", "t0", 0, &[1.0, 2.0, 3.0]).await.expect("first"));
     let a = s.read_accumulated("acc").await.expect("read").expect("some");
     assert_eq!((a.sum.as_slice(), a.count), (&[1.0, 2.0, 3.0][..], 1));
-    assert!(s.accumulate("acc", "t1", &[10.0, 20.0, 30.0]).await.expect("second"));
-    assert!(!s.accumulate("acc", "t0", &[100.0, 100.0, 100.0]).await.expect("duplicate"));
+    assert!(s.accumulate("acc", "t1", 1, &[10.0, 20.0, 30.0]).await.expect("second"));
+    assert!(!s.accumulate("acc", "t0", 0, &[100.0, 100.0, 100.0]).await.expect("duplicate"));
     let a = s.read_accumulated("acc").await.expect("read").expect("some");
     assert_eq!((a.sum.as_slice(), a.count), (&[11.0, 22.0, 33.0][..], 2));
-    match s.accumulate("acc", "t2", &[1.0, 2.0]).await {
+    match s.accumulate("acc", "t2", 2, &[1.0, 2.0]).await {
         Err(StoreError::BadValue { key, .. }) => assert_eq!(key, "acc"),
         other => panic!("wrong length must be refused with BadValue, got {other:?}"),
     }
     let a = s.read_accumulated("acc").await.expect("read").expect("some");
     assert_eq!((a.sum.as_slice(), a.count), (&[11.0, 22.0, 33.0][..], 2), "refused call changed nothing");
     // The refused call recorded no token.
-    assert!(s.accumulate("acc", "t2", &[0.5, 0.5, 0.5]).await.expect("t2 after refusal"));
+    assert!(s.accumulate("acc", "t2", 2, &[0.5, 0.5, 0.5]).await.expect("t2 after refusal"));
     assert_eq!(s.read_accumulated("acc").await.expect("read").expect("some").count, 3);
     // delete clears the sum, the count and the tokens.
     s.delete(&["acc"]).await.expect("delete acc");
     assert_eq!(s.read_accumulated("acc").await.expect("read deleted"), None);
-    assert!(s.accumulate("acc", "t0", &[1.0]).await.expect("t0 after delete"));
+    assert!(s.accumulate("acc", "t0", 0, &[1.0]).await.expect("t0 after delete"));
     assert_eq!(s.read_accumulated("acc").await.expect("read").expect("some").count, 1);
     s.delete(&["acc"]).await.expect("delete acc");
 
@@ -99,7 +99,7 @@ where
     let mut expected = vec![0.0f32; n];
     for i in 0..3u64 {
         let g = floats(n, i + 1);
-        assert!(s.accumulate("big", &format!("b{i}"), &g).await.expect("accumulate big"));
+        assert!(s.accumulate("big", &format!("b{i}"), i as u32, &g).await.expect("accumulate big"));
         if i == 0 {
             expected = g;
         } else {
@@ -110,6 +110,21 @@ where
     assert_eq!(a.count, 3);
     assert!(bits(&a.sum) == bits(&expected), "big sum differs from sequential f32 addition");
     s.delete(&["big"]).await.expect("delete big");
+
+    // Out of order: slots 2, 0, 3, 1 give ((v0 + v1) + v2) + v3, the sum in slot order.
+    let vs: Vec<Vec<f32>> = (0..4u64).map(|i| floats(n, 10 + i)).collect();
+    let mut ordered = vs[0].clone();
+    for v in &vs[1..] {
+        ordered.iter_mut().zip(v).for_each(|(e, x)| *e += x);
+    }
+    for j in [2usize, 0, 3, 1] {
+        assert!(s.accumulate("ord", &format!("o{j}"), j as u32, &vs[j]).await.expect("accumulate ord"));
+    }
+    assert!(s.accumulate("ord", "other", 3, &vs[3]).await.is_err(), "a filled slot is refused");
+    let a = s.read_accumulated("ord").await.expect("read ord").expect("some");
+    assert_eq!(a.count, 4);
+    assert!(bits(&a.sum) == bits(&ordered), "out-of-order sum differs from the sum in slot order");
+    s.delete(&["ord"]).await.expect("delete ord");
 
     // 32 tasks on 32 connections add into one key at once; each also races a duplicate of its
     // own token. Small integers, so the order of additions cannot change the sum.
@@ -124,7 +139,10 @@ where
         tasks.spawn(async move {
             let g: Vec<f32> = (0..LEN).map(|j| (i + j % 7) as f32).collect();
             let token = format!("task-{i}");
-            let (a, b) = tokio::join!(c.accumulate("conc", &token, &g), c.accumulate("conc", &token, &g));
+            let (a, b) = tokio::join!(
+                c.accumulate("conc", &token, i as u32, &g),
+                c.accumulate("conc", &token, i as u32, &g)
+            );
             u32::from(a.expect("accumulate")) + u32::from(b.expect("accumulate duplicate"))
         });
     }
@@ -227,12 +245,12 @@ async fn measure(name: &str, s: &RedisStore) {
     let g = floats(235_146, 3);
     let mut i = 0u32;
     let first = time(1, async || {
-        s.accumulate("macc", "first", &g).await.expect("accumulate");
+        s.accumulate("macc", "first", 0, &g).await.expect("accumulate");
     })
     .await;
     let add = time(10, async || {
         i += 1;
-        s.accumulate("macc", &format!("t{i}"), &g).await.expect("accumulate");
+        s.accumulate("macc", &format!("t{i}"), i, &g).await.expect("accumulate");
     })
     .await;
     let read = time(5, async || {

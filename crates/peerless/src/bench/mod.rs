@@ -14,6 +14,7 @@
 pub mod ddp;
 pub mod memory;
 pub mod p2p;
+pub mod sizes;
 pub mod versus;
 
 use std::process::Command;

@@ -47,6 +47,8 @@ mod tests {
             aggregation: None,
             aggregator: "mean".into(),
             function_faults: false,
+            sync: "every-step".into(),
+            compression: "none".into(),
             global: Vec::new(),
             evals: Vec::new(),
             loss: Vec::new(),

@@ -1,6 +1,7 @@
 //! The text of `report.md`: header, summary table, per-scenario detail, the two comparison
 //! sections and the definitions of every measure.
 
+use peerless_core::cost::RightSizing;
 use std::fmt::Write as _;
 
 use super::run::{Figures, Run};
@@ -67,7 +68,7 @@ struct Measure {
     cell: fn(&[Figures]) -> String,
 }
 
-const MEASURES: [Measure; 14] = [
+const MEASURES: [Measure; 15] = [
     Measure { name: "Time to target accuracy (s)", cell: cell_time_to_target },
     Measure { name: "Final test accuracy (%)", cell: |f| values(f, |x| Some(x.final_accuracy * 100.0)) },
     Measure { name: "Wall time (s)", cell: |f| values(f, |x| Some(x.wall_time_s)) },
@@ -82,6 +83,7 @@ const MEASURES: [Measure; 14] = [
     Measure { name: "Retries", cell: |f| counts(f, |x| x.retries as f64) },
     Measure { name: "Cost ($)", cell: |f| values(f, |x| Some(x.cost_usd)) },
     Measure { name: "Cost per accuracy point ($)", cell: |f| values(f, Figures::cost_per_point) },
+    Measure { name: "Peak node memory (MB)", cell: |f| values(f, |x| x.max_node_memory_mb) },
 ];
 
 /// Measures shown in the summary table, by index into [`MEASURES`].
@@ -165,6 +167,8 @@ pub(super) fn render(exp: &Experiment, charts: &[Vec<ChartFiles>]) -> String {
         scenario(&mut md, exp, s, files);
     }
     serverless_vs_serverful(&mut md, exp);
+    communication(&mut md, exp);
+    right_sizing(&mut md, exp);
     aggregation(&mut md, exp);
     robustness(&mut md, exp);
     definitions(&mut md);
@@ -448,6 +452,84 @@ fn serverless_vs_serverful(md: &mut String, exp: &Experiment) {
     );
 }
 
+/// Bytes, time to target and accuracy per scenario and architecture, with each run's sync
+/// mode and compression: what communication-efficient training buys and costs.
+fn communication(md: &mut String, exp: &Experiment) {
+    let _ = writeln!(md, "## Communication\n");
+    let _ = writeln!(
+        md,
+        "Bytes sent per node: the mean over the nodes of each run (every request and answer), then over the seeds.\n"
+    );
+    let _ = writeln!(
+        md,
+        "| Scenario | Architecture | Sync | Compression | MB sent per node | Time to target (s) | Final accuracy |"
+    );
+    let _ = writeln!(md, "| --- | --- | --- | --- | --- | --- | --- |");
+    for s in &exp.scenarios {
+        for c in &s.cells {
+            let Some((_, first)) = c.runs.first() else { continue };
+            let f = figures(exp, s, &c.arch);
+            let mb: Vec<f64> =
+                c.runs.iter().filter_map(|(_, r)| r.bytes_per_node()).map(|b| b / 1e6).collect();
+            let _ = writeln!(
+                md,
+                "| {} | {} | {} | {} | {} | {} | {} |",
+                cell(&s.spec.name),
+                arch_label(&c.arch),
+                cell(&first.sync),
+                cell(&first.compression),
+                fmt_values(&mb),
+                cell_time_to_target(&f),
+                values(&f, |x| Some(x.final_accuracy * 100.0)),
+            );
+        }
+    }
+    let _ = writeln!(md);
+}
+
+/// Per scenario and architecture, what the functions' measured peak memory says about the
+/// size they were configured with.
+fn right_sizing(md: &mut String, exp: &Experiment) {
+    let _ = writeln!(md, "## Right-sizing the functions\n");
+    let rows: Vec<(String, String, RightSizing)> = exp
+        .scenarios
+        .iter()
+        .flat_map(|s| s.cells.iter().map(move |c| (s, c)))
+        .filter_map(|(s, c)| {
+            let sizes: Vec<RightSizing> = c.runs.iter().filter_map(|(_, r)| r.right_sizing()).collect();
+            let peak = sizes.iter().map(|r| r.peak_mb).max()?;
+            let configured = sizes.iter().map(|r| r.configured_mb).max()?;
+            Some((s.spec.name.clone(), arch_label(&c.arch), RightSizing::new(peak, configured)))
+        })
+        .collect();
+    let Some(largest) = rows.iter().map(|(_, _, r)| *r).max_by_key(|r| r.peak_mb) else {
+        let _ = writeln!(
+            md,
+            "No run measured its functions' memory (runs before it was recorded, or no invocations).\n"
+        );
+        return;
+    };
+    let _ = writeln!(md, "Over every run: {}.\n", largest.describe());
+    let _ = writeln!(
+        md,
+        "| Scenario | Architecture | Function peak (MB) | Configured (MB) | Suggested (MB) | Duration charge at it | Compute-bound slowdown |"
+    );
+    let _ = writeln!(md, "| --- | --- | --- | --- | --- | --- | --- |");
+    for (scenario, arch, r) in &rows {
+        let _ = writeln!(
+            md,
+            "| {} | {arch} | {} | {} | {} | {:.1} % | {:.1}× |",
+            cell(scenario),
+            r.peak_mb,
+            r.configured_mb,
+            r.suggested_mb,
+            r.duration_charge_ratio() * 100.0,
+            r.slowdown()
+        );
+    }
+    let _ = writeln!(md);
+}
+
 fn aggregation(md: &mut String, exp: &Experiment) {
     let _ = writeln!(md, "## In-store vs fetch-then-aggregate aggregation\n");
     let fetch =
@@ -676,10 +758,11 @@ fn definitions(md: &mut String) {
 - **Downtime**: time without global progress beyond normal. With g the gaps between consecutive progress timestamps, downtime = Σ max(0, g − {f} × median(g)); a run that progresses steadily has none.
 - **Recovery time**: for each `fault_injected` event, the time from the injection to the first completion of a global round above the highest round completed at the injection (a PS killed and restarted includes its restart). A run's value is the mean over its faults; faults after which no such round came are counted as not recovered.
 - **Rounds lost**: every row of the global counter whose round is not above the previous row's adds previous − round + 1 (rounds done again, e.g. a PS resumed from an older checkpoint). The launcher's `rounds_lost` in `summary.json`'s `recoveries` measures the same restarts, so the larger of the two is reported, not their sum.
-- **Throughput**: samples trained per second of wall time: the sum of `metrics.csv`'s `samples` column (every node process's rows, those of a process later killed included) over `wall_time_s`; for a run whose metrics lack the column, `summary.json`'s `samples_per_s`.
+- **Throughput**: samples trained per second of wall time. P2P: the samples behind the gradients each round applied (`metrics.csv`'s `applied_samples`, once per round), so a gradient computed but left out of its round (a crashed peer's, a joiner's first) does not count; PS: the sum of the `samples` column (every node process's rows, those of a process later killed included); over `wall_time_s`. For a run whose metrics lack these columns, `summary.json`'s `samples_per_s`.
 - **Goodput**: a run's throughput over the throughput of the run with the same seed of the scenario's fault-free twin (the scenario its `baseline` key names, default `no-faults`), in per cent; the mean is over the seeds that have a twin run, and the cell is \"—\" when none has (the twin was not part of the experiment).
 - **Faults injected**: the run's `fault_injected` events (each draw of a `churn` stream is one; the function runtime's failure rates, `function_faults`, are not counted).
 - **Cost per accuracy point**: cost / (final test accuracy × 100).
+- **Peak node memory**: the largest peak resident memory (`VmHWM`) of a node process of the run, its own `summary.json`'s `max_memory_mb`; function instances are in `function_metrics.json`.
 - **Charts**: accuracy from the evaluation rows, training loss per global round (the mean over peers in P2P, the PS's in PS) as a moving average over 1 % of the rounds; bold lines are the mean over seeds on their common time span, faint lines the seeds; dashed vertical lines mark fault injections.
 "
     );
@@ -756,6 +839,7 @@ mod tests {
             cost_usd: 0.0,
             throughput: None,
             faults_injected: 0,
+            max_node_memory_mb: None,
             goodput: None,
         };
         let missed = Figures { time_to_target: Some(None), ..base.clone() };

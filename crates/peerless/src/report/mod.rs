@@ -343,6 +343,58 @@ mod tests {
     }
 
     #[test]
+    fn the_communication_table_names_sync_and_compression_and_bytes_per_node() {
+        let dir = std::env::temp_dir().join(format!("peerless-report-comm-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        for (name, extra, bytes) in [
+            ("every", "", [4_000_000u64, 2_000_000]),
+            (
+                "diloco",
+                "sync = \"diloco\"\ninner_steps = 20\ncompression = \"topk\"\ntopk_fraction = 0.05\n",
+                [60_000, 40_000],
+            ),
+        ] {
+            let run = run_dir(&dir, name, "p2p", 1);
+            write_p2p_run(&run, 2, "mean", 0.9, None);
+            let mut summary: serde_json::Value =
+                serde_json::from_str(&std::fs::read_to_string(run.join("summary.json")).unwrap()).unwrap();
+            summary["per_peer"] = serde_json::json!([
+                {"bytes_out": bytes[0], "max_memory_mb": 70, "function_max_memory_mb": 43, "function_memory_mb": 1769},
+                {"bytes_out": bytes[1], "max_memory_mb": 90, "function_max_memory_mb": 41, "function_memory_mb": 1769}
+            ]);
+            std::fs::write(run.join("summary.json"), summary.to_string()).unwrap();
+            let config = std::fs::read_to_string(run.join("config.toml")).unwrap() + extra;
+            std::fs::write(run.join("config.toml"), config).unwrap();
+        }
+        let exp = serde_json::json!({
+            "scenarios": [{"name": "every", "description": "x", "target_accuracy": 0.85},
+                          {"name": "diloco", "description": "y", "target_accuracy": 0.85}],
+            "archs": ["p2p"], "seeds": [1], "command": "peerless experiment x",
+        });
+        std::fs::write(dir.join("experiment.json"), exp.to_string()).unwrap();
+        let md = std::fs::read_to_string(run(&dir).unwrap().report).unwrap();
+        let row =
+            |name: &str| md.lines().find(|l| l.starts_with(&format!("| {name} | P2P"))).unwrap().to_owned();
+        assert_eq!(
+            row("every"),
+            "| every | P2P | every-step | none | 3.000 (n=1) | 0.2000 (n=1) | 90.00 (n=1) |"
+        );
+        assert_eq!(
+            row("diloco"),
+            "| diloco | P2P | diloco (H = 20) | topk (0.05) | 0.05000 (n=1) | 0.2000 (n=1) | 90.00 (n=1) |"
+        );
+        // The largest node's peak memory, in the scenario tables.
+        assert!(md.contains("| Peak node memory (MB) | 90.00 (n=1) |"), "{md}");
+        // Right-sizing: 43 MB × 1.2 → Lambda's 128 MB floor, 7.2 % of 1769 MB's duration charge.
+        assert!(md.contains("| every | P2P | 43 | 1769 | 128 | 7.2 % | 13.8× |"), "{md}");
+        assert!(
+            md.contains("the smallest Lambda size with 20 % headroom is 128 MB (configured 1769 MB)"),
+            "{md}"
+        );
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
     fn the_robustness_table_compares_each_attacked_rule_with_its_clean_run() {
         let dir = std::env::temp_dir().join(format!("peerless-report-robust-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);

@@ -38,6 +38,11 @@ pub struct Run {
     pub aggregator: String,
     /// Whether config.toml sets a non-zero function fault rate (`[function.faults]`).
     pub function_faults: bool,
+    /// `p2p.sync` from config.toml (`every-step` unless set), with DiLoCo's `inner_steps`:
+    /// `diloco (H = 50)`.
+    pub sync: String,
+    /// `p2p.compression` from config.toml (`none` unless set), with top-k's fraction.
+    pub compression: String,
     /// Global round completions in time order (see [`global_series`]).
     pub global: Vec<Completion>,
     /// Test evaluations `(t s, accuracy 0..1)` in time order, one per evaluated round.
@@ -48,8 +53,9 @@ pub struct Run {
     pub faults: Vec<Fault>,
     /// Mean of each time column (`compute_ms`, `gather_ms`, …) over the rows that have it.
     pub column_means: BTreeMap<String, f64>,
-    /// Samples trained: the sum of `metrics.csv`'s `samples` column over every node process,
-    /// restarted ones included; `None` when no row has it.
+    /// Samples trained: in P2P runs, the samples behind the gradients each round applied
+    /// (`applied_samples`, once per round); otherwise the sum of `metrics.csv`'s `samples`
+    /// column over every node process, restarted ones included; `None` when no row has it.
     pub samples_trained: Option<u64>,
 }
 
@@ -88,7 +94,7 @@ impl Run {
         let evals = eval_series(&rows, secs);
         let loss = loss_series(&rows, ps_index.is_some(), secs);
         let column_means = table.column_means();
-        let samples_trained = table.rows.iter().filter_map(|r| r.samples).reduce(|a, b| a + b);
+        let samples_trained = table.samples_trained();
 
         Ok(Some(Run {
             summary,
@@ -96,6 +102,8 @@ impl Run {
             aggregation: labels.aggregation,
             aggregator: labels.aggregator,
             function_faults: labels.function_faults,
+            sync: labels.sync,
+            compression: labels.compression,
             global,
             evals,
             loss,
@@ -113,6 +121,23 @@ impl Run {
         let wall = self.summary.wall_time_s;
         let from_rows = self.samples_trained.filter(|_| wall > 0.0).map(|s| s as f64 / wall);
         from_rows.or(Some(self.summary.samples_per_s)).filter(|t| t.is_finite() && *t > 0.0)
+    }
+
+    /// The right-sizing of this run's functions: their largest "Max Memory Used" against
+    /// their configured size; `None` without invocations that measured it.
+    pub fn right_sizing(&self) -> Option<peerless_core::cost::RightSizing> {
+        let nodes = &self.summary.per_peer;
+        let peak = nodes.iter().map(|n| n.function_max_memory_mb).max().filter(|&m| m > 0)?;
+        let configured = nodes.iter().map(|n| n.function_memory_mb).max().filter(|&m| m > 0)?;
+        Some(peerless_core::cost::RightSizing::new(peak, configured))
+    }
+
+    /// Bytes each node sent, on average over the nodes (requests and answers; the PS counts as
+    /// a node); `None` when the summary has no node.
+    pub fn bytes_per_node(&self) -> Option<f64> {
+        let nodes = &self.summary.per_peer;
+        (!nodes.is_empty())
+            .then(|| nodes.iter().map(|n| n.bytes_out as f64).sum::<f64>() / nodes.len() as f64)
     }
 
     /// Faults the launcher injected: its `fault_injected` events, churn draws included, the
@@ -145,6 +170,14 @@ impl Run {
             cost_usd: self.summary.total_cost_usd,
             throughput: self.throughput(),
             faults_injected: self.faults_injected(),
+            max_node_memory_mb: self
+                .summary
+                .per_peer
+                .iter()
+                .map(|n| n.max_memory_mb)
+                .max()
+                .filter(|&m| m > 0)
+                .map(|m| m as f64),
             goodput: None,
         }
     }
@@ -177,6 +210,9 @@ pub struct Figures {
     pub throughput: Option<f64>,
     /// Faults injected ([`Run::faults_injected`]).
     pub faults_injected: u64,
+    /// The largest peak resident memory of a node process, MB (`None` for runs before it
+    /// was recorded).
+    pub max_node_memory_mb: Option<f64>,
     /// Throughput over that of the same seed's fault-free twin; `None` without a twin run
     /// (filled in by the report, which knows the twin: see `super::goodput`).
     pub goodput: Option<f64>,
@@ -205,6 +241,8 @@ struct ConfigLabels {
     aggregation: Option<String>,
     aggregator: String,
     function_faults: bool,
+    sync: String,
+    compression: String,
 }
 
 impl ConfigLabels {
@@ -222,11 +260,28 @@ impl ConfigLabels {
             config.get("function").and_then(|f| f.get("faults")).and_then(|f| f.as_table()).is_some_and(
                 |t| t.iter().any(|(k, v)| k.ends_with("_rate") && v.as_float().is_some_and(|r| r > 0.0)),
             );
+        let p2p = |k: &str| config.get("p2p").and_then(|t| t.get(k));
+        let sync = match p2p("sync").and_then(|v| v.as_str()) {
+            Some("diloco") => {
+                format!("diloco (H = {})", p2p("inner_steps").and_then(|v| v.as_integer()).unwrap_or(50))
+            }
+            Some(other) => other.to_owned(),
+            None => "every-step".to_owned(),
+        };
+        let compression = match p2p("compression").and_then(|v| v.as_str()) {
+            Some("topk") => {
+                format!("topk ({})", p2p("topk_fraction").and_then(|v| v.as_float()).unwrap_or(0.01))
+            }
+            Some(other) => other.to_owned(),
+            None => "none".to_owned(),
+        };
         Ok(ConfigLabels {
             compute: key("compute").unwrap_or_else(|| summary.compute.clone()),
             aggregation: key("aggregation"),
             aggregator: value("aggregator").map_or_else(|| "mean".to_owned(), rule_label),
             function_faults,
+            sync,
+            compression,
         })
     }
 }
@@ -340,6 +395,8 @@ struct Row {
     test_accuracy: Option<f64>,
     /// Samples the node's gradient work covered in this round.
     samples: Option<u64>,
+    /// Samples behind the gradients the round applied (P2P rows).
+    applied_samples: Option<u64>,
 }
 
 /// metrics.csv: rows sorted by time, and the raw cells for the column means.
@@ -357,6 +414,23 @@ impl Table {
         Table::parse(&text).with_context(|| format!("parsing {}", path.display()))
     }
 
+    /// What training used: each round's `applied_samples` once (every peer applies the
+    /// same gradients), so a gradient computed but left out of its round does not count;
+    /// for runs without that column, every row's `samples`.
+    fn samples_trained(&self) -> Option<u64> {
+        let mut per_round: BTreeMap<u64, u64> = BTreeMap::new();
+        for r in &self.rows {
+            if let Some(a) = r.applied_samples {
+                let e = per_round.entry(r.round).or_default();
+                *e = (*e).max(a);
+            }
+        }
+        if !per_round.is_empty() {
+            return Some(per_round.values().sum());
+        }
+        self.rows.iter().filter_map(|r| r.samples).reduce(|a, b| a + b)
+    }
+
     fn parse(text: &str) -> Result<Table> {
         let mut lines = text.lines();
         let header: Vec<String> = lines.next().unwrap_or_default().split(',').map(str::to_owned).collect();
@@ -365,7 +439,7 @@ impl Table {
             bail!("the header lacks t_ms, peer or round: {:?}", header.join(","));
         };
         let (loss, er, acc) = (col("train_loss"), col("eval_round"), col("test_accuracy"));
-        let samples = col("samples");
+        let (samples, applied) = (col("samples"), col("applied_samples"));
         let mut rows = Vec::new();
         let mut raw = Vec::new();
         for line in lines.filter(|l| !l.trim().is_empty()) {
@@ -387,6 +461,7 @@ impl Table {
                 eval_round: get(er).and_then(|s| s.parse().ok()),
                 test_accuracy: get(acc).and_then(|s| s.parse().ok()).filter(|v: &f64| v.is_finite()),
                 samples: get(samples).and_then(|s| s.parse().ok()),
+                applied_samples: get(applied).and_then(|s| s.parse().ok()),
             });
             raw.push(cells);
         }
@@ -448,5 +523,17 @@ mod tests {
         assert_eq!(t.rows[0].train_loss, Some(2.0));
         assert_eq!(t.rows[0].test_accuracy, None);
         assert!(Table::parse("a,b\n1,2\n").is_err());
+    }
+
+    #[test]
+    fn samples_trained_counts_each_applied_round_once_and_not_the_work_left_out() {
+        // Round 1: both peers applied 128 samples; round 2: peer 1's 64 were left out, but it
+        // still computed them.
+        let csv =
+            "t_ms,peer,round,samples,applied_samples\n1,0,1,64,128\n2,1,1,64,128\n3,0,2,64,64\n4,1,2,64,64\n";
+        assert_eq!(Table::parse(csv).unwrap().samples_trained(), Some(192));
+        // Without the column (PS rows, older runs): every row's work.
+        let old = "t_ms,peer,round,samples\n1,0,1,64\n2,1,1,64\n";
+        assert_eq!(Table::parse(old).unwrap().samples_trained(), Some(128));
     }
 }

@@ -155,11 +155,11 @@ async fn a_poisoned_in_store_sum_is_refused_and_the_round_redone_from_checked_gr
     for peer in 0..2 {
         for round in 3..6 {
             store
-                .accumulate(&format!("peer{peer}/grad/{round}"), "hostile", &vec![f32::NAN; n])
+                .accumulate(&format!("peer{peer}/grad/{round}"), "hostile", 999, &vec![f32::NAN; n])
                 .await
                 .unwrap();
         }
-        store.accumulate(&format!("peer{peer}/grad/8"), "hostile", &vec![1.0; n]).await.unwrap();
+        store.accumulate(&format!("peer{peer}/grad/8"), "hostile", 999, &vec![1.0; n]).await.unwrap();
     }
     let args = ["--peers", "2", "--functions-per-peer", "2", "--rounds", "16", "--lr", "0.05", "--seed", "5"];
     let calm = "[cluster]\ndeadline_floor_ms = 60000\ndeadline_ceiling_ms = 60000\n";

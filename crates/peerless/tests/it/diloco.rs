@@ -4,7 +4,6 @@
 
 use std::path::Path;
 
-use crate::faults::train;
 use crate::{assert_completed_and_agreed, peerless, run, summary};
 
 /// Trains `arch` on digits with DiLoCo (3 nodes × 2 functions, H = 5, 8 outer rounds).
@@ -66,22 +65,11 @@ fn local_steps_in_the_node_in_functions_and_under_a_ps_give_the_same_model() {
 
 #[test]
 fn a_peer_killed_mid_inner_steps_rejoins_and_ends_with_the_others_model() {
-    let tmp = tempfile::tempdir().unwrap();
-    let f = tmp.path().join("kill.toml");
-    std::fs::write(
-        &f,
-        "description = \"diloco kill\"\ntarget_accuracy = 0.5\n[run]\ndata.dataset = \"digits\"\n\
-         train.rounds = 40\ntrain.batch_size = 16\ncluster.nodes = 3\ncluster.functions_per_node = 2\n\
-         p2p.sync = \"diloco\"\np2p.inner_steps = 10\n\
-         optimizer = { kind = \"sgd\", lr = 0.05, momentum = 0.9 }\n\
-         [[fault]]\nkind = \"kill\"\ntargets = [\"node:1\"]\nat_round = 8\nrestart_after_s = 0.5\n",
-    )
-    .unwrap();
-    let out = tmp.path().join("run");
-    let ev = train(&f, "p2p", &out);
-    assert!(ev.iter().any(|e| e["event"] == "fault_injected" && e["fault"] == "kill"));
-    assert!(ev.iter().any(|e| e["event"] == "synced" && e["peer"] == 1), "the restarted peer synced");
-    assert_completed_and_agreed(&summary(&out));
+    crate::faults::a_killed_peer_rejoins(
+        "train.batch_size = 16\np2p.sync = \"diloco\"\np2p.inner_steps = 10\n",
+        40,
+        8,
+    );
 }
 
 #[test]

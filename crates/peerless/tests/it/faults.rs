@@ -8,7 +8,7 @@ use crate::{peerless, run, summary};
 
 /// A scenario on digits: 3 nodes × 2 functions, `rounds` rounds, plus `extra` (more `[run]`
 /// keys, then `[[fault]]` tables).
-fn scenario(dir: &Path, name: &str, rounds: u32, extra: &str) -> std::path::PathBuf {
+pub(crate) fn scenario(dir: &Path, name: &str, rounds: u32, extra: &str) -> std::path::PathBuf {
     let text = format!(
         "description = \"test\"\ntarget_accuracy = 0.5\n[run]\ndata.dataset = \"digits\"\n\
          train.rounds = {rounds}\ntrain.checkpoint_every = 10\ncluster.nodes = 3\ncluster.functions_per_node = 2\n\
@@ -34,6 +34,22 @@ pub(crate) fn train(file: &Path, arch: &str, out: &Path) -> Vec<serde_json::Valu
         .collect();
     ev.sort_by_key(|e| e["t_ms"].as_u64());
     ev
+}
+
+/// Trains `extra`'s workload (more `[run]` keys) on the scenario above with node 1 SIGKILLed
+/// at round `at` and restarted 0.5 s later; asserts it synced from a live peer and the run
+/// ended with identical replicas.
+pub(crate) fn a_killed_peer_rejoins(extra: &str, rounds: u32, at: u32) {
+    let tmp = tempfile::tempdir().unwrap();
+    let kill = format!(
+        "[[fault]]\nkind = \"kill\"\ntargets = [\"node:1\"]\nat_round = {at}\nrestart_after_s = 0.5\n"
+    );
+    let f = scenario(tmp.path(), "kill", rounds, &format!("{extra}{kill}"));
+    let out = tmp.path().join("run");
+    let ev = train(&f, "p2p", &out);
+    find(&ev, "fault_injected", "kill");
+    assert!(ev.iter().any(|e| e["event"] == "synced" && e["peer"] == 1), "the restarted peer synced");
+    crate::assert_completed_and_agreed(&summary(&out));
 }
 
 fn find<'a>(ev: &'a [serde_json::Value], event: &str, fault: &str) -> &'a serde_json::Value {

@@ -400,6 +400,14 @@ fn peerless_invoke_prints_the_answer_and_the_ledger_record() {
     assert_eq!((rec["outcome"].as_str(), rec["memory_mb"].as_u64()), (Some("ok"), Some(512)));
     assert_eq!(rec["cold_start"], json!(true));
     assert_eq!(std::fs::read_to_string(&ledger).unwrap().lines().count(), 2);
+    // The right-sizing line names the measured peak and the configured size.
+    let peak = rec["max_memory_mb"].as_u64().unwrap();
+    let stderr = String::from_utf8(out.stderr).unwrap();
+    assert!(
+        stderr.contains(&format!("right-sizing: functions peaked at {peak} MB"))
+            && stderr.contains("(configured 512 MB)"),
+        "{stderr}"
+    );
 
     let out = super::peerless().args(["invoke", "--function", "fail", "--payload", "{}"]).output().unwrap();
     assert!(!out.status.success(), "a function error exits non-zero");

@@ -7,6 +7,7 @@ mod bad_input;
 mod bench;
 mod byzantine;
 mod churn;
+mod compression;
 mod diloco;
 mod faults;
 mod function;
