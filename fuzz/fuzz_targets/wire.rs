@@ -14,7 +14,8 @@ use peerless_core::compress::{Compressed, INT8_BLOCK};
 use peerless_core::flat::Digest;
 use peerless_core::optim::OptimizerState;
 use peerless_core::wire::{
-    CompressedMsg, GradientMsg, Limits, MAX_PEERS, Message, ParamsMsg, StateMsg, WireError, decode, encode,
+    CompressedMsg, GradientMsg, Limits, MAX_CERTIFICATE, MAX_MEMBERS, MAX_PEERS, Message, ParamsMsg,
+    StateMsg, WireError, decode, encode,
 };
 
 fuzz_target!(
@@ -49,6 +50,8 @@ fuzz_target!(
                     loss: 0.5,
                     grad: Compressed::TopK { n: 3, idx: vec![0, 2], vals: vec![1.5, -2.0] },
                 }),
+                Message::Admit { certificate: b"PLCT\x01 a certificate's bytes".to_vec(), address: "/ip4/10.0.0.1/tcp/4001".into() },
+                Message::Members { members: vec![(0, "/ip4/10.0.0.1/tcp/4001".into()), (3, "/dns4/h/tcp/1".into())] },
             ];
             // Mode byte 3: raw decoding with a 3-parameter model.
             msgs.iter().enumerate().map(|(i, m)| (format!("msg{i}"), [&[3u8][..], &encode(m)].concat())).collect()
@@ -95,6 +98,9 @@ fn check_round_trip(msg: &Message, limits: Limits, u: &mut Unstructured) {
                 WireError::Malformed { field: "int8 scales", .. } => "bad scale",
                 WireError::Malformed { field: "top-k count", .. } => "bad count",
                 WireError::Malformed { field: "top-k indices", .. } => "bad indices",
+                WireError::Malformed { field: "certificate length", .. } => "certificate too long",
+                WireError::Malformed { field: "member count", .. } => "too many members",
+                WireError::Malformed { field: "member indices", .. } => "members not ascending",
                 WireError::Malformed { .. } => "too many buffers",
                 other => panic!("invalid message ({problem}) refused for another reason: {other}"),
             };
@@ -150,6 +156,13 @@ fn problem(msg: &Message, limits: Limits) -> Option<&'static str> {
             Compressed::TopK { .. } => None,
         },
         Message::Received { peers, .. } if peers.len() > MAX_PEERS => Some("too many peers"),
+        Message::Admit { certificate, .. } if certificate.len() > MAX_CERTIFICATE => {
+            Some("certificate too long")
+        }
+        Message::Members { members } if members.len() > MAX_MEMBERS => Some("too many members"),
+        Message::Members { members } if !members.windows(2).all(|w| w[0].0 < w[1].0) => {
+            Some("members not ascending")
+        }
         Message::Received { peers, .. } if !peers.windows(2).all(|w| w[0] < w[1]) => Some("not ascending"),
         _ => None,
     }
@@ -166,7 +179,7 @@ fn digest(u: &mut Unstructured) -> Result<Digest> {
 }
 
 fn message(u: &mut Unstructured, limits: Limits) -> Result<Message> {
-    Ok(match u.int_in_range(0..=12u8)? {
+    Ok(match u.int_in_range(0..=14u8)? {
         0 => Message::Gradient(GradientMsg {
             round: u.arbitrary()?,
             digest: digest(u)?,
@@ -220,6 +233,35 @@ fn message(u: &mut Unstructured, limits: Limits) -> Result<Message> {
             loss: f32::from_bits(u.arbitrary()?),
             grad: compressed(u, limits)?,
         }),
+        12 => Message::Admit {
+            // Mostly a certificate's size; sometimes past the bound.
+            certificate: {
+                let n = if u.ratio(1, 8)? {
+                    u.int_in_range(0..=MAX_CERTIFICATE + 64)?
+                } else {
+                    u.int_in_range(0..=200)?
+                };
+                (0..n).map(|_| u.arbitrary()).collect::<Result<_>>()?
+            },
+            address: u.arbitrary()?,
+        },
+        13 => Message::Members {
+            // Mostly ascending, as a node sends them; sometimes not, sometimes too many.
+            members: {
+                let n = if u.ratio(1, 16)? {
+                    u.int_in_range(0..=MAX_MEMBERS + 8)?
+                } else {
+                    u.int_in_range(0..=8)?
+                };
+                let mut m: Vec<(u32, String)> =
+                    (0..n).map(|_| Ok((u.arbitrary()?, u.arbitrary()?))).collect::<Result<_>>()?;
+                if !u.ratio(1, 8)? {
+                    m.sort_by_key(|(i, _)| *i);
+                    m.dedup_by_key(|(i, _)| *i);
+                }
+                m
+            },
+        },
         _ => Message::Refused { reason: u.arbitrary()? },
     })
 }

@@ -1,6 +1,7 @@
 //! The I/O-free core of peerless.
 //!
 //! # Layout
+//! - [`admission`] — admission certificates: signed membership of a run, and their verification.
 //! - [`rng`] — the seeded, checkpointable PRNG behind every random choice.
 //! - [`stats`] — quantiles and medians of measurements.
 //! - [`flat`] — flat `f32` parameter/gradient vectors and their layout (names, shapes, offsets).
@@ -21,6 +22,7 @@
 #![warn(missing_docs)]
 #![deny(clippy::disallowed_methods, clippy::disallowed_types)]
 
+pub mod admission;
 pub mod aggregate;
 pub mod attack;
 pub mod compress;

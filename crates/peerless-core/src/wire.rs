@@ -68,6 +68,21 @@ pub enum Message {
     /// "I am alive" (a P2P peer sends one to each connected peer every fifth of
     /// `p2p.detection_ms`, so a frozen one is noticed).
     Heartbeat,
+    /// "Admit me": the sender's admission certificate
+    /// ([`crate::admission::Certificate`]'s bytes, at most [`MAX_CERTIFICATE`]), sent once a
+    /// connection is up; answered [`Message::Ack`] or [`Message::Refused`] with the reason.
+    Admit {
+        /// The certificate's bytes (checked by [`crate::admission::verify`], not here).
+        certificate: Vec<u8>,
+        /// Where the sender can be dialled (a multiaddr; empty when it does not know).
+        address: String,
+    },
+    /// The other members the sender admitted, and where each can be dialled (sent to a member
+    /// once it is admitted, so that one bootstrap address is enough to reach them all).
+    Members {
+        /// `(node index, multiaddr)`, indices strictly ascending, at most [`MAX_MEMBERS`].
+        members: Vec<(u32, String)>,
+    },
     /// A request was refused; the reason says why.
     Refused {
         /// Why.
@@ -216,6 +231,8 @@ mod kind {
     pub const HEARTBEAT: u8 = 11;
     pub const RESEND: u8 = 12;
     pub const COMPRESSED: u8 = 13;
+    pub const ADMIT: u8 = 14;
+    pub const MEMBERS: u8 = 15;
 }
 
 /// The codec byte of a [`Message::Compressed`].
@@ -223,6 +240,12 @@ mod codec {
     pub const INT8: u8 = 1;
     pub const TOP_K: u8 = 2;
 }
+
+/// Most members a [`Message::Members`] may list.
+pub const MAX_MEMBERS: usize = 1024;
+
+/// Most bytes a [`Message::Admit`] certificate may have (a version-1 certificate has ≤ 163).
+pub const MAX_CERTIFICATE: usize = 1024;
 
 /// Most peer indices a [`Message::Received`] may list.
 pub const MAX_PEERS: usize = 1 << 16;
@@ -307,6 +330,22 @@ pub fn encode(msg: &Message) -> Vec<u8> {
             w.u32(peers.len() as u32);
             for p in peers {
                 w.u32(*p);
+            }
+        }
+        Message::Admit { certificate, address } => {
+            // At most u16::MAX bytes (longer is refused by `decode` anyway).
+            let c = &certificate[..certificate.len().min(u16::MAX as usize)];
+            w.u8(kind::ADMIT);
+            w.u16(c.len() as u16);
+            w.0.extend_from_slice(c);
+            w.str(address);
+        }
+        Message::Members { members } => {
+            w.u8(kind::MEMBERS);
+            w.u32(members.len() as u32);
+            for (index, address) in members {
+                w.u32(*index);
+                w.str(address);
             }
         }
         Message::Refused { reason } => {
@@ -396,6 +435,8 @@ pub fn decode(bytes: &[u8], limits: Limits) -> Result<Message, WireError> {
         }
         kind::RECEIVED => Message::Received { round: r.u64("round")?, peers: r.peers()? },
         kind::REFUSED => Message::Refused { reason: r.str("reason")? },
+        kind::ADMIT => Message::Admit { certificate: r.certificate()?, address: r.str("address")? },
+        kind::MEMBERS => Message::Members { members: r.members()? },
         other => return Err(WireError::UnknownKind(other)),
     };
     let left = bytes.len() - r.pos;
@@ -410,6 +451,9 @@ struct Writer(Vec<u8>);
 impl Writer {
     fn u8(&mut self, v: u8) {
         self.0.push(v);
+    }
+    fn u16(&mut self, v: u16) {
+        self.0.extend_from_slice(&v.to_le_bytes());
     }
     fn u32(&mut self, v: u32) {
         self.0.extend_from_slice(&v.to_le_bytes());
@@ -482,6 +526,39 @@ impl<'a> Reader<'a> {
             .map_err(|e| WireError::Malformed { field, reason: format!("not UTF-8: {e}") })
     }
     /// A count, then that many strictly ascending peer indices.
+    fn certificate(&mut self) -> Result<Vec<u8>, WireError> {
+        let n = usize::from(self.u16("certificate length")?);
+        if n > MAX_CERTIFICATE {
+            return Err(WireError::Malformed {
+                field: "certificate length",
+                reason: format!("{n} bytes (at most {MAX_CERTIFICATE})"),
+            });
+        }
+        Ok(self.take("certificate", n)?.to_vec())
+    }
+
+    fn members(&mut self) -> Result<Vec<(u32, String)>, WireError> {
+        let n = self.u32("member count")? as usize;
+        if n > MAX_MEMBERS {
+            return Err(WireError::Malformed {
+                field: "member count",
+                reason: format!("{n} members (at most {MAX_MEMBERS})"),
+            });
+        }
+        let mut members: Vec<(u32, String)> = Vec::with_capacity(n.min(64));
+        for _ in 0..n {
+            let index = self.u32("member index")?;
+            if members.last().is_some_and(|(last, _)| *last >= index) {
+                return Err(WireError::Malformed {
+                    field: "member indices",
+                    reason: "not strictly ascending".into(),
+                });
+            }
+            members.push((index, self.str("member address")?));
+        }
+        Ok(members)
+    }
+
     fn peers(&mut self) -> Result<Vec<u32>, WireError> {
         let n = self.u32("peer count")? as usize;
         if n > MAX_PEERS {
@@ -601,6 +678,10 @@ mod tests {
             Message::Received { round: 5, peers: vec![0, 2, 3] },
             Message::Received { round: 6, peers: vec![] },
             Message::Refused { reason: "not a member".into() },
+            Message::Admit { certificate: vec![1, 2, 3], address: "/ip4/10.0.0.1/tcp/4001".into() },
+            Message::Admit { certificate: vec![], address: String::new() },
+            Message::Members { members: vec![(0, "/ip4/10.0.0.1/tcp/4001".into()), (2, String::new())] },
+            Message::Members { members: vec![] },
             compressed(Compressed::Int8 { scales: vec![0.02], q: vec![-127, 0, 5, 127, 1] }),
             compressed(Compressed::TopK { n: 5, idx: vec![1, 4], vals: vec![-2.0, 3.5] }),
         ]
@@ -644,6 +725,28 @@ mod tests {
         let dense = encode(&Message::Gradient(m.densify())).len();
         let sparse = encode(&Message::Compressed(m)).len();
         assert_eq!(sparse + (4 + 5 * 4), dense + (1 + 4 + 4 + 2 * 8));
+    }
+
+    #[test]
+    fn a_certificate_longer_than_the_bound_is_refused() {
+        let ok = encode(&Message::Admit { certificate: vec![7; MAX_CERTIFICATE], address: String::new() });
+        assert!(decode(&ok, L).is_ok());
+        let long =
+            encode(&Message::Admit { certificate: vec![7; MAX_CERTIFICATE + 1], address: String::new() });
+        let err = decode(&long, L).unwrap_err();
+        assert!(err.to_string().contains("certificate length"), "{err}");
+    }
+
+    #[test]
+    fn members_must_be_ascending_and_bounded() {
+        let dup = encode(&Message::Members { members: vec![(1, "a".into()), (1, "b".into())] });
+        let err = decode(&dup, L).unwrap_err();
+        assert!(err.to_string().contains("member indices"), "{err}");
+        let mut huge = encode(&Message::Members { members: vec![] });
+        let n = huge.len();
+        huge[n - 4..].copy_from_slice(&(MAX_MEMBERS as u32 + 1).to_le_bytes());
+        let err = decode(&huge, L).unwrap_err();
+        assert!(err.to_string().contains("at most"), "{err}");
     }
 
     #[test]

@@ -79,6 +79,39 @@ pub struct RunConfig {
     pub function: crate::function::Config,
     /// The local launcher (`peerless train --arch p2p|ps`): how it ends a run.
     pub launcher: LauncherSection,
+    /// Admission by certificate (written by `peerless run init`); empty: the nodes admit by
+    /// peer-id allow-list.
+    pub admission: AdmissionSection,
+}
+
+/// `[admission]`: the run's id and the public half of its admission key. A node of a run that
+/// has them admits other nodes by certificate (see [`peerless_core::admission`]).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AdmissionSection {
+    /// The run's id, 32 hex characters. Empty: no admission by certificate.
+    pub run_id: String,
+    /// The run's public admission key, 64 hex characters.
+    pub public_key: String,
+}
+
+impl AdmissionSection {
+    /// The run id and key, or `None` when the section is empty.
+    pub fn parsed(
+        &self,
+    ) -> Result<Option<(peerless_core::admission::RunId, peerless_core::admission::PublicKey)>, ConfigError>
+    {
+        if self.run_id.is_empty() && self.public_key.is_empty() {
+            return Ok(None);
+        }
+        let run =
+            self.run_id.parse().map_err(|e| invalid("admission.run_id", &self.run_id, &format!("{e}")))?;
+        let key = self
+            .public_key
+            .parse()
+            .map_err(|e| invalid("admission.public_key", &self.public_key, &format!("{e}")))?;
+        Ok(Some((run, key)))
+    }
 }
 
 /// `[launcher]`
@@ -165,6 +198,7 @@ impl Default for RunConfig {
             ps: PsSection::default(),
             function: crate::function::Config::default(),
             launcher: LauncherSection::default(),
+            admission: AdmissionSection::default(),
         }
     }
 }
@@ -286,8 +320,9 @@ pub struct ClusterConfig {
     /// e.g. `{ rule = "krum", f = 1 }` (see [`peerless_core::aggregate::AggregatorConfig`]). Its
     /// precondition is checked against `nodes`.
     pub aggregator: peerless_core::aggregate::AggregatorConfig,
-    /// The run secret: node identities and the allow-list derive from it. Empty: the launcher
-    /// draws one at random (and writes it into the node files).
+    /// The password of the nodes' embedded stores (identities no longer derive from it: each
+    /// node has its own key, admitted by certificate). Empty: the launcher draws one at random
+    /// (and writes it into the node files).
     pub secret: String,
     /// The store functions read parameters from and accumulate gradients into: `embedded`
     /// (served by each node), or a `redis://` URL of a Redis server.
@@ -560,6 +595,7 @@ impl RunConfig {
         }
         self.cluster.validate()?;
         self.p2p.validate()?;
+        self.admission.parsed()?;
         if self.p2p.sync == SyncMode::Diloco
             && self.train.arch == TrainArch::Ps
             && self.ps.mode == PsModeName::Async

@@ -29,6 +29,8 @@
 //!   the formats build — [`config`], [`scenario`], [`checkpoint`], `function::{config, faults,
 //!   report}` and `store::resp` — on light dependencies, for the fuzz targets in `fuzz/`.
 
+#[cfg(feature = "drivers")]
+pub mod admission;
 pub mod checkpoint;
 #[cfg(feature = "drivers")]
 pub mod cluster;

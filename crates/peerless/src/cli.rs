@@ -31,6 +31,17 @@ pub enum Command {
     Ps(NodeArgs),
     /// Run one worker of a PS run (the launcher starts these).
     Worker(NodeArgs),
+    /// Write a fresh random ed25519 identity for a node of this host (prints its peer id).
+    Keygen {
+        /// The identity file to write (must not exist; mode 0600).
+        #[arg(long)]
+        out: PathBuf,
+    },
+    /// A run across hosts: `peerless run init`.
+    #[command(subcommand)]
+    Run(RunCommand),
+    /// Sign an admission certificate for a node of a run (the run's owner does this).
+    Admit(AdmitArgs),
     /// Datasets: fetch, verify.
     #[command(subcommand)]
     Data(DataCommand),
@@ -52,6 +63,38 @@ pub enum Command {
         /// The experiment directory (holding experiment.json).
         dir: PathBuf,
     },
+}
+
+/// `peerless run …`.
+#[derive(Debug, Subcommand)]
+pub enum RunCommand {
+    /// Write a new run into `--out DIR`: `DIR/run.toml` (the training config from `--config`
+    /// and the training flags, with `[admission]`: a random run id and the run's public
+    /// admission key) and `DIR/admission.key` (the private key; keep it).
+    Init(Box<TrainArgs>),
+}
+
+/// `peerless admit`.
+#[derive(Debug, Args)]
+pub struct AdmitArgs {
+    /// The run's directory (holding `run.toml` and `admission.key`, from `peerless run init`).
+    #[arg(long)]
+    pub run: PathBuf,
+    /// The node's peer id (what `peerless keygen` printed).
+    #[arg(long)]
+    pub peer: String,
+    /// `peer`, `worker` or `ps`.
+    #[arg(long)]
+    pub role: String,
+    /// The node's index (default: the next free one of its role; the PS's is `cluster.nodes`).
+    #[arg(long)]
+    pub index: Option<u32>,
+    /// How long the certificate is valid: a number and `s`, `m`, `h` or `d` (`90d`, `12h`).
+    #[arg(long, default_value = "90d")]
+    pub expires_in: String,
+    /// The certificate file to write.
+    #[arg(long)]
+    pub out: PathBuf,
 }
 
 /// `peerless bench …`.
@@ -288,9 +331,32 @@ pub struct BenchStepArgs {
 /// `peerless peer`, `peerless ps`, `peerless worker`: one node of a run.
 #[derive(Debug, Args)]
 pub struct NodeArgs {
-    /// The peer's configuration (`[node]` and `[run]`), as the launcher writes it.
+    /// The node file (`[node]` and `[run]`), as the launcher writes it. Without it, the node
+    /// is started from `--run`, `--identity`, `--cert` and `--listen`.
+    #[arg(long, required_unless_present = "run", conflicts_with_all = ["run", "identity", "cert", "listen", "bootstrap", "external", "out"])]
+    pub config: Option<PathBuf>,
+    /// The run file (`run.toml` from `peerless run init`).
+    #[arg(long, requires_all = ["identity", "cert", "listen"])]
+    pub run: Option<PathBuf>,
+    /// This node's identity (`peerless keygen`).
     #[arg(long)]
-    pub config: PathBuf,
+    pub identity: Option<PathBuf>,
+    /// This node's certificate (`peerless admit`); its index is the node's.
+    #[arg(long)]
+    pub cert: Option<PathBuf>,
+    /// The address to listen on, e.g. `/ip4/0.0.0.0/tcp/4001`.
+    #[arg(long)]
+    pub listen: Option<String>,
+    /// An address of another node to dial (repeat for several; dialled until reachable).
+    #[arg(long)]
+    pub bootstrap: Vec<String>,
+    /// Where other nodes can dial this one, if not the first listening address (e.g. the
+    /// host's public address behind a NAT or with `--listen /ip4/0.0.0.0/…`).
+    #[arg(long)]
+    pub external: Option<String>,
+    /// This node's directory (checkpoint, metrics, events, summary); default `node-<index>`.
+    #[arg(long)]
+    pub out: Option<PathBuf>,
     /// Join a run in progress (fetch the state from a live peer, or resume the own checkpoint).
     #[arg(long)]
     pub join: bool,

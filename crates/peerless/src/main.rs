@@ -1,5 +1,6 @@
 //! The `peerless` command line: parses arguments, starts tracing, and calls into the library.
 
+mod admission_cmd;
 mod bench;
 mod cli;
 mod common;
@@ -18,7 +19,7 @@ use anyhow::Result;
 use clap::Parser;
 use tracing_subscriber::EnvFilter;
 
-use crate::cli::{BenchCommand, Command};
+use crate::cli::{BenchCommand, Command, RunCommand};
 use peerless_runtime::cluster::supervise::Role;
 
 /// Every training step allocates and frees tensors of up to a few MB. glibc's malloc hands
@@ -55,6 +56,9 @@ fn run(command: Command) -> Result<ExitCode> {
         Command::Peer(args) => node_cmd::run_node(Role::Peer, args),
         Command::Ps(args) => node_cmd::run_node(Role::Ps, args),
         Command::Worker(args) => node_cmd::run_node(Role::Worker, args),
+        Command::Keygen { out } => admission_cmd::keygen(&out),
+        Command::Run(RunCommand::Init(args)) => admission_cmd::run_init(&args),
+        Command::Admit(args) => admission_cmd::admit(&args),
         Command::Data(cmd) => data_cmd::run(cmd),
         Command::Bench(BenchCommand::Step(args)) => bench::run_step(args),
         Command::Bench(BenchCommand::P2p(args)) => bench::p2p::run_cli(args),

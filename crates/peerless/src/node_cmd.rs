@@ -1,13 +1,15 @@
 //! `peerless peer`, `peerless ps`, `peerless worker`: one node of a run, in this process, from
-//! its node file. Its progress, readiness and errors go to stdout as `NodeLine`s for the
-//! launcher; its log goes to stderr.
+//! its node file or from the command line alone (run file, identity, certificate, addresses).
+//! Its progress, readiness and errors go to stdout as `NodeLine`s for the launcher; its log
+//! goes to stderr.
 
 use std::process::ExitCode;
 
-use anyhow::{Context, Result};
+use anyhow::{Context, Result, bail};
+use peerless_core::admission::Certificate;
+use peerless_runtime::config::RunConfig;
 use peerless_runtime::function::FunctionCommand;
-use peerless_runtime::node::NodeFile;
-use peerless_runtime::node::NodeLine;
+use peerless_runtime::node::{NodeFile, NodeLine, NodeSection};
 
 use crate::cli::NodeArgs;
 use peerless_runtime::cluster::supervise::Role;
@@ -28,7 +30,10 @@ fn serve(role: Role, args: NodeArgs, index: &mut Option<u32>) -> Result<ExitCode
         // Started by a launcher: do not outlive it.
         peerless_runtime::node::die_with_parent().context("setting the parent-death signal")?;
     }
-    let mut file = NodeFile::load(&args.config)?;
+    let mut file = match &args.config {
+        Some(path) => NodeFile::load(path)?,
+        None => node_file(&args)?,
+    };
     *index = Some(file.node.index);
     if args.join {
         file.node.join = true;
@@ -70,4 +75,49 @@ fn serve(role: Role, args: NodeArgs, index: &mut Option<u32>) -> Result<ExitCode
         summary.param_digest.get(..16).unwrap_or("-")
     );
     Ok(ExitCode::SUCCESS)
+}
+
+/// The node file of a node started from the command line: the run file, and the node's index
+/// from its certificate.
+fn node_file(args: &NodeArgs) -> Result<NodeFile> {
+    let (Some(run), Some(identity), Some(cert), Some(listen)) =
+        (&args.run, &args.identity, &args.cert, &args.listen)
+    else {
+        bail!("a node without --config needs --run, --identity, --cert and --listen");
+    };
+    let mut run_cfg = RunConfig::load(run)?;
+    if run_cfg.admission.run_id.is_empty() {
+        bail!("--run {}: no [admission] section (make the run with `peerless run init`)", run.display());
+    }
+    let bytes = std::fs::read(cert).with_context(|| format!("--cert {}", cert.display()))?;
+    let index =
+        Certificate::decode(&bytes).with_context(|| format!("--cert {}", cert.display()))?.claims.index;
+    let dir = args.out.clone().unwrap_or_else(|| format!("node-{index}").into());
+    let node = NodeSection {
+        index,
+        listen: listen.clone(),
+        bootstrap: args.bootstrap.clone(),
+        external: args.external.clone().unwrap_or_default(),
+        dir,
+        identity: identity.clone(),
+        certificate: cert.clone(),
+        ..NodeSection::default()
+    };
+    if run_cfg.cluster.secret.is_empty() {
+        // The embedded store is this node's own: its password need not be shared.
+        run_cfg.cluster.secret = store_password()?;
+    }
+    let file = NodeFile { node, run: run_cfg };
+    file.validate()?;
+    Ok(file)
+}
+
+/// A random password for this node's embedded store (32 hex characters).
+fn store_password() -> Result<String> {
+    use std::io::Read as _;
+    let mut b = [0u8; 16];
+    std::fs::File::open("/dev/urandom")
+        .and_then(|mut f| f.read_exact(&mut b))
+        .context("reading /dev/urandom for the store's password")?;
+    Ok(b.iter().map(|x| format!("{x:02x}")).collect())
 }

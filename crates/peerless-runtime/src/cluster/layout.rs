@@ -1,5 +1,6 @@
 //! A cluster's layout on this machine: the nodes' files (`peer.toml`, `ps.toml`,
-//! `worker.toml`), their loopback ports, the run secret, the fault schedule and who attacks.
+//! `worker.toml`), their identities and admission certificates (the launcher is the run's
+//! owner), their loopback ports, the store secret, the fault schedule and who attacks.
 
 use std::collections::BTreeMap;
 use std::io::Read;
@@ -12,7 +13,9 @@ use peerless_core::attack::Attack;
 
 use super::faults::{self, Injector, Proxy, Record};
 use super::supervise::{Node, Role};
+use crate::admission::Run;
 use crate::config::{RunConfig, TrainArch};
+use crate::node::transport;
 use crate::node::{NodeFile, NodeSection};
 use crate::scenario::FaultSpec;
 
@@ -39,6 +42,8 @@ pub(super) fn lay_out(cfg: &RunConfig, dir: &Path, faults: &[FaultSpec], arch: T
     if run.cluster.secret.is_empty() {
         run.cluster.secret = random_secret();
     }
+    let owner = owner(dir, &run)?;
+    run.admission = owner.config.admission.clone();
     let ports = free_ports(nodes)?;
     let nodes = (0..nodes)
         .map(|i| {
@@ -47,12 +52,18 @@ pub(super) fn lay_out(cfg: &RunConfig, dir: &Path, faults: &[FaultSpec], arch: T
                 .iter()
                 .map(|&j| dial_addr(injector.proxy(), i, j, ports[j]))
                 .collect::<Result<_>>()?;
+            let (identity, certificate) = credentials(&owner, &ndir, role, i as u32)?;
             let section = NodeSection {
                 index: i as u32,
                 listen: multiaddr(ports[i]),
                 bootstrap,
                 allow: Vec::new(),
                 dir: ndir.clone(),
+                external: String::new(),
+                // The launcher connects every pair itself (through the fault proxy if any).
+                share_addresses: false,
+                identity,
+                certificate,
                 join: false,
                 // Progress lines come from the nodes that hold the model.
                 progress: role != Role::Worker,
@@ -76,6 +87,40 @@ fn place(arch: TrainArch, n: usize, i: usize, dir: &Path) -> (Role, PathBuf, Vec
         TrainArch::Ps => (Role::Worker, dir.join("workers").join(i.to_string()), vec![n]),
         _ => (Role::Peer, dir.join("peers").join(i.to_string()), (0..n).filter(|&j| j != i).collect()),
     }
+}
+
+/// How long the launcher's certificates are valid, s.
+const CERTIFICATE_LIFETIME_S: u64 = 30 * 24 * 3600;
+
+/// The run in `dir` the launcher owns (`run.toml`, `admission.key`, `admitted.toml`, as
+/// `peerless run init` and `peerless admit` write them, so more nodes can be admitted): the one
+/// there (a resumed run), or a new one for `cfg`.
+fn owner(dir: &Path, cfg: &RunConfig) -> Result<Run> {
+    if dir.join("admission.key").exists() {
+        return Run::open(dir).with_context(|| format!("the run's admission files in {}", dir.display()));
+    }
+    Run::init(dir, cfg.clone()).with_context(|| format!("the run's admission files in {}", dir.display()))
+}
+
+/// Node `index`'s identity (generated in `ndir`, or the one already there) and its certificate
+/// from `owner` (`ndir/node.cert`): their paths.
+fn credentials(owner: &Run, ndir: &Path, role: Role, index: u32) -> Result<(PathBuf, PathBuf)> {
+    std::fs::create_dir_all(ndir).with_context(|| format!("creating {}", ndir.display()))?;
+    let identity = ndir.join("identity.key");
+    let key =
+        transport::load_or_generate_keypair(&identity).with_context(|| format!("{}", identity.display()))?;
+    let role = match role {
+        Role::Peer => peerless_core::admission::Role::Peer,
+        Role::Worker => peerless_core::admission::Role::Worker,
+        Role::Ps => peerless_core::admission::Role::Ps,
+    };
+    let now =
+        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
+    let (_, cert) =
+        owner.admit(&key.public().to_peer_id(), role, Some(index), now + CERTIFICATE_LIFETIME_S)?;
+    let certificate = ndir.join("node.cert");
+    std::fs::write(&certificate, cert).with_context(|| format!("writing {}", certificate.display()))?;
+    Ok((identity, certificate))
 }
 
 fn write_node_file(path: &Path, file: NodeFile) -> Result<()> {
@@ -139,6 +184,12 @@ mod tests {
         }
         assert!(!files[0].run.cluster.secret.is_empty(), "a secret is drawn");
         assert!(files.iter().all(|f| f.run.cluster.secret == files[0].run.cluster.secret));
+        assert!(!files[0].run.admission.run_id.is_empty(), "the launcher owns a run");
+        assert!(
+            files
+                .iter()
+                .all(|f| f.node.allow.is_empty() && f.node.certificate.exists() && f.node.identity.exists())
+        );
         assert!(layout.nodes[3].restart.is_some() && layout.nodes[0].restart.is_none());
     }
 

@@ -20,7 +20,7 @@ use peerless_core::wire::Limits;
 use peerless_ml::{Model, ModelSpec, Split};
 use tokio::sync::{mpsc, watch};
 
-use super::net::{Net, NetEvent};
+use super::net::{Members, Net, NetEvent};
 use super::sampler::Sampler;
 use super::transport::BehaviourEvent;
 use super::work::LocalResult;
@@ -67,7 +67,7 @@ pub(crate) struct Node {
 
 /// How the network of a node is set up: whom it admits, how long a request may take.
 pub(crate) struct NetPlan {
-    pub(crate) ids: Vec<PeerId>,
+    pub(crate) members: Members,
     pub(crate) request_timeout: Duration,
 }
 
@@ -85,7 +85,7 @@ impl Node {
         };
         let model = Arc::new(Model::new(spec, run.model.backend)?);
         let limits = Limits { params: model.num_params() };
-        let (net, my_id) = Net::open(&file, plan.ids, limits, plan.request_timeout)?;
+        let (net, my_id) = Net::open(&file, plan.members, limits, plan.request_timeout)?;
         let cluster = &run.cluster;
         let sampler = Arc::new(Sampler::new(
             split.train.len(),
@@ -244,11 +244,11 @@ impl Node {
         crate::checkpoint::write_atomic(&path, text.as_bytes()).map_err(io_err(&path))
     }
 
-    /// The next network event a role acts on, if one comes within `within`.
-    pub(crate) async fn next_net_event(&mut self, within: Duration) -> Option<NetEvent> {
+    /// The next network events a role acts on, if any come within `within`.
+    pub(crate) async fn next_net_events(&mut self, within: Duration) -> Vec<NetEvent> {
         tokio::select! {
             ev = self.net.next() => self.net.sort(ev, &mut self.files),
-            _ = tokio::time::sleep(within) => None,
+            _ = tokio::time::sleep(within) => Vec::new(),
         }
     }
 
@@ -342,7 +342,7 @@ pub(crate) async fn drive<R: Role>(
             .map_or_else(|| Instant::now() + R::IDLE, |t| node.t0 + Duration::from_millis(t));
         match node.wait(until, stop).await {
             Wake::Net(ev) => {
-                if let Some(ev) = node.net.sort(*ev, &mut node.files) {
+                for ev in node.net.sort(*ev, &mut node.files) {
                     inputs.extend(role.on_net(node, ev));
                 }
             }

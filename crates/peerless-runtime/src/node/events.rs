@@ -51,13 +51,23 @@ pub enum NodeEvent {
         /// Node index.
         to: PeerIdx,
     },
-    /// A connection from a peer id off the allow-list was refused.
+    /// A node refused this node's admission certificate.
+    NotAdmitted {
+        /// Its peer id.
+        peer_id: String,
+        /// What it answered.
+        reason: String,
+    },
+    /// A peer was refused: a connection from a peer id off the allow-list, a certificate that
+    /// does not admit its presenter, or a request of a peer without an accepted certificate.
     Refused {
         /// Its peer id, when known.
         peer_id: String,
         /// Its address.
         addr: String,
-        /// Why.
+        /// Why: `not on the allow-list`, or a certificate's refusal (`no certificate`, `wrong
+        /// run`, `wrong role`, `expired`, `signature`, `peer id mismatch`, `malformed`, `index`,
+        /// `index in use`).
         reason: String,
     },
     /// What node `from` sent was refused (malformed, or a state whose digest does not match).

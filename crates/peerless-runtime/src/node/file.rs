@@ -30,11 +30,24 @@ pub struct NodeSection {
     /// Addresses of the nodes this one dials (a peer: the other peers; a worker: the PS),
     /// dialled at start and redialled while unreachable.
     pub bootstrap: Vec<String>,
-    /// Peer ids admitted, in index order. Empty: derived from `run.cluster.secret` for indices
-    /// `0..run.cluster.nodes`.
+    /// Peer ids admitted, in index order (admission by allow-list). Empty: admission by
+    /// certificate, which needs `run.admission` and `certificate`.
     pub allow: Vec<String>,
-    /// The node's directory (identity, checkpoint, metrics, events, summary).
+    /// The node's directory (checkpoint, metrics, events, summary).
     pub dir: PathBuf,
+    /// Where other nodes can dial this one (multiaddr), as it tells them when it presents its
+    /// certificate. Empty: its first listening address.
+    pub external: String,
+    /// Tell the members this node admits where the others can be dialled (its own address in
+    /// its `Admit`, the others' in `Members`), so one bootstrap address is enough. The launcher
+    /// turns it off: it wires every pair itself, through its fault proxy when it injects
+    /// network faults, which dialling told addresses would bypass.
+    pub share_addresses: bool,
+    /// The node's identity (`peerless keygen`). Empty: `identity.key` in `dir`, generated
+    /// (random) on first start.
+    pub identity: PathBuf,
+    /// The node's admission certificate (`peerless admit`). Empty: none (allow-list only).
+    pub certificate: PathBuf,
     /// Join a run in progress: fetch the state from a live peer (or resume the own checkpoint).
     pub join: bool,
     /// Print one JSON progress line per round on stdout (for the launcher).
@@ -54,6 +67,10 @@ impl Default for NodeSection {
             bootstrap: Vec::new(),
             allow: Vec::new(),
             dir: PathBuf::from("peer"),
+            external: String::new(),
+            share_addresses: true,
+            identity: PathBuf::new(),
+            certificate: PathBuf::new(),
             join: false,
             progress: false,
             halt_at_round: None,
@@ -69,17 +86,23 @@ impl NodeFile {
             .map_err(|source| ConfigError::Read { path: path.to_owned(), source })?;
         let f: NodeFile = toml::from_str(&text)
             .map_err(|e| ConfigError::Parse { origin: path.display().to_string(), message: e.to_string() })?;
-        f.run.validate()?;
-        let n = f.run.cluster.nodes;
+        f.validate()?;
+        Ok(f)
+    }
+
+    /// Checks the run's configuration and the node's index against it.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        self.run.validate()?;
+        let n = self.run.cluster.nodes;
         // Index `peers` is the parameter server of a PS run.
-        if f.node.index > n && f.node.allow.is_empty() {
+        if self.node.index > n && self.node.allow.is_empty() {
             return Err(ConfigError::Invalid {
                 key: "node.index".into(),
-                value: f.node.index.to_string(),
+                value: self.node.index.to_string(),
                 reason: format!("must be at most run.cluster.nodes = {n}"),
             });
         }
-        Ok(f)
+        Ok(())
     }
 
     /// The file as TOML.

@@ -8,8 +8,10 @@
 //!
 //! - [`driver`] — the node set-up and the one event loop: waits for the network, the gradient
 //!   work, the evaluations, the timer and Ctrl-C, and hands each to the role.
-//! - [`transport`] — libp2p (TCP + Noise + Yamux), identities derived from the run secret,
-//!   the allow-list, one request-response protocol carrying wire frames.
+//! - [`transport`] — libp2p (TCP + Noise + Yamux), random identities kept in files, the
+//!   allow-list, one request-response protocol carrying wire frames.
+//! - [`admit`] — admission by certificate: who presented a valid certificate, who accepted
+//!   this node's.
 //! - [`sampler`] — which samples a node's functions train on in each round, and take-over.
 //! - [`net`] — the node's network: the swarm with the run's identities, bytes moved, its
 //!   events sorted into what a role acts on.
@@ -25,6 +27,7 @@ use std::path::{Path, PathBuf};
 use peerless_core::protocol::PeerIdx;
 use serde::{Deserialize, Serialize};
 
+mod admit;
 pub(crate) mod driver;
 mod events;
 mod file;

@@ -1,17 +1,21 @@
 //! A node's network: the libp2p swarm with the run's identities, the bytes it moved, and its
 //! events sorted into what a role acts on (connections by node index, decoded requests and
-//! answers). Refusals, listening addresses and requests from unknown peers are handled here.
+//! answers). Admission (allow-list or certificates, [`super::admit`]), refusals, listening
+//! addresses and requests from unknown peers are handled here.
 
 use std::collections::HashMap;
+use std::path::Path;
 use std::time::Duration;
 
 use bytes::Bytes;
 use libp2p::request_response::{self, OutboundRequestId, ResponseChannel};
 use libp2p::swarm::{ListenError, SwarmEvent};
 use libp2p::{Multiaddr, PeerId, Swarm};
+use peerless_core::admission::{Certificate, Role};
 use peerless_core::protocol::PeerIdx;
 use peerless_core::wire::{self, Limits, Message, WireError};
 
+use super::admit::{Denial, Gate};
 use super::transport::{self, Behaviour, BehaviourEvent};
 use super::{Files, NodeError, NodeEvent, NodeFile, io_err};
 
@@ -31,49 +35,87 @@ pub(crate) enum NetEvent {
     Failed { id: OutboundRequestId, error: String },
 }
 
+/// Whom a node admits.
+#[derive(Debug, Clone)]
+pub(crate) enum Members {
+    /// These peer ids, in index order (`node.allow`).
+    Allowed(Vec<PeerId>),
+    /// Any peer id with a certificate of the run (`run.admission`) for one of `accepts`, for
+    /// an index in `0..count`.
+    Certified { count: u32, accepts: Vec<Role> },
+}
+
 /// The swarm of one node and what it counted.
 pub(crate) struct Net {
     swarm: Swarm<Behaviour>,
     me: PeerIdx,
-    /// The run's identities in index order.
-    ids: Vec<PeerId>,
+    /// The run's identities in index order (learnt from certificates under admission by
+    /// certificate).
+    ids: Vec<Option<PeerId>>,
     index_of: HashMap<PeerId, PeerIdx>,
+    /// Admission by certificate; `None`: by allow-list.
+    gate: Option<Gate>,
+    /// Where this node can be dialled, as it tells others: `node.external`, else its first
+    /// listening address.
+    address: Option<Multiaddr>,
+    /// Whether it tells members where to dial it and the others (`node.share_addresses`).
+    share: bool,
     limits: Limits,
     /// Bytes received (requests and answers).
     pub(crate) bytes_in: u64,
     /// Bytes sent (requests and answers).
     pub(crate) bytes_out: u64,
-    /// Connections refused (peer ids off the allow-list).
+    /// Connections and requests refused (peer ids off the allow-list, certificates refused,
+    /// requests of peers without an accepted certificate).
     pub(crate) refused: u64,
 }
 
 impl Net {
-    /// Node `file.node.index`'s swarm among `ids`, listening on `file.node.listen`.
+    /// Node `file.node.index`'s swarm admitting `members`, listening on `file.node.listen`.
     pub(crate) fn open(
         file: &NodeFile,
-        ids: Vec<PeerId>,
+        members: Members,
         limits: Limits,
         request_timeout: Duration,
     ) -> Result<(Net, PeerId), NodeError> {
         let me = file.node.index;
-        let key_path = file.node.dir.join("identity.key");
-        let keypair = transport::load_or_save_keypair(
-            &key_path,
-            transport::derive_keypair(&file.run.cluster.secret, me),
-        )
-        .map_err(io_err(&key_path))?;
+        let keypair = identity(file)?;
         let my_id = keypair.public().to_peer_id();
+        let (ids, gate) = match members {
+            Members::Allowed(ids) => (ids.into_iter().map(Some).collect::<Vec<_>>(), None),
+            Members::Certified { count, accepts } => {
+                (vec![None; count as usize], Some(gate(file, &my_id, count, accepts)?))
+            }
+        };
         let index_of: HashMap<PeerId, PeerIdx> =
-            ids.iter().enumerate().map(|(i, p)| (*p, i as PeerIdx)).collect();
-        if index_of.get(&my_id) != Some(&me) {
+            ids.iter().enumerate().filter_map(|(i, p)| Some(((*p)?, i as PeerIdx))).collect();
+        if gate.is_none() && index_of.get(&my_id) != Some(&me) {
             tracing::warn!(node = me, id = %my_id, "this node's id is not on the run's allow-list at its index");
         }
-        let mut swarm = transport::build_swarm(keypair, &ids, request_timeout)
+        let allowed: Option<Vec<PeerId>> = gate.is_none().then(|| ids.iter().flatten().copied().collect());
+        let mut swarm = transport::build_swarm(keypair, allowed.as_deref(), request_timeout)
             .map_err(|e| NodeError::Network(e.to_string()))?;
         let listen: Multiaddr =
             file.node.listen.parse().map_err(|e| NodeError::Config(format!("node.listen: {e}")))?;
         swarm.listen_on(listen).map_err(|e| NodeError::Network(format!("listen: {e}")))?;
-        let net = Net { swarm, me, ids, index_of, limits, bytes_in: 0, bytes_out: 0, refused: 0 };
+        let address = match file.node.external.as_str() {
+            "" => None,
+            a => Some(a.parse().map_err(|e| NodeError::Config(format!("node.external = {a:?}: {e}")))?),
+        };
+        let share = file.node.share_addresses;
+        let net = Net {
+            swarm,
+            me,
+            ids,
+            index_of,
+            gate,
+            address,
+            share,
+            limits,
+            bytes_in: 0,
+            bytes_out: 0,
+            refused: 0,
+        };
         Ok((net, my_id))
     }
 
@@ -85,14 +127,18 @@ impl Net {
 
     /// Sends `bytes` (an encoded message) to node `to`, dialling it if needed.
     pub(crate) fn request(&mut self, to: PeerIdx, bytes: Bytes) -> Option<OutboundRequestId> {
-        let id = *self.ids.get(to as usize)?;
+        let id = (*self.ids.get(to as usize)?)?;
         Some(self.send(id, bytes))
     }
 
     /// Sends `bytes` (an encoded message) to node `to` if it is connected.
     pub(crate) fn request_connected(&mut self, to: PeerIdx, bytes: Bytes) -> Option<OutboundRequestId> {
-        let id = *self.ids.get(to as usize)?;
-        self.swarm.is_connected(&id).then(|| self.send(id, bytes))
+        let id = (*self.ids.get(to as usize)?)?;
+        let up = match &self.gate {
+            Some(g) => g.is_ready(&id),
+            None => self.swarm.is_connected(&id),
+        };
+        up.then(|| self.send(id, bytes))
     }
 
     fn send(&mut self, id: PeerId, bytes: Bytes) -> OutboundRequestId {
@@ -116,28 +162,39 @@ impl Net {
         let _ = self.swarm.dial(addr.clone());
     }
 
-    /// Sorts a swarm event: what a role acts on is returned; the rest is recorded or dropped.
-    pub(crate) fn sort(&mut self, ev: SwarmEvent<BehaviourEvent>, files: &mut Files) -> Option<NetEvent> {
+    /// Sorts a swarm event: what a role acts on is returned (a request of a peer that turns
+    /// out to be ready comes after its `Connected`); the rest is recorded or dropped.
+    pub(crate) fn sort(&mut self, ev: SwarmEvent<BehaviourEvent>, files: &mut Files) -> Vec<NetEvent> {
         let me = self.me;
         match ev {
             SwarmEvent::NewListenAddr { address, .. } => {
                 tracing::info!(node = me, %address, "listening");
+                if self.address.is_none() {
+                    self.address = Some(address.clone());
+                }
                 files.event(me, &NodeEvent::Listening { address: address.to_string() });
-                None
+                Vec::new()
             }
             SwarmEvent::ConnectionEstablished { peer_id, endpoint, num_established, .. } => {
-                let node = *self.index_of.get(&peer_id)?;
+                let dialed = endpoint.is_dialer().then(|| endpoint.get_remote_address().clone());
+                if self.gate.is_some() {
+                    return self.opened(peer_id, dialed).into_iter().collect();
+                }
+                let Some(&node) = self.index_of.get(&peer_id) else { return Vec::new() };
                 let first = num_established.get() == 1;
                 if first {
                     files.event(me, &NodeEvent::Connected { to: node, peer_id: peer_id.to_string() });
                 }
-                let dialed = endpoint.is_dialer().then(|| endpoint.get_remote_address().clone());
-                Some(NetEvent::Connected { node, first, dialed })
+                vec![NetEvent::Connected { node, first, dialed }]
             }
             SwarmEvent::ConnectionClosed { peer_id, num_established: 0, .. } => {
-                let node = *self.index_of.get(&peer_id)?;
+                let announced = self.gate.as_mut().is_none_or(|g| g.closed(&peer_id));
+                let Some(&node) = self.index_of.get(&peer_id) else { return Vec::new() };
+                if !announced {
+                    return Vec::new();
+                }
                 files.event(me, &NodeEvent::Disconnected { to: node });
-                Some(NetEvent::Disconnected { node })
+                vec![NetEvent::Disconnected { node }]
             }
             SwarmEvent::IncomingConnectionError {
                 error: ListenError::Denied { .. },
@@ -156,34 +213,243 @@ impl Net {
                         reason: "not on the allow-list".into(),
                     },
                 );
-                None
+                Vec::new()
             }
-            SwarmEvent::Behaviour(BehaviourEvent::Rr(e)) => self.sort_rr(e),
-            _ => None,
+            SwarmEvent::Behaviour(BehaviourEvent::Rr(e)) => self.sort_rr(e, files),
+            _ => Vec::new(),
         }
     }
 
-    fn sort_rr(&mut self, e: request_response::Event<Bytes, Bytes>) -> Option<NetEvent> {
+    /// A connection to `peer` is up (admission by certificate): the first presents this
+    /// node's certificate; another one of a ready peer is shown to the role.
+    fn opened(&mut self, peer: PeerId, dialed: Option<Multiaddr>) -> Option<NetEvent> {
+        let gate = self.gate.as_mut().expect("invariant: called under admission by certificate");
+        if gate.opened(peer, dialed.clone()) {
+            self.present(peer);
+            return None;
+        }
+        let node = *self.index_of.get(&peer)?;
+        gate.is_ready(&peer).then_some(NetEvent::Connected { node, first: false, dialed })
+    }
+
+    /// Sends `peer` this node's certificate.
+    fn present(&mut self, peer: PeerId) {
+        let gate = self.gate.as_mut().expect("invariant: called under admission by certificate");
+        let address = self.address.as_ref().filter(|_| self.share).map(|a| a.to_string()).unwrap_or_default();
+        let admit = frame(&Message::Admit { certificate: gate.certificate().to_vec(), address });
+        let id = self.send(peer, admit);
+        self.gate.as_mut().expect("invariant: checked above").asked(id, peer);
+    }
+
+    fn sort_rr(&mut self, e: request_response::Event<Bytes, Bytes>, files: &mut Files) -> Vec<NetEvent> {
         use request_response::{Event, Message as Rr};
         match e {
             Event::Message { peer, message: Rr::Request { request, channel, .. }, .. } => {
                 self.bytes_in += request.len() as u64;
+                let msg = decode(&request, self.limits);
+                if self.gate.is_some() {
+                    return self.certified_request(peer, msg, channel, files);
+                }
                 let Some(&from) = self.index_of.get(&peer) else {
                     self.answer(channel, &Message::Refused { reason: "unknown peer".into() });
-                    return None;
+                    return Vec::new();
                 };
-                Some(NetEvent::Request { from, msg: decode(&request, self.limits), channel })
+                match msg {
+                    Ok(Message::Admit { .. }) => {
+                        let reason = "this node admits by peer id (allow-list), not by certificate";
+                        self.answer(channel, &Message::Refused { reason: reason.into() });
+                        return Vec::new();
+                    }
+                    Ok(Message::Members { .. }) => {
+                        self.answer(channel, &Message::Ack);
+                        return Vec::new();
+                    }
+                    _ => {}
+                }
+                vec![NetEvent::Request { from, msg, channel }]
             }
-            Event::Message { message: Rr::Response { request_id, response }, .. } => {
+            Event::Message { peer, message: Rr::Response { request_id, response }, .. } => {
                 self.bytes_in += response.len() as u64;
-                Some(NetEvent::Answer { id: request_id, msg: decode(&response, self.limits) })
+                let msg = decode(&response, self.limits);
+                if let Some(g) = self.gate.as_mut()
+                    && g.take_ask(&request_id).is_some()
+                {
+                    return self.admit_answered(peer, msg, files).into_iter().collect();
+                }
+                if let Some(g) = self.gate.as_mut()
+                    && g.take_telling(&request_id)
+                {
+                    return Vec::new();
+                }
+                vec![NetEvent::Answer { id: request_id, msg }]
             }
-            Event::OutboundFailure { request_id, error, .. } => {
-                Some(NetEvent::Failed { id: request_id, error: error.to_string() })
+            Event::OutboundFailure { request_id, error, peer, .. } => {
+                if let Some(g) = self.gate.as_mut()
+                    && (g.take_ask(&request_id).is_some() || g.take_telling(&request_id))
+                {
+                    tracing::debug!(node = self.me, %peer, %error, "presenting the certificate or the members failed");
+                    return Vec::new();
+                }
+                vec![NetEvent::Failed { id: request_id, error: error.to_string() }]
             }
-            Event::InboundFailure { .. } | Event::ResponseSent { .. } => None,
+            Event::InboundFailure { .. } | Event::ResponseSent { .. } => Vec::new(),
         }
     }
+
+    /// A request of `peer` under admission by certificate: its certificate is checked; anything
+    /// else passes only once its certificate was accepted.
+    fn certified_request(
+        &mut self,
+        peer: PeerId,
+        msg: Result<Message, WireError>,
+        channel: ResponseChannel<Bytes>,
+        files: &mut Files,
+    ) -> Vec<NetEvent> {
+        let gate = self.gate.as_mut().expect("invariant: called under admission by certificate");
+        if let Ok(Message::Admit { certificate, address }) = &msg {
+            return match gate.check(&peer, certificate, unix_s()) {
+                Ok(index) => {
+                    let again = gate.must_present_again(&peer);
+                    self.answer(channel, &Message::Ack);
+                    if again {
+                        self.present(peer);
+                    }
+                    self.admitted(peer, index, address, files).into_iter().collect()
+                }
+                Err(denial) => {
+                    self.answer(channel, &Message::Refused { reason: denial.detail.clone() });
+                    self.refuse(peer, &denial, files);
+                    Vec::new()
+                }
+            };
+        }
+        let Some(from) = gate.admitted(&peer) else {
+            let record = gate.record_refusal(peer);
+            let denial = Denial {
+                reason: "no certificate",
+                detail: "no certificate: present an admission certificate first".into(),
+            };
+            self.answer(channel, &Message::Refused { reason: denial.detail.clone() });
+            if record {
+                self.refuse(peer, &denial, files);
+            } else {
+                self.refused += 1;
+            }
+            return Vec::new();
+        };
+        if let Ok(Message::Members { members }) = msg {
+            self.answer(channel, &Message::Ack);
+            self.dial_members(&members);
+            return Vec::new();
+        }
+        // A member sends only once it accepted this node's certificate: its request can
+        // overtake its answer to this node's `Admit`.
+        let mut out: Vec<NetEvent> =
+            gate.accepted(peer).then(|| self.ready(peer, from, files)).into_iter().collect();
+        out.push(NetEvent::Request { from, msg, channel });
+        out
+    }
+
+    /// `peer`'s certificate for `index` was accepted; it can be dialled at `address`.
+    fn admitted(
+        &mut self,
+        peer: PeerId,
+        index: PeerIdx,
+        address: &str,
+        files: &mut Files,
+    ) -> Option<NetEvent> {
+        if let Some(old) = self.ids[index as usize].replace(peer)
+            && old != peer
+        {
+            self.index_of.remove(&old);
+        }
+        self.index_of.insert(peer, index);
+        let gate = self.gate.as_mut().expect("invariant: called under admission by certificate");
+        gate.admit(peer, index, address).then(|| self.ready(peer, index, files))
+    }
+
+    /// The answer of `peer` to this node's `Admit`.
+    fn admit_answered(
+        &mut self,
+        peer: PeerId,
+        msg: Result<Message, WireError>,
+        files: &mut Files,
+    ) -> Option<NetEvent> {
+        let gate = self.gate.as_mut().expect("invariant: called under admission by certificate");
+        match msg {
+            Ok(Message::Ack) => {
+                let index = gate.admitted(&peer);
+                (gate.accepted(peer))
+                    .then(|| self.ready(peer, index.expect("invariant: ready means admitted"), files))
+            }
+            other => {
+                let reason = match other {
+                    Ok(Message::Refused { reason }) => reason,
+                    Ok(m) => format!("unexpected answer {m:?}"),
+                    Err(e) => e.to_string(),
+                };
+                tracing::warn!(node = self.me, %peer, %reason, "a node refused this node's certificate");
+                files.event(self.me, &NodeEvent::NotAdmitted { peer_id: peer.to_string(), reason });
+                None
+            }
+        }
+    }
+
+    /// `peer` (node `index`) is ready: recorded, told the other members, and shown to the role.
+    fn ready(&mut self, peer: PeerId, index: PeerIdx, files: &mut Files) -> NetEvent {
+        files.event(self.me, &NodeEvent::Connected { to: index, peer_id: peer.to_string() });
+        self.tell_members(peer);
+        let dialed = self.gate.as_ref().and_then(|g| g.dialed(&peer));
+        NetEvent::Connected { node: index, first: true, dialed }
+    }
+
+    /// Tells `peer` the other ready members and where to dial them (when there are any).
+    fn tell_members(&mut self, peer: PeerId) {
+        let gate = self.gate.as_mut().expect("invariant: called under admission by certificate");
+        let members = gate.others(&peer);
+        if members.is_empty() || !self.share {
+            return;
+        }
+        let id = self.send(peer, frame(&Message::Members { members }));
+        self.gate.as_mut().expect("invariant: checked above").told(id);
+    }
+
+    /// Dials the members a member told of that are not connected (a failure shows up as no
+    /// connection; the member dialled is not redialled).
+    fn dial_members(&mut self, members: &[(PeerIdx, String)]) {
+        for (index, address) in members {
+            let known = self.ids.get(*index as usize).copied().flatten();
+            if *index == self.me || known.is_some_and(|p| self.swarm.is_connected(&p)) {
+                continue;
+            }
+            match address.parse::<Multiaddr>() {
+                Ok(a) => {
+                    tracing::info!(node = self.me, to = index, %a, "dialling a member another member told of");
+                    let _ = self.swarm.dial(a);
+                }
+                Err(e) => {
+                    tracing::warn!(node = self.me, to = index, %address, error = %e, "a member told of an address that does not parse")
+                }
+            }
+        }
+    }
+
+    /// Records that `peer` was refused for `denial`.
+    fn refuse(&mut self, peer: PeerId, denial: &Denial, files: &mut Files) {
+        self.refused += 1;
+        tracing::warn!(node = self.me, %peer, reason = denial.reason, detail = %denial.detail, "refused a peer");
+        let addr =
+            self.gate.as_ref().and_then(|g| g.dialed(&peer)).map(|a| a.to_string()).unwrap_or_default();
+        files.event(
+            self.me,
+            &NodeEvent::Refused { peer_id: peer.to_string(), addr, reason: denial.reason.into() },
+        );
+    }
+}
+
+/// Unix time, seconds (certificates expire by it).
+fn unix_s() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
 }
 
 /// `msg` encoded, ready to send (once or to many).
@@ -191,21 +457,78 @@ pub(crate) fn frame(msg: &Message) -> Bytes {
     Bytes::from(wire::encode(msg))
 }
 
-/// The identities of a run's `count` nodes: `file.node.allow` when it lists them, else
-/// derived from the run's secret.
-pub(crate) fn run_ids(file: &NodeFile, count: u32) -> Result<Vec<PeerId>, NodeError> {
+/// Whom node `file` admits among a run's `count` nodes when it talks to `accepts`:
+/// `file.node.allow` when it lists peer ids, else certificates of `run.admission`.
+pub(crate) fn members(file: &NodeFile, count: u32, accepts: Vec<Role>) -> Result<Members, NodeError> {
     if !file.node.allow.is_empty() {
-        return file
+        let ids = file
             .node
             .allow
             .iter()
             .map(|s| s.parse::<PeerId>().map_err(|e| NodeError::Config(format!("node.allow: {s:?}: {e}"))))
-            .collect();
+            .collect::<Result<_, _>>()?;
+        return Ok(Members::Allowed(ids));
     }
-    if file.run.cluster.secret.is_empty() {
-        return Err(NodeError::Config("cluster.secret is empty and node.allow lists no peer ids".into()));
+    if file.run.admission.run_id.is_empty() {
+        return Err(NodeError::Config(
+            "node.allow lists no peer ids and run.admission is empty: give the node an allow-list, or a run \
+             made with `peerless run init` and a certificate from `peerless admit`"
+                .into(),
+        ));
     }
-    Ok((0..count).map(|i| transport::derive_peer_id(&file.run.cluster.secret, i)).collect())
+    Ok(Members::Certified { count, accepts })
+}
+
+/// The node's identity: `node.identity` (which must exist), or `identity.key` in its directory,
+/// generated on first start.
+fn identity(file: &NodeFile) -> Result<libp2p::identity::Keypair, NodeError> {
+    if file.node.identity.as_os_str().is_empty() {
+        let path = file.node.dir.join("identity.key");
+        return transport::load_or_generate_keypair(&path).map_err(io_err(&path));
+    }
+    let path = &file.node.identity;
+    transport::read_keypair(path).map_err(|e| {
+        NodeError::Config(format!(
+            "node.identity = {}: {e} (make one with `peerless keygen --out FILE`)",
+            path.display()
+        ))
+    })
+}
+
+/// The gate of a node under admission by certificate: the run's id and key, and the node's own
+/// certificate (read from `node.certificate`; one that would not admit it is warned about, not
+/// refused here: the others refuse it).
+fn gate(file: &NodeFile, my_id: &PeerId, count: u32, accepts: Vec<Role>) -> Result<Gate, NodeError> {
+    let (run, key) = file
+        .run
+        .admission
+        .parsed()
+        .map_err(|e| NodeError::Config(e.to_string()))?
+        .expect("invariant: members() checked that run.admission is set");
+    let path: &Path = &file.node.certificate;
+    if path.as_os_str().is_empty() {
+        return Err(NodeError::Config(
+            "node.certificate is empty: a run with [admission] needs each node's certificate (`peerless admit`)".into(),
+        ));
+    }
+    let mine = read_certificate(path)?;
+    let cert = Certificate::decode(&mine)
+        .map_err(|e| NodeError::Config(format!("node.certificate = {}: {e}", path.display())))?;
+    let c = &cert.claims;
+    if c.index != file.node.index || c.peer_id != my_id.to_bytes() || c.run != run {
+        tracing::warn!(
+            node = file.node.index,
+            certificate = %path.display(),
+            "this node's certificate does not name it (index {}, run {}): the others will refuse it",
+            c.index,
+            c.run
+        );
+    }
+    Ok(Gate::new(run, key, accepts, count, file.node.index, mine))
+}
+
+fn read_certificate(path: &Path) -> Result<Vec<u8>, NodeError> {
+    std::fs::read(path).map_err(|e| NodeError::Config(format!("node.certificate = {}: {e}", path.display())))
 }
 
 /// Decodes a message; a compressed gradient arrives as the dense gradient the sender kept, so

@@ -1,11 +1,12 @@
 //! The network of every node on libp2p: TCP + Noise + Yamux, ed25519 identities, an allow-list, and one
 //! request-response protocol that carries [`peerless_core::wire`] messages as raw frames.
 //!
-//! Identities derive from the run secret and the peer's index (`SHA-256("peerless-peer-key" ‖
-//! secret ‖ index)` as the ed25519 secret key), so a launcher that knows the secret knows every
-//! member's peer id without an exchange; each peer also saves its key in its directory
-//! (`identity.key`, libp2p's protobuf encoding). Connections from peer ids off the allow-list are
-//! refused by libp2p's `allow_block_list` right after the Noise handshake authenticated them.
+//! Every identity is a fresh random ed25519 key kept in a file of its host (`peerless keygen`,
+//! or `identity.key` in the node's directory, libp2p's protobuf encoding, mode 0600); nothing
+//! derives a private key from a shared value. Whom a node admits is decided either by an
+//! allow-list of peer ids (libp2p's `allow_block_list` refuses the others right after the Noise
+//! handshake authenticated them) or, with no allow-list, by admission certificates checked after
+//! the connection is up ([`super::admit`]).
 
 use std::io;
 use std::path::Path;
@@ -16,8 +17,8 @@ use futures::{AsyncReadExt, AsyncWriteExt};
 use libp2p::identity::Keypair;
 use libp2p::request_response::{self, ProtocolSupport};
 use libp2p::swarm::NetworkBehaviour;
+use libp2p::swarm::behaviour::toggle::Toggle;
 use libp2p::{PeerId, StreamProtocol, Swarm, allow_block_list, noise, ping, tcp, yamux};
-use sha2::{Digest as _, Sha256};
 
 /// The protocol name of peerless messages.
 pub const PROTOCOL: StreamProtocol = StreamProtocol::new("/peerless/round/1");
@@ -25,34 +26,44 @@ pub const PROTOCOL: StreamProtocol = StreamProtocol::new("/peerless/round/1");
 /// Largest frame accepted, bytes (a LeNet state with Adam is ~4 MB; MLPs of 10M params fit).
 pub const MAX_FRAME: usize = 256 << 20;
 
-/// The ed25519 keypair of peer `index` of the run with `secret`.
-pub fn derive_keypair(secret: &str, index: u32) -> Keypair {
-    let mut h = Sha256::new();
-    h.update(b"peerless-peer-key");
-    h.update((secret.len() as u64).to_le_bytes());
-    h.update(secret.as_bytes());
-    h.update(index.to_le_bytes());
-    let bytes: [u8; 32] = h.finalize().into();
-    Keypair::ed25519_from_bytes(bytes).expect("invariant: any 32 bytes are an ed25519 secret key")
+/// A fresh random ed25519 identity (from the OS's RNG), never derived from anything shared.
+pub fn generate_keypair() -> Keypair {
+    Keypair::generate_ed25519()
 }
 
-/// The peer id of peer `index` of the run with `secret`.
-pub fn derive_peer_id(secret: &str, index: u32) -> PeerId {
-    derive_keypair(secret, index).public().to_peer_id()
+/// Reads the identity saved at `path` (libp2p's protobuf encoding).
+pub fn read_keypair(path: &Path) -> io::Result<Keypair> {
+    let bytes = std::fs::read(path)?;
+    Keypair::from_protobuf_encoding(&bytes).map_err(|e| {
+        io::Error::new(io::ErrorKind::InvalidData, format!("{} is not a libp2p key: {e}", path.display()))
+    })
 }
 
-/// Loads the keypair saved at `path`, or saves `fallback` there and returns it.
-pub fn load_or_save_keypair(path: &Path, fallback: Keypair) -> io::Result<Keypair> {
-    match std::fs::read(path) {
-        Ok(bytes) => Keypair::from_protobuf_encoding(&bytes).map_err(|e| {
-            io::Error::new(io::ErrorKind::InvalidData, format!("{} is not a libp2p key: {e}", path.display()))
-        }),
+/// Writes `keypair` to `path`, a file that must not exist yet, readable by its owner only
+/// (mode 0600).
+pub fn write_new_keypair(path: &Path, keypair: &Keypair) -> io::Result<()> {
+    let bytes = keypair.to_protobuf_encoding().map_err(io::Error::other)?;
+    write_private(path, &bytes)
+}
+
+/// Writes `bytes` to `path`, which must not exist yet, with mode 0600.
+pub fn write_private(path: &Path, bytes: &[u8]) -> io::Result<()> {
+    use std::io::Write as _;
+    use std::os::unix::fs::OpenOptionsExt as _;
+    let mut f = std::fs::OpenOptions::new().write(true).create_new(true).mode(0o600).open(path)?;
+    f.write_all(bytes)?;
+    f.sync_all()
+}
+
+/// Reads the identity saved at `path`, or generates a fresh one and saves it there.
+pub fn load_or_generate_keypair(path: &Path) -> io::Result<Keypair> {
+    match read_keypair(path) {
         Err(e) if e.kind() == io::ErrorKind::NotFound => {
-            let bytes = fallback.to_protobuf_encoding().map_err(io::Error::other)?;
-            crate::checkpoint::write_atomic(path, &bytes)?;
-            Ok(fallback)
+            let k = generate_keypair();
+            write_new_keypair(path, &k)?;
+            Ok(k)
         }
-        Err(e) => Err(e),
+        other => other,
     }
 }
 
@@ -119,8 +130,8 @@ impl request_response::Codec for FrameCodec {
 /// The peer's network behaviour.
 #[derive(NetworkBehaviour)]
 pub struct Behaviour {
-    /// Refuses peers off the allow-list.
-    pub allow: allow_block_list::Behaviour<allow_block_list::AllowedPeers>,
+    /// Refuses peers off the allow-list (off when admission is by certificate).
+    pub allow: Toggle<allow_block_list::Behaviour<allow_block_list::AllowedPeers>>,
     /// Gradients, joins and state transfers.
     pub rr: request_response::Behaviour<FrameCodec>,
     /// Liveness and round-trip times.
@@ -133,22 +144,26 @@ impl std::fmt::Debug for Behaviour {
     }
 }
 
-/// Builds a swarm for `keypair` admitting only `allowed`. `request_timeout` bounds a request
-/// from send to answer (a state request is answered at the next round boundary).
+/// Builds a swarm for `keypair` admitting only `allowed`, or any peer id when `None` (admission
+/// by certificate). `request_timeout` bounds a request from send to answer (a state request is
+/// answered at the next round boundary).
 pub fn build_swarm(
     keypair: Keypair,
-    allowed: &[PeerId],
+    allowed: Option<&[PeerId]>,
     request_timeout: Duration,
 ) -> Result<Swarm<Behaviour>, Box<dyn std::error::Error + Send + Sync>> {
-    let mut allow = allow_block_list::Behaviour::<allow_block_list::AllowedPeers>::default();
-    for p in allowed {
-        allow.allow_peer(*p);
-    }
+    let allow = allowed.map(|ids| {
+        let mut allow = allow_block_list::Behaviour::<allow_block_list::AllowedPeers>::default();
+        for p in ids {
+            allow.allow_peer(*p);
+        }
+        allow
+    });
     let swarm = libp2p::SwarmBuilder::with_existing_identity(keypair)
         .with_tokio()
         .with_tcp(tcp::Config::default().nodelay(true), noise::Config::new, yamux::Config::default)?
         .with_behaviour(|_| Behaviour {
-            allow,
+            allow: Toggle::from(allow),
             rr: request_response::Behaviour::with_codec(
                 FrameCodec,
                 [(PROTOCOL, ProtocolSupport::Full)],
@@ -168,21 +183,20 @@ mod tests {
     use super::*;
 
     #[test]
-    fn identities_derive_from_secret_and_index() {
-        assert_eq!(derive_peer_id("s", 0), derive_peer_id("s", 0));
-        assert_ne!(derive_peer_id("s", 0), derive_peer_id("s", 1));
-        assert_ne!(derive_peer_id("s", 0), derive_peer_id("t", 0));
-    }
-
-    #[test]
-    fn saved_identity_is_reloaded() {
+    fn identities_are_fresh_private_and_never_overwritten() {
         let dir = tempfile::tempdir().unwrap();
         let p = dir.path().join("identity.key");
-        let a = load_or_save_keypair(&p, derive_keypair("x", 3)).unwrap();
-        let b = load_or_save_keypair(&p, derive_keypair("y", 9)).unwrap();
-        assert_eq!(a.public().to_peer_id(), b.public().to_peer_id());
+        let a = load_or_generate_keypair(&p).unwrap();
+        let b = load_or_generate_keypair(&p).unwrap();
+        assert_eq!(a.public().to_peer_id(), b.public().to_peer_id(), "reloaded, not regenerated");
+        assert_ne!(generate_keypair().public(), generate_keypair().public());
+        use std::os::unix::fs::PermissionsExt as _;
+        assert_eq!(std::fs::metadata(&p).unwrap().permissions().mode() & 0o777, 0o600);
+        let err = write_new_keypair(&p, &generate_keypair()).unwrap_err();
+        assert_eq!(err.kind(), io::ErrorKind::AlreadyExists);
+        assert_eq!(read_keypair(&p).unwrap().public(), a.public());
         std::fs::write(&p, b"garbage").unwrap();
-        let err = load_or_save_keypair(&p, derive_keypair("x", 3)).unwrap_err();
+        let err = load_or_generate_keypair(&p).unwrap_err();
         assert!(err.to_string().contains("not a libp2p key"), "{err}");
     }
 }

@@ -27,7 +27,7 @@ use tokio::sync::watch;
 use super::links::{Links, Pending};
 use crate::function::FunctionCommand;
 use crate::node::driver::{Ending, NetPlan, Node, Outcome, Role, drive};
-use crate::node::net::{NetEvent, frame, run_ids};
+use crate::node::net::{NetEvent, frame, members};
 use crate::node::replica::Replica;
 use crate::node::work::{LocalResult, Work};
 use crate::node::{NodeError, NodeEvent, NodeFile, NodeLine, NodeRow, NodeSummary, Progress};
@@ -41,7 +41,7 @@ pub async fn run(
 ) -> Result<NodeSummary, NodeError> {
     let cluster = &file.run.cluster;
     let plan = NetPlan {
-        ids: run_ids(&file, cluster.nodes)?,
+        members: members(&file, cluster.nodes, vec![peerless_core::admission::Role::Peer])?,
         request_timeout: Duration::from_millis(3 * cluster.deadline_ceiling_ms + cluster.start_timeout_ms),
     };
     let mut node = Node::open(file, data_dir, plan)?;
@@ -308,7 +308,7 @@ impl Peer {
         // Linger briefly so state requests and gradients in flight to slower peers get out.
         let linger = Instant::now();
         while !self.links.is_idle() && linger.elapsed() < Duration::from_secs(5) {
-            if let Some(ev) = node.next_net_event(Duration::from_millis(50)).await {
+            for ev in node.next_net_events(Duration::from_millis(50)).await {
                 self.on_net(&mut node, ev);
             }
         }

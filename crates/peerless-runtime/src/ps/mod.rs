@@ -16,22 +16,23 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
+use peerless_core::admission::Role;
 use tokio::sync::watch;
 
 use crate::function::FunctionCommand;
 use crate::node::driver::{NetPlan, Node, drive};
-use crate::node::net::run_ids;
+use crate::node::net::members;
 use crate::node::{NodeError, NodeFile, NodeSummary};
 
 pub(crate) mod server;
 pub(crate) mod worker;
 
-/// How the network of a PS run is set up: the workers and the PS, and requests that may
-/// wait (a long poll) up to an hour past the round deadline.
-fn plan(file: &NodeFile) -> Result<NetPlan, NodeError> {
+/// How the network of a PS run is set up: the workers and the PS (a node talks to `accepts`),
+/// and requests that may wait (a long poll) up to an hour past the round deadline.
+fn plan(file: &NodeFile, accepts: Role) -> Result<NetPlan, NodeError> {
     let cluster = &file.run.cluster;
     Ok(NetPlan {
-        ids: run_ids(file, cluster.nodes + 1)?,
+        members: members(file, cluster.nodes + 1, vec![accepts])?,
         request_timeout: Duration::from_millis(
             3 * cluster.deadline_ceiling_ms + cluster.start_timeout_ms + 3_600_000,
         ),
@@ -44,7 +45,7 @@ pub async fn run_server(
     data_dir: PathBuf,
     mut stop: watch::Receiver<bool>,
 ) -> Result<NodeSummary, NodeError> {
-    let plan = plan(&file)?;
+    let plan = plan(&file, Role::Worker)?;
     let mut node = Node::open(file, data_dir, plan)?;
     let mut server = server::Server::start(&mut node)?;
     drive(&mut node, &mut server, &mut stop).await?;
@@ -58,7 +59,7 @@ pub async fn run_worker(
     data_dir: PathBuf,
     mut stop: watch::Receiver<bool>,
 ) -> Result<NodeSummary, NodeError> {
-    let plan = plan(&file)?;
+    let plan = plan(&file, Role::Ps)?;
     let mut node = Node::open(file, data_dir, plan)?;
     let mut worker = worker::Worker::start(&mut node, command).await?;
     let ending = drive(&mut node, &mut worker, &mut stop).await?;

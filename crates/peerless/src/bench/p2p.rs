@@ -132,11 +132,11 @@ pub(super) fn cluster(base: &RunConfig, peers: u32, rounds: u64, out: &Path) -> 
 
 /// libp2p: `reps` requests of `bytes` from one swarm to another, each answered by a 1-byte ack.
 async fn libp2p_exchange(bytes: usize, reps: usize) -> Result<Vec<f64>> {
-    let (ka, kb) = (net::derive_keypair("bench", 0), net::derive_keypair("bench", 1));
+    let (ka, kb) = (net::generate_keypair(), net::generate_keypair());
     let (ida, idb): (PeerId, PeerId) = (ka.public().to_peer_id(), kb.public().to_peer_id());
     let timeout = Duration::from_secs(60);
-    let mut a = net::build_swarm(ka, &[idb], timeout).map_err(|e| anyhow::anyhow!("{e}"))?;
-    let mut b = net::build_swarm(kb, &[ida], timeout).map_err(|e| anyhow::anyhow!("{e}"))?;
+    let mut a = net::build_swarm(ka, Some(&[idb]), timeout).map_err(|e| anyhow::anyhow!("{e}"))?;
+    let mut b = net::build_swarm(kb, Some(&[ida]), timeout).map_err(|e| anyhow::anyhow!("{e}"))?;
     b.listen_on("/ip4/127.0.0.1/tcp/0".parse()?)?;
     let addr: Multiaddr = loop {
         if let SwarmEvent::NewListenAddr { address, .. } = b.select_next_some().await {

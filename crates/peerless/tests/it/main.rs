@@ -1,5 +1,6 @@
 //! End-to-end tests of the `peerless` binary: real processes, real files, real signals.
 
+mod admission;
 #[cfg(feature = "aws-lambda")]
 mod aws_lambda;
 mod bad_input;

@@ -205,8 +205,8 @@ fn a_peer_off_the_allow_list_is_refused_and_training_is_unaffected() {
     let out = tmp.path().join("run");
     let child = launch(&args, &out);
     wait_for("round 5", Duration::from_secs(60), || (0..3).all(|i| peer_round(&out, i) >= 5));
-    // An intruder with a key derived from another secret dials every member; it knows their
-    // (public) peer ids and admits them.
+    // An intruder with a key of its own (none in its node file: it generates one) and no
+    // certificate dials every member; it knows their (public) peer ids and admits them.
     let ids: Vec<toml::Value> = (0..3)
         .map(|i| {
             let ev = events(&out.join(format!("peers/{i}/events.jsonl")));
@@ -227,6 +227,8 @@ fn a_peer_off_the_allow_list_is_refused_and_training_is_unaffected() {
     peer.insert("progress".into(), false.into());
     peer.insert("index".into(), 3.into());
     peer.insert("allow".into(), toml::Value::Array(ids));
+    peer.remove("identity");
+    peer.remove("certificate");
     let mut cluster = file["run"]["cluster"].as_table().unwrap().clone();
     cluster.insert("secret".into(), "not-the-run-secret".into());
     cluster.insert("start_timeout_ms".into(), 60_000.into());
@@ -253,7 +255,7 @@ fn a_peer_off_the_allow_list_is_refused_and_training_is_unaffected() {
                 .count()
         })
         .sum();
-    assert!(refused > 0, "no member logged the intruder's refused connection");
+    assert!(refused > 0, "no member logged the intruder's refusal");
     let (a, b) = (summary(&clean), summary(&out));
     assert_eq!(digests(&a), digests(&b), "training with an intruder around differs from the clean run");
 }
