@@ -15,6 +15,7 @@ mod gradient;
 mod layout;
 mod linkage;
 mod local;
+mod netns;
 mod p2p;
 mod report;
 mod resume;
