@@ -47,6 +47,25 @@
 //! (which averaging would not), and needs no extra round; the cost is that the minority's last
 //! round of work is discarded, which only happens after a fault.
 //!
+//! # Quorum
+//! Crashes and partitions look alike from inside, so with [`Quorum::Majority`] a round is
+//! applied only by a side that holds a majority of its *base*: the peers whose gradients the
+//! last two applied rounds agreed on (the initial members before the first round); more than
+//! half of them, or exactly half including the base's lowest index. The round in flight when
+//! a cut comes can close differently on each side (gradients that crossed before it), so
+//! one round's contributors alone could give each side a base it holds a majority of; with
+//! the round before it, the base at the next round is still the one every side shared, and
+//! at most one side holds a majority of it. That side trains on; the others stop at the round
+//! boundary ([`EventKind::NoQuorum`]), having applied at most the round in flight, which
+//! they discard when they adopt the quorum side's state after the heal. The base follows the
+//! membership, a round late, so peers that leave one after another shrink it (4 → 3 → 2 →
+//! the lowest-indexed 1) and joiners grow it. A
+//! stalled peer serves its state to whoever asks, fetches the state of any peer that shows it
+//! is ahead (a gradient or final digest of a later round), and retries its round every
+//! deadline while enough of its base is connected again (all stalled: everyone retries; the
+//! gradients of the round are taken in anew). [`Quorum::None`] applies whatever a side agrees
+//! on: a cut-off minority trains on alone and loses its work when the cut heals.
+//!
 //! # Joining
 //! A new or restarted peer starts in [`Start::Join`]: it asks a connected peer for its state,
 //! which that peer sends at its next round boundary, adopts it (unless its own checkpoint is
@@ -89,6 +108,30 @@ pub struct RoundConfig {
     /// How long to wait for the initial members (or, joining, for a live peer) before going
     /// on without them, ms.
     pub start_timeout_ms: u64,
+    /// Which side of a partition may apply rounds.
+    pub quorum: Quorum,
+}
+
+/// Which side of a partition may apply rounds (see the module's *Quorum*).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Quorum {
+    /// A majority of the last applied round's contributors (half with its lowest index).
+    #[default]
+    Majority,
+    /// Every side applies what it agrees on.
+    None,
+}
+
+impl Quorum {
+    /// Whether `side` holds a quorum of `base` (an empty base: any side).
+    pub fn holds(self, side: &BTreeSet<PeerIdx>, base: &BTreeSet<PeerIdx>) -> bool {
+        let Some(&lowest) = base.first() else { return true };
+        let have = side.intersection(base).count();
+        match self {
+            Quorum::None => true,
+            Quorum::Majority => 2 * have > base.len() || (2 * have == base.len() && side.contains(&lowest)),
+        }
+    }
 }
 
 /// How a peer enters the run.
@@ -312,6 +355,11 @@ enum Phase {
         since: u64,
         timed_out: bool,
     },
+    /// The round's agreed contributors were no quorum of the base: not applied; waiting for a
+    /// peer that is ahead, or for enough of the base to retry the round.
+    Stalled {
+        since: u64,
+    },
     /// All rounds applied; comparing final digests (a view that differed in the last round
     /// has no next round to show it).
     Finalizing {
@@ -343,6 +391,9 @@ pub struct Round {
     observe_next: bool,
     /// Gradients asked for again (peer, round): a second copy of one is not a replay.
     resends: BTreeSet<(PeerIdx, u64)>,
+    /// The contributors of the last two rounds applied (the initial members before), whose
+    /// union is the base a round needs a quorum of.
+    contributed: [BTreeSet<PeerIdx>; 2],
     out: Vec<Action>,
 }
 
@@ -350,6 +401,7 @@ impl Round {
     /// A machine at time `now_ms`. Call [`Round::handle`] with [`Input::Tick`] to get going.
     pub fn new(cfg: RoundConfig, start: Start, now_ms: u64) -> Round {
         let members = cfg.members.iter().filter(|&&p| p != cfg.me).map(|&p| (p, Member::default())).collect();
+        let initial: BTreeSet<PeerIdx> = cfg.members.iter().copied().collect();
         let (round, phase) = match start {
             Start::Fresh { round } => (round, Phase::Starting { since: now_ms }),
             Start::Join { own } => (
@@ -373,6 +425,7 @@ impl Round {
             wait_ewma_ms: None,
             observe_next: false,
             resends: BTreeSet::new(),
+            contributed: [initial.clone(), initial],
             out: Vec::new(),
         }
     }
@@ -417,6 +470,7 @@ impl Round {
             Phase::Syncing { asked_at, .. } => Some(asked_at + self.state_timeout_ms()),
             Phase::Collecting { since }
             | Phase::Observing { since, .. }
+            | Phase::Stalled { since }
             | Phase::Finalizing { since, mine: Some(_) } => Some(since + self.deadline_ms()),
             Phase::Agreeing { since, .. } => Some(since + self.agreement_timeout_ms()),
             Phase::Computing | Phase::Finalizing { mine: None, .. } | Phase::Done => None,
@@ -452,6 +506,11 @@ impl Round {
             .filter(|(_, m)| m.connected && !m.suspected && m.active_from.is_some_and(|a| a <= round))
             .map(|(&p, _)| p)
             .collect()
+    }
+
+    /// The peers a round needs a quorum of: the contributors of the last two rounds applied.
+    fn base(&self) -> BTreeSet<PeerIdx> {
+        self.contributed[0].union(&self.contributed[1]).copied().collect()
     }
 
     /// Whether a connection to `p` is up (only a connection makes a peer connected).
@@ -504,9 +563,11 @@ impl Round {
                 // A joiner is waited for only once a gradient shows it keeps up: its first
                 // round may take long (cold functions) or be already past here. Until then its
                 // gradients count when they arrive in time, and nobody waits a deadline for it.
+                // It sends every round from `round` on anew (a retry after a stall included).
                 let m = self.member(p);
                 m.suspected = false;
                 m.active_from = m.active_from.filter(|&a| a >= round);
+                m.sent.retain(|&r| r < round);
                 self.event(now, EventKind::PeerJoined { peer: p, round });
             }
             Input::Gradient(p, g) if p != self.cfg.me && self.is_connected(p) => self.on_gradient(now, p, g),
@@ -531,7 +592,7 @@ impl Round {
                         self.pending_state.push(p);
                     }
                 }
-                Phase::Starting { .. } | Phase::Finalizing { .. } | Phase::Done => {
+                Phase::Starting { .. } | Phase::Stalled { .. } | Phase::Finalizing { .. } | Phase::Done => {
                     self.out.push(Action::ServeState { to: vec![p], round: self.round })
                 }
                 Phase::Syncing { .. } => self.out.push(Action::RefuseState {
@@ -592,6 +653,15 @@ impl Round {
                         self.event(now, EventKind::Reconcile { round: r, from: p, reason: "behind".into() });
                         self.begin_sync(now, p);
                     }
+                    Phase::Stalled { .. } => {
+                        // The side with the quorum finished.
+                        let r = self.round;
+                        self.event(
+                            now,
+                            EventKind::Reconcile { round: r, from: p, reason: "no quorum".into() },
+                        );
+                        self.begin_sync(now, p);
+                    }
                     _ => {}
                 }
             }
@@ -618,6 +688,7 @@ impl Round {
     fn extend_waits(&mut self, now: u64, ms: u64) {
         match &mut self.phase {
             Phase::Starting { since }
+            | Phase::Stalled { since }
             | Phase::Observing { since, .. }
             | Phase::Collecting { since }
             | Phase::Agreeing { since, .. }
@@ -681,6 +752,11 @@ impl Round {
             _ if g.round < r => {
                 self.event(now, EventKind::LateGradient { peer: p, round: g.round, current: r })
             }
+            Phase::Stalled { .. } if g.round > r => {
+                // The side with the quorum went on: follow it.
+                self.event(now, EventKind::Reconcile { round: r, from: p, reason: "no quorum".into() });
+                self.begin_sync(now, p);
+            }
             Phase::Computing | Phase::Observing { .. } | Phase::Collecting { .. } if g.round == r => {
                 self.received.entry(p).or_insert(g);
             }
@@ -688,7 +764,7 @@ impl Round {
                 // This peer's list is out: the gradient is too late for this round.
                 self.event(now, EventKind::LateGradient { peer: p, round: g.round, current: r })
             }
-            Phase::Starting { .. } | Phase::Syncing { .. } if g.round == r => {
+            Phase::Starting { .. } | Phase::Syncing { .. } | Phase::Stalled { .. } if g.round == r => {
                 self.early.entry(p).or_insert(g);
             }
             _ if g.round == r + 1 => {
@@ -938,6 +1014,11 @@ impl Round {
                 let (since, asked) = (*since, *asked);
                 self.observe(now, since, asked);
             }
+            Phase::Stalled { since } => {
+                if now >= *since + self.deadline_ms() {
+                    self.retry_stalled(now);
+                }
+            }
             Phase::Computing | Phase::Finalizing { mine: None, .. } | Phase::Done => {}
         }
     }
@@ -1054,13 +1135,60 @@ impl Round {
         if mine_agreed {
             inputs.push((me, my_grad));
         }
+        let side: BTreeSet<PeerIdx> = inputs.iter().map(|(p, _)| *p).collect();
+        if !self.cfg.quorum.holds(&side, &self.base()) {
+            self.stall(now, side);
+            return;
+        }
         self.apply_round(now, inputs, timed_out);
+    }
+
+    /// The round's contributors `side` are no quorum of the base: the round is not applied.
+    /// Gradients of it are taken in anew when it is retried, even from peers that sent one.
+    fn stall(&mut self, now: u64, side: BTreeSet<PeerIdx>) {
+        let r = self.round;
+        let (contributors, base) = (side.into_iter().collect(), self.base().into_iter().collect());
+        self.event(now, EventKind::NoQuorum { round: r, contributors, base });
+        for m in self.members.values_mut() {
+            m.sent.retain(|&round| round < r);
+        }
+        self.mine = None;
+        self.received.clear();
+        self.lists.remove(&r);
+        self.resends.clear();
+        self.phase = Phase::Stalled { since: now };
+        if !self.pending_state.is_empty() {
+            let to = std::mem::take(&mut self.pending_state);
+            self.out.push(Action::ServeState { to, round: r });
+        }
+    }
+
+    /// A deadline after stalling: retries the round if the connected peers could be a quorum
+    /// (waiting for each of them again), else waits another deadline.
+    fn retry_stalled(&mut self, now: u64) {
+        let mut reachable: BTreeSet<PeerIdx> = self.connected().into_iter().collect();
+        reachable.insert(self.cfg.me);
+        if !self.cfg.quorum.holds(&reachable, &self.base()) {
+            self.phase = Phase::Stalled { since: now };
+            return;
+        }
+        for m in self.members.values_mut().filter(|m| m.connected) {
+            m.suspected = false;
+        }
+        // The others take this round's gradient from this peer anew.
+        let (round, to) = (self.round, self.connected());
+        self.out.push(Action::AnnounceJoin { round, to });
+        self.start_round(now, true);
     }
 
     /// Applies round `self.round` with `inputs` (any order) and starts the next one.
     fn apply_round(&mut self, now: u64, mut inputs: Vec<(PeerIdx, Vec<f32>)>, timed_out: bool) {
         let r = self.round;
         inputs.sort_by_key(|(p, _)| *p);
+        if !inputs.is_empty() {
+            self.contributed.swap(0, 1);
+            self.contributed[1] = inputs.iter().map(|(p, _)| *p).collect();
+        }
         let deadline_ms = self.deadline_ms();
         self.event(
             now,

@@ -151,6 +151,16 @@ pub enum EventKind {
         /// Where the state came from (none: own checkpoint).
         from: Option<PeerIdx>,
     },
+    /// The round's agreed contributors were no quorum of the last applied round's: this side
+    /// of a partition (or what is left after many peers failed at once) does not apply it.
+    NoQuorum {
+        /// Round.
+        round: u64,
+        /// The peers whose gradients this side agreed on.
+        contributors: Vec<PeerIdx>,
+        /// The contributors of the last round applied.
+        base: Vec<PeerIdx>,
+    },
     /// A round closed.
     RoundClosed {
         /// Round.

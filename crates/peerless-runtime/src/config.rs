@@ -25,7 +25,7 @@ macro_rules! display_as_toml_name {
         }
     )*};
 }
-display_as_toml_name!(TrainArch, Compute, Aggregation, PsModeName, SyncMode, CompressionName);
+display_as_toml_name!(TrainArch, Compute, Aggregation, PsModeName, SyncMode, CompressionName, QuorumName);
 
 /// Parses a configuration enum from the name its TOML uses (`"p2p"`, `"in-store"`, `"async"`):
 /// one spelling for files and flags, the error listing the names allowed.
@@ -406,6 +406,30 @@ pub struct P2pConfig {
     pub compression: CompressionName,
     /// `topk`: the share of elements sent, in `(0, 1]`.
     pub topk_fraction: f64,
+    /// Which side of a partition trains: `majority` (the side holding a majority of the last
+    /// rounds' contributors, half with the lowest index; the others wait and then adopt its
+    /// state) or `none` (every side trains on; a cut-off minority's work is lost at the heal).
+    pub quorum: QuorumName,
+}
+
+/// `p2p.quorum`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum QuorumName {
+    /// A majority of the last two rounds' contributors.
+    #[default]
+    Majority,
+    /// No quorum.
+    None,
+}
+
+impl From<QuorumName> for peerless_core::p2p::Quorum {
+    fn from(q: QuorumName) -> Self {
+        match q {
+            QuorumName::Majority => peerless_core::p2p::Quorum::Majority,
+            QuorumName::None => peerless_core::p2p::Quorum::None,
+        }
+    }
 }
 
 /// `p2p.compression`.
@@ -444,6 +468,7 @@ impl Default for P2pConfig {
             outer_momentum: 0.9,
             compression: CompressionName::None,
             topk_fraction: 0.01,
+            quorum: QuorumName::Majority,
         }
     }
 }

@@ -57,6 +57,13 @@ struct Sim {
     /// `(peer, n)`: the peer crashes when it is about to send its `n+1`-th message from now,
     /// so a broadcast can reach some recipients and not others.
     crash_plan: Option<(u32, u32)>,
+    /// Ordered pairs `(from, to)` whose messages are lost (a partition; connections stay up).
+    cut: BTreeSet<(u32, u32)>,
+    /// The parameters' digest after each round, as first applied by any peer: a peer that
+    /// applies a round to a different model is a split brain.
+    versions: BTreeMap<u64, Digest>,
+    /// Rounds applied to a model that differs from the first one applied (peer, round).
+    split: Vec<(u32, u64)>,
 }
 
 fn grad_of(peer: u32, round: u64, params: &[f32]) -> Vec<f32> {
@@ -74,6 +81,7 @@ impl Sim {
             checkpoint_every: 5,
             deadline: DeadlinePolicy { floor_ms: 300, ceiling_ms: 2_000, factor: 4.0 },
             start_timeout_ms: 1_000,
+            quorum: Quorum::Majority,
         };
         let peers = (0..n)
             .map(|i| Peer {
@@ -101,6 +109,9 @@ impl Sim {
             cfg,
             slow: BTreeMap::new(),
             crash_plan: None,
+            cut: BTreeSet::new(),
+            versions: BTreeMap::new(),
+            split: Vec::new(),
         };
         // A connection comes up at both ends at once, so nothing arrives before it.
         for i in 0..n {
@@ -123,7 +134,7 @@ impl Sim {
     /// A message from `from` to `to` over the simulated network.
     fn send(&mut self, from: u32, to: u32, input: Input) {
         let (f, t) = (&self.peers[from as usize], &self.peers[to as usize]);
-        if !f.alive || !t.alive || f.silent {
+        if !f.alive || !t.alive || f.silent || self.cut.contains(&(from, to)) {
             return;
         }
         if let Some((peer, left)) = &mut self.crash_plan
@@ -184,6 +195,10 @@ impl Sim {
                     for j in (0..N_PARAMS).filter(|_| !inputs.is_empty()) {
                         let g: f32 = inputs.iter().map(|(_, v)| v[j]).sum::<f32>() / n;
                         p.params[j] -= 0.1 * g;
+                    }
+                    let version = digest(&p.params);
+                    if *self.versions.entry(round).or_insert(version) != version {
+                        self.split.push((i, round));
                     }
                 }
                 Action::Checkpoint { round } => p.checkpoint = Some((round, p.params.clone())),
@@ -358,6 +373,31 @@ impl Sim {
         }
     }
 
+    /// Cuts every link between `groups` (connections stay up); after `detect_ms` each side's
+    /// heartbeats find the other side unresponsive.
+    fn partition(&mut self, groups: &[Vec<u32>], detect_ms: u64) {
+        for (a, ga) in groups.iter().enumerate() {
+            for gb in groups.iter().skip(a + 1) {
+                for &i in ga {
+                    for &j in gb {
+                        self.cut.insert((i, j));
+                        self.cut.insert((j, i));
+                        let (i_silent, j_silent) = (
+                            Input::Unresponsive { peer: j, silent_ms: detect_ms },
+                            Input::Unresponsive { peer: i, silent_ms: detect_ms },
+                        );
+                        self.schedule(detect_ms, i, Delivery::Input(i_silent));
+                        self.schedule(detect_ms, j, Delivery::Input(j_silent));
+                    }
+                }
+            }
+        }
+    }
+
+    fn heal(&mut self) {
+        self.cut.clear();
+    }
+
     fn restart(&mut self, k: u32) {
         let own = self.peers[k as usize].checkpoint.clone();
         let cfg = RoundConfig { me: k, ..self.cfg.clone() };
@@ -394,6 +434,11 @@ impl Sim {
 
     /// Prints every peer's events but the ordinary round closes (for a failing seed).
     fn dump(&self) {
+        if std::env::var("DUMP_ALL").is_ok() {
+            for (i, p) in self.peers.iter().enumerate() {
+                eprintln!("peer {i} {:?}", p.events);
+            }
+        }
         for (i, p) in self.peers.iter().enumerate() {
             eprintln!("peer {i} alive {} digest {}", p.alive, digest(&p.params).short());
             for e in
@@ -584,6 +629,7 @@ fn collecting_peer() -> (Round, Digest) {
         checkpoint_every: 0,
         deadline: DeadlinePolicy { floor_ms: 1_000, ceiling_ms: 5_000, factor: 4.0 },
         start_timeout_ms: 1_000,
+        quorum: Quorum::Majority,
     };
     let mut m = Round::new(cfg, Start::Fresh { round: 0 }, 0);
     let d = digest(&[1.0]);
@@ -833,4 +879,143 @@ fn a_frozen_peer_is_excluded_at_the_detection_bound_and_a_short_freeze_costs_not
             assert_eq!(suspected, 0, "seed {seed}: someone was suspected");
         }
     }
+}
+
+/// Splits `0..n` into `parts` non-empty groups at random.
+fn random_groups(rng: &mut Rng, n: u32, parts: u32) -> Vec<Vec<u32>> {
+    loop {
+        let mut groups = vec![Vec::new(); parts as usize];
+        for i in 0..n {
+            groups[rng.below(parts as u64) as usize].push(i);
+        }
+        if groups.iter().all(|g| !g.is_empty()) {
+            return groups;
+        }
+    }
+}
+
+/// A partitioned run: the sides, per peer the rounds applied while the cut lasted, and the
+/// highest round in progress when it came.
+struct Partitioned {
+    sim: Sim,
+    groups: Vec<Vec<u32>>,
+    during: Vec<usize>,
+    cut_round: u64,
+}
+
+impl Partitioned {
+    /// Rounds applied to a model another peer did not apply them to, besides the round in
+    /// flight when the cut came (which a side can close on gradients that crossed before it).
+    fn splits_after_the_cut(&self) -> Vec<(u32, u64)> {
+        self.sim.split.iter().copied().filter(|&(_, r)| r > self.cut_round).collect()
+    }
+}
+
+/// Partitions at a random point of a run, into two or three sides, healed 2.5–4.5 s later.
+fn partitioned_run(seed: u64, quorum: Quorum) -> Partitioned {
+    let mut rng = Rng::new(seed ^ 0x9A27_17);
+    let n = 3 + rng.below(3) as u32;
+    let mut sim = Sim::new(n, 40, seed);
+    sim.cfg.quorum = quorum;
+    for p in &mut sim.peers {
+        p.machine.cfg.quorum = quorum;
+    }
+    sim.run_until(50 + rng.below(400));
+    let parts = if n > 3 && rng.below(4) == 0 { 3 } else { 2 };
+    let groups = random_groups(&mut rng, n, parts);
+    sim.partition(&groups, 250);
+    let cut_round = sim.peers.iter().map(|p| p.machine.round()).max().unwrap_or(0);
+    let before: Vec<usize> = sim.peers.iter().map(|p| p.applied_sets.len()).collect();
+    let t = sim.now + 2_500 + rng.below(2_000);
+    sim.run_until(t);
+    let during = sim.peers.iter().zip(&before).map(|(p, b)| p.applied_sets.len() - b).collect();
+    sim.heal();
+    sim.run_to_end();
+    Partitioned { sim, groups, during, cut_round }
+}
+
+#[test]
+fn only_the_side_of_a_partition_holding_a_quorum_trains_and_the_others_follow_it_after_the_heal() {
+    for seed in 0..300u64 {
+        let run = partitioned_run(seed, Quorum::Majority);
+        let (sim, groups, during) = (&run.sim, &run.groups, &run.during);
+        let all: BTreeSet<u32> = (0..sim.peers.len() as u32).collect();
+        let quorum_side = |i: u32| {
+            groups
+                .iter()
+                .any(|g| g.contains(&i) && Quorum::Majority.holds(&g.iter().copied().collect(), &all))
+        };
+        // With no side holding a quorum, every side stops and retries once healed; replicas
+        // that close the retried round on different sets are reconciled as after any fault.
+        let some_side_holds = (0..sim.peers.len() as u32).any(quorum_side);
+        let splits = if some_side_holds { run.splits_after_the_cut() } else { Vec::new() };
+        if !splits.is_empty() {
+            sim.dump();
+        }
+        assert!(
+            splits.is_empty(),
+            "seed {seed} {groups:?}: split brain at {splits:?} (cut in round {})",
+            run.cut_round
+        );
+        sim.assert_converged();
+        for g in groups {
+            let side: BTreeSet<u32> = g.iter().copied().collect();
+            let trained: Vec<usize> = g.iter().map(|&i| during[i as usize]).collect();
+            if Quorum::Majority.holds(&side, &all) {
+                // It kept training through the cut (the others left its view within 250 ms).
+                assert!(
+                    trained.iter().all(|&r| r >= 5),
+                    "seed {seed} {groups:?}: the quorum side {g:?} {trained:?}"
+                );
+                for &i in g {
+                    assert_eq!(
+                        sim.peers[i as usize].adoptions, 0,
+                        "seed {seed}: peer {i} of the quorum side adopted"
+                    );
+                }
+            } else {
+                // At most the rounds in flight when the cut came (a peer a round behind the
+                // others closes its round and the next on gradients that crossed before it).
+                if trained.iter().any(|&r| r > 2) {
+                    sim.dump();
+                }
+                assert!(
+                    trained.iter().all(|&r| r <= 2),
+                    "seed {seed} {groups:?}: the side {g:?} without a quorum {trained:?}"
+                );
+            }
+        }
+    }
+}
+
+#[test]
+fn without_a_quorum_both_sides_of_a_partition_train_and_split() {
+    let split = (0..100u64)
+        .filter(|&seed| !partitioned_run(seed, Quorum::None).splits_after_the_cut().is_empty())
+        .count();
+    assert!(split >= 50, "only {split} of 100 partitioned runs split without a quorum");
+}
+
+#[test]
+fn peers_that_leave_one_after_another_shrink_the_quorum_down_to_the_lowest_index() {
+    let mut sim = Sim::new(4, 60, 11);
+    for (k, t) in [(3, 600), (2, 1_400), (1, 2_200)] {
+        sim.run_until(t);
+        sim.kill(k);
+    }
+    sim.run_to_end();
+    sim.assert_converged();
+    assert_eq!(count(sim.events_of(0), |k| matches!(k, EventKind::NoQuorum { .. })), 0);
+    // Peer 1 alone (the lowest index gone) waits for a quorum instead.
+    let mut sim = Sim::new(2, 30, 12);
+    sim.run_until(600);
+    sim.kill(0);
+    sim.run_until(4_000);
+    let stalled = sim.peers[1].machine.round();
+    assert!(count(sim.events_of(1), |k| matches!(k, EventKind::NoQuorum { .. })) >= 1);
+    sim.run_until(8_000);
+    assert_eq!(sim.peers[1].machine.round(), stalled, "a peer without a quorum applied a round");
+    sim.restart(0);
+    sim.run_to_end();
+    sim.assert_converged();
 }

@@ -111,6 +111,7 @@ impl Peer {
                 factor: run.cluster.deadline_factor,
             },
             start_timeout_ms: run.cluster.start_timeout_ms,
+            quorum: run.p2p.quorum.into(),
         };
         let (total, rpe, id) = (node.rounds, node.rpe, node.my_id.to_string());
         node.event(NodeEvent::Start {
