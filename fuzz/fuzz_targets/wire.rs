@@ -29,7 +29,7 @@ fuzz_target!(
             let digest = Digest([7; 32]);
             let msgs = [
                 Message::Gradient(GradientMsg { round: 7, digest, samples: 256, loss: 0.5, grad: vec![1.0, -2.0, 1e-30] }),
-                Message::State(StateMsg { round: 9, digest, params: vec![0.1, 0.2, 0.3], optimizer }),
+                Message::State(StateMsg { round: 9, digest, params: vec![0.1, 0.2, 0.3], optimizer, base: vec![0, 1, 3] }),
                 Message::Final { round: 40, digest },
                 Message::Params(ParamsMsg { round: 4, digest, params: vec![0.5, -0.5, 2.0] }),
                 Message::Refused { reason: "not a member".into() },
@@ -200,11 +200,13 @@ fn message(u: &mut Unstructured, limits: Limits) -> Result<Message> {
             let steps = u.arbitrary()?;
             let n = u.int_in_range(0..=9)?;
             let buffers = (0..n).map(|_| Ok((u.arbitrary()?, floats(u, limits)?))).collect::<Result<_>>()?;
+            let base: std::collections::BTreeSet<u32> = (0..u.int_in_range(0..=5)?).map(|_| u.arbitrary()).collect::<Result<_>>()?;
             Message::State(StateMsg {
                 round,
                 digest,
                 params,
                 optimizer: OptimizerState { kind, steps, buffers },
+                base: base.into_iter().collect(),
             })
         }
         7 => Message::Params(ParamsMsg {

@@ -47,6 +47,10 @@ const SIGNATURE_LEN: usize = 64;
 #[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct RunId(pub [u8; RUN_ID_LEN]);
 
+/// Peer indices run below this: the starting members are `0..cluster.nodes`, peers that join
+/// a running run (elastic membership) take the indices above.
+pub const MAX_PEERS: u32 = 1024;
+
 /// What a member does in its run.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum Role {

@@ -246,6 +246,8 @@ pub enum Action {
         to: Vec<PeerIdx>,
         /// Model version being served.
         round: u64,
+        /// The peers the next round needs a quorum of ([`StateMsg::base`]).
+        base: Vec<PeerIdx>,
     },
     /// Refuse a state request.
     RefuseState {
@@ -513,6 +515,11 @@ impl Round {
         self.contributed[0].union(&self.contributed[1]).copied().collect()
     }
 
+    /// [`Round::base`], ascending.
+    fn base_list(&self) -> Vec<PeerIdx> {
+        self.base().into_iter().collect()
+    }
+
     /// Whether a connection to `p` is up (only a connection makes a peer connected).
     fn is_connected(&self, p: PeerIdx) -> bool {
         self.members.get(&p).is_some_and(|m| m.connected)
@@ -593,7 +600,11 @@ impl Round {
                     }
                 }
                 Phase::Starting { .. } | Phase::Stalled { .. } | Phase::Finalizing { .. } | Phase::Done => {
-                    self.out.push(Action::ServeState { to: vec![p], round: self.round })
+                    self.out.push(Action::ServeState {
+                        to: vec![p],
+                        round: self.round,
+                        base: self.base_list(),
+                    })
                 }
                 Phase::Syncing { .. } => self.out.push(Action::RefuseState {
                     to: p,
@@ -796,6 +807,11 @@ impl Round {
             return;
         }
         let round = s.round;
+        // The state's base comes with it: this peer's own may be stale (it was away).
+        if !s.base.is_empty() {
+            let base: BTreeSet<PeerIdx> = s.base.iter().copied().collect();
+            self.contributed = [base.clone(), base];
+        }
         self.out.push(Action::Adopt(s));
         self.enter(now, round, Some(p));
     }
@@ -1159,7 +1175,7 @@ impl Round {
         self.phase = Phase::Stalled { since: now };
         if !self.pending_state.is_empty() {
             let to = std::mem::take(&mut self.pending_state);
-            self.out.push(Action::ServeState { to, round: r });
+            self.out.push(Action::ServeState { to, round: r, base: self.base_list() });
         }
     }
 
@@ -1202,7 +1218,7 @@ impl Round {
         }
         if !self.pending_state.is_empty() {
             let to = std::mem::take(&mut self.pending_state);
-            self.out.push(Action::ServeState { to, round: self.round });
+            self.out.push(Action::ServeState { to, round: self.round, base: self.base_list() });
         }
         self.start_round(now, false);
     }

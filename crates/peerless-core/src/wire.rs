@@ -144,6 +144,9 @@ pub struct StateMsg {
     pub params: Vec<f32>,
     /// Optimizer state.
     pub optimizer: OptimizerState,
+    /// The peers the next round needs a quorum of, as the sender holds them (ascending; see
+    /// `p2p`'s *Quorum*): a peer adopting the state adopts them with it.
+    pub base: Vec<u32>,
 }
 
 /// Model version `round` as the parameter server publishes it.
@@ -317,6 +320,10 @@ pub fn encode(msg: &Message) -> Vec<u8> {
                 w.str(name);
                 w.vec(v);
             }
+            w.u32(s.base.len() as u32);
+            for p in &s.base {
+                w.u32(*p);
+            }
         }
         Message::Params(p) => {
             w.u8(kind::PARAMS);
@@ -426,6 +433,7 @@ pub fn decode(bytes: &[u8], limits: Limits) -> Result<Message, WireError> {
                 digest,
                 params,
                 optimizer: OptimizerState { kind, steps, buffers },
+                base: r.peers()?,
             })
         }
         kind::PARAMS => {
@@ -673,6 +681,7 @@ mod tests {
                     steps: 9,
                     buffers: vec![("momentum".into(), vec![0.2; 5])],
                 },
+                base: vec![0, 2, 5],
             }),
             Message::Params(ParamsMsg { round: 4, digest: Digest([4; 32]), params: vec![0.5; 5] }),
             Message::Received { round: 5, peers: vec![0, 2, 3] },

@@ -14,7 +14,7 @@ use std::path::{Path, PathBuf};
 
 use libp2p::PeerId;
 use libp2p::identity::Keypair;
-use peerless_core::admission::{AdmissionKey, Certificate, Claims, Role, RunId};
+use peerless_core::admission::{AdmissionKey, Certificate, Claims, MAX_PEERS, Role, RunId};
 use serde::{Deserialize, Serialize};
 
 use crate::config::{AdmissionSection, ConfigError, RunConfig};
@@ -159,6 +159,8 @@ impl Run {
         let index = match (index, role) {
             (Some(i), _) => i,
             (None, Role::Ps) => n,
+            // Peers past the starting members join the running run.
+            (None, Role::Peer) => next_free(&list.member, role, MAX_PEERS, &self.dir.join("run.toml"))?,
             (None, _) => next_free(&list.member, role, n, &self.dir.join("run.toml"))?,
         };
         let cert = self.owner.certify(peer, role, index, expires);
@@ -234,7 +236,13 @@ mod tests {
         let (a, _) = r.admit(&ids[0], Role::Peer, None, 100).unwrap();
         let (b, cert) = r.admit(&ids[1], Role::Peer, None, 100).unwrap();
         assert_eq!((a.index, b.index), (0, 1));
-        let err = r.admit(&ids[2], Role::Peer, None, 100).unwrap_err();
+        let (joiner, _) = r.admit(&ids[2], Role::Peer, None, 100).unwrap();
+        assert_eq!(joiner.index, 2, "a third peer joins the running run");
+        // Workers stay below cluster.nodes.
+        for id in &ids[..2] {
+            r.admit(id, Role::Worker, None, 100).unwrap();
+        }
+        let err = r.admit(&ids[2], Role::Worker, None, 100).unwrap_err();
         assert!(err.to_string().contains("pass --index"), "{err}");
         let (ps, _) = r.admit(&ids[2], Role::Ps, None, 100).unwrap();
         assert_eq!(ps.index, 2, "the PS is after the workers");
@@ -245,7 +253,7 @@ mod tests {
         );
         assert_eq!(ok.unwrap().claims.index, 1);
         let listed = std::fs::read_to_string(tmp.path().join("admitted.toml")).unwrap();
-        assert_eq!(listed.matches("[[member]]").count(), 3, "{listed}");
+        assert_eq!(listed.matches("[[member]]").count(), 6, "{listed}");
         std::fs::write(tmp.path().join("admission.key"), b"x").unwrap();
         assert!(Run::open(tmp.path()).unwrap_err().to_string().contains("admission.key"));
     }

@@ -131,6 +131,9 @@ pub enum FaultKind {
     Byzantine,
     /// A seeded random stream of `kill`, `stop` and `partition` faults, one every `every_s`.
     Churn,
+    /// A new P2P peer (a fresh identity and certificate, the index after the starting members
+    /// and earlier joins) joins the running run.
+    Join,
 }
 
 impl FaultKind {
@@ -145,6 +148,7 @@ impl FaultKind {
             FaultKind::Bandwidth => "bandwidth",
             FaultKind::Byzantine => "byzantine",
             FaultKind::Churn => "churn",
+            FaultKind::Join => "join",
         }
     }
 }
@@ -217,8 +221,13 @@ impl FaultSpec {
     /// Checks this fault for a cluster of `n` peers or workers; the error says what is wrong.
     fn check(&self, n: usize) -> Result<(), String> {
         self.check_timing()?;
-        if self.targets.is_empty() && self.kind != FaultKind::Churn {
-            return Err("targets is empty (give the nodes it hits)".into());
+        match self.kind {
+            FaultKind::Join if !self.targets.is_empty() => {
+                return Err("a join starts a new peer, after the starting members: give no targets".into());
+            }
+            FaultKind::Churn | FaultKind::Join => {}
+            _ if self.targets.is_empty() => return Err("targets is empty (give the nodes it hits)".into()),
+            _ => {}
         }
         for t in &self.targets {
             parse_target(t, n)?;

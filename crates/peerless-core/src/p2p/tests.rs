@@ -202,13 +202,14 @@ impl Sim {
                     }
                 }
                 Action::Checkpoint { round } => p.checkpoint = Some((round, p.params.clone())),
-                Action::ServeState { to, round } => {
+                Action::ServeState { to, round, base } => {
                     assert_eq!(round, p.machine.round());
                     let s = StateMsg {
                         round,
                         digest: digest(&p.params),
                         params: p.params.clone(),
                         optimizer: OptimizerState { kind: "sgd".into(), steps: round, buffers: vec![] },
+                        base: base.clone(),
                     };
                     for t in to {
                         self.send(i, t, Input::State(i, s.clone()));

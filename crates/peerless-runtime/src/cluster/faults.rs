@@ -270,6 +270,21 @@ pub enum Order {
         /// Delay.
         after: Duration,
     },
+    /// Start node `index`, laid out for a `join` fault, for the first time.
+    Join {
+        /// Node.
+        index: usize,
+    },
+}
+
+/// The launcher nodes of the `join` faults of `faults` in a run of `arch` with `n` peers: the
+/// peers after the starting members, in the order of the faults (none in a PS run).
+pub fn joiners(faults: &[FaultSpec], arch: TrainArch, n: usize) -> Vec<NodeRef> {
+    let count = match arch {
+        TrainArch::P2p => faults.iter().filter(|f| f.kind == FaultKind::Join).count(),
+        _ => 0,
+    };
+    (n..n + count).map(|index| NodeRef { index, role: "peer" }).collect()
 }
 
 /// The fault schedule of one run, driven by the launcher's loop.
@@ -313,13 +328,26 @@ impl Injector {
                 })),
             }
         }
+        let mut joiners = joiners(faults, arch, n).into_iter();
         let planned = faults
             .iter()
             .enumerate()
             .filter(|(_, spec)| spec.kind != FaultKind::Churn)
             .filter_map(|(id, spec)| {
-                let targets: Vec<NodeRef> =
-                    spec.targets.iter().filter_map(|t| resolve_target(t, arch, n)).collect();
+                let targets: Vec<NodeRef> = match spec.kind {
+                    FaultKind::Join => joiners.next().into_iter().collect(),
+                    _ => spec.targets.iter().filter_map(|t| resolve_target(t, arch, n)).collect(),
+                };
+                if spec.kind == FaultKind::Join && targets.is_empty() {
+                    skipped.push(ClusterEvent::FaultSkipped(FaultRecord {
+                        fault: spec.kind.name().into(),
+                        reason: Some(
+                            "the PS baseline has a fixed set of workers: a join adds a P2P peer".into(),
+                        ),
+                        ..FaultRecord::default()
+                    }));
+                    return None;
+                }
                 if targets.len() < spec.targets.len() {
                     skipped.push(ClusterEvent::FaultSkipped(FaultRecord {
                         fault: spec.kind.name().into(),
@@ -521,11 +549,12 @@ impl Injector {
             }
             // A stream is never planned itself: its draws are (see `draw_due`).
             FaultKind::Churn => debug_assert!(false, "invariant: a churn fault is drawn, not injected"),
+            FaultKind::Join => orders.extend(targets.iter().map(|t| Order::Join { index: t.index })),
         }
         let p = &mut self.planned[i];
         p.stop = stop;
         p.stage = match spec.kind {
-            FaultKind::Kill | FaultKind::Byzantine | FaultKind::Churn => Stage::Done,
+            FaultKind::Kill | FaultKind::Byzantine | FaultKind::Churn | FaultKind::Join => Stage::Done,
             _ => Stage::Active(until),
         };
         (ClusterEvent::FaultInjected(fields), orders)
@@ -601,7 +630,11 @@ impl Injector {
                     px.update(|s| s.rates.retain(|(f, _, _)| *f != id));
                 }
             }
-            FaultKind::Kill | FaultKind::Straggle | FaultKind::Byzantine | FaultKind::Churn => {}
+            FaultKind::Kill
+            | FaultKind::Straggle
+            | FaultKind::Byzantine
+            | FaultKind::Churn
+            | FaultKind::Join => {}
         }
         ClusterEvent::FaultCleared(FaultRecord {
             fault: kind.name().into(),

@@ -34,7 +34,9 @@ pub(super) struct Layout {
 /// Lays out a run of `arch` in `dir` (`cfg.cluster.nodes` peers, or as many workers and a PS).
 pub(super) fn lay_out(cfg: &RunConfig, dir: &Path, faults: &[FaultSpec], arch: TrainArch) -> Result<Layout> {
     let n = cfg.cluster.nodes as usize;
-    let nodes = if arch == TrainArch::Ps { n + 1 } else { n };
+    // A PS run's server is node n; a P2P run's joiners (started by `join` faults) follow the
+    // starting peers.
+    let nodes = if arch == TrainArch::Ps { n + 1 } else { n + faults::joiners(faults, arch, n).len() };
     let proxy = if faults::needs_proxy(faults) { Some(Proxy::new()?) } else { None };
     let (injector, skipped) = Injector::new(faults, arch, n, nodes, proxy, cfg.seed);
     let attacks: Attacks = faults::attacks(faults, arch, n).into_iter().collect();
@@ -48,6 +50,7 @@ pub(super) fn lay_out(cfg: &RunConfig, dir: &Path, faults: &[FaultSpec], arch: T
     let nodes = (0..nodes)
         .map(|i| {
             let (role, ndir, bootstrap) = place(arch, n, i, dir);
+            let joins = role == Role::Peer && i >= n;
             let bootstrap = bootstrap
                 .iter()
                 .map(|&j| dial_addr(injector.proxy(), i, j, ports[j]))
@@ -64,7 +67,7 @@ pub(super) fn lay_out(cfg: &RunConfig, dir: &Path, faults: &[FaultSpec], arch: T
                 share_addresses: false,
                 identity,
                 certificate,
-                join: false,
+                join: joins,
                 // Progress lines come from the nodes that hold the model.
                 progress: role != Role::Worker,
                 halt_at_round: None,
@@ -73,18 +76,20 @@ pub(super) fn lay_out(cfg: &RunConfig, dir: &Path, faults: &[FaultSpec], arch: T
             let config = ndir.join(format!("{}.toml", role.name()));
             write_node_file(&config, NodeFile { node: section, run: run.clone() })?;
             let restart = (role == Role::Ps).then(|| Duration::from_millis(cfg.ps.restart_delay_ms));
-            Ok(Node { role, config, restart })
+            Ok(Node { role, config, restart, at_launch: !joins })
         })
         .collect::<Result<_>>()?;
     Ok(Layout { nodes, injector, skipped, attacks })
 }
 
 /// Node `i`'s role, directory and the nodes it dials, in a run of `arch` with `n` peers or
-/// workers.
+/// workers. A joiner (`i >= n`) dials every node before it, the joiners too (one that is not
+/// up yet is redialled); the others learn of it when it connects.
 fn place(arch: TrainArch, n: usize, i: usize, dir: &Path) -> (Role, PathBuf, Vec<usize>) {
     match arch {
         TrainArch::Ps if i == n => (Role::Ps, dir.join("ps"), Vec::new()),
         TrainArch::Ps => (Role::Worker, dir.join("workers").join(i.to_string()), vec![n]),
+        _ if i >= n => (Role::Peer, dir.join("peers").join(i.to_string()), (0..i).collect()),
         _ => (Role::Peer, dir.join("peers").join(i.to_string()), (0..n).filter(|&j| j != i).collect()),
     }
 }

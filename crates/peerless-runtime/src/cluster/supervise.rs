@@ -69,6 +69,8 @@ pub struct Node {
     pub config: PathBuf,
     /// Restart after this delay when it dies (the PS: the cloud restarting its instance).
     pub restart: Option<Duration>,
+    /// Started with the run (else by a `join` fault, when it is due).
+    pub at_launch: bool,
 }
 
 impl Node {
@@ -214,7 +216,9 @@ impl<'a> Supervisor<'a> {
     /// Starts every node and supervises the run until every node is gone.
     pub fn run(mut self) -> Result<Supervised> {
         for i in 0..self.nodes.len() {
-            self.start(i, false)?;
+            if self.nodes[i].at_launch {
+                self.start(i, false)?;
+            }
         }
         loop {
             self.read_lines();
@@ -301,6 +305,7 @@ impl<'a> Supervisor<'a> {
             match line {
                 NodeLine::Ready { .. } => self.slots[i].ready = true,
                 NodeLine::Failed { error, .. } => self.slots[i].error = Some(error),
+                NodeLine::Notice { says, .. } => self.say(format!("{}: {says}", self.nodes[i].label(i))),
                 NodeLine::Progress(p) => {
                     let slot = &mut self.slots[i];
                     slot.ready = true;
@@ -329,9 +334,14 @@ impl<'a> Supervisor<'a> {
             self.say(rec.line());
             self.dir.record(&rec)?;
         }
-        for Order::Restart { index, after } in orders {
-            self.slots[index].restart_at =
-                Some((Instant::now() + after, self.nodes[index].role == Role::Peer));
+        for order in orders {
+            match order {
+                Order::Restart { index, after } => {
+                    self.slots[index].restart_at =
+                        Some((Instant::now() + after, self.nodes[index].role == Role::Peer));
+                }
+                Order::Join { index } => self.start(index, true)?,
+            }
         }
         Ok(())
     }
@@ -576,7 +586,7 @@ mod tests {
             .map(|i| {
                 let ndir = dir.join(i.to_string());
                 std::fs::create_dir_all(&ndir).unwrap();
-                Node { role: Role::Peer, config: ndir.join("peer.toml"), restart: None }
+                Node { role: Role::Peer, config: ndir.join("peer.toml"), restart: None, at_launch: true }
             })
             .collect()
     }

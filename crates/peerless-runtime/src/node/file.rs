@@ -4,6 +4,7 @@
 
 use std::path::{Path, PathBuf};
 
+use peerless_core::admission::MAX_PEERS;
 use serde::{Deserialize, Serialize};
 
 use crate::config::{ConfigError, RunConfig};
@@ -93,13 +94,13 @@ impl NodeFile {
     /// Checks the run's configuration and the node's index against it.
     pub fn validate(&self) -> Result<(), ConfigError> {
         self.run.validate()?;
-        let n = self.run.cluster.nodes;
-        // Index `peers` is the parameter server of a PS run.
-        if self.node.index > n && self.node.allow.is_empty() {
+        // Index `cluster.nodes` is the parameter server of a PS run; P2P peers that join a
+        // running run take the indices above it.
+        if self.node.index >= MAX_PEERS {
             return Err(ConfigError::Invalid {
                 key: "node.index".into(),
                 value: self.node.index.to_string(),
-                reason: format!("must be at most run.cluster.nodes = {n}"),
+                reason: format!("must be below {MAX_PEERS}"),
             });
         }
         Ok(())

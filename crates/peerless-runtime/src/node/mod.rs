@@ -125,6 +125,13 @@ pub enum NodeLine {
     },
     /// A round done.
     Progress(Progress),
+    /// Something the user should see in the launcher's output (a peer without a quorum).
+    Notice {
+        /// The node's index.
+        notice: PeerIdx,
+        /// What happened.
+        says: String,
+    },
 }
 
 /// One round done by a node (`NodeLine::Progress`).

@@ -121,13 +121,15 @@ impl Replica {
         Ok(())
     }
 
-    /// The full state at round `round`, for a peer that joins.
-    pub(crate) fn state(&self, round: u64) -> StateMsg {
+    /// The full state at round `round`, for a peer that joins, with the peers its next round
+    /// needs a quorum of.
+    pub(crate) fn state(&self, round: u64, base: Vec<u32>) -> StateMsg {
         StateMsg {
             round,
             digest: digest(&self.params),
             params: self.params.clone(),
             optimizer: self.optimizer.state(),
+            base,
         }
     }
 

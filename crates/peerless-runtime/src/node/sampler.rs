@@ -5,6 +5,16 @@
 //! The training set is split IID into one shard per initial peer. Peer `p`'s epoch `e` is a
 //! permutation of its shard drawn from `Rng::derive(seed, "p2p-order", p << 32 | e)`; round `r`
 //! uses the next `k` mini-batches of it. An epoch is as many rounds as the largest shard needs.
+//!
+//! A round's samples are the `k` batches of every shard, whoever is there to compute them:
+//! membership changes who computes which sample, never which samples a round trains on (so the
+//! global batch, and with it the learning rate, stays as configured). With take-over, the
+//! peers of the round's view share them evenly, to a sample: each keeps its own shard's samples
+//! up to its share, and the rest (those of shards whose owner is not in the view, and a
+//! starting member's beyond its share when joiners are there) are dealt in shard order to the
+//! members still short of theirs, by rank; each member computes its share as `k` batches. With
+//! every starting member there and no joiner, that is each peer's own `k` batches. Every peer
+//! computes the same deal from the same view.
 
 use peerless_core::protocol::PeerIdx;
 use peerless_core::rng::Rng;
@@ -50,22 +60,47 @@ impl Sampler {
             .collect()
     }
 
-    /// The batches `me` computes in `round` given the active `view`: its own, plus (with
-    /// `takeover`) a share of those of initial peers missing from the view: batch `j` of a
-    /// missing peer goes to the survivor of rank `j mod survivors`.
+    /// The batches `me` computes in `round` given the active `view` (sorted, `me` in it): its
+    /// own shard's alone without `takeover`; with it, its share of the deal (module docs).
     pub fn assignment(&self, me: PeerIdx, round: u64, view: &[PeerIdx], takeover: bool) -> Vec<Vec<u32>> {
-        let mut out = self.batches(me, round);
-        if takeover && !view.is_empty() {
-            let rank = view.iter().position(|&p| p == me).unwrap_or(0);
-            for gone in (0..self.shards.len() as u32).filter(|p| !view.contains(p)) {
-                for (j, b) in self.batches(gone, round).into_iter().enumerate() {
-                    if j % view.len() == rank {
-                        out.push(b);
+        let Some(rank) = view.iter().position(|&p| p == me).filter(|_| takeover) else {
+            return self.batches(me, round);
+        };
+        let per_shard = self.k * self.batch;
+        let total = self.shards.len() * per_shard;
+        let share = |r: usize| total / view.len() + usize::from(r < total % view.len());
+        // Each member keeps its own shard's samples up to its share; the rest go to the pool.
+        let mut kept = vec![0usize; view.len()];
+        let mut mine = Vec::new();
+        let mut pool = Vec::new();
+        for s in 0..self.shards.len() as u32 {
+            let owner = view.iter().position(|&p| p == s);
+            for (i, x) in self.batches(s, round).into_iter().flatten().enumerate() {
+                match owner {
+                    Some(r) if i < share(r) => {
+                        kept[r] += 1;
+                        if r == rank {
+                            mine.push(x);
+                        }
                     }
+                    _ => pool.push(x),
                 }
             }
         }
-        out
+        // The pool is dealt in order to the members short of their share, by rank.
+        let before: usize = (0..rank).map(|r| share(r) - kept[r]).sum();
+        mine.extend(pool.into_iter().skip(before).take(share(rank) - kept[rank]));
+        // In `k` batches (fewer if it has fewer samples), sizes differing by at most one.
+        let parts = self.k.min(mine.len());
+        let mut rest = mine.as_slice();
+        (0..parts)
+            .map(|j| {
+                let (batch, tail) =
+                    rest.split_at(rest.len() / (parts - j) + usize::from(rest.len() % (parts - j) > 0));
+                rest = tail;
+                batch.to_vec()
+            })
+            .collect()
     }
 }
 
@@ -91,18 +126,38 @@ mod tests {
         assert_ne!(s.batches(0, 0), s.batches(0, 5), "each epoch reshuffles");
     }
 
-    #[test]
-    fn takeover_covers_every_batch_of_the_missing_peers_exactly_once() {
-        let s = Sampler::new(1000, 4, 4, 10, 1);
-        let view = [0, 2];
-        let mut all: Vec<Vec<u32>> = Vec::new();
-        for &p in &view {
-            all.extend(s.assignment(p, 3, &view, true));
-        }
-        let mut expected: Vec<Vec<u32>> = (0..4).flat_map(|p| s.batches(p, 3)).collect();
+    /// Every sample of the round, from the assignments of every member of `view`.
+    fn dealt(s: &Sampler, view: &[PeerIdx], round: u64) -> Vec<u32> {
+        let mut all: Vec<u32> =
+            view.iter().flat_map(|&p| s.assignment(p, round, view, true)).flatten().collect();
         all.sort();
+        all
+    }
+
+    #[test]
+    fn any_view_computes_every_batch_of_the_round_exactly_once_in_even_shares() {
+        let s = Sampler::new(1000, 4, 3, 10, 1);
+        let mut expected: Vec<u32> = (0..4).flat_map(|p| s.batches(p, 3)).flatten().collect();
         expected.sort();
-        assert_eq!(all, expected);
-        assert_eq!(s.assignment(0, 3, &view, false), s.batches(0, 3));
+        let views: [&[PeerIdx]; 6] =
+            [&[0, 1, 2, 3], &[0, 2], &[1], &[0, 1, 2, 3, 4, 5], &[2, 3, 4, 5, 6], &[7, 9]];
+        for view in views {
+            assert_eq!(dealt(&s, view, 3), expected, "view {view:?}");
+            let samples: Vec<usize> =
+                view.iter().map(|&p| s.assignment(p, 3, view, true).iter().map(Vec::len).sum()).collect();
+            assert!(
+                samples.iter().max().unwrap() - samples.iter().min().unwrap() <= 1,
+                "{view:?}: {samples:?}"
+            );
+            assert!(view.iter().all(|&p| s.assignment(p, 3, view, true).len() <= 3), "k batches at most");
+        }
+        // With every starting member there and no joiner, each computes its own batches.
+        for p in 0..4 {
+            assert_eq!(s.assignment(p, 3, &[0, 1, 2, 3], true), s.batches(p, 3));
+        }
+        // A joiner (index 4) takes batches from the starting members, not only from the gone.
+        assert!(!s.assignment(4, 3, &[0, 1, 2, 3, 4], true).is_empty());
+        // Without take-over, a peer computes its own batches whatever the view.
+        assert_eq!(s.assignment(0, 3, &[0, 2], false), s.batches(0, 3));
     }
 }

@@ -46,7 +46,6 @@ pub(super) struct Links {
 }
 
 impl Links {
-    /// Links to the peers at `bootstrap` (multiaddrs).
     /// Links to the peers at `bootstrap` (multiaddrs) that detect a silent peer within
     /// `detection_ms`.
     pub(super) fn new(bootstrap: &[String], detection_ms: u64) -> Result<Links, NodeError> {

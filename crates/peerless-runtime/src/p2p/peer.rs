@@ -18,8 +18,9 @@ use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
+use peerless_core::admission::MAX_PEERS;
 use peerless_core::flat::digest;
-use peerless_core::p2p::{Action, Input, Round, RoundConfig, Start};
+use peerless_core::p2p::{Action, EventKind, Input, Round, RoundConfig, Start};
 use peerless_core::protocol::{DeadlinePolicy, PeerIdx};
 use peerless_core::wire::{Message, StateMsg};
 use tokio::sync::watch;
@@ -41,7 +42,8 @@ pub async fn run(
 ) -> Result<NodeSummary, NodeError> {
     let cluster = &file.run.cluster;
     let plan = NetPlan {
-        members: members(&file, cluster.nodes, vec![peerless_core::admission::Role::Peer])?,
+        // Peers beyond the starting members join while the run trains.
+        members: members(&file, MAX_PEERS, vec![peerless_core::admission::Role::Peer])?,
         request_timeout: Duration::from_millis(3 * cluster.deadline_ceiling_ms + cluster.start_timeout_ms),
     };
     let mut node = Node::open(file, data_dir, plan)?;
@@ -91,7 +93,9 @@ impl Peer {
     /// gradient work and round machine. Prints the ready line.
     async fn start(node: &mut Node, command: FunctionCommand) -> Result<Peer, NodeError> {
         let (replica, resumed) = Replica::open(node)?;
-        let start = match (resumed, node.file.node.join) {
+        // A peer beyond the starting members always joins a running run.
+        let join = node.file.node.join || node.me >= node.file.run.cluster.nodes;
+        let start = match (resumed, join) {
             (Some(round), true) => Start::Join { own: Some(round) },
             (Some(round), false) => Start::Fresh { round },
             (None, true) => Start::Join { own: None },
@@ -154,7 +158,7 @@ impl Peer {
                 self.replica.checkpoint(node, round, round / node.rpe)?;
                 node.event(NodeEvent::Checkpoint { round });
             }
-            Action::ServeState { to, round } => self.serve_state(node, round, &to),
+            Action::ServeState { to, round, base } => self.serve_state(node, round, base, &to),
             Action::RefuseState { to, reason } => {
                 self.links.answer_state(&mut node.net, to, &Message::Refused { reason })
             }
@@ -172,7 +176,17 @@ impl Peer {
             Action::AnnounceFinal { round, digest, to } => {
                 self.announce(node, &Message::Final { round, digest }, &to)
             }
-            Action::Event(e) => node.machine_event(&e),
+            Action::Event(e) => {
+                node.machine_event(&e);
+                if let EventKind::NoQuorum { round, contributors, base } = &e.kind {
+                    let says = format!(
+                        "no quorum at round {round}: its side has {contributors:?} of the last rounds' contributors \
+                         {base:?}; it waits for a majority of them (or the side that has one)"
+                    );
+                    tracing::warn!(peer = node.me, "{says}");
+                    NodeLine::Notice { notice: node.me, says }.print();
+                }
+            }
             Action::Finalize { .. } => fed_back.push(Input::FinalDigest(digest(&self.replica.params))),
             Action::Finished { round } => {
                 self.completed = true;
@@ -270,8 +284,8 @@ impl Peer {
     }
 
     /// Serves the state at `round` to the peers that asked for it.
-    fn serve_state(&mut self, node: &mut Node, round: u64, to: &[PeerIdx]) {
-        let msg = frame(&Message::State(self.replica.state(round)));
+    fn serve_state(&mut self, node: &mut Node, round: u64, base: Vec<PeerIdx>, to: &[PeerIdx]) {
+        let msg = frame(&Message::State(self.replica.state(round, base)));
         for &p in to {
             self.links.answer_state_bytes(&mut node.net, p, msg.clone());
             node.event(NodeEvent::ServedState { to: p, round });

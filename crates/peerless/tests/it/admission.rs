@@ -3,34 +3,9 @@
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use crate::{peerless, run, summary};
-
-fn events(path: &Path) -> Vec<serde_json::Value> {
-    std::fs::read_to_string(path)
-        .unwrap_or_default()
-        .lines()
-        .filter_map(|l| serde_json::from_str(l).ok())
-        .collect()
-}
-
-fn peer_round(run: &Path, i: u32) -> u64 {
-    let text = std::fs::read_to_string(run.join(format!("peers/{i}/metrics.csv"))).unwrap_or_default();
-    text.lines().skip(1).filter_map(|l| l.split(',').nth(2)?.parse().ok()).max().unwrap_or(0)
-}
-
-fn wait_for(what: &str, timeout: Duration, mut f: impl FnMut() -> bool) {
-    let t = Instant::now();
-    while !f() {
-        assert!(t.elapsed() < timeout, "timed out waiting for {what}");
-        std::thread::sleep(Duration::from_millis(20));
-    }
-}
-
-fn digests(s: &serde_json::Value) -> Vec<String> {
-    s["param_digests"].as_array().unwrap().iter().map(|d| d[1].as_str().unwrap().to_owned()).collect()
-}
+use crate::{digests, events, peer_round, peerless, run, summary, wait_for};
 
 /// A 3-peer digits run with deadlines long enough that no peer misses one (so the digest
 /// depends on nothing but the seed).
@@ -55,7 +30,7 @@ fn finish(child: Child) {
 }
 
 /// `peerless keygen --out FILE`: the peer id it printed.
-fn keygen(out: &Path) -> String {
+pub(crate) fn keygen(out: &Path) -> String {
     let o = run(peerless().args(["keygen", "--out"]).arg(out));
     assert!(o.status.success());
     String::from_utf8(o.stdout).unwrap().trim().to_owned()
@@ -259,7 +234,7 @@ fn keygen_refuses_to_overwrite_and_admit_names_what_is_wrong() {
 }
 
 /// Node `dir`'s first listening address, from its events.
-fn listening(dir: &Path) -> String {
+pub(crate) fn listening(dir: &Path) -> String {
     let mut addr = String::new();
     wait_for("a listening address", Duration::from_secs(60), || {
         let ev = events(&dir.join("events.jsonl"));

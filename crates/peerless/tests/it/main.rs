@@ -9,6 +9,7 @@ mod byzantine;
 mod churn;
 mod compression;
 mod diloco;
+mod elastic;
 mod faults;
 mod function;
 mod gradient;
@@ -53,6 +54,40 @@ pub fn summary(dir: &Path) -> serde_json::Value {
 /// Asserts that a P2P run completed its rounds with identical replicas (`s`: its summary.json).
 pub fn assert_completed_and_agreed(s: &serde_json::Value) {
     assert_eq!((s["completed"].as_bool(), s["replicas_agree"].as_bool()), (Some(true), Some(true)), "{s}");
+}
+
+/// The JSON lines of an `events.jsonl` (missing: none).
+pub fn events(path: &Path) -> Vec<serde_json::Value> {
+    std::fs::read_to_string(path)
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| serde_json::from_str(l).ok())
+        .collect()
+}
+
+/// Rounds peer `i` of the launcher's run `run` has finished, from its metrics.
+pub fn peer_round(run: &Path, i: u32) -> u64 {
+    rounds_done(&run.join(format!("peers/{i}")))
+}
+
+/// Rounds the node writing to `dir` has finished, from its metrics.
+pub fn rounds_done(dir: &Path) -> u64 {
+    let text = std::fs::read_to_string(dir.join("metrics.csv")).unwrap_or_default();
+    text.lines().skip(1).filter_map(|l| l.split(',').nth(2)?.parse().ok()).max().unwrap_or(0)
+}
+
+/// Polls `f` every 20 ms until it holds; fails naming `what` after `timeout`.
+pub fn wait_for(what: &str, timeout: std::time::Duration, mut f: impl FnMut() -> bool) {
+    let t = std::time::Instant::now();
+    while !f() {
+        assert!(t.elapsed() < timeout, "timed out waiting for {what}");
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+}
+
+/// The peers' final parameter digests in a cluster summary.
+pub fn digests(s: &serde_json::Value) -> Vec<String> {
+    s["param_digests"].as_array().unwrap().iter().map(|d| d[1].as_str().unwrap().to_owned()).collect()
 }
 
 /// The data directory holding the real datasets, or `None` (test skipped) when `name` is not

@@ -169,8 +169,7 @@ fn start(hosts: &Hosts, dir: &Path, host: &Path, i: usize) -> Child {
 }
 
 fn node_round(host: &Path) -> u64 {
-    let text = std::fs::read_to_string(host.join("node/metrics.csv")).unwrap_or_default();
-    text.lines().skip(1).filter_map(|l| l.split(',').nth(2)?.parse().ok()).max().unwrap_or(0)
+    crate::rounds_done(&host.join("node"))
 }
 
 fn wait_all(nodes: &mut Nodes, timeout: Duration) {

@@ -2,31 +2,9 @@
 
 use std::path::Path;
 use std::process::{Child, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use crate::{peerless, real_data, run, summary};
-
-fn events(path: &Path) -> Vec<serde_json::Value> {
-    std::fs::read_to_string(path)
-        .unwrap_or_default()
-        .lines()
-        .filter_map(|l| serde_json::from_str(l).ok())
-        .collect()
-}
-
-/// Rounds a peer has finished, from its metrics.
-fn peer_round(run: &Path, i: u32) -> u64 {
-    let text = std::fs::read_to_string(run.join(format!("peers/{i}/metrics.csv"))).unwrap_or_default();
-    text.lines().skip(1).filter_map(|l| l.split(',').nth(2)?.parse().ok()).max().unwrap_or(0)
-}
-
-fn wait_for(what: &str, timeout: Duration, mut f: impl FnMut() -> bool) {
-    let t = Instant::now();
-    while !f() {
-        assert!(t.elapsed() < timeout, "timed out waiting for {what}");
-        std::thread::sleep(Duration::from_millis(20));
-    }
-}
+use crate::{digests, events, peer_round, peerless, real_data, run, summary, wait_for};
 
 fn launch(args: &[&str], out: &Path) -> Child {
     peerless()
@@ -56,10 +34,6 @@ fn pid_of(run: &Path, i: u32) -> u32 {
 
 fn kill9(pid: u32) {
     assert!(crate::signal(pid, rustix::process::Signal::KILL), "no process {pid} to kill");
-}
-
-fn digests(s: &serde_json::Value) -> Vec<String> {
-    s["param_digests"].as_array().unwrap().iter().map(|d| d[1].as_str().unwrap().to_owned()).collect()
 }
 
 #[test]
