@@ -41,9 +41,6 @@ pub(super) fn lay_out(cfg: &RunConfig, dir: &Path, faults: &[FaultSpec], arch: T
     let (injector, skipped) = Injector::new(faults, arch, n, nodes, proxy, cfg.seed);
     let attacks: Attacks = faults::attacks(faults, arch, n).into_iter().collect();
     let mut run = cfg.clone();
-    if run.cluster.secret.is_empty() {
-        run.cluster.secret = random_secret();
-    }
     let owner = owner(dir, &run)?;
     run.admission = owner.config.admission.clone();
     let ports = free_ports(nodes)?;
@@ -74,7 +71,13 @@ pub(super) fn lay_out(cfg: &RunConfig, dir: &Path, faults: &[FaultSpec], arch: T
                 attack: attacks.get(&i).copied(),
             };
             let config = ndir.join(format!("{}.toml", role.name()));
-            write_node_file(&config, NodeFile { node: section, run: run.clone() })?;
+            // Each node's embedded store has a password of its own, given only to its node (and
+            // by it to its functions); a configured one is kept.
+            let mut run = run.clone();
+            if run.cluster.secret.is_empty() {
+                run.cluster.secret = random_secret();
+            }
+            write_node_file(&config, NodeFile { node: section, run })?;
             let restart = (role == Role::Ps).then(|| Duration::from_millis(cfg.ps.restart_delay_ms));
             Ok(Node { role, config, restart, at_launch: !joins })
         })
@@ -187,8 +190,9 @@ mod tests {
             assert_eq!(w.node.bootstrap, std::slice::from_ref(&ps.listen), "worker {i} dials the PS");
             assert!(!w.node.progress);
         }
-        assert!(!files[0].run.cluster.secret.is_empty(), "a secret is drawn");
-        assert!(files.iter().all(|f| f.run.cluster.secret == files[0].run.cluster.secret));
+        assert!(files.iter().all(|f| !f.run.cluster.secret.is_empty()), "a secret is drawn");
+        let secrets: std::collections::BTreeSet<&str> = files.iter().map(|f| f.run.cluster.secret.as_str()).collect();
+        assert_eq!(secrets.len(), files.len(), "each node's store has its own password");
         assert!(!files[0].run.admission.run_id.is_empty(), "the launcher owns a run");
         assert!(
             files
