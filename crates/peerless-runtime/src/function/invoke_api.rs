@@ -171,7 +171,7 @@ impl Call {
     async fn run(self, state: &State) -> Resp {
         let Call { name, kind, tail, attempt, payload } = self;
         if let Some(a) = attempt {
-            return one_attempt(state, &name, &payload, a).await;
+            return one_attempt(state, name, payload, a).await;
         }
         let ctx = InvokeCtx::new("invoke-api", 0, state.seq.fetch_add(1, Ordering::Relaxed));
         match kind.as_str() {
@@ -200,18 +200,24 @@ impl Call {
     }
 }
 
-/// Runs attempt `a` of invoking `name` for peerless's own client; answers it whole.
-async fn one_attempt(state: &State, name: &str, payload: &Value, a: AttemptOf) -> Resp {
+/// Runs attempt `a` of invoking `name` for peerless's own client; answers it whole. The attempt
+/// runs in a task of its own, to its end even when the client goes away (a node killed
+/// mid-round): its instance then goes back to the pool warm instead of being killed with a
+/// cancelled attempt.
+async fn one_attempt(state: &State, name: String, payload: Value, a: AttemptOf) -> Resp {
+    let runtime = state.runtime.clone();
     let ctx = InvokeCtx::new(a.node, a.round, a.batch);
-    match state.runtime.serve_attempt(name, payload, &ctx, a.attempt).await {
-        Ok(done) => {
+    let task = tokio::spawn(async move { runtime.serve_attempt(&name, &payload, &ctx, a.attempt).await });
+    match task.await {
+        Ok(Ok(done)) => {
             let body = serde_json::to_vec(&done).expect("invariant: an attempt serializes");
             let id = ("x-amzn-requestid", done.invocation.request_id.clone());
             respond(StatusCode::OK, Bytes::from(body), &[id])
         }
-        Err(e @ super::InvokeError::RequestTooLarge { .. }) => {
+        Ok(Err(e @ super::InvokeError::RequestTooLarge { .. })) => {
             service_error(StatusCode::PAYLOAD_TOO_LARGE, "RequestEntityTooLargeException", &e.to_string())
         }
+        Ok(Err(e)) => service_error(StatusCode::INTERNAL_SERVER_ERROR, "ServiceException", &e.to_string()),
         Err(e) => service_error(StatusCode::INTERNAL_SERVER_ERROR, "ServiceException", &e.to_string()),
     }
 }
