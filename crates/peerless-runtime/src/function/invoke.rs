@@ -133,16 +133,6 @@ pub trait Invoker: Send + Sync + std::fmt::Debug {
         Ok(summary)
     }
 
-    /// How many idle (warm) instances of `function` the runtime behind this invoker holds now,
-    /// where it can tell (the local runtime, a function service); `None` otherwise.
-    fn warm_instances<'a>(
-        &'a self,
-        function: &'a str,
-    ) -> Pin<Box<dyn Future<Output = Option<usize>> + Send + 'a>> {
-        let _ = function;
-        Box::pin(async { None })
-    }
-
     /// Stops what the invoker runs locally (the local runtime kills its instances) and refuses
     /// later invocations where it can. Nothing to do for a remote service.
     fn shutdown(&self) -> Pin<Box<dyn Future<Output = ()> + Send + '_>> {
@@ -692,13 +682,6 @@ impl Invoker for LocalRuntime {
 
     fn shutdown(&self) -> Pin<Box<dyn Future<Output = ()> + Send + '_>> {
         Box::pin(LocalRuntime::shutdown(self))
-    }
-
-    fn warm_instances<'a>(
-        &'a self,
-        function: &'a str,
-    ) -> Pin<Box<dyn Future<Output = Option<usize>> + Send + 'a>> {
-        Box::pin(async move { Some(self.inner.pools.idle(function)) })
     }
 }
 

@@ -16,8 +16,7 @@
 //! and attempt number) runs that one attempt as the runtime would for that caller (same fault
 //! plan, same request id stream) and is answered 200 with the attempt as the runtime counted
 //! it ([`Attempted`](super::invoke::Attempted): outcome, answer or error document, ledger
-//! record, latency, injected fault), whatever its outcome. `GET /peerless/functions/{name}/idle`
-//! answers `{"idle": n}`: how many warm instances of the function wait in the pool.
+//! record, latency, injected fault), whatever its outcome.
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -35,7 +34,7 @@ use tokio::net::TcpListener;
 use tokio::task::{JoinHandle, JoinSet};
 
 use super::invoke::{Invocation, InvokeCtx, Invoker, LocalRuntime};
-use super::remote::{ATTEMPT_HEADER, AttemptOf, IDLE_PREFIX};
+use super::remote::{ATTEMPT_HEADER, AttemptOf};
 
 /// A running Invoke API server. Dropping it stops the server (not the runtime).
 #[derive(Debug)]
@@ -110,21 +109,10 @@ fn service_error(status: StatusCode, kind: &str, message: &str) -> Resp {
 }
 
 async fn handle(state: Arc<State>, req: Request<Incoming>) -> Result<Resp, Infallible> {
-    if let Some(name) = idle_query(&req) {
-        let idle = state.runtime.idle_instances(&crate::percent::decode(name));
-        return Ok(respond(StatusCode::OK, Bytes::from(json!({ "idle": idle }).to_string()), &[]));
-    }
     Ok(match Call::read(req).await {
         Ok(call) => call.run(&state).await,
         Err(refused) => refused.response(),
     })
-}
-
-/// The function whose idle instances `req` asks for (`GET /peerless/functions/{name}/idle`,
-/// peerless's own extension), if it does.
-fn idle_query(req: &Request<Incoming>) -> Option<&str> {
-    let rest = req.uri().path().strip_prefix(IDLE_PREFIX)?.strip_suffix("/idle")?;
-    (req.method() == Method::GET && !rest.is_empty() && !rest.contains('/')).then_some(rest)
 }
 
 /// A request refused before any invocation: the AWS service error to answer with.

@@ -38,10 +38,6 @@ use crate::config_error::ConfigError;
 /// The request header naming the one attempt a peerless client asks a function service for.
 pub(crate) const ATTEMPT_HEADER: &str = "x-peerless-attempt";
 
-/// Where a service answers how many idle instances of a function it holds
-/// (`GET /peerless/functions/{name}/idle` → `{"idle": n}`).
-pub(crate) const IDLE_PREFIX: &str = "/peerless/functions/";
-
 /// How much longer than an attempt's longest possible time the client waits, ms.
 const ANSWER_MARGIN_MS: u64 = 5_000;
 
@@ -211,69 +207,47 @@ impl Remote {
         self.record(Attempted { invocation: inv, latency_us: None, injected: false })
     }
 
-    /// Sends one attempt's request; the status and body of the answer, or why there is none.
-    /// Cancel-safe: dropping it closes the connection.
+    /// Sends one attempt's request on a connection of its own; the status and body of the
+    /// answer, or why there is none. Cancel-safe: dropping it closes the connection.
     async fn post(
         &self,
         function: &str,
         body: &Bytes,
         id: &AttemptOf,
     ) -> Result<(StatusCode, Bytes), String> {
+        let addr = self.inner.addr;
+        let stream = tokio::net::TcpStream::connect(addr)
+            .await
+            .map_err(|e| format!("connecting to the function service at {addr}: {e}"))?;
+        let _ = stream.set_nodelay(true);
+        let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+            .await
+            .map_err(|e| format!("function service at {addr}: {e}"))?;
         let path = format!("/2015-03-31/functions/{}/invocations", path_segment(function));
         let req = Request::post(path)
-            .header(header::HOST, self.inner.addr.to_string())
+            .header(header::HOST, addr.to_string())
             .header(header::CONTENT_TYPE, "application/json")
             .header(ATTEMPT_HEADER, id.encode())
             .body(Full::new(body.clone()))
             .map_err(|e| format!("building the request: {e}"))?;
-        exchange(self.inner.addr, req).await
-    }
-
-    /// How many idle instances of `function` the service holds; `None` when it does not say.
-    async fn idle(&self, function: &str) -> Option<usize> {
-        #[derive(serde::Deserialize)]
-        struct Idle {
-            idle: usize,
+        let exchange = async {
+            let resp =
+                sender.send_request(req).await.map_err(|e| format!("function service at {addr}: {e}"))?;
+            let status = resp.status();
+            let bytes = resp
+                .into_body()
+                .collect()
+                .await
+                .map_err(|e| format!("function service at {addr}: {e}"))?
+                .to_bytes();
+            Ok::<_, String>((status, bytes))
+        };
+        tokio::pin!(exchange, conn);
+        tokio::select! {
+            biased;
+            r = &mut exchange => r,
+            _ = &mut conn => exchange.await,
         }
-        let path = format!("{IDLE_PREFIX}{}/idle", path_segment(function));
-        let req = Request::get(path)
-            .header(header::HOST, self.inner.addr.to_string())
-            .body(Full::new(Bytes::new()))
-            .ok()?;
-        let wait = Duration::from_millis(self.inner.config.aws.connect_timeout_ms);
-        match tokio::time::timeout(wait, exchange(self.inner.addr, req)).await {
-            Ok(Ok((StatusCode::OK, bytes))) => serde_json::from_slice::<Idle>(&bytes).ok().map(|i| i.idle),
-            _ => None,
-        }
-    }
-}
-
-/// Sends `req` to `addr` on a connection of its own; the status and body of the answer, or why
-/// there is none. Cancel-safe: dropping it closes the connection.
-async fn exchange(addr: SocketAddr, req: Request<Full<Bytes>>) -> Result<(StatusCode, Bytes), String> {
-    let stream = tokio::net::TcpStream::connect(addr)
-        .await
-        .map_err(|e| format!("connecting to the function service at {addr}: {e}"))?;
-    let _ = stream.set_nodelay(true);
-    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
-        .await
-        .map_err(|e| format!("function service at {addr}: {e}"))?;
-    let answer = async {
-        let resp = sender.send_request(req).await.map_err(|e| format!("function service at {addr}: {e}"))?;
-        let status = resp.status();
-        let bytes = resp
-            .into_body()
-            .collect()
-            .await
-            .map_err(|e| format!("function service at {addr}: {e}"))?
-            .to_bytes();
-        Ok::<_, String>((status, bytes))
-    };
-    tokio::pin!(answer, conn);
-    tokio::select! {
-        biased;
-        r = &mut answer => r,
-        _ = &mut conn => answer.await,
     }
 }
 
@@ -298,13 +272,6 @@ impl Invoker for Remote {
 
     fn summary(&self) -> Summary {
         self.counters().summary()
-    }
-
-    fn warm_instances<'a>(
-        &'a self,
-        function: &'a str,
-    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = Option<usize>> + Send + 'a>> {
-        Box::pin(self.idle(function))
     }
 
     fn write_run_metrics(&self, dir: &std::path::Path) -> std::io::Result<Summary> {

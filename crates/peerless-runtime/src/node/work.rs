@@ -134,15 +134,6 @@ pub(crate) struct Job {
 }
 
 impl Job {
-    /// Whether the runtime behind the invoker already holds a warm instance for every
-    /// invocation of a round (a restarted node whose function service kept its instances):
-    /// then a warm-up would only take CPU from the node's rejoin.
-    async fn instances_already_warm(&self) -> bool {
-        let GradientBackend::Functions { runtime, .. } = &*self.backend else { return true };
-        let needed = self.batches.len().min(self.concurrency);
-        runtime.warm_instances("gradient").await.is_some_and(|n| n >= needed)
-    }
-
     /// Runs the round's work, starting it over (after 1 s, 2 s, …) when it failed as a whole,
     /// e.g. every invocation timed out on an overloaded machine. A failed attempt leaves
     /// nothing behind in the store, and invocations are idempotent per batch, so nothing is
@@ -574,9 +565,8 @@ pub(crate) struct Work {
 /// Starts warming `functions_per_node` function instances while the node sets itself up (a
 /// restarted peer fetches its state meanwhile): one invocation each on the node's first
 /// batches at the initial parameters, under keys of its own, its result dropped. Their cold
-/// starts (process, dataset and model caches) happen now rather than in the first round. None
-/// when the runtime already holds that many idle instances (a restarted node whose function
-/// service kept them). Returns the round template, whose work waits until the warm-up is over.
+/// starts (process, dataset and model caches) happen now rather than in the first round.
+/// Returns the round template, whose work waits until the warm-up is over.
 fn warm_up(template: Job, node: &Node) -> Job {
     let (done, warmed) = tokio::sync::watch::channel(false);
     let warm = Job {
@@ -587,11 +577,6 @@ fn warm_up(template: Job, node: &Node) -> Job {
     };
     tokio::spawn(async move {
         let t = Instant::now();
-        if warm.instances_already_warm().await {
-            tracing::info!("function instances already warm (kept by the function service): no warm-up");
-            let _ = done.send(true);
-            return;
-        }
         match warm.run().await {
             Ok(_) => tracing::debug!(ms = t.elapsed().as_millis() as u64, "function instances warmed up"),
             Err(e) => {

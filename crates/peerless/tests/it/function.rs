@@ -411,7 +411,6 @@ async fn a_remote_invoker_through_a_function_service_records_what_the_in_process
         }
     }
     assert!(served.idle_instances("echo") > 0, "the service kept its instance warm");
-    assert_eq!(remote.warm_instances("echo").await, Some(served.idle_instances("echo")));
     // The client leaves the service's instances alone; their owner stops them.
     remote.shutdown().await;
     assert!(served.idle_instances("echo") > 0);
