@@ -3,11 +3,12 @@
 //! warm when it restarts (as Lambda's warm pool outlives its caller).
 //!
 //! They are started before the nodes; each prints the address it serves on, which is written
-//! into its node's file (`function.service_addr`). They are the launcher's children, not the
-//! nodes': a node's death leaves its service running. [`Services`] stops them when it is
-//! dropped, so whatever ends the run (its end, Ctrl-C, a failure, an error of the launcher)
-//! leaves none behind; started with `PEERLESS_LAUNCHED=1`, each also dies with the launcher
-//! (`PR_SET_PDEATHSIG`), and its instances with it (their Runtime API goes away).
+//! into its node's file (`function.service_addr`; cleared when they stop). They are the
+//! launcher's children, not the nodes': a node's death leaves its service running.
+//! [`Services`] stops them when it is dropped, so whatever ends the run (its end, Ctrl-C, a
+//! failure, an error of the launcher) leaves none behind; started with `PEERLESS_LAUNCHED=1`,
+//! each also dies with the launcher (`PR_SET_PDEATHSIG`), and its instances with it (their
+//! Runtime API goes away).
 
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
@@ -32,6 +33,9 @@ const STOP_TIMEOUT: Duration = Duration::from_secs(3);
 #[derive(Debug, Default)]
 pub(super) struct Services {
     children: Vec<Child>,
+    /// The node files pointed at a service: pointed back at none when the services stop, so
+    /// a node started by hand from one later runs its instances itself.
+    pointed: Vec<PathBuf>,
 }
 
 /// What a service prints once it serves.
@@ -75,6 +79,7 @@ impl Services {
                 .with_context(|| format!("the function service of {} said {line:?}", node.config.display()))?
                 .listening;
             point_at(&node.config, &addr)?;
+            services.pointed.push(node.config.clone());
             tracing::debug!(node = %node.config.display(), %addr, "function service ready");
         }
         Ok(services)
@@ -98,6 +103,11 @@ impl Drop for Services {
                 let _ = c.kill();
             }
             let _ = c.wait();
+        }
+        for config in &self.pointed {
+            if let Err(e) = point_at(config, "") {
+                tracing::warn!(config = %config.display(), error = %e, "cannot clear function.service_addr");
+            }
         }
     }
 }
@@ -136,7 +146,7 @@ fn spawn(exe: &Path, config: &Path) -> Result<(Child, mpsc::Receiver<String>)> {
     Ok((child, rx))
 }
 
-/// Writes `addr` into the node file `config` as its `function.service_addr`.
+/// Writes `addr` into the node file `config` as its `function.service_addr` (empty: none).
 fn point_at(config: &Path, addr: &str) -> Result<()> {
     let mut file = NodeFile::load(config)?;
     file.run.function.service_addr = addr.to_owned();
