@@ -122,11 +122,16 @@ pub struct LauncherSection {
     /// this long afterwards (frozen, hung) is stopped: SIGTERM, then SIGKILL. Also how long
     /// Ctrl-C waits for the nodes to write their summaries before killing them. ms.
     pub grace_ms: u64,
+    /// With functions on the local backend, run each peer's or worker's function instances in
+    /// a function service of their own (`peerless function-service`), which the launcher
+    /// starts before the nodes and kills at the run's end, so that a restarted node finds its
+    /// instances warm. Off: the instances are children of the node and die with it.
+    pub function_services: bool,
 }
 
 impl Default for LauncherSection {
     fn default() -> Self {
-        LauncherSection { grace_ms: 15_000 }
+        LauncherSection { grace_ms: 15_000, function_services: true }
     }
 }
 

@@ -52,6 +52,11 @@ pub enum Command {
     /// which sets AWS_LAMBDA_RUNTIME_API and the other Lambda variables.
     #[command(hide = true)]
     Function,
+    /// Hold one node's function instances in a process of their own, serving AWS's Invoke API
+    /// on loopback, so that they stay warm when the node restarts (the launcher starts one per
+    /// node; a node uses it through `function.service_addr` or `--function-service`). Prints
+    /// `{"listening":"ADDR"}` once it serves.
+    FunctionService(FunctionServiceArgs),
     /// Invoke a function once on a local function runtime; prints the answer, then each
     /// attempt's ledger record (JSON lines).
     Invoke(Box<InvokeArgs>),
@@ -363,6 +368,27 @@ pub struct NodeArgs {
     /// Directory of IDX datasets (overrides `run.data.dir`).
     #[arg(long)]
     pub data_dir: Option<PathBuf>,
+    /// Invoke the functions through the function service at this address
+    /// (`peerless function-service`; overrides `function.service_addr`).
+    #[arg(long)]
+    pub function_service: Option<String>,
+}
+
+/// `peerless function-service`.
+#[derive(Debug, Args)]
+pub struct FunctionServiceArgs {
+    /// The node file of the node it serves (its `[function]` configuration, seed and index).
+    #[arg(long, required_unless_present = "run", conflicts_with_all = ["run", "index"])]
+    pub config: Option<PathBuf>,
+    /// The run file (`run.toml`), for a node started from the command line.
+    #[arg(long, requires = "index")]
+    pub run: Option<PathBuf>,
+    /// That node's index (its certificate's).
+    #[arg(long)]
+    pub index: Option<u32>,
+    /// The address to serve on (port 0: any free port).
+    #[arg(long, default_value = "127.0.0.1:0")]
+    pub listen: std::net::SocketAddr,
 }
 
 /// `peerless invoke`.

@@ -1,4 +1,5 @@
-//! `peerless function` (a function instance), `peerless invoke` and `peerless bench invoke`.
+//! `peerless function` (a function instance), `peerless function-service` (a node's instances
+//! in a process of their own), `peerless invoke` and `peerless bench invoke`.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -9,7 +10,7 @@ use peerless_runtime::function::{self, FunctionCommand, Handlers, InvokeCtx, Inv
 use serde::Serialize;
 use serde_json::Value;
 
-use crate::cli::{BenchInvokeArgs, InvokeArgs};
+use crate::cli::{BenchInvokeArgs, FunctionServiceArgs, InvokeArgs};
 
 /// The handlers a `peerless function` instance serves: register new functions here.
 pub fn handlers() -> Handlers {
@@ -32,6 +33,47 @@ pub fn run_function() -> Result<ExitCode> {
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().context("tokio runtime")?;
     rt.block_on(function::serve(handlers()))?;
     Ok(ExitCode::SUCCESS)
+}
+
+/// `peerless function-service`: node `index`'s function runtime (its `[function]`
+/// configuration, seeded as the node would seed it) behind the Invoke API on `--listen`, until
+/// SIGINT or SIGTERM; then its instances are killed. Started by a launcher
+/// (`PEERLESS_LAUNCHED`), it dies with the launcher, not with the node it serves.
+pub fn run_function_service(args: &FunctionServiceArgs) -> Result<ExitCode> {
+    if std::env::var_os("PEERLESS_LAUNCHED").is_some() {
+        peerless_runtime::node::die_with_parent().context("setting the parent-death signal")?;
+    }
+    let (run, index) = match (&args.config, &args.run, args.index) {
+        (Some(path), _, _) => {
+            let file = peerless_runtime::node::NodeFile::load(path)?;
+            (file.run, file.node.index)
+        }
+        (None, Some(path), Some(index)) => (peerless_runtime::config::RunConfig::load(path)?, index),
+        _ => bail!("a function service needs --config, or --run and --index"),
+    };
+    let mut config = run.function.clone();
+    config.service_addr.clear();
+    let seed = function::invoke::node_seed(run.seed, index);
+    let command = runtime_command()?;
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
+    rt.block_on(async move {
+        let runtime = LocalRuntime::start(config, command, seed)?;
+        let api = function::InvokeApi::bind(runtime.clone(), args.listen)
+            .await
+            .with_context(|| format!("serving on {}", args.listen))?;
+        tracing::info!(addr = %api.addr(), index, "function service ready");
+        println!("{}", serde_json::json!({ "listening": api.addr().to_string() }));
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+            .context("SIGTERM handler")?;
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => {}
+            _ = term.recv() => {}
+        }
+        drop(api);
+        runtime.shutdown().await;
+        tracing::info!("function service stopped");
+        Ok(ExitCode::SUCCESS)
+    })
 }
 
 fn load_config(path: Option<&PathBuf>) -> Result<function::Config> {

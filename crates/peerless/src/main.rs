@@ -65,6 +65,7 @@ fn run(command: Command) -> Result<ExitCode> {
         Command::Bench(BenchCommand::Memory(args)) => bench::memory::run_cli(args),
         Command::Bench(BenchCommand::Invoke(args)) => function_cmd::run_bench_invoke(args),
         Command::Function => function_cmd::run_function(),
+        Command::FunctionService(args) => function_cmd::run_function_service(&args),
         Command::Invoke(args) => function_cmd::run_invoke(*args),
         Command::Experiment(args) => experiment::run(*args),
         Command::Report { dir } => report::run_cli(&dir),

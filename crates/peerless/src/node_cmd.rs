@@ -38,6 +38,10 @@ fn serve(role: Role, args: NodeArgs, index: &mut Option<u32>) -> Result<ExitCode
     if args.join {
         file.node.join = true;
     }
+    if let Some(addr) = &args.function_service {
+        file.run.function.service_addr = addr.clone();
+        file.run.function.validate().context("--function-service")?;
+    }
     let data_dir = crate::common::data_dir(args.data_dir.as_deref().or(Some(&file.run.data.dir)));
     std::fs::create_dir_all(&file.node.dir)
         .with_context(|| format!("creating {}", file.node.dir.display()))?;

@@ -6,6 +6,8 @@
 //! - [`faults`] — signals on a schedule, and the loopback fault proxy.
 //! - [`churn`] — a `churn` fault's seeded stream of kills, stops and partitions.
 //! - `events` — [`ClusterEvent`], what the launcher records in the run's `events.jsonl`.
+//! - `services` — the nodes' function services, which keep their instances warm across a
+//!   node's restart; stopped when the run ends, whatever ends it.
 //! - `collect` — merges the nodes' files into the run directory; the cluster's summary.
 //! - `summary` — [`ClusterSummary`], [`NodeOutcome`], [`Exit`], [`Recovery`]: what the run
 //!   reports, read back by the report through the same types.
@@ -29,6 +31,7 @@ mod collect;
 mod events;
 pub mod faults;
 mod layout;
+mod services;
 mod summary;
 pub mod supervise;
 
@@ -88,7 +91,9 @@ pub fn run(
     let layout = layout::lay_out(cfg, dir.path(), faults, arch)?;
     record_start(cfg, dir, arch, &layout)?;
     let configs: Vec<PathBuf> = layout.nodes.iter().map(|n| n.config.clone()).collect();
+    let services = services::Services::start(cfg, &launcher.exe, &layout.nodes)?;
     let supervised = Supervisor::new(cfg, dir, layout.nodes, layout.injector, launcher).run()?;
+    drop(services);
     let mut recoveries = supervised.recoveries;
     for rec in &mut recoveries {
         rec.resumed_from_round = last_resume(&configs[rec.index]);

@@ -108,6 +108,12 @@ pub struct Config {
     pub prices: PriceTable,
     /// The `aws-lambda` backend's endpoint, region and function.
     pub aws: AwsConfig,
+    /// With the `local` backend: the address (`127.0.0.1:port`) of a function service
+    /// (`peerless function-service`) that holds this node's instances, invoked through its
+    /// Invoke API, so that warm instances outlive a restart of the node. Default empty: the
+    /// instances are children of the node itself. The launcher sets it per node when
+    /// `launcher.function_services` is on.
+    pub service_addr: String,
 }
 
 impl Default for Config {
@@ -126,6 +132,7 @@ impl Default for Config {
             faults: FaultConfig::default(),
             prices: PriceTable::default(),
             aws: AwsConfig::default(),
+            service_addr: String::new(),
         }
     }
 }
@@ -215,6 +222,22 @@ impl Config {
         self.prices.prices().map_err(|e| {
             invalid(&format!("prices.{}", e.key), e.value, "must be a finite, non-negative dollar amount")
         })?;
+        if !self.service_addr.is_empty() {
+            if self.backend != Service::Local {
+                return Err(invalid(
+                    "service_addr",
+                    &self.service_addr,
+                    "only the local backend has a function service",
+                ));
+            }
+            if self.service_addr.parse::<std::net::SocketAddr>().is_err() {
+                return Err(invalid(
+                    "service_addr",
+                    &self.service_addr,
+                    "must be an IP address and port, e.g. 127.0.0.1:9000",
+                ));
+            }
+        }
         if self.backend == Service::AwsLambda {
             if self.faults != FaultConfig::default() {
                 return Err(invalid(

@@ -49,7 +49,7 @@ impl InvokeCtx {
 }
 
 /// The result of an invocation (after retries).
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Invocation {
     /// How the last attempt ended.
     pub outcome: Outcome,
@@ -140,7 +140,16 @@ pub trait Invoker: Send + Sync + std::fmt::Debug {
     }
 }
 
-/// Starts the invoker `config.backend` names: the [`LocalRuntime`] running `command`, or
+/// The seed of node `index`'s function runtime in a run seeded `run_seed` (request ids,
+/// backoff jitter, fault plans), wherever that runtime lives: in the node, or in its function
+/// service.
+pub fn node_seed(run_seed: u64, index: u32) -> u64 {
+    run_seed ^ (u64::from(index) << 40)
+}
+
+/// Starts the invoker `config.backend` names: the [`LocalRuntime`] running `command` (or,
+/// with `service_addr` set, a [`Remote`](super::remote::Remote) client of the function
+/// service there, which runs one), or
 /// (built with the `aws-lambda` feature) [`AwsLambda`](super::aws::AwsLambda) on
 /// `config.aws`. `seed` drives request ids, backoff jitter and fault injection.
 ///
@@ -149,6 +158,10 @@ pub trait Invoker: Send + Sync + std::fmt::Debug {
 /// without the feature.
 pub fn start(config: Config, command: FunctionCommand, seed: u64) -> Result<Arc<dyn Invoker>, ConfigError> {
     match config.backend {
+        Service::Local if !config.service_addr.is_empty() => {
+            let _ = command;
+            Ok(Arc::new(super::remote::Remote::start(config, seed)?))
+        }
         Service::Local => Ok(Arc::new(LocalRuntime::start(config, command, seed)?)),
         #[cfg(feature = "aws-lambda")]
         Service::AwsLambda => {
@@ -335,10 +348,26 @@ impl LocalRuntime {
     ) -> Result<Invocation, InvokeError> {
         let body = Bytes::from(retry::request_body(function, &payload)?);
         let (config, seed) = (&self.inner.config, self.inner.seed);
-        retry::with_retries(config, seed, function, &ctx, max_retries, |attempt| {
-            self.attempt(function, &body, &ctx, attempt)
+        let (body, ctx) = (&body, &ctx);
+        retry::with_retries(config, seed, function, ctx, max_retries, |attempt| async move {
+            self.attempt(function, body, ctx, attempt).await.map(|a| a.invocation)
         })
         .await
+    }
+
+    /// Attempt number `attempt` of invoking `function` for `ctx`, with no retry: what a
+    /// function service ([`InvokeApi`](super::InvokeApi)) runs for a remote invoker that
+    /// retries on its side. Fault plans and request ids are those the same attempt would meet
+    /// in this process.
+    pub async fn serve_attempt(
+        &self,
+        function: &str,
+        payload: &Value,
+        ctx: &InvokeCtx,
+        attempt: u32,
+    ) -> Result<Attempted, InvokeError> {
+        let body = Bytes::from(retry::request_body(function, payload)?);
+        self.attempt(function, &body, ctx, attempt).await
     }
 
     /// One attempt; its record is in `attempts[0]` of the result.
@@ -348,7 +377,7 @@ impl LocalRuntime {
         body: &Bytes,
         ctx: &InvokeCtx,
         attempt: u32,
-    ) -> Result<Invocation, InvokeError> {
+    ) -> Result<Attempted, InvokeError> {
         let inner = &self.inner;
         let plan = inner.faults.plan(function, &ctx.node, ctx.round, ctx.batch, attempt);
         let (request_id, trace_id) = self.request_id(ctx, attempt);
@@ -356,13 +385,18 @@ impl LocalRuntime {
         if plan.fault == Fault::Throttle {
             tracing::debug!(function, request_id, "injected throttle");
             let rec = self.record(rec, None, true);
-            return Ok(finished(rec, Some(throttled(function, true)), None, None, 0));
+            return Ok(Attempted::new(
+                finished(rec, Some(throttled(function, true)), None, None, 0),
+                None,
+                true,
+            ));
         }
         let mut slot = match inner.pools.acquire(function) {
             Acquire::Closed => return Err(InvokeError::ShutDown),
             Acquire::Throttled => {
                 let rec = self.record(rec, None, false);
-                return Ok(finished(rec, Some(throttled(function, false)), None, None, 0));
+                let inv = finished(rec, Some(throttled(function, false)), None, None, 0);
+                return Ok(Attempted::new(inv, None, false));
             }
             Acquire::Slot(s) => s,
         };
@@ -399,7 +433,7 @@ impl LocalRuntime {
         let injected = plan.fault != Fault::None || plan.slow_cold_start_ms > 0 && cold;
         let rec = self.record(rec, Some(total_us), injected);
         tracing::debug!(function, "{}", report_line(&rec, duration_us).trim_end());
-        Ok(finished(rec, error, response, pid, duration_us))
+        Ok(Attempted::new(finished(rec, error, response, pid, duration_us), Some(total_us), injected))
     }
 
     /// Starts a fresh instance of `function`; `Err` when its program cannot be run at all.
@@ -433,13 +467,13 @@ impl LocalRuntime {
         outcome: Outcome,
         fe: FunctionError,
         init_us: u64,
-    ) -> Invocation {
+    ) -> Attempted {
         rec.cold_start = true;
         rec.init_us = init_us;
         self.bill(&mut rec, outcome, init_us);
         tracing::warn!(function = rec.function, request_id = rec.request_id, error = %fe, "instance failed to initialise");
         let rec = self.record(rec, Some(init_us), false);
-        finished(rec, Some(fe), None, None, 0)
+        Attempted::new(finished(rec, Some(fe), None, None, 0), Some(init_us), false)
     }
 
     /// Sets how the attempt `rec` records ended, and charges it for `us` µs.
@@ -472,6 +506,24 @@ impl LocalRuntime {
             expected: self.inner.pools.expected(function),
             shutdown: self.inner.shutdown.subscribe(),
         }
+    }
+}
+
+/// One attempt as the runtime counted it: its invocation (one record), and what the
+/// [`Summary`] counts besides the record. A remote invoker counts the same from it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Attempted {
+    /// The attempt's invocation; `attempts` holds its one record.
+    pub invocation: Invocation,
+    /// Its latency, cold start included, µs; `None` when it never reached an instance.
+    pub latency_us: Option<u64>,
+    /// Whether a fault was injected into it.
+    pub injected: bool,
+}
+
+impl Attempted {
+    fn new(invocation: Invocation, latency_us: Option<u64>, injected: bool) -> Attempted {
+        Attempted { invocation, latency_us, injected }
     }
 }
 

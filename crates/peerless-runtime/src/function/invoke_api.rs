@@ -10,6 +10,13 @@
 //! `REPORT` line ([`Report`](super::report::Report)) with the duration, billed duration, memory, max memory used and
 //! (after a cold start) init duration the local ledger recorded. So `peerless invoke` and the AWS SDK (with
 //! `endpoint_url`) can call local functions, and bill them as the local runtime does.
+//!
+//! One extension, for peerless's own client ([`Remote`](super::remote::Remote)), which
+//! retries on its side: a request with `X-Peerless-Attempt` (the invoking node, round, batch
+//! and attempt number) runs that one attempt as the runtime would for that caller (same fault
+//! plan, same request id stream) and is answered 200 with the attempt as the runtime counted
+//! it ([`Attempted`](super::invoke::Attempted): outcome, answer or error document, ledger
+//! record, latency, injected fault), whatever its outcome.
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -27,6 +34,7 @@ use tokio::net::TcpListener;
 use tokio::task::{JoinHandle, JoinSet};
 
 use super::invoke::{Invocation, InvokeCtx, Invoker, LocalRuntime};
+use super::remote::{ATTEMPT_HEADER, AttemptOf};
 
 /// A running Invoke API server. Dropping it stops the server (not the runtime).
 #[derive(Debug)]
@@ -133,6 +141,8 @@ struct Call {
     kind: String,
     /// `X-Amz-Log-Type: Tail`.
     tail: bool,
+    /// `X-Peerless-Attempt`: one attempt for peerless's own client.
+    attempt: Option<AttemptOf>,
     payload: Value,
 }
 
@@ -143,13 +153,26 @@ impl Call {
         let header = |k: &str| req.headers().get(k).and_then(|v| v.to_str().ok());
         let tail = header("x-amz-log-type").is_some_and(|v| v.eq_ignore_ascii_case("Tail"));
         let kind = header("x-amz-invocation-type").unwrap_or("RequestResponse").to_owned();
+        let attempt = match header(ATTEMPT_HEADER) {
+            Some(v) => Some(AttemptOf::decode(v).ok_or_else(|| {
+                Refused::new(
+                    StatusCode::BAD_REQUEST,
+                    "InvalidParameterValueException",
+                    "bad X-Peerless-Attempt",
+                )
+            })?),
+            None => None,
+        };
         let payload = payload(req.into_body()).await?;
-        Ok(Call { name, kind, tail, payload })
+        Ok(Call { name, kind, tail, attempt, payload })
     }
 
     /// Serves the call on `state`'s runtime, per its invocation type.
     async fn run(self, state: &State) -> Resp {
-        let Call { name, kind, tail, payload } = self;
+        let Call { name, kind, tail, attempt, payload } = self;
+        if let Some(a) = attempt {
+            return one_attempt(state, name, payload, a).await;
+        }
         let ctx = InvokeCtx::new("invoke-api", 0, state.seq.fetch_add(1, Ordering::Relaxed));
         match kind.as_str() {
             "DryRun" => respond(StatusCode::NO_CONTENT, Bytes::new(), &[]),
@@ -174,6 +197,28 @@ impl Call {
                 &format!("unknown X-Amz-Invocation-Type {other:?}"),
             ),
         }
+    }
+}
+
+/// Runs attempt `a` of invoking `name` for peerless's own client; answers it whole. The attempt
+/// runs in a task of its own, to its end even when the client goes away (a node killed
+/// mid-round): its instance then goes back to the pool warm instead of being killed with a
+/// cancelled attempt.
+async fn one_attempt(state: &State, name: String, payload: Value, a: AttemptOf) -> Resp {
+    let runtime = state.runtime.clone();
+    let ctx = InvokeCtx::new(a.node, a.round, a.batch);
+    let task = tokio::spawn(async move { runtime.serve_attempt(&name, &payload, &ctx, a.attempt).await });
+    match task.await {
+        Ok(Ok(done)) => {
+            let body = serde_json::to_vec(&done).expect("invariant: an attempt serializes");
+            let id = ("x-amzn-requestid", done.invocation.request_id.clone());
+            respond(StatusCode::OK, Bytes::from(body), &[id])
+        }
+        Ok(Err(e @ super::InvokeError::RequestTooLarge { .. })) => {
+            service_error(StatusCode::PAYLOAD_TOO_LARGE, "RequestEntityTooLargeException", &e.to_string())
+        }
+        Ok(Err(e)) => service_error(StatusCode::INTERNAL_SERVER_ERROR, "ServiceException", &e.to_string()),
+        Err(e) => service_error(StatusCode::INTERNAL_SERVER_ERROR, "ServiceException", &e.to_string()),
     }
 }
 

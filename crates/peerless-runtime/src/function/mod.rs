@@ -12,6 +12,9 @@
 //!   and [`write_run_metrics`](metrics::write_run_metrics), which leaves both in a run directory.
 //! - [`invoke_api`] — AWS's Invoke API (`POST /2015-03-31/functions/{name}/invocations`)
 //!   in front of a [`LocalRuntime`].
+//! - [`remote`] — [`Remote`](remote::Remote): the [`Invoker`] of a node whose instances live
+//!   in a function service (`peerless function-service`: a [`LocalRuntime`] behind an
+//!   [`InvokeApi`]), so that they outlive the node.
 //! - [`config`] — [`Config`] with Lambda's defaults and validation, and the backend choice.
 //! - [`report`] — Lambda's `REPORT` log line and the base64 log tail that carries it.
 //! - `aws` (feature `aws-lambda`) — [`AwsLambda`](aws::AwsLambda): the [`Invoker`] on AWS
@@ -38,6 +41,8 @@ pub mod invoke_api;
 pub mod metrics;
 #[cfg(feature = "drivers")]
 pub(crate) mod pool;
+#[cfg(feature = "drivers")]
+pub mod remote;
 pub mod report;
 #[cfg(feature = "drivers")]
 pub(crate) mod retry;
@@ -51,7 +56,7 @@ pub use handler::{HandlerError, HandlerFuture, Handlers, ServeError, serve};
 #[cfg(feature = "drivers")]
 pub use instance::FunctionCommand;
 #[cfg(feature = "drivers")]
-pub use invoke::{Invocation, InvokeCtx, InvokeError, InvokeFuture, Invoker, LocalRuntime, start};
+pub use invoke::{Attempted, Invocation, InvokeCtx, InvokeError, InvokeFuture, Invoker, LocalRuntime, start};
 #[cfg(feature = "drivers")]
 pub use invoke_api::InvokeApi;
 #[cfg(feature = "drivers")]

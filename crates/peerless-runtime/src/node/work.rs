@@ -504,9 +504,9 @@ impl GradientBackend {
         Ok(match cluster.compute {
             Compute::Local => GradientBackend::Local,
             Compute::Functions => {
-                let runtime =
-                    crate::function::start(run.function.clone(), command, run.seed ^ (u64::from(me) << 40))
-                        .map_err(|e| NodeError::Config(e.to_string()))?;
+                let seed = crate::function::invoke::node_seed(run.seed, me);
+                let runtime = crate::function::start(run.function.clone(), command, seed)
+                    .map_err(|e| NodeError::Config(e.to_string()))?;
                 let (embedded, store_url) = if cluster.store == "embedded" {
                     let h = EmbeddedServer::spawn(([127, 0, 0, 1], 0).into(), Some(cluster.secret.clone()))
                         .map_err(|e| NodeError::Network(format!("embedded store: {e}")))?;

@@ -101,6 +101,80 @@ fn a_killed_peer_restarted_by_the_schedule_rejoins_and_ends_with_the_others_mode
     assert_eq!(s["completed"], true, "{s}");
 }
 
+/// One peer's `ledger.csv` (`out/peers/<i>/`) as columns by name, one map a row.
+fn ledger(out: &Path, i: usize) -> Vec<std::collections::BTreeMap<String, String>> {
+    let text = std::fs::read_to_string(out.join(format!("peers/{i}/ledger.csv"))).unwrap();
+    let mut lines = text.lines();
+    let head: Vec<&str> = lines.next().unwrap().split(',').collect();
+    lines.map(|l| head.iter().map(|h| h.to_string()).zip(l.split(',').map(str::to_owned)).collect()).collect()
+}
+
+#[test]
+fn a_restarted_peer_invokes_the_warm_instances_its_function_service_kept() {
+    let tmp = tempfile::tempdir().unwrap();
+    let f = scenario(
+        tmp.path(),
+        "kill",
+        150,
+        "[[fault]]\nkind = \"kill\"\ntargets = [\"node:1\"]\nat_round = 30\nrestart_after_s = 0.5\n",
+    );
+    let out = tmp.path().join("run");
+    let ev = train(&f, "p2p", &out);
+    find(&ev, "fault_injected", "kill");
+    assert!(ev.iter().any(|e| e["event"] == "node_restart" && e["index"] == 1), "peer 1 was restarted");
+    assert!(ev.iter().any(|e| e["event"] == "synced" && e["peer"] == 1), "the restarted peer synced");
+    crate::assert_completed_and_agreed(&summary(&out));
+    let log = std::fs::read_to_string(out.join("peers/1/peer.log")).unwrap();
+    assert!(log.contains("invoking through the function service"), "peer 1 used its service");
+    let file = std::fs::read_to_string(out.join("peers/1/peer.toml")).unwrap();
+    assert!(file.contains("service_addr = \"\""), "the node file points at no service once the run is over");
+    // The restarted process's ledger: every attempt, its warm-up included, ran warm.
+    let restarted = ledger(&out, 1);
+    assert!(restarted.iter().any(|r| r["node"] == "peer1"), "the restarted peer computed rounds");
+    for r in &restarted {
+        assert_eq!((r["cold_start"].as_str(), r["init_us"].as_str()), ("false", "0"), "{r:?}");
+        assert_eq!(r["outcome"], "ok", "{r:?}");
+    }
+    let metrics: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("peers/1/function_metrics.json")).unwrap())
+            .unwrap();
+    assert_eq!(metrics["cold_starts"], 0, "{metrics}");
+    assert!(metrics["invocations"].as_u64() > Some(0) && metrics["max_memory_mb"].as_u64() > Some(0));
+    // A peer that was never restarted started its instances cold once, in its warm-up.
+    let cold: Vec<_> = ledger(&out, 0).into_iter().filter(|r| r["cold_start"] == "true").collect();
+    assert!(!cold.is_empty() && cold.iter().all(|r| r["node"] == "peer0-warm-up"), "{cold:?}");
+}
+
+#[test]
+fn function_faults_through_the_function_services_are_the_in_process_runtime_s() {
+    let tmp = tempfile::tempdir().unwrap();
+    let faults = "function.faults = { crash_rate = 0.1, throttle_rate = 0.05 }\n";
+    let mut runs = Vec::new();
+    for services in [true, false] {
+        let extra = format!("{faults}launcher.function_services = {services}\n");
+        let f = scenario(tmp.path(), &format!("services-{services}"), 40, &extra);
+        let out = tmp.path().join(format!("services-{services}"));
+        train(&f, "p2p", &out);
+        let s = summary(&out);
+        crate::assert_completed_and_agreed(&s);
+        // Which attempt of which batch met which outcome: the seeded fault plans.
+        let mut attempts: Vec<String> = (0..3)
+            .flat_map(|i| ledger(&out, i))
+            .map(|r| format!("{} {} {} {} {}", r["node"], r["round"], r["batch"], r["attempt"], r["outcome"]))
+            .collect();
+        attempts.sort();
+        let digests: Vec<String> =
+            s["per_peer"].as_array().unwrap().iter().map(|p| p["param_digest"].to_string()).collect();
+        runs.push((attempts, digests));
+    }
+    assert!(
+        runs[0].0.iter().any(|a| a.ends_with("crashed"))
+            && runs[0].0.iter().any(|a| a.ends_with("throttled"))
+    );
+    assert_eq!(runs[0].0, runs[1].0, "the same attempts met the same faults");
+    assert_eq!(runs[0].1, runs[1].1, "the same model");
+}
+
 #[test]
 fn a_killed_ps_is_restarted_and_the_recovery_is_recorded() {
     let tmp = tempfile::tempdir().unwrap();

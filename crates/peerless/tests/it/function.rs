@@ -374,6 +374,50 @@ async fn invoke_api_answers_like_aws() {
     assert_eq!(code, 204);
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_remote_invoker_through_a_function_service_records_what_the_in_process_runtime_does() {
+    let faults = FaultConfig { crash_rate: 0.3, throttle_rate: 0.2, ..FaultConfig::default() };
+    let cfg = Config::for_test().with_max_retries(3).with_faults(faults);
+    let local = runtime(cfg.clone());
+    let served = runtime(cfg.clone());
+    let api = InvokeApi::bind(served.clone(), "127.0.0.1:0".parse().unwrap()).await.unwrap();
+    let remote_cfg = Config { service_addr: api.addr().to_string(), ..cfg };
+    let remote = peerless_runtime::function::remote::Remote::start(remote_cfg, SEED).unwrap();
+    // What does not depend on timing: ids, attempts, outcomes, cold starts (one call at a time).
+    let key = |i: &peerless_runtime::function::Invocation| -> Vec<(String, u32, Outcome, bool)> {
+        i.attempts.iter().map(|a| (a.request_id.clone(), a.attempt, a.outcome, a.cold_start)).collect()
+    };
+    for b in 0..8 {
+        let ctx = InvokeCtx::new("peer0", 1, b);
+        let here = invoke(&local, "echo", json!({ "b": b }), ctx.clone()).await;
+        let there = bounded("invoking through the service", remote.invoke("echo", json!({ "b": b }), ctx))
+            .await
+            .expect("invocation ran");
+        assert_eq!((here.outcome, &here.response), (there.outcome, &there.response), "batch {b}");
+        assert_eq!(key(&here), key(&there), "batch {b}");
+    }
+    let (a, b) = (local.summary(), remote.summary());
+    assert!(a.faults_injected > 0 && a.retries > 0, "{a:?}");
+    let counts = |s: &peerless_runtime::function::Summary| {
+        (s.invocations, s.ok, s.retries, s.crashes, s.throttles, s.faults_injected, s.cold_starts)
+    };
+    assert_eq!(counts(&a), counts(&b));
+    assert_eq!(remote.ledger().len(), local.ledger().len());
+    // An answered invocation leaves its instance warm in the service's pool.
+    for b in 8.. {
+        let inv = remote.invoke("echo", json!({}), InvokeCtx::new("peer0", 1, b)).await.unwrap();
+        if inv.is_ok() {
+            break;
+        }
+    }
+    assert!(served.idle_instances("echo") > 0, "the service kept its instance warm");
+    // The client leaves the service's instances alone; their owner stops them.
+    remote.shutdown().await;
+    assert!(served.idle_instances("echo") > 0);
+    local.shutdown().await;
+    served.shutdown().await;
+}
+
 #[test]
 fn peerless_invoke_prints_the_answer_and_the_ledger_record() {
     let dir = tempfile::tempdir().unwrap();
