@@ -191,7 +191,8 @@ mod tests {
             assert!(!w.node.progress);
         }
         assert!(files.iter().all(|f| !f.run.cluster.secret.is_empty()), "a secret is drawn");
-        let secrets: std::collections::BTreeSet<&str> = files.iter().map(|f| f.run.cluster.secret.as_str()).collect();
+        let secrets: std::collections::BTreeSet<&str> =
+            files.iter().map(|f| f.run.cluster.secret.as_str()).collect();
         assert_eq!(secrets.len(), files.len(), "each node's store has its own password");
         assert!(!files[0].run.admission.run_id.is_empty(), "the launcher owns a run");
         assert!(
