@@ -164,7 +164,13 @@ fn a_restarted_peer_catches_up_from_a_live_peer_and_ends_with_the_same_digest() 
     assert!(synced["round"].as_u64().unwrap() >= before, "{synced} (peer 0 was at {before})");
     let ev0 = events(&out.join("peers/0/events.jsonl"));
     assert!(ev0.iter().any(|e| e["event"] == "peer_joined" && e["peer"] == 1));
-    assert!(ev0.iter().any(|e| e["event"] == "served_state" && e["to"] == 1));
+    // The peer it synced from served it (whichever live peer it reached first).
+    let from = synced["from"].as_u64().unwrap();
+    let served = events(&out.join(format!("peers/{from}/events.jsonl")));
+    assert!(
+        served.iter().any(|e| e["event"] == "served_state" && e["to"] == 1),
+        "peer {from} served the state"
+    );
 }
 
 #[test]
