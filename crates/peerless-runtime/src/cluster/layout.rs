@@ -137,10 +137,39 @@ fn write_node_file(path: &Path, file: NodeFile) -> Result<()> {
     std::fs::write(path, file.to_toml()).with_context(|| format!("writing {}", path.display()))
 }
 
+/// `n` loopback ports free now, below the kernel's ephemeral range: the nodes bind them only
+/// when they start, and a port the kernel hands out for `bind(…:0)` meanwhile (a function
+/// service's, an instance's Runtime API) can never be one of them. Ports of that range are
+/// the fallback when the range starts too low to leave room below it.
 fn free_ports(n: usize) -> Result<Vec<u16>> {
-    let listeners: Vec<TcpListener> =
-        (0..n).map(|_| TcpListener::bind("127.0.0.1:0")).collect::<std::io::Result<_>>()?;
-    listeners.iter().map(|l| Ok(l.local_addr()?.port())).collect()
+    let low = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|t| t.split_whitespace().next()?.parse::<u16>().ok())
+        .unwrap_or(32_768);
+    const FIRST: u16 = 10_000;
+    let mut held: Vec<TcpListener> = Vec::new();
+    if low > FIRST + 1_000 {
+        // Start at a point that differs between processes, so concurrent runs rarely try
+        // the same ports, then walk the range.
+        let span = u32::from(low - FIRST);
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.subsec_nanos());
+        let start = (std::process::id().wrapping_mul(2_654_435_761) ^ nanos) % span;
+        for k in 0..span {
+            if held.len() == n {
+                break;
+            }
+            let port = FIRST + ((start + k) % span) as u16;
+            if let Ok(l) = TcpListener::bind(("127.0.0.1", port)) {
+                held.push(l);
+            }
+        }
+    }
+    while held.len() < n {
+        held.push(TcpListener::bind("127.0.0.1:0")?);
+    }
+    held.iter().map(|l| Ok(l.local_addr()?.port())).collect()
 }
 
 fn random_secret() -> String {

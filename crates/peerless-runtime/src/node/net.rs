@@ -97,7 +97,11 @@ impl Net {
             .map_err(|e| NodeError::Network(e.to_string()))?;
         let listen: Multiaddr =
             file.node.listen.parse().map_err(|e| NodeError::Config(format!("node.listen: {e}")))?;
-        swarm.listen_on(listen).map_err(|e| NodeError::Network(format!("listen: {e}")))?;
+        // libp2p's error prints empty for an I/O error (a port in use): show its cause.
+        let shown = listen.to_string();
+        swarm
+            .listen_on(listen)
+            .map_err(|e| NodeError::Network(format!("cannot listen on {shown}: {e:?}")))?;
         let address = match file.node.external.as_str() {
             "" => None,
             a => Some(a.parse().map_err(|e| NodeError::Config(format!("node.external = {a:?}: {e}")))?),

@@ -166,7 +166,7 @@ async fn a_poisoned_in_store_sum_is_refused_and_the_round_redone_from_checked_gr
     let mut digests = Vec::new();
     for (name, store) in [("poisoned", server.url()), ("clean", "embedded".to_string())] {
         let config = tmp.path().join(format!("{name}.toml"));
-        std::fs::write(&config, format!("{calm}store = \"{store}\"\n")).unwrap();
+        std::fs::write(&config, format!("{calm}store = \"{store}\"\n[p2p]\ndetection_ms = 60000\n")).unwrap();
         let out = tmp.path().join(name);
         let mut cmd = crate::peerless();
         cmd.args(["train", "--arch", "p2p", "--config"]).arg(&config).args(args).arg("--out").arg(&out);

@@ -35,7 +35,7 @@ fn int8_and_top_k_send_a_fraction_of_the_bytes_and_p2p_equals_the_ps() {
         let out = tmp.path().join(c);
         std::fs::write(
             out.with_extension("toml"),
-            "[cluster]\ndeadline_floor_ms = 60000\ndeadline_ceiling_ms = 60000\n[p2p]\ntopk_fraction = 0.05\n",
+            "[cluster]\ndeadline_floor_ms = 60000\ndeadline_ceiling_ms = 60000\n[p2p]\ndetection_ms = 60000\ntopk_fraction = 0.05\n",
         )
         .unwrap();
         let (p2p, bytes) = compressed("p2p", c, &out);
@@ -55,5 +55,5 @@ fn int8_and_top_k_send_a_fraction_of_the_bytes_and_p2p_equals_the_ps() {
 
 #[test]
 fn a_compressing_peer_killed_and_restarted_ends_with_the_others_model() {
-    crate::faults::a_killed_peer_rejoins("p2p.compression = \"topk\"\np2p.topk_fraction = 0.05\n", 150, 40);
+    crate::faults::a_killed_peer_rejoins("p2p.compression = \"topk\"\np2p.topk_fraction = 0.05\n", 600, 40);
 }

@@ -40,7 +40,11 @@ fn totals(s: &serde_json::Value) -> (u64, u64) {
 fn local_steps_in_the_node_in_functions_and_under_a_ps_give_the_same_model() {
     let tmp = tempfile::tempdir().unwrap();
     let calm = tmp.path().join("calm.toml");
-    std::fs::write(&calm, "[cluster]\ndeadline_floor_ms = 60000\ndeadline_ceiling_ms = 60000\n").unwrap();
+    std::fs::write(
+        &calm,
+        "[cluster]\ndeadline_floor_ms = 60000\ndeadline_ceiling_ms = 60000\n[p2p]\ndetection_ms = 60000\n",
+    )
+    .unwrap();
     let local = diloco("p2p", "local", &tmp.path().join("local"), &calm);
     assert_eq!(local, diloco("p2p", "functions", &tmp.path().join("functions"), &calm), "node vs functions");
     assert_eq!(local, diloco("ps", "functions", &tmp.path().join("ps"), &calm), "P2P vs PS");
@@ -67,7 +71,8 @@ fn local_steps_in_the_node_in_functions_and_under_a_ps_give_the_same_model() {
 fn a_peer_killed_mid_inner_steps_rejoins_and_ends_with_the_others_model() {
     crate::faults::a_killed_peer_rejoins(
         "train.batch_size = 16\np2p.sync = \"diloco\"\np2p.inner_steps = 10\n",
-        40,
+        // Long enough that the others still train when it is back 0.5 s after the kill.
+        400,
         8,
     );
 }

@@ -79,7 +79,8 @@ fn a_killed_peer_restarted_by_the_schedule_rejoins_and_ends_with_the_others_mode
     let f = scenario(
         tmp.path(),
         "kill",
-        150,
+        // Long enough that the others still train when it is back 0.5 s after the kill.
+        600,
         "[[fault]]\nkind = \"kill\"\ntargets = [\"node:1\"]\nat_round = 30\nrestart_after_s = 0.5\n",
     );
     let out = tmp.path().join("run");
@@ -115,7 +116,8 @@ fn a_restarted_peer_invokes_the_warm_instances_its_function_service_kept() {
     let f = scenario(
         tmp.path(),
         "kill",
-        150,
+        // Long enough that the others still train when it is back 0.5 s after the kill.
+        600,
         "[[fault]]\nkind = \"kill\"\ntargets = [\"node:1\"]\nat_round = 30\nrestart_after_s = 0.5\n",
     );
     let out = tmp.path().join("run");

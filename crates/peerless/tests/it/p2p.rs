@@ -79,7 +79,11 @@ fn survivors_of_a_sigkilled_peer_continue_without_waiting_for_the_deadline() {
     // A 60 s deadline floor: a survivor that waited for the dead peer instead of dropping it
     // at once would show it in the round times and as a suspicion.
     let cfg = tmp.path().join("run.toml");
-    std::fs::write(&cfg, "[cluster]\ndeadline_floor_ms = 60000\ndeadline_ceiling_ms = 60000\n").unwrap();
+    std::fs::write(
+        &cfg,
+        "[cluster]\ndeadline_floor_ms = 60000\ndeadline_ceiling_ms = 60000\n[p2p]\ndetection_ms = 60000\n",
+    )
+    .unwrap();
     let child = peerless()
         .args(["train", "--config"])
         .arg(&cfg)
@@ -124,7 +128,11 @@ fn survivors_of_a_sigkilled_peer_continue_without_waiting_for_the_deadline() {
 /// for digest must not differ because a slow peer missed a deadline in one of them.
 fn calm_config(dir: &Path) -> String {
     let p = dir.join("calm.toml");
-    std::fs::write(&p, "[cluster]\ndeadline_floor_ms = 60000\ndeadline_ceiling_ms = 60000\n").unwrap();
+    std::fs::write(
+        &p,
+        "[cluster]\ndeadline_floor_ms = 60000\ndeadline_ceiling_ms = 60000\n[p2p]\ndetection_ms = 60000\n",
+    )
+    .unwrap();
     p.display().to_string()
 }
 
@@ -448,7 +456,8 @@ fn fetch_then_aggregate_computes_the_in_store_model_bit_for_bit_and_times_its_ga
     let tmp = tempfile::tempdir().unwrap();
     let calm = calm_config(tmp.path());
     let fetch = tmp.path().join("fetch.toml");
-    std::fs::write(&fetch, std::fs::read_to_string(&calm).unwrap() + "aggregation = \"fetch\"\n").unwrap();
+    let text = std::fs::read_to_string(&calm).unwrap().replace("[p2p]", "aggregation = \"fetch\"\n[p2p]");
+    std::fs::write(&fetch, text).unwrap();
     let args = ["--peers", "3", "--functions-per-peer", "4", "--rounds", "40", "--lr", "0.05", "--seed", "7"];
     let mut models = Vec::new();
     for (name, config) in [("in-store", calm.clone()), ("fetch", fetch.display().to_string())] {
