@@ -200,7 +200,8 @@ fn message(u: &mut Unstructured, limits: Limits) -> Result<Message> {
             let steps = u.arbitrary()?;
             let n = u.int_in_range(0..=9)?;
             let buffers = (0..n).map(|_| Ok((u.arbitrary()?, floats(u, limits)?))).collect::<Result<_>>()?;
-            let base: std::collections::BTreeSet<u32> = (0..u.int_in_range(0..=5)?).map(|_| u.arbitrary()).collect::<Result<_>>()?;
+            let base: std::collections::BTreeSet<u32> =
+                (0..u.int_in_range(0..=5)?).map(|_| u.arbitrary()).collect::<Result<_>>()?;
             Message::State(StateMsg {
                 round,
                 digest,
