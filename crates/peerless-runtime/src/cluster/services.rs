@@ -12,14 +12,14 @@
 
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::Child;
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 use rustix::process::Signal;
 
-use super::supervise::{Node, Role, signal};
+use super::supervise::{Node, Role, launched, signal};
 use crate::config::{Compute, RunConfig};
 use crate::function::Service;
 use crate::node::NodeFile;
@@ -120,18 +120,7 @@ fn log_path(config: &Path) -> PathBuf {
 /// Starts the service of the node whose file is `config`; its first stdout line arrives on
 /// the receiver (a thread drains the rest).
 fn spawn(exe: &Path, config: &Path) -> Result<(Child, mpsc::Receiver<String>)> {
-    let log_path = log_path(config);
-    let log = std::fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(&log_path)
-        .with_context(|| format!("opening {}", log_path.display()))?;
-    let mut cmd = Command::new(exe);
-    cmd.arg("function-service").arg("--config").arg(config).env("PEERLESS_LAUNCHED", "1");
-    if std::env::var_os("RUST_LOG").is_none() {
-        cmd.env("RUST_LOG", "info");
-    }
-    cmd.stdout(Stdio::piped()).stderr(Stdio::from(log)).stdin(Stdio::null());
+    let mut cmd = launched(exe, "function-service", config, &log_path(config))?;
     let mut child =
         cmd.spawn().with_context(|| format!("starting the function service of {}", config.display()))?;
     let out = child.stdout.take().expect("invariant: stdout is piped");

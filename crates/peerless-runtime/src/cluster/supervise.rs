@@ -528,25 +528,32 @@ impl<'a> Supervisor<'a> {
     }
 }
 
-fn spawn_node(exe: &Path, node: &Node, join: bool) -> Result<Child> {
-    let config = &node.config;
-    // A stale pid file must not be mistaken for the new process's.
-    let _ = std::fs::remove_file(config.with_file_name("pid"));
-    let log_path = node.log_path();
+/// `exe subcommand --config config`, as the launcher starts its processes: marked launched (it
+/// dies with the launcher), stdout piped, stderr appended to `log_path`, logging at `info`
+/// unless `RUST_LOG` says otherwise.
+pub(super) fn launched(exe: &Path, subcommand: &str, config: &Path, log_path: &Path) -> Result<Command> {
     let log = std::fs::OpenOptions::new()
         .create(true)
         .append(true)
-        .open(&log_path)
+        .open(log_path)
         .with_context(|| format!("opening {}", log_path.display()))?;
     let mut cmd = Command::new(exe);
-    cmd.arg(node.role.name()).arg("--config").arg(config).env("PEERLESS_LAUNCHED", "1");
-    if join {
-        cmd.arg("--join");
-    }
+    cmd.arg(subcommand).arg("--config").arg(config).env("PEERLESS_LAUNCHED", "1");
     if std::env::var_os("RUST_LOG").is_none() {
         cmd.env("RUST_LOG", "info");
     }
     cmd.stdout(Stdio::piped()).stderr(Stdio::from(log)).stdin(Stdio::null());
+    Ok(cmd)
+}
+
+fn spawn_node(exe: &Path, node: &Node, join: bool) -> Result<Child> {
+    let config = &node.config;
+    // A stale pid file must not be mistaken for the new process's.
+    let _ = std::fs::remove_file(config.with_file_name("pid"));
+    let mut cmd = launched(exe, node.role.name(), config, &node.log_path())?;
+    if join {
+        cmd.arg("--join");
+    }
     cmd.spawn().with_context(|| format!("starting the {} of {}", node.role.name(), config.display()))
 }
 
