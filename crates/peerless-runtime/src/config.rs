@@ -127,11 +127,16 @@ pub struct LauncherSection {
     /// starts before the nodes and kills at the run's end, so that a restarted node finds its
     /// instances warm. Off: the instances are children of the node and die with it.
     pub function_services: bool,
+    /// Put each node (and its function service) on a host of its own: a network namespace
+    /// with its own address, linked through a bridge, so that partitions and bandwidth caps
+    /// are made on real links (`ip link`, `tc … tbf`) instead of the loopback fault proxy.
+    /// Needs root and iproute2; `delay` faults need the proxy (this kernel has no `netem`).
+    pub netns: bool,
 }
 
 impl Default for LauncherSection {
     fn default() -> Self {
-        LauncherSection { grace_ms: 15_000, function_services: true }
+        LauncherSection { grace_ms: 15_000, function_services: true, netns: false }
     }
 }
 

@@ -108,6 +108,10 @@ pub enum BenchCommand {
     /// Warm invocation overhead of `echo` through the local function runtime against a direct
     /// in-process call, and cold-start time.
     Invoke(BenchInvokeArgs),
+    /// The same P2P run on uncapped links and on links capped at `--rate-mbit` (the fault
+    /// proxy, or `tc tbf` on hosts of their own with `--netns`), interleaved: each one's round
+    /// time split (compute / exchange / wait) and the capped ÷ uncapped ratios.
+    Link(BenchLinkArgs),
     /// Peak resident memory (and PSS) of a small P2P cluster's processes, per kind (peers,
     /// function instances), and the total, against the dataset's size on disk.
     Memory(BenchMemoryArgs),
@@ -245,6 +249,53 @@ pub struct TrainArgs {
     /// (the `p2p.topk_fraction` largest), with error feedback.
     #[arg(long, value_parser = parse_name::<CompressionName>)]
     pub compression: Option<CompressionName>,
+    /// `launcher.netns`: each node on a host of its own (a network namespace with its own
+    /// address, linked through a bridge); partitions and bandwidth caps on real links. Root
+    /// and iproute2 only.
+    #[arg(long)]
+    pub netns: bool,
+}
+
+/// `peerless bench link`.
+#[derive(Debug, Args)]
+pub struct BenchLinkArgs {
+    /// Peers.
+    #[arg(long, default_value_t = 3)]
+    pub peers: u32,
+    /// The cap on every peer's uplink and downlink, Mbit/s.
+    #[arg(long, default_value_t = 50.0)]
+    pub rate_mbit: f64,
+    /// Rounds per run.
+    #[arg(long, default_value_t = 60)]
+    pub rounds: u64,
+    /// Interleaved pairs of runs (uncapped, capped); the table shows medians.
+    #[arg(long, default_value_t = 1)]
+    pub passes: usize,
+    /// Each peer on a host of its own (network namespaces; root and iproute2), the cap made
+    /// by `tc … tbf` on both ends of its link; else by the loopback fault proxy.
+    #[arg(long)]
+    pub netns: bool,
+    /// Dataset [default: the embedded digits].
+    #[arg(long)]
+    pub dataset: Option<DatasetName>,
+    /// Gradient functions per peer.
+    #[arg(long, default_value_t = 1)]
+    pub functions_per_peer: u32,
+    /// `functions` or `local`.
+    #[arg(long, default_value = "functions", value_parser = parse_name::<Compute>)]
+    pub compute: Compute,
+    /// `p2p.sync`: `every-step` or `diloco`.
+    #[arg(long, value_parser = parse_name::<SyncMode>)]
+    pub sync: Option<SyncMode>,
+    /// `p2p.inner_steps` with `--sync diloco`.
+    #[arg(long)]
+    pub inner_steps: Option<u32>,
+    /// Directory for the runs (default: a temporary one).
+    #[arg(long)]
+    pub out: Option<PathBuf>,
+    /// Also write the results as JSON to this file.
+    #[arg(long)]
+    pub json: Option<PathBuf>,
 }
 
 /// `peerless bench p2p`.
@@ -463,4 +514,9 @@ pub struct ExperimentArgs {
     /// Directory of IDX datasets (passed to every run).
     #[arg(long)]
     pub data_dir: Option<PathBuf>,
+    /// Every run with each node on a host of its own (`peerless train --netns`): network
+    /// namespaces linked through a bridge, partitions and bandwidth caps on real links. Root
+    /// and iproute2 only.
+    #[arg(long)]
+    pub netns: bool,
 }

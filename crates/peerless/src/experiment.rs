@@ -118,7 +118,12 @@ pub fn run(args: ExperimentArgs) -> Result<ExitCode> {
     let mpath = out.join("experiment.json");
     std::fs::write(&mpath, serde_json::to_string_pretty(&manifest)?)
         .with_context(|| format!("writing {}", mpath.display()))?;
-    let outcomes = run_plan(&plan, &scenarios, &files, &exe, args.data_dir.as_deref());
+    if args.netns
+        && let Some(why) = peerless_runtime::cluster::netns::unavailable()
+    {
+        bail!("--netns: {why}");
+    }
+    let outcomes = run_plan(&plan, &scenarios, &files, &exe, args.data_dir.as_deref(), args.netns);
     let failed: Vec<String> = plan
         .iter()
         .zip(&outcomes)
@@ -217,6 +222,7 @@ fn run_plan(
     files: &[PathBuf],
     exe: &Path,
     data_dir: Option<&Path>,
+    netns: bool,
 ) -> Vec<Outcome> {
     let bar = ProgressBar::new(plan.len() as u64);
     bar.set_style(
@@ -231,7 +237,7 @@ fn run_plan(
         let outcome = if finished(&p.dir) {
             Outcome::Skipped
         } else {
-            run_one(exe, &files[p.scenario], s, p, data_dir)
+            run_one(exe, &files[p.scenario], s, p, data_dir, netns)
         };
         let line = match &outcome {
             Outcome::Done { accuracy, wall_s } => {
@@ -261,7 +267,14 @@ fn finished(dir: &Path) -> bool {
         .is_some_and(|v| !v["error"].is_string())
 }
 
-fn run_one(exe: &Path, file: &Path, s: &Scenario, p: &Planned, data_dir: Option<&Path>) -> Outcome {
+fn run_one(
+    exe: &Path,
+    file: &Path,
+    s: &Scenario,
+    p: &Planned,
+    data_dir: Option<&Path>,
+    netns: bool,
+) -> Outcome {
     // An unfinished directory from an interrupted run is started over.
     if p.dir.exists()
         && let Err(e) = std::fs::remove_dir_all(&p.dir)
@@ -291,6 +304,9 @@ fn run_one(exe: &Path, file: &Path, s: &Scenario, p: &Planned, data_dir: Option<
         .stderr(Stdio::from(log));
     if let Some(d) = data_dir {
         cmd.arg("--data-dir").arg(d);
+    }
+    if netns {
+        cmd.arg("--netns");
     }
     let mut child = match cmd.spawn() {
         Ok(c) => c,

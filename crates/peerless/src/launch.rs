@@ -22,8 +22,8 @@ pub fn launch(cfg: &RunConfig, dir: &mut RunDir, faults: &[FaultSpec]) -> Result
 
 /// A P2P run for a benchmark: as [`launch`], without the progress bar and the summary (the
 /// benchmark prints its own line per run).
-pub fn launch_quiet(cfg: &RunConfig, dir: &mut RunDir) -> Result<ExitCode> {
-    run(cfg, dir, &[], TrainArch::P2p, true)
+pub fn launch_quiet(cfg: &RunConfig, dir: &mut RunDir, faults: &[FaultSpec]) -> Result<ExitCode> {
+    run(cfg, dir, faults, TrainArch::P2p, true)
 }
 
 /// `peerless train --arch ps`: the parameter server and its workers.

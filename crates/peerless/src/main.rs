@@ -62,6 +62,7 @@ fn run(command: Command) -> Result<ExitCode> {
         Command::Data(cmd) => data_cmd::run(cmd),
         Command::Bench(BenchCommand::Step(args)) => bench::run_step(args),
         Command::Bench(BenchCommand::P2p(args)) => bench::p2p::run_cli(args),
+        Command::Bench(BenchCommand::Link(args)) => bench::link::run_cli(args),
         Command::Bench(BenchCommand::Memory(args)) => bench::memory::run_cli(args),
         Command::Bench(BenchCommand::Invoke(args)) => function_cmd::run_bench_invoke(args),
         Command::Function => function_cmd::run_function(),

@@ -240,6 +240,9 @@ impl TrainArgs {
         if let Some(c) = self.compression {
             cfg.p2p.compression = c;
         }
+        if self.netns {
+            cfg.launcher.netns = true;
+        }
         self.apply_schedule(cfg);
         Ok(())
     }

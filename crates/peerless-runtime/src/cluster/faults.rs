@@ -1,5 +1,6 @@
 //! Fault injection for the local cluster launcher: signals to node processes on a schedule,
-//! and a loopback fault proxy between nodes for partitions, delays and bandwidth caps.
+//! and network faults (partitions, delays, bandwidth caps) made by a loopback fault proxy
+//! between nodes, or, with nodes on hosts of their own ([`super::netns`]), on their links.
 //!
 //! A `churn` fault is a stream ([`super::churn::Stream`]): each of its draws becomes a `kill`,
 //! `stop` or `partition` of one node, injected and cleared like a hand-written one and
@@ -22,6 +23,7 @@ use std::time::{Duration, Instant};
 
 use super::churn::{Draw, Stream};
 use super::events::{ClusterEvent, FaultRecord};
+use super::netns::Hosts;
 use crate::config::TrainArch;
 use crate::scenario::{FaultKind, FaultSpec, NodeRef, resolve_target};
 use anyhow::{Context, Result};
@@ -212,13 +214,105 @@ async fn pipe(
     tokio::join!(read, write);
 }
 
-/// Whether any of `faults` needs the proxy.
-pub fn needs_proxy(faults: &[FaultSpec]) -> bool {
+/// Whether any of `faults` is a network fault (made by the proxy, or on the hosts' links).
+pub fn network_faults(faults: &[FaultSpec]) -> bool {
     faults.iter().any(|f| match f.kind {
         FaultKind::Partition | FaultKind::Delay | FaultKind::Bandwidth => true,
         FaultKind::Churn => f.churn_kinds().contains(&FaultKind::Partition),
         _ => false,
     })
+}
+
+/// Where a run's network faults are made.
+#[derive(Debug)]
+pub enum Net {
+    /// Nowhere: the run has no network fault.
+    None,
+    /// The loopback fault proxy, which every connection goes through.
+    Proxy(Proxy),
+    /// The links of the nodes' hosts (network namespaces), with the faults active on them.
+    Hosts {
+        /// The hosts.
+        hosts: Arc<Hosts>,
+        /// Active partitions: (fault id, the side cut off).
+        cuts: Vec<(usize, BTreeSet<usize>)>,
+        /// Active bandwidth caps: (fault id, nodes, Mbit/s).
+        caps: Vec<(usize, BTreeSet<usize>, f64)>,
+    },
+}
+
+impl Net {
+    /// The proxy, if that is where faults are made.
+    fn proxy(&self) -> Option<&Proxy> {
+        match self {
+            Net::Proxy(px) => Some(px),
+            _ => None,
+        }
+    }
+
+    /// Cuts `set` off from the other nodes (fault `id`).
+    fn cut(&mut self, id: usize, set: BTreeSet<usize>) {
+        match self {
+            Net::Proxy(px) => px.update(|s| s.cuts.push((id, set))),
+            Net::Hosts { cuts, .. } => {
+                cuts.push((id, set));
+                self.apply();
+            }
+            Net::None => {}
+        }
+    }
+
+    /// Caps the links of `set` at `mbit` (fault `id`).
+    fn cap(&mut self, id: usize, set: BTreeSet<usize>, mbit: f64) {
+        match self {
+            Net::Proxy(px) => px.update(|s| s.rates.push((id, set, mbit * 1e6 / 8.0))),
+            Net::Hosts { caps, .. } => {
+                caps.push((id, set, mbit));
+                self.apply();
+            }
+            Net::None => {}
+        }
+    }
+
+    /// Delays every message to or from `set` by `ms` (fault `id`; the proxy only).
+    fn delay(&mut self, id: usize, set: BTreeSet<usize>, ms: u64) {
+        if let Net::Proxy(px) = self {
+            px.update(|s| s.delays.push((id, set, ms)));
+        }
+    }
+
+    /// Lifts whatever fault `id` made.
+    fn clear(&mut self, id: usize) {
+        match self {
+            Net::Proxy(px) => px.update(|s| {
+                s.cuts.retain(|(f, _)| *f != id);
+                s.delays.retain(|(f, _, _)| *f != id);
+                s.rates.retain(|(f, _, _)| *f != id);
+            }),
+            Net::Hosts { cuts, caps, .. } => {
+                cuts.retain(|(f, _)| *f != id);
+                caps.retain(|(f, _, _)| *f != id);
+                self.apply();
+            }
+            Net::None => {}
+        }
+    }
+
+    /// Makes the hosts' links what the active faults say: the partitions, and each host's
+    /// lowest cap. A link that cannot be changed is logged (the run goes on).
+    fn apply(&self) {
+        let Net::Hosts { hosts, cuts, caps } = self else { return };
+        let sides: Vec<BTreeSet<usize>> = cuts.iter().map(|(_, s)| s.clone()).collect();
+        if let Err(e) = hosts.partition(&sides) {
+            tracing::warn!(error = %e, "cannot partition the hosts");
+        }
+        for i in 0..hosts.len() {
+            let cap = caps.iter().filter(|(_, s, _)| s.contains(&i)).map(|(_, _, r)| *r).reduce(f64::min);
+            if let Err(e) = hosts.cap(i, cap) {
+                tracing::warn!(host = i, error = %e, "cannot cap the host's link");
+            }
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -295,7 +389,7 @@ pub struct Injector {
     streams: Vec<Stream>,
     /// The next id of a drawn fault.
     next_id: usize,
-    proxy: Option<Proxy>,
+    net: Net,
     /// Current pid of each launcher node (`None` while it is down).
     pids: Arc<Mutex<Vec<Option<u32>>>>,
 }
@@ -312,7 +406,7 @@ impl Injector {
         arch: TrainArch,
         n: usize,
         nodes: usize,
-        proxy: Option<Proxy>,
+        net: Net,
         seed: u64,
     ) -> (Injector, Vec<Record>) {
         let mut skipped = Vec::new();
@@ -368,7 +462,7 @@ impl Injector {
             })
             .collect();
         let pids = Arc::new(Mutex::new(vec![None; nodes]));
-        (Injector { planned, streams, next_id: faults.len(), proxy, pids }, skipped)
+        (Injector { planned, streams, next_id: faults.len(), net, pids }, skipped)
     }
 
     /// Ends the churn streams: no more of their faults are drawn (the run's result is in);
@@ -377,9 +471,10 @@ impl Injector {
         self.streams.iter_mut().for_each(Stream::end);
     }
 
-    /// The proxy, to route node addresses through (if the schedule has network faults).
+    /// The proxy, to route node addresses through (if the schedule has network faults made
+    /// by it).
     pub fn proxy(&self) -> Option<&Proxy> {
-        self.proxy.as_ref()
+        self.net.proxy()
     }
 
     /// Records node `index`'s current process (or `None` when it exited).
@@ -520,12 +615,7 @@ impl Injector {
                 }
             }
             FaultKind::Straggle => stop = Some(self.straggle(&spec, &targets, &mut fields)),
-            FaultKind::Partition => {
-                let set: BTreeSet<usize> = targets.iter().map(|t| t.index).collect();
-                if let Some(px) = &self.proxy {
-                    px.update(|s| s.cuts.push((id, set)));
-                }
-            }
+            FaultKind::Partition => self.net.cut(id, targets.iter().map(|t| t.index).collect()),
             // The targets' node files carry the attack (see `attacks`); they start at this
             // round on their own.
             FaultKind::Byzantine => {
@@ -535,17 +625,13 @@ impl Injector {
                 let set: BTreeSet<usize> = targets.iter().map(|t| t.index).collect();
                 let ms = spec.delay_ms.unwrap_or(0);
                 fields.delay_ms = Some(ms);
-                if let Some(px) = &self.proxy {
-                    px.update(|s| s.delays.push((id, set, ms)));
-                }
+                self.net.delay(id, set, ms);
             }
             FaultKind::Bandwidth => {
                 let set: BTreeSet<usize> = targets.iter().map(|t| t.index).collect();
                 let mbit = spec.rate_mbit.unwrap_or(f64::INFINITY);
                 fields.rate_mbit = Some(mbit);
-                if let Some(px) = &self.proxy {
-                    px.update(|s| s.rates.push((id, set, mbit * 1e6 / 8.0)));
-                }
+                self.net.cap(id, set, mbit);
             }
             // A stream is never planned itself: its draws are (see `draw_due`).
             FaultKind::Churn => debug_assert!(false, "invariant: a churn fault is drawn, not injected"),
@@ -615,21 +701,7 @@ impl Injector {
                     self.signal(*t, Signal::CONT);
                 }
             }
-            FaultKind::Partition => {
-                if let Some(px) = &self.proxy {
-                    px.update(|s| s.cuts.retain(|(f, _)| *f != id));
-                }
-            }
-            FaultKind::Delay => {
-                if let Some(px) = &self.proxy {
-                    px.update(|s| s.delays.retain(|(f, _, _)| *f != id));
-                }
-            }
-            FaultKind::Bandwidth => {
-                if let Some(px) = &self.proxy {
-                    px.update(|s| s.rates.retain(|(f, _, _)| *f != id));
-                }
-            }
+            FaultKind::Partition | FaultKind::Delay | FaultKind::Bandwidth => self.net.clear(id),
             FaultKind::Kill
             | FaultKind::Straggle
             | FaultKind::Byzantine
@@ -712,7 +784,7 @@ mod tests {
         use std::os::unix::process::ExitStatusExt;
         let text = "[run]\ncluster.nodes = 3\n[[fault]]\nkind = \"churn\"\nevery_s = 1\ndown_s = 0.5\n";
         let faults = crate::scenario::Scenario::from_toml(text, "c.toml", "c").unwrap().faults;
-        let (mut inj, skipped) = Injector::new(&faults, TrainArch::P2p, 3, 3, None, 5);
+        let (mut inj, skipped) = Injector::new(&faults, TrainArch::P2p, 3, 3, Net::None, 5);
         assert!(skipped.is_empty());
         // Only peer 2 runs (a stand-in process): the first draw can only hit it.
         let mut victim = std::process::Command::new("sleep").arg("30").spawn().unwrap();
@@ -749,7 +821,7 @@ mod tests {
         let text = format!("[run]\ncluster.nodes = 3\n{stream}{stream}");
         let faults = crate::scenario::Scenario::from_toml(&text, "c.toml", "c").unwrap().faults;
         for seed in 0..8 {
-            let (mut inj, _) = Injector::new(&faults, TrainArch::P2p, 3, 3, None, seed);
+            let (mut inj, _) = Injector::new(&faults, TrainArch::P2p, 3, 3, Net::None, seed);
             let mut nodes: Vec<std::process::Child> =
                 (0..3).map(|_| std::process::Command::new("sleep").arg("30").spawn().unwrap()).collect();
             for (i, c) in nodes.iter().enumerate() {

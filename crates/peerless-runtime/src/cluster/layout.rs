@@ -1,17 +1,20 @@
 //! A cluster's layout on this machine: the nodes' files (`peer.toml`, `ps.toml`,
 //! `worker.toml`), their identities and admission certificates (the launcher is the run's
-//! owner), their loopback ports, the store secret, the fault schedule and who attacks.
+//! owner), their addresses (loopback ports, or hosts of their own with `launcher.netns`), the
+//! store secrets, the fault schedule and who attacks.
 
 use std::collections::BTreeMap;
 use std::io::Read;
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{Context, Result};
 use peerless_core::attack::Attack;
 
-use super::faults::{self, Injector, Proxy, Record};
+use super::faults::{self, Injector, Net, Proxy, Record};
+use super::netns::Hosts;
 use super::supervise::{Node, Role};
 use crate::admission::Run;
 use crate::config::{RunConfig, TrainArch};
@@ -29,6 +32,8 @@ pub(super) struct Layout {
     /// Faults whose target does not exist in this architecture.
     pub(super) skipped: Vec<Record>,
     pub(super) attacks: Attacks,
+    /// The nodes' hosts, with `launcher.netns` (node `i` on host `i`).
+    pub(super) hosts: Option<Arc<Hosts>>,
 }
 
 /// Lays out a run of `arch` in `dir` (`cfg.cluster.nodes` peers, or as many workers and a PS).
@@ -37,25 +42,39 @@ pub(super) fn lay_out(cfg: &RunConfig, dir: &Path, faults: &[FaultSpec], arch: T
     // A PS run's server is node n; a P2P run's joiners (started by `join` faults) follow the
     // starting peers.
     let nodes = if arch == TrainArch::Ps { n + 1 } else { n + faults::joiners(faults, arch, n).len() };
-    let proxy = if faults::needs_proxy(faults) { Some(Proxy::new()?) } else { None };
-    let (injector, skipped) = Injector::new(faults, arch, n, nodes, proxy, cfg.seed);
+    let hosts = if cfg.launcher.netns { Some(Arc::new(hosts(nodes, faults)?)) } else { None };
+    let net = match &hosts {
+        Some(h) if faults::network_faults(faults) => {
+            Net::Hosts { hosts: h.clone(), cuts: Vec::new(), caps: Vec::new() }
+        }
+        None if faults::network_faults(faults) => Net::Proxy(Proxy::new()?),
+        _ => Net::None,
+    };
+    let (injector, skipped) = Injector::new(faults, arch, n, nodes, net, cfg.seed);
     let attacks: Attacks = faults::attacks(faults, arch, n).into_iter().collect();
     let mut run = cfg.clone();
     let owner = owner(dir, &run)?;
     run.admission = owner.config.admission.clone();
-    let ports = free_ports(nodes)?;
+    let ports = if hosts.is_some() { Vec::new() } else { free_ports(nodes)? };
+    let listen = |i: usize| match &hosts {
+        Some(h) => h.multiaddr(i),
+        None => multiaddr(ports[i]),
+    };
     let nodes = (0..nodes)
         .map(|i| {
             let (role, ndir, bootstrap) = place(arch, n, i, dir);
             let joins = role == Role::Peer && i >= n;
             let bootstrap = bootstrap
                 .iter()
-                .map(|&j| dial_addr(injector.proxy(), i, j, ports[j]))
+                .map(|&j| match hosts {
+                    Some(_) => Ok(listen(j)),
+                    None => dial_addr(injector.proxy(), i, j, ports[j]),
+                })
                 .collect::<Result<_>>()?;
             let (identity, certificate) = credentials(&owner, &ndir, role, i as u32)?;
             let section = NodeSection {
                 index: i as u32,
-                listen: multiaddr(ports[i]),
+                listen: listen(i),
                 bootstrap,
                 allow: Vec::new(),
                 dir: ndir.clone(),
@@ -79,10 +98,23 @@ pub(super) fn lay_out(cfg: &RunConfig, dir: &Path, faults: &[FaultSpec], arch: T
             }
             write_node_file(&config, NodeFile { node: section, run })?;
             let restart = (role == Role::Ps).then(|| Duration::from_millis(cfg.ps.restart_delay_ms));
-            Ok(Node { role, config, restart, at_launch: !joins })
+            let netns = hosts.as_ref().map(|h| h.ns(i));
+            Ok(Node { role, config, restart, at_launch: !joins, netns })
         })
         .collect::<Result<_>>()?;
-    Ok(Layout { nodes, injector, skipped, attacks })
+    Ok(Layout { nodes, injector, skipped, attacks, hosts })
+}
+
+/// A host for each of `nodes` (`launcher.netns`); refused, naming the reason, when this
+/// machine cannot make them or a fault needs the loopback proxy.
+fn hosts(nodes: usize, faults: &[FaultSpec]) -> Result<Hosts> {
+    if faults.iter().any(|f| f.kind == crate::scenario::FaultKind::Delay) {
+        anyhow::bail!(
+            "launcher.netns: a `delay` fault needs the loopback fault proxy (this kernel has no \
+             netem to delay packets on a link); run it without --netns"
+        );
+    }
+    Hosts::new(nodes).context("launcher.netns: nodes on hosts of their own")
 }
 
 /// Node `i`'s role, directory and the nodes it dials, in a run of `arch` with `n` peers or

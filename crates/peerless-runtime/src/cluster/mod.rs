@@ -1,9 +1,13 @@
 //! A cluster on this machine, as `peerless train --arch p2p|ps` runs it: every node a real
-//! process on loopback, supervised, with the scenario's faults injected.
+//! process, on loopback or on a host of its own (`launcher.netns`), supervised, with the
+//! scenario's faults injected.
 //!
 //! - `layout` — the nodes' files, ports, run secret, fault schedule and attackers.
 //! - [`supervise`] — runs the node processes, restarts the PS, decides when the run ends.
-//! - [`faults`] — signals on a schedule, and the loopback fault proxy.
+//! - [`faults`] — signals on a schedule; network faults through the loopback fault proxy or
+//!   on the hosts' links.
+//! - [`netns`] — hosts of their own (`launcher.netns`): a network namespace per node, linked
+//!   through a bridge; partitions and bandwidth caps on those links.
 //! - [`churn`] — a `churn` fault's seeded stream of kills, stops and partitions.
 //! - `events` — [`ClusterEvent`], what the launcher records in the run's `events.jsonl`.
 //! - `services` — the nodes' function services, which keep their instances warm across a
@@ -31,6 +35,7 @@ mod collect;
 mod events;
 pub mod faults;
 mod layout;
+pub mod netns;
 mod services;
 mod summary;
 pub mod supervise;
@@ -92,8 +97,11 @@ pub fn run(
     record_start(cfg, dir, arch, &layout)?;
     let configs: Vec<PathBuf> = layout.nodes.iter().map(|n| n.config.clone()).collect();
     let services = services::Services::start(cfg, &launcher.exe, &layout.nodes)?;
+    // Held until the nodes and their services are gone; dropping it removes the hosts.
+    let hosts = layout.hosts;
     let supervised = Supervisor::new(cfg, dir, layout.nodes, layout.injector, launcher).run()?;
     drop(services);
+    drop(hosts);
     let mut recoveries = supervised.recoveries;
     for rec in &mut recoveries {
         rec.resumed_from_round = last_resume(&configs[rec.index]);

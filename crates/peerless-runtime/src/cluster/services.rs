@@ -60,7 +60,7 @@ impl Services {
         let served: Vec<&Node> = nodes.iter().filter(|n| n.role != Role::Ps).collect();
         let mut ready = Vec::with_capacity(served.len());
         for node in &served {
-            let (child, rx) = spawn(exe, &node.config)?;
+            let (child, rx) = spawn(exe, node)?;
             services.children.push(child);
             ready.push(rx);
         }
@@ -117,10 +117,11 @@ fn log_path(config: &Path) -> PathBuf {
     config.with_file_name("function-service.log")
 }
 
-/// Starts the service of the node whose file is `config`; its first stdout line arrives on
-/// the receiver (a thread drains the rest).
-fn spawn(exe: &Path, config: &Path) -> Result<(Child, mpsc::Receiver<String>)> {
-    let mut cmd = launched(exe, "function-service", config, &log_path(config))?;
+/// Starts the service of `node` (on its host, if it has one of its own); its first stdout
+/// line arrives on the receiver (a thread drains the rest).
+fn spawn(exe: &Path, node: &Node) -> Result<(Child, mpsc::Receiver<String>)> {
+    let config = &node.config;
+    let mut cmd = launched(exe, "function-service", config, &log_path(config), node.netns.as_deref())?;
     let mut child =
         cmd.spawn().with_context(|| format!("starting the function service of {}", config.display()))?;
     let out = child.stdout.take().expect("invariant: stdout is piped");

@@ -71,6 +71,8 @@ pub struct Node {
     pub restart: Option<Duration>,
     /// Started with the run (else by a `join` fault, when it is due).
     pub at_launch: bool,
+    /// The network namespace it runs in (`launcher.netns`), with its function service.
+    pub netns: Option<String>,
 }
 
 impl Node {
@@ -528,16 +530,30 @@ impl<'a> Supervisor<'a> {
     }
 }
 
-/// `exe subcommand --config config`, as the launcher starts its processes: marked launched (it
-/// dies with the launcher), stdout piped, stderr appended to `log_path`, logging at `info`
-/// unless `RUST_LOG` says otherwise.
-pub(super) fn launched(exe: &Path, subcommand: &str, config: &Path, log_path: &Path) -> Result<Command> {
+/// `exe subcommand --config config`, as the launcher starts its processes: in the network
+/// namespace `netns` if one is given (`ip netns exec` execs `exe`, so the process is the
+/// node's own), marked launched (it dies with the launcher), stdout piped, stderr appended to
+/// `log_path`, logging at `info` unless `RUST_LOG` says otherwise.
+pub(super) fn launched(
+    exe: &Path,
+    subcommand: &str,
+    config: &Path,
+    log_path: &Path,
+    netns: Option<&str>,
+) -> Result<Command> {
     let log = std::fs::OpenOptions::new()
         .create(true)
         .append(true)
         .open(log_path)
         .with_context(|| format!("opening {}", log_path.display()))?;
-    let mut cmd = Command::new(exe);
+    let mut cmd = match netns {
+        Some(ns) => {
+            let mut c = Command::new("ip");
+            c.args(["netns", "exec", ns]).arg(exe);
+            c
+        }
+        None => Command::new(exe),
+    };
     cmd.arg(subcommand).arg("--config").arg(config).env("PEERLESS_LAUNCHED", "1");
     if std::env::var_os("RUST_LOG").is_none() {
         cmd.env("RUST_LOG", "info");
@@ -550,7 +566,7 @@ fn spawn_node(exe: &Path, node: &Node, join: bool) -> Result<Child> {
     let config = &node.config;
     // A stale pid file must not be mistaken for the new process's.
     let _ = std::fs::remove_file(config.with_file_name("pid"));
-    let mut cmd = launched(exe, node.role.name(), config, &node.log_path())?;
+    let mut cmd = launched(exe, node.role.name(), config, &node.log_path(), node.netns.as_deref())?;
     if join {
         cmd.arg("--join");
     }
@@ -593,7 +609,13 @@ mod tests {
             .map(|i| {
                 let ndir = dir.join(i.to_string());
                 std::fs::create_dir_all(&ndir).unwrap();
-                Node { role: Role::Peer, config: ndir.join("peer.toml"), restart: None, at_launch: true }
+                Node {
+                    role: Role::Peer,
+                    config: ndir.join("peer.toml"),
+                    restart: None,
+                    at_launch: true,
+                    netns: None,
+                }
             })
             .collect()
     }
@@ -606,7 +628,8 @@ mod tests {
         let seen = Seen::default();
         let launcher =
             Launcher { exe: script(tmp.path(), body), show: &seen, interrupts: Arc::new(AtomicU32::new(0)) };
-        let (injector, _) = Injector::new(&[], crate::config::TrainArch::P2p, n, n, None, 1);
+        let (injector, _) =
+            Injector::new(&[], crate::config::TrainArch::P2p, n, n, crate::cluster::faults::Net::None, 1);
         let ran = Supervisor::new(&cfg, &mut dir, nodes(tmp.path(), n), injector, &launcher).run().unwrap();
         let said = seen.0.lock().unwrap().clone();
         (ran, said)

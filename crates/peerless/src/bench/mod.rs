@@ -13,6 +13,7 @@
 
 pub mod ddp;
 pub mod fixture;
+pub mod link;
 pub mod memory;
 pub mod p2p;
 pub mod sizes;

@@ -14,6 +14,7 @@ use peerless_ml::DatasetName;
 use peerless_runtime::config::{RunConfig, TrainArch};
 use peerless_runtime::node::transport as net;
 use peerless_runtime::rundir::RunDir;
+use peerless_runtime::scenario::FaultSpec;
 use serde::Serialize;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
@@ -75,16 +76,22 @@ pub(super) fn median(mut v: Vec<f64>) -> f64 {
     peerless_core::stats::median(&v).unwrap_or(f64::NAN)
 }
 
-/// Runs a cluster of `peers` for `rounds` rounds in the run directory `out` and reads its
-/// metrics.
-pub(super) fn cluster(base: &RunConfig, peers: u32, rounds: u64, out: &Path) -> Result<ClusterBench> {
+/// Runs a cluster of `peers` for `rounds` rounds with `faults` in the run directory `out` and
+/// reads its metrics.
+pub(super) fn cluster(
+    base: &RunConfig,
+    peers: u32,
+    rounds: u64,
+    out: &Path,
+    faults: &[FaultSpec],
+) -> Result<ClusterBench> {
     let mut cfg = base.clone();
     cfg.train.arch = TrainArch::P2p;
     cfg.cluster.nodes = peers;
     cfg.train.rounds = rounds;
     cfg.train.eval_every = rounds + 1;
     let mut rd = RunDir::create(out, &cfg)?;
-    if crate::launch::launch_quiet(&cfg, &mut rd)? != std::process::ExitCode::SUCCESS {
+    if crate::launch::launch_quiet(&cfg, &mut rd, faults)? != std::process::ExitCode::SUCCESS {
         anyhow::bail!("the run in {} was interrupted", out.display());
     }
     let s: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(out.join("summary.json"))?)?;
@@ -217,7 +224,7 @@ async fn tcp_exchange(bytes: usize, reps: usize) -> Result<Vec<f64>> {
 pub fn run(base: &RunConfig, rounds: u64, dir: &Path) -> Result<P2pBench> {
     let mut clusters = Vec::new();
     for peers in WORLDS {
-        let c = cluster(base, peers, rounds, &dir.join(format!("p{peers}")))?;
+        let c = cluster(base, peers, rounds, &dir.join(format!("p{peers}")), &[])?;
         eprintln!(
             "{peers} peers: {:.1} ms/round, {:.0} samples/s (steady)",
             c.round_ms, c.steady_samples_per_s

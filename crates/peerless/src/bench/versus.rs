@@ -180,7 +180,7 @@ fn peerless(
     let mut c = cfg.clone();
     c.cluster.compute = compute;
     let out = pass_dir.join(format!("{compute}-p{world}"));
-    let r = cluster(&c, world, rounds, &out).with_context(|| format!("peerless {compute} at {at}"))?;
+    let r = cluster(&c, world, rounds, &out, &[]).with_context(|| format!("peerless {compute} at {at}"))?;
     eprintln!(
         "{at}: peerless {} {:.2} ms/round, {:.0} samples/s",
         variant(compute),
@@ -225,7 +225,7 @@ fn median_of<T>(items: &[&T], f: impl Fn(&T) -> f64) -> f64 {
 }
 
 /// Field by field medians of peerless runs of one world size (at least one run).
-fn median_cluster(runs: &[&ClusterBench]) -> ClusterBench {
+pub(super) fn median_cluster(runs: &[&ClusterBench]) -> ClusterBench {
     let m = |f: fn(&ClusterBench) -> f64| median_of(runs, f);
     ClusterBench {
         peers: runs.first().map_or(0, |r| r.peers),
