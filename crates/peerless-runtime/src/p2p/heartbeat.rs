@@ -1,10 +1,34 @@
 //! Heartbeats between peers: when to send one, and which connected peer has been silent past
 //! the detection bound (a SIGSTOPped or cut-off process whose connection is still up). No I/O:
 //! the peer tells it what it heard and when, and sends what it asks for.
+//!
+//! The bound stretches with the link: on a slow or saturated link a heartbeat waits behind the
+//! gradients queued before it, so a live peer can be heard from only every few hundred ms. Each
+//! peer's bound is the configured one or [`STRETCH`] times the longest recent gap between
+//! hearing from it (that gap decays by half every [`GAP_HALF_LIFE_MS`]), whichever is longer.
+//! On a LAN the gaps are a heartbeat period, and the configured bound holds. A gap that was
+//! reported as silence is learned only when it is short (at most [`LEARN_LIMIT`] times the
+//! configured bound): a peer heard from again that soon was on a slow link, while a freeze or
+//! a partition lasts longer, and must not stretch the bound for the next one.
 
 use std::collections::{BTreeMap, BTreeSet};
 
 use peerless_core::protocol::PeerIdx;
+
+/// A peer is silent once it has been for this many times its longest recent gap.
+const STRETCH: u64 = 3;
+/// The longest recent gap halves every this many ms without a longer one.
+const GAP_HALF_LIFE_MS: f64 = 10_000.0;
+/// A gap reported as silence is learned when at most this many times the configured bound.
+const LEARN_LIMIT: u64 = 4;
+
+/// When a connected peer was last heard from, and the longest gap between hearings lately.
+#[derive(Debug, Clone, Copy)]
+struct Heard {
+    at: u64,
+    /// Decaying maximum of the gaps between hearings, ms.
+    gap_ms: f64,
+}
 
 /// Heartbeats of one peer, on the node's clock (ms).
 #[derive(Debug)]
@@ -13,8 +37,8 @@ pub(super) struct Heartbeats {
     period_ms: u64,
     /// Report a peer silent this long (so detection takes at most `period_ms` more).
     silence_ms: u64,
-    /// Connected peers and when each was last heard from.
-    heard: BTreeMap<PeerIdx, u64>,
+    /// Connected peers: when each was last heard from, and its recent gaps.
+    heard: BTreeMap<PeerIdx, Heard>,
     /// Peers reported silent and not heard from since.
     reported: BTreeSet<PeerIdx>,
     /// When the last beat was due.
@@ -53,8 +77,22 @@ impl Heartbeats {
 
     /// Something arrived from `p`, or a connection to it came up.
     pub(super) fn heard(&mut self, p: PeerIdx, now: u64) {
-        self.heard.insert(p, now);
-        self.reported.remove(&p);
+        let period = self.period_ms as f64;
+        let h = self.heard.entry(p).or_insert(Heard { at: now, gap_ms: period });
+        let gap = now.saturating_sub(h.at) as f64;
+        let decayed = h.gap_ms * 0.5f64.powf(gap / GAP_HALF_LIFE_MS);
+        let reported = self.reported.remove(&p);
+        h.gap_ms = if reported && gap > (LEARN_LIMIT * self.silence_ms) as f64 {
+            decayed.max(period)
+        } else {
+            decayed.max(gap).max(period)
+        };
+        h.at = now;
+    }
+
+    /// How long `h`'s peer may be silent before it is reported, ms.
+    fn bound(&self, h: &Heard) -> u64 {
+        self.silence_ms.max(STRETCH * h.gap_ms as u64)
     }
 
     /// When the next beat is due.
@@ -74,15 +112,15 @@ impl Heartbeats {
         if paused_ms.is_some() {
             // This process itself was paused (SIGSTOP, a stalled machine): everyone looks
             // silent for the same reason. Start counting afresh rather than blame the others.
-            for t in self.heard.values_mut() {
-                *t = now;
+            for h in self.heard.values_mut() {
+                h.at = now;
             }
         }
         let silent = self
             .heard
             .iter()
-            .filter(|(p, t)| now - **t >= self.silence_ms && !self.reported.contains(p))
-            .map(|(&p, &t)| (p, now - t))
+            .filter(|(p, h)| now - h.at >= self.bound(h) && !self.reported.contains(p))
+            .map(|(&p, h)| (p, now - h.at))
             .collect::<Vec<_>>();
         self.reported.extend(silent.iter().map(|(p, _)| *p));
         Some(Beat { to: self.heard.keys().copied().collect(), silent, paused_ms })
@@ -114,10 +152,47 @@ mod tests {
             t += 10;
         }
         assert!(reported_at.is_some_and(|r| r <= 250), "{reported_at:?}");
-        // Heard again: it can be reported again later.
-        h.heard(2, 610);
-        let again = (610..=900).step_by(50).filter_map(|t| h.beat(t)).flat_map(|b| b.silent);
+        // Heard again after a long silence: it is reported again within the bound.
+        h.heard(2, 2_000);
+        let again = (2_000..=2_300).step_by(50).filter_map(|t| h.beat(t)).flat_map(|b| b.silent);
         assert_eq!(again.filter(|(p, _)| *p == 2).count(), 1);
+    }
+
+    #[test]
+    fn on_a_slow_link_the_bound_stretches_to_the_gaps_seen_and_a_frozen_peer_is_still_found() {
+        let mut h = Heartbeats::new(250, 0);
+        h.heard(1, 0);
+        // Peer 1 is heard from every 400 ms (its beats wait behind gradients on a capped link);
+        // the first such gap is past the bound, the later ones are not.
+        let mut reports = Vec::new();
+        for t in (10..=6_000).step_by(10) {
+            if t % 400 == 0 {
+                h.heard(1, t);
+            }
+            reports.extend(h.beat(t).into_iter().flat_map(|b| b.silent).map(|(_, s)| (t, s)));
+        }
+        assert!(reports.len() <= 1 && reports.iter().all(|&(t, _)| t < 400), "{reports:?}");
+        // It freezes at 6,000: found within 3 × 400 ms, not never.
+        let found = (6_010..=9_000).step_by(10).find(|&t| h.beat(t).is_some_and(|b| !b.silent.is_empty()));
+        assert!(found.is_some_and(|t| t <= 6_000 + 3 * 400 + 50), "{found:?}");
+        // Back on a fast link, the bound shrinks back towards the configured one.
+        h.heard(1, 9_000);
+        for t in (9_010..=60_000).step_by(10) {
+            if t % 50 == 0 {
+                h.heard(1, t);
+            }
+            h.beat(t);
+        }
+        let fresh = (60_010..=61_000).step_by(10).find(|&t| h.beat(t).is_some_and(|b| !b.silent.is_empty()));
+        assert!(fresh.is_some_and(|t| t <= 60_000 + 300), "{fresh:?}");
+        // A long freeze, once over, does not stretch the bound for the next one.
+        h.heard(1, 62_000);
+        for t in (62_010..=62_500).step_by(10) {
+            h.heard(1, t);
+            h.beat(t);
+        }
+        let next = (62_510..=64_000).step_by(10).find(|&t| h.beat(t).is_some_and(|b| !b.silent.is_empty()));
+        assert!(next.is_some_and(|t| t <= 62_500 + 300), "{next:?}");
     }
 
     #[test]
