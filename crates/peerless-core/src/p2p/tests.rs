@@ -54,6 +54,8 @@ struct Sim {
     cfg: RoundConfig,
     /// Extra latency of messages *from* a peer, ms.
     slow: BTreeMap<u32, u64>,
+    /// Extra time a peer's functions take per round, ms.
+    slow_compute: BTreeMap<u32, u64>,
     /// `(peer, n)`: the peer crashes when it is about to send its `n+1`-th message from now,
     /// so a broadcast can reach some recipients and not others.
     crash_plan: Option<(u32, u32)>,
@@ -108,6 +110,7 @@ impl Sim {
             pending: BTreeMap::new(),
             cfg,
             slow: BTreeMap::new(),
+            slow_compute: BTreeMap::new(),
             crash_plan: None,
             cut: BTreeSet::new(),
             versions: BTreeMap::new(),
@@ -159,7 +162,7 @@ impl Sim {
                 Action::Compute { round, view } => {
                     assert!(view.contains(&i), "a peer's view contains itself");
                     let version = digest(&p.params);
-                    let d = 5 + self.rng.below(40);
+                    let d = 5 + self.rng.below(40) + self.slow_compute.get(&i).copied().unwrap_or(0);
                     self.schedule(d, i, Delivery::Local { round, version });
                 }
                 Action::Broadcast { round, to } => {
@@ -807,16 +810,67 @@ fn a_peer_that_joined_a_round_already_past_is_not_waited_for_until_it_catches_up
     m.handle(3, Input::Disconnected(2));
     let out = m.handle(4, Input::Received(1, 0, vec![0, 1]));
     assert_eq!(applied(&out), Some(vec![0, 1]));
-    // Peer 2 restarts and joins round 0, which this peer has closed.
+    // Peer 2 restarts and joins the current round: it observes it, and is expected from the
+    // next one on (one that joins the round before is the case of the test below).
     m.handle(5, Input::Connected(2));
-    m.handle(6, Input::Join(2, 0));
-    assert_eq!(m.expected(), vec![1], "a joiner behind is not waited for");
-    // Nor one that joined the current round, until it shows it keeps up.
     m.handle(6, Input::Join(2, 1));
-    assert_eq!(m.expected(), vec![1], "a joiner is not waited for before its first gradient");
-    // Its gradient of the current round shows it caught up.
+    assert_eq!(m.expected(), vec![1], "a joiner is not expected in the round it observes");
+    // Its gradient of the current round counts all the same, and shows it caught up.
     m.handle(7, Input::Gradient(2, msg(1, digest(&[2.0]))));
     assert_eq!(m.expected(), vec![1, 2]);
+}
+
+#[test]
+fn an_announced_joiner_is_waited_for_a_grace_not_a_deadline_until_it_is_in_time() {
+    let (mut m, d) = collecting_peer();
+    m.handle(2, Input::Gradient(1, msg(0, d)));
+    m.handle(3, Input::Disconnected(2));
+    let out = m.handle(4, Input::Received(1, 0, vec![0, 1]));
+    assert_eq!(applied(&out), Some(vec![0, 1]));
+    // Peer 2 restarts, takes a state of round 0 and observes it: it targets round 1.
+    m.handle(5, Input::Connected(2));
+    m.handle(6, Input::Join(2, 0));
+    assert_eq!(m.expected(), vec![1, 2], "a joiner that observed the last round is expected in this one");
+    let d1 = digest(&[2.0]);
+    m.handle(10, Input::LocalGradient { round: 1, digest: d1, grad: vec![1.0; N_PARAMS] });
+    let out = m.handle(12, Input::Gradient(1, msg(1, d1)));
+    assert!(
+        !out.iter().any(|a| matches!(a, Action::AnnounceReceived { .. })),
+        "waits for the joiner: {out:?}"
+    );
+    assert_eq!(m.next_timer(), Some(12 + JOINER_GRACE_MS), "a grace, not the 1 s deadline");
+    // It is not in time: the round closes at the grace, without it, and nobody is suspected.
+    let out = m.handle(12 + JOINER_GRACE_MS, Input::Tick);
+    assert!(
+        out.iter().any(|a| matches!(a, Action::AnnounceReceived { round: 1, peers, .. } if peers == &[0, 1])),
+        "{out:?}"
+    );
+    assert!(
+        out.iter().any(|a| matches!(
+            a,
+            Action::Event(Event {
+                kind: EventKind::JoinerLate { peer: 2, round: 1, waited_ms: JOINER_GRACE_MS },
+                ..
+            })
+        )),
+        "{out:?}"
+    );
+    assert!(
+        !out.iter().any(|a| matches!(a, Action::Event(Event { kind: EventKind::PeerSuspected { .. }, .. })))
+    );
+    let out = m.handle(170, Input::Received(1, 1, vec![0, 1]));
+    assert_eq!(applied(&out), Some(vec![0, 1]));
+    let closed = out.iter().find_map(|a| match a {
+        Action::Event(Event { kind: EventKind::RoundClosed { timed_out, .. }, .. }) => Some(*timed_out),
+        _ => None,
+    });
+    assert_eq!(closed, Some(false), "a joiner's grace is no deadline");
+    assert_eq!(m.expected(), vec![1], "not waited for again until it shows it keeps up");
+    // Its gradient of round 2 comes in time: from then on it is waited for like any peer.
+    m.handle(171, Input::Gradient(2, msg(2, digest(&[3.0]))));
+    m.handle(172, Input::Gradient(1, msg(2, digest(&[3.0]))));
+    assert_eq!(m.expected(), vec![1, 2]);
+    assert!(m.members.values().all(|p| !p.probation));
 }
 
 #[test]
@@ -1014,4 +1068,92 @@ fn peers_that_leave_one_after_another_shrink_the_quorum_down_to_the_lowest_index
     sim.restart(0);
     sim.run_to_end();
     sim.assert_converged();
+}
+
+/// A restart of a random peer of a random cluster at a random point; `slow_ms` is added to
+/// the restarted peer's compute time. Returns the run and the restarted peer.
+fn restarted_run(seed: u64, slow_ms: u64) -> (Sim, u32) {
+    let mut rng = Rng::new(seed ^ 0x00BE_E7A1);
+    let n = 3 + rng.below(3) as u32;
+    let mut sim = Sim::new(n, 40, seed);
+    let k = rng.below(n as u64) as u32;
+    sim.run_until(100 + rng.below(400));
+    sim.kill(k);
+    let t = sim.now + 50 + rng.below(300);
+    sim.run_until(t);
+    sim.slow_compute.insert(k, slow_ms);
+    sim.restart(k);
+    sim.run_to_end();
+    (sim, k)
+}
+
+#[test]
+fn a_restarted_peer_s_first_gradient_counts_in_the_round_after_the_one_it_observed() {
+    let (mut counted, mut runs) = (0, 0);
+    for seed in 0..300u64 {
+        let (sim, k) = restarted_run(seed, 0);
+        sim.assert_converged();
+        let Some(observed) = sim.events_of(k).iter().find_map(|e| match e.kind {
+            EventKind::Synced { round, from: Some(_) } => Some(round),
+            _ => None,
+        }) else {
+            continue; // it resumed from its own checkpoint (no live peer answered)
+        };
+        let target = observed + 1;
+        if target >= sim.cfg.total_rounds {
+            continue;
+        }
+        runs += 1;
+        // Every live peer applied the round it targets with its gradient in.
+        let with_it = sim
+            .peers
+            .iter()
+            .enumerate()
+            .filter(|&(i, p)| i as u32 != k && p.alive)
+            .all(|(_, p)| p.applied_sets.iter().any(|(r, inputs)| *r == target && inputs.contains(&k)));
+        counted += usize::from(with_it);
+    }
+    eprintln!("first gradient counted in {counted} of {runs} restarts");
+    assert!(runs >= 250, "only {runs} restarts synced from a live peer");
+    assert!(counted * 100 >= runs * 95, "first gradient counted in only {counted} of {runs} restarts");
+}
+
+#[test]
+fn a_restarted_peer_whose_functions_are_slow_costs_no_live_peer_a_deadline() {
+    let mut graces = 0;
+    for seed in 0..200u64 {
+        let (sim, k) = restarted_run(seed, 400 + seed % 5 * 200);
+        sim.assert_converged();
+        for (i, p) in sim.peers.iter().enumerate().filter(|&(i, _)| i as u32 != k) {
+            let paid: Vec<&Event> = p
+                .events
+                .iter()
+                .filter(|e| {
+                    matches!(
+                        e.kind,
+                        EventKind::RoundClosed { timed_out: true, .. }
+                            | EventKind::PeerSuspected { .. }
+                            | EventKind::Reconcile { .. }
+                    )
+                })
+                .collect();
+            if !paid.is_empty() {
+                sim.dump();
+            }
+            assert!(paid.is_empty(), "seed {seed}: live peer {i} paid for slow joiner {k}: {paid:?}");
+            assert_eq!(p.adoptions, 0, "seed {seed}: live peer {i} adopted a state");
+            for e in &p.events {
+                if let EventKind::JoinerLate { peer, waited_ms, .. } = e.kind {
+                    assert_eq!(peer, k, "seed {seed}");
+                    assert!(
+                        waited_ms <= JOINER_GRACE_MS,
+                        "seed {seed}: peer {i} waited {waited_ms} ms for {k}"
+                    );
+                    graces += 1;
+                }
+            }
+        }
+    }
+    // The slow joiner was waited for, a grace each time, and left out.
+    assert!(graces >= 200, "only {graces} graces ran out");
 }
