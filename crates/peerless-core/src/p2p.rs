@@ -69,7 +69,9 @@
 //!
 //! # Joining
 //! A new or restarted peer starts in [`Start::Join`]: it asks a connected peer for its state,
-//! which that peer sends at its next round boundary, adopts it (unless its own checkpoint is
+//! which that peer sends at once while it is computing its round (no list of that round can
+//! be out before its gradient, so the joiner can follow the round), else at its next round
+//! boundary; it adopts it (unless its own checkpoint is
 //! newer), announces `Join { round }` and enters that round, which it observes (applies what
 //! the others agree on without a gradient of its own), so its first computed gradient is of
 //! `round + 1`. The others expect it from `round + 1` (when they are not past it), but on
@@ -632,21 +634,25 @@ impl Round {
                 }
             }
             Input::StateRequested(p) => match self.phase {
-                Phase::Computing
-                | Phase::Observing { .. }
-                | Phase::Collecting { .. }
-                | Phase::Agreeing { .. } => {
+                // Once this peer's gradient of the round is out, another peer's list of the
+                // round may be out too, sent before the requester was connected: it could not
+                // follow the round, so it gets the state at the boundary. Before, every list
+                // of the round still waits for this peer's gradient (which the requester gets),
+                // so the state of the round in progress is served at once.
+                Phase::Observing { .. } | Phase::Collecting { .. } | Phase::Agreeing { .. } => {
                     if !self.pending_state.contains(&p) {
                         self.pending_state.push(p);
                     }
                 }
-                Phase::Starting { .. } | Phase::Stalled { .. } | Phase::Finalizing { .. } | Phase::Done => {
-                    self.out.push(Action::ServeState {
-                        to: vec![p],
-                        round: self.round,
-                        base: self.base_list(),
-                    })
-                }
+                Phase::Computing
+                | Phase::Starting { .. }
+                | Phase::Stalled { .. }
+                | Phase::Finalizing { .. }
+                | Phase::Done => self.out.push(Action::ServeState {
+                    to: vec![p],
+                    round: self.round,
+                    base: self.base_list(),
+                }),
                 Phase::Syncing { .. } => self.out.push(Action::RefuseState {
                     to: p,
                     reason: "this peer is itself fetching a state".into(),

@@ -37,6 +37,8 @@ struct Peer {
     incarnation: u32,
     /// Each applied round with its contributors, over every incarnation.
     applied_sets: Vec<(u64, Vec<PeerIdx>)>,
+    /// When each of `applied_sets` was applied.
+    applied_at: Vec<u64>,
     /// States adopted, over every incarnation.
     adoptions: u32,
     /// Its own gradient messages of the last two rounds it sent (for resends).
@@ -97,6 +99,7 @@ impl Sim {
                 events: Vec::new(),
                 incarnation: 0,
                 applied_sets: Vec::new(),
+                applied_at: Vec::new(),
                 adoptions: 0,
                 sent: BTreeMap::new(),
             })
@@ -193,6 +196,7 @@ impl Sim {
                     }
                     p.applied.push(round);
                     p.applied_sets.push((round, inputs.iter().map(|(q, _)| *q).collect()));
+                    p.applied_at.push(self.now);
                     // Empty inputs (nothing agreed) change nothing.
                     let n = inputs.len() as f32;
                     for j in (0..N_PARAMS).filter(|_| !inputs.is_empty()) {
@@ -1071,8 +1075,8 @@ fn peers_that_leave_one_after_another_shrink_the_quorum_down_to_the_lowest_index
 }
 
 /// A restart of a random peer of a random cluster at a random point; `slow_ms` is added to
-/// the restarted peer's compute time. Returns the run and the restarted peer.
-fn restarted_run(seed: u64, slow_ms: u64) -> (Sim, u32) {
+/// the restarted peer's compute time. Returns the run, the restarted peer and when it restarted.
+fn restarted_run(seed: u64, slow_ms: u64) -> (Sim, u32, u64) {
     let mut rng = Rng::new(seed ^ 0x00BE_E7A1);
     let n = 3 + rng.below(3) as u32;
     let mut sim = Sim::new(n, 40, seed);
@@ -1083,15 +1087,17 @@ fn restarted_run(seed: u64, slow_ms: u64) -> (Sim, u32) {
     sim.run_until(t);
     sim.slow_compute.insert(k, slow_ms);
     sim.restart(k);
+    let restarted_at = sim.now;
     sim.run_to_end();
-    (sim, k)
+    (sim, k, restarted_at)
 }
 
 #[test]
 fn a_restarted_peer_s_first_gradient_counts_in_the_round_after_the_one_it_observed() {
     let (mut counted, mut runs) = (0, 0);
+    let mut latency = Vec::new();
     for seed in 0..300u64 {
-        let (sim, k) = restarted_run(seed, 0);
+        let (sim, k, restarted_at) = restarted_run(seed, 0);
         sim.assert_converged();
         let Some(observed) = sim.events_of(k).iter().find_map(|e| match e.kind {
             EventKind::Synced { round, from: Some(_) } => Some(round),
@@ -1112,8 +1118,23 @@ fn a_restarted_peer_s_first_gradient_counts_in_the_round_after_the_one_it_observ
             .filter(|&(i, p)| i as u32 != k && p.alive)
             .all(|(_, p)| p.applied_sets.iter().any(|(r, inputs)| *r == target && inputs.contains(&k)));
         counted += usize::from(with_it);
+        // Restart to the first round a live peer applied with its gradient in.
+        let first =
+            sim.peers.iter().enumerate().filter(|&(i, p)| i as u32 != k && p.alive).find_map(|(_, p)| {
+                p.applied_sets
+                    .iter()
+                    .zip(&p.applied_at)
+                    .find(|((_, inputs), t)| **t > restarted_at && inputs.contains(&k))
+                    .map(|(_, t)| *t)
+            });
+        latency.extend(first.map(|t| t - restarted_at));
     }
-    eprintln!("first gradient counted in {counted} of {runs} restarts");
+    latency.sort_unstable();
+    eprintln!(
+        "first gradient counted in {counted} of {runs} restarts; restart to first contribution: median {} ms, max {} ms (simulated)",
+        latency[latency.len() / 2],
+        latency[latency.len() - 1]
+    );
     assert!(runs >= 250, "only {runs} restarts synced from a live peer");
     assert!(counted * 100 >= runs * 95, "first gradient counted in only {counted} of {runs} restarts");
 }
@@ -1122,7 +1143,7 @@ fn a_restarted_peer_s_first_gradient_counts_in_the_round_after_the_one_it_observ
 fn a_restarted_peer_whose_functions_are_slow_costs_no_live_peer_a_deadline() {
     let mut graces = 0;
     for seed in 0..200u64 {
-        let (sim, k) = restarted_run(seed, 400 + seed % 5 * 200);
+        let (sim, k, _) = restarted_run(seed, 400 + seed % 5 * 200);
         sim.assert_converged();
         for (i, p) in sim.peers.iter().enumerate().filter(|&(i, _)| i as u32 != k) {
             let paid: Vec<&Event> = p
