@@ -408,8 +408,10 @@ pub struct Round {
     received: BTreeMap<PeerIdx, GradientMsg>,
     /// Per round, the gradients each peer said it received ([`Input::Received`]).
     lists: BTreeMap<u64, BTreeMap<PeerIdx, Vec<PeerIdx>>>,
-    /// Gradients for the next round that arrived early (while syncing: each peer's newest).
-    early: BTreeMap<PeerIdx, GradientMsg>,
+    /// Gradients for the next round that arrived early, by sender and round (while syncing:
+    /// each peer's two newest, so a joiner whose state took longer than the rest of that
+    /// state's round still holds the round's gradients it observes).
+    early: BTreeMap<(PeerIdx, u64), GradientMsg>,
     pending_state: Vec<PeerIdx>,
     finals: BTreeMap<PeerIdx, Digest>,
     final_digest: Option<Digest>,
@@ -830,15 +832,17 @@ impl Round {
                 self.event(now, EventKind::LateGradient { peer: p, round: g.round, current: r })
             }
             Phase::Starting { .. } | Phase::Syncing { .. } | Phase::Stalled { .. } if g.round == r => {
-                self.early.entry(p).or_insert(g);
+                self.early.entry((p, g.round)).or_insert(g);
             }
             _ if g.round == r + 1 => {
-                self.early.entry(p).or_insert(g);
+                self.early.entry((p, g.round)).or_insert(g);
             }
             Phase::Syncing { .. } => {
-                // The round this peer will enter is not known yet: keep each peer's newest.
-                if self.early.get(&p).is_none_or(|e| e.round < g.round) {
-                    self.early.insert(p, g);
+                // The round this peer will enter is not known yet: keep each peer's two newest.
+                self.early.entry((p, g.round)).or_insert(g);
+                while self.early.range((p, 0)..=(p, u64::MAX)).count() > 2 {
+                    let oldest = *self.early.range((p, 0)..).next().expect("counted").0;
+                    self.early.remove(&oldest);
                 }
             }
             _ => {
@@ -887,7 +891,7 @@ impl Round {
         self.round = round;
         self.mine = None;
         self.received.clear();
-        self.early.retain(|_, g| g.round >= round);
+        self.early.retain(|&(_, r), _| r >= round);
         self.event(now, EventKind::Synced { round, from });
         let to = self.connected();
         self.out.push(Action::AnnounceJoin { round, to });
@@ -912,11 +916,11 @@ impl Round {
         let r = self.round;
         self.lists.retain(|&round, _| round >= r);
         let early = std::mem::take(&mut self.early);
-        for (p, g) in early {
+        for ((p, _), g) in early {
             if g.round == r {
                 self.received.insert(p, g);
             } else if g.round == r + 1 {
-                self.early.insert(p, g);
+                self.early.insert((p, g.round), g);
             }
         }
         self.mine = None;
@@ -938,7 +942,7 @@ impl Round {
     /// it applies the gradients every list names. One every list names that it lacks (sent
     /// before it connected) it asks its sender for again; still lacking one at the deadline, it
     /// cannot follow and fetches a state again. Nothing heard by the deadline: it computes the
-    /// round after all.
+    /// round after all. When a list of the next round is in already, it observes that one too.
     fn observe(&mut self, now: u64, since: u64, asked: bool) {
         let late = now >= since + self.deadline_ms();
         let Some((named, first)) = self.named_by_every_list() else {
@@ -975,6 +979,16 @@ impl Round {
             true => Vec::new(),
             false => self.same_digest(now, agreed, majority(&groups).0),
         };
+        // A peer that already sent its list of the next round closed it: this peer's gradient of
+        // it would come too late (its state took longer than the round), so it observes that
+        // one too and computes from the round the others are in. It says so, so that nobody
+        // waits for its gradient of that round.
+        let next = self.round + 1;
+        self.observe_next = self.lists.get(&next).is_some_and(|l| !l.is_empty());
+        if self.observe_next {
+            let to = self.connected();
+            self.out.push(Action::AnnounceJoin { round: next, to });
+        }
         self.apply_round(now, inputs, false);
     }
 
