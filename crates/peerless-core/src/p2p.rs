@@ -80,6 +80,11 @@
 //! without it ([`EventKind::JoinerLate`]; no suspicion, not a timed-out round). Its first
 //! gradient thus counts in the round it was computed for whenever it is at most a grace
 //! slower than the others, and a slow joiner costs them at most a grace, never a deadline.
+//! While it syncs it keeps each peer's two newest gradients, so a state that took longer than
+//! the rest of its round still leaves it the gradients of the round it observes. When a list
+//! of the round after the observed one is in already (a peer closed that round), its gradient
+//! of it would be late: it observes that round too and announces `Join` for it, so nobody
+//! waits for it there.
 //! Probation ends with the first of its gradients that arrives in time for the round being
 //! collected; after a missed grace it is not expected until a gradient of a current round
 //! arrives (then it is, still on probation). A join for a round more than one behind is no
