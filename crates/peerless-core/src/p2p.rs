@@ -84,7 +84,9 @@
 //! the rest of its round still leaves it the gradients of the round it observes. When a list
 //! of the round after the observed one is in already (a peer closed that round), its gradient
 //! of it would be late: it observes that round too and announces `Join` for it, so nobody
-//! waits for it there.
+//! waits for it there. So it does when a gradient of the round after the state's was in
+//! already when it adopted the state: the others were well into that round, and its
+//! announcement would reach some of them after they closed it.
 //! Probation ends with the first of its gradients that arrives in time for the round being
 //! collected; after a missed grace it is not expected until a gradient of a current round
 //! arrives (then it is, still on probation). A join for a round more than one behind is no
@@ -423,6 +425,9 @@ pub struct Round {
     wait_ewma_ms: Option<f64>,
     /// The next round started is observed, not computed (set when a state was adopted).
     observe_next: bool,
+    /// A state was adopted while a gradient of the round after the state's was in already:
+    /// the others were well into that round.
+    entered_late: bool,
     /// Gradients asked for again (peer, round): a second copy of one is not a replay.
     resends: BTreeSet<(PeerIdx, u64)>,
     /// The contributors of the last two rounds applied (the initial members before), whose
@@ -458,6 +463,7 @@ impl Round {
             final_digest: None,
             wait_ewma_ms: None,
             observe_next: false,
+            entered_late: false,
             resends: BTreeSet::new(),
             contributed: [initial.clone(), initial],
             out: Vec::new(),
@@ -909,6 +915,7 @@ impl Round {
         // which peers take part, so a list of its own could leave out a gradient the others
         // keep. It applies what they agree on, then takes part from the next round.
         self.observe_next = from.is_some();
+        self.entered_late = from.is_some() && self.early.keys().any(|&(_, r)| r == round + 1);
         self.start_round(now, true);
     }
 
@@ -986,10 +993,13 @@ impl Round {
         };
         // A peer that already sent its list of the next round closed it: this peer's gradient of
         // it would come too late (its state took longer than the round), so it observes that
-        // one too and computes from the round the others are in. It says so, so that nobody
-        // waits for its gradient of that round.
+        // one too and computes from the round the others are in. So it does when the others
+        // were computing the next round already when it adopted the state: its announcement
+        // reaches them late in that round, after some closed it. It says so, so that nobody
+        // waits for its gradient of that round, and they expect it in the one after.
         let next = self.round + 1;
-        self.observe_next = self.lists.get(&next).is_some_and(|l| !l.is_empty());
+        let entered_late = std::mem::take(&mut self.entered_late);
+        self.observe_next = self.lists.get(&next).is_some_and(|l| !l.is_empty()) || entered_late;
         if self.observe_next {
             let to = self.connected();
             self.out.push(Action::AnnounceJoin { round: next, to });
