@@ -12,7 +12,8 @@
 //!    arrive meanwhile are kept.
 //! 2. [`Input::LocalGradient`] → `Broadcast` to every connected peer, then collect.
 //! 3. Collection ends when every *expected* peer's gradient for `r` is in, or at the deadline.
-//!    Expected = connected, announced as active from a round ≤ `r`, and not suspected. A peer
+//!    Expected = connected, announced as active from a round ≤ `r`, and not suspected; a
+//!    joiner on probation (see *Joining*) only [`JOINER_GRACE_MS`] past the others. A peer
 //!    whose connection drops leaves at once ([`EventKind::PeerLeft`]); one that is silent at the
 //!    deadline, whose message the codec refused, that replayed a round it had sent, or whose
 //!    heartbeats stopped ([`Input::Unresponsive`]), is suspected ([`EventKind::PeerSuspected`],
@@ -68,10 +69,28 @@
 //!
 //! # Joining
 //! A new or restarted peer starts in [`Start::Join`]: it asks a connected peer for its state,
-//! which that peer sends at its next round boundary, adopts it (unless its own checkpoint is
-//! newer), announces `Join { round }` and enters that round. The others wait for it only from
-//! the round after its first gradient arrived: a joiner's first round may take long (cold
-//! functions), or the others may be past it already, and nobody waits a deadline for that.
+//! which that peer sends at once while it is computing its round (no list of that round can
+//! be out before its gradient, so the joiner can follow the round), else at its next round
+//! boundary; it adopts it (unless its own checkpoint is
+//! newer), announces `Join { round }` and enters that round, which it observes (applies what
+//! the others agree on without a gradient of its own), so its first computed gradient is of
+//! `round + 1`. The others expect it from `round + 1` (when they are not past it), but on
+//! *probation*: once every other expected gradient is in, they wait at most
+//! [`JOINER_GRACE_MS`] (capped at the deadline) for its gradient, then close the round
+//! without it ([`EventKind::JoinerLate`]; no suspicion, not a timed-out round). Its first
+//! gradient thus counts in the round it was computed for whenever it is at most a grace
+//! slower than the others, and a slow joiner costs them at most a grace, never a deadline.
+//! While it syncs it keeps each peer's two newest gradients, so a state that took longer than
+//! the rest of its round still leaves it the gradients of the round it observes. When a list
+//! of the round after the observed one is in already (a peer closed that round), its gradient
+//! of it would be late: it observes that round too and announces `Join` for it, so nobody
+//! waits for it there. So it does when a gradient of the round after the state's was in
+//! already when it adopted the state: the others were well into that round, and its
+//! announcement would reach some of them after they closed it.
+//! Probation ends with the first of its gradients that arrives in time for the round being
+//! collected; after a missed grace it is not expected until a gradient of a current round
+//! arrives (then it is, still on probation). A join for a round more than one behind is no
+//! promise: such a joiner is waited for only once a gradient shows it keeps up.
 //!
 //! # Deadline
 //! Adaptive: `clamp(factor × ewma(wait), floor, ceiling)`, where `wait` is the time from this
@@ -83,6 +102,14 @@ use std::collections::{BTreeMap, BTreeSet};
 use crate::flat::Digest;
 pub use crate::protocol::{DeadlinePolicy, Event, EventKind, PeerIdx};
 use crate::wire::{GradientMsg, StateMsg};
+
+/// How long past the other expected peers a peer that announced a join is waited for in the
+/// rounds it is expected in, until one of its gradients arrived in time, ms (at most the
+/// deadline). A rejoined peer's first round can be a little slower than the others' (its
+/// functions' first work for this process), and the others wait this much for it instead of
+/// closing the round the moment the rest is in; one that is slower than that costs them no
+/// more and no suspicion.
+pub const JOINER_GRACE_MS: u64 = 150;
 
 /// Wait between state requests after one failed, ms.
 const RETRY_MS: u64 = 200;
@@ -318,6 +345,9 @@ struct Member {
     /// Silent at a deadline, or sent something refused; not waited for until it sends a
     /// gradient of the current round.
     suspected: bool,
+    /// Announced a join and no gradient of it arrived in time since: waited for only
+    /// [`JOINER_GRACE_MS`] past the other expected peers.
+    probation: bool,
     /// The last [`REPLAY_WINDOW`] rounds it sent a gradient for (reset when it disconnects):
     /// one of them again is a replay. (An older round alone is not: messages arrive out of
     /// order, by many rounds when this process resumes from a SIGSTOP with a backlog. Older
@@ -350,6 +380,8 @@ enum Phase {
     },
     Collecting {
         since: u64,
+        /// When every expected gradient but those of peers on probation was in.
+        others_in: Option<u64>,
     },
     /// Collection ended (`timed_out`: at the deadline); waiting for the other peers' lists of
     /// gradients received.
@@ -383,14 +415,19 @@ pub struct Round {
     received: BTreeMap<PeerIdx, GradientMsg>,
     /// Per round, the gradients each peer said it received ([`Input::Received`]).
     lists: BTreeMap<u64, BTreeMap<PeerIdx, Vec<PeerIdx>>>,
-    /// Gradients for the next round that arrived early (while syncing: each peer's newest).
-    early: BTreeMap<PeerIdx, GradientMsg>,
+    /// Gradients for the next round that arrived early, by sender and round (while syncing:
+    /// each peer's two newest, so a joiner whose state took longer than the rest of that
+    /// state's round still holds the round's gradients it observes).
+    early: BTreeMap<(PeerIdx, u64), GradientMsg>,
     pending_state: Vec<PeerIdx>,
     finals: BTreeMap<PeerIdx, Digest>,
     final_digest: Option<Digest>,
     wait_ewma_ms: Option<f64>,
     /// The next round started is observed, not computed (set when a state was adopted).
     observe_next: bool,
+    /// A state was adopted while a gradient of the round after the state's was in already:
+    /// the others were well into that round.
+    entered_late: bool,
     /// Gradients asked for again (peer, round): a second copy of one is not a replay.
     resends: BTreeSet<(PeerIdx, u64)>,
     /// The contributors of the last two rounds applied (the initial members before), whose
@@ -426,6 +463,7 @@ impl Round {
             final_digest: None,
             wait_ewma_ms: None,
             observe_next: false,
+            entered_late: false,
             resends: BTreeSet::new(),
             contributed: [initial.clone(), initial],
             out: Vec::new(),
@@ -470,7 +508,10 @@ impl Round {
                 Some(asked_at + self.retry_pause_ms(*since, *asked_at, tried).max(1))
             }
             Phase::Syncing { asked_at, .. } => Some(asked_at + self.state_timeout_ms()),
-            Phase::Collecting { since }
+            Phase::Collecting { since, others_in: Some(at) } => {
+                Some((since + self.deadline_ms()).min(at + self.joiner_grace_ms()))
+            }
+            Phase::Collecting { since, .. }
             | Phase::Observing { since, .. }
             | Phase::Stalled { since }
             | Phase::Finalizing { since, mine: Some(_) } => Some(since + self.deadline_ms()),
@@ -494,6 +535,11 @@ impl Round {
             true => JOIN_GRACE_MS.min(self.cfg.start_timeout_ms),
             false => RETRY_MS.min(self.cfg.start_timeout_ms).max(1),
         }
+    }
+
+    /// How long a peer on probation is waited for past the others, ms.
+    fn joiner_grace_ms(&self) -> u64 {
+        JOINER_GRACE_MS.min(self.deadline_ms())
     }
 
     /// How long to wait for a peer's list of gradients received: it sends it when its own
@@ -554,6 +600,7 @@ impl Round {
                 // It must announce itself again (a restarted peer syncs first).
                 m.active_from = None;
                 m.suspected = false;
+                m.probation = false;
                 m.sent.clear();
                 self.pending_state.retain(|&q| q != p);
                 if was {
@@ -567,13 +614,22 @@ impl Round {
                 }
             }
             Input::Join(p, round) if p != self.cfg.me && self.is_connected(p) => {
-                // A joiner is waited for only once a gradient shows it keeps up: its first
-                // round may take long (cold functions) or be already past here. Until then its
-                // gradients count when they arrive in time, and nobody waits a deadline for it.
+                // A joiner enters `round` (observing it when it took a live peer's state) and
+                // computes the rounds after it: it is expected from `round + 1` on, but on
+                // probation, waited for only a grace past the others until one of its
+                // gradients arrives in time, as its first round may be slower. Its gradients of
+                // `round` count when they arrive in time. A join for a round more than one
+                // behind this peer's is no promise of being in time for any round here: it is
+                // waited for once a gradient shows it keeps up. (A gradient of it that came in
+                // time before the announcement made it active already: that stands.)
                 // It sends every round from `round` on anew (a retry after a stall included).
+                let here = self.round;
                 let m = self.member(p);
                 m.suspected = false;
-                m.active_from = m.active_from.filter(|&a| a >= round);
+                if m.probation || m.active_from.is_none_or(|a| a < round) {
+                    m.active_from = (round + 1 >= here).then_some(round + 1);
+                    m.probation = true;
+                }
                 m.sent.retain(|&r| r < round);
                 self.event(now, EventKind::PeerJoined { peer: p, round });
             }
@@ -591,21 +647,25 @@ impl Round {
                 }
             }
             Input::StateRequested(p) => match self.phase {
-                Phase::Computing
-                | Phase::Observing { .. }
-                | Phase::Collecting { .. }
-                | Phase::Agreeing { .. } => {
+                // Once this peer's gradient of the round is out, another peer's list of the
+                // round may be out too, sent before the requester was connected: it could not
+                // follow the round, so it gets the state at the boundary. Before, every list
+                // of the round still waits for this peer's gradient (which the requester gets),
+                // so the state of the round in progress is served at once.
+                Phase::Observing { .. } | Phase::Collecting { .. } | Phase::Agreeing { .. } => {
                     if !self.pending_state.contains(&p) {
                         self.pending_state.push(p);
                     }
                 }
-                Phase::Starting { .. } | Phase::Stalled { .. } | Phase::Finalizing { .. } | Phase::Done => {
-                    self.out.push(Action::ServeState {
-                        to: vec![p],
-                        round: self.round,
-                        base: self.base_list(),
-                    })
-                }
+                Phase::Computing
+                | Phase::Starting { .. }
+                | Phase::Stalled { .. }
+                | Phase::Finalizing { .. }
+                | Phase::Done => self.out.push(Action::ServeState {
+                    to: vec![p],
+                    round: self.round,
+                    base: self.base_list(),
+                }),
                 Phase::Syncing { .. } => self.out.push(Action::RefuseState {
                     to: p,
                     reason: "this peer is itself fetching a state".into(),
@@ -631,7 +691,7 @@ impl Round {
                     self.mine = Some((digest, grad));
                     let to = self.connected();
                     self.out.push(Action::Broadcast { round, to });
-                    self.phase = Phase::Collecting { since: now };
+                    self.phase = Phase::Collecting { since: now, others_in: None };
                 }
             }
             Input::FinalDigest(d) => {
@@ -698,10 +758,15 @@ impl Round {
     /// Moves the start of the wait in progress `ms` later (this process was paused).
     fn extend_waits(&mut self, now: u64, ms: u64) {
         match &mut self.phase {
+            Phase::Collecting { since, others_in } => {
+                *since += ms;
+                if let Some(at) = others_in {
+                    *at += ms;
+                }
+            }
             Phase::Starting { since }
             | Phase::Stalled { since }
             | Phase::Observing { since, .. }
-            | Phase::Collecting { since }
             | Phase::Agreeing { since, .. }
             | Phase::Finalizing { since, .. } => *since += ms,
             Phase::Syncing { since, asked_at, .. } => {
@@ -769,6 +834,8 @@ impl Round {
                 self.begin_sync(now, p);
             }
             Phase::Computing | Phase::Observing { .. } | Phase::Collecting { .. } if g.round == r => {
+                // In time: a joiner is waited for like any peer from now on.
+                self.member(p).probation = false;
                 self.received.entry(p).or_insert(g);
             }
             Phase::Agreeing { .. } if g.round == r => {
@@ -776,15 +843,17 @@ impl Round {
                 self.event(now, EventKind::LateGradient { peer: p, round: g.round, current: r })
             }
             Phase::Starting { .. } | Phase::Syncing { .. } | Phase::Stalled { .. } if g.round == r => {
-                self.early.entry(p).or_insert(g);
+                self.early.entry((p, g.round)).or_insert(g);
             }
             _ if g.round == r + 1 => {
-                self.early.entry(p).or_insert(g);
+                self.early.entry((p, g.round)).or_insert(g);
             }
             Phase::Syncing { .. } => {
-                // The round this peer will enter is not known yet: keep each peer's newest.
-                if self.early.get(&p).is_none_or(|e| e.round < g.round) {
-                    self.early.insert(p, g);
+                // The round this peer will enter is not known yet: keep each peer's two newest.
+                self.early.entry((p, g.round)).or_insert(g);
+                while self.early.range((p, 0)..=(p, u64::MAX)).count() > 2 {
+                    let oldest = *self.early.range((p, 0)..).next().expect("counted").0;
+                    self.early.remove(&oldest);
                 }
             }
             _ => {
@@ -833,7 +902,7 @@ impl Round {
         self.round = round;
         self.mine = None;
         self.received.clear();
-        self.early.retain(|_, g| g.round >= round);
+        self.early.retain(|&(_, r), _| r >= round);
         self.event(now, EventKind::Synced { round, from });
         let to = self.connected();
         self.out.push(Action::AnnounceJoin { round, to });
@@ -846,6 +915,7 @@ impl Round {
         // which peers take part, so a list of its own could leave out a gradient the others
         // keep. It applies what they agree on, then takes part from the next round.
         self.observe_next = from.is_some();
+        self.entered_late = from.is_some() && self.early.keys().any(|&(_, r)| r == round + 1);
         self.start_round(now, true);
     }
 
@@ -858,11 +928,11 @@ impl Round {
         let r = self.round;
         self.lists.retain(|&round, _| round >= r);
         let early = std::mem::take(&mut self.early);
-        for (p, g) in early {
+        for ((p, _), g) in early {
             if g.round == r {
                 self.received.insert(p, g);
             } else if g.round == r + 1 {
-                self.early.insert(p, g);
+                self.early.insert((p, g.round), g);
             }
         }
         self.mine = None;
@@ -884,7 +954,7 @@ impl Round {
     /// it applies the gradients every list names. One every list names that it lacks (sent
     /// before it connected) it asks its sender for again; still lacking one at the deadline, it
     /// cannot follow and fetches a state again. Nothing heard by the deadline: it computes the
-    /// round after all.
+    /// round after all. When a list of the next round is in already, it observes that one too.
     fn observe(&mut self, now: u64, since: u64, asked: bool) {
         let late = now >= since + self.deadline_ms();
         let Some((named, first)) = self.named_by_every_list() else {
@@ -921,6 +991,19 @@ impl Round {
             true => Vec::new(),
             false => self.same_digest(now, agreed, majority(&groups).0),
         };
+        // A peer that already sent its list of the next round closed it: this peer's gradient of
+        // it would come too late (its state took longer than the round), so it observes that
+        // one too and computes from the round the others are in. So it does when the others
+        // were computing the next round already when it adopted the state: its announcement
+        // reaches them late in that round, after some closed it. It says so, so that nobody
+        // waits for its gradient of that round, and they expect it in the one after.
+        let next = self.round + 1;
+        let entered_late = std::mem::take(&mut self.entered_late);
+        self.observe_next = self.lists.get(&next).is_some_and(|l| !l.is_empty()) || entered_late;
+        if self.observe_next {
+            let to = self.connected();
+            self.out.push(Action::AnnounceJoin { round: next, to });
+        }
         self.apply_round(now, inputs, false);
     }
 
@@ -994,17 +1077,35 @@ impl Round {
                     }
                 }
             }
-            Phase::Collecting { since } => {
-                let since = *since;
-                let missing: Vec<PeerIdx> =
-                    self.expected().into_iter().filter(|p| !self.received.contains_key(p)).collect();
+            Phase::Collecting { since, others_in } => {
+                let (since, others_in) = (*since, *others_in);
+                let (joiners, missing): (Vec<PeerIdx>, Vec<PeerIdx>) = self
+                    .expected()
+                    .into_iter()
+                    .filter(|p| !self.received.contains_key(p))
+                    .partition(|p| self.members.get(p).is_some_and(|m| m.probation));
                 let waited = now.saturating_sub(since);
-                if missing.is_empty() {
+                if missing.is_empty() && joiners.is_empty() {
                     DeadlinePolicy::observe(&mut self.wait_ewma_ms, waited);
                     self.end_collection(now, false);
+                } else if missing.is_empty() {
+                    // Only joiners on probation are missing: a grace for them, not a deadline.
+                    let at = others_in.unwrap_or(now);
+                    if now >= at + self.joiner_grace_ms() || waited >= self.deadline_ms() {
+                        DeadlinePolicy::observe(&mut self.wait_ewma_ms, at.saturating_sub(since));
+                        self.leave_out(now, joiners, now - at);
+                        self.end_collection(now, false);
+                    } else if others_in.is_none() {
+                        self.phase = Phase::Collecting { since, others_in: Some(now) };
+                    }
                 } else if waited >= self.deadline_ms() {
                     self.suspect_all(now, missing, waited);
+                    self.leave_out(now, joiners, waited);
                     self.end_collection(now, true);
+                } else if others_in.is_some() {
+                    // Another peer is expected again (one that was suspected sent a gradient of
+                    // the round): the deadline holds, not a joiner's grace.
+                    self.phase = Phase::Collecting { since, others_in: None };
                 }
             }
             Phase::Agreeing { since, timed_out } => {
@@ -1061,6 +1162,17 @@ impl Round {
             self.event(now, EventKind::Reconcile { round: r, from, reason: "minority final digest".into() });
             self.final_digest = None;
             self.begin_sync(now, from);
+        }
+    }
+
+    /// Joiners on probation whose gradient did not come within their grace (`waited_ms` past
+    /// the others): the round closes without them, and they are not suspected but waited for
+    /// again (on probation) once a gradient of the current round shows they keep up.
+    fn leave_out(&mut self, now: u64, joiners: Vec<PeerIdx>, waited_ms: u64) {
+        let round = self.round;
+        for p in joiners {
+            self.member(p).active_from = None;
+            self.event(now, EventKind::JoinerLate { peer: p, round, waited_ms });
         }
     }
 

@@ -66,6 +66,17 @@ pub enum EventKind {
         /// Round.
         round: u64,
     },
+    /// A peer that announced a join was expected in `round`, but its gradient did not come
+    /// within its grace, `waited_ms` past the others': the round closed without it (it is not
+    /// suspected).
+    JoinerLate {
+        /// Peer.
+        peer: PeerIdx,
+        /// Round.
+        round: u64,
+        /// How long past the other expected peers it was waited for, ms.
+        waited_ms: u64,
+    },
     /// A peer's connection closed; it left the view at once.
     PeerLeft {
         /// Peer.

@@ -1,5 +1,5 @@
 //! A peer's links to the other peers: the addresses it redials, the requests it has in flight,
-//! the state requests it holds until the round boundary, and how what arrives becomes an input
+//! the state requests it holds until the round machine serves them, and how what arrives becomes an input
 //! of the round machine.
 
 use std::collections::{BTreeMap, HashMap};
@@ -37,7 +37,8 @@ pub(super) struct Links {
     /// Addresses this peer dialled and is connected to.
     connected: HashMap<PeerIdx, Multiaddr>,
     outbound: HashMap<OutboundRequestId, (PeerIdx, Pending)>,
-    /// State requests, answered at the next round boundary.
+    /// State requests, answered when the round machine serves its state (at once while it
+    /// computes, else at the next round boundary).
     state_channels: BTreeMap<PeerIdx, Vec<ResponseChannel<Bytes>>>,
     /// Rounds of the gradient acknowledgements received since last asked.
     acks: Vec<u64>,
@@ -173,7 +174,7 @@ impl Links {
         }
     }
 
-    /// A request from peer `from`: a state request waits for the round boundary, anything
+    /// A request from peer `from`: a state request waits for the round machine, anything
     /// else is acknowledged at once; a malformed one is refused.
     fn request(
         &mut self,
