@@ -1,7 +1,9 @@
 //! A cluster on this machine, as `peerless train --arch p2p|ps` runs it: every node a real
 //! process on loopback, supervised, with the scenario's faults injected.
 //!
-//! - `layout` — the nodes' files, ports, run secret, fault schedule and attackers.
+//! - `layout` — the nodes' files, ports, store credentials, fault schedule and attackers.
+//!   On a shared Redis the run's per-node ACL users ([`crate::store::acl`]) are created
+//!   before the nodes start and deleted when the run ends, whatever ends it.
 //! - [`supervise`] — runs the node processes, restarts the PS, decides when the run ends.
 //! - [`faults`] — signals on a schedule, and the loopback fault proxy.
 //! - [`churn`] — a `churn` fault's seeded stream of kills, stops and partitions.
@@ -19,12 +21,13 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::AtomicU32;
 
-use anyhow::{Result, bail};
+use anyhow::{Context, Result, bail};
 
 use crate::config::{Compute, RunConfig, TrainArch};
 use crate::node::Progress;
 use crate::rundir::RunDir;
 use crate::scenario::FaultSpec;
+use crate::store::acl::NodeUsers;
 
 pub mod churn;
 mod collect;
@@ -89,11 +92,18 @@ pub fn run(
         bail!("a local run has no cluster");
     }
     let layout = layout::lay_out(cfg, dir.path(), faults, arch)?;
+    // Created before any node starts; deleted when this guard drops, whatever ends the run.
+    let store_users = if layout.store_users.is_empty() {
+        None
+    } else {
+        Some(NodeUsers::create(&cfg.cluster.store, &layout.store_users).context("per-node Redis users")?)
+    };
     record_start(cfg, dir, arch, &layout)?;
     let configs: Vec<PathBuf> = layout.nodes.iter().map(|n| n.config.clone()).collect();
     let services = services::Services::start(cfg, &launcher.exe, &layout.nodes)?;
     let supervised = Supervisor::new(cfg, dir, layout.nodes, layout.injector, launcher).run()?;
     drop(services);
+    drop(store_users);
     let mut recoveries = supervised.recoveries;
     for rec in &mut recoveries {
         rec.resumed_from_round = last_resume(&configs[rec.index]);

@@ -1,5 +1,6 @@
 //! Integration tests of peerless-runtime: one test binary, one module per area, shared helpers here.
 
+mod acl;
 mod store;
 
 use std::io::{Read, Write};
