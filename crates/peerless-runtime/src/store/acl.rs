@@ -293,6 +293,17 @@ mod tests {
     }
 
     #[test]
+    fn the_setuser_line_in_the_multi_host_guide_is_the_one_the_launcher_sends() {
+        let doc = include_str!("../../../../docs/multi-host.md");
+        let u = NodeUser {
+            name: "peerless-run1-peer0".into(),
+            password: "PASSWORD".into(),
+            prefix: node_key_prefix(0),
+        };
+        assert!(doc.contains(&u.setuser_line()), "docs/multi-host.md lacks {}", u.setuser_line());
+    }
+
+    #[test]
     fn node_urls_carry_the_node_user_instead_of_the_admin() {
         let u = user();
         assert_eq!(
