@@ -37,7 +37,15 @@ pub(super) struct Layout {
 }
 
 /// Lays out a run of `arch` in `dir` (`cfg.cluster.nodes` peers, or as many workers and a PS).
-pub(super) fn lay_out(cfg: &RunConfig, dir: &Path, faults: &[FaultSpec], arch: TrainArch) -> Result<Layout> {
+/// With `users` (`cluster.store` is a Redis with ACLs), each node that uses the store gets a
+/// Redis user of its own ([`Layout::store_users`]), written into its file.
+pub(super) fn lay_out(
+    cfg: &RunConfig,
+    dir: &Path,
+    faults: &[FaultSpec],
+    arch: TrainArch,
+    users: bool,
+) -> Result<Layout> {
     let n = cfg.cluster.nodes as usize;
     // A PS run's server is node n; a P2P run's joiners (started by `join` faults) follow the
     // starting peers.
@@ -46,13 +54,18 @@ pub(super) fn lay_out(cfg: &RunConfig, dir: &Path, faults: &[FaultSpec], arch: T
     let (injector, skipped) = Injector::new(faults, arch, n, nodes, proxy, cfg.seed);
     let attacks: Attacks = faults::attacks(faults, arch, n).into_iter().collect();
     let mut run = cfg.clone();
-    let shared_store = cfg.cluster.store.starts_with("redis://").then(|| cfg.cluster.store.clone());
+    let shared_store = users.then(|| cfg.cluster.store.clone());
     if let Some(admin) = &shared_store {
         // The administrator's credentials stay with the launcher: neither the run file nor
         // any node file holds them.
         run.cluster.store = with_credentials(admin, None);
     }
-    let owner = owner(dir, &run)?;
+    // The run file is shareable: it names a shared store without credentials in any case.
+    let mut shareable = run.clone();
+    if shareable.cluster.store.starts_with("redis://") {
+        shareable.cluster.store = with_credentials(&shareable.cluster.store, None);
+    }
+    let owner = owner(dir, &shareable)?;
     run.admission = owner.config.admission.clone();
     let run_short = run.admission.run_id.get(..8).unwrap_or("run").to_owned();
     let mut store_users = Vec::new();
@@ -232,7 +245,7 @@ mod tests {
         let tmp = tempfile::tempdir().unwrap();
         let mut cfg = RunConfig::default();
         cfg.cluster.nodes = 3;
-        let layout = lay_out(&cfg, tmp.path(), &[], TrainArch::Ps).unwrap();
+        let layout = lay_out(&cfg, tmp.path(), &[], TrainArch::Ps, false).unwrap();
         let roles: Vec<Role> = layout.nodes.iter().map(|n| n.role).collect();
         assert_eq!(roles, [Role::Worker, Role::Worker, Role::Worker, Role::Ps]);
         let files: Vec<NodeFile> = layout.nodes.iter().map(|n| NodeFile::load(&n.config).unwrap()).collect();
@@ -262,7 +275,7 @@ mod tests {
         let mut cfg = RunConfig::default();
         cfg.cluster.nodes = 2;
         cfg.cluster.store = "redis://:adminpw@10.1.2.3:6379/".into();
-        let layout = lay_out(&cfg, tmp.path(), &[], TrainArch::Ps).unwrap();
+        let layout = lay_out(&cfg, tmp.path(), &[], TrainArch::Ps, true).unwrap();
         let files: Vec<NodeFile> = layout.nodes.iter().map(|n| NodeFile::load(&n.config).unwrap()).collect();
         let users = &layout.store_users;
         assert_eq!(users.len(), 2, "a user per worker, none for the PS");
@@ -285,7 +298,7 @@ mod tests {
         let tmp = tempfile::tempdir().unwrap();
         let mut cfg = RunConfig::default();
         cfg.cluster.nodes = 3;
-        let layout = lay_out(&cfg, tmp.path(), &[], TrainArch::P2p).unwrap();
+        let layout = lay_out(&cfg, tmp.path(), &[], TrainArch::P2p, false).unwrap();
         let files: Vec<NodeFile> = layout.nodes.iter().map(|n| NodeFile::load(&n.config).unwrap()).collect();
         for (i, f) in files.iter().enumerate() {
             let others: Vec<String> = files

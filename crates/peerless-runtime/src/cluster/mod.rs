@@ -27,7 +27,7 @@ use crate::config::{Compute, RunConfig, TrainArch};
 use crate::node::Progress;
 use crate::rundir::RunDir;
 use crate::scenario::FaultSpec;
-use crate::store::acl::NodeUsers;
+use crate::store::acl::{Admin, NodeUsers, SharedStore};
 
 pub mod churn;
 mod collect;
@@ -91,12 +91,12 @@ pub fn run(
     if arch == TrainArch::Local {
         bail!("a local run has no cluster");
     }
-    let layout = layout::lay_out(cfg, dir.path(), faults, arch)?;
+    let admin = shared_redis(cfg)?;
+    let layout = layout::lay_out(cfg, dir.path(), faults, arch, admin.is_some())?;
     // Created before any node starts; deleted when this guard drops, whatever ends the run.
-    let store_users = if layout.store_users.is_empty() {
-        None
-    } else {
-        Some(NodeUsers::create(&cfg.cluster.store, &layout.store_users).context("per-node Redis users")?)
+    let store_users = match admin {
+        Some(admin) => Some(NodeUsers::create(admin, &layout.store_users).context("per-node Redis users")?),
+        None => None,
     };
     record_start(cfg, dir, arch, &layout)?;
     let configs: Vec<PathBuf> = layout.nodes.iter().map(|n| n.config.clone()).collect();
@@ -126,6 +126,25 @@ pub fn run(
     }
     dir.summary(&summary)?;
     Ok(Ran { summary, interrupted: supervised.interrupted })
+}
+
+/// The administrator of the shared Redis `cluster.store` names, which makes the nodes' users;
+/// `None` for embedded stores, or a `redis://` URL served by a peerless embedded store (it has
+/// one password and no users: every node's functions then share it, as the log warns).
+fn shared_redis(cfg: &RunConfig) -> Result<Option<Admin>> {
+    if !cfg.cluster.store.starts_with("redis://") {
+        return Ok(None);
+    }
+    match Admin::probe(&cfg.cluster.store).context("cluster.store")? {
+        SharedStore::Redis(admin) => Ok(Some(admin)),
+        SharedStore::Embedded => {
+            tracing::warn!(
+                "cluster.store is a peerless embedded store: it has no per-node users, so every node's \
+                 functions share its password"
+            );
+            Ok(None)
+        }
+    }
 }
 
 /// Records the run's start, the faults skipped, and the function faults every invocation

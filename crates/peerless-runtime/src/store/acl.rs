@@ -132,13 +132,37 @@ impl std::fmt::Debug for Admin {
 /// How long the administrator's connection has to connect, and each reply to come.
 const ADMIN_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// What serves a shared store's URL.
+#[derive(Debug)]
+pub enum SharedStore {
+    /// A Redis with ACL users, and a connection as its administrator.
+    Redis(Admin),
+    /// A peerless embedded store: one password, no users.
+    Embedded,
+}
+
 impl Admin {
     /// Connects to `url` and checks that the server has ACL users.
     ///
     /// # Errors
+    /// As [`Admin::probe`]; also if `url` is served by a peerless embedded store.
+    pub fn connect(url: &str) -> Result<Admin, StoreError> {
+        match Admin::probe(url)? {
+            SharedStore::Redis(admin) => Ok(admin),
+            SharedStore::Embedded => Err(StoreError::Connect {
+                url: elide_password(url),
+                reason: "a peerless embedded store has no ACL users".to_owned(),
+            }),
+        }
+    }
+
+    /// Connects to `url` and finds what serves it: a Redis with ACL users, or a peerless
+    /// embedded store.
+    ///
+    /// # Errors
     /// [`StoreError::Connect`] if the server is unreachable, the credentials are refused, or
     /// the server has no ACLs (Redis before 6) or the user may not run `ACL`.
-    pub fn connect(url: &str) -> Result<Admin, StoreError> {
+    pub fn probe(url: &str) -> Result<SharedStore, StoreError> {
         let shown = elide_password(url);
         let fail = |reason: String| StoreError::Connect { url: shown.clone(), reason };
         let info = url.into_connection_info().map_err(|e| fail(format!("invalid URL: {e}")))?;
@@ -146,10 +170,16 @@ impl Admin {
         let mut conn = client.get_connection_with_timeout(ADMIN_TIMEOUT).map_err(|e| fail(e.to_string()))?;
         conn.set_read_timeout(Some(ADMIN_TIMEOUT)).map_err(|e| fail(e.to_string()))?;
         conn.set_write_timeout(Some(ADMIN_TIMEOUT)).map_err(|e| fail(e.to_string()))?;
+        if let Err(e) = redis::cmd("PING").query::<String>(&mut conn) {
+            return Err(fail(e.to_string()));
+        }
+        if redis::cmd("PEERLESS.PING").query::<String>(&mut conn).is_ok_and(|s| s == "PEERLESS") {
+            return Ok(SharedStore::Embedded);
+        }
         if let Err(e) = redis::cmd("ACL").arg("WHOAMI").query::<String>(&mut conn) {
             return Err(fail(acl_problem(&e)));
         }
-        Ok(Admin { conn, url: shown })
+        Ok(SharedStore::Redis(Admin { conn, url: shown }))
     }
 
     /// Creates (or resets) `user`.
@@ -226,13 +256,12 @@ pub struct NodeUsers {
 }
 
 impl NodeUsers {
-    /// Creates `users` through the administrator at `admin_url`. A user that fails is not
-    /// left behind: those created before it are deleted.
+    /// Creates `users` through `admin`. A user that fails is not left behind: those created
+    /// before it are deleted.
     ///
     /// # Errors
-    /// As [`Admin::connect`] and [`Admin::create`].
-    pub fn create(admin_url: &str, users: &[NodeUser]) -> Result<NodeUsers, StoreError> {
-        let admin = Admin::connect(admin_url)?;
+    /// As [`Admin::create`].
+    pub fn create(admin: Admin, users: &[NodeUser]) -> Result<NodeUsers, StoreError> {
         let mut created = NodeUsers { admin, names: Vec::with_capacity(users.len()) };
         for user in users {
             created.admin.create(user)?;

@@ -2,7 +2,7 @@
 //! node's, on the embedded store (one server and password per node) and on a shared Redis
 //! (one ACL user per node).
 
-use peerless_runtime::store::acl::{Admin, NodeUser, NodeUsers, node_key_prefix};
+use peerless_runtime::store::acl::{Admin, NodeUser, NodeUsers, SharedStore, node_key_prefix};
 use peerless_runtime::store::{Accumulated, EmbeddedServer, RedisStore, Store, StoreError};
 
 use crate::{RedisServer, random_token};
@@ -28,7 +28,7 @@ async fn a_node_redis_user_reaches_its_own_keys_and_is_refused_another_nodes() {
     let users = vec![node_user(0), node_user(1)];
     let created = {
         let (url, users) = (admin_url.clone(), users.clone());
-        tokio::task::spawn_blocking(move || NodeUsers::create(&url, &users))
+        tokio::task::spawn_blocking(move || NodeUsers::create(Admin::connect(&url)?, &users))
             .await
             .unwrap()
             .expect("create users")
@@ -119,6 +119,25 @@ async fn a_node_password_does_not_open_another_nodes_embedded_store() {
         assert!(r.as_ref().is_err_and(|e| e.code() == Some("NOAUTH")), "{cmd:?}: {r:?}");
     }
     assert_eq!(own_b.get("peer1/params/1").await.unwrap().as_deref(), Some(&b"theirs"[..]));
+
+    // An embedded store named as a shared store is recognised: it has no users to make.
+    let url = b.url();
+    let probed =
+        tokio::task::spawn_blocking(move || (Admin::probe(&url), Admin::connect(&url))).await.unwrap();
+    assert!(matches!(probed.0, Ok(SharedStore::Embedded)), "{:?}", probed.0);
+    let e = probed.1.expect_err("no ACL administrator on an embedded store");
+    assert!(e.to_string().contains("embedded store has no ACL users") && !e.to_string().contains(&pb), "{e}");
     a.shutdown().await;
     b.shutdown().await;
+}
+
+/// A server without the `ACL` command (as Redis before 6; here a Redis 7 with it renamed away)
+/// is refused with an error that names the problem.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_redis_without_acl_users_is_refused_naming_the_version_needed() {
+    let Some(server) = RedisServer::start_with(&["--rename-command", "ACL", ""]) else { return };
+    let url = server.url();
+    let e = tokio::task::spawn_blocking(move || Admin::connect(&url)).await.unwrap().expect_err("no ACL");
+    let shown = e.to_string();
+    assert!(shown.contains("no ACL users (Redis 6.2 or later is needed"), "{shown}");
 }
