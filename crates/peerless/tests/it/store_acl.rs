@@ -8,9 +8,10 @@ use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use peerless_runtime::store::acl::Admin;
+use peerless_runtime::store::acl::{Admin, NodeUser, node_key_prefix};
 
-use crate::{assert_completed_and_agreed, digests, peer_round, peerless, summary, wait_for};
+use crate::admission::{keygen, listening};
+use crate::{assert_completed_and_agreed, digests, peer_round, peerless, run, summary, wait_for};
 
 /// A `redis-server` child process with a random password on a free loopback port, killed on
 /// drop. `None` (after printing `SKIPPED`) if it is not installed, unless
@@ -165,4 +166,74 @@ fn an_interrupted_run_on_a_shared_redis_leaves_no_user_behind() {
     assert_eq!(o.status.code(), Some(130), "stderr: {}", String::from_utf8_lossy(&o.stderr));
     assert!(t.elapsed() < Duration::from_secs(60));
     assert_eq!(redis.users(), ["default"], "the interrupted run's users are deleted");
+}
+
+/// The operator's way (docs/multi-host.md): the run file names the Redis without credentials,
+/// the administrator makes a user per worker with the documented `ACL SETUSER` rules, and each
+/// worker, started from the command line, gets its own with `--store`.
+#[test]
+fn workers_started_by_hand_train_on_a_shared_redis_each_with_its_own_user() {
+    let Some(redis) = RedisServer::start() else { return };
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    let config = dir.join("shared.toml");
+    std::fs::write(&config, format!("[cluster]\nstore = \"redis://127.0.0.1:{}/\"\n", redis.port)).unwrap();
+    let run_dir = dir.join("run");
+    let flags =
+        ["--arch", "ps", "--workers", "2", "--functions-per-worker", "2", "--rounds", "20", "--seed", "3"];
+    let o = run(peerless()
+        .args(["run", "init"])
+        .args(flags)
+        .arg("--config")
+        .arg(&config)
+        .arg("--out")
+        .arg(&run_dir));
+    assert!(o.status.success());
+    let start = |role: &str, name: &str, bootstrap: Option<&str>, store: Option<String>| -> Child {
+        let (key, cert) = (dir.join(format!("{name}.key")), dir.join(format!("{name}.cert")));
+        let id = keygen(&key);
+        let o = run(peerless()
+            .args(["admit", "--run"])
+            .arg(&run_dir)
+            .args(["--peer", &id, "--role", role, "--out"])
+            .arg(&cert));
+        assert!(o.status.success());
+        let mut cmd = peerless();
+        cmd.args([role, "--run"])
+            .arg(run_dir.join("run.toml"))
+            .arg("--identity")
+            .arg(&key)
+            .arg("--cert")
+            .arg(&cert);
+        cmd.args(["--listen", "/ip4/127.0.0.1/tcp/0"])
+            .args(bootstrap.map(|b| ["--bootstrap", b]).into_iter().flatten());
+        cmd.args(store.map(|s| ["--store".to_owned(), s]).into_iter().flatten());
+        cmd.arg("--out").arg(dir.join(name)).stdout(Stdio::null()).stderr(Stdio::piped()).spawn().unwrap()
+    };
+    let ps = start("ps", "ps", None, None);
+    let addr = listening(&dir.join("ps"));
+    let mut workers = Vec::new();
+    for i in 0..2u32 {
+        let user = NodeUser {
+            name: format!("peerless-hand-worker{i}"),
+            password: format!("pw{i}-{}", redis.password),
+            prefix: node_key_prefix(i),
+        };
+        let () = redis.query(redis::cmd("ACL").arg("SETUSER").arg(&user.name).arg(user.rules()));
+        let url = user.url(&format!("redis://127.0.0.1:{}/", redis.port));
+        workers.push(start("worker", &format!("worker{i}"), Some(&addr), Some(url)));
+    }
+    for (name, c) in std::iter::once(("ps".to_owned(), ps))
+        .chain(workers.into_iter().enumerate().map(|(i, c)| (format!("worker {i}"), c)))
+    {
+        let o = c.wait_with_output().unwrap();
+        assert!(o.status.success(), "{name}: {}", String::from_utf8_lossy(&o.stderr));
+    }
+    assert_eq!(summary(&dir.join("ps"))["completed"], true);
+    for i in 0..2 {
+        let s = summary(&dir.join(format!("worker{i}")));
+        assert!(s["invocations"].as_u64().unwrap_or(0) > 0, "worker {i}'s functions ran: {s}");
+    }
+    let refusals: Vec<redis::Value> = redis.query(redis::cmd("ACL").arg("LOG"));
+    assert!(refusals.is_empty(), "refused during the run: {refusals:?}");
 }
