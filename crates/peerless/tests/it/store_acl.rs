@@ -1,6 +1,7 @@
 //! Runs on a shared Redis (`cluster.store = "redis://…"`): each node gets a Redis ACL user of
 //! its own from the launcher, the run trains with them, and no user outlives the run, whether
-//! it finishes or is interrupted.
+//! it finishes, is interrupted (SIGINT) or terminated (SIGTERM); nodes started by hand take
+//! their own user with `--store`.
 
 use std::io::{Read, Write};
 use std::net::{Ipv4Addr, TcpListener, TcpStream};
@@ -152,7 +153,13 @@ fn two_peers_on_a_shared_redis_train_each_as_its_own_user_and_leave_no_user_behi
 }
 
 #[test]
-fn an_interrupted_run_on_a_shared_redis_leaves_no_user_behind() {
+fn an_interrupted_or_terminated_run_on_a_shared_redis_leaves_no_user_behind() {
+    for sig in [rustix::process::Signal::INT, rustix::process::Signal::TERM] {
+        stopped_run_leaves_no_user_behind(sig);
+    }
+}
+
+fn stopped_run_leaves_no_user_behind(sig: rustix::process::Signal) {
     let Some(redis) = RedisServer::start() else { return };
     let tmp = tempfile::tempdir().unwrap();
     let out = tmp.path().join("run");
@@ -161,11 +168,11 @@ fn an_interrupted_run_on_a_shared_redis_leaves_no_user_behind() {
     let users = redis.users();
     assert_eq!(users.iter().filter(|u| u.starts_with("peerless-")).count(), 2, "{users:?}");
     let t = Instant::now();
-    assert!(crate::signal(child.id(), rustix::process::Signal::INT));
+    assert!(crate::signal(child.id(), sig));
     let o = child.wait_with_output().unwrap();
-    assert_eq!(o.status.code(), Some(130), "stderr: {}", String::from_utf8_lossy(&o.stderr));
+    assert_eq!(o.status.code(), Some(130), "{sig:?}; stderr: {}", String::from_utf8_lossy(&o.stderr));
     assert!(t.elapsed() < Duration::from_secs(60));
-    assert_eq!(redis.users(), ["default"], "the interrupted run's users are deleted");
+    assert_eq!(redis.users(), ["default"], "the run stopped by {sig:?} left its users");
 }
 
 /// The operator's way (docs/multi-host.md): the run file names the Redis without credentials,
