@@ -23,11 +23,26 @@ pub fn decode(s: &str) -> String {
     String::from_utf8_lossy(&out).into_owned()
 }
 
+/// `s` with every byte but ASCII letters, digits and `-._~` written as `%XX`.
+pub fn encode(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for b in s.bytes() {
+        if b.is_ascii_alphanumeric() || b"-._~".contains(&b) {
+            out.push(char::from(b));
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
     #[test]
     fn escapes_are_decoded_and_malformed_ones_kept() {
         assert_eq!(super::decode("a%20b%2Fc"), "a b/c");
+        assert_eq!(super::encode("a b/c-d"), "a%20b%2Fc-d");
+        assert_eq!(super::decode(&super::encode("p@ss:w/rd%")), "p@ss:w/rd%");
         assert_eq!(super::decode("100%"), "100%");
         assert_eq!(super::decode("%zz%4"), "%zz%4");
         assert_eq!(super::decode("p%C3%A4ss"), "päss");

@@ -423,6 +423,11 @@ pub struct NodeArgs {
     /// (`peerless function-service`; overrides `function.service_addr`).
     #[arg(long)]
     pub function_service: Option<String>,
+    /// The store this node's functions use (overrides `cluster.store`): on a shared Redis, a
+    /// URL with this node's own ACL user, `redis://USER:PASSWORD@HOST:PORT/` (see
+    /// docs/multi-host.md for the `ACL SETUSER` line).
+    #[arg(long)]
+    pub store: Option<String>,
 }
 
 /// `peerless function-service`.

@@ -1,8 +1,24 @@
-//! Helpers more than one command needs: where datasets live, Ctrl-C, and UTC civil time for
+//! Helpers more than one command needs: where datasets live, Ctrl-C and SIGTERM, and UTC civil time for
 //! run names and report stamps.
 
 use std::path::{Path, PathBuf};
 use std::time::{SystemTime, UNIX_EPOCH};
+
+/// Calls `on_terminate` at each SIGTERM, on a thread of its own.
+pub fn on_terminate(on_terminate: impl Fn() + Send + 'static) {
+    std::thread::spawn(move || {
+        let Ok(rt) = tokio::runtime::Builder::new_current_thread().enable_io().build() else { return };
+        rt.block_on(async move {
+            let Ok(mut term) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+            else {
+                return;
+            };
+            while term.recv().await.is_some() {
+                on_terminate();
+            }
+        });
+    });
+}
 
 /// Calls `on_press` with the count of Ctrl-C presses so far (1, 2, …) at each press, on a
 /// thread of its own: the one place a command learns of Ctrl-C.

@@ -75,11 +75,19 @@ fn run(
     Ok(ExitCode::SUCCESS)
 }
 
-/// Counts Ctrl-C presses for the supervisor.
+/// Counts Ctrl-C presses for the supervisor. A SIGTERM counts as one too: a launcher told to
+/// terminate stops its nodes and removes what it made (a shared Redis's per-node users) as it
+/// does for Ctrl-C, instead of dying with them in place.
 fn count_interrupts() -> Arc<AtomicU32> {
     let count = Arc::new(AtomicU32::new(0));
     let c = count.clone();
-    crate::common::on_interrupt(move |presses| c.store(presses, Ordering::Relaxed));
+    crate::common::on_interrupt(move |_| {
+        c.fetch_add(1, Ordering::Relaxed);
+    });
+    let c = count.clone();
+    crate::common::on_terminate(move || {
+        c.fetch_add(1, Ordering::Relaxed);
+    });
     count
 }
 

@@ -38,6 +38,13 @@ fn serve(role: Role, args: NodeArgs, index: &mut Option<u32>) -> Result<ExitCode
     if args.join {
         file.node.join = true;
     }
+    if let Some(url) = &args.store {
+        if !url.starts_with("redis://") {
+            // Not echoed: it may hold a password.
+            bail!("--store must be a redis:// URL (redis://USER:PASSWORD@HOST:PORT/)");
+        }
+        file.run.cluster.store = url.clone();
+    }
     if let Some(addr) = &args.function_service {
         file.run.function.service_addr = addr.clone();
         file.run.function.validate().context("--function-service")?;

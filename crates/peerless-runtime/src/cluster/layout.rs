@@ -1,7 +1,8 @@
 //! A cluster's layout on this machine: the nodes' files (`peer.toml`, `ps.toml`,
 //! `worker.toml`), their identities and admission certificates (the launcher is the run's
-//! owner), their addresses (loopback ports, or hosts of their own with `launcher.netns`), the
-//! store secrets, the fault schedule and who attacks.
+//! owner), their addresses (loopback ports, or hosts of their own with `launcher.netns`),
+//! their store credentials (a password per embedded store, or a Redis ACL user per node on a
+//! shared Redis), the fault schedule and who attacks.
 
 use std::collections::BTreeMap;
 use std::io::Read;
@@ -21,6 +22,7 @@ use crate::config::{RunConfig, TrainArch};
 use crate::node::transport;
 use crate::node::{NodeFile, NodeSection};
 use crate::scenario::FaultSpec;
+use crate::store::acl::{NodeUser, node_key_prefix, with_credentials};
 
 /// The scenario's Byzantine attacks, by the index of the node that carries each out.
 pub(super) type Attacks = BTreeMap<usize, Attack>;
@@ -34,10 +36,21 @@ pub(super) struct Layout {
     pub(super) attacks: Attacks,
     /// The nodes' hosts, with `launcher.netns` (node `i` on host `i`).
     pub(super) hosts: Option<Arc<Hosts>>,
+    /// On a shared Redis (`cluster.store = "redis://…"`): the Redis user of each node that
+    /// uses the store, to be created before the nodes start.
+    pub(super) store_users: Vec<NodeUser>,
 }
 
 /// Lays out a run of `arch` in `dir` (`cfg.cluster.nodes` peers, or as many workers and a PS).
-pub(super) fn lay_out(cfg: &RunConfig, dir: &Path, faults: &[FaultSpec], arch: TrainArch) -> Result<Layout> {
+/// With `users` (`cluster.store` is a Redis with ACLs), each node that uses the store gets a
+/// Redis user of its own ([`Layout::store_users`]), written into its file.
+pub(super) fn lay_out(
+    cfg: &RunConfig,
+    dir: &Path,
+    faults: &[FaultSpec],
+    arch: TrainArch,
+    users: bool,
+) -> Result<Layout> {
     let n = cfg.cluster.nodes as usize;
     // A PS run's server is node n; a P2P run's joiners (started by `join` faults) follow the
     // starting peers.
@@ -53,8 +66,21 @@ pub(super) fn lay_out(cfg: &RunConfig, dir: &Path, faults: &[FaultSpec], arch: T
     let (injector, skipped) = Injector::new(faults, arch, n, nodes, net, cfg.seed);
     let attacks: Attacks = faults::attacks(faults, arch, n).into_iter().collect();
     let mut run = cfg.clone();
-    let owner = owner(dir, &run)?;
+    let shared_store = users.then(|| cfg.cluster.store.clone());
+    if let Some(admin) = &shared_store {
+        // The administrator's credentials stay with the launcher: neither the run file nor
+        // any node file holds them.
+        run.cluster.store = with_credentials(admin, None);
+    }
+    // The run file is shareable: it names a shared store without credentials in any case.
+    let mut shareable = run.clone();
+    if shareable.cluster.store.starts_with("redis://") {
+        shareable.cluster.store = with_credentials(&shareable.cluster.store, None);
+    }
+    let owner = owner(dir, &shareable)?;
     run.admission = owner.config.admission.clone();
+    let run_short = run.admission.run_id.get(..8).unwrap_or("run").to_owned();
+    let mut store_users = Vec::new();
     let ports = if hosts.is_some() { Vec::new() } else { free_ports(nodes)? };
     let listen = |i: usize| match &hosts {
         Some(h) => h.multiaddr(i),
@@ -96,13 +122,24 @@ pub(super) fn lay_out(cfg: &RunConfig, dir: &Path, faults: &[FaultSpec], arch: T
             if run.cluster.secret.is_empty() {
                 run.cluster.secret = random_secret();
             }
+            // On a shared Redis, each node that uses the store (not the PS) gets a user of its
+            // own, limited to its keys; the PS's file names the server without credentials.
+            if let (Some(admin), true) = (&shared_store, role != Role::Ps) {
+                let user = NodeUser {
+                    name: format!("peerless-{run_short}-{}{i}", role.name()),
+                    password: random_secret(),
+                    prefix: node_key_prefix(i as u32),
+                };
+                run.cluster.store = user.url(admin);
+                store_users.push(user);
+            }
             write_node_file(&config, NodeFile { node: section, run })?;
             let restart = (role == Role::Ps).then(|| Duration::from_millis(cfg.ps.restart_delay_ms));
             let netns = hosts.as_ref().map(|h| h.ns(i));
             Ok(Node { role, config, restart, at_launch: !joins, netns })
         })
         .collect::<Result<_>>()?;
-    Ok(Layout { nodes, injector, skipped, attacks, hosts })
+    Ok(Layout { nodes, injector, skipped, attacks, hosts, store_users })
 }
 
 /// A host for each of `nodes` (`launcher.netns`); refused, naming the reason, when this
@@ -240,7 +277,7 @@ mod tests {
         let tmp = tempfile::tempdir().unwrap();
         let mut cfg = RunConfig::default();
         cfg.cluster.nodes = 3;
-        let layout = lay_out(&cfg, tmp.path(), &[], TrainArch::Ps).unwrap();
+        let layout = lay_out(&cfg, tmp.path(), &[], TrainArch::Ps, false).unwrap();
         let roles: Vec<Role> = layout.nodes.iter().map(|n| n.role).collect();
         assert_eq!(roles, [Role::Worker, Role::Worker, Role::Worker, Role::Ps]);
         let files: Vec<NodeFile> = layout.nodes.iter().map(|n| NodeFile::load(&n.config).unwrap()).collect();
@@ -265,11 +302,35 @@ mod tests {
     }
 
     #[test]
+    fn on_a_shared_redis_each_node_gets_a_user_of_its_own_and_no_file_holds_the_admin_password() {
+        let tmp = tempfile::tempdir().unwrap();
+        let mut cfg = RunConfig::default();
+        cfg.cluster.nodes = 2;
+        cfg.cluster.store = "redis://:adminpw@10.1.2.3:6379/".into();
+        let layout = lay_out(&cfg, tmp.path(), &[], TrainArch::Ps, true).unwrap();
+        let files: Vec<NodeFile> = layout.nodes.iter().map(|n| NodeFile::load(&n.config).unwrap()).collect();
+        let users = &layout.store_users;
+        assert_eq!(users.len(), 2, "a user per worker, none for the PS");
+        let run_id = &files[0].run.admission.run_id;
+        for (i, (f, u)) in files[..2].iter().zip(users).enumerate() {
+            assert_eq!(u.name, format!("peerless-{}-worker{i}", &run_id[..8]));
+            assert_eq!(u.prefix, format!("peer{i}/"));
+            assert_eq!(f.run.cluster.store, format!("redis://{}:{}@10.1.2.3:6379/", u.name, u.password));
+        }
+        assert_ne!(users[0].password, users[1].password);
+        assert_eq!(files[2].run.cluster.store, "redis://10.1.2.3:6379/", "the PS uses no store");
+        for path in layout.nodes.iter().map(|n| n.config.clone()).chain([tmp.path().join("run.toml")]) {
+            let text = std::fs::read_to_string(&path).unwrap();
+            assert!(!text.contains("adminpw"), "{} holds the administrator's password", path.display());
+        }
+    }
+
+    #[test]
     fn each_peer_dials_every_other_peer() {
         let tmp = tempfile::tempdir().unwrap();
         let mut cfg = RunConfig::default();
         cfg.cluster.nodes = 3;
-        let layout = lay_out(&cfg, tmp.path(), &[], TrainArch::P2p).unwrap();
+        let layout = lay_out(&cfg, tmp.path(), &[], TrainArch::P2p, false).unwrap();
         let files: Vec<NodeFile> = layout.nodes.iter().map(|n| NodeFile::load(&n.config).unwrap()).collect();
         for (i, f) in files.iter().enumerate() {
             let others: Vec<String> = files

@@ -2,7 +2,9 @@
 //! process, on loopback or on a host of its own (`launcher.netns`), supervised, with the
 //! scenario's faults injected.
 //!
-//! - `layout` — the nodes' files, ports, run secret, fault schedule and attackers.
+//! - `layout` — the nodes' files, ports, store credentials, fault schedule and attackers.
+//!   On a shared Redis the run's per-node ACL users ([`crate::store::acl`]) are created
+//!   before the nodes start and deleted when the run ends, whatever ends it.
 //! - [`supervise`] — runs the node processes, restarts the PS, decides when the run ends.
 //! - [`faults`] — signals on a schedule; network faults through the loopback fault proxy or
 //!   on the hosts' links.
@@ -23,12 +25,13 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::AtomicU32;
 
-use anyhow::{Result, bail};
+use anyhow::{Context, Result, bail};
 
 use crate::config::{Compute, RunConfig, TrainArch};
 use crate::node::Progress;
 use crate::rundir::RunDir;
 use crate::scenario::FaultSpec;
+use crate::store::acl::{Admin, NodeUsers, SharedStore};
 
 pub mod churn;
 mod collect;
@@ -93,7 +96,13 @@ pub fn run(
     if arch == TrainArch::Local {
         bail!("a local run has no cluster");
     }
-    let layout = layout::lay_out(cfg, dir.path(), faults, arch)?;
+    let admin = shared_redis(cfg)?;
+    let layout = layout::lay_out(cfg, dir.path(), faults, arch, admin.is_some())?;
+    // Created before any node starts; deleted when this guard drops, whatever ends the run.
+    let store_users = match admin {
+        Some(admin) => Some(NodeUsers::create(admin, &layout.store_users).context("per-node Redis users")?),
+        None => None,
+    };
     record_start(cfg, dir, arch, &layout)?;
     let configs: Vec<PathBuf> = layout.nodes.iter().map(|n| n.config.clone()).collect();
     let services = services::Services::start(cfg, &launcher.exe, &layout.nodes)?;
@@ -102,6 +111,7 @@ pub fn run(
     let supervised = Supervisor::new(cfg, dir, layout.nodes, layout.injector, launcher).run()?;
     drop(services);
     drop(hosts);
+    drop(store_users);
     let mut recoveries = supervised.recoveries;
     for rec in &mut recoveries {
         rec.resumed_from_round = last_resume(&configs[rec.index]);
@@ -124,6 +134,25 @@ pub fn run(
     }
     dir.summary(&summary)?;
     Ok(Ran { summary, interrupted: supervised.interrupted })
+}
+
+/// The administrator of the shared Redis `cluster.store` names, which makes the nodes' users;
+/// `None` for embedded stores, or a `redis://` URL served by a peerless embedded store (it has
+/// one password and no users: every node's functions then share it, as the log warns).
+fn shared_redis(cfg: &RunConfig) -> Result<Option<Admin>> {
+    if !cfg.cluster.store.starts_with("redis://") {
+        return Ok(None);
+    }
+    match Admin::probe(&cfg.cluster.store).context("cluster.store")? {
+        SharedStore::Redis(admin) => Ok(Some(admin)),
+        SharedStore::Embedded => {
+            tracing::warn!(
+                "cluster.store is a peerless embedded store: it has no per-node users, so every node's \
+                 functions share its password"
+            );
+            Ok(None)
+        }
+    }
 }
 
 /// Records the run's start, the faults skipped, and the function faults every invocation

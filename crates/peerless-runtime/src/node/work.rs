@@ -22,6 +22,7 @@ use super::{Files, NodeError, NodeEvent, io_err};
 use crate::config::{Aggregation, Compute, RunConfig, SyncMode};
 use crate::function::{FunctionCommand, InvokeCtx, Invoker};
 use crate::gradient::inner::{InnerError, pseudo_gradient};
+use crate::store::acl::node_key_prefix;
 use crate::store::embedded::{EmbeddedHandle, EmbeddedServer};
 use crate::store::{RedisStore, Store};
 
@@ -420,11 +421,18 @@ struct Keys {
 }
 
 impl Keys {
+    /// Every key is under the node's prefix (`peer<me>/`, the warm-up's under
+    /// `peer<me>/warm-up/`), the only keys its Redis ACL user may touch.
     fn of(job: &Job) -> Keys {
-        let node = if job.warm_up { format!("peer{}-warm-up", job.me) } else { format!("peer{}", job.me) };
+        let prefix = node_key_prefix(job.me);
+        let (node, under) = if job.warm_up {
+            (format!("peer{}-warm-up", job.me), format!("{prefix}warm-up/"))
+        } else {
+            (format!("peer{}", job.me), prefix)
+        };
         Keys {
-            params: format!("{node}/params/{}", job.round),
-            grad: format!("{node}/grad/{}", job.round),
+            params: format!("{under}params/{}", job.round),
+            grad: format!("{under}grad/{}", job.round),
             fetch: job.aggregation == Aggregation::Fetch,
             node,
         }
@@ -513,11 +521,17 @@ impl GradientBackend {
                     let url = h.url();
                     (Some(h), url)
                 } else {
+                    if !cluster.store.contains('@') || cluster.store.contains("://:") {
+                        tracing::warn!(
+                            "cluster.store names no Redis user: this node's functions can reach every \
+                             node's keys (give each node its own ACL user, see docs/multi-host.md)"
+                        );
+                    }
                     (None, cluster.store.clone())
                 };
-                let store = RedisStore::connect(&store_url)
-                    .await
-                    .map_err(|e| NodeError::Network(format!("store {store_url}: {e}")))?;
+                // The error names the URL with its password elided.
+                let store =
+                    RedisStore::connect(&store_url).await.map_err(|e| NodeError::Network(e.to_string()))?;
                 GradientBackend::Functions { runtime, store, store_url, embedded }
             }
         })

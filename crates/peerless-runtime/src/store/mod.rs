@@ -8,9 +8,15 @@
 //! at most once per idempotency key, so the invoking node reads one sum instead of k copies.
 //!
 //! Values are raw bytes; vectors are little-endian `f32`.
+//!
+//! Each node's keys start with its own prefix ([`acl::node_key_prefix`], `peer<index>/`). An
+//! embedded store is its node's alone, with a password of its own; on a shared Redis each node
+//! has a Redis ACL user limited to its prefix ([`acl`]).
 
 #[cfg(feature = "drivers")]
 mod accum;
+#[cfg(feature = "drivers")]
+pub mod acl;
 #[cfg(feature = "drivers")]
 pub mod embedded;
 #[cfg(feature = "drivers")]

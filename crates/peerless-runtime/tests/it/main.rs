@@ -1,5 +1,6 @@
 //! Integration tests of peerless-runtime: one test binary, one module per area, shared helpers here.
 
+mod acl;
 mod store;
 
 use std::io::{Read, Write};
@@ -40,6 +41,11 @@ impl RedisServer {
     /// (after printing `SKIPPED`) if it is not installed — unless `PEERLESS_REQUIRE_REDIS=1`,
     /// then it panics.
     pub fn start() -> Option<Self> {
+        Self::start_with(&[])
+    }
+
+    /// As [`RedisServer::start`], with more configuration arguments (`--name value`).
+    pub fn start_with(extra: &[&str]) -> Option<Self> {
         let required = std::env::var("PEERLESS_REQUIRE_REDIS").is_ok_and(|v| v == "1");
         let dir = tempfile::tempdir().expect("tempdir");
         let port = free_loopback_port();
@@ -54,6 +60,7 @@ impl RedisServer {
             .arg(dir.path())
             .arg("--logfile")
             .arg(dir.path().join("redis.log"))
+            .args(extra)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::null())

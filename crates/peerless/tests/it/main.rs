@@ -20,6 +20,7 @@ mod netns;
 mod p2p;
 mod report;
 mod resume;
+mod store_acl;
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
