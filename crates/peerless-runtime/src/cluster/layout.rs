@@ -55,7 +55,7 @@ pub(super) fn lay_out(
     // A PS run's server is node n; a P2P run's joiners (started by `join` faults) follow the
     // starting peers.
     let nodes = if arch == TrainArch::Ps { n + 1 } else { n + faults::joiners(faults, arch, n).len() };
-    let hosts = if cfg.launcher.netns { Some(Arc::new(hosts(nodes, faults)?)) } else { None };
+    let hosts = if cfg.launcher.netns { Some(Arc::new(hosts(cfg, nodes, faults)?)) } else { None };
     let net = match &hosts {
         Some(h) if faults::network_faults(faults) => {
             Net::Hosts { hosts: h.clone(), cuts: Vec::new(), caps: Vec::new() }
@@ -143,8 +143,16 @@ pub(super) fn lay_out(
 }
 
 /// A host for each of `nodes` (`launcher.netns`); refused, naming the reason, when this
-/// machine cannot make them or a fault needs the loopback proxy.
-fn hosts(nodes: usize, faults: &[FaultSpec]) -> Result<Hosts> {
+/// machine cannot make them, a fault needs the loopback proxy, or the nodes would need a store
+/// outside their hosts.
+fn hosts(cfg: &RunConfig, nodes: usize, faults: &[FaultSpec]) -> Result<Hosts> {
+    if cfg.cluster.store != "embedded" {
+        anyhow::bail!(
+            "launcher.netns: cluster.store = {:?} is outside the hosts' network, which reaches \
+             only the other hosts; use cluster.store = \"embedded\" (each node serves its own)",
+            crate::store::redis::elide_password(&cfg.cluster.store)
+        );
+    }
     if faults.iter().any(|f| f.kind == crate::scenario::FaultKind::Delay) {
         anyhow::bail!(
             "launcher.netns: a `delay` fault needs the loopback fault proxy (this kernel has no \
