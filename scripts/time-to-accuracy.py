@@ -4,6 +4,7 @@
 #
 #   python3 scripts/time-to-accuracy.py --python V/bin/python3 [--peerless target/release/peerless]
 #       [--link 50,20]   # also over links capped at 50 Mbit/s with 20 ms delay (the fault proxy)
+#       [--only 'diloco H=200 int8,diloco H=200 int8 @50,20']   # just these runs
 #
 # Every side trains the MLP 784-256-128-10, batch 64 per node, SGD (lr, momentum 0.9) on the
 # standardized training set, and evaluates on the whole test set every `eval_samples` training
@@ -144,6 +145,7 @@ def main():
     p.add_argument("--seed", type=int, default=1)
     p.add_argument("--link", help="MBIT,MS: also run over links capped at MBIT Mbit/s with MS ms delay")
     p.add_argument("--out", default="/tmp/peerless-time-to-accuracy")
+    p.add_argument("--only", help="comma-separated run names to run (e.g. 'ddp,diloco H=200 int8'); default: all")
     p.add_argument("--rank", type=int)
     p.add_argument("--port", type=int)
     a = p.parse_args()
@@ -166,11 +168,18 @@ def main():
         runs += [(f"every-step @{a.link}", lambda: peerless(a, "every-step-link", capped, epochs=2)),
                  (f"{h} @{a.link}", lambda: peerless(a, "diloco-link", diloco + capped)),
                  (f"{h} int8 @{a.link}", lambda: peerless(a, "diloco-int8-link", diloco + ["--compression", "int8"] + capped))]
+    if a.only:
+        wanted = [w.strip() for w in a.only.split(",")]
+        unknown = [w for w in wanted if w not in dict(runs)]
+        if unknown:
+            sys.exit(f"--only: no run named {unknown}; the runs are {[n for n, _ in runs]}")
+        runs = [(n, r) for n, r in runs if n in wanted]
     for name, run in runs:
         print(f"  running {name} …", file=sys.stderr)
         rows.append((name, run()))
-    ddp_t = rows[0][1]["time_s"]
-    every_b = rows[1][1]["bytes_per_node"]
+    got = dict(rows)
+    ddp_t = got.get("ddp", {}).get("time_s")
+    every_b = got.get("every-step", {}).get("bytes_per_node")
     print(f"\n{'':<28}{'time to target':>15}{'vs DDP':>9}{'MB sent/node':>14}{'vs every-step':>15}{'last acc':>10}")
     for name, r in rows:
         t, b = r["time_s"], r["bytes_per_node"]
