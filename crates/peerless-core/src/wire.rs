@@ -54,9 +54,13 @@ pub enum Message {
     /// A request for the sender's state at its next round boundary.
     StateRequest,
     /// A request for part `part` of `parts` of the sender's state, served like a
-    /// [`Message::StateRequest`] once all `parts` requests are in (each answered with its
-    /// [`Message::StatePart`] from one encoding of the state).
+    /// [`Message::StateRequest`] once all `parts` requests of fetch `fetch` are in (each
+    /// answered with its [`Message::StatePart`] from one encoding of the state). A request of
+    /// another fetch drops those of the earlier one, so the parts of one answer never mix two
+    /// encodings.
     StatePartRequest {
+        /// The requester's number for this fetch.
+        fetch: u64,
         /// Which part, `< parts`.
         part: u16,
         /// How many, `1..=`[`MAX_STATE_PARTS`].
@@ -463,8 +467,9 @@ pub fn encode(msg: &Message) -> Vec<u8> {
             w.u64(*round);
         }
         Message::StateRequest => w.u8(kind::STATE_REQUEST),
-        Message::StatePartRequest { part, parts } => {
+        Message::StatePartRequest { fetch, part, parts } => {
             w.u8(kind::STATE_PART_REQUEST);
+            w.u64(*fetch);
             w.u16(*part);
             w.u16(*parts);
         }
@@ -575,9 +580,10 @@ pub fn decode(bytes: &[u8], limits: Limits) -> Result<Message, WireError> {
         kind::PARAMS_REQUEST => Message::ParamsRequest { round: r.u64("round")? },
         kind::STATE_REQUEST => Message::StateRequest,
         kind::STATE_PART_REQUEST => {
+            let fetch = r.u64("fetch")?;
             let (part, parts) = (r.u16("part")?, r.u16("parts")?);
             check_parts(part, parts)?;
-            Message::StatePartRequest { part, parts }
+            Message::StatePartRequest { fetch, part, parts }
         }
         kind::STATE_PART => {
             let (part, parts) = (r.u16("part")?, r.u16("parts")?);
@@ -870,7 +876,7 @@ mod tests {
             Message::Final { round: 40, digest: Digest([7; 32]) },
             Message::ParamsRequest { round: 3 },
             Message::StateRequest,
-            Message::StatePartRequest { part: 2, parts: 3 },
+            Message::StatePartRequest { fetch: 7, part: 2, parts: 3 },
             Message::StatePart { part: 0, parts: 1, bytes: vec![1, 2, 3] },
             Message::StatePart { part: 63, parts: 64, bytes: vec![] },
             Message::Heartbeat,
@@ -1066,7 +1072,7 @@ mod tests {
         refused(&mut a, 1, huge, "more than a state can have");
         // Counts.
         for (part, parts) in [(0, 0), (3, 3), (0, MAX_STATE_PARTS + 1)] {
-            let err = decode(&encode(&Message::StatePartRequest { part, parts }), L).unwrap_err();
+            let err = decode(&encode(&Message::StatePartRequest { fetch: 1, part, parts }), L).unwrap_err();
             assert!(err.to_string().contains(&format!("part {part} of {parts}")), "{err}");
             let err = decode(&encode(&Message::StatePart { part, parts, bytes: vec![] }), L).unwrap_err();
             assert!(err.to_string().contains("state part"), "{err}");

@@ -37,6 +37,13 @@ pub(super) enum Pending {
     Other,
 }
 
+/// The part requests of one state fetch of a peer.
+struct PartRequests {
+    fetch: u64,
+    parts: u16,
+    channels: BTreeMap<u16, ResponseChannel<Bytes>>,
+}
+
 /// The peer's side of its connections.
 #[derive(Default)]
 pub(super) struct Links {
@@ -49,12 +56,12 @@ pub(super) struct Links {
     /// State requests, answered when the round machine serves its state (at once while it
     /// computes, else at the next round boundary).
     state_channels: BTreeMap<PeerIdx, Vec<ResponseChannel<Bytes>>>,
-    /// Requests for the parts of a state, by requester: how many parts it asked for, and the
-    /// channel of each part in so far.
-    part_channels: BTreeMap<PeerIdx, (u16, BTreeMap<u16, ResponseChannel<Bytes>>)>,
+    /// Requests for the parts of a state, by requester: its fetch, how many parts it asked
+    /// for, and the channel of each part in so far.
+    part_channels: BTreeMap<PeerIdx, PartRequests>,
     /// The state this peer is fetching, if any: from whom, its number, what came in.
     fetch: Option<(PeerIdx, u64, StateAssembly)>,
-    /// State fetches started (numbers them).
+    /// The number of the last state fetch started.
     fetches: u64,
     /// Rounds of the gradient acknowledgements received since last asked.
     acks: Vec<u64>,
@@ -70,7 +77,10 @@ impl Links {
             .iter()
             .map(|a| a.parse().map_err(|e| NodeError::Config(format!("node.bootstrap {a:?}: {e}"))))
             .collect::<Result<_, _>>()?;
-        Ok(Links { bootstrap, beats: Some(Heartbeats::new(detection_ms, 0)), ..Links::default() })
+        // Fetches are numbered from the start time on, so a restarted peer's never reuse one of
+        // its earlier process (whose part requests a server may still hold).
+        let fetches = crate::node::unix_ms();
+        Ok(Links { bootstrap, beats: Some(Heartbeats::new(detection_ms, 0)), fetches, ..Links::default() })
     }
 
     /// When the next heartbeat is due, ms on the node's clock.
@@ -135,7 +145,7 @@ impl Links {
         let fetch = self.fetches;
         self.fetch = Some((from, fetch, assembly));
         let all = (0..parts).all(|part| {
-            let msg = frame(&Message::StatePartRequest { part, parts });
+            let msg = frame(&Message::StatePartRequest { fetch, part, parts });
             self.send(net, from, msg, Pending::StatePart { fetch, part })
         });
         if !all {
@@ -177,11 +187,11 @@ impl Links {
 
     /// The channels of every part `to` asked for, when all of them are in (taken).
     fn complete_parts(&mut self, to: PeerIdx) -> Option<BTreeMap<u16, ResponseChannel<Bytes>>> {
-        let (parts, channels) = self.part_channels.get(&to)?;
-        if channels.len() != usize::from(*parts) {
+        let r = self.part_channels.get(&to)?;
+        if r.channels.len() != usize::from(r.parts) {
             return None;
         }
-        self.part_channels.remove(&to).map(|(_, channels)| channels)
+        self.part_channels.remove(&to).map(|r| r.channels)
     }
 
     /// Consumes the acknowledgements of `round`'s gradient; true when none is pending.
@@ -250,15 +260,20 @@ impl Links {
                 self.state_channels.entry(from).or_default().push(channel);
                 return Some(Input::StateRequested(from));
             }
-            Ok(Message::StatePartRequest { part, parts }) => {
-                // The machine is asked once every part is in; a request of another count starts
-                // over (the requester's earlier fetch failed).
-                let entry = self.part_channels.entry(from).or_insert_with(|| (parts, BTreeMap::new()));
-                if entry.0 != parts {
-                    *entry = (parts, BTreeMap::new());
+            Ok(Message::StatePartRequest { fetch, part, parts }) => {
+                // The machine is asked once every part is in. A request of another fetch starts
+                // over (the requester gave the earlier one up): the parts of one answer all
+                // come from one encoding of the state.
+                let r = self.part_channels.entry(from).or_insert_with(|| PartRequests {
+                    fetch,
+                    parts,
+                    channels: BTreeMap::new(),
+                });
+                if (r.fetch, r.parts) != (fetch, parts) {
+                    *r = PartRequests { fetch, parts, channels: BTreeMap::new() };
                 }
-                entry.1.insert(part, channel);
-                return (entry.1.len() == usize::from(parts)).then_some(Input::StateRequested(from));
+                r.channels.insert(part, channel);
+                return (r.channels.len() == usize::from(parts)).then_some(Input::StateRequested(from));
             }
             Ok(msg) => msg,
             Err(err) => {
