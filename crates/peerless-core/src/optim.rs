@@ -250,6 +250,11 @@ impl Optimizer {
         Ok(())
     }
 
+    /// How many `f32`s its state holds (every buffer of [`OptimizerState`]).
+    pub fn state_floats(&self) -> usize {
+        self.buffers.len() * self.n
+    }
+
     /// Steps taken so far.
     pub fn steps(&self) -> u64 {
         self.steps

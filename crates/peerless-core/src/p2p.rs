@@ -1324,13 +1324,15 @@ impl Round {
         );
         self.out.push(Action::Apply { round: r, inputs });
         self.round = r + 1;
-        let ck = self.cfg.checkpoint_every;
-        if self.round >= self.cfg.total_rounds || (ck > 0 && self.round.is_multiple_of(ck)) {
-            self.out.push(Action::Checkpoint { round: self.round });
-        }
+        // A joiner waiting for the state gets it before the checkpoint is written (a file
+        // written and synced on the driver's loop): the state is the same either way.
         if !self.pending_state.is_empty() {
             let to = std::mem::take(&mut self.pending_state);
             self.out.push(Action::ServeState { to, round: self.round, base: self.base_list() });
+        }
+        let ck = self.cfg.checkpoint_every;
+        if self.round >= self.cfg.total_rounds || (ck > 0 && self.round.is_multiple_of(ck)) {
+            self.out.push(Action::Checkpoint { round: self.round });
         }
         self.start_round(now, false);
     }

@@ -25,7 +25,9 @@ use peerless_runtime::cluster::supervise::Role;
 /// Every training step allocates and frees tensors of up to a few MB. glibc's malloc hands
 /// such blocks back to the kernel and page-faults them in again on the next step, which
 /// measured as ~half of the MLP step's time (`peerless bench step`: 240 → 460 steps/s with
-/// an allocator that keeps them). mimalloc keeps them.
+/// an allocator that keeps them). mimalloc keeps them. It is built without transparent huge
+/// pages (`no_thp`, see the workspace's Cargo.toml): a restarted peer would otherwise spend tens
+/// of ms zeroing 2 MiB pages on its first touches of fresh memory, while it takes in a state.
 #[global_allocator]
 static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
 

@@ -633,11 +633,16 @@ fn invariants_hold_under_random_crashes_restarts_and_stragglers() {
 
 /// Peer 0 of three, all connected, with its own gradient of round 0 in: collecting.
 fn collecting_peer() -> (Round, Digest) {
+    collecting_peer_checkpointing(0)
+}
+
+/// [`collecting_peer`], checkpointing every `checkpoint_every` rounds.
+fn collecting_peer_checkpointing(checkpoint_every: u64) -> (Round, Digest) {
     let cfg = RoundConfig {
         me: 0,
         members: vec![0, 1, 2],
         total_rounds: 10,
-        checkpoint_every: 0,
+        checkpoint_every,
         deadline: DeadlinePolicy { floor_ms: 1_000, ceiling_ms: 5_000, factor: 4.0 },
         start_timeout_ms: 1_000,
         quorum: Quorum::Majority,
@@ -678,6 +683,26 @@ fn a_peer_whose_message_was_refused_is_not_waited_for() {
     // The round closes once peer 1, whose gradient is in, says what it received.
     let out = m.handle(4, Input::Received(1, 0, vec![0, 1]));
     assert_eq!(applied(&out), Some(vec![0, 1]), "{out:?}");
+}
+
+#[test]
+fn a_state_asked_for_while_collecting_is_served_before_the_checkpoint_is_written() {
+    let (mut m, d) = collecting_peer_checkpointing(1);
+    // Its gradient of round 0 is out: a state request waits for the round boundary.
+    let out = m.handle(2, Input::StateRequested(2));
+    assert!(!out.iter().any(|a| matches!(a, Action::ServeState { .. })), "{out:?}");
+    m.handle(3, Input::Gradient(1, msg(0, d)));
+    m.handle(3, Input::Disconnected(2));
+    let out = m.handle(4, Input::StateRequested(1));
+    assert!(!out.iter().any(|a| matches!(a, Action::ServeState { .. })), "{out:?}");
+    let out = m.handle(5, Input::Received(1, 0, vec![0, 1]));
+    assert_eq!(applied(&out), Some(vec![0, 1]), "{out:?}");
+    let at = |f: &dyn Fn(&Action) -> bool| out.iter().position(f).unwrap_or_else(|| panic!("{out:?}"));
+    let apply = at(&|a| matches!(a, Action::Apply { round: 0, .. }));
+    let serve = at(&|a| matches!(a, Action::ServeState { to, round: 1, .. } if to == &[1]));
+    let checkpoint = at(&|a| matches!(a, Action::Checkpoint { round: 1 }));
+    let compute = at(&|a| matches!(a, Action::Compute { round: 1, .. }));
+    assert!(apply < serve && serve < checkpoint && checkpoint < compute, "{out:?}");
 }
 
 #[test]

@@ -123,6 +123,11 @@ impl Net {
         Ok((net, my_id))
     }
 
+    /// What this node accepts of a message (the model's length).
+    pub(crate) fn limits(&self) -> Limits {
+        self.limits
+    }
+
     /// The next swarm event (to be sorted by [`Net::sort`]).
     pub(crate) async fn next(&mut self) -> SwarmEvent<BehaviourEvent> {
         use futures::StreamExt;

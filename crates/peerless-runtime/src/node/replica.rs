@@ -133,6 +133,11 @@ impl Replica {
         }
     }
 
+    /// How many `f32`s a state of this replica holds (parameters and optimizer state).
+    pub(crate) fn state_floats(&self) -> usize {
+        self.params.len() + self.optimizer.state_floats()
+    }
+
     /// Model version `round`, as the PS publishes it.
     pub(crate) fn published(&self, round: u64) -> ParamsMsg {
         ParamsMsg { round, digest: digest(&self.params), params: self.params.clone() }

@@ -1,6 +1,11 @@
 //! A peer's links to the other peers: the addresses it redials, the requests it has in flight,
 //! the state requests it holds until the round machine serves them, and how what arrives becomes an input
 //! of the round machine.
+//!
+//! A state is fetched in parts ([`peerless_core::wire::StateAssembly`]): one request per part,
+//! each on a stream of its own, all answered from one encoding of the state, so that no part
+//! waits for a flow-control window update of its stream. A whole-state request
+//! ([`Message::StateRequest`]) is still served.
 
 use std::collections::{BTreeMap, HashMap};
 use std::time::{Duration, Instant};
@@ -11,7 +16,7 @@ use libp2p::request_response::{OutboundRequestId, ResponseChannel};
 use peerless_core::flat::digest;
 use peerless_core::p2p::Input;
 use peerless_core::protocol::PeerIdx;
-use peerless_core::wire::{Message, WireError};
+use peerless_core::wire::{self, Message, StateAssembly, WireError};
 
 use super::heartbeat::Heartbeats;
 use crate::node::driver::Node;
@@ -22,10 +27,21 @@ use crate::node::{NodeError, NodeEvent};
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub(super) enum Pending {
     Gradient(u64),
-    State,
+    /// Part `part` of the state fetch numbered `fetch`.
+    StatePart {
+        fetch: u64,
+        part: u16,
+    },
     /// A heartbeat: not waited for at the end (a frozen peer never answers).
     Heartbeat,
     Other,
+}
+
+/// The part requests of one state fetch of a peer.
+struct PartRequests {
+    fetch: u64,
+    parts: u16,
+    channels: BTreeMap<u16, ResponseChannel<Bytes>>,
 }
 
 /// The peer's side of its connections.
@@ -40,6 +56,13 @@ pub(super) struct Links {
     /// State requests, answered when the round machine serves its state (at once while it
     /// computes, else at the next round boundary).
     state_channels: BTreeMap<PeerIdx, Vec<ResponseChannel<Bytes>>>,
+    /// Requests for the parts of a state, by requester: its fetch, how many parts it asked
+    /// for, and the channel of each part in so far.
+    part_channels: BTreeMap<PeerIdx, PartRequests>,
+    /// The state this peer is fetching, if any: from whom, its number, what came in.
+    fetch: Option<(PeerIdx, u64, StateAssembly)>,
+    /// The number of the last state fetch started.
+    fetches: u64,
     /// Rounds of the gradient acknowledgements received since last asked.
     acks: Vec<u64>,
     /// Who was heard from when.
@@ -54,7 +77,10 @@ impl Links {
             .iter()
             .map(|a| a.parse().map_err(|e| NodeError::Config(format!("node.bootstrap {a:?}: {e}"))))
             .collect::<Result<_, _>>()?;
-        Ok(Links { bootstrap, beats: Some(Heartbeats::new(detection_ms, 0)), ..Links::default() })
+        // Fetches are numbered from the start time on, so a restarted peer's never reuse one of
+        // its earlier process (whose part requests a server may still hold).
+        let fetches = crate::node::unix_ms();
+        Ok(Links { bootstrap, beats: Some(Heartbeats::new(detection_ms, 0)), fetches, ..Links::default() })
     }
 
     /// When the next heartbeat is due, ms on the node's clock.
@@ -111,16 +137,61 @@ impl Links {
         true
     }
 
-    /// Answers a state request `to` holds with `msg`.
-    pub(super) fn answer_state(&mut self, net: &mut Net, to: PeerIdx, msg: &Message) {
-        self.answer_state_bytes(net, to, frame(msg));
+    /// Asks `from` for its state in `parts` parts; true when every part request went out
+    /// (else the fetch is dropped).
+    pub(super) fn request_state(&mut self, net: &mut Net, from: PeerIdx, parts: u16) -> bool {
+        let Ok(assembly) = StateAssembly::new(parts, net.limits()) else { return false };
+        self.fetches += 1;
+        let fetch = self.fetches;
+        self.fetch = Some((from, fetch, assembly));
+        let all = (0..parts).all(|part| {
+            let msg = frame(&Message::StatePartRequest { fetch, part, parts });
+            self.send(net, from, msg, Pending::StatePart { fetch, part })
+        });
+        if !all {
+            self.fetch = None;
+        }
+        all
     }
 
-    /// Answers a state request `to` holds with already encoded bytes.
-    pub(super) fn answer_state_bytes(&mut self, net: &mut Net, to: PeerIdx, bytes: Bytes) {
+    /// Answers the state request `to` holds (all of its parts, or one whole-state request)
+    /// with `msg`, a refusal.
+    pub(super) fn answer_state(&mut self, net: &mut Net, to: PeerIdx, msg: &Message) {
+        let bytes = frame(msg);
+        if let Some(channels) = self.complete_parts(to) {
+            for ch in channels.into_values() {
+                net.answer_bytes(ch, bytes.clone());
+            }
+            return;
+        }
         if let Some(ch) = self.state_channels.get_mut(&to).and_then(Vec::pop) {
             net.answer_bytes(ch, bytes);
         }
+    }
+
+    /// Answers the state request `to` holds with `bytes`, an encoded state: each part request
+    /// with its slice, or one whole-state request with all of it.
+    pub(super) fn answer_state_bytes(&mut self, net: &mut Net, to: PeerIdx, bytes: Bytes) {
+        if let Some(channels) = self.complete_parts(to) {
+            let parts = channels.len() as u16;
+            for (part, ch) in channels {
+                let slice = wire::state_part(&bytes, part, parts);
+                net.answer_bytes(ch, Bytes::from(wire::encode_state_part(part, parts, slice)));
+            }
+            return;
+        }
+        if let Some(ch) = self.state_channels.get_mut(&to).and_then(Vec::pop) {
+            net.answer_bytes(ch, bytes);
+        }
+    }
+
+    /// The channels of every part `to` asked for, when all of them are in (taken).
+    fn complete_parts(&mut self, to: PeerIdx) -> Option<BTreeMap<u16, ResponseChannel<Bytes>>> {
+        let r = self.part_channels.get(&to)?;
+        if r.channels.len() != usize::from(r.parts) {
+            return None;
+        }
+        self.part_channels.remove(&to).map(|r| r.channels)
     }
 
     /// Consumes the acknowledgements of `round`'s gradient; true when none is pending.
@@ -145,6 +216,7 @@ impl Links {
             NetEvent::Disconnected { node: p } => {
                 self.connected.remove(&p);
                 self.state_channels.remove(&p);
+                self.part_channels.remove(&p);
                 if let Some(b) = &mut self.beats {
                     b.gone(p);
                 }
@@ -163,7 +235,7 @@ impl Links {
                 let (to, kind) = self.outbound.remove(&id)?;
                 tracing::debug!(peer = node.me, to, %error, "request failed");
                 match kind {
-                    Pending::State => Some(Input::StateFailed(to)),
+                    Pending::StatePart { fetch, .. } => self.fetch_failed(fetch),
                     Pending::Gradient(r) => {
                         self.acks.push(r);
                         None
@@ -187,6 +259,21 @@ impl Links {
             Ok(Message::StateRequest) => {
                 self.state_channels.entry(from).or_default().push(channel);
                 return Some(Input::StateRequested(from));
+            }
+            Ok(Message::StatePartRequest { fetch, part, parts }) => {
+                // The machine is asked once every part is in. A request of another fetch starts
+                // over (the requester gave the earlier one up): the parts of one answer all
+                // come from one encoding of the state.
+                let r = self.part_channels.entry(from).or_insert_with(|| PartRequests {
+                    fetch,
+                    parts,
+                    channels: BTreeMap::new(),
+                });
+                if (r.fetch, r.parts) != (fetch, parts) {
+                    *r = PartRequests { fetch, parts, channels: BTreeMap::new() };
+                }
+                r.channels.insert(part, channel);
+                return (r.channels.len() == usize::from(parts)).then_some(Input::StateRequested(from));
             }
             Ok(msg) => msg,
             Err(err) => {
@@ -221,22 +308,42 @@ impl Links {
                 None
             }
             (Pending::Heartbeat | Pending::Other, _) => None,
-            (Pending::State, Ok(Message::State(s))) if digest(&s.params) != s.digest => {
-                node.event(NodeEvent::Rejected {
-                    from,
-                    error: "state digest does not match its parameters".into(),
-                });
-                Some(Input::StateFailed(from))
-            }
-            (Pending::State, Ok(Message::State(s))) => Some(Input::State(from, s)),
-            (Pending::State, Ok(other)) => {
-                tracing::info!(peer = node.me, from, ?other, "state request not served");
-                Some(Input::StateFailed(from))
-            }
-            (Pending::State, Err(err)) => {
-                node.event(NodeEvent::Rejected { from, error: err.to_string() });
-                Some(Input::StateFailed(from))
+            (Pending::StatePart { fetch, part }, msg) => {
+                let (_, _, assembly) = self.fetch.as_mut().filter(|(_, f, _)| *f == fetch)?;
+                let inserted = match msg {
+                    Ok(Message::Refused { reason }) => {
+                        self.fetch = None;
+                        tracing::info!(peer = node.me, from, %reason, "state request not served");
+                        return Some(Input::StateFailed(from));
+                    }
+                    Ok(m) => assembly.insert(part, m),
+                    Err(err) => Err(err),
+                };
+                let state = match inserted {
+                    Ok(None) => return None,
+                    Ok(Some(s)) => s,
+                    Err(err) => {
+                        self.fetch = None;
+                        node.event(NodeEvent::Rejected { from, error: err.to_string() });
+                        return Some(Input::StateFailed(from));
+                    }
+                };
+                self.fetch = None;
+                if digest(&state.params) != state.digest {
+                    node.event(NodeEvent::Rejected {
+                        from,
+                        error: "state digest does not match its parameters".into(),
+                    });
+                    return Some(Input::StateFailed(from));
+                }
+                Some(Input::State(from, state))
             }
         }
+    }
+
+    /// A part request of fetch `fetch` failed: the fetch fails, if it is the current one.
+    fn fetch_failed(&mut self, fetch: u64) -> Option<Input> {
+        let (from, _, _) = self.fetch.take_if(|(_, f, _)| *f == fetch)?;
+        Some(Input::StateFailed(from))
     }
 }

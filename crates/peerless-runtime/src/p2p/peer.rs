@@ -22,7 +22,7 @@ use peerless_core::admission::MAX_PEERS;
 use peerless_core::flat::digest;
 use peerless_core::p2p::{Action, EventKind, Input, Round, RoundConfig, Start};
 use peerless_core::protocol::{DeadlinePolicy, PeerIdx};
-use peerless_core::wire::{Message, StateMsg};
+use peerless_core::wire::{self, Message, StateMsg};
 use tokio::sync::watch;
 
 use super::links::{Links, Pending};
@@ -164,7 +164,8 @@ impl Peer {
             }
             Action::RequestResend { round, from } => self.announce(node, &Message::Resend { round }, &[from]),
             Action::RequestState { from } => {
-                if !self.links.send(&mut node.net, from, frame(&Message::StateRequest), Pending::State) {
+                let parts = wire::state_parts(wire::state_len(self.replica.state_floats()));
+                if !self.links.request_state(&mut node.net, from, parts) {
                     fed_back.push(Input::StateFailed(from));
                 }
             }
