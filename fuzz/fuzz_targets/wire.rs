@@ -14,8 +14,8 @@ use peerless_core::compress::{Compressed, INT8_BLOCK};
 use peerless_core::flat::Digest;
 use peerless_core::optim::OptimizerState;
 use peerless_core::wire::{
-    CompressedMsg, GradientMsg, Limits, MAX_CERTIFICATE, MAX_MEMBERS, MAX_PEERS, Message, ParamsMsg,
-    StateMsg, WireError, decode, encode,
+    CompressedMsg, GradientMsg, Limits, MAX_CERTIFICATE, MAX_MEMBERS, MAX_PEERS, MAX_STATE_PARTS, Message,
+    ParamsMsg, StateMsg, WireError, decode, encode, max_state_len,
 };
 
 fuzz_target!(
@@ -52,6 +52,8 @@ fuzz_target!(
                 }),
                 Message::Admit { certificate: b"PLCT\x01 a certificate's bytes".to_vec(), address: "/ip4/10.0.0.1/tcp/4001".into() },
                 Message::Members { members: vec![(0, "/ip4/10.0.0.1/tcp/4001".into()), (3, "/dns4/h/tcp/1".into())] },
+                Message::StatePartRequest { fetch: 17, part: 2, parts: 5 },
+                Message::StatePart { part: 1, parts: 3, bytes: b"PLW part of a state".to_vec() },
             ];
             // Mode byte 3: raw decoding with a 3-parameter model.
             msgs.iter().enumerate().map(|(i, m)| (format!("msg{i}"), [&[3u8][..], &encode(m)].concat())).collect()
@@ -101,6 +103,8 @@ fn check_round_trip(msg: &Message, limits: Limits, u: &mut Unstructured) {
                 WireError::Malformed { field: "certificate length", .. } => "certificate too long",
                 WireError::Malformed { field: "member count", .. } => "too many members",
                 WireError::Malformed { field: "member indices", .. } => "members not ascending",
+                WireError::Malformed { field: "state part", .. } => "bad part",
+                WireError::Malformed { field: "state part length", .. } => "part too long",
                 WireError::Malformed { .. } => "too many buffers",
                 other => panic!("invalid message ({problem}) refused for another reason: {other}"),
             };
@@ -164,6 +168,12 @@ fn problem(msg: &Message, limits: Limits) -> Option<&'static str> {
             Some("members not ascending")
         }
         Message::Received { peers, .. } if !peers.windows(2).all(|w| w[0] < w[1]) => Some("not ascending"),
+        Message::StatePartRequest { part, parts, .. } | Message::StatePart { part, parts, .. }
+            if *parts == 0 || *parts > MAX_STATE_PARTS || part >= parts =>
+        {
+            Some("bad part")
+        }
+        Message::StatePart { bytes, .. } if bytes.len() > max_state_len(limits) => Some("part too long"),
         _ => None,
     }
 }
@@ -179,7 +189,7 @@ fn digest(u: &mut Unstructured) -> Result<Digest> {
 }
 
 fn message(u: &mut Unstructured, limits: Limits) -> Result<Message> {
-    Ok(match u.int_in_range(0..=14u8)? {
+    Ok(match u.int_in_range(0..=16u8)? {
         0 => Message::Gradient(GradientMsg {
             round: u.arbitrary()?,
             digest: digest(u)?,
@@ -265,8 +275,27 @@ fn message(u: &mut Unstructured, limits: Limits) -> Result<Message> {
                 m
             },
         },
+        14 => Message::StatePartRequest { fetch: u.arbitrary()?, part: part(u)?, parts: part(u)? },
+        15 => Message::StatePart {
+            part: part(u)?,
+            parts: part(u)?,
+            // Mostly a part's size; sometimes past what a state of this model can have.
+            bytes: {
+                let n = if u.ratio(1, 16)? {
+                    max_state_len(limits) + u.int_in_range(0..=4)?
+                } else {
+                    u.int_in_range(0..=64)?
+                };
+                (0..n).map(|_| u.arbitrary()).collect::<Result<_>>()?
+            },
+        },
         _ => Message::Refused { reason: u.arbitrary()? },
     })
+}
+
+/// A part number or count: mostly in range, sometimes 0 or past [`MAX_STATE_PARTS`].
+fn part(u: &mut Unstructured) -> Result<u16> {
+    if u.ratio(1, 8)? { u.arbitrary() } else { u.int_in_range(0..=MAX_STATE_PARTS) }
 }
 
 /// Int8 with one scale a block (any values), or top-k with mostly ascending indices below n
