@@ -355,12 +355,16 @@ impl StateAssembly {
         let bytes = match answer {
             Message::StatePart { part: p, parts, bytes } if p == part && parts == self.parts() => bytes,
             Message::StatePart { part: p, parts, .. } => {
-                return Err(malformed(format!("part {p} of {parts} answers part {part} of {}", self.parts())));
+                return Err(malformed(format!(
+                    "part {p} of {parts} answers part {part} of {}",
+                    self.parts()
+                )));
             }
             Message::Refused { reason } => return Err(malformed(format!("refused: {reason}"))),
             other => return Err(malformed(format!("answered with {}", other.kind_name()))),
         };
-        let slot = self.parts.get_mut(usize::from(part)).ok_or_else(|| malformed(format!("no part {part}")))?;
+        let slot =
+            self.parts.get_mut(usize::from(part)).ok_or_else(|| malformed(format!("no part {part}")))?;
         if slot.is_some() {
             return Err(malformed(format!("part {part} came twice")));
         }
