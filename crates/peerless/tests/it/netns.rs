@@ -66,22 +66,7 @@ fn prepare(dir: &Path, n: usize, train: &[&str], data: Option<&Path>) -> Vec<Pat
         init.arg("--data-dir").arg(d);
     }
     assert!(run(&mut init).status.success(), "run init");
-    (0..n)
-        .map(|i| {
-            let host = dir.join(format!("host{i}"));
-            std::fs::create_dir_all(&host).unwrap();
-            let o = run(peerless().args(["keygen", "--out"]).arg(host.join("identity.key")));
-            assert!(o.status.success(), "keygen");
-            let id = String::from_utf8(o.stdout).unwrap().trim().to_owned();
-            let o = run(peerless()
-                .args(["admit", "--run"])
-                .arg(dir.join("run"))
-                .args(["--peer", &id, "--role", "peer", "--index", &i.to_string(), "--out"])
-                .arg(host.join("cert")));
-            assert!(o.status.success(), "admit");
-            host
-        })
-        .collect()
+    (0..n).map(|i| admit(dir, &format!("host{i}"), "peer", Some(i)).0).collect()
 }
 
 /// Starts peer `i` in its namespace, dialling the peers before it.
@@ -105,9 +90,9 @@ fn start_node(hosts: &Hosts, dir: &Path, host: &Path, i: usize, role: &str, boot
     on(hosts, i, &cmd).stdout(Stdio::null()).stderr(log).spawn().expect("start a node")
 }
 
-/// A new host's identity (`keygen`) and certificate for `role` at the next free index
-/// (`admit` without `--index`), in `dir/<name>`; returns that directory and the index.
-fn admit_next(dir: &Path, name: &str, role: &str) -> (PathBuf, u64) {
+/// A new host's identity (`keygen`) and certificate for `role` at `index`, or at the next free
+/// one (`admit` without `--index`), in `dir/<name>`; returns that directory and the index.
+fn admit(dir: &Path, name: &str, role: &str, index: Option<usize>) -> (PathBuf, u64) {
     let host = dir.join(name);
     std::fs::create_dir_all(&host).unwrap();
     let o = run(peerless().args(["keygen", "--out"]).arg(host.join("identity.key")));
@@ -116,7 +101,9 @@ fn admit_next(dir: &Path, name: &str, role: &str) -> (PathBuf, u64) {
     let o = run(peerless()
         .args(["admit", "--run"])
         .arg(dir.join("run"))
-        .args(["--peer", &id, "--role", role, "--out"])
+        .args(["--peer", &id, "--role", role])
+        .args(index.map(|i| ["--index".to_owned(), i.to_string()]).into_iter().flatten())
+        .arg("--out")
         .arg(host.join("cert")));
     assert!(o.status.success(), "admit");
     let said = String::from_utf8_lossy(&o.stdout);
@@ -163,7 +150,7 @@ fn three_peers_on_three_hosts_train_mnist_with_functions_a_fourth_joins_and_all_
         nodes.0.push(start(&hosts, dir, h, i));
     }
     wait_for("the three to train", Duration::from_secs(300), || node_round(&host_dirs[0]) >= 100);
-    let (joiner, index) = admit_next(dir, "host3", "peer");
+    let (joiner, index) = admit(dir, "host3", "peer", None);
     assert_eq!(index, 3, "the next free index");
     nodes.0.push(start_node(&hosts, dir, &joiner, 3, "peer", &[hosts.multiaddr(0)]));
     host_dirs.push(joiner);
@@ -249,10 +236,10 @@ fn a_ps_and_three_workers_on_four_hosts_survive_the_ps_and_a_worker_killed_and_r
     init.args(["run", "init", "--arch", "ps", "--workers", "3", "--functions-per-worker", "1"]);
     init.args(["--dataset", "digits", "--rounds", "1500", "--lr", "0.05", "--checkpoint-every", "20"]);
     assert!(run(init.arg("--out").arg(dir.join("run"))).status.success(), "run init");
-    let (ps_dir, _) = admit_next(dir, "ps", "ps");
+    let (ps_dir, _) = admit(dir, "ps", "ps", None);
     let workers: Vec<PathBuf> = (0..3)
         .map(|i| {
-            let (w, index) = admit_next(dir, &format!("worker{i}"), "worker");
+            let (w, index) = admit(dir, &format!("worker{i}"), "worker", None);
             assert_eq!(index, i, "workers take indices 0..3");
             w
         })
