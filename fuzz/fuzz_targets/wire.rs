@@ -54,6 +54,7 @@ fuzz_target!(
                 Message::Members { members: vec![(0, "/ip4/10.0.0.1/tcp/4001".into()), (3, "/dns4/h/tcp/1".into())] },
                 Message::StatePartRequest { fetch: 17, part: 2, parts: 5 },
                 Message::StatePart { part: 1, parts: 3, bytes: b"PLW part of a state".to_vec() },
+                Message::LaneOffer { port: 40123, token: [9; 32] },
             ];
             // Mode byte 3: raw decoding with a 3-parameter model.
             msgs.iter().enumerate().map(|(i, m)| (format!("msg{i}"), [&[3u8][..], &encode(m)].concat())).collect()
@@ -189,7 +190,7 @@ fn digest(u: &mut Unstructured) -> Result<Digest> {
 }
 
 fn message(u: &mut Unstructured, limits: Limits) -> Result<Message> {
-    Ok(match u.int_in_range(0..=16u8)? {
+    Ok(match u.int_in_range(0..=17u8)? {
         0 => Message::Gradient(GradientMsg {
             round: u.arbitrary()?,
             digest: digest(u)?,
@@ -289,6 +290,7 @@ fn message(u: &mut Unstructured, limits: Limits) -> Result<Message> {
                 (0..n).map(|_| u.arbitrary()).collect::<Result<_>>()?
             },
         },
+        16 => Message::LaneOffer { port: u.arbitrary()?, token: u.arbitrary()? },
         _ => Message::Refused { reason: u.arbitrary()? },
     })
 }

@@ -114,6 +114,15 @@ pub enum Message {
         /// `(node index, multiaddr)`, indices strictly ascending, at most [`MAX_MEMBERS`].
         members: Vec<(u32, String)>,
     },
+    /// "Send me your gradients over a plain TCP connection to this port, first writing this
+    /// token" (`p2p.tensor_transport = "tcp"`): the tensor lane, offered over the authenticated
+    /// channel, so that a lane connection is only accepted from the peer the token was given to.
+    LaneOffer {
+        /// The TCP port of the sender's lane listener, on the address the receiver reaches it at.
+        port: u16,
+        /// A random token, good for this peer's lane connections to the sender.
+        token: [u8; LANE_TOKEN],
+    },
     /// A request was refused; the reason says why.
     Refused {
         /// Why.
@@ -269,7 +278,11 @@ mod kind {
     pub const MEMBERS: u8 = 15;
     pub const STATE_PART_REQUEST: u8 = 16;
     pub const STATE_PART: u8 = 17;
+    pub const LANE_OFFER: u8 = 18;
 }
+
+/// Bytes of a [`Message::LaneOffer`]'s token.
+pub const LANE_TOKEN: usize = 32;
 
 /// The codec byte of a [`Message::Compressed`].
 mod codec {
@@ -417,6 +430,7 @@ impl Message {
             Message::Heartbeat => "heartbeat",
             Message::Admit { .. } => "admit",
             Message::Members { .. } => "members",
+            Message::LaneOffer { .. } => "lane offer",
             Message::Refused { .. } => "refused",
         }
     }
@@ -531,6 +545,11 @@ pub fn encode(msg: &Message) -> Vec<u8> {
                 w.str(address);
             }
         }
+        Message::LaneOffer { port, token } => {
+            w.u8(kind::LANE_OFFER);
+            w.u16(*port);
+            w.0.extend_from_slice(token);
+        }
         Message::Refused { reason } => {
             w.u8(kind::REFUSED);
             w.str(reason);
@@ -640,6 +659,10 @@ pub fn decode(bytes: &[u8], limits: Limits) -> Result<Message, WireError> {
         kind::REFUSED => Message::Refused { reason: r.str("reason")? },
         kind::ADMIT => Message::Admit { certificate: r.certificate()?, address: r.str("address")? },
         kind::MEMBERS => Message::Members { members: r.members()? },
+        kind::LANE_OFFER => Message::LaneOffer {
+            port: r.u16("port")?,
+            token: r.take("token", LANE_TOKEN)?.try_into().expect("invariant: took LANE_TOKEN bytes"),
+        },
         other => return Err(WireError::UnknownKind(other)),
     };
     let left = bytes.len() - r.pos;
@@ -905,6 +928,7 @@ mod tests {
             Message::Admit { certificate: vec![], address: String::new() },
             Message::Members { members: vec![(0, "/ip4/10.0.0.1/tcp/4001".into()), (2, String::new())] },
             Message::Members { members: vec![] },
+            Message::LaneOffer { port: 40123, token: [7; LANE_TOKEN] },
             compressed(Compressed::Int8 { scales: vec![0.02], q: vec![-127, 0, 5, 127, 1] }),
             compressed(Compressed::TopK { n: 5, idx: vec![1, 4], vals: vec![-2.0, 3.5] }),
         ]

@@ -25,7 +25,16 @@ macro_rules! display_as_toml_name {
         }
     )*};
 }
-display_as_toml_name!(TrainArch, Compute, Aggregation, PsModeName, SyncMode, CompressionName, QuorumName);
+display_as_toml_name!(
+    TrainArch,
+    Compute,
+    Aggregation,
+    PsModeName,
+    SyncMode,
+    CompressionName,
+    QuorumName,
+    TensorTransport
+);
 
 /// Parses a configuration enum from the name its TOML uses (`"p2p"`, `"in-store"`, `"async"`):
 /// one spelling for files and flags, the error listing the names allowed.
@@ -420,6 +429,22 @@ pub struct P2pConfig {
     /// rounds' contributors, half with the lowest index; the others wait and then adopt its
     /// state) or `none` (every side trains on; a cut-off minority's work is lost at the heal).
     pub quorum: QuorumName,
+    /// How peers send each other their gradients: `libp2p` (the encrypted, authenticated
+    /// connection everything else uses) or `tcp` (a plain TCP connection per direction and
+    /// pair, opened with a token handed out over libp2p; several times cheaper, unencrypted
+    /// like PyTorch's gloo: for networks you trust).
+    pub tensor_transport: TensorTransport,
+}
+
+/// `p2p.tensor_transport`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum TensorTransport {
+    /// On the peers' libp2p connection (TCP + Noise + Yamux).
+    #[default]
+    Libp2p,
+    /// On a plain TCP lane per direction and pair.
+    Tcp,
 }
 
 /// `p2p.quorum`.
@@ -479,6 +504,7 @@ impl Default for P2pConfig {
             compression: CompressionName::None,
             topk_fraction: 0.01,
             quorum: QuorumName::Majority,
+            tensor_transport: TensorTransport::Libp2p,
         }
     }
 }

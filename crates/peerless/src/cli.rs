@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use clap::{Args, Parser, Subcommand};
 use peerless_ml::DatasetName;
 use peerless_runtime::config::{
-    Aggregation, CompressionName, Compute, PsModeName, SyncMode, TrainArch, parse_name,
+    Aggregation, CompressionName, Compute, PsModeName, SyncMode, TensorTransport, TrainArch, parse_name,
 };
 
 /// peerless: serverless peer-to-peer ML training, and the parameter-server baseline it is
@@ -249,6 +249,11 @@ pub struct TrainArgs {
     /// (the `p2p.topk_fraction` largest), with error feedback.
     #[arg(long, value_parser = parse_name::<CompressionName>)]
     pub compression: Option<CompressionName>,
+    /// `p2p.tensor_transport`: how peers send each other gradients: `libp2p` (encrypted) or
+    /// `tcp` (a plain TCP lane per pair, opened with a token sent over libp2p; unencrypted,
+    /// like PyTorch's gloo: for networks you trust).
+    #[arg(long, value_parser = parse_name::<TensorTransport>)]
+    pub tensor_transport: Option<TensorTransport>,
     /// `launcher.netns`: each node on a host of its own (a network namespace with its own
     /// address, linked through a bridge); partitions and bandwidth caps on real links. Root
     /// and iproute2 only.
@@ -318,6 +323,10 @@ pub struct BenchP2pArgs {
     /// `ddp` (PyTorch DistributedDataParallel over gloo, one thread per rank).
     #[arg(long, value_enum)]
     pub against: Option<Against>,
+    /// `p2p.tensor_transport` of the peerless runs [default: `tcp` with `--against ddp`, the
+    /// same trust as gloo's plain TCP; else `libp2p`].
+    #[arg(long, value_parser = parse_name::<TensorTransport>)]
+    pub tensor_transport: Option<TensorTransport>,
     /// The Python to run the reference with [default: $PEERLESS_PYTHON, else python3].
     #[arg(long, requires = "against")]
     pub python: Option<String>,

@@ -240,6 +240,9 @@ impl TrainArgs {
         if let Some(c) = self.compression {
             cfg.p2p.compression = c;
         }
+        if let Some(t) = self.tensor_transport {
+            cfg.p2p.tensor_transport = t;
+        }
         if self.netns {
             cfg.launcher.netns = true;
         }

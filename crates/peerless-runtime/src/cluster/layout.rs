@@ -60,7 +60,16 @@ pub(super) fn lay_out(
         Some(h) if faults::network_faults(faults) => {
             Net::Hosts { hosts: h.clone(), cuts: Vec::new(), caps: Vec::new() }
         }
-        None if faults::network_faults(faults) => Net::Proxy(Proxy::new()?),
+        None if faults::network_faults(faults) => {
+            if arch == TrainArch::P2p && cfg.p2p.tensor_transport == crate::config::TensorTransport::Tcp {
+                anyhow::bail!(
+                    "p2p.tensor_transport = \"tcp\" with network faults (partition, delay, bandwidth) needs \
+                     launcher.netns: the loopback fault proxy stands between libp2p connections and would not \
+                     see the tensor lanes. Use --netns, or tensor_transport = \"libp2p\""
+                );
+            }
+            Net::Proxy(Proxy::new()?)
+        }
         _ => Net::None,
     };
     let (injector, skipped) = Injector::new(faults, arch, n, nodes, net, cfg.seed);

@@ -12,7 +12,6 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use libp2p::PeerId;
-use libp2p::swarm::SwarmEvent;
 use peerless_core::cost::Prices;
 use peerless_core::flat::digest;
 use peerless_core::protocol::PeerIdx;
@@ -20,9 +19,8 @@ use peerless_core::wire::Limits;
 use peerless_ml::{Model, ModelSpec, Split};
 use tokio::sync::{mpsc, watch};
 
-use super::net::{Members, Net, NetEvent};
+use super::net::{Members, Net, NetEvent, Raw};
 use super::sampler::Sampler;
-use super::transport::BehaviourEvent;
 use super::work::LocalResult;
 use super::{
     Files, NodeError, NodeEvent, NodeFile, NodeLine, NodeRow, NodeSummary, Progress, io_err, unix_ms,
@@ -69,6 +67,8 @@ pub(crate) struct Node {
 pub(crate) struct NetPlan {
     pub(crate) members: Members,
     pub(crate) request_timeout: Duration,
+    /// Whether it offers and uses tensor lanes (`p2p.tensor_transport = "tcp"`, peers only).
+    pub(crate) lane: bool,
 }
 
 impl Node {
@@ -85,7 +85,7 @@ impl Node {
         };
         let model = Arc::new(Model::new(spec, run.model.backend)?);
         let limits = Limits { params: model.num_params() };
-        let (net, my_id) = Net::open(&file, plan.members, limits, plan.request_timeout)?;
+        let (net, my_id) = Net::open(&file, plan.members, limits, plan.request_timeout, plan.lane)?;
         let cluster = &run.cluster;
         let sampler = Arc::new(Sampler::new(
             split.train.len(),
@@ -278,7 +278,7 @@ pub(crate) struct Outcome<'a> {
 
 /// What woke the loop.
 enum Wake {
-    Net(Box<SwarmEvent<BehaviourEvent>>),
+    Net(Box<Raw>),
     Computed(Computed),
     Evaluated(Evaluation),
     Timer,

@@ -46,6 +46,14 @@ pub enum NodeEvent {
         /// Its peer id.
         peer_id: String,
     },
+    /// This node's tensor lane to node `to` is up: its gradients go there on plain TCP
+    /// (`p2p.tensor_transport = "tcp"`).
+    TensorLane {
+        /// Node index.
+        to: PeerIdx,
+        /// The lane's address.
+        addr: String,
+    },
     /// The last connection to node `to` closed.
     Disconnected {
         /// Node index.

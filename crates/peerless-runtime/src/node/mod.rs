@@ -32,6 +32,7 @@ pub(crate) mod driver;
 mod events;
 mod file;
 mod files;
+mod lane;
 pub(crate) mod net;
 pub(crate) mod replica;
 mod row;

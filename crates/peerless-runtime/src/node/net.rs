@@ -1,9 +1,11 @@
 //! A node's network: the libp2p swarm with the run's identities, the bytes it moved, and its
 //! events sorted into what a role acts on (connections by node index, decoded requests and
 //! answers). Admission (allow-list or certificates, [`super::admit`]), refusals, listening
-//! addresses and requests from unknown peers are handled here.
+//! addresses and requests from unknown peers are handled here, and so is the tensor lane
+//! ([`super::lane`]): offered to each peer once it is ready, used for gradients while it is up.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
+use std::net::{IpAddr, SocketAddr};
 use std::path::Path;
 use std::time::Duration;
 
@@ -16,8 +18,34 @@ use peerless_core::protocol::PeerIdx;
 use peerless_core::wire::{self, Limits, Message, WireError};
 
 use super::admit::{Denial, Gate};
+use super::lane::{Lane, LaneEvent, Token};
 use super::transport::{self, Behaviour, BehaviourEvent};
 use super::{Files, NodeError, NodeEvent, NodeFile, io_err};
+
+/// An outbound request: on the swarm, or on the tensor lane.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub(crate) enum ReqId {
+    Swarm(OutboundRequestId),
+    Lane(u64),
+}
+
+/// Where the answer to a request goes.
+#[derive(Debug)]
+pub(crate) enum Reply {
+    Swarm(ResponseChannel<Bytes>),
+    /// Request `id` of incoming lane connection `conn`.
+    Lane {
+        conn: u64,
+        id: u64,
+    },
+}
+
+/// What woke a node from its network: the swarm or the tensor lane.
+#[derive(Debug)]
+pub(crate) enum Raw {
+    Swarm(SwarmEvent<BehaviourEvent>),
+    Lane(LaneEvent),
+}
 
 /// What a role acts on from the network.
 #[derive(Debug)]
@@ -28,11 +56,11 @@ pub(crate) enum NetEvent {
     /// The last connection to node `node` closed.
     Disconnected { node: PeerIdx },
     /// Node `from` asks something; the answer goes to `channel`.
-    Request { from: PeerIdx, msg: Result<Message, WireError>, channel: ResponseChannel<Bytes> },
+    Request { from: PeerIdx, msg: Result<Message, WireError>, channel: Reply },
     /// The answer to request `id`.
-    Answer { id: OutboundRequestId, msg: Result<Message, WireError> },
+    Answer { id: ReqId, msg: Result<Message, WireError> },
     /// Request `id` failed (no connection, timeout, the other side hung up).
-    Failed { id: OutboundRequestId, error: String },
+    Failed { id: ReqId, error: String },
 }
 
 /// Whom a node admits.
@@ -61,6 +89,12 @@ pub(crate) struct Net {
     /// Whether it tells members where to dial it and the others (`node.share_addresses`).
     share: bool,
     limits: Limits,
+    /// The tensor lane (`p2p.tensor_transport = "tcp"`), if this node offers and uses one.
+    lane: Option<Lane>,
+    /// The address each connected peer was reached at (a lane is dialled there).
+    remote_ip: HashMap<PeerId, IpAddr>,
+    /// Lane offers in flight (their answers are dropped).
+    offers: HashSet<OutboundRequestId>,
     /// Bytes received (requests and answers).
     pub(crate) bytes_in: u64,
     /// Bytes sent (requests and answers).
@@ -71,12 +105,14 @@ pub(crate) struct Net {
 }
 
 impl Net {
-    /// Node `file.node.index`'s swarm admitting `members`, listening on `file.node.listen`.
+    /// Node `file.node.index`'s swarm admitting `members`, listening on `file.node.listen`,
+    /// with a tensor lane on the same address when `lane`.
     pub(crate) fn open(
         file: &NodeFile,
         members: Members,
         limits: Limits,
         request_timeout: Duration,
+        lane: bool,
     ) -> Result<(Net, PeerId), NodeError> {
         let me = file.node.index;
         let keypair = identity(file)?;
@@ -99,6 +135,10 @@ impl Net {
             file.node.listen.parse().map_err(|e| NodeError::Config(format!("node.listen: {e}")))?;
         // libp2p's error prints empty for an I/O error (a port in use): show its cause.
         let shown = listen.to_string();
+        let lane = match lane {
+            true => Some(open_lane(&listen)?),
+            false => None,
+        };
         swarm
             .listen_on(listen)
             .map_err(|e| NodeError::Network(format!("cannot listen on {shown}: {e:?}")))?;
@@ -116,6 +156,9 @@ impl Net {
             address,
             share,
             limits,
+            lane,
+            remote_ip: HashMap::new(),
+            offers: HashSet::new(),
             bytes_in: 0,
             bytes_out: 0,
             refused: 0,
@@ -128,26 +171,45 @@ impl Net {
         self.limits
     }
 
-    /// The next swarm event (to be sorted by [`Net::sort`]).
-    pub(crate) async fn next(&mut self) -> SwarmEvent<BehaviourEvent> {
+    /// The next event of the swarm or the lane (to be sorted by [`Net::sort`]).
+    pub(crate) async fn next(&mut self) -> Raw {
         use futures::StreamExt;
-        self.swarm.select_next_some().await
+        match &mut self.lane {
+            None => Raw::Swarm(self.swarm.select_next_some().await),
+            Some(lane) => tokio::select! {
+                ev = self.swarm.select_next_some() => Raw::Swarm(ev),
+                ev = lane.next() => Raw::Lane(ev),
+            },
+        }
     }
 
     /// Sends `bytes` (an encoded message) to node `to`, dialling it if needed.
-    pub(crate) fn request(&mut self, to: PeerIdx, bytes: Bytes) -> Option<OutboundRequestId> {
+    pub(crate) fn request(&mut self, to: PeerIdx, bytes: Bytes) -> Option<ReqId> {
         let id = (*self.ids.get(to as usize)?)?;
-        Some(self.send(id, bytes))
+        Some(ReqId::Swarm(self.send(id, bytes)))
     }
 
     /// Sends `bytes` (an encoded message) to node `to` if it is connected.
-    pub(crate) fn request_connected(&mut self, to: PeerIdx, bytes: Bytes) -> Option<OutboundRequestId> {
+    pub(crate) fn request_connected(&mut self, to: PeerIdx, bytes: Bytes) -> Option<ReqId> {
         let id = (*self.ids.get(to as usize)?)?;
         let up = match &self.gate {
             Some(g) => g.is_ready(&id),
             None => self.swarm.is_connected(&id),
         };
-        up.then(|| self.send(id, bytes))
+        up.then(|| ReqId::Swarm(self.send(id, bytes)))
+    }
+
+    /// Sends `bytes` (an encoded gradient) to node `to`: on its tensor lane when one is up,
+    /// else as [`Net::request_connected`] does.
+    pub(crate) fn request_tensor(&mut self, to: PeerIdx, bytes: Bytes) -> Option<ReqId> {
+        if let Some(lane) = self.lane.as_mut().filter(|l| l.is_up(to)) {
+            let n = bytes.len() as u64;
+            if let Some(id) = lane.request(to, bytes.clone()) {
+                self.bytes_out += n;
+                return Some(ReqId::Lane(id));
+            }
+        }
+        self.request_connected(to, bytes)
     }
 
     fn send(&mut self, id: PeerId, bytes: Bytes) -> OutboundRequestId {
@@ -156,14 +218,23 @@ impl Net {
     }
 
     /// Answers a request with `msg`.
-    pub(crate) fn answer(&mut self, channel: ResponseChannel<Bytes>, msg: &Message) {
+    pub(crate) fn answer(&mut self, channel: Reply, msg: &Message) {
         self.answer_bytes(channel, frame(msg));
     }
 
     /// Answers a request with already encoded bytes (one encoding sent to many).
-    pub(crate) fn answer_bytes(&mut self, channel: ResponseChannel<Bytes>, bytes: Bytes) {
+    pub(crate) fn answer_bytes(&mut self, channel: Reply, bytes: Bytes) {
         self.bytes_out += bytes.len() as u64;
-        let _ = self.swarm.behaviour_mut().rr.send_response(channel, bytes);
+        match channel {
+            Reply::Swarm(ch) => {
+                let _ = self.swarm.behaviour_mut().rr.send_response(ch, bytes);
+            }
+            Reply::Lane { conn, id } => {
+                if let Some(lane) = &self.lane {
+                    lane.answer(conn, id, bytes);
+                }
+            }
+        }
     }
 
     /// Dials `addr` (a failure shows up as no connection).
@@ -171,9 +242,16 @@ impl Net {
         let _ = self.swarm.dial(addr.clone());
     }
 
-    /// Sorts a swarm event: what a role acts on is returned (a request of a peer that turns
+    /// Sorts a network event: what a role acts on is returned (a request of a peer that turns
     /// out to be ready comes after its `Connected`); the rest is recorded or dropped.
-    pub(crate) fn sort(&mut self, ev: SwarmEvent<BehaviourEvent>, files: &mut Files) -> Vec<NetEvent> {
+    pub(crate) fn sort(&mut self, ev: Raw, files: &mut Files) -> Vec<NetEvent> {
+        match ev {
+            Raw::Swarm(ev) => self.sort_swarm(ev, files),
+            Raw::Lane(ev) => self.sort_lane(ev, files),
+        }
+    }
+
+    fn sort_swarm(&mut self, ev: SwarmEvent<BehaviourEvent>, files: &mut Files) -> Vec<NetEvent> {
         let me = self.me;
         match ev {
             SwarmEvent::NewListenAddr { address, .. } => {
@@ -186,6 +264,9 @@ impl Net {
             }
             SwarmEvent::ConnectionEstablished { peer_id, endpoint, num_established, .. } => {
                 let dialed = endpoint.is_dialer().then(|| endpoint.get_remote_address().clone());
+                if let Some(ip) = ip_of(endpoint.get_remote_address()) {
+                    self.remote_ip.insert(peer_id, ip);
+                }
                 if self.gate.is_some() {
                     return self.opened(peer_id, dialed).into_iter().collect();
                 }
@@ -193,6 +274,7 @@ impl Net {
                 let first = num_established.get() == 1;
                 if first {
                     files.event(me, &NodeEvent::Connected { to: node, peer_id: peer_id.to_string() });
+                    self.offer_lane(peer_id, node);
                 }
                 vec![NetEvent::Connected { node, first, dialed }]
             }
@@ -203,7 +285,9 @@ impl Net {
                     return Vec::new();
                 }
                 files.event(me, &NodeEvent::Disconnected { to: node });
-                vec![NetEvent::Disconnected { node }]
+                let mut out = self.forget_lane(node);
+                out.push(NetEvent::Disconnected { node });
+                out
             }
             SwarmEvent::IncomingConnectionError {
                 error: ListenError::Denied { .. },
@@ -260,26 +344,34 @@ impl Net {
                     return self.certified_request(peer, msg, channel, files);
                 }
                 let Some(&from) = self.index_of.get(&peer) else {
-                    self.answer(channel, &Message::Refused { reason: "unknown peer".into() });
+                    self.answer(Reply::Swarm(channel), &Message::Refused { reason: "unknown peer".into() });
                     return Vec::new();
                 };
                 match msg {
                     Ok(Message::Admit { .. }) => {
                         let reason = "this node admits by peer id (allow-list), not by certificate";
-                        self.answer(channel, &Message::Refused { reason: reason.into() });
+                        self.answer(Reply::Swarm(channel), &Message::Refused { reason: reason.into() });
                         return Vec::new();
                     }
                     Ok(Message::Members { .. }) => {
-                        self.answer(channel, &Message::Ack);
+                        self.answer(Reply::Swarm(channel), &Message::Ack);
+                        return Vec::new();
+                    }
+                    Ok(Message::LaneOffer { port, token }) => {
+                        self.answer(Reply::Swarm(channel), &Message::Ack);
+                        self.take_lane(peer, from, port, token);
                         return Vec::new();
                     }
                     _ => {}
                 }
-                vec![NetEvent::Request { from, msg, channel }]
+                vec![NetEvent::Request { from, msg, channel: Reply::Swarm(channel) }]
             }
             Event::Message { peer, message: Rr::Response { request_id, response }, .. } => {
                 self.bytes_in += response.len() as u64;
                 let msg = decode(&response, self.limits);
+                if self.offers.remove(&request_id) {
+                    return Vec::new();
+                }
                 if let Some(g) = self.gate.as_mut()
                     && g.take_ask(&request_id).is_some()
                 {
@@ -290,16 +382,20 @@ impl Net {
                 {
                     return Vec::new();
                 }
-                vec![NetEvent::Answer { id: request_id, msg }]
+                vec![NetEvent::Answer { id: ReqId::Swarm(request_id), msg }]
             }
             Event::OutboundFailure { request_id, error, peer, .. } => {
+                if self.offers.remove(&request_id) {
+                    tracing::debug!(node = self.me, %peer, %error, "offering the tensor lane failed");
+                    return Vec::new();
+                }
                 if let Some(g) = self.gate.as_mut()
                     && (g.take_ask(&request_id).is_some() || g.take_telling(&request_id))
                 {
                     tracing::debug!(node = self.me, %peer, %error, "presenting the certificate or the members failed");
                     return Vec::new();
                 }
-                vec![NetEvent::Failed { id: request_id, error: error.to_string() }]
+                vec![NetEvent::Failed { id: ReqId::Swarm(request_id), error: error.to_string() }]
             }
             Event::InboundFailure { .. } | Event::ResponseSent { .. } => Vec::new(),
         }
@@ -314,6 +410,7 @@ impl Net {
         channel: ResponseChannel<Bytes>,
         files: &mut Files,
     ) -> Vec<NetEvent> {
+        let channel = Reply::Swarm(channel);
         let gate = self.gate.as_mut().expect("invariant: called under admission by certificate");
         if let Ok(Message::Admit { certificate, address }) = &msg {
             return match gate.check(&peer, certificate, unix_s()) {
@@ -355,6 +452,11 @@ impl Net {
         // overtake its answer to this node's `Admit`.
         let mut out: Vec<NetEvent> =
             gate.accepted(peer).then(|| self.ready(peer, from, files)).into_iter().collect();
+        if let Ok(Message::LaneOffer { port, token }) = msg {
+            self.answer(channel, &Message::Ack);
+            self.take_lane(peer, from, port, token);
+            return out;
+        }
         out.push(NetEvent::Request { from, msg, channel });
         out
     }
@@ -408,6 +510,7 @@ impl Net {
     fn ready(&mut self, peer: PeerId, index: PeerIdx, files: &mut Files) -> NetEvent {
         files.event(self.me, &NodeEvent::Connected { to: index, peer_id: peer.to_string() });
         self.tell_members(peer);
+        self.offer_lane(peer, index);
         let dialed = self.gate.as_ref().and_then(|g| g.dialed(&peer));
         NetEvent::Connected { node: index, first: true, dialed }
     }
@@ -443,6 +546,89 @@ impl Net {
         }
     }
 
+    /// Offers `peer` (node `node`), now ready, this node's tensor lane with a fresh token.
+    fn offer_lane(&mut self, peer: PeerId, node: PeerIdx) {
+        let Some(lane) = self.lane.as_mut() else { return };
+        let port = lane.port();
+        match lane.issue(node) {
+            Ok(token) => {
+                let id = self.send(peer, frame(&Message::LaneOffer { port, token }));
+                self.offers.insert(id);
+            }
+            Err(e) => {
+                tracing::warn!(node = self.me, to = node, error = %e, "no token for a tensor lane: gradients to this node go over libp2p")
+            }
+        }
+    }
+
+    /// `peer` (node `node`) offered its lane: dialled at the address its connection came from
+    /// (when this node uses lanes; else its gradients go over libp2p).
+    fn take_lane(&mut self, peer: PeerId, node: PeerIdx, port: u16, token: Token) {
+        let (Some(lane), Some(ip)) = (self.lane.as_ref(), self.remote_ip.get(&peer)) else { return };
+        lane.dial(node, SocketAddr::new(*ip, port), token);
+    }
+
+    /// Node `node` is gone: its lane too; its gradients in flight there failed.
+    fn forget_lane(&mut self, node: PeerIdx) -> Vec<NetEvent> {
+        let Some(lane) = self.lane.as_mut() else { return Vec::new() };
+        failed(lane.forget(node), "the peer disconnected")
+    }
+
+    /// Sorts an event of the tensor lane.
+    fn sort_lane(&mut self, ev: LaneEvent, files: &mut Files) -> Vec<NetEvent> {
+        let me = self.me;
+        let lane = self.lane.as_mut().expect("invariant: lane events come from a lane");
+        match ev {
+            LaneEvent::Accepted { token, stream } => {
+                let addr = stream.peer_addr().map(|a| a.to_string()).unwrap_or_default();
+                if lane.accepted(&token, stream).is_none() {
+                    self.refused += 1;
+                    tracing::warn!(node = me, %addr, "refused a tensor-lane connection with an unknown token");
+                    let reason = "tensor lane: unknown token".into();
+                    files.event(me, &NodeEvent::Refused { peer_id: String::new(), addr, reason });
+                }
+                Vec::new()
+            }
+            LaneEvent::Dialed { peer, stream } => {
+                let addr = stream.peer_addr().map(|a| a.to_string()).unwrap_or_default();
+                tracing::debug!(node = me, to = peer, %addr, "tensor lane up");
+                files.event(me, &NodeEvent::TensorLane { to: peer, addr });
+                failed(lane.dialed(peer, stream), "a newer lane replaced it")
+            }
+            LaneEvent::DialFailed { peer, error } => {
+                tracing::warn!(node = me, to = peer, %error, "the tensor lane could not be opened: gradients to this peer go over libp2p");
+                Vec::new()
+            }
+            LaneEvent::Request { peer, conn, id, bytes } => {
+                self.bytes_in += bytes.len() as u64;
+                let channel = Reply::Lane { conn, id };
+                match decode(&bytes, self.limits) {
+                    Ok(Message::Gradient(g)) => {
+                        vec![NetEvent::Request { from: peer, msg: Ok(Message::Gradient(g)), channel }]
+                    }
+                    Ok(m) => {
+                        let reason =
+                            format!("only gradients travel on the tensor lane, not a {}", m.kind_name());
+                        self.answer(channel, &Message::Refused { reason });
+                        Vec::new()
+                    }
+                    Err(e) => vec![NetEvent::Request { from: peer, msg: Err(e), channel }],
+                }
+            }
+            LaneEvent::Answer { id, bytes } => {
+                if !lane.answered(id) {
+                    return Vec::new();
+                }
+                self.bytes_in += bytes.len() as u64;
+                vec![NetEvent::Answer { id: ReqId::Lane(id), msg: decode(&bytes, self.limits) }]
+            }
+            LaneEvent::Closed { peer, conn, error } => {
+                tracing::debug!(node = me, peer, %error, "a tensor-lane connection closed");
+                failed(lane.closed(peer, conn), "the tensor lane closed")
+            }
+        }
+    }
+
     /// Records that `peer` was refused for `denial`.
     fn refuse(&mut self, peer: PeerId, denial: &Denial, files: &mut Files) {
         self.refused += 1;
@@ -454,6 +640,31 @@ impl Net {
             &NodeEvent::Refused { peer_id: peer.to_string(), addr, reason: denial.reason.into() },
         );
     }
+}
+
+/// The failures of lane requests `orphans`, for `why`.
+fn failed(orphans: Vec<(u64, Bytes)>, why: &str) -> Vec<NetEvent> {
+    orphans.into_iter().map(|(id, _)| NetEvent::Failed { id: ReqId::Lane(id), error: why.into() }).collect()
+}
+
+/// The IP address in `addr`, if it has one.
+fn ip_of(addr: &Multiaddr) -> Option<IpAddr> {
+    use libp2p::multiaddr::Protocol;
+    addr.iter().find_map(|p| match p {
+        Protocol::Ip4(ip) => Some(IpAddr::V4(ip)),
+        Protocol::Ip6(ip) => Some(IpAddr::V6(ip)),
+        _ => None,
+    })
+}
+
+/// The tensor lane of a node listening at `listen`: on the same IP address, any free port.
+fn open_lane(listen: &Multiaddr) -> Result<Lane, NodeError> {
+    let ip = ip_of(listen).ok_or_else(|| {
+        NodeError::Config(format!(
+            "p2p.tensor_transport = \"tcp\" needs node.listen to name an IP address, not {listen}"
+        ))
+    })?;
+    Lane::listen(ip).map_err(|e| NodeError::Network(format!("cannot open the tensor lane on {ip}: {e}")))
 }
 
 /// Unix time, seconds (certificates expire by it).

@@ -12,7 +12,6 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use libp2p::Multiaddr;
-use libp2p::request_response::{OutboundRequestId, ResponseChannel};
 use peerless_core::flat::digest;
 use peerless_core::p2p::Input;
 use peerless_core::protocol::PeerIdx;
@@ -20,7 +19,7 @@ use peerless_core::wire::{self, Message, StateAssembly, WireError};
 
 use super::heartbeat::Heartbeats;
 use crate::node::driver::Node;
-use crate::node::net::{Net, NetEvent, frame};
+use crate::node::net::{Net, NetEvent, Reply, ReqId, frame};
 use crate::node::{NodeError, NodeEvent};
 
 /// What an outbound request was.
@@ -41,7 +40,7 @@ pub(super) enum Pending {
 struct PartRequests {
     fetch: u64,
     parts: u16,
-    channels: BTreeMap<u16, ResponseChannel<Bytes>>,
+    channels: BTreeMap<u16, Reply>,
 }
 
 /// The peer's side of its connections.
@@ -52,10 +51,10 @@ pub(super) struct Links {
     last_dial: Option<Instant>,
     /// Addresses this peer dialled and is connected to.
     connected: HashMap<PeerIdx, Multiaddr>,
-    outbound: HashMap<OutboundRequestId, (PeerIdx, Pending)>,
+    outbound: HashMap<ReqId, (PeerIdx, Pending)>,
     /// State requests, answered when the round machine serves its state (at once while it
     /// computes, else at the next round boundary).
-    state_channels: BTreeMap<PeerIdx, Vec<ResponseChannel<Bytes>>>,
+    state_channels: BTreeMap<PeerIdx, Vec<Reply>>,
     /// Requests for the parts of a state, by requester: its fetch, how many parts it asked
     /// for, and the channel of each part in so far.
     part_channels: BTreeMap<PeerIdx, PartRequests>,
@@ -130,9 +129,14 @@ impl Links {
         self.outbound.values().all(|(_, kind)| *kind == Pending::Heartbeat)
     }
 
-    /// Sends `bytes` to `to` if it is connected; true when sent.
+    /// Sends `bytes` to `to` if it is connected; true when sent. Gradients go on the tensor
+    /// lane when one is up.
     pub(super) fn send(&mut self, net: &mut Net, to: PeerIdx, bytes: Bytes, kind: Pending) -> bool {
-        let Some(id) = net.request_connected(to, bytes) else { return false };
+        let sent = match kind {
+            Pending::Gradient(_) => net.request_tensor(to, bytes),
+            _ => net.request_connected(to, bytes),
+        };
+        let Some(id) = sent else { return false };
         self.outbound.insert(id, (to, kind));
         true
     }
@@ -186,7 +190,7 @@ impl Links {
     }
 
     /// The channels of every part `to` asked for, when all of them are in (taken).
-    fn complete_parts(&mut self, to: PeerIdx) -> Option<BTreeMap<u16, ResponseChannel<Bytes>>> {
+    fn complete_parts(&mut self, to: PeerIdx) -> Option<BTreeMap<u16, Reply>> {
         let r = self.part_channels.get(&to)?;
         if r.channels.len() != usize::from(r.parts) {
             return None;
@@ -253,7 +257,7 @@ impl Links {
         node: &mut Node,
         from: PeerIdx,
         msg: Result<Message, WireError>,
-        channel: ResponseChannel<Bytes>,
+        channel: Reply,
     ) -> Option<Input> {
         let msg = match msg {
             Ok(Message::StateRequest) => {

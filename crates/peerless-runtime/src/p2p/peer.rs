@@ -45,6 +45,7 @@ pub async fn run(
         // Peers beyond the starting members join while the run trains.
         members: members(&file, MAX_PEERS, vec![peerless_core::admission::Role::Peer])?,
         request_timeout: Duration::from_millis(3 * cluster.deadline_ceiling_ms + cluster.start_timeout_ms),
+        lane: file.run.p2p.tensor_transport == crate::config::TensorTransport::Tcp,
     };
     let mut node = Node::open(file, data_dir, plan)?;
     let mut peer = Peer::start(&mut node, command).await?;

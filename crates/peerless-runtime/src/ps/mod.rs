@@ -36,6 +36,8 @@ fn plan(file: &NodeFile, accepts: Role) -> Result<NetPlan, NodeError> {
         request_timeout: Duration::from_millis(
             3 * cluster.deadline_ceiling_ms + cluster.start_timeout_ms + 3_600_000,
         ),
+        // Workers push one gradient a round to one PS: the lane is a peer-to-peer matter.
+        lane: false,
     })
 }
 

@@ -6,14 +6,13 @@ use std::collections::{HashMap, HashSet};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use libp2p::request_response::ResponseChannel;
 use peerless_core::protocol::{DeadlinePolicy, PeerIdx};
 use peerless_core::ps::{Ps, PsAction, PsConfig, PsInput};
 use peerless_core::wire::{Message, WireError};
 
 use crate::config::PsModeName;
 use crate::node::driver::{Node, Outcome, Role};
-use crate::node::net::{NetEvent, frame};
+use crate::node::net::{NetEvent, Reply, frame};
 use crate::node::replica::Replica;
 use crate::node::work::LocalResult;
 use crate::node::{NodeError, NodeEvent, NodeLine, NodeRow, NodeSummary, Progress};
@@ -28,7 +27,7 @@ pub(crate) struct Server {
     /// Model versions to publish (rounds × versions per round).
     total: u64,
     /// Requests for a version not yet published: (version, channel).
-    parked: Vec<(u64, ResponseChannel<Bytes>)>,
+    parked: Vec<(u64, Reply)>,
     /// The version each worker last pushed for (its turn there is used up).
     pushed: HashMap<PeerIdx, u64>,
     /// The newest version, encoded once for every worker.
@@ -177,7 +176,7 @@ impl Server {
         node: &mut Node,
         w: PeerIdx,
         msg: Result<Message, WireError>,
-        channel: ResponseChannel<Bytes>,
+        channel: Reply,
     ) -> Option<PsInput> {
         match msg {
             // Answer at once unless this worker already contributed to the current version

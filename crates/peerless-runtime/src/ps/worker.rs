@@ -7,7 +7,6 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use libp2p::Multiaddr;
-use libp2p::request_response::OutboundRequestId;
 use peerless_core::compress::ErrorFeedback;
 use peerless_core::flat::digest;
 use peerless_core::protocol::PeerIdx;
@@ -18,7 +17,7 @@ use peerless_core::worker::{Worker as Machine, WorkerAction, WorkerConfig, Worke
 use crate::config::PsModeName;
 use crate::function::FunctionCommand;
 use crate::node::driver::{Ending, Node, Outcome, Role};
-use crate::node::net::{NetEvent, frame};
+use crate::node::net::{NetEvent, ReqId, frame};
 use crate::node::work::{LocalResult, Work};
 use crate::node::{NodeError, NodeEvent, NodeLine, NodeRow, NodeSummary};
 
@@ -30,9 +29,9 @@ pub(crate) struct Worker {
     ps: PeerIdx,
     ps_addr: Multiaddr,
     /// The fetch in flight.
-    asking: Option<OutboundRequestId>,
+    asking: Option<ReqId>,
     /// The push in flight.
-    pushing: Option<OutboundRequestId>,
+    pushing: Option<ReqId>,
     /// The model the last fetch brought.
     fetched: Option<ParamsMsg>,
     fetched_at: Instant,
@@ -133,7 +132,7 @@ impl Worker {
     }
 
     /// Which request in flight `id` ends (it is no longer in flight), if any.
-    fn answered(&mut self, id: OutboundRequestId) -> Option<Request> {
+    fn answered(&mut self, id: ReqId) -> Option<Request> {
         if Some(id) == self.pushing {
             self.pushing = None;
             return Some(Request::Push);

@@ -264,6 +264,11 @@ fn base_config(args: &crate::cli::BenchP2pArgs) -> RunConfig {
         (None, Some(crate::cli::Against::Ddp)) => cfg.cluster.functions_per_node = 1,
         (None, None) => {}
     }
+    cfg.p2p.tensor_transport = match (args.tensor_transport, args.against) {
+        (Some(t), _) => t,
+        (None, Some(crate::cli::Against::Ddp)) => peerless_runtime::config::TensorTransport::Tcp,
+        (None, None) => peerless_runtime::config::TensorTransport::Libp2p,
+    };
     cfg
 }
 

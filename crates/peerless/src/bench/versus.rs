@@ -63,6 +63,8 @@ pub struct Versus {
     pub passes: usize,
     /// Gradient functions per peer.
     pub functions_per_peer: u32,
+    /// `p2p.tensor_transport` of the peerless runs.
+    pub tensor_transport: String,
     /// Samples per node per round (a DDP rank's batch).
     pub batch_per_node: usize,
     /// torch's version, when DDP ran.
@@ -96,6 +98,7 @@ pub fn run_cli(args: &crate::cli::BenchP2pArgs, cfg: &RunConfig, dir: &Path) -> 
         rounds,
         passes: args.passes.max(1),
         functions_per_peer: cfg.cluster.functions_per_node,
+        tensor_transport: cfg.p2p.tensor_transport.to_string(),
         batch_per_node: batch_per_node(cfg),
         torch,
         torch_note: note,
@@ -275,7 +278,8 @@ fn print(v: &Versus) {
     let reference = v.torch.as_ref().map_or_else(|| "PyTorch DDP".to_owned(), |t| format!("PyTorch {t} DDP"));
     println!(
         "\npeerless P2P vs {reference} (gloo, 1 thread per rank): {} on {}, batch {} per node \
-         ({} function{} per peer), {} rounds = steps, medians of {} interleaved pass{}",
+         ({} function{} per peer), {} rounds = steps, medians of {} interleaved pass{}; \
+         peerless's gradients over {}",
         v.model,
         v.dataset,
         v.batch_per_node,
@@ -284,6 +288,10 @@ fn print(v: &Versus) {
         v.rounds,
         v.passes,
         if v.passes == 1 { "" } else { "es" },
+        match v.tensor_transport.as_str() {
+            "tcp" => "plain TCP lanes (p2p.tensor_transport = \"tcp\", unencrypted like gloo)",
+            _ => "libp2p (TCP + Noise + Yamux)",
+        },
     );
     println!("\nsamples/s, steady state (ratio: peerless ÷ DDP)");
     println!("{:>3} {:>9} {:>11} {:>7} {:>11} {:>7}", "W", "DDP", "serverful", "÷DDP", "serverless", "÷DDP");

@@ -13,6 +13,7 @@ mod elastic;
 mod faults;
 mod function;
 mod gradient;
+mod lane;
 mod layout;
 mod linkage;
 mod local;

@@ -1,0 +1,411 @@
+//! The tensor lane (`p2p.tensor_transport = "tcp"`): gradients between peers over plain TCP
+//! connections, one for each direction of a pair, each opened with a token that the receiving
+//! peer handed out over the authenticated libp2p channel ([`Message::LaneOffer`]).
+//!
+//! Why: libp2p's Noise encryption and yamux's copies move about 550 MB/s on one of this
+//! machine's cores, a plain TCP copy several GB/s. Under every-step sync a peer sends its whole
+//! gradient to every other peer every round, and that transport cost more CPU than the training
+//! step itself (docs/benchmarks.md, the profile). What the lane gives up: past the token its
+//! frames are neither encrypted nor authenticated, as with PyTorch's gloo and NCCL, so it is
+//! for networks one trusts (docs/threat-model.md). Only gradients travel on it; admission,
+//! joins, states and heartbeats stay on libp2p. A gradient in flight when its lane breaks is
+//! reported failed, not sent again (the receiver may have taken it in: a second copy would be
+//! a replay); a receiver missing it asks for it again (`Resend`), over libp2p, where the next
+//! gradients go too until a new lane is up.
+//!
+//! On a lane connection the dialler first writes the token, then requests; the listener answers
+//! each. A frame is a `u64` request id, a `u32` length and that many bytes, little-endian.
+//!
+//! [`Message::LaneOffer`]: peerless_core::wire::Message::LaneOffer
+
+use std::collections::HashMap;
+use std::io;
+use std::net::{IpAddr, SocketAddr};
+use std::time::Duration;
+
+use bytes::{Buf, Bytes};
+use peerless_core::protocol::PeerIdx;
+use peerless_core::wire::LANE_TOKEN;
+use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::mpsc;
+use tokio::task::AbortHandle;
+
+use super::transport::MAX_FRAME;
+
+/// A lane token.
+pub(crate) type Token = [u8; LANE_TOKEN];
+
+/// How long a lane connection may take to open and present its token.
+const HANDSHAKE: Duration = Duration::from_secs(5);
+
+/// What the lane's tasks report to the node's loop.
+#[derive(Debug)]
+pub(crate) enum LaneEvent {
+    /// A connection came in and presented `token`.
+    Accepted { token: Token, stream: TcpStream },
+    /// The connection this node dialled to `peer` is up.
+    Dialed { peer: PeerIdx, stream: TcpStream },
+    /// Dialling `peer`'s lane failed.
+    DialFailed { peer: PeerIdx, error: String },
+    /// Request `id` came from `peer` on incoming connection `conn`.
+    Request { peer: PeerIdx, conn: u64, id: u64, bytes: Bytes },
+    /// The answer to request `id`.
+    Answer { id: u64, bytes: Bytes },
+    /// Connection `conn` (with `peer`) closed.
+    Closed { peer: PeerIdx, conn: u64, error: String },
+}
+
+/// One open lane connection: where its frames are queued for writing, and its tasks.
+struct Conn {
+    conn: u64,
+    peer: PeerIdx,
+    frames: mpsc::UnboundedSender<(u64, Bytes)>,
+    tasks: [AbortHandle; 2],
+}
+
+impl Drop for Conn {
+    fn drop(&mut self) {
+        for t in &self.tasks {
+            t.abort();
+        }
+    }
+}
+
+/// A node's lane: its listener, the tokens it handed out, its connections and the requests
+/// in flight on them.
+pub(crate) struct Lane {
+    port: u16,
+    tx: mpsc::UnboundedSender<LaneEvent>,
+    rx: mpsc::UnboundedReceiver<LaneEvent>,
+    listener: AbortHandle,
+    /// The token handed to each peer (the newest; an older one is no longer accepted).
+    tokens: HashMap<PeerIdx, Token>,
+    /// Connections this node dialled, by the peer they go to.
+    out: HashMap<PeerIdx, Conn>,
+    /// Connections that came in, by their number.
+    incoming: HashMap<u64, Conn>,
+    /// Requests sent and not yet answered: to whom, on which connection, and the bytes (sent
+    /// again elsewhere if that connection breaks).
+    inflight: HashMap<u64, (PeerIdx, u64, Bytes)>,
+    next_id: u64,
+    next_conn: u64,
+}
+
+impl Drop for Lane {
+    fn drop(&mut self) {
+        self.listener.abort();
+    }
+}
+
+impl Lane {
+    /// A lane listening on `ip` (any free port). Called within the node's runtime.
+    pub(crate) fn listen(ip: IpAddr) -> io::Result<Lane> {
+        let listener = std::net::TcpListener::bind(SocketAddr::new(ip, 0))?;
+        listener.set_nonblocking(true)?;
+        let listener = TcpListener::from_std(listener)?;
+        let port = listener.local_addr()?.port();
+        let (tx, rx) = mpsc::unbounded_channel();
+        let accepting = tokio::spawn(accept(listener, tx.clone())).abort_handle();
+        Ok(Lane {
+            port,
+            tx,
+            rx,
+            listener: accepting,
+            tokens: HashMap::new(),
+            out: HashMap::new(),
+            incoming: HashMap::new(),
+            inflight: HashMap::new(),
+            next_id: 0,
+            next_conn: 0,
+        })
+    }
+
+    /// The listener's port.
+    pub(crate) fn port(&self) -> u16 {
+        self.port
+    }
+
+    /// The next event of the lane's tasks.
+    pub(crate) async fn next(&mut self) -> LaneEvent {
+        self.rx.recv().await.expect("invariant: the lane holds a sender")
+    }
+
+    /// A fresh token for `peer`, replacing the one it had.
+    pub(crate) fn issue(&mut self, peer: PeerIdx) -> io::Result<Token> {
+        let mut token = [0u8; LANE_TOKEN];
+        std::io::Read::read_exact(&mut std::fs::File::open("/dev/urandom")?, &mut token)?;
+        self.tokens.insert(peer, token);
+        Ok(token)
+    }
+
+    /// Forgets `peer`: its token and every connection with it (its requests in flight are
+    /// returned, to be sent again or failed).
+    pub(crate) fn forget(&mut self, peer: PeerIdx) -> Vec<(u64, Bytes)> {
+        self.tokens.remove(&peer);
+        self.incoming.retain(|_, c| c.peer != peer);
+        match self.out.remove(&peer) {
+            Some(c) => self.orphans(c.conn),
+            None => Vec::new(),
+        }
+    }
+
+    /// Dials `peer`'s lane at `addr`, presenting `token`.
+    pub(crate) fn dial(&self, peer: PeerIdx, addr: SocketAddr, token: Token) {
+        let tx = self.tx.clone();
+        tokio::spawn(async move {
+            let ev = match tokio::time::timeout(HANDSHAKE, open(addr, &token)).await {
+                Ok(Ok(stream)) => LaneEvent::Dialed { peer, stream },
+                Ok(Err(e)) => LaneEvent::DialFailed { peer, error: format!("{addr}: {e}") },
+                Err(_) => LaneEvent::DialFailed { peer, error: format!("{addr}: timed out") },
+            };
+            let _ = tx.send(ev);
+        });
+    }
+
+    /// Takes the connection this node dialled to `peer` into use (replacing an older one,
+    /// whose requests in flight are returned).
+    pub(crate) fn dialed(&mut self, peer: PeerIdx, stream: TcpStream) -> Vec<(u64, Bytes)> {
+        let conn = self.start(peer, stream, Side::Dialer);
+        match self.out.insert(peer, conn) {
+            Some(old) => self.orphans(old.conn),
+            None => Vec::new(),
+        }
+    }
+
+    /// Takes an incoming connection into use if `token` is the one handed to some peer;
+    /// returns that peer.
+    pub(crate) fn accepted(&mut self, token: &Token, stream: TcpStream) -> Option<PeerIdx> {
+        let peer = self.tokens.iter().find(|(_, t)| same(t, token)).map(|(p, _)| *p)?;
+        let conn = self.start(peer, stream, Side::Listener);
+        self.incoming.insert(conn.conn, conn);
+        Some(peer)
+    }
+
+    /// Whether a lane to `peer` is up.
+    pub(crate) fn is_up(&self, peer: PeerIdx) -> bool {
+        self.out.contains_key(&peer)
+    }
+
+    /// Sends request `bytes` to `peer` on its lane; its id, or `None` when no lane is up.
+    pub(crate) fn request(&mut self, peer: PeerIdx, bytes: Bytes) -> Option<u64> {
+        let c = self.out.get(&peer)?;
+        self.next_id += 1;
+        let id = self.next_id;
+        c.frames.send((id, bytes.clone())).ok()?;
+        self.inflight.insert(id, (peer, c.conn, bytes));
+        Some(id)
+    }
+
+    /// Request `id` was answered: true when it was this lane's.
+    pub(crate) fn answered(&mut self, id: u64) -> bool {
+        self.inflight.remove(&id).is_some()
+    }
+
+    /// Answers request `id` of incoming connection `conn` with `bytes` (dropped when that
+    /// connection is gone: the requester sends again elsewhere).
+    pub(crate) fn answer(&self, conn: u64, id: u64, bytes: Bytes) {
+        if let Some(c) = self.incoming.get(&conn) {
+            let _ = c.frames.send((id, bytes));
+        }
+    }
+
+    /// Connection `conn` closed; the requests that were in flight on it.
+    pub(crate) fn closed(&mut self, peer: PeerIdx, conn: u64) -> Vec<(u64, Bytes)> {
+        self.incoming.remove(&conn);
+        if self.out.get(&peer).is_some_and(|c| c.conn == conn) {
+            self.out.remove(&peer);
+        }
+        self.orphans(conn)
+    }
+
+    /// The requests in flight on connection `conn`, taken.
+    fn orphans(&mut self, conn: u64) -> Vec<(u64, Bytes)> {
+        let ids: Vec<u64> =
+            self.inflight.iter().filter(|(_, (_, c, _))| *c == conn).map(|(id, _)| *id).collect();
+        let mut out: Vec<(u64, Bytes)> =
+            ids.into_iter().filter_map(|id| self.inflight.remove(&id).map(|(_, _, b)| (id, b))).collect();
+        out.sort_by_key(|(id, _)| *id);
+        out
+    }
+
+    /// Starts the reading and writing tasks of a connection with `peer`.
+    fn start(&mut self, peer: PeerIdx, stream: TcpStream, side: Side) -> Conn {
+        self.next_conn += 1;
+        let conn = self.next_conn;
+        let (read, write) = stream.into_split();
+        let (frames, queue) = mpsc::unbounded_channel();
+        let tx = self.tx.clone();
+        let reader = tokio::spawn(async move {
+            let error = match read_frames(read, &tx, peer, conn, side).await {
+                Ok(()) => "closed".to_string(),
+                Err(e) => e.to_string(),
+            };
+            let _ = tx.send(LaneEvent::Closed { peer, conn, error });
+        });
+        let writer = tokio::spawn(write_frames(write, queue));
+        Conn { conn, peer, frames, tasks: [reader.abort_handle(), writer.abort_handle()] }
+    }
+}
+
+/// Which end of a connection this node is.
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Side {
+    /// It dialled: it sends requests and reads answers.
+    Dialer,
+    /// It accepted: it reads requests and sends answers.
+    Listener,
+}
+
+/// Whether two tokens are equal, in time independent of where they differ.
+fn same(a: &Token, b: &Token) -> bool {
+    a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+/// Accepts connections for ever; each must present a token within [`HANDSHAKE`].
+async fn accept(listener: TcpListener, tx: mpsc::UnboundedSender<LaneEvent>) {
+    loop {
+        let Ok((mut stream, _)) = listener.accept().await else { continue };
+        let tx = tx.clone();
+        tokio::spawn(async move {
+            let mut token = [0u8; LANE_TOKEN];
+            if let Ok(Ok(_)) = tokio::time::timeout(HANDSHAKE, stream.read_exact(&mut token)).await {
+                let _ = stream.set_nodelay(true);
+                let _ = tx.send(LaneEvent::Accepted { token, stream });
+            }
+        });
+    }
+}
+
+/// Opens a lane connection to `addr` and presents `token`.
+async fn open(addr: SocketAddr, token: &Token) -> io::Result<TcpStream> {
+    let mut stream = TcpStream::connect(addr).await?;
+    stream.set_nodelay(true)?;
+    stream.write_all(token).await?;
+    Ok(stream)
+}
+
+/// Writes the frames queued for a connection until the queue closes.
+async fn write_frames(
+    mut w: OwnedWriteHalf,
+    mut queue: mpsc::UnboundedReceiver<(u64, Bytes)>,
+) -> io::Result<()> {
+    while let Some((id, bytes)) = queue.recv().await {
+        let mut head = [0u8; 12];
+        head[..8].copy_from_slice(&id.to_le_bytes());
+        head[8..].copy_from_slice(&(bytes.len() as u32).to_le_bytes());
+        w.write_all_buf(&mut Buf::chain(&head[..], &bytes[..])).await?;
+    }
+    Ok(())
+}
+
+/// Reads frames from a connection until it closes, reporting each.
+async fn read_frames(
+    mut r: OwnedReadHalf,
+    tx: &mpsc::UnboundedSender<LaneEvent>,
+    peer: PeerIdx,
+    conn: u64,
+    side: Side,
+) -> io::Result<()> {
+    loop {
+        let mut head = [0u8; 12];
+        match r.read_exact(&mut head).await {
+            Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => return Ok(()),
+            other => other?,
+        };
+        let id = u64::from_le_bytes(head[..8].try_into().expect("invariant: 8 bytes"));
+        let n = u32::from_le_bytes(head[8..].try_into().expect("invariant: 4 bytes")) as usize;
+        if n > MAX_FRAME {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                format!("lane frame of {n} bytes exceeds the {MAX_FRAME}-byte limit"),
+            ));
+        }
+        let mut buf = vec![0u8; n];
+        r.read_exact(&mut buf).await?;
+        let bytes = Bytes::from(buf);
+        let ev = match side {
+            Side::Listener => LaneEvent::Request { peer, conn, id, bytes },
+            Side::Dialer => LaneEvent::Answer { id, bytes },
+        };
+        if tx.send(ev).is_err() {
+            return Ok(());
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    async fn until<T>(lane: &mut Lane, mut f: impl FnMut(LaneEvent) -> Option<T>) -> T {
+        loop {
+            let ev = tokio::time::timeout(Duration::from_secs(5), lane.next())
+                .await
+                .expect("a lane event in time");
+            if let Some(t) = f(ev) {
+                return t;
+            }
+        }
+    }
+
+    #[tokio::test]
+    async fn a_lane_carries_requests_and_answers_and_refuses_a_wrong_token() {
+        let ip: IpAddr = "127.0.0.1".parse().unwrap();
+        let (mut a, mut b) = (Lane::listen(ip).unwrap(), Lane::listen(ip).unwrap());
+        // b hands node 0 (a) a token; a dials b's lane with it.
+        let token = b.issue(0).unwrap();
+        a.dial(1, SocketAddr::new(ip, b.port()), token);
+        let stream = until(&mut a, |e| match e {
+            LaneEvent::Dialed { peer: 1, stream } => Some(stream),
+            _ => None,
+        })
+        .await;
+        assert!(a.dialed(1, stream).is_empty());
+        let (token, stream) = until(&mut b, |e| match e {
+            LaneEvent::Accepted { token, stream } => Some((token, stream)),
+            _ => None,
+        })
+        .await;
+        assert_eq!(b.accepted(&token, stream), Some(0));
+        // A megabyte request and its answer.
+        let big = Bytes::from((0..1_000_000u32).map(|i| i as u8).collect::<Vec<u8>>());
+        let id = a.request(1, big.clone()).unwrap();
+        let (conn, got) = until(&mut b, |e| match e {
+            LaneEvent::Request { peer: 0, conn, id: got, bytes } if got == id => Some((conn, bytes)),
+            _ => None,
+        })
+        .await;
+        assert_eq!(got, big);
+        b.answer(conn, id, Bytes::from_static(b"ack"));
+        let ans = until(&mut a, |e| match e {
+            LaneEvent::Answer { id: got, bytes } if got == id => Some(bytes),
+            _ => None,
+        })
+        .await;
+        assert_eq!(&ans[..], b"ack");
+        assert!(a.answered(id));
+        // A stranger's token is not accepted, nor an old one once a new one was issued.
+        let old = token;
+        b.issue(0).unwrap();
+        a.dial(1, SocketAddr::new(ip, b.port()), old);
+        let (token, stream) = until(&mut b, |e| match e {
+            LaneEvent::Accepted { token, stream } => Some((token, stream)),
+            _ => None,
+        })
+        .await;
+        assert_eq!(b.accepted(&token, stream), None);
+        // When b goes, a's request in flight comes back to be sent elsewhere.
+        let id = a.request(1, Bytes::from_static(b"lost")).unwrap();
+        drop(b);
+        let back = until(&mut a, |e| match e {
+            LaneEvent::Closed { peer: 1, conn, .. } => Some(conn),
+            _ => None,
+        })
+        .await;
+        let orphans = a.closed(1, back);
+        assert_eq!(orphans, vec![(id, Bytes::from_static(b"lost"))]);
+        assert!(!a.is_up(1));
+    }
+}
