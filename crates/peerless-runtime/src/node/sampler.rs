@@ -16,6 +16,9 @@
 //! every starting member there and no joiner, that is each peer's own `k` batches. Every peer
 //! computes the same deal from the same view.
 
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
 use peerless_core::protocol::PeerIdx;
 use peerless_core::rng::Rng;
 
@@ -27,6 +30,9 @@ pub struct Sampler {
     batch: usize,
     seed: u64,
     rounds_per_epoch: u64,
+    /// The epoch permutations drawn, by shard and epoch (the newest two epochs kept): drawing
+    /// one shuffles a whole shard, which every round of the epoch would otherwise repeat.
+    perms: Arc<Mutex<HashMap<(PeerIdx, u64), Arc<Vec<usize>>>>>,
 }
 
 impl Sampler {
@@ -36,7 +42,7 @@ impl Sampler {
         let (k, batch) = (k as usize, batch.max(1));
         let largest = shards.iter().map(Vec::len).max().unwrap_or(0).max(1);
         let rounds_per_epoch = largest.div_ceil(k * batch) as u64;
-        Sampler { shards, k, batch, seed, rounds_per_epoch }
+        Sampler { shards, k, batch, seed, rounds_per_epoch, perms: Arc::default() }
     }
 
     /// Rounds in one epoch.
@@ -50,14 +56,27 @@ impl Sampler {
             return Vec::new();
         };
         let epoch = round / self.rounds_per_epoch;
-        let mut perm = shard.clone();
-        Rng::derive(self.seed, "p2p-order", (u64::from(p) << 32) | epoch).shuffle(&mut perm);
+        let perm = self.permutation(p, epoch, shard);
         let start = (round % self.rounds_per_epoch) as usize * self.k * self.batch;
         (0..self.k)
             .map(|j| {
                 (0..self.batch).map(|i| perm[(start + j * self.batch + i) % perm.len()] as u32).collect()
             })
             .collect()
+    }
+
+    /// Shard `p`'s order in `epoch`: drawn once, then taken from the cache.
+    fn permutation(&self, p: PeerIdx, epoch: u64, shard: &[usize]) -> Arc<Vec<usize>> {
+        let mut perms = self.perms.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        if let Some(perm) = perms.get(&(p, epoch)) {
+            return perm.clone();
+        }
+        let mut perm = shard.to_vec();
+        Rng::derive(self.seed, "p2p-order", (u64::from(p) << 32) | epoch).shuffle(&mut perm);
+        let perm = Arc::new(perm);
+        perms.retain(|&(_, e), _| e + 1 >= epoch && e <= epoch + 1);
+        perms.insert((p, epoch), perm.clone());
+        perm
     }
 
     /// The batches `me` computes in `round` given the active `view` (sorted, `me` in it): its

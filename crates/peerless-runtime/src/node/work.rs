@@ -229,30 +229,41 @@ impl Job {
         );
         let computed = tokio::task::spawn_blocking(move || {
             let mut sum = vec![0f32; params.len()];
-            let mut g = vec![0f32; params.len()];
+            // One batch (a node's usual share) is computed straight into the sum.
+            let one = batches.len() == 1;
+            let mut g = if one { Vec::new() } else { vec![0f32; params.len()] };
             let (mut loss, mut samples) = (0f64, 0u64);
             for b in &batches {
                 let idx: Vec<usize> = b.iter().map(|&i| i as usize).collect();
+                let into = if one { &mut sum } else { &mut g };
                 let l = match &inner {
-                    Some(inner) => pseudo_gradient(&model, &split.train, &params, &idx, inner, flip, &mut g)?,
+                    Some(inner) => pseudo_gradient(&model, &split.train, &params, &idx, inner, flip, into)?,
                     None => {
                         let mut batch = split.train.gather(&idx).map_err(peerless_ml::ModelError::from)?;
                         if flip {
                             batch.flip_labels(split.train.classes);
                         }
-                        model.loss_and_grad_into(&params, &batch, &mut g)?
+                        model.loss_and_grad_into(&params, &batch, into)?
                     }
                 };
-                peerless_core::flat::add_assign(&mut sum, &g);
+                if !one {
+                    peerless_core::flat::add_assign(&mut sum, &g);
+                }
                 loss += f64::from(l);
                 samples += idx.len() as u64;
             }
-            let k = batches.len().max(1) as f32;
-            sum.iter_mut().for_each(|x| *x /= k);
+            if one {
+                // Bit for bit what adding it to zeros gave: 0 + (-0) is +0.
+                sum.iter_mut().for_each(|x| *x += 0.0);
+            } else {
+                let k = batches.len().max(1) as f32;
+                sum.iter_mut().for_each(|x| *x /= k);
+            }
             // Hashed here too, not on the runtime's thread, where half a millisecond of
             // SHA-256 would hold up the network.
             let digest = digest(&params);
-            Ok::<_, InnerError>((sum, (loss / f64::from(k)) as f32, samples, digest))
+            let k = batches.len().max(1) as f64;
+            Ok::<_, InnerError>((sum, (loss / k) as f32, samples, digest))
         })
         .await
         .map_err(|e| self.failure()(e.to_string()))?
