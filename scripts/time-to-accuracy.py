@@ -13,7 +13,7 @@
 # or above the target. Bytes are what one node sent until then: peerless counts them on its
 # links; DDP's are a ring all-reduce's 2·(W−1)/W of the gradient per step (gloo's algorithm
 # for this size), counted, not measured.
-import argparse, gzip, json, os, socket, struct, subprocess, sys, time
+import argparse, gzip, json, os, re, socket, struct, subprocess, sys, time
 from pathlib import Path
 
 def idx(path):
@@ -169,7 +169,8 @@ def main():
                  (f"{h} @{a.link}", lambda: peerless(a, "diloco-link", diloco + capped)),
                  (f"{h} int8 @{a.link}", lambda: peerless(a, "diloco-int8-link", diloco + ["--compression", "int8"] + capped))]
     if a.only:
-        wanted = [w.strip() for w in a.only.split(",")]
+        # A comma before a digit belongs to a link ("@50,20"), not between names.
+        wanted = [w.strip() for w in re.split(r",(?!\d)", a.only)]
         unknown = [w for w in wanted if w not in dict(runs)]
         if unknown:
             sys.exit(f"--only: no run named {unknown}; the runs are {[n for n, _ in runs]}")

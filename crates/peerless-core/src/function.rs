@@ -46,7 +46,7 @@ pub struct GradientRequest {
     pub backend: String,
     /// Store key of the parameters of version `round` (raw little-endian f32).
     pub params_key: String,
-    /// SHA-256 of those parameters (hex); the function refuses other bytes.
+    /// Their [`crate::flat::fingerprint`] (hex); the function refuses other bytes.
     pub params_digest: String,
     /// Dataset name (`digits`, `mnist`, `fashion-mnist`).
     pub dataset: String,

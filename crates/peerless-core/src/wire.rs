@@ -135,7 +135,7 @@ pub enum Message {
 pub struct GradientMsg {
     /// Round (= model version the gradient was computed at).
     pub round: u64,
-    /// Digest of the sender's parameters at that version.
+    /// Fingerprint of the sender's parameters at that version ([`crate::flat::fingerprint`]).
     pub digest: Digest,
     /// Samples behind the gradient.
     pub samples: u64,

@@ -4,7 +4,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Instant;
 
-use peerless_core::flat::{Digest, FlatError, check_finite, digest, from_le_bytes};
+use peerless_core::flat::{Digest, FlatError, check_finite, fingerprint, from_le_bytes};
 use peerless_ml::{Backend, Dataset, DatasetName, Model, ModelSpec};
 
 use super::error::GradientError;
@@ -91,7 +91,7 @@ impl<S: Store + Clone + 'static> GradientFunction<S> {
     }
 
     /// The parameters at `key` with SHA-256 `want`, from the cache when it holds exactly that
-    /// version, else fetched and verified (length for `model`, finiteness, digest) first.
+    /// version, else fetched and verified (length for `model`, finiteness, fingerprint) first.
     pub(super) async fn params(
         &mut self,
         store: &S,
@@ -122,7 +122,7 @@ impl<S: Store + Clone + 'static> GradientFunction<S> {
         // Decoding and hashing a few MB is CPU work: keep it off the async threads.
         let (values, actual) = tokio::task::spawn_blocking(move || {
             from_le_bytes(&bytes).map(|v| {
-                let d = digest(&v);
+                let d = fingerprint(&v);
                 (v, d)
             })
         })

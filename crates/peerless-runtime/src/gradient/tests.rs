@@ -6,7 +6,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
-use peerless_core::flat::{digest, to_le_bytes};
+use peerless_core::flat::{digest, fingerprint, to_le_bytes};
 use peerless_core::function::{GradientRequest, GradientResponse, OutputMode, StoreRef};
 use peerless_ml::data::load;
 use peerless_ml::{Arch, Backend, Dataset, DatasetName, Model, ModelSpec};
@@ -36,7 +36,7 @@ impl MemStore {
     }
     fn put_params(&self, key: &str, params: &[f32]) -> String {
         self.lock().values.insert(key.to_owned(), to_le_bytes(params));
-        digest(params).to_string()
+        fingerprint(params).to_string()
     }
 }
 
@@ -294,7 +294,7 @@ async fn parameters_with_another_digest_are_refused() {
     let model = small_mlp(&data);
     let params = model.init(1);
     let good = store.put_params("params/7", &params);
-    let other = digest(&model.init(2)).to_string();
+    let other = fingerprint(&model.init(2)).to_string();
     let (mut f, _) = function(&store);
     let req = request(&model, "params/7", &other, batch_indices(8, 0));
     let err = f.handle(req.clone()).await.unwrap_err();
@@ -547,7 +547,7 @@ async fn works_against_the_embedded_store() {
     let model = small_mlp(&data);
     let params = model.init(6);
     node.put("params/7", &to_le_bytes(&params)).await.unwrap();
-    let d = digest(&params).to_string();
+    let d = fingerprint(&params).to_string();
     let mut f = GradientFunction::new();
     let req = GradientRequest {
         store: StoreRef { url: server.url() },

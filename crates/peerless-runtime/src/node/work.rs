@@ -9,7 +9,7 @@ use std::time::Instant;
 use futures::StreamExt as _;
 use peerless_core::attack::{Attack, Attacker};
 use peerless_core::compress::ErrorFeedback;
-use peerless_core::flat::{Digest, digest, to_le_bytes};
+use peerless_core::flat::{Digest, fingerprint, to_le_bytes};
 use peerless_core::function::{GradientRequest, GradientResponse, InnerSteps, OutputMode, StoreRef};
 use peerless_core::protocol::PeerIdx;
 use peerless_core::rng::Rng;
@@ -259,9 +259,8 @@ impl Job {
                 let k = batches.len().max(1) as f32;
                 sum.iter_mut().for_each(|x| *x /= k);
             }
-            // Hashed here too, not on the runtime's thread, where half a millisecond of
-            // SHA-256 would hold up the network.
-            let digest = digest(&params);
+            // Fingerprinted here too, not on the runtime's thread.
+            let digest = fingerprint(&params);
             let k = batches.len().max(1) as f64;
             Ok::<_, InnerError>((sum, (loss / k) as f32, samples, digest))
         })
@@ -282,9 +281,9 @@ impl Job {
     ) -> Result<LocalResult, NodeError> {
         let fail = self.failure();
         let keys = Keys::of(self);
-        // Hashing and encoding the parameters take about a millisecond: off the runtime's thread.
+        // Fingerprinting and encoding the parameters: off the runtime's thread.
         let params = self.params.clone();
-        let (d, bytes) = tokio::task::spawn_blocking(move || (digest(&params), to_le_bytes(&params)))
+        let (d, bytes) = tokio::task::spawn_blocking(move || (fingerprint(&params), to_le_bytes(&params)))
             .await
             .map_err(|e| fail(e.to_string()))?;
         store.put(&keys.params, &bytes).await.map_err(|e| fail(format!("store put: {e}")))?;

@@ -21,7 +21,7 @@ pub struct GradientFixture {
 impl GradientFixture {
     /// Loads the data, starts the store and puts the parameters in it.
     pub async fn new() -> Result<GradientFixture> {
-        use peerless_core::flat::{digest, to_le_bytes};
+        use peerless_core::flat::{fingerprint, to_le_bytes};
         use peerless_core::function::{GradientRequest, OutputMode, StoreRef};
         use peerless_ml::{Arch, Backend, DatasetName, Model, ModelSpec};
         use peerless_runtime::store::{RedisStore, Store, embedded::EmbeddedServer};
@@ -47,7 +47,7 @@ impl GradientFixture {
             model: model.id(),
             backend: "auto".into(),
             params_key: "params/0".into(),
-            params_digest: digest(&params).to_string(),
+            params_digest: fingerprint(&params).to_string(),
             dataset: name.to_string(),
             data_dir: data_dir.display().to_string(),
             indices,

@@ -13,7 +13,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
-use peerless_core::flat::{digest, to_le_bytes};
+use peerless_core::flat::{digest, fingerprint, to_le_bytes};
 use peerless_core::function::{
     GradientRequest, GradientResponse, InvocationRecord, Outcome, OutputMode, StoreRef,
 };
@@ -63,7 +63,7 @@ impl Fixture {
             model: self.model.id(),
             backend: "auto".into(),
             params_key: "params/0".into(),
-            params_digest: digest(&self.params).to_string(),
+            params_digest: fingerprint(&self.params).to_string(),
             dataset: "digits".into(),
             data_dir: "/nonexistent".into(),
             indices: self.indices(batch),

@@ -3,7 +3,7 @@
 
 use std::time::Duration;
 
-use peerless_core::flat::{digest, to_le_bytes};
+use peerless_core::flat::{fingerprint, to_le_bytes};
 use peerless_core::function::{GradientRequest, Outcome, OutputMode, StoreRef};
 use peerless_ml::{Arch, Backend, Model, ModelSpec};
 use peerless_runtime::function::{Config, FaultConfig, FunctionCommand, InvokeCtx, Invoker, LocalRuntime};
@@ -19,7 +19,7 @@ fn request(url: &str, params: &[f32], batch: u32, indices: Vec<u32>) -> Gradient
         model: "mlp-64-256-128-10".into(),
         backend: "auto".into(),
         params_key: "params/0".into(),
-        params_digest: digest(params).to_string(),
+        params_digest: fingerprint(params).to_string(),
         dataset: "digits".into(),
         data_dir: "/nonexistent".into(),
         indices,

@@ -298,12 +298,13 @@ fn the_launcher_puts_nodes_on_hosts_of_their_own_with_capped_links_and_real_part
     let scenario = dir.join("capped.toml");
     std::fs::write(
         &scenario,
-        r#"description = "3 hosts, every link at 50 Mbit/s, host 1 cut off for 2 s"
+        r#"description = "3 hosts, every link at 50 Mbit/s, host 1 cut off for 2 s, gradients on tensor lanes"
 seed = 7
 [run]
 cluster.nodes = 3
 cluster.functions_per_node = 1
 train.rounds = 250
+p2p.tensor_transport = "tcp"
 [[fault]]
 kind = "bandwidth"
 targets = ["node:0", "node:1", "node:2", "ps"]
@@ -341,6 +342,14 @@ duration_s = 2.0
             crate::assert_completed_and_agreed(&s);
             let listen = std::fs::read_to_string(run_dir.join("peers/1/peer.toml")).unwrap();
             assert!(listen.contains("/ip4/10.213."), "peer 1 listened on its own host's address");
+            // Gradients went on tensor lanes between the hosts' addresses, under the caps and
+            // through the cut.
+            let lanes: Vec<String> = crate::events(&run_dir.join("events.jsonl"))
+                .iter()
+                .filter(|e| e["event"] == "tensor_lane")
+                .map(|e| e["addr"].as_str().unwrap().to_owned())
+                .collect();
+            assert!(lanes.len() >= 6 && lanes.iter().all(|a| a.starts_with("10.213.")), "{lanes:?}");
         }
     }
 
