@@ -5,6 +5,8 @@
 #   python3 scripts/time-to-accuracy.py --python V/bin/python3 [--peerless target/release/peerless]
 #       [--link 50,20]   # also over links capped at 50 Mbit/s with 20 ms delay (the fault proxy)
 #       [--only 'diloco H=200 int8,diloco H=200 int8 @50,20']   # just these runs
+#       (every-step lanes: gradients on plain TCP lanes, --tensor-transport tcp; the capped runs
+#       stay on libp2p, which the fault proxy stands between)
 #
 # Every side trains the MLP 784-256-128-10, batch 64 per node, SGD (lr, momentum 0.9) on the
 # standardized training set, and evaluates on the whole test set every `eval_samples` training
@@ -159,6 +161,7 @@ def main():
     h = f"diloco H={a.inner_steps}"
     runs = [("ddp", lambda: ddp(a)),
             ("every-step", lambda: peerless(a, "every-step", [])),
+            ("every-step lanes", lambda: peerless(a, "every-step-lanes", ["--tensor-transport", "tcp"])),
             (h, lambda: peerless(a, "diloco", diloco)),
             (f"{h} int8", lambda: peerless(a, "diloco-int8", diloco + ["--compression", "int8"])),
             (f"{h} topk 1%", lambda: peerless(a, "diloco-topk", diloco + ["--compression", "topk"]))]
