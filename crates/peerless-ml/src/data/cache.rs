@@ -303,6 +303,10 @@ mod tests {
         assert!(cached.train.is_shared());
         assert_eq!(cached.train.norm(), digits().train.norm());
         same_batches(&cached, &digits());
+        // Made resident (a serverful node's own copy), it gathers the same batches.
+        let resident = Split { train: cached.train.clone().resident().unwrap(), test: cached.test.clone() };
+        assert!(!resident.train.is_shared() && resident.train.resident_bytes() == resident.train.len() * 64);
+        same_batches(&resident, &digits());
         // Another identity, a truncated file, a damaged header: each is rebuilt.
         let rebuilds = std::cell::Cell::new(0);
         let build = || {

@@ -78,7 +78,12 @@ impl Node {
         let me = file.node.index;
         let files = Files::open(&file.node.dir)?;
         let data_dir = if run.data.dir.as_os_str().is_empty() { data_dir } else { run.data.dir.clone() };
-        let split: Arc<Split> = Arc::new(peerless_ml::data::load(run.data.dataset, &data_dir)?);
+        let mut split = peerless_ml::data::load(run.data.dataset, &data_dir)?;
+        if run.cluster.compute == crate::config::Compute::Local {
+            // This process gathers every round's batches itself: its own copy of the pixels.
+            split.train = split.train.resident()?;
+        }
+        let split: Arc<Split> = Arc::new(split);
         let spec = ModelSpec {
             hidden: run.model.hidden.clone(),
             ..ModelSpec::new(run.model.arch, split.train.shape, split.train.classes)

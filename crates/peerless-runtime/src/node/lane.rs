@@ -23,7 +23,7 @@ use std::io;
 use std::net::{IpAddr, SocketAddr};
 use std::time::Duration;
 
-use bytes::{Buf, Bytes};
+use bytes::{Buf, BufMut as _, Bytes, BytesMut};
 use peerless_core::protocol::PeerIdx;
 use peerless_core::wire::LANE_TOKEN;
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
@@ -322,9 +322,15 @@ async fn read_frames(
                 format!("lane frame of {n} bytes exceeds the {MAX_FRAME}-byte limit"),
             ));
         }
-        let mut buf = vec![0u8; n];
-        r.read_exact(&mut buf).await?;
-        let bytes = Bytes::from(buf);
+        // Read into spare capacity: a megabyte is not zeroed first only to be overwritten.
+        let mut buf = BytesMut::with_capacity(n);
+        while buf.len() < n {
+            let want = n - buf.len();
+            if r.read_buf(&mut (&mut buf).limit(want)).await? == 0 {
+                return Err(io::ErrorKind::UnexpectedEof.into());
+            }
+        }
+        let bytes = buf.freeze();
         let ev = match side {
             Side::Listener => LaneEvent::Request { peer, conn, id, bytes },
             Side::Dialer => LaneEvent::Answer { id, bytes },
