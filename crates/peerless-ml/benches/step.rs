@@ -51,7 +51,7 @@ fn phases(c: &mut Criterion) {
     g.bench_function("flatten", |bench| {
         bench.iter_batched(
             || m.forward_backward(&prepared, &b).expect("compute").1,
-            |grads| m.flatten_grads(&prepared, &grads, &mut grad).expect("flatten"),
+            |mut grads| m.flatten_grads(&prepared, &mut grads, &mut grad).expect("flatten"),
             criterion::BatchSize::SmallInput,
         )
     });
@@ -64,9 +64,9 @@ fn phases(c: &mut Criterion) {
         let t = Instant::now();
         let p = m.prepare(&params).expect("load");
         let t1 = Instant::now();
-        let (_, grads) = m.forward_backward(&p, &b).expect("compute");
+        let (_, mut grads) = m.forward_backward(&p, &b).expect("compute");
         let t2 = Instant::now();
-        m.flatten_grads(&p, &grads, &mut grad).expect("flatten");
+        m.flatten_grads(&p, &mut grads, &mut grad).expect("flatten");
         let t3 = Instant::now();
         load += t1 - t;
         compute += t2 - t1;

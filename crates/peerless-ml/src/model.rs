@@ -221,8 +221,8 @@ impl Model {
     /// As [`Model::loss_and_grad`], writing the gradient into `grad` (reused across steps).
     pub fn loss_and_grad_into(&self, params: &[f32], batch: &Batch, grad: &mut [f32]) -> Result<f32> {
         let prepared = self.prepare(params)?;
-        let (loss, grads) = self.forward_backward(&prepared, batch)?;
-        self.flatten_grads(&prepared, &grads, grad)?;
+        let (loss, mut grads) = self.forward_backward(&prepared, batch)?;
+        self.flatten_grads(&prepared, &mut grads, grad)?;
         Ok(loss)
     }
 
@@ -244,8 +244,8 @@ impl Model {
         Ok((loss_value, grads))
     }
 
-    /// Step phase 3, *flatten*: copies the gradients into one flat vector.
-    pub fn flatten_grads(&self, p: &Prepared, grads: &Gradients, out: &mut [f32]) -> Result<()> {
+    /// Step phase 3, *flatten*: moves the gradients out of `grads` into one flat vector.
+    pub fn flatten_grads(&self, p: &Prepared, grads: &mut Gradients, out: &mut [f32]) -> Result<()> {
         if out.len() != self.layout.len() {
             return Err(ModelError::ParamLength {
                 model: self.id(),
@@ -255,7 +255,7 @@ impl Model {
         }
         for (e, t) in self.layout.entries().iter().zip(&p.params) {
             let n: usize = e.shape.iter().product();
-            t.write_grad(grads, &mut out[e.offset..e.offset + n])?;
+            t.write_grad(grads, self.backend == Backend::Ndarray, &mut out[e.offset..e.offset + n])?;
         }
         Ok(())
     }
@@ -340,12 +340,13 @@ impl Param {
             _ => unreachable!("invariant: rank-4 parameter expected"),
         }
     }
-    /// Copies this parameter's gradient into `out` (zeros when it got none).
-    fn write_grad(&self, grads: &Gradients, out: &mut [f32]) -> Result<()> {
+    /// Moves this parameter's gradient out of `grads` into `out` (zeros when it got none);
+    /// `views` when the backend hands gradients back as transposed views (ndarray).
+    fn write_grad(&self, grads: &mut Gradients, views: bool, out: &mut [f32]) -> Result<()> {
         let data = match self {
-            Param::D1(t) => t.grad(grads).map(contiguous_data),
-            Param::D2(t) => t.grad(grads).map(contiguous_data),
-            Param::D4(t) => t.grad(grads).map(contiguous_data),
+            Param::D1(t) => t.grad_remove(grads).map(|g| row_major(g, views)),
+            Param::D2(t) => t.grad_remove(grads).map(|g| row_major(g, views)),
+            Param::D4(t) => t.grad_remove(grads).map(|g| row_major(g, views)),
         };
         match data {
             Some(d) => {
@@ -365,13 +366,15 @@ impl Param {
     }
 }
 
-/// Reads a tensor back as row-major data. On the ndarray backend the gradient of an `[in, out]`
-/// weight comes back as a transposed view; reading it element by element is ~60× slower than
-/// materialising it first, and `* 1.0` materialises it row-major. (Measured with
+/// Reads a tensor back as row-major data. On the ndarray backend (`views`) the gradient of an
+/// `[in, out]` weight comes back as a transposed view; reading it element by element is ~60×
+/// slower than materialising it first, and `* 1.0` materialises it row-major. (Measured with
 /// `peerless bench step`: without it the MLP step spends 72 % of its time here. Storing weights
 /// `[out, in]` instead does not help: the gradient then stays column-major through `* 1.0`.)
-fn contiguous_data<const D: usize>(t: Tensor<D>) -> TensorData {
-    (t * 1.0).into_data()
+/// flex copies a view into row-major order itself, and hands a tensor it alone holds over
+/// without a copy, so there the multiplication would only be one more pass.
+fn row_major<const D: usize>(t: Tensor<D>, views: bool) -> TensorData {
+    if views { (t * 1.0).into_data() } else { t.into_data() }
 }
 
 fn read_f32<const D: usize>(t: Tensor<D>) -> Result<Vec<f32>> {

@@ -51,6 +51,25 @@ fn mean_of_three() {
     assert_eq!(out, [3.0, 5.0]);
 }
 
+/// The blocked mean gives what whole-vector passes give, bit for bit, across block edges and
+/// a ragged last block (including -0 + -0).
+#[test]
+fn the_blocked_mean_equals_whole_vector_passes_bit_for_bit() {
+    let mut rng = crate::rng::Rng::new(3);
+    let n = 2048 * 2 + 77;
+    let vs: Vec<Vec<f32>> = (0..3)
+        .map(|_| (0..n).map(|i| if i % 97 == 0 { -0.0 } else { rng.f64() as f32 - 0.5 }).collect())
+        .collect();
+    let mut want = vs[0].clone();
+    for v in &vs[1..] {
+        want.iter_mut().zip(v).for_each(|(o, x)| *o += x);
+    }
+    want.iter_mut().for_each(|o| *o *= 1.0 / 3.0);
+    let got = agg(&Mean, &vrefs(&vs));
+    assert!(got.iter().zip(&want).all(|(a, b)| a.to_bits() == b.to_bits()));
+    assert!(got[0].is_sign_negative(), "-0 + -0 + -0 stays -0");
+}
+
 #[test]
 fn empty_and_ragged_inputs_are_errors_for_every_rule() {
     for rule in rules(1) {

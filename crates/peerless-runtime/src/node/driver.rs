@@ -145,7 +145,7 @@ impl Node {
 
     /// Evaluates `params` on the test set off the event loop; the result goes into a later
     /// metrics row (and an `eval` event).
-    pub(crate) fn evaluate_later(&self, round: u64, params: Vec<f32>) {
+    pub(crate) fn evaluate_later(&self, round: u64, params: Arc<Vec<f32>>) {
         let (model, split, tx) = (self.model.clone(), self.split.clone(), self.evaluations.0.clone());
         tokio::task::spawn_blocking(move || {
             if let Ok((loss, accuracy)) = model.evaluate(&params, &split.test) {

@@ -7,8 +7,9 @@
 //! gradient to every other peer every round, and that transport cost more CPU than the training
 //! step itself (docs/benchmarks.md, the profile). What the lane gives up: past the token its
 //! frames are neither encrypted nor authenticated, as with PyTorch's gloo and NCCL, so it is
-//! for networks one trusts (docs/threat-model.md). Only gradients travel on it; admission,
-//! joins, states and heartbeats stay on libp2p. A gradient in flight when its lane breaks is
+//! for networks one trusts (docs/threat-model.md). Only gradients and each round's `Received`
+//! announcement travel on it (both are on every round's critical path); admission, joins,
+//! states and heartbeats stay on libp2p. A `Received` whose lane breaks goes again over libp2p. A gradient in flight when its lane breaks is
 //! reported failed, not sent again (the receiver may have taken it in: a second copy would be
 //! a replay); a receiver missing it asks for it again (`Resend`), over libp2p, where the next
 //! gradients go too until a new lane is up.
@@ -28,7 +29,7 @@ use peerless_core::protocol::PeerIdx;
 use peerless_core::wire::LANE_TOKEN;
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::{TcpListener, TcpSocket, TcpStream};
 use tokio::sync::mpsc;
 use tokio::task::AbortHandle;
 
@@ -102,9 +103,10 @@ impl Drop for Lane {
 impl Lane {
     /// A lane listening on `ip` (any free port). Called within the node's runtime.
     pub(crate) fn listen(ip: IpAddr) -> io::Result<Lane> {
-        let listener = std::net::TcpListener::bind(SocketAddr::new(ip, 0))?;
-        listener.set_nonblocking(true)?;
-        let listener = TcpListener::from_std(listener)?;
+        let socket = socket_for(ip)?;
+        socket.bind(SocketAddr::new(ip, 0))?;
+        // Connections accepted inherit the listener's buffer sizes.
+        let listener = socket.listen(64)?;
         let port = listener.local_addr()?.port();
         let (tx, rx) = mpsc::unbounded_channel();
         let accepting = tokio::spawn(accept(listener, tx.clone())).abort_handle();
@@ -278,9 +280,23 @@ async fn accept(listener: TcpListener, tx: mpsc::UnboundedSender<LaneEvent>) {
     }
 }
 
+/// Socket buffers a whole gradient fits in (the kernel caps them at `net.core.wmem_max` and
+/// `rmem_max`).
+const SOCKET_BUFFER: u32 = 4 << 20;
+
+/// A TCP socket for `ip`'s family whose buffers hold [`SOCKET_BUFFER`] bytes: a gradient then
+/// leaves in one write and arrives in few reads, instead of a wake-up on each side for every
+/// 100 kB or so the default buffers hold at first.
+fn socket_for(ip: IpAddr) -> io::Result<TcpSocket> {
+    let socket = if ip.is_ipv4() { TcpSocket::new_v4()? } else { TcpSocket::new_v6()? };
+    socket.set_send_buffer_size(SOCKET_BUFFER)?;
+    socket.set_recv_buffer_size(SOCKET_BUFFER)?;
+    Ok(socket)
+}
+
 /// Opens a lane connection to `addr` and presents `token`.
 async fn open(addr: SocketAddr, token: &Token) -> io::Result<TcpStream> {
-    let mut stream = TcpStream::connect(addr).await?;
+    let mut stream = socket_for(addr.ip())?.connect(addr).await?;
     stream.set_nodelay(true)?;
     stream.write_all(token).await?;
     Ok(stream)

@@ -199,8 +199,8 @@ impl Net {
         up.then(|| ReqId::Swarm(self.send(id, bytes)))
     }
 
-    /// Sends `bytes` (an encoded gradient) to node `to`: on its tensor lane when one is up,
-    /// else as [`Net::request_connected`] does.
+    /// Sends `bytes` (an encoded gradient or `Received`) to node `to`: on its tensor lane when
+    /// one is up, else as [`Net::request_connected`] does.
     pub(crate) fn request_tensor(&mut self, to: PeerIdx, bytes: Bytes) -> Option<ReqId> {
         if let Some(lane) = self.lane.as_mut().filter(|l| l.is_up(to)) {
             let n = bytes.len() as u64;
@@ -603,12 +603,14 @@ impl Net {
                 self.bytes_in += bytes.len() as u64;
                 let channel = Reply::Lane { conn, id };
                 match decode(&bytes, self.limits) {
-                    Ok(Message::Gradient(g)) => {
-                        vec![NetEvent::Request { from: peer, msg: Ok(Message::Gradient(g)), channel }]
+                    Ok(m @ (Message::Gradient(_) | Message::Received { .. })) => {
+                        vec![NetEvent::Request { from: peer, msg: Ok(m), channel }]
                     }
                     Ok(m) => {
-                        let reason =
-                            format!("only gradients travel on the tensor lane, not a {}", m.kind_name());
+                        let reason = format!(
+                            "only gradients and `received` travel on the tensor lane, not a {}",
+                            m.kind_name()
+                        );
                         self.answer(channel, &Message::Refused { reason });
                         Vec::new()
                     }

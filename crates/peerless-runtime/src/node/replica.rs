@@ -2,6 +2,7 @@
 //! turns a round's gradients into one update, and the checkpoint they resume from.
 
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::Instant;
 
 use peerless_core::aggregate::Aggregator;
@@ -17,7 +18,9 @@ use crate::checkpoint::Checkpoint;
 
 /// Parameters, optimizer, aggregation rule and checkpoint file of one node.
 pub(crate) struct Replica {
-    pub(crate) params: Vec<f32>,
+    /// Shared with the round's gradient work while it runs (no copy per round); an update
+    /// writes in place once the work has let go of it.
+    pub(crate) params: Arc<Vec<f32>>,
     optimizer: Optimizer,
     aggregator: Box<dyn Aggregator>,
     /// The aggregate of the round being applied.
@@ -44,7 +47,7 @@ impl Replica {
         let n = model.num_params();
         let ck_path = node.file.node.dir.join("checkpoint.safetensors");
         let mut replica = Replica {
-            params: model.init(run.seed),
+            params: Arc::new(model.init(run.seed)),
             optimizer: Optimizer::new(run.p2p.update_optimizer(&run.optimizer), n)?,
             aggregator: run.cluster.aggregator.build(),
             agg: vec![0f32; n],
@@ -53,7 +56,7 @@ impl Replica {
         };
         let resumed = match Checkpoint::read(&replica.ck_path) {
             Ok(ck) if ck.model == model.id() && ck.layout == model.layout().fingerprint() => {
-                replica.params = ck.params;
+                replica.params = Arc::new(ck.params);
                 replica.optimizer.load_state(ck.optimizer)?;
                 if let Some(e) = ck.error_feedback {
                     replica.feedback.residual = e;
@@ -99,7 +102,7 @@ impl Replica {
         };
         let aggregate_ms = t.elapsed().as_secs_f64() * 1e3;
         let t = Instant::now();
-        self.optimizer.step(&mut self.params, update)?;
+        self.optimizer.step(Arc::make_mut(&mut self.params).as_mut_slice(), update)?;
         Ok(Applied { aggregate_ms, update_ms: t.elapsed().as_secs_f64() * 1e3, effective_f })
     }
 
@@ -110,7 +113,7 @@ impl Replica {
             layout: node.model.layout().fingerprint(),
             round,
             epoch,
-            params: self.params.clone(),
+            params: self.params.to_vec(),
             optimizer: self.optimizer.state(),
             rng: [0; 4],
             wall_s: node.t0.elapsed().as_secs_f64(),
@@ -127,7 +130,7 @@ impl Replica {
         StateMsg {
             round,
             digest: digest(&self.params),
-            params: self.params.clone(),
+            params: self.params.to_vec(),
             optimizer: self.optimizer.state(),
             base,
         }
@@ -140,12 +143,12 @@ impl Replica {
 
     /// Model version `round`, as the PS publishes it.
     pub(crate) fn published(&self, round: u64) -> ParamsMsg {
-        ParamsMsg { round, digest: digest(&self.params), params: self.params.clone() }
+        ParamsMsg { round, digest: digest(&self.params), params: self.params.to_vec() }
     }
 
     /// Takes over a state another peer served.
     pub(crate) fn adopt(&mut self, state: StateMsg) -> Result<(), NodeError> {
-        self.params = state.params;
+        self.params = Arc::new(state.params);
         self.optimizer.load_state(state.optimizer)?;
         // What was left unsent belongs to this node's old trajectory.
         self.feedback.reset();

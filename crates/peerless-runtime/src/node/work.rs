@@ -49,7 +49,38 @@ pub(crate) enum GradientBackend {
         store_url: String,
         embedded: Option<EmbeddedHandle>,
     },
-    Local,
+    /// In this process, on its compute thread.
+    Local(ComputeThread),
+}
+
+/// The thread a node computes its own gradients on (`cluster.compute = "local"`).
+///
+/// One long-lived thread fed through a channel: a round's work goes straight from the event
+/// loop to it and its result straight back, without a task of the async runtime between them
+/// (each hand-over between threads is a wake-up, and at every-step sync a round has only a few
+/// milliseconds). The thread ends once the backend, and with it the sender, is dropped.
+pub(crate) struct ComputeThread {
+    tasks: std::sync::mpsc::Sender<Box<dyn FnOnce() + Send>>,
+}
+
+impl ComputeThread {
+    fn start() -> Result<ComputeThread, NodeError> {
+        let (tasks, queue) = std::sync::mpsc::channel::<Box<dyn FnOnce() + Send>>();
+        std::thread::Builder::new()
+            .name("compute".into())
+            .spawn(move || queue.into_iter().for_each(|task| task()))
+            .map_err(|e| NodeError::Compute {
+                round: 0,
+                reason: format!("starting the compute thread: {e}"),
+            })?;
+        Ok(ComputeThread { tasks })
+    }
+
+    /// Runs `task` on the thread after the ones before it.
+    fn run(&self, task: impl FnOnce() + Send + 'static) {
+        // The thread lives as long as this sender: sending cannot fail.
+        let _ = self.tasks.send(Box::new(task));
+    }
 }
 
 /// A node's outgoing gradients, through its attacker when the node is a Byzantine one.
@@ -196,8 +227,21 @@ impl Job {
         }
     }
 
-    /// Runs the work on the tokio runtime (with retries) and sends the result to `tx`.
+    /// Runs the work and sends the result to `tx`: in-process work on the compute thread
+    /// (once: it is deterministic, a second attempt would fail alike), functions' on the
+    /// tokio runtime with retries.
     pub(crate) fn spawn(self, tx: mpsc::Sender<super::driver::Computed>) {
+        let backend = self.backend.clone();
+        if let GradientBackend::Local(thread) = &*backend {
+            thread.run(move || {
+                let result = self.compute_here();
+                // The parameters are let go of before the result arrives, so that the update
+                // that follows writes them in place.
+                drop(self);
+                let _ = tx.blocking_send(result);
+            });
+            return;
+        }
         tokio::spawn(async move {
             let _ = tx.send(self.run_with_retries(4).await).await;
         });
@@ -205,7 +249,14 @@ impl Job {
 
     pub(crate) async fn run(self) -> Result<LocalResult, NodeError> {
         match &*self.backend {
-            GradientBackend::Local => self.run_in_process().await,
+            GradientBackend::Local(thread) => {
+                let (tx, rx) = tokio::sync::oneshot::channel();
+                let job = self.clone();
+                thread.run(move || {
+                    let _ = tx.send(job.compute_here());
+                });
+                rx.await.map_err(|e| self.failure()(e.to_string()))?
+            }
             GradientBackend::Functions { runtime, store, store_url, .. } => {
                 self.run_on_functions(runtime.as_ref(), store, store_url).await
             }
@@ -217,58 +268,53 @@ impl Job {
         move |reason| NodeError::Compute { round, reason }
     }
 
-    /// Computes the mean gradient over the batches on a blocking thread of this process.
-    async fn run_in_process(&self) -> Result<LocalResult, NodeError> {
-        let (model, split, params, batches, flip, inner) = (
-            self.model.clone(),
-            self.split.clone(),
-            self.params.clone(),
-            self.batches.clone(),
-            self.flip_labels,
-            self.inner.clone(),
-        );
-        let computed = tokio::task::spawn_blocking(move || {
-            let mut sum = vec![0f32; params.len()];
-            // One batch (a node's usual share) is computed straight into the sum.
-            let one = batches.len() == 1;
-            let mut g = if one { Vec::new() } else { vec![0f32; params.len()] };
-            let (mut loss, mut samples) = (0f64, 0u64);
-            for b in &batches {
-                let idx: Vec<usize> = b.iter().map(|&i| i as usize).collect();
-                let into = if one { &mut sum } else { &mut g };
-                let l = match &inner {
-                    Some(inner) => pseudo_gradient(&model, &split.train, &params, &idx, inner, flip, into)?,
-                    None => {
-                        let mut batch = split.train.gather(&idx).map_err(peerless_ml::ModelError::from)?;
-                        if flip {
-                            batch.flip_labels(split.train.classes);
+    /// Computes the mean gradient over the batches, on the calling thread (the compute thread).
+    fn compute_here(&self) -> Result<LocalResult, NodeError> {
+        let (model, train, params, inner) = (&self.model, &self.split.train, &self.params, &self.inner);
+        let fail = self.failure();
+        let mut sum = vec![0f32; params.len()];
+        // One batch (a node's usual share) is computed straight into the sum.
+        let one = self.batches.len() == 1;
+        let mut g = if one { Vec::new() } else { vec![0f32; params.len()] };
+        let (mut loss, mut samples) = (0f64, 0u64);
+        for b in &self.batches {
+            let idx: Vec<usize> = b.iter().map(|&i| i as usize).collect();
+            let into = if one { &mut sum } else { &mut g };
+            let l = match inner {
+                Some(inner) => pseudo_gradient(model, train, params, &idx, inner, self.flip_labels, into),
+                None => train
+                    .gather(&idx)
+                    .map_err(|e| InnerError::from(peerless_ml::ModelError::from(e)))
+                    .and_then(|mut batch| {
+                        if self.flip_labels {
+                            batch.flip_labels(train.classes);
                         }
-                        model.loss_and_grad_into(&params, &batch, into)?
-                    }
-                };
-                if !one {
-                    peerless_core::flat::add_assign(&mut sum, &g);
-                }
-                loss += f64::from(l);
-                samples += idx.len() as u64;
+                        Ok(model.loss_and_grad_into(params, &batch, into)?)
+                    }),
             }
-            if one {
-                // Bit for bit what adding it to zeros gave: 0 + (-0) is +0.
-                sum.iter_mut().for_each(|x| *x += 0.0);
-            } else {
-                let k = batches.len().max(1) as f32;
-                sum.iter_mut().for_each(|x| *x /= k);
+            .map_err(|e| fail(e.to_string()))?;
+            if !one {
+                peerless_core::flat::add_assign(&mut sum, &g);
             }
-            // Fingerprinted here too, not on the runtime's thread.
-            let digest = fingerprint(&params);
-            let k = batches.len().max(1) as f64;
-            Ok::<_, InnerError>((sum, (loss / k) as f32, samples, digest))
+            loss += f64::from(l);
+            samples += idx.len() as u64;
+        }
+        if one {
+            // Bit for bit what adding it to zeros gave: 0 + (-0) is +0.
+            sum.iter_mut().for_each(|x| *x += 0.0);
+        } else {
+            let k = self.batches.len().max(1) as f32;
+            sum.iter_mut().for_each(|x| *x /= k);
+        }
+        let k = self.batches.len().max(1) as f64;
+        Ok(LocalResult {
+            round: self.round,
+            digest: fingerprint(params),
+            grad: sum,
+            loss: (loss / k) as f32,
+            samples,
+            gather_ms: None,
         })
-        .await
-        .map_err(|e| self.failure()(e.to_string()))?
-        .map_err(|e| self.failure()(e.to_string()))?;
-        let (grad, loss, samples, digest) = computed;
-        Ok(LocalResult { round: self.round, digest, grad, loss, samples, gather_ms: None })
     }
 
     /// One invocation a batch through `runtime`, the gradients summed in the store (or
@@ -520,7 +566,7 @@ impl GradientBackend {
     ) -> Result<GradientBackend, NodeError> {
         let cluster = &run.cluster;
         Ok(match cluster.compute {
-            Compute::Local => GradientBackend::Local,
+            Compute::Local => GradientBackend::Local(ComputeThread::start()?),
             Compute::Functions => {
                 let seed = crate::function::invoke::node_seed(run.seed, me);
                 let runtime = crate::function::start(run.function.clone(), command, seed)
@@ -551,7 +597,7 @@ impl GradientBackend {
     pub(crate) fn summary(&self) -> crate::function::metrics::Summary {
         match self {
             GradientBackend::Functions { runtime, .. } => runtime.summary(),
-            GradientBackend::Local => Default::default(),
+            GradientBackend::Local(_) => Default::default(),
         }
     }
 
@@ -628,18 +674,17 @@ impl Work {
         let outgoing = Outgoing::new(node.file.node.attack, run.seed, node.me);
         let job = match *backend {
             GradientBackend::Functions { .. } => warm_up(job, node),
-            GradientBackend::Local => job,
+            GradientBackend::Local(_) => job,
         };
         Ok(Work { job, backend, outgoing, tx: node.results(), started: Instant::now() })
     }
 
     /// Starts round `round`'s work on `params` over `batches` (on flipped labels when this
     /// node attacks so in this round).
-    pub(crate) fn spawn(&mut self, round: u64, params: Vec<f32>, batches: Vec<Vec<u32>>) {
+    pub(crate) fn spawn(&mut self, round: u64, params: Arc<Vec<f32>>, batches: Vec<Vec<u32>>) {
         self.started = Instant::now();
         let flip_labels = self.outgoing.flips_labels(round);
-        Job { round, params: Arc::new(params), batches, flip_labels, ..self.job.clone() }
-            .spawn(self.tx.clone());
+        Job { round, params, batches, flip_labels, ..self.job.clone() }.spawn(self.tx.clone());
     }
 
     /// Milliseconds since the newest work started.

@@ -23,9 +23,13 @@ use crate::node::net::{Net, NetEvent, Reply, ReqId, frame};
 use crate::node::{NodeError, NodeEvent};
 
 /// What an outbound request was.
-#[derive(Debug, Clone, Copy, PartialEq)]
+#[derive(Debug, Clone, PartialEq)]
 pub(super) enum Pending {
     Gradient(u64),
+    /// A round's `Received` announcement (these bytes), on the tensor lane when one is up: if
+    /// that fails, it goes again over libp2p (the agreement waits for it; a second copy is
+    /// harmless).
+    Received(Bytes),
     /// Part `part` of the state fetch numbered `fetch`.
     StatePart {
         fetch: u64,
@@ -129,11 +133,11 @@ impl Links {
         self.outbound.values().all(|(_, kind)| *kind == Pending::Heartbeat)
     }
 
-    /// Sends `bytes` to `to` if it is connected; true when sent. Gradients go on the tensor
-    /// lane when one is up.
+    /// Sends `bytes` to `to` if it is connected; true when sent. Gradients and `Received` go
+    /// on the tensor lane when one is up.
     pub(super) fn send(&mut self, net: &mut Net, to: PeerIdx, bytes: Bytes, kind: Pending) -> bool {
         let sent = match kind {
-            Pending::Gradient(_) => net.request_tensor(to, bytes),
+            Pending::Gradient(_) | Pending::Received(_) => net.request_tensor(to, bytes),
             _ => net.request_connected(to, bytes),
         };
         let Some(id) = sent else { return false };
@@ -244,6 +248,10 @@ impl Links {
                         self.acks.push(r);
                         None
                     }
+                    Pending::Received(bytes) => {
+                        self.send(&mut node.net, to, bytes, Pending::Other);
+                        None
+                    }
                     Pending::Heartbeat | Pending::Other => None,
                 }
             }
@@ -311,7 +319,7 @@ impl Links {
                 self.acks.push(r);
                 None
             }
-            (Pending::Heartbeat | Pending::Other, _) => None,
+            (Pending::Heartbeat | Pending::Received(_) | Pending::Other, _) => None,
             (Pending::StatePart { fetch, part }, msg) => {
                 let (_, _, assembly) = self.fetch.as_mut().filter(|(_, f, _)| *f == fetch)?;
                 let inserted = match msg {

@@ -173,7 +173,10 @@ impl Peer {
             Action::Adopt(state) => self.adopt(node, state)?,
             Action::AnnounceJoin { round, to } => self.announce(node, &Message::Join { round }, &to),
             Action::AnnounceReceived { round, peers, to } => {
-                self.announce(node, &Message::Received { round, peers }, &to)
+                let bytes = frame(&Message::Received { round, peers });
+                for p in to {
+                    self.links.send(&mut node.net, p, bytes.clone(), Pending::Received(bytes.clone()));
+                }
             }
             Action::AnnounceFinal { round, digest, to } => {
                 self.announce(node, &Message::Final { round, digest }, &to)
@@ -339,7 +342,7 @@ impl Peer {
             rounds,
             test_accuracy,
             test_loss,
-            params: Some(&self.replica.params),
+            params: Some(self.replica.params.as_slice()),
             samples: self.samples,
         };
         let summary = node.summary(outcome, self.work.counters());

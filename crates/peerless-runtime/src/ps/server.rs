@@ -228,7 +228,7 @@ impl Server {
             rounds,
             test_accuracy,
             test_loss,
-            params: Some(&self.replica.params),
+            params: Some(self.replica.params.as_slice()),
             samples: 0,
         };
         let summary = node.summary(outcome, Default::default());

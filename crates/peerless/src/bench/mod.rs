@@ -116,9 +116,9 @@ impl Contender {
             let t0 = Instant::now();
             let p = self.model.prepare(&self.params)?;
             let t1 = Instant::now();
-            let (_, grads) = self.model.forward_backward(&p, batch)?;
+            let (_, mut grads) = self.model.forward_backward(&p, batch)?;
             let t2 = Instant::now();
-            self.model.flatten_grads(&p, &grads, &mut self.grad)?;
+            self.model.flatten_grads(&p, &mut grads, &mut self.grad)?;
             let t3 = Instant::now();
             self.opt.step(&mut self.params, &self.grad)?;
             load += t1 - t0;
