@@ -257,7 +257,11 @@ impl Job {
                 });
                 rx.await.map_err(|e| self.failure()(e.to_string()))?
             }
-            GradientBackend::Functions { runtime, store, store_url, .. } => {
+            // The node reaches its own embedded store in-process; its functions, over RESP.
+            GradientBackend::Functions { runtime, embedded: Some(own), store_url, .. } => {
+                self.run_on_functions(runtime.as_ref(), own, store_url).await
+            }
+            GradientBackend::Functions { runtime, store, store_url, embedded: None } => {
                 self.run_on_functions(runtime.as_ref(), store, store_url).await
             }
         }
@@ -322,7 +326,7 @@ impl Job {
     async fn run_on_functions(
         &self,
         runtime: &dyn Invoker,
-        store: &RedisStore,
+        store: &impl Store,
         store_url: &str,
     ) -> Result<LocalResult, NodeError> {
         let fail = self.failure();
@@ -395,7 +399,7 @@ impl Job {
     /// the store's sum when it is plausible. `None` when none was delivered.
     async fn gather(
         &self,
-        store: &RedisStore,
+        store: &impl Store,
         keys: &Keys,
         delivered: &[usize],
     ) -> Result<Option<(Vec<f32>, u64)>, NodeError> {
@@ -429,7 +433,7 @@ impl Job {
     /// adds them up here; `None` when none was delivered.
     async fn fetch_sum(
         &self,
-        store: &RedisStore,
+        store: &impl Store,
         key: &impl Fn(usize) -> String,
         delivered: &[usize],
     ) -> Result<Option<(Vec<f32>, u64)>, String> {
