@@ -15,7 +15,7 @@
 # or above the target. Bytes are what one node sent until then: peerless counts them on its
 # links; DDP's are a ring all-reduce's 2·(W−1)/W of the gradient per step (gloo's algorithm
 # for this size), counted, not measured.
-import argparse, gzip, json, os, re, socket, struct, subprocess, sys, time
+import argparse, gzip, json, os, re, shutil, socket, struct, subprocess, sys, time
 from pathlib import Path
 
 def idx(path):
@@ -121,6 +121,8 @@ def peerless(a, name, extra, epochs=None):
            "--compute", a.compute, "--dataset", "mnist", "--data-dir", a.data_dir, "--model", "mlp",
            "--batch-size", "64", "--lr", str(a.lr), "--seed", str(a.seed), "--epochs", str(epochs or a.max_epochs),
            "--eval-every", str(eval_every), "--out", str(out)] + extra
+    # This script's own run directory: a run of an earlier invocation is replaced, not resumed.
+    shutil.rmtree(out, ignore_errors=True)
     subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
     rows = [l.split(",") for l in (out / "metrics.csv").read_text().splitlines()]
     h = {k: i for i, k in enumerate(rows[0])}
