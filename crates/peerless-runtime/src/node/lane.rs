@@ -9,10 +9,11 @@
 //! frames are neither encrypted nor authenticated, as with PyTorch's gloo and NCCL, so it is
 //! for networks one trusts (docs/threat-model.md). Only gradients and each round's `Received`
 //! announcement travel on it (both are on every round's critical path); admission, joins,
-//! states and heartbeats stay on libp2p. A `Received` whose lane breaks goes again over libp2p. A gradient in flight when its lane breaks is
-//! reported failed, not sent again (the receiver may have taken it in: a second copy would be
-//! a replay); a receiver missing it asks for it again (`Resend`), over libp2p, where the next
-//! gradients go too until a new lane is up.
+//! states and heartbeats stay on libp2p. A `Received` whose lane breaks goes again over
+//! libp2p. A gradient in flight when its lane breaks is reported failed, not sent again (the
+//! receiver may have taken it in: a second copy would be a replay); a receiver missing it asks
+//! for it again (`Resend`), over libp2p, where the next gradients go too until a new lane is
+//! up.
 //!
 //! On a lane connection the dialler first writes the token, then requests; the listener answers
 //! each. A frame is a `u64` request id, a `u32` length and that many bytes, little-endian.
