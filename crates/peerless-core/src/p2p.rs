@@ -203,6 +203,10 @@ pub enum Input {
         /// Time since it was last heard from, ms.
         silent_ms: u64,
     },
+    /// A connection that carried a peer's gradients to this one closed while the peer stays
+    /// connected (a tensor lane broke): a gradient of the current round it carried may be
+    /// lost, and is asked for again unless it arrived.
+    LinkLost(PeerIdx),
     /// A peer asks for this peer's state.
     StateRequested(PeerIdx),
     /// A peer asks for this peer's gradient of `round` again (a joiner that connected after it
@@ -638,6 +642,7 @@ impl Round {
             Input::Received(p, round, peers) if p != self.cfg.me && round >= self.round => {
                 self.keep_list(p, round, peers)
             }
+            Input::LinkLost(p) if p != self.cfg.me => self.on_link_lost(p),
             Input::Unresponsive { peer, silent_ms } if peer != self.cfg.me => {
                 let round = self.round;
                 let m = self.member(peer);
@@ -748,6 +753,7 @@ impl Round {
             | Input::Rejected(_)
             | Input::Received(..)
             | Input::ResendRequested(..)
+            | Input::LinkLost(_)
             | Input::Unresponsive { .. }
             | Input::Final(..) => {}
         }
@@ -786,6 +792,18 @@ impl Round {
         if !m.suspected {
             m.suspected = true;
             self.event(now, EventKind::PeerSuspected { peer: p, round, waited_ms: 0 });
+        }
+    }
+
+    /// `p`'s link for gradients broke: while this round's gradients are still being gathered
+    /// and `p`'s has not arrived, it is asked for again (the copy, should the original turn up
+    /// after all, is not taken for a replay).
+    fn on_link_lost(&mut self, p: PeerIdx) {
+        let r = self.round;
+        let gathering = matches!(self.phase, Phase::Computing | Phase::Collecting { .. });
+        let has = self.received.contains_key(&p) || self.members.get(&p).is_some_and(|m| m.sent.contains(&r));
+        if gathering && !has && self.is_connected(p) && self.resends.insert((p, r)) {
+            self.out.push(Action::RequestResend { round: r, from: p });
         }
     }
 

@@ -735,6 +735,35 @@ fn a_replayed_round_is_dropped_and_its_sender_not_waited_for() {
     assert!(ev.iter().any(|e| matches!(e, EventKind::PeerSuspected { peer: 2, waited_ms: 0, .. })), "{ev:?}");
 }
 
+/// A peer's lane broke before its gradient of the round arrived: it is asked for again at once
+/// (not waited for until the deadline), and the original and the copy both arriving costs it
+/// no suspicion; one whose gradient is in already is not asked.
+#[test]
+fn a_gradient_lost_with_its_link_is_asked_for_again_and_its_copy_is_no_replay() {
+    let (mut m, d) = collecting_peer();
+    m.handle(2, Input::Gradient(2, msg(0, d)));
+    let out = m.handle(3, Input::LinkLost(1));
+    assert!(out.iter().any(|a| matches!(a, Action::RequestResend { round: 0, from: 1 })), "{out:?}");
+    assert!(m.handle(3, Input::LinkLost(1)).is_empty(), "asked once");
+    let out = m.handle(3, Input::LinkLost(2));
+    assert!(!out.iter().any(|a| matches!(a, Action::RequestResend { .. })), "peer 2's is in: {out:?}");
+    m.handle(4, Input::Gradient(1, msg(0, d)));
+    let out = m.handle(4, Input::Gradient(1, msg(0, d)));
+    let suspected = out.iter().any(|a| {
+        matches!(
+            a,
+            Action::Event(Event {
+                kind: EventKind::PeerSuspected { .. } | EventKind::LateGradient { .. },
+                ..
+            })
+        )
+    });
+    assert!(!suspected, "the copy taken for a replay: {out:?}");
+    m.handle(5, Input::Received(1, 0, vec![0, 1, 2]));
+    let out = m.handle(5, Input::Received(2, 0, vec![0, 1, 2]));
+    assert_eq!(applied(&out), Some(vec![0, 1, 2]), "{out:?}");
+}
+
 /// Events that show a peer paid for a fault: suspected, resynchronised, or waited a deadline.
 fn paid_for_a_fault(k: &EventKind) -> bool {
     matches!(

@@ -214,6 +214,11 @@ impl Lane {
         }
     }
 
+    /// Whether `conn` is a connection another peer dialled (it sends its requests on it).
+    pub(crate) fn is_incoming(&self, conn: u64) -> bool {
+        self.incoming.contains_key(&conn)
+    }
+
     /// Connection `conn` closed; the requests that were in flight on it.
     pub(crate) fn closed(&mut self, peer: PeerIdx, conn: u64) -> Vec<(u64, Bytes)> {
         self.incoming.remove(&conn);

@@ -61,6 +61,9 @@ pub(crate) enum NetEvent {
     Answer { id: ReqId, msg: Result<Message, WireError> },
     /// Request `id` failed (no connection, timeout, the other side hung up).
     Failed { id: ReqId, error: String },
+    /// The tensor lane node `from` sent its gradients on closed (its libp2p connection may
+    /// be up): what it had in flight there is lost.
+    LaneLost { from: PeerIdx },
 }
 
 /// Whom a node admits.
@@ -626,7 +629,12 @@ impl Net {
             }
             LaneEvent::Closed { peer, conn, error } => {
                 tracing::debug!(node = me, peer, %error, "a tensor-lane connection closed");
-                failed(lane.closed(peer, conn), "the tensor lane closed")
+                let incoming = lane.is_incoming(conn);
+                let mut out = failed(lane.closed(peer, conn), "the tensor lane closed");
+                if incoming {
+                    out.push(NetEvent::LaneLost { from: peer });
+                }
+                out
             }
         }
     }

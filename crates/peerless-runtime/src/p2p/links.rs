@@ -255,6 +255,7 @@ impl Links {
                     Pending::Heartbeat | Pending::Other => None,
                 }
             }
+            NetEvent::LaneLost { from } => Some(Input::LinkLost(from)),
         }
     }
 

@@ -271,7 +271,10 @@ impl Role for Server {
                 Some(PsInput::Disconnected(w))
             }
             NetEvent::Request { from, msg, channel } => self.request(node, from, msg, channel),
-            NetEvent::Connected { .. } | NetEvent::Answer { .. } | NetEvent::Failed { .. } => None,
+            NetEvent::Connected { .. }
+            | NetEvent::Answer { .. }
+            | NetEvent::Failed { .. }
+            | NetEvent::LaneLost { .. } => None,
         }
     }
 

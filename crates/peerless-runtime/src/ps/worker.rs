@@ -244,7 +244,7 @@ impl Role for Worker {
                 node.net.answer(channel, &Message::Refused { reason: "a worker serves no requests".into() });
                 None
             }
-            NetEvent::Connected { .. } | NetEvent::Disconnected { .. } => None,
+            NetEvent::Connected { .. } | NetEvent::Disconnected { .. } | NetEvent::LaneLost { .. } => None,
         }
     }
 
