@@ -76,10 +76,16 @@ impl ComputeThread {
         Ok(ComputeThread { tasks })
     }
 
-    /// Runs `task` on the thread after the ones before it.
-    fn run(&self, task: impl FnOnce() + Send + 'static) {
+    /// Computes `job` on the thread after the jobs before it and hands the result to `reply`.
+    /// The job, and with it its share of the parameters, is dropped first, so that the update
+    /// that follows writes them in place.
+    fn compute(&self, job: Job, reply: impl FnOnce(super::driver::Computed) + Send + 'static) {
         // The thread lives as long as this sender: sending cannot fail.
-        let _ = self.tasks.send(Box::new(task));
+        let _ = self.tasks.send(Box::new(move || {
+            let result = job.compute_here();
+            drop(job);
+            reply(result);
+        }));
     }
 }
 
@@ -233,11 +239,7 @@ impl Job {
     pub(crate) fn spawn(self, tx: mpsc::Sender<super::driver::Computed>) {
         let backend = self.backend.clone();
         if let GradientBackend::Local(thread) = &*backend {
-            thread.run(move || {
-                let result = self.compute_here();
-                // The parameters are let go of before the result arrives, so that the update
-                // that follows writes them in place.
-                drop(self);
+            thread.compute(self, move |result| {
                 let _ = tx.blocking_send(result);
             });
             return;
@@ -251,9 +253,8 @@ impl Job {
         match &*self.backend {
             GradientBackend::Local(thread) => {
                 let (tx, rx) = tokio::sync::oneshot::channel();
-                let job = self.clone();
-                thread.run(move || {
-                    let _ = tx.send(job.compute_here());
+                thread.compute(self.clone(), move |result| {
+                    let _ = tx.send(result);
                 });
                 rx.await.map_err(|e| self.failure()(e.to_string()))?
             }
