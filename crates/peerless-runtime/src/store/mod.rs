@@ -59,6 +59,15 @@ pub enum StoreError {
     },
 }
 
+/// The keys an accumulator at `key` keeps beside it (`key` itself first): its count, applied
+/// tokens, and the slot order (`:prefix` on Redis only). [`Store::delete`] removes them all.
+pub const ACCUMULATOR_SUFFIXES: [&str; 5] = ["", ":n", ":tokens", ":slots", ":prefix"];
+
+/// `keys` with every accumulator companion of each ([`ACCUMULATOR_SUFFIXES`]).
+pub fn with_companions(keys: &[&str]) -> Vec<String> {
+    keys.iter().flat_map(|k| ACCUMULATOR_SUFFIXES.iter().map(move |s| format!("{k}{s}"))).collect()
+}
+
 /// The running sum at an accumulator key.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Accumulated {

@@ -299,11 +299,7 @@ impl Store for RedisStore {
             return Ok(());
         }
         let mut cmd = redis::cmd("DEL");
-        for key in keys {
-            for suffix in ["", ":n", ":tokens", ":slots", ":prefix"] {
-                cmd.arg(format!("{key}{suffix}"));
-            }
-        }
+        cmd.arg(super::with_companions(keys));
         let mut conn = self.conn.clone();
         cmd.query_async::<i64>(&mut conn).await.map(drop).map_err(|e| self.command_error("DEL", &e))
     }
