@@ -249,7 +249,9 @@ impl Instance {
         let mut fault_pending = fault_at.is_some();
         let mut held_answer = false;
         let mut exit = self.exit.clone();
-        let mut ticker = tokio::time::interval(poll);
+        // The first look is one poll in: at the start the instance holds what it held when
+        // it last answered (read then), and each look reads `/proc`, on the invocation's path.
+        let mut ticker = tokio::time::interval_at(tokio::time::Instant::from_std(start) + poll, poll);
         ticker.set_missed_tick_behavior(MissedTickBehavior::Delay);
         let end = loop {
             tokio::select! {
@@ -345,18 +347,14 @@ impl Instance {
 
     /// Kills the instance when its resident set exceeds `limit_kb`.
     async fn check_memory(&mut self, limit_kb: u64) -> Option<RunEnd> {
-        self.max_memory_kb();
-        let rss_kb = rss_kb(self.pid).filter(|kb| *kb > limit_kb)?;
+        let [rss_kb, peak_kb] = status_kbs(self.pid, ["VmRSS:", "VmHWM:"]);
+        self.peak_kb = self.peak_kb.max(peak_kb.unwrap_or(0));
+        let rss_kb = rss_kb.filter(|kb| *kb > limit_kb)?;
         self.peak_kb = self.peak_kb.max(rss_kb);
         tracing::debug!(pid = self.pid, rss_kb, limit_kb, "instance over its memory limit");
         self.kill_and_reap().await;
         Some(RunEnd::OutOfMemory { rss_kb })
     }
-}
-
-/// Resident set size of `pid` in kB (`VmRSS` in `/proc/<pid>/status`); `None` once it is gone.
-pub(crate) fn rss_kb(pid: u32) -> Option<u64> {
-    status_kb(pid, "VmRSS:")
 }
 
 /// Peak resident set size of `pid` in kB (`VmHWM` in `/proc/<pid>/status`, Linux); `None`
@@ -367,9 +365,20 @@ pub(crate) fn peak_rss_kb(pid: u32) -> Option<u64> {
 
 /// The kB value of the `key` line of `/proc/<pid>/status`.
 fn status_kb(pid: u32, key: &str) -> Option<u64> {
-    let text = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-    let line = text.lines().find(|l| l.starts_with(key))?;
-    line.split_whitespace().nth(1)?.parse().ok()
+    let [kb] = status_kbs(pid, [key]);
+    kb
+}
+
+/// The kB values of the `keys` lines of `/proc/<pid>/status`, read once (the kernel formats
+/// the whole file for every read).
+fn status_kbs<const N: usize>(pid: u32, keys: [&str; N]) -> [Option<u64>; N] {
+    let Ok(text) = std::fs::read_to_string(format!("/proc/{pid}/status")) else {
+        return [None; N];
+    };
+    keys.map(|key| {
+        let line = text.lines().find(|l| l.starts_with(key))?;
+        line.split_whitespace().nth(1)?.parse().ok()
+    })
 }
 
 /// Owns the child: reaps it when it exits, delivers signals, kills it when the instance is

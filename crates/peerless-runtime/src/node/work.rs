@@ -332,12 +332,11 @@ impl Job {
     ) -> Result<LocalResult, NodeError> {
         let fail = self.failure();
         let keys = Keys::of(self);
-        // Fingerprinting and encoding the parameters: off the runtime's thread.
-        let params = self.params.clone();
-        let (d, bytes) = tokio::task::spawn_blocking(move || (fingerprint(&params), to_le_bytes(&params)))
-            .await
-            .map_err(|e| fail(e.to_string()))?;
-        store.put(&keys.params, &bytes).await.map_err(|e| fail(format!("store put: {e}")))?;
+        // Fingerprinted and encoded right here (~0.1 ms for the MLP): on a blocking thread
+        // the two hand-overs cost more. The embedded store keeps the encoded bytes as they are.
+        let d = fingerprint(&self.params);
+        let bytes = to_le_bytes(&self.params);
+        store.put_owned(&keys.params, bytes).await.map_err(|e| fail(format!("store put: {e}")))?;
         let calls = (0..self.batches.len()).map(|j| {
             let payload = serde_json::to_value(self.request(j, &keys, d, store_url))
                 .expect("invariant: requests serialize");
@@ -362,10 +361,12 @@ impl Job {
             );
         }
         let n = count as f32;
+        let mut grad = sum;
+        grad.iter_mut().for_each(|x| *x /= n);
         Ok(LocalResult {
             round: self.round,
             digest: d,
-            grad: sum.iter().map(|x| x / n).collect(),
+            grad,
             loss: (answers.loss / f64::from(answers.ok.max(1))) as f32,
             samples: count * self.batches.first().map_or(0, |b| b.len() as u64),
             gather_ms: Some(gather_ms),

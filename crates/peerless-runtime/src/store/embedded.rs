@@ -695,6 +695,10 @@ impl Store for EmbeddedHandle {
         expect_ok("SET", reply)
     }
 
+    async fn put_owned(&self, key: &str, value: Vec<u8>) -> Result<(), StoreError> {
+        expect_ok("SET", self.own(&[b"SET", key.as_bytes()], Some(Bytes::from(value))))
+    }
+
     async fn get(&self, key: &str) -> Result<Option<Vec<u8>>, StoreError> {
         match self.own(&[b"GET", key.as_bytes()], None) {
             Reply::Bulk(v) => Ok(Some(v.to_vec())),

@@ -82,6 +82,10 @@ pub struct Accumulated {
 pub trait Store: Send + Sync {
     /// Sets `key` to `value`.
     fn put(&self, key: &str, value: &[u8]) -> impl Future<Output = Result<(), StoreError>> + Send;
+    /// Sets `key` to `value`, which the store may keep without a copy.
+    fn put_owned(&self, key: &str, value: Vec<u8>) -> impl Future<Output = Result<(), StoreError>> + Send {
+        async move { self.put(key, &value).await }
+    }
     /// The value at `key`, if any.
     fn get(&self, key: &str) -> impl Future<Output = Result<Option<Vec<u8>>, StoreError>> + Send;
     /// Deletes keys (and accumulator bookkeeping for them); missing keys are fine.
