@@ -454,6 +454,10 @@ impl Invoker for AwsLambda {
         self.counters().summary()
     }
 
+    fn totals(&self) -> Summary {
+        self.counters().totals()
+    }
+
     fn write_run_metrics(&self, dir: &Path) -> std::io::Result<Summary> {
         let (summary, ledger) = {
             let c = self.counters();

@@ -120,6 +120,9 @@ pub trait Invoker: Send + Sync + std::fmt::Debug {
     fn ledger(&self) -> Vec<InvocationRecord>;
     /// Counters and latency quantiles so far.
     fn summary(&self) -> Summary;
+    /// Counters so far without the quantiles ([`Counters::totals`](metrics::Counters::totals)):
+    /// a node reads them every round, and the quantiles sort every latency of the run.
+    fn totals(&self) -> Summary;
     /// Writes the function metrics of the run so far into `dir` (created if missing):
     /// `function_metrics.json` (the [`Summary`]) and `ledger.csv` (one line per attempt), each
     /// replaced atomically; returns the summary written. Call it at the end of a run, or as
@@ -672,6 +675,10 @@ impl Invoker for LocalRuntime {
 
     fn summary(&self) -> Summary {
         self.inner.counters().summary()
+    }
+
+    fn totals(&self) -> Summary {
+        self.inner.counters().totals()
     }
 
     fn write_run_metrics(&self, dir: &Path) -> std::io::Result<Summary> {

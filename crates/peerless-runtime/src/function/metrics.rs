@@ -191,16 +191,21 @@ pub(crate) struct Counters {
 }
 
 impl Counters {
-    /// A snapshot with the quantiles computed.
+    /// A snapshot with the quantiles computed (each sorts every latency recorded so far).
     pub fn summary(&self) -> Summary {
         Summary {
             latency_p50_us: quantile(&self.latencies_us, 0.5),
             latency_p99_us: quantile(&self.latencies_us, 0.99),
             cold_start_p50_us: quantile(&self.init_us, 0.5),
             cold_start_p99_us: quantile(&self.init_us, 0.99),
-            cost_micro: pico_to_micro(self.totals.cost_pico),
-            ..self.totals.clone()
+            ..self.totals()
         }
+    }
+
+    /// A snapshot of the counts and sums, the quantile fields left at zero: cheap at any
+    /// point of a run, for a node's metrics row every round.
+    pub fn totals(&self) -> Summary {
+        Summary { cost_micro: pico_to_micro(self.totals.cost_pico), ..self.totals.clone() }
     }
 
     /// Counts one attempt: its record, its latency if it reached an instance, and whether a

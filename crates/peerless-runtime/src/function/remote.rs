@@ -274,6 +274,10 @@ impl Invoker for Remote {
         self.counters().summary()
     }
 
+    fn totals(&self) -> Summary {
+        self.counters().totals()
+    }
+
     fn write_run_metrics(&self, dir: &std::path::Path) -> std::io::Result<Summary> {
         let (summary, ledger) = {
             let c = self.counters();

@@ -599,10 +599,11 @@ impl GradientBackend {
         })
     }
 
-    /// Invocation counters so far (zero for in-process compute).
-    pub(crate) fn summary(&self) -> crate::function::metrics::Summary {
+    /// Invocation counters so far, without the latency quantiles (zero for in-process
+    /// compute); `function_metrics.json` has the quantiles.
+    pub(crate) fn totals(&self) -> crate::function::metrics::Summary {
         match self {
-            GradientBackend::Functions { runtime, .. } => runtime.summary(),
+            GradientBackend::Functions { runtime, .. } => runtime.totals(),
             GradientBackend::Local(_) => Default::default(),
         }
     }
@@ -700,7 +701,7 @@ impl Work {
 
     /// Invocation counters so far (zero for in-process work).
     pub(crate) fn counters(&self) -> crate::function::Summary {
-        self.backend.summary()
+        self.backend.totals()
     }
 
     /// Writes the function metrics and the ledger into `dir`.
