@@ -795,15 +795,26 @@ impl Round {
         }
     }
 
-    /// `p`'s link for gradients broke: while this round's gradients are still being gathered
-    /// and `p`'s has not arrived, it is asked for again (the copy, should the original turn up
-    /// after all, is not taken for a replay).
+    /// `p`'s link for gradients broke, and with it any gradient of `p`'s in flight on it: the
+    /// gradient of this round, while this round's are still being gathered and `p`'s has not
+    /// arrived, and that of the next round, which `p` sends as soon as it has applied this
+    /// one (it may be a round ahead), are asked for again unless they are in. `p` sends a
+    /// copy if it holds that gradient and ignores the request otherwise (it then sends the
+    /// gradient when computed, as to everyone); the copy, should the original turn up after
+    /// all, is not taken for a replay.
     fn on_link_lost(&mut self, p: PeerIdx) {
+        if !self.is_connected(p) {
+            return;
+        }
         let r = self.round;
         let gathering = matches!(self.phase, Phase::Computing | Phase::Collecting { .. });
-        let has = self.received.contains_key(&p) || self.members.get(&p).is_some_and(|m| m.sent.contains(&r));
-        if gathering && !has && self.is_connected(p) && self.resends.insert((p, r)) {
-            self.out.push(Action::RequestResend { round: r, from: p });
+        let sent = |round| self.members.get(&p).is_some_and(|m| m.sent.contains(&round));
+        let ask_now = gathering && !self.received.contains_key(&p) && !sent(r);
+        let ask_next = !sent(r + 1);
+        for (round, ask) in [(r, ask_now), (r + 1, ask_next)] {
+            if ask && self.resends.insert((p, round)) {
+                self.out.push(Action::RequestResend { round, from: p });
+            }
         }
     }
 
