@@ -58,6 +58,9 @@ pub fn run_function_service(args: &FunctionServiceArgs) -> Result<ExitCode> {
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
     rt.block_on(async move {
         let runtime = LocalRuntime::start(config, command, seed)?;
+        // Each attempt goes back to the node, whose ledger keeps it; a copy here would only
+        // grow this process by a record per invocation for the whole run.
+        runtime.discard_ledger();
         let api = function::InvokeApi::bind(runtime.clone(), args.listen)
             .await
             .with_context(|| format!("serving on {}", args.listen))?;

@@ -254,6 +254,12 @@ impl LocalRuntime {
         Ok(LocalRuntime { inner })
     }
 
+    /// Stops keeping a ledger of the attempts: for a runtime that serves another process's
+    /// invocations (the function service), which records every attempt in its own.
+    pub fn discard_ledger(&self) {
+        self.inner.ledger.discard();
+    }
+
     /// The configuration in force.
     pub fn config(&self) -> &Config {
         &self.inner.config

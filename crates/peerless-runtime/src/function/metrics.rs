@@ -7,6 +7,7 @@
 
 use std::collections::BTreeMap;
 use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use peerless_core::cost::pico_to_micro;
@@ -25,6 +26,8 @@ pub const LEDGER_FILE: &str = "ledger.csv";
 #[derive(Debug, Clone, Default)]
 pub struct Ledger {
     records: Arc<Mutex<Vec<InvocationRecord>>>,
+    /// Records are dropped instead of kept ([`Ledger::discard`]).
+    discarding: Arc<AtomicBool>,
 }
 
 /// Column names of `ledger.csv`, in order. `max_memory_mb` came last, so a reader of the older
@@ -37,9 +40,19 @@ impl Ledger {
         self.records.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Appends one record.
+    /// Appends one record (unless the ledger discards them).
     pub fn push(&self, r: InvocationRecord) {
-        self.lock().push(r);
+        if !self.discarding.load(Ordering::Relaxed) {
+            self.lock().push(r);
+        }
+    }
+
+    /// From now on drops every record instead of keeping it, and forgets those kept: for a
+    /// runtime whose caller keeps its own ledger (a function service's callers do), where
+    /// keeping them would only grow the process by a record per invocation for the whole run.
+    pub fn discard(&self) {
+        self.discarding.store(true, Ordering::Relaxed);
+        *self.lock() = Vec::new();
     }
 
     /// A copy of all records so far.
@@ -250,6 +263,16 @@ impl Counters {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_discarding_ledger_keeps_nothing() {
+        let ledger = Ledger::default();
+        ledger.push(rec(Outcome::Ok, 0, 1));
+        ledger.discard();
+        assert!(ledger.is_empty(), "the record kept before is forgotten");
+        ledger.push(rec(Outcome::Ok, 0, 1));
+        assert!(ledger.is_empty() && ledger.clone().is_empty(), "a record kept after");
+    }
 
     fn rec(outcome: Outcome, attempt: u32, cost: u64) -> InvocationRecord {
         InvocationRecord {
