@@ -691,8 +691,7 @@ fn add_f32_le(sum: Bytes, add: &[u8]) -> Bytes {
 /// (0.94 MB for the MNIST MLP) and reads as much of summed gradient every round.
 impl Store for EmbeddedHandle {
     async fn put(&self, key: &str, value: &[u8]) -> Result<(), StoreError> {
-        let reply = self.own(&[b"SET", key.as_bytes()], Some(Bytes::copy_from_slice(value)));
-        expect_ok("SET", reply)
+        self.put_owned(key, value.to_vec()).await
     }
 
     async fn put_owned(&self, key: &str, value: Vec<u8>) -> Result<(), StoreError> {
@@ -736,23 +735,19 @@ impl Store for EmbeddedHandle {
 
     async fn read_accumulated(&self, key: &str) -> Result<Option<Accumulated>, StoreError> {
         let count_key = format!("{key}:n");
-        let bad = |reason: String| StoreError::BadValue { key: key.to_owned(), reason };
-        let Reply::Array(values) = self.own(&[b"MGET", key.as_bytes(), count_key.as_bytes()], None) else {
-            return Err(bad("MGET did not answer an array".to_owned()));
+        let bulk = |r: &Reply| match r {
+            Reply::Bulk(v) => Some(Some(v.clone())),
+            Reply::Null => Some(None),
+            _ => None,
         };
-        match values.as_slice() {
-            [Reply::Null, Reply::Null] => Ok(None),
-            [Reply::Bulk(sum), Reply::Bulk(count)] => {
-                let count = std::str::from_utf8(count)
-                    .ok()
-                    .and_then(|s| s.parse::<u64>().ok())
-                    .ok_or_else(|| bad(format!("count at {count_key} is not an integer")))?;
-                let sum = peerless_core::flat::from_le_bytes(sum).map_err(|e| bad(e.to_string()))?;
-                Ok(Some(Accumulated { sum, count }))
+        match self.own(&[b"MGET", key.as_bytes(), count_key.as_bytes()], None) {
+            Reply::Array(values) if values.len() == 2 => {
+                if let (Some(sum), Some(count)) = (bulk(&values[0]), bulk(&values[1])) {
+                    return Accumulated::decode(key, sum.as_deref(), count.as_deref());
+                }
+                Err(unexpected("MGET", Reply::Array(values)))
             }
-            [Reply::Bulk(_), Reply::Null] => Err(bad("not an accumulator (no count)".to_owned())),
-            [Reply::Null, Reply::Bulk(_)] => Err(bad("accumulator count without a sum".to_owned())),
-            _ => Err(bad("MGET answered something else".to_owned())),
+            other => Err(unexpected("MGET", other)),
         }
     }
 }

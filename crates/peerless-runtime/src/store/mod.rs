@@ -77,6 +77,30 @@ pub struct Accumulated {
     pub count: u64,
 }
 
+impl Accumulated {
+    /// The accumulator at `key` from the values at `key` (the sum, little-endian `f32`s) and
+    /// `key:n` (the count), as `MGET` reads them: `None` when neither exists.
+    ///
+    /// # Errors
+    /// [`StoreError::BadValue`] when one is missing or either does not parse.
+    pub fn decode(key: &str, sum: Option<&[u8]>, count: Option<&[u8]>) -> Result<Option<Self>, StoreError> {
+        let bad = |reason: String| StoreError::BadValue { key: key.to_owned(), reason };
+        match (sum, count) {
+            (None, None) => Ok(None),
+            (Some(sum), Some(count)) => {
+                let count = std::str::from_utf8(count)
+                    .ok()
+                    .and_then(|s| s.parse::<u64>().ok())
+                    .ok_or_else(|| bad(format!("count at {key}:n is not an integer")))?;
+                let sum = peerless_core::flat::from_le_bytes(sum).map_err(|e| bad(e.to_string()))?;
+                Ok(Some(Accumulated { sum, count }))
+            }
+            (Some(_), None) => Err(bad("not an accumulator (no count)".to_owned())),
+            (None, Some(_)) => Err(bad("accumulator count without a sum".to_owned())),
+        }
+    }
+}
+
 /// The operations functions and nodes need. Implementations are cheap to clone and safe to use
 /// from many tasks.
 pub trait Store: Send + Sync {

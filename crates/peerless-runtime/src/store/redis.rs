@@ -36,7 +36,7 @@
 use std::sync::{Arc, LazyLock};
 use std::time::Duration;
 
-use peerless_core::flat::{from_le_bytes, le_bytes_into};
+use peerless_core::flat::le_bytes_into;
 use redis::aio::MultiplexedConnection;
 use redis::io::tcp::TcpSettings;
 use redis::{
@@ -374,20 +374,7 @@ impl Store for RedisStore {
             .query_async(&mut conn)
             .await
             .map_err(|e| self.command_error("MGET", &e))?;
-        let bad = |reason: String| StoreError::BadValue { key: key.to_owned(), reason };
-        match (sum, count) {
-            (None, None) => Ok(None),
-            (Some(sum), Some(count)) => {
-                let count = std::str::from_utf8(&count)
-                    .ok()
-                    .and_then(|s| s.parse::<u64>().ok())
-                    .ok_or_else(|| bad(format!("count at {key}:n is not an integer")))?;
-                let sum = from_le_bytes(&sum).map_err(|e| bad(e.to_string()))?;
-                Ok(Some(Accumulated { sum, count }))
-            }
-            (Some(_), None) => Err(bad("not an accumulator (no count)".to_owned())),
-            (None, Some(_)) => Err(bad("accumulator count without a sum".to_owned())),
-        }
+        Accumulated::decode(key, sum.as_deref(), count.as_deref())
     }
 }
 
