@@ -125,16 +125,19 @@ pub trait Invoker: Send + Sync + std::fmt::Debug {
     fn totals(&self) -> Summary;
     /// Writes the function metrics of the run so far into `dir` (created if missing):
     /// `function_metrics.json` (the [`Summary`]) and `ledger.csv` (one line per attempt), each
-    /// replaced atomically; returns the summary written. Call it at the end of a run, or as
-    /// often as wanted during one.
+    /// replaced atomically, or the ledger's waiting records appended when it streams to that
+    /// file ([`Invoker::stream_ledger`]); returns the summary written. Call it at the end of a
+    /// run, or as often as wanted during one.
     ///
     /// # Errors
     /// If a file cannot be written.
-    fn write_run_metrics(&self, dir: &Path) -> std::io::Result<Summary> {
-        let (summary, ledger) = (self.summary(), self.ledger());
-        metrics::write_run_metrics(dir, &summary, &ledger)?;
-        Ok(summary)
-    }
+    fn write_run_metrics(&self, dir: &Path) -> std::io::Result<Summary>;
+    /// From now on appends each attempt's record to the ledger CSV at `path` as it comes,
+    /// instead of keeping it in memory ([`Ledger::stream_to`](metrics::Ledger::stream_to)).
+    ///
+    /// # Errors
+    /// If the file cannot be opened or written.
+    fn stream_ledger(&self, path: &Path) -> std::io::Result<()>;
 
     /// Stops what the invoker runs locally (the local runtime kills its instances) and refuses
     /// later invocations where it can. Nothing to do for a remote service.
@@ -334,13 +337,6 @@ impl LocalRuntime {
         // Pushed under the counters' lock, so a snapshot of both (`run_metrics`) agrees.
         self.inner.ledger.push(rec.clone());
         rec
-    }
-
-    /// The summary and the ledger at one instant (they agree: the summary counts exactly the
-    /// ledger's records).
-    pub fn run_metrics(&self) -> (Summary, Vec<InvocationRecord>) {
-        let c = self.inner.counters();
-        (c.summary(), self.inner.ledger.snapshot())
     }
 
     /// Like [`Invoker::invoke`] with an explicit retry bound (0: a single attempt, as AWS does
@@ -688,9 +684,15 @@ impl Invoker for LocalRuntime {
     }
 
     fn write_run_metrics(&self, dir: &Path) -> std::io::Result<Summary> {
-        let (summary, ledger) = self.run_metrics();
-        metrics::write_run_metrics(dir, &summary, &ledger)?;
+        // Under the counters' lock, so the summary counts exactly the ledger's records.
+        let c = self.inner.counters();
+        let summary = c.summary();
+        metrics::write_run_metrics(dir, &summary, &self.inner.ledger)?;
         Ok(summary)
+    }
+
+    fn stream_ledger(&self, path: &Path) -> std::io::Result<()> {
+        self.inner.ledger.stream_to(path)
     }
 
     fn shutdown(&self) -> Pin<Box<dyn Future<Output = ()> + Send + '_>> {

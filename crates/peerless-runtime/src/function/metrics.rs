@@ -6,7 +6,7 @@
 //! directory).
 
 use std::collections::BTreeMap;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
@@ -23,27 +23,113 @@ pub const LEDGER_FILE: &str = "ledger.csv";
 
 /// The ledger: every invocation attempt's [`InvocationRecord`], in completion order.
 /// Cloning shares it.
+///
+/// It keeps its records in memory until it is told to stream them to a file
+/// ([`Ledger::stream_to`]); from then on each record is appended to that CSV file as it
+/// comes (one `write` of a line, a few µs) and nothing is kept. A node streams: kept, its
+/// ledger grew by a record per invocation for the whole run (about 140 MB an hour at 300
+/// rounds a second), and a node that is killed now leaves every finished attempt behind.
 #[derive(Debug, Clone, Default)]
 pub struct Ledger {
-    records: Arc<Mutex<Vec<InvocationRecord>>>,
+    records: Arc<Mutex<Records>>,
     /// Records are dropped instead of kept ([`Ledger::discard`]).
     discarding: Arc<AtomicBool>,
+}
+
+/// The records a [`Ledger`] holds: all of them, or those not yet streamed to its file.
+#[derive(Debug, Default)]
+struct Records {
+    kept: Vec<InvocationRecord>,
+    stream: Option<Stream>,
+}
+
+/// The file a streaming [`Ledger`] appends to, and the lines a failed write left waiting.
+#[derive(Debug)]
+struct Stream {
+    path: PathBuf,
+    file: std::fs::File,
+    pending: String,
+    /// The last write failed (warned once; retried with the next record).
+    failing: bool,
 }
 
 /// Column names of `ledger.csv`, in order. `max_memory_mb` came last, so a reader of the older
 /// columns by position reads a new ledger unchanged.
 pub const LEDGER_CSV_HEADER: &str = "function,request_id,node,round,batch,attempt,memory_mb,billed_ms,cold_start,init_us,outcome,cost_pico,max_memory_mb";
 
+impl Stream {
+    /// Opens `path` for appending: a ledger already there (this node's before a restart) is
+    /// continued, cut back to its last whole line; otherwise the file starts with the header.
+    fn open(path: &Path) -> std::io::Result<Stream> {
+        use std::io::{Read, Seek, SeekFrom};
+        let mut file =
+            std::fs::OpenOptions::new().read(true).append(true).create(true).truncate(false).open(path)?;
+        let header = format!("{LEDGER_CSV_HEADER}\n");
+        let mut head = vec![0; header.len()];
+        let is_ledger = file.read_exact(&mut head).is_ok() && head == header.as_bytes();
+        // A line is a few hundred bytes: the last whole one ends within the file's tail.
+        let len = file.seek(SeekFrom::End(0))?;
+        let keep = if is_ledger {
+            let from = len.saturating_sub(64 * 1024).max(header.len() as u64 - 1);
+            let mut tail = Vec::new();
+            file.seek(SeekFrom::Start(from))?;
+            file.read_to_end(&mut tail)?;
+            tail.iter().rposition(|&b| b == b'\n').map_or(header.len() as u64, |i| from + i as u64 + 1)
+        } else {
+            0
+        };
+        if keep != len {
+            file.set_len(keep)?;
+        }
+        let pending = if keep == 0 { header } else { String::new() };
+        Ok(Stream { path: path.to_owned(), file, pending, failing: false })
+    }
+
+    fn push(&mut self, r: &InvocationRecord) {
+        self.pending.push_str(&csv_line(r));
+        self.pending.push('\n');
+        let _ = self.flush();
+    }
+
+    /// Appends the waiting lines in one write (whole lines only: a reader sees no half line
+    /// unless the write itself is cut short).
+    fn flush(&mut self) -> std::io::Result<()> {
+        use std::io::Write;
+        if self.pending.is_empty() {
+            return Ok(());
+        }
+        match self.file.write_all(self.pending.as_bytes()) {
+            Ok(()) => {
+                self.pending.clear();
+                self.failing = false;
+                Ok(())
+            }
+            Err(e) => {
+                if !self.failing {
+                    tracing::warn!(path = %self.path.display(), error = %e, "appending to the ledger failed; the records wait in memory for the next try");
+                }
+                self.failing = true;
+                Err(e)
+            }
+        }
+    }
+}
+
 impl Ledger {
-    fn lock(&self) -> MutexGuard<'_, Vec<InvocationRecord>> {
+    fn lock(&self) -> MutexGuard<'_, Records> {
         // Records are only ever pushed whole, so a poisoned lock still holds valid records.
         self.records.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     /// Appends one record (unless the ledger discards them).
     pub fn push(&self, r: InvocationRecord) {
-        if !self.discarding.load(Ordering::Relaxed) {
-            self.lock().push(r);
+        if self.discarding.load(Ordering::Relaxed) {
+            return;
+        }
+        let mut records = self.lock();
+        match &mut records.stream {
+            Some(stream) => stream.push(&r),
+            None => records.kept.push(r),
         }
     }
 
@@ -52,32 +138,50 @@ impl Ledger {
     /// keeping them would only grow the process by a record per invocation for the whole run.
     pub fn discard(&self) {
         self.discarding.store(true, Ordering::Relaxed);
-        *self.lock() = Vec::new();
+        self.lock().kept = Vec::new();
     }
 
-    /// A copy of all records so far.
+    /// From now on appends every record to the CSV file at `path` (see the type's docs),
+    /// starting with those kept so far; a ledger already at `path` is continued.
+    ///
+    /// # Errors
+    /// If the file cannot be opened, read or written; the ledger then keeps its records.
+    pub fn stream_to(&self, path: &Path) -> std::io::Result<()> {
+        let mut stream = Stream::open(path)?;
+        let mut records = self.lock();
+        for r in std::mem::take(&mut records.kept) {
+            stream.pending.push_str(&csv_line(&r));
+            stream.pending.push('\n');
+        }
+        let written = stream.flush();
+        records.stream = Some(stream);
+        written
+    }
+
+    /// The records held in memory: all of them, or, once streaming, only those not yet
+    /// appended to the file.
     pub fn snapshot(&self) -> Vec<InvocationRecord> {
-        self.lock().clone()
+        self.lock().kept.clone()
     }
 
-    /// Number of records.
+    /// Number of records held in memory (see [`Ledger::snapshot`]).
     pub fn len(&self) -> usize {
-        self.lock().len()
+        self.lock().kept.len()
     }
 
-    /// Whether no attempt has been recorded.
+    /// Whether no record is held in memory (see [`Ledger::snapshot`]).
     pub fn is_empty(&self) -> bool {
-        self.lock().is_empty()
+        self.lock().kept.is_empty()
     }
 
-    /// Sum of all charges, pico-dollars.
-    pub fn total_cost_pico(&self) -> u64 {
-        self.lock().iter().map(|r| r.cost_pico).fold(0u64, u64::saturating_add)
-    }
-
-    /// Writes the ledger as CSV (see [`write_ledger_csv`]).
+    /// Writes the ledger as CSV to `path`: the records held, replacing the file atomically
+    /// (see [`write_ledger_csv`]); a ledger streaming to `path` appends what waits instead.
     pub fn write_csv(&self, path: &Path) -> std::io::Result<()> {
-        write_ledger_csv(path, &self.snapshot())
+        let mut records = self.lock();
+        match &mut records.stream {
+            Some(stream) if stream.path == path => stream.flush(),
+            _ => write_ledger_csv(path, &records.kept),
+        }
     }
 }
 
@@ -96,8 +200,9 @@ pub fn write_ledger_csv(path: &Path, records: &[InvocationRecord]) -> std::io::R
 /// Writes a run's function metrics into `dir` (created if missing): [`FUNCTION_METRICS_FILE`]
 /// (`summary` as JSON) and [`LEDGER_FILE`] (`ledger` as CSV), each replaced atomically, so a
 /// reader never sees half a file even when a long run rewrites them as it goes.
-pub fn write_run_metrics(dir: &Path, summary: &Summary, ledger: &[InvocationRecord]) -> std::io::Result<()> {
-    write_ledger_csv(&dir.join(LEDGER_FILE), ledger)?;
+pub fn write_run_metrics(dir: &Path, summary: &Summary, ledger: &Ledger) -> std::io::Result<()> {
+    std::fs::create_dir_all(dir)?;
+    ledger.write_csv(&dir.join(LEDGER_FILE))?;
     let mut json = serde_json::to_string_pretty(summary).expect("invariant: a summary serializes");
     json.push('\n');
     write_atomic(&dir.join(FUNCTION_METRICS_FILE), json.as_bytes())
@@ -274,6 +379,62 @@ mod tests {
         assert!(ledger.is_empty() && ledger.clone().is_empty(), "a record kept after");
     }
 
+    /// `ledger.csv` as lines.
+    fn lines(path: &Path) -> Vec<String> {
+        std::fs::read_to_string(path).unwrap().lines().map(str::to_owned).collect()
+    }
+
+    #[test]
+    fn a_streaming_ledger_keeps_nothing_and_writes_every_record_once_as_it_comes() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join(LEDGER_FILE);
+        let ledger = Ledger::default();
+        ledger.push(rec(Outcome::Ok, 0, 1));
+        ledger.stream_to(&path).unwrap();
+        assert!(ledger.is_empty(), "the record kept before streaming is in the file");
+        assert_eq!(lines(&path).len(), 2, "header and the first record");
+        let n = 1000;
+        for i in 0..n {
+            ledger.push(rec(Outcome::Ok, 1, i as u64));
+            assert!(ledger.is_empty());
+        }
+        // In the file before any final write: a node killed now leaves them all.
+        let text = lines(&path);
+        assert_eq!(text.len(), 1 + 1 + n);
+        assert_eq!(text[0], LEDGER_CSV_HEADER);
+        assert_eq!(text.last().unwrap(), &csv_line(&rec(Outcome::Ok, 1, n as u64 - 1)));
+        // Writing again adds nothing: every record is in the file once.
+        ledger.write_csv(&path).unwrap();
+        assert_eq!(lines(&path).len(), 2 + n);
+    }
+
+    #[test]
+    fn a_streaming_ledger_continues_the_file_of_a_restarted_node_from_its_last_whole_line() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join(LEDGER_FILE);
+        let before =
+            format!("{LEDGER_CSV_HEADER}\n{}\n{}", csv_line(&rec(Outcome::Ok, 0, 1)), "echo,half-a-li");
+        std::fs::write(&path, before).unwrap();
+        let ledger = Ledger::default();
+        ledger.stream_to(&path).unwrap();
+        ledger.push(rec(Outcome::Crashed, 2, 9));
+        ledger.write_csv(&path).unwrap();
+        assert_eq!(
+            lines(&path),
+            [
+                LEDGER_CSV_HEADER.to_owned(),
+                csv_line(&rec(Outcome::Ok, 0, 1)),
+                csv_line(&rec(Outcome::Crashed, 2, 9))
+            ]
+        );
+        // A file that is not a ledger is started over.
+        std::fs::write(&path, "something else\n").unwrap();
+        let other = Ledger::default();
+        other.stream_to(&path).unwrap();
+        other.write_csv(&path).unwrap();
+        assert_eq!(lines(&path), [LEDGER_CSV_HEADER]);
+    }
+
     fn rec(outcome: Outcome, attempt: u32, cost: u64) -> InvocationRecord {
         InvocationRecord {
             function: "echo".into(),
@@ -310,7 +471,7 @@ mod tests {
             c.record(&r, Some(100), false);
             l.push(r);
         }
-        assert_eq!(l.total_cost_pico(), 12);
+        assert_eq!(l.snapshot().iter().map(|r| r.cost_pico).sum::<u64>(), 12);
         let s = c.summary();
         assert_eq!(
             (s.invocations, s.crashes, s.ok, s.retries, s.cold_starts, s.cost_pico),
@@ -376,10 +537,12 @@ mod tests {
         let run = dir.path().join("runs/one");
         let mut c = Counters::default();
         let records = vec![rec(Outcome::Timeout, 0, 2_000_001), rec(Outcome::Ok, 1, 3)];
+        let ledger = Ledger::default();
         for r in &records {
             c.record(r, Some(42), false);
+            ledger.push(r.clone());
         }
-        write_run_metrics(&run, &c.summary(), &records).unwrap();
+        write_run_metrics(&run, &c.summary(), &ledger).unwrap();
         let text = std::fs::read_to_string(run.join(FUNCTION_METRICS_FILE)).unwrap();
         let back: Summary = serde_json::from_str(&text).unwrap();
         assert_eq!(back, c.summary());
@@ -393,7 +556,7 @@ mod tests {
         assert_eq!(csv.lines().count(), 3);
         assert!(csv.lines().nth(1).unwrap().ends_with(",timeout,2000001,40"), "{csv}");
         // Rewriting replaces both files whole.
-        write_run_metrics(&run, &Summary::default(), &[]).unwrap();
+        write_run_metrics(&run, &Summary::default(), &Ledger::default()).unwrap();
         assert_eq!(std::fs::read_to_string(run.join(LEDGER_FILE)).unwrap(), format!("{LEDGER_CSV_HEADER}\n"));
         let names: Vec<_> = std::fs::read_dir(&run).unwrap().map(|e| e.unwrap().file_name()).collect();
         assert_eq!(names.len(), 2, "no temporary files left: {names:?}");

@@ -279,12 +279,15 @@ impl Invoker for Remote {
     }
 
     fn write_run_metrics(&self, dir: &std::path::Path) -> std::io::Result<Summary> {
-        let (summary, ledger) = {
-            let c = self.counters();
-            (c.summary(), self.inner.ledger.snapshot())
-        };
-        metrics::write_run_metrics(dir, &summary, &ledger)?;
+        // Under the counters' lock, so the summary counts exactly the ledger's records.
+        let c = self.counters();
+        let summary = c.summary();
+        metrics::write_run_metrics(dir, &summary, &self.inner.ledger)?;
         Ok(summary)
+    }
+
+    fn stream_ledger(&self, path: &std::path::Path) -> std::io::Result<()> {
+        self.inner.ledger.stream_to(path)
     }
 }
 

@@ -669,7 +669,14 @@ impl Work {
     /// Starts `node`'s gradient backend (function runtime and store, or in-process).
     pub(crate) async fn start(node: &Node, command: FunctionCommand) -> Result<Work, NodeError> {
         let run = &node.file.run;
-        let backend = Arc::new(GradientBackend::start(run, node.me, command).await?);
+        let backend = GradientBackend::start(run, node.me, command).await?;
+        if let GradientBackend::Functions { runtime, .. } = &backend {
+            // A record per invocation for the whole run: into the node's ledger file as they
+            // come, not into memory (a killed node leaves them behind too).
+            let path = node.file.node.dir.join(crate::function::metrics::LEDGER_FILE);
+            runtime.stream_ledger(&path).map_err(io_err(&path))?;
+        }
+        let backend = Arc::new(backend);
         let job = Job::template(
             run,
             node.me,

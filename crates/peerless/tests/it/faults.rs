@@ -130,10 +130,22 @@ fn a_restarted_peer_invokes_the_warm_instances_its_function_service_kept() {
     assert!(log.contains("invoking through the function service"), "peer 1 used its service");
     let file = std::fs::read_to_string(out.join("peers/1/peer.toml")).unwrap();
     assert!(file.contains("service_addr = \"\""), "the node file points at no service once the run is over");
-    // The restarted process's ledger: every attempt, its warm-up included, ran warm.
-    let restarted = ledger(&out, 1);
+    // Peer 1's ledger holds both processes' attempts (each appended as it finished): the
+    // killed process's warm-up and rounds, then the restarted process's, from its warm-up on.
+    // Every attempt of the restarted process, its warm-up included, ran warm.
+    let both = ledger(&out, 1);
+    let first_round =
+        both.iter().position(|r| r["node"] == "peer1").expect("the killed process computed rounds");
+    let restarted_from = (first_round..both.len())
+        .find(|&i| both[i]["node"] == "peer1-warm-up")
+        .expect("the restarted process's warm-up follows the killed one's rounds");
+    assert!(
+        both[..first_round].iter().all(|r| r["node"] == "peer1-warm-up"),
+        "the killed process's warm-up came first"
+    );
+    let restarted = &both[restarted_from..];
     assert!(restarted.iter().any(|r| r["node"] == "peer1"), "the restarted peer computed rounds");
-    for r in &restarted {
+    for r in restarted {
         assert_eq!((r["cold_start"].as_str(), r["init_us"].as_str()), ("false", "0"), "{r:?}");
         assert_eq!(r["outcome"], "ok", "{r:?}");
     }
