@@ -157,7 +157,7 @@ impl Node {
     /// The final model's test loss and accuracy. A diverged model may not even evaluate: its
     /// accuracy is then chance, its loss unknown.
     pub(crate) async fn evaluate(
-        &self,
+        &mut self,
         round: u64,
         params: &[f32],
         diverged: bool,

@@ -667,7 +667,7 @@ fn warm_up(template: Job, node: &Node) -> Job {
 
 impl Work {
     /// Starts `node`'s gradient backend (function runtime and store, or in-process).
-    pub(crate) async fn start(node: &Node, command: FunctionCommand) -> Result<Work, NodeError> {
+    pub(crate) async fn start(node: &mut Node, command: FunctionCommand) -> Result<Work, NodeError> {
         let run = &node.file.run;
         let backend = GradientBackend::start(run, node.me, command).await?;
         if let GradientBackend::Functions { runtime, .. } = &backend {
