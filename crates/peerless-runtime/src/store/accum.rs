@@ -11,7 +11,6 @@
 
 use std::time::Duration;
 
-use peerless_core::flat::le_bytes_into;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
@@ -124,22 +123,19 @@ impl AccumLine {
         bulk(buf, slot.to_string().as_bytes());
         buf.extend_from_slice(format!("${}\r\n", grad.len() * 4).as_bytes());
         // The header rides with the first piece; the trailer with the last.
-        let head = buf.len();
         let mut pieces = grad.chunks(PIECE).peekable();
         if pieces.peek().is_none() {
             buf.extend_from_slice(b"\r\n");
             stream.write_all(buf).await?;
         }
-        let mut start = head;
         while let Some(piece) = pieces.next() {
-            buf.resize(start + piece.len() * 4, 0);
-            le_bytes_into(piece, &mut buf[start..]);
+            // Appended, not zeroed and then overwritten.
+            buf.extend(piece.iter().flat_map(|x| x.to_le_bytes()));
             if pieces.peek().is_none() {
                 buf.extend_from_slice(b"\r\n");
             }
             stream.write_all(buf).await?;
             buf.clear();
-            start = 0;
         }
         match read_line(stream, buf).await? {
             line if line.starts_with(b":") => match &line[1..] {
