@@ -718,9 +718,9 @@ impl Writer {
     }
     fn vec(&mut self, v: &[f32]) {
         self.u32(v.len() as u32);
-        let at = self.0.len();
-        self.0.resize(at + v.len() * 4, 0);
-        crate::flat::le_bytes_into(v, &mut self.0[at..]);
+        // Appended, not zeroed and then overwritten.
+        self.0.reserve(v.len() * 4);
+        self.0.extend(v.iter().flat_map(|x| x.to_le_bytes()));
     }
 }
 

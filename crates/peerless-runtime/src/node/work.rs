@@ -360,9 +360,12 @@ impl Job {
                 "some gradient invocations failed after retries; using the rest"
             );
         }
-        let n = count as f32;
         let mut grad = sum;
-        grad.iter_mut().for_each(|x| *x /= n);
+        // A sum of one is its own mean (x / 1 is x, bit for bit): no pass over it.
+        if count > 1 {
+            let n = count as f32;
+            grad.iter_mut().for_each(|x| *x /= n);
+        }
         Ok(LocalResult {
             round: self.round,
             digest: d,
