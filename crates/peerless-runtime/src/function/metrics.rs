@@ -85,9 +85,14 @@ impl Stream {
         Ok(Stream { path: path.to_owned(), file, pending, failing: false })
     }
 
-    fn push(&mut self, r: &InvocationRecord) {
+    /// Adds `r`'s line to those waiting for the next write.
+    fn queue(&mut self, r: &InvocationRecord) {
         self.pending.push_str(&csv_line(r));
         self.pending.push('\n');
+    }
+
+    fn push(&mut self, r: &InvocationRecord) {
+        self.queue(r);
         let _ = self.flush();
     }
 
@@ -149,10 +154,7 @@ impl Ledger {
     pub fn stream_to(&self, path: &Path) -> std::io::Result<()> {
         let mut stream = Stream::open(path)?;
         let mut records = self.lock();
-        for r in std::mem::take(&mut records.kept) {
-            stream.pending.push_str(&csv_line(&r));
-            stream.pending.push('\n');
-        }
+        std::mem::take(&mut records.kept).iter().for_each(|r| stream.queue(r));
         let written = stream.flush();
         records.stream = Some(stream);
         written
@@ -201,7 +203,6 @@ pub fn write_ledger_csv(path: &Path, records: &[InvocationRecord]) -> std::io::R
 /// (`summary` as JSON) and [`LEDGER_FILE`] (`ledger` as CSV), each replaced atomically, so a
 /// reader never sees half a file even when a long run rewrites them as it goes.
 pub fn write_run_metrics(dir: &Path, summary: &Summary, ledger: &Ledger) -> std::io::Result<()> {
-    std::fs::create_dir_all(dir)?;
     ledger.write_csv(&dir.join(LEDGER_FILE))?;
     let mut json = serde_json::to_string_pretty(summary).expect("invariant: a summary serializes");
     json.push('\n');
