@@ -14,6 +14,10 @@
 //! any other; it is not billed, since nothing ran that this node knows of. Dropping an
 //! invocation future closes its connection; the service lets the attempt run to its end and
 //! keeps its instance warm.
+//!
+//! A connection whose exchange completed is kept for the next attempt (up to the runtime's
+//! concurrency): a new loopback connection per attempt cost both processes a connect, an
+//! accept, a new connection task and a close every round.
 
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -69,6 +73,22 @@ struct Inner {
     seed: u64,
     ledger: Ledger,
     counters: Mutex<Counters>,
+    /// Connections whose last exchange completed, ready for the next attempt.
+    idle: Mutex<Vec<Conn>>,
+}
+
+/// An HTTP/1.1 connection to the service. Dropping it closes it (its task is aborted), so an
+/// attempt dropped mid-exchange closes its connection as before.
+#[derive(Debug)]
+struct Conn {
+    sender: hyper::client::conn::http1::SendRequest<Full<Bytes>>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for Conn {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
 }
 
 /// The client of a function service at `config.service_addr`. Cheap to clone; clones share
@@ -98,6 +118,7 @@ impl Remote {
                 seed,
                 ledger: Ledger::default(),
                 counters: Mutex::new(Counters::default()),
+                idle: Mutex::new(Vec::new()),
             }),
         })
     }
@@ -207,8 +228,8 @@ impl Remote {
         self.record(Attempted { invocation: inv, latency_us: None, injected: false })
     }
 
-    /// Sends one attempt's request on a connection of its own; the status and body of the
-    /// answer, or why there is none. Cancel-safe: dropping it closes the connection.
+    /// Sends one attempt's request on an idle connection or a new one; the status and body of
+    /// the answer, or why there is none. Cancel-safe: dropping it closes the connection.
     async fn post(
         &self,
         function: &str,
@@ -216,13 +237,10 @@ impl Remote {
         id: &AttemptOf,
     ) -> Result<(StatusCode, Bytes), String> {
         let addr = self.inner.addr;
-        let stream = tokio::net::TcpStream::connect(addr)
-            .await
-            .map_err(|e| format!("connecting to the function service at {addr}: {e}"))?;
-        let _ = stream.set_nodelay(true);
-        let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
-            .await
-            .map_err(|e| format!("function service at {addr}: {e}"))?;
+        let mut conn = match self.idle_conn().await {
+            Some(c) => c,
+            None => self.connect().await?,
+        };
         let path = format!("/2015-03-31/functions/{}/invocations", path_segment(function));
         let req = Request::post(path)
             .header(header::HOST, addr.to_string())
@@ -230,24 +248,54 @@ impl Remote {
             .header(ATTEMPT_HEADER, id.encode())
             .body(Full::new(body.clone()))
             .map_err(|e| format!("building the request: {e}"))?;
-        let exchange = async {
-            let resp =
-                sender.send_request(req).await.map_err(|e| format!("function service at {addr}: {e}"))?;
-            let status = resp.status();
-            let bytes = resp
-                .into_body()
-                .collect()
-                .await
-                .map_err(|e| format!("function service at {addr}: {e}"))?
-                .to_bytes();
-            Ok::<_, String>((status, bytes))
-        };
-        tokio::pin!(exchange, conn);
-        tokio::select! {
-            biased;
-            r = &mut exchange => r,
-            _ = &mut conn => exchange.await,
+        let resp =
+            conn.sender.send_request(req).await.map_err(|e| format!("function service at {addr}: {e}"))?;
+        let status = resp.status();
+        let bytes = resp
+            .into_body()
+            .collect()
+            .await
+            .map_err(|e| format!("function service at {addr}: {e}"))?
+            .to_bytes();
+        self.keep(conn);
+        Ok((status, bytes))
+    }
+
+    /// An idle connection still open, if there is one; closed ones are dropped.
+    async fn idle_conn(&self) -> Option<Conn> {
+        loop {
+            let mut c = self.inner.idle.lock().unwrap_or_else(|e| e.into_inner()).pop()?;
+            // Ready at once unless its task has yet to see the end of the last answer.
+            if !c.sender.is_closed() && c.sender.ready().await.is_ok() {
+                return Some(c);
+            }
         }
+    }
+
+    /// Keeps `conn` for a later attempt, unless enough are kept or it is closing.
+    fn keep(&self, conn: Conn) {
+        let mut idle = self.inner.idle.lock().unwrap_or_else(|e| e.into_inner());
+        if !conn.sender.is_closed() && idle.len() < self.inner.config.concurrency as usize {
+            idle.push(conn);
+        }
+    }
+
+    /// A new connection to the service, its task driving it.
+    async fn connect(&self) -> Result<Conn, String> {
+        let addr = self.inner.addr;
+        let stream = tokio::net::TcpStream::connect(addr)
+            .await
+            .map_err(|e| format!("connecting to the function service at {addr}: {e}"))?;
+        let _ = stream.set_nodelay(true);
+        let (sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+            .await
+            .map_err(|e| format!("function service at {addr}: {e}"))?;
+        let task = tokio::spawn(async move {
+            if let Err(e) = conn.await {
+                tracing::debug!(%addr, error = %e, "function service connection closed");
+            }
+        });
+        Ok(Conn { sender, task })
     }
 }
 
@@ -316,5 +364,74 @@ mod tests {
         assert_eq!(inv.error.unwrap().error_type, "Peerless.Dispatch");
         let s = r.summary();
         assert_eq!((s.invocations, s.crashes, s.retries), (2, 2, 1));
+    }
+
+    /// A service that refuses every request (503), on connections it keeps open unless
+    /// `close`; returns its address and how many connections it accepted.
+    async fn refusing_service(close: bool) -> (SocketAddr, Arc<std::sync::atomic::AtomicUsize>) {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let accepted = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let count = Arc::clone(&accepted);
+        tokio::spawn(async move {
+            while let Ok((mut s, _)) = listener.accept().await {
+                count.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                tokio::spawn(async move {
+                    let mut buf = Vec::new();
+                    let mut chunk = [0u8; 4096];
+                    loop {
+                        // One request: headers, then `content-length` bytes of body.
+                        let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") else {
+                            match s.read(&mut chunk).await {
+                                Ok(0) | Err(_) => return,
+                                Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                            }
+                            continue;
+                        };
+                        let head = String::from_utf8_lossy(&buf[..end]).to_ascii_lowercase();
+                        let len: usize = head
+                            .lines()
+                            .find_map(|l| l.strip_prefix("content-length:"))
+                            .map_or(0, |v| v.trim().parse().unwrap());
+                        if buf.len() < end + 4 + len {
+                            match s.read(&mut chunk).await {
+                                Ok(0) | Err(_) => return,
+                                Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                            }
+                            continue;
+                        }
+                        buf.drain(..end + 4 + len);
+                        let conn = if close { "connection: close\r\n" } else { "" };
+                        let answer = format!(
+                            "HTTP/1.1 503 Service Unavailable\r\n{conn}content-length: 4\r\n\r\nbusy"
+                        );
+                        if s.write_all(answer.as_bytes()).await.is_err() || close {
+                            return;
+                        }
+                    }
+                });
+            }
+        });
+        (addr, accepted)
+    }
+
+    #[tokio::test]
+    async fn attempts_share_a_connection_the_service_keeps_open_and_open_another_when_it_closes() {
+        for (close, connections) in [(false, 1), (true, 3)] {
+            let (addr, accepted) = refusing_service(close).await;
+            let cfg = Config { service_addr: addr.to_string(), ..Config::for_test() };
+            let r = Remote::start(cfg, 1).unwrap();
+            for round in 0..3 {
+                let e =
+                    r.invoke("echo", serde_json::json!({}), InvokeCtx::new("t", round, 0)).await.unwrap_err();
+                assert!(e.to_string().contains("503") && e.to_string().contains("busy"), "{e}");
+            }
+            let n = accepted.load(std::sync::atomic::Ordering::SeqCst);
+            assert_eq!(
+                n, connections,
+                "connections for three attempts when the service closes them: {close}"
+            );
+        }
     }
 }

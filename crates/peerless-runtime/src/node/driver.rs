@@ -61,6 +61,21 @@ pub(crate) struct Node {
     evaluations: (mpsc::Sender<Evaluation>, mpsc::Receiver<Evaluation>),
     /// The newest evaluation, until a metrics row takes it.
     evaluated: Option<Evaluation>,
+    /// When the last progress line was printed, and the view it named.
+    last_progress: Option<(Instant, usize)>,
+}
+
+/// A node prints at most one progress line this often (see [`Node::progress`]).
+const PROGRESS_EVERY: Duration = Duration::from_millis(50);
+
+/// Whether `p` is printed at `now`, the last line having been printed at `last` (when, and the
+/// view it named).
+fn progress_due(last: Option<(Instant, usize)>, p: &Progress, now: Instant) -> bool {
+    let Some((at, view)) = last else { return true };
+    now.duration_since(at) >= PROGRESS_EVERY
+        || view != p.view
+        || p.test_accuracy.is_some()
+        || p.round >= p.total
 }
 
 /// How the network of a node is set up: whom it admits, how long a request may take.
@@ -119,6 +134,7 @@ impl Node {
             results: mpsc::channel(4),
             evaluations: mpsc::channel(4),
             evaluated: None,
+            last_progress: None,
             file,
         })
     }
@@ -195,9 +211,18 @@ impl Node {
         }
     }
 
-    /// Tells the launcher a round is done, when it asked for progress lines.
-    pub(crate) fn progress(&self, p: Progress) {
-        if self.file.node.progress {
+    /// Tells the launcher a round is done, when it asked for progress lines: the first round,
+    /// then at most one line every [`PROGRESS_EVERY`] (the launcher looks every 50 ms), plus
+    /// every evaluated round, every change of the view and the last round. A line a round
+    /// woke the launcher twice per node (its reader thread and its loop): at 300 rounds a
+    /// second and four peers that was 2,400 wake-ups a second on a machine the run keeps busy.
+    pub(crate) fn progress(&mut self, p: Progress) {
+        if !self.file.node.progress {
+            return;
+        }
+        let now = Instant::now();
+        if progress_due(self.last_progress, &p, now) {
+            self.last_progress = Some((now, p.view));
             NodeLine::Progress(p).print();
         }
     }
@@ -368,5 +393,33 @@ pub(crate) async fn drive<R: Role>(
                 return Ok(Ending::Interrupted);
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn progress_lines_come_at_most_every_50_ms_but_never_skip_the_first_an_evaluation_a_new_view_or_the_last()
+    {
+        let t0 = Instant::now();
+        let p = |round, view, acc| Progress {
+            node: 0,
+            round,
+            total: 100,
+            loss: Some(1.0),
+            view,
+            test_accuracy: acc,
+        };
+        let ms = |n| t0 + Duration::from_millis(n);
+        assert!(progress_due(None, &p(1, 4, None), t0), "the first round");
+        let last = Some((t0, 4));
+        assert!(!progress_due(last, &p(2, 4, None), ms(10)), "10 ms after the last line");
+        assert!(!progress_due(last, &p(5, 4, None), ms(49)));
+        assert!(progress_due(last, &p(6, 4, None), ms(50)), "50 ms after");
+        assert!(progress_due(last, &p(2, 4, Some(0.9)), ms(10)), "an evaluated round");
+        assert!(progress_due(last, &p(2, 3, None), ms(10)), "the view changed");
+        assert!(progress_due(last, &p(100, 4, None), ms(10)), "the last round");
     }
 }
