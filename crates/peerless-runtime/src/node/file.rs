@@ -51,7 +51,7 @@ pub struct NodeSection {
     pub certificate: PathBuf,
     /// Join a run in progress: fetch the state from a live peer (or resume the own checkpoint).
     pub join: bool,
-    /// Print one JSON progress line per round on stdout (for the launcher).
+    /// Print JSON progress lines on stdout, at most one every 50 ms (for the launcher).
     pub progress: bool,
     /// Stop after this many rounds as if killed (tests).
     pub halt_at_round: Option<u64>,
