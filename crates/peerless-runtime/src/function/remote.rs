@@ -381,27 +381,23 @@ mod tests {
                     let mut buf = Vec::new();
                     let mut chunk = [0u8; 4096];
                     loop {
-                        // One request: headers, then `content-length` bytes of body.
-                        let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") else {
+                        // One whole request: headers, then `content-length` bytes of body.
+                        let whole = buf.windows(4).position(|w| w == b"\r\n\r\n").and_then(|end| {
+                            let head = String::from_utf8_lossy(&buf[..end]).to_ascii_lowercase();
+                            let len: usize = head
+                                .lines()
+                                .find_map(|l| l.strip_prefix("content-length:"))
+                                .map_or(0, |v| v.trim().parse().unwrap());
+                            (buf.len() >= end + 4 + len).then_some(end + 4 + len)
+                        });
+                        let Some(n) = whole else {
                             match s.read(&mut chunk).await {
                                 Ok(0) | Err(_) => return,
                                 Ok(n) => buf.extend_from_slice(&chunk[..n]),
                             }
                             continue;
                         };
-                        let head = String::from_utf8_lossy(&buf[..end]).to_ascii_lowercase();
-                        let len: usize = head
-                            .lines()
-                            .find_map(|l| l.strip_prefix("content-length:"))
-                            .map_or(0, |v| v.trim().parse().unwrap());
-                        if buf.len() < end + 4 + len {
-                            match s.read(&mut chunk).await {
-                                Ok(0) | Err(_) => return,
-                                Ok(n) => buf.extend_from_slice(&chunk[..n]),
-                            }
-                            continue;
-                        }
-                        buf.drain(..end + 4 + len);
+                        buf.drain(..n);
                         let conn = if close { "connection: close\r\n" } else { "" };
                         let answer = format!(
                             "HTTP/1.1 503 Service Unavailable\r\n{conn}content-length: 4\r\n\r\nbusy"
