@@ -326,8 +326,16 @@ pub fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
 
 /// The little-endian bytes of `v`, 4 per element.
 pub fn to_le_bytes(v: &[f32]) -> Vec<u8> {
-    // Collected, not zeroed and then overwritten: a third less time for the MLP's 0.94 MB.
-    v.iter().flat_map(|x| x.to_le_bytes()).collect()
+    let mut out = Vec::new();
+    extend_le_bytes(&mut out, v);
+    out
+}
+
+/// Appends the little-endian bytes of `v` to `out`: appended, not zeroed and then
+/// overwritten, a third less time for the MLP's 0.94 MB.
+pub fn extend_le_bytes(out: &mut Vec<u8>, v: &[f32]) {
+    out.reserve(v.len() * 4);
+    out.extend(v.iter().flat_map(|x| x.to_le_bytes()));
 }
 
 /// Writes the little-endian bytes of `v` into the first `4 * v.len()` bytes of `out`.

@@ -718,9 +718,7 @@ impl Writer {
     }
     fn vec(&mut self, v: &[f32]) {
         self.u32(v.len() as u32);
-        // Appended, not zeroed and then overwritten.
-        self.0.reserve(v.len() * 4);
-        self.0.extend(v.iter().flat_map(|x| x.to_le_bytes()));
+        crate::flat::extend_le_bytes(&mut self.0, v);
     }
 }
 

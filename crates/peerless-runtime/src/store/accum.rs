@@ -11,6 +11,7 @@
 
 use std::time::Duration;
 
+use peerless_core::flat::extend_le_bytes;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
@@ -129,8 +130,7 @@ impl AccumLine {
             stream.write_all(buf).await?;
         }
         while let Some(piece) = pieces.next() {
-            // Appended, not zeroed and then overwritten.
-            buf.extend(piece.iter().flat_map(|x| x.to_le_bytes()));
+            extend_le_bytes(buf, piece);
             if pieces.peek().is_none() {
                 buf.extend_from_slice(b"\r\n");
             }
