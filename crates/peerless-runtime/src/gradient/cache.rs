@@ -4,7 +4,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Instant;
 
-use peerless_core::flat::{Digest, FlatError, check_finite, fingerprint, from_le_bytes};
+use peerless_core::flat::{Digest, check_finite, fingerprint};
 use peerless_ml::{Backend, Dataset, DatasetName, Model, ModelSpec};
 
 use super::error::GradientError;
@@ -113,17 +113,23 @@ impl<S: Store + Clone + 'static> GradientFunction<S> {
             self.stats.param_hits += 1;
             return Ok(Arc::clone(&c.values));
         }
+        // The last version's vector is read over in place (its allocation reused). The cache
+        // is emptied first: on a failure the vector may hold part of the new version.
+        let mut values = self.params.take().and_then(|c| Arc::into_inner(c.values)).unwrap_or_default();
         let t = Instant::now();
-        let r = store.get(key).await;
-        let bytes =
-            self.check_store(url, r)?.ok_or_else(|| GradientError::ParamsMissing { key: key.to_owned() })?;
+        let r = store.get_floats(key, &mut values).await;
+        let found = self.check_store(url, r).map_err(|e| match e {
+            GradientError::Store(StoreError::BadValue { reason, .. }) => bad(reason),
+            other => other,
+        })?;
+        if !found {
+            return Err(GradientError::ParamsMissing { key: key.to_owned() });
+        }
         self.stats.param_fetches += 1;
         let fetch_ms = t.elapsed().as_secs_f64() * 1e3;
-        // Decoded and fingerprinted right here, as the gradient is computed (see `compute`):
-        // an instance serves one invocation at a time, and a blocking thread's two wake-ups
-        // cost more than the ~0.1 ms of work for the MLP.
-        let values = from_le_bytes(&bytes).map_err(|e: FlatError| bad(e.to_string()))?;
-        drop(bytes);
+        // Fingerprinted right here, as the gradient is computed (see `compute`): an instance
+        // serves one invocation at a time, and a blocking thread's two wake-ups cost more than
+        // the ~0.05 ms of work for the MLP.
         let actual = fingerprint(&values);
         if values.len() != n {
             return Err(bad(format!("{} values, the model has {n} parameters", values.len())));

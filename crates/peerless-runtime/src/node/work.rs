@@ -9,7 +9,7 @@ use std::time::Instant;
 use futures::StreamExt as _;
 use peerless_core::attack::{Attack, Attacker};
 use peerless_core::compress::ErrorFeedback;
-use peerless_core::flat::{Digest, fingerprint, to_le_bytes};
+use peerless_core::flat::{Digest, fingerprint};
 use peerless_core::function::{GradientRequest, GradientResponse, InnerSteps, OutputMode, StoreRef};
 use peerless_core::protocol::PeerIdx;
 use peerless_core::rng::Rng;
@@ -332,11 +332,14 @@ impl Job {
     ) -> Result<LocalResult, NodeError> {
         let fail = self.failure();
         let keys = Keys::of(self);
-        // Fingerprinted and encoded right here (~0.1 ms for the MLP): on a blocking thread
-        // the two hand-overs cost more. The embedded store keeps the encoded bytes as they are.
+        // Fingerprinted right here (~0.05 ms for the MLP): on a blocking thread the two
+        // hand-overs cost more. The embedded store keeps the parameters themselves as the
+        // value, not an encoding; the key is deleted below, before the replica steps again.
         let d = fingerprint(&self.params);
-        let bytes = to_le_bytes(&self.params);
-        store.put_owned(&keys.params, bytes).await.map_err(|e| fail(format!("store put: {e}")))?;
+        store
+            .put_floats(&keys.params, Arc::clone(&self.params))
+            .await
+            .map_err(|e| fail(format!("store put: {e}")))?;
         let calls = (0..self.batches.len()).map(|j| {
             let payload = serde_json::to_value(self.request(j, &keys, d, store_url))
                 .expect("invariant: requests serialize");

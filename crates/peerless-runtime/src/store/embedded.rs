@@ -698,6 +698,12 @@ impl Store for EmbeddedHandle {
         expect_ok("SET", self.own(&[b"SET", key.as_bytes()], Some(Bytes::from(value))))
     }
 
+    async fn put_floats(&self, key: &str, v: Arc<Vec<f32>>) -> Result<(), StoreError> {
+        // The value is the vector's own memory: no encoding, and the vector is freed when the
+        // key is overwritten or deleted.
+        expect_ok("SET", self.own(&[b"SET", key.as_bytes()], Some(super::floats::shared_le_bytes(v))))
+    }
+
     async fn get(&self, key: &str) -> Result<Option<Vec<u8>>, StoreError> {
         match self.own(&[b"GET", key.as_bytes()], None) {
             Reply::Bulk(v) => Ok(Some(v.to_vec())),
@@ -1065,6 +1071,52 @@ mod tests {
             "keys left: {:?}",
             server.shared.db().keys().collect::<Vec<_>>()
         );
+        server.shutdown().await;
+    }
+
+    /// Vectors go over a client's direct line: the owner's `put_floats` keeps the vector itself
+    /// (no encoding), and a client reads a value into its own vector, the allocation reused,
+    /// bit for bit. A missing key, a value that is not floats and a value of another type are
+    /// told apart, and the line carries on after each.
+    #[tokio::test]
+    async fn vectors_go_over_the_direct_line_bit_for_bit() {
+        let server =
+            EmbeddedServer::spawn("127.0.0.1:0".parse().expect("addr"), Some("pw".into())).expect("spawn");
+        let client = crate::store::RedisStore::connect(&server.url()).await.expect("connect");
+        let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+        // More than a socket buffer: the value comes in many reads.
+        let big: Vec<f32> =
+            (0..300_000u32).map(|i| f32::from_bits(i.wrapping_mul(2_654_435_761) >> 2)).collect();
+        let shared = Arc::new(big.clone());
+        server.put_floats("p", Arc::clone(&shared)).await.expect("put floats");
+        assert_eq!(client.get("p").await.expect("get"), Some(peerless_core::flat::to_le_bytes(&big)));
+        let mut out = Vec::new();
+        assert!(client.get_floats("p", &mut out).await.expect("get floats"));
+        assert_eq!(bits(&out), bits(&big));
+        let at = out.as_ptr();
+        assert!(client.get_floats("p", &mut out).await.expect("again"));
+        assert_eq!((out.as_ptr(), bits(&out) == bits(&big)), (at, true), "read over in place");
+        // Short values come whole with the reply's first line.
+        for v in [vec![1.5f32, -0.0], vec![]] {
+            server.put_floats("s", Arc::new(v.clone())).await.expect("put short");
+            assert!(client.get_floats("s", &mut out).await.expect("get short"));
+            assert_eq!(bits(&out), bits(&v));
+        }
+        assert!(!client.get_floats("none", &mut out).await.expect("missing"));
+        server.put("odd", b"12345").await.expect("put odd");
+        let err = client.get_floats("odd", &mut out).await.expect_err("not floats");
+        assert!(
+            matches!(&err, StoreError::BadValue { reason, .. } if reason.contains("not a multiple of 4")),
+            "{err:?}"
+        );
+        assert!(client.accumulate("g", "t", 0, &[1.0]).await.expect("accumulate"));
+        let err = client.get_floats("g:tokens", &mut out).await.expect_err("a set");
+        assert!(err.to_string().contains("WRONGTYPE"), "{err}");
+        assert!(client.get_floats("p", &mut out).await.expect("after the errors"));
+        assert_eq!(bits(&out), bits(&big));
+        // Deleting the key lets the vector go: the owner has it to itself again.
+        server.delete(&["p"]).await.expect("delete");
+        assert_eq!(Arc::strong_count(&shared), 1);
         server.shutdown().await;
     }
 

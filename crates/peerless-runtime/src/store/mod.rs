@@ -14,16 +14,19 @@
 //! has a Redis ACL user limited to its prefix ([`acl`]).
 
 #[cfg(feature = "drivers")]
-mod accum;
-#[cfg(feature = "drivers")]
 pub mod acl;
 #[cfg(feature = "drivers")]
 pub mod embedded;
+#[cfg(feature = "drivers")]
+mod floats;
+#[cfg(feature = "drivers")]
+mod line;
 #[cfg(feature = "drivers")]
 pub mod redis;
 pub mod resp;
 
 use std::future::Future;
+use std::sync::Arc;
 
 #[cfg(feature = "drivers")]
 pub use self::embedded::{EmbeddedHandle, EmbeddedServer};
@@ -110,8 +113,27 @@ pub trait Store: Send + Sync {
     fn put_owned(&self, key: &str, value: Vec<u8>) -> impl Future<Output = Result<(), StoreError>> + Send {
         async move { self.put(key, &value).await }
     }
+    /// Sets `key` to the little-endian bytes of `v`, which the store may keep without a copy
+    /// (the embedded store keeps `v` itself).
+    fn put_floats(&self, key: &str, v: Arc<Vec<f32>>) -> impl Future<Output = Result<(), StoreError>> + Send {
+        async move { self.put_owned(key, peerless_core::flat::to_le_bytes(&v)).await }
+    }
     /// The value at `key`, if any.
     fn get(&self, key: &str) -> impl Future<Output = Result<Option<Vec<u8>>, StoreError>> + Send;
+    /// The value at `key` as little-endian `f32`s, into `out` (resized, its allocation reused);
+    /// false when `key` is missing (`out` is then unchanged). A value whose length is not a
+    /// multiple of 4 is [`StoreError::BadValue`].
+    fn get_floats(
+        &self,
+        key: &str,
+        out: &mut Vec<f32>,
+    ) -> impl Future<Output = Result<bool, StoreError>> + Send {
+        async move {
+            let Some(bytes) = self.get(key).await? else { return Ok(false) };
+            floats_into(key, &bytes, out)?;
+            Ok(true)
+        }
+    }
     /// Deletes keys (and accumulator bookkeeping for them); missing keys are fine.
     fn delete(&self, keys: &[&str]) -> impl Future<Output = Result<(), StoreError>> + Send;
     /// Adds `grad` element-wise into the accumulator at `key` unless `token` was already
@@ -132,4 +154,23 @@ pub trait Store: Send + Sync {
         &self,
         key: &str,
     ) -> impl Future<Output = Result<Option<Accumulated>, StoreError>> + Send;
+}
+
+/// Decodes `bytes`, the value at `key` (little-endian `f32`s), into `out`, reusing its
+/// allocation.
+fn floats_into(key: &str, bytes: &[u8], out: &mut Vec<f32>) -> Result<(), StoreError> {
+    if !bytes.len().is_multiple_of(4) {
+        return Err(not_floats(key, bytes.len()));
+    }
+    out.clear();
+    out.extend(bytes.as_chunks::<4>().0.iter().map(|c| f32::from_le_bytes(*c)));
+    Ok(())
+}
+
+/// The error for a value of `len` bytes at `key` read as a vector.
+fn not_floats(key: &str, len: usize) -> StoreError {
+    StoreError::BadValue {
+        key: key.to_owned(),
+        reason: peerless_core::flat::FlatError::BadBytes { len }.to_string(),
+    }
 }

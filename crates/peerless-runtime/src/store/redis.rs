@@ -24,9 +24,10 @@
 //!   k concurrent accumulations into one key serialise: k × that time.
 //!
 //! The client sets `TCP_NODELAY` and encodes a vector straight into the command buffer. Against
-//! the embedded store, `PEERLESS.ACCUM` goes over a second, direct connection instead
-//! (`accum.rs`): redis-rs copies a command's bytes three times whole before the kernel does,
-//! which for a gradient cost as much CPU as sending it.
+//! the embedded store, `PEERLESS.ACCUM` and [`Store::get_floats`] go over a second, direct
+//! connection instead (`line.rs`): redis-rs copies a command's bytes three times whole before
+//! the kernel does, which for a gradient cost as much CPU as sending it, and a reply's twice
+//! before it is decoded.
 //!
 //! Either way the read side is `MGET key key:n`, atomic on both servers.
 //!
@@ -45,7 +46,7 @@ use redis::{
 };
 use tracing::{debug, instrument};
 
-use super::accum::{AccumLine, AccumReply};
+use super::line::{AccumReply, GetReply, VectorLine};
 use super::{Accumulated, Store, StoreError};
 
 /// Which server a [`RedisStore`] talks to.
@@ -170,8 +171,9 @@ const WRONGLEN: &str = "WRONGLEN";
 pub struct RedisStore {
     conn: MultiplexedConnection,
     backend: ServerKind,
-    /// The direct `PEERLESS.ACCUM` connection (embedded store over TCP only).
-    accum: Option<Arc<AccumLine>>,
+    /// The direct connection for vectors (`PEERLESS.ACCUM`, `GET` into floats; embedded
+    /// store over TCP only).
+    line: Option<Arc<VectorLine>>,
     /// The URL with the password elided.
     url: Arc<str>,
     /// For scrubbing error text; never displayed.
@@ -248,13 +250,13 @@ impl RedisStore {
             Err(e) => return Err(fail(format!("backend probe failed: {e}"))),
         };
         debug!(?backend, "store connected");
-        let accum = match (backend, direct) {
+        let line = match (backend, direct) {
             (ServerKind::Embedded, Some((host, port, user, password))) => {
-                Some(Arc::new(AccumLine::new(host, port, user, password, config.response_timeout)))
+                Some(Arc::new(VectorLine::new(host, port, user, password, config.response_timeout)))
             }
             _ => None,
         };
-        Ok(Self { conn, backend, accum, url: shown.into(), secret: secret.map(Into::into) })
+        Ok(Self { conn, backend, line, url: shown.into(), secret: secret.map(Into::into) })
     }
 
     /// The detected backend.
@@ -293,6 +295,26 @@ impl Store for RedisStore {
         redis::cmd("GET").arg(key).query_async(&mut conn).await.map_err(|e| self.command_error("GET", &e))
     }
 
+    #[instrument(level = "debug", skip(self, out))]
+    async fn get_floats(&self, key: &str, out: &mut Vec<f32>) -> Result<bool, StoreError> {
+        let Some(line) = &self.line else {
+            let Some(bytes) = self.get(key).await? else { return Ok(false) };
+            super::floats_into(key, &bytes, out)?;
+            return Ok(true);
+        };
+        let command = |reason: &str| StoreError::Command {
+            command: "GET".to_owned(),
+            reason: scrub(reason, self.secret.as_deref()),
+        };
+        match line.get_floats(key, out).await {
+            Ok(GetReply::Found) => Ok(true),
+            Ok(GetReply::Missing) => Ok(false),
+            Ok(GetReply::NotFloats { len }) => Err(super::not_floats(key, len)),
+            Ok(GetReply::Error { code, message }) => Err(command(&format!("{code} {message}"))),
+            Err(e) => Err(command(&e.to_string())),
+        }
+    }
+
     #[instrument(level = "debug", skip(self))]
     async fn delete(&self, keys: &[&str]) -> Result<(), StoreError> {
         if keys.is_empty() {
@@ -306,7 +328,7 @@ impl Store for RedisStore {
 
     #[instrument(level = "debug", skip(self, grad), fields(len = grad.len(), backend = ?self.backend))]
     async fn accumulate(&self, key: &str, token: &str, slot: u32, grad: &[f32]) -> Result<bool, StoreError> {
-        if let Some(line) = &self.accum {
+        if let Some(line) = &self.line {
             return match line.accumulate(key, token, slot, grad).await {
                 Ok(AccumReply::Applied(applied)) => Ok(applied),
                 Ok(AccumReply::Error { code, message }) if code == WRONGLEN => {
