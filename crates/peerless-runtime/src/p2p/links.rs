@@ -115,6 +115,16 @@ impl Links {
         }
     }
 
+    /// Answers `p`'s request with `msg`, which `p` hears at once: it needs no heartbeat for a
+    /// while.
+    fn reply(&mut self, node: &mut Node, p: PeerIdx, msg: &Message, channel: Reply) {
+        node.net.answer(channel, msg);
+        let now = node.now_ms();
+        if let Some(b) = &mut self.beats {
+            b.spoke(p, now);
+        }
+    }
+
     /// Redials the bootstrap addresses not connected, at most once a second.
     pub(super) fn redial(&mut self, net: &mut Net) {
         if self.last_dial.is_some_and(|t| t.elapsed() < Duration::from_secs(1)) {
@@ -292,11 +302,11 @@ impl Links {
             Err(err) => {
                 tracing::warn!(peer = node.me, from, %err, "rejected a malformed message");
                 node.event(NodeEvent::Rejected { from, error: err.to_string() });
-                node.net.answer(channel, &Message::Refused { reason: format!("rejected: {err}") });
+                self.reply(node, from, &Message::Refused { reason: format!("rejected: {err}") }, channel);
                 return Some(Input::Rejected(from));
             }
         };
-        node.net.answer(channel, &Message::Ack);
+        self.reply(node, from, &Message::Ack, channel);
         match msg {
             Message::Gradient(g) => Some(Input::Gradient(from, g)),
             Message::Join { round } => Some(Input::Join(from, round)),
