@@ -21,8 +21,10 @@
 //! [`Message::LaneOffer`]: peerless_core::wire::Message::LaneOffer
 
 use std::collections::HashMap;
-use std::io;
+use std::io::{self, IoSlice};
 use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use bytes::{Buf, BufMut as _, Bytes, BytesMut};
@@ -59,12 +61,53 @@ pub(crate) enum LaneEvent {
     Closed { peer: PeerIdx, conn: u64, error: String },
 }
 
-/// One open lane connection: where its frames are queued for writing, and its tasks.
+/// One open lane connection: its writing side, the frames queued for its writing task, and
+/// its tasks.
 struct Conn {
     conn: u64,
     peer: PeerIdx,
-    frames: mpsc::UnboundedSender<(u64, Bytes)>,
+    out: Arc<Out>,
+    frames: mpsc::UnboundedSender<Frame>,
     tasks: [AbortHandle; 2],
+}
+
+/// A connection's writing side, shared by the node's loop and the connection's writing task.
+struct Out {
+    half: OwnedWriteHalf,
+    /// Frames handed to the writing task and not yet written whole.
+    queued: AtomicUsize,
+}
+
+/// A frame for the writing task: its head, its bytes, and how much of both is already written.
+struct Frame {
+    head: [u8; 12],
+    bytes: Bytes,
+    written: usize,
+}
+
+impl Conn {
+    /// Writes frame `id` of `bytes`: right here when nothing is queued before it and the
+    /// socket takes it whole (a gradient fits the socket's buffer), else (or what is left of
+    /// it) through the writing task, in order. Writing here spares a wake-up of that task, and
+    /// often of another runtime thread, for each frame: at 4 peers, a dozen a round. False
+    /// when the connection is gone.
+    fn send(&self, id: u64, bytes: Bytes) -> bool {
+        let mut head = [0u8; 12];
+        head[..8].copy_from_slice(&id.to_le_bytes());
+        head[8..].copy_from_slice(&(bytes.len() as u32).to_le_bytes());
+        let mut written = 0;
+        if self.out.queued.load(Ordering::Acquire) == 0 {
+            // An error other than a full socket is met again, and reported, by the task.
+            if let Ok(n) = self.out.half.try_write_vectored(&[IoSlice::new(&head), IoSlice::new(&bytes)]) {
+                if n == head.len() + bytes.len() {
+                    return true;
+                }
+                written = n;
+            }
+        }
+        self.out.queued.fetch_add(1, Ordering::AcqRel);
+        self.frames.send(Frame { head, bytes, written }).is_ok()
+    }
 }
 
 impl Drop for Conn {
@@ -196,7 +239,7 @@ impl Lane {
         let c = self.out.get(&peer)?;
         self.next_id += 1;
         let id = self.next_id;
-        c.frames.send((id, bytes.clone())).ok()?;
+        c.send(id, bytes.clone()).then_some(())?;
         self.inflight.insert(id, (peer, c.conn, bytes));
         Some(id)
     }
@@ -210,7 +253,7 @@ impl Lane {
     /// connection is gone: the requester sends again elsewhere).
     pub(crate) fn answer(&self, conn: u64, id: u64, bytes: Bytes) {
         if let Some(c) = self.incoming.get(&conn) {
-            let _ = c.frames.send((id, bytes));
+            c.send(id, bytes);
         }
     }
 
@@ -243,6 +286,7 @@ impl Lane {
         self.next_conn += 1;
         let conn = self.next_conn;
         let (read, write) = stream.into_split();
+        let out = Arc::new(Out { half: write, queued: AtomicUsize::new(0) });
         let (frames, queue) = mpsc::unbounded_channel();
         let tx = self.tx.clone();
         let reader = tokio::spawn(async move {
@@ -252,8 +296,8 @@ impl Lane {
             };
             let _ = tx.send(LaneEvent::Closed { peer, conn, error });
         });
-        let writer = tokio::spawn(write_frames(write, queue));
-        Conn { conn, peer, frames, tasks: [reader.abort_handle(), writer.abort_handle()] }
+        let writer = tokio::spawn(write_frames(Arc::clone(&out), queue));
+        Conn { conn, peer, out, frames, tasks: [reader.abort_handle(), writer.abort_handle()] }
     }
 }
 
@@ -308,16 +352,23 @@ async fn open(addr: SocketAddr, token: &Token) -> io::Result<TcpStream> {
     Ok(stream)
 }
 
-/// Writes the frames queued for a connection until the queue closes.
-async fn write_frames(
-    mut w: OwnedWriteHalf,
-    mut queue: mpsc::UnboundedReceiver<(u64, Bytes)>,
-) -> io::Result<()> {
-    while let Some((id, bytes)) = queue.recv().await {
-        let mut head = [0u8; 12];
-        head[..8].copy_from_slice(&id.to_le_bytes());
-        head[8..].copy_from_slice(&(bytes.len() as u32).to_le_bytes());
-        w.write_all_buf(&mut Buf::chain(&head[..], &bytes[..])).await?;
+/// Writes the frames queued for a connection, in order, until the queue closes.
+async fn write_frames(out: Arc<Out>, mut queue: mpsc::UnboundedReceiver<Frame>) -> io::Result<()> {
+    while let Some(f) = queue.recv().await {
+        let mut rest = Buf::chain(&f.head[..], &f.bytes[..]);
+        rest.advance(f.written);
+        while rest.has_remaining() {
+            out.half.writable().await?;
+            let mut slices = [IoSlice::new(&[]); 2];
+            let n = rest.chunks_vectored(&mut slices);
+            match out.half.try_write_vectored(&slices[..n]) {
+                Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+                Ok(n) => rest.advance(n),
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                Err(e) => return Err(e),
+            }
+        }
+        out.queued.fetch_sub(1, Ordering::AcqRel);
     }
     Ok(())
 }
@@ -378,9 +429,8 @@ mod tests {
         }
     }
 
-    #[tokio::test]
-    async fn a_lane_carries_requests_and_answers_and_refuses_a_wrong_token() {
-        let ip: IpAddr = "127.0.0.1".parse().unwrap();
+    /// Lanes of nodes 0 (`a`) and 1 (`b`), `a` connected to `b`'s; the token `b` handed out.
+    async fn connected(ip: IpAddr) -> (Lane, Lane, Token) {
         let (mut a, mut b) = (Lane::listen(ip).unwrap(), Lane::listen(ip).unwrap());
         // b hands node 0 (a) a token; a dials b's lane with it.
         let token = b.issue(0).unwrap();
@@ -397,6 +447,13 @@ mod tests {
         })
         .await;
         assert_eq!(b.accepted(&token, stream), Some(0));
+        (a, b, token)
+    }
+
+    #[tokio::test]
+    async fn a_lane_carries_requests_and_answers_and_refuses_a_wrong_token() {
+        let ip: IpAddr = "127.0.0.1".parse().unwrap();
+        let (mut a, mut b, token) = connected(ip).await;
         // A megabyte request and its answer.
         let big = Bytes::from((0..1_000_000u32).map(|i| i as u8).collect::<Vec<u8>>());
         let id = a.request(1, big.clone()).unwrap();
@@ -435,5 +492,28 @@ mod tests {
         let orphans = a.closed(1, back);
         assert_eq!(orphans, vec![(id, Bytes::from_static(b"lost"))]);
         assert!(!a.is_up(1));
+    }
+
+    #[tokio::test]
+    async fn frames_beyond_what_the_socket_holds_arrive_whole_and_in_order() {
+        let ip: IpAddr = "127.0.0.1".parse().unwrap();
+        let (mut a, mut b, _) = connected(ip).await;
+        // 24 MB sent at once, before b reads anything: the first frames are written by the
+        // sender itself, the rest (and what is left of a frame the socket took only part of)
+        // by the connection's task.
+        let frames: Vec<Bytes> = (0..24u32)
+            .map(|k| Bytes::from((0..1_000_000u32).map(|i| (i * 7 + k) as u8).collect::<Vec<u8>>()))
+            .collect();
+        let ids: Vec<u64> = frames.iter().map(|f| a.request(1, f.clone()).expect("lane up")).collect();
+        assert!(a.out[&1].out.queued.load(Ordering::Acquire) > 0, "the socket took all 24 MB at once");
+        for (want_id, want) in ids.iter().zip(&frames) {
+            let (id, got) = until(&mut b, |e| match e {
+                LaneEvent::Request { peer: 0, id, bytes, .. } => Some((id, bytes)),
+                _ => None,
+            })
+            .await;
+            assert_eq!((id, got.len()), (*want_id, want.len()));
+            assert!(got == want, "frame {id} arrived changed");
+        }
     }
 }
