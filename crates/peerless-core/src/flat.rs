@@ -393,34 +393,76 @@ pub fn digest(v: &[f32]) -> Digest {
 /// mixes every 64-bit word into four independent lanes (xor, multiply, rotate), several times
 /// faster. States, final models and checkpoints keep [`digest`] (SHA-256).
 pub fn fingerprint(v: &[f32]) -> Digest {
+    let mut f = Fingerprinter::new();
+    f.update(v);
+    f.finish()
+}
+
+/// [`fingerprint`] taken piece by piece: `update` with consecutive pieces of a vector, every
+/// piece but the last a multiple of 8 long, then `finish`, gives the fingerprint of the whole
+/// vector (so that it can be taken while each piece is still in cache, as an optimizer step
+/// writes it).
+#[derive(Debug, Clone)]
+pub struct Fingerprinter {
+    lanes: [u64; 4],
+    n: u64,
+}
+
+impl Default for Fingerprinter {
+    fn default() -> Self {
+        Fingerprinter::new()
+    }
+}
+
+impl Fingerprinter {
     const K: [u64; 4] =
         [0x9E37_79B9_7F4A_7C15, 0xC2B2_AE3D_27D4_EB4F, 0x1656_67B1_9E37_79F9, 0x85EB_CA77_C2B2_AE63];
-    let mut lanes = K;
-    let word = |p: &[f32]| u64::from(p[0].to_bits()) | (u64::from(p[1].to_bits()) << 32);
-    let mut blocks = v.chunks_exact(8);
-    for b in &mut blocks {
-        for (l, lane) in lanes.iter_mut().enumerate() {
-            *lane = ((*lane ^ word(&b[2 * l..2 * l + 2])).wrapping_mul(K[l] | 1)).rotate_left(29);
+
+    /// A fingerprint of nothing yet.
+    pub fn new() -> Fingerprinter {
+        Fingerprinter { lanes: Self::K, n: 0 }
+    }
+
+    /// Takes in the next piece.
+    ///
+    /// # Panics
+    /// In debug builds, after a piece whose length was not a multiple of 8 (a programmer
+    /// error: only the last piece may be).
+    pub fn update(&mut self, v: &[f32]) {
+        debug_assert!(self.n.is_multiple_of(8), "fingerprint: a piece followed one not a multiple of 8 long");
+        let k = Self::K;
+        let lanes = &mut self.lanes;
+        let word = |p: &[f32]| u64::from(p[0].to_bits()) | (u64::from(p[1].to_bits()) << 32);
+        let mut blocks = v.chunks_exact(8);
+        for b in &mut blocks {
+            for (l, lane) in lanes.iter_mut().enumerate() {
+                *lane = ((*lane ^ word(&b[2 * l..2 * l + 2])).wrapping_mul(k[l] | 1)).rotate_left(29);
+            }
         }
+        for (i, x) in blocks.remainder().iter().enumerate() {
+            let l = i % 4;
+            lanes[l] = ((lanes[l] ^ u64::from(x.to_bits())).wrapping_mul(k[l] | 1)).rotate_left(29);
+        }
+        self.n += v.len() as u64;
     }
-    for (i, x) in blocks.remainder().iter().enumerate() {
-        let l = i % 4;
-        lanes[l] = ((lanes[l] ^ u64::from(x.to_bits())).wrapping_mul(K[l] | 1)).rotate_left(29);
+
+    /// The fingerprint of everything taken in.
+    pub fn finish(self) -> Digest {
+        let (lanes, n, k) = (self.lanes, self.n, Self::K);
+        let mut out = [0u8; 32];
+        for l in 0..4 {
+            // Each output word depends on every lane and the length (SplitMix64's finalizer).
+            let mut z = lanes[l]
+                ^ lanes[(l + 1) % 4].rotate_left(17)
+                ^ lanes[(l + 2) % 4].rotate_left(41)
+                ^ lanes[(l + 3) % 4].rotate_left(7)
+                ^ n.wrapping_mul(k[l]);
+            z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+            z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+            out[8 * l..8 * l + 8].copy_from_slice(&(z ^ (z >> 31)).to_le_bytes());
+        }
+        Digest(out)
     }
-    let mut out = [0u8; 32];
-    let n = v.len() as u64;
-    for l in 0..4 {
-        // Each output word depends on every lane and the length (SplitMix64's finalizer).
-        let mut z = lanes[l]
-            ^ lanes[(l + 1) % 4].rotate_left(17)
-            ^ lanes[(l + 2) % 4].rotate_left(41)
-            ^ lanes[(l + 3) % 4].rotate_left(7)
-            ^ n.wrapping_mul(K[l]);
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        out[8 * l..8 * l + 8].copy_from_slice(&(z ^ (z >> 31)).to_le_bytes());
-    }
-    Digest(out)
 }
 
 impl Digest {
@@ -499,6 +541,19 @@ impl<'de> Deserialize<'de> for Digest {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn a_fingerprint_taken_in_pieces_is_the_fingerprint_of_the_whole() {
+        let v: Vec<f32> = (0..1003).map(|i| (i as f32 * 0.37).cos()).collect();
+        for piece in [8, 16, 64, 1000, 1003, 4096] {
+            let mut f = super::Fingerprinter::new();
+            v.chunks(piece).for_each(|p| f.update(p));
+            assert_eq!(f.finish(), super::fingerprint(&v), "pieces of {piece}");
+        }
+        let mut f = super::Fingerprinter::new();
+        f.update(&[]);
+        assert_eq!(f.finish(), super::fingerprint(&[]));
+    }
+
     #[test]
     fn fingerprints_tell_apart_any_one_changed_bit_length_or_order() {
         let v: Vec<f32> = (0..1003).map(|i| (i as f32 * 0.37).sin()).collect();

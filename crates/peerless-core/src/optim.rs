@@ -266,6 +266,18 @@ impl Optimizer {
     /// this is checked before anything is modified, so on error `params`, the state and the
     /// step count are unchanged.
     pub fn step(&mut self, params: &mut [f32], grad: &[f32]) -> Result<(), OptimError> {
+        self.step_each(params, grad, |_| ())
+    }
+
+    /// [`Optimizer::step`], piece by piece: `updated` sees each piece of `params` right after
+    /// it changed, while it is in cache (consecutive pieces of [`STEP_PIECE`] elements, the
+    /// last one shorter). The result is bit for bit [`Optimizer::step`]'s.
+    pub fn step_each(
+        &mut self,
+        params: &mut [f32],
+        grad: &[f32],
+        mut updated: impl FnMut(&[f32]),
+    ) -> Result<(), OptimError> {
         for (what, len) in [("parameters", params.len()), ("gradient", grad.len())] {
             if len != self.n {
                 return Err(
@@ -274,40 +286,52 @@ impl Optimizer {
             }
         }
         check_finite("gradient", grad)?;
-        match self.config {
-            OptimizerConfig::Sgd { lr, momentum, weight_decay, nesterov } => {
-                let h = SgdScalars { lr: lr as f32, momentum: momentum as f32, wd: weight_decay as f32 };
-                match self.buffers.first_mut() {
-                    None => sgd_plain(params, grad, h),
-                    Some(buf) if self.steps == 0 => sgd_first(params, grad, buf, h, nesterov),
-                    Some(buf) => sgd_momentum(params, grad, buf, h, nesterov),
+        let kernel = self.kernel();
+        for start in (0..self.n).step_by(STEP_PIECE) {
+            let r = start..(start + STEP_PIECE).min(self.n);
+            let (p, g) = (&mut params[r.clone()], &grad[r.clone()]);
+            match (kernel, self.buffers.as_mut_slice()) {
+                (Kernel::Sgd(h, _), []) => sgd_plain(p, g, h),
+                (Kernel::Sgd(h, nesterov), [buf]) if self.steps == 0 => {
+                    sgd_first(p, g, &mut buf[r.clone()], h, nesterov)
                 }
+                (Kernel::Sgd(h, nesterov), [buf]) => sgd_momentum(p, g, &mut buf[r.clone()], h, nesterov),
+                (Kernel::Adam(h), [exp_avg, exp_avg_sq]) if h.wd == 0.0 => {
+                    adam_kernel::<false>(p, g, &mut exp_avg[r.clone()], &mut exp_avg_sq[r.clone()], h)
+                }
+                (Kernel::Adam(h), [exp_avg, exp_avg_sq]) => {
+                    adam_kernel::<true>(p, g, &mut exp_avg[r.clone()], &mut exp_avg_sq[r.clone()], h)
+                }
+                _ => unreachable!("invariant: sgd has at most one buffer, adam exactly two"),
             }
+            updated(&params[r]);
+        }
+        self.steps += 1;
+        Ok(())
+    }
+
+    /// The kernel of the next step and its scalars.
+    fn kernel(&self) -> Kernel {
+        match self.config {
+            OptimizerConfig::Sgd { lr, momentum, weight_decay, nesterov } => Kernel::Sgd(
+                SgdScalars { lr: lr as f32, momentum: momentum as f32, wd: weight_decay as f32 },
+                nesterov,
+            ),
             OptimizerConfig::Adam { lr, beta1, beta2, eps, weight_decay } => {
                 let t = self.steps + 1;
                 let bias_correction1 = 1.0 - pow_u64(beta1, t);
                 let bias_correction2 = 1.0 - pow_u64(beta2, t);
                 let bias_correction2_sqrt = bias_correction2.sqrt();
-                let h = AdamScalars {
+                Kernel::Adam(AdamScalars {
                     one_minus_beta1: (1.0 - beta1) as f32,
                     beta2: beta2 as f32,
                     one_minus_beta2: (1.0 - beta2) as f32,
                     step_size: (lr * bias_correction2_sqrt / bias_correction1) as f32,
                     eps: (eps * bias_correction2_sqrt) as f32,
                     wd: weight_decay as f32,
-                };
-                let [exp_avg, exp_avg_sq] = self.buffers.as_mut_slice() else {
-                    unreachable!("invariant: adam has exactly two buffers");
-                };
-                if weight_decay == 0.0 {
-                    adam_kernel::<false>(params, grad, exp_avg, exp_avg_sq, h);
-                } else {
-                    adam_kernel::<true>(params, grad, exp_avg, exp_avg_sq, h);
-                }
+                })
             }
         }
-        self.steps += 1;
-        Ok(())
     }
 
     /// A copy of the full state (see [`OptimizerState`]).
@@ -364,6 +388,18 @@ fn pow_u64(base: f64, mut exp: u64) -> f64 {
         exp >>= 1;
     }
     acc
+}
+
+/// Elements per piece of [`Optimizer::step_each`]: a piece of the parameters, the gradient
+/// and two buffers (64 KB) stays in a core's L2 cache while it is used again.
+pub const STEP_PIECE: usize = 4096;
+
+/// Which update a step makes, with its scalars.
+#[derive(Clone, Copy)]
+enum Kernel {
+    /// SGD with its scalars, and whether the momentum is Nesterov's.
+    Sgd(SgdScalars, bool),
+    Adam(AdamScalars),
 }
 
 #[derive(Clone, Copy)]
@@ -550,6 +586,38 @@ mod tests {
     fn pseudo_random(n: usize, seed: u64) -> Vec<f32> {
         let mut r = crate::rng::Rng::new(seed);
         (0..n).map(|_| r.normal() as f32).collect()
+    }
+
+    #[test]
+    fn a_step_in_pieces_shows_each_piece_updated_and_equals_steps_of_the_pieces_alone() {
+        let configs = [
+            OptimizerConfig::Sgd { lr: 0.05, momentum: 0.9, weight_decay: 1e-4, nesterov: true },
+            OptimizerConfig::sgd(0.1),
+            OptimizerConfig::Sgd { lr: 0.05, momentum: 0.0, weight_decay: 0.0, nesterov: false },
+            OptimizerConfig::Adam { lr: 1e-3, beta1: 0.8, beta2: 0.99, eps: 1e-6, weight_decay: 0.01 },
+        ];
+        let n = 2 * STEP_PIECE + 5;
+        for config in configs {
+            let mut whole = Optimizer::new(config.clone(), n).unwrap();
+            let mut p = pseudo_random(n, 1);
+            let mut alone: Vec<(Optimizer, Vec<f32>)> = p
+                .chunks(STEP_PIECE)
+                .map(|c| (Optimizer::new(config.clone(), c.len()).unwrap(), c.to_vec()))
+                .collect();
+            for s in 0..3 {
+                let g = pseudo_random(n, 10 + s);
+                let mut seen = Vec::new();
+                whole.step_each(&mut p, &g, |piece| seen.push(piece.to_vec())).unwrap();
+                assert_eq!(seen.iter().map(Vec::len).collect::<Vec<_>>(), vec![STEP_PIECE, STEP_PIECE, 5]);
+                assert_eq!(seen.concat(), p, "the pieces shown are the updated parameters, in order");
+                for ((o, q), g) in alone.iter_mut().zip(g.chunks(STEP_PIECE)) {
+                    o.step(q, g).unwrap();
+                }
+                let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+                let pieces: Vec<f32> = alone.iter().flat_map(|(_, q)| q.clone()).collect();
+                assert_eq!(bits(&p), bits(&pieces), "{config:?} step {s}");
+            }
+        }
     }
 
     #[test]

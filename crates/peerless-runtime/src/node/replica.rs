@@ -7,7 +7,7 @@ use std::time::Instant;
 
 use peerless_core::aggregate::Aggregator;
 use peerless_core::compress::{Compression, ErrorFeedback};
-use peerless_core::flat::digest;
+use peerless_core::flat::{Digest, Fingerprinter, digest, fingerprint};
 use peerless_core::optim::Optimizer;
 use peerless_core::protocol::PeerIdx;
 use peerless_core::wire::{ParamsMsg, StateMsg};
@@ -19,8 +19,11 @@ use crate::checkpoint::Checkpoint;
 /// Parameters, optimizer, aggregation rule and checkpoint file of one node.
 pub(crate) struct Replica {
     /// Shared with the round's gradient work while it runs (no copy per round); an update
-    /// writes in place once the work has let go of it.
-    pub(crate) params: Arc<Vec<f32>>,
+    /// writes in place once the work has let go of it. Changed only here, with `fingerprint`.
+    params: Arc<Vec<f32>>,
+    /// `fingerprint(params)`, taken as the step writes them (each piece still in cache)
+    /// rather than in another pass over them when the next round's work starts.
+    fingerprint: Digest,
     optimizer: Optimizer,
     aggregator: Box<dyn Aggregator>,
     /// The aggregate of the round being applied.
@@ -46,8 +49,10 @@ impl Replica {
         let model = &node.model;
         let n = model.num_params();
         let ck_path = node.file.node.dir.join("checkpoint.safetensors");
+        let params = model.init(run.seed);
         let mut replica = Replica {
-            params: Arc::new(model.init(run.seed)),
+            fingerprint: fingerprint(&params),
+            params: Arc::new(params),
             optimizer: Optimizer::new(run.p2p.update_optimizer(&run.optimizer), n)?,
             aggregator: run.cluster.aggregator.build(),
             agg: vec![0f32; n],
@@ -56,6 +61,7 @@ impl Replica {
         };
         let resumed = match Checkpoint::read(&replica.ck_path) {
             Ok(ck) if ck.model == model.id() && ck.layout == model.layout().fingerprint() => {
+                replica.fingerprint = fingerprint(&ck.params);
                 replica.params = Arc::new(ck.params);
                 replica.optimizer.load_state(ck.optimizer)?;
                 if let Some(e) = ck.error_feedback {
@@ -102,8 +108,20 @@ impl Replica {
         };
         let aggregate_ms = t.elapsed().as_secs_f64() * 1e3;
         let t = Instant::now();
-        self.optimizer.step(Arc::make_mut(&mut self.params).as_mut_slice(), update)?;
+        let mut f = Fingerprinter::new();
+        self.optimizer.step_each(Arc::make_mut(&mut self.params).as_mut_slice(), update, |p| f.update(p))?;
+        self.fingerprint = f.finish();
         Ok(Applied { aggregate_ms, update_ms: t.elapsed().as_secs_f64() * 1e3, effective_f })
+    }
+
+    /// The parameters.
+    pub(crate) fn params(&self) -> &Arc<Vec<f32>> {
+        &self.params
+    }
+
+    /// The parameters and their fingerprint, for a round's gradient work.
+    pub(crate) fn version(&self) -> (Arc<Vec<f32>>, Digest) {
+        (Arc::clone(&self.params), self.fingerprint)
     }
 
     /// Saves the replica as model version `round` (atomically).
@@ -148,8 +166,9 @@ impl Replica {
 
     /// Takes over a state another peer served.
     pub(crate) fn adopt(&mut self, state: StateMsg) -> Result<(), NodeError> {
-        self.params = Arc::new(state.params);
         self.optimizer.load_state(state.optimizer)?;
+        self.fingerprint = fingerprint(&state.params);
+        self.params = Arc::new(state.params);
         // What was left unsent belongs to this node's old trajectory.
         self.feedback.reset();
         Ok(())

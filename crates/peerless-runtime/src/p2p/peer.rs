@@ -192,7 +192,7 @@ impl Peer {
                     NodeLine::Notice { notice: node.me, says }.print();
                 }
             }
-            Action::Finalize { .. } => fed_back.push(Input::FinalDigest(digest(&self.replica.params))),
+            Action::Finalize { .. } => fed_back.push(Input::FinalDigest(digest(self.replica.params()))),
             Action::Finished { round } => {
                 self.completed = true;
                 tracing::info!(peer = node.me, round, "training finished");
@@ -205,7 +205,8 @@ impl Peer {
     fn compute(&mut self, node: &mut Node, round: u64, view: &[PeerIdx]) {
         self.stats = RoundStats::default();
         let batches = node.sampler.assignment(node.me, round, view, node.file.run.p2p.takeover);
-        self.work.spawn(round, self.replica.params.clone(), batches);
+        let (params, fingerprint) = self.replica.version();
+        self.work.spawn(round, params, Some(fingerprint), batches);
     }
 
     /// Sends the own gradient of `round` to `to` (the newest round's, or again the one before).
@@ -246,7 +247,7 @@ impl Peer {
             k => done.is_multiple_of(k),
         };
         if eval_now && done < node.rounds && inputs.first().map(|(p, _)| *p) == Some(node.me) {
-            node.evaluate_later(done, self.replica.params.clone());
+            node.evaluate_later(done, self.replica.params().clone());
         }
         let inv = self.work.counters();
         let s = &self.stats;
@@ -334,7 +335,7 @@ impl Peer {
         }
         let diverged = ending == Ending::Diverged;
         let rounds = self.machine.round();
-        let (test_loss, test_accuracy) = node.evaluate(rounds, &self.replica.params, diverged).await?;
+        let (test_loss, test_accuracy) = node.evaluate(rounds, self.replica.params(), diverged).await?;
         self.work.write_ledger(&node.file.node.dir)?;
         let outcome = Outcome {
             completed: self.completed,
@@ -342,7 +343,7 @@ impl Peer {
             rounds,
             test_accuracy,
             test_loss,
-            params: Some(self.replica.params.as_slice()),
+            params: Some(self.replica.params().as_slice()),
             samples: self.samples,
         };
         let summary = node.summary(outcome, self.work.counters());

@@ -144,7 +144,7 @@ impl Server {
             k => k,
         } * self.vpr;
         if done.is_multiple_of(every) && done < self.total {
-            node.evaluate_later(done, self.replica.params.clone());
+            node.evaluate_later(done, self.replica.params().clone());
         }
         let row = NodeRow {
             train_loss: Some(loss),
@@ -221,14 +221,14 @@ impl Server {
     /// Evaluates the final model and writes the summary.
     pub(crate) async fn finish(self, mut node: Node) -> Result<NodeSummary, NodeError> {
         let rounds = self.machine.round();
-        let (test_loss, test_accuracy) = node.evaluate(rounds, &self.replica.params, false).await?;
+        let (test_loss, test_accuracy) = node.evaluate(rounds, self.replica.params(), false).await?;
         let outcome = Outcome {
             completed: self.machine.is_done(),
             diverged: false,
             rounds,
             test_accuracy,
             test_loss,
-            params: Some(self.replica.params.as_slice()),
+            params: Some(self.replica.params().as_slice()),
             samples: 0,
         };
         let summary = node.summary(outcome, Default::default());

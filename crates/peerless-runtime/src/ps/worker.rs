@@ -128,7 +128,7 @@ impl Worker {
         let wait_ms = self.fetched_at.elapsed().as_secs_f64() * 1e3;
         node.event(NodeEvent::Fetched { round, wait_ms });
         let batches = node.sampler.batches(node.me, batches_at);
-        self.work.spawn(round, std::sync::Arc::new(p.params), batches);
+        self.work.spawn(round, std::sync::Arc::new(p.params), None, batches);
     }
 
     /// Which request in flight `id` ends (it is no longer in flight), if any.
