@@ -588,16 +588,21 @@ mod tests {
         (0..n).map(|_| r.normal() as f32).collect()
     }
 
-    #[test]
-    fn a_step_in_pieces_shows_each_piece_updated_and_equals_steps_of_the_pieces_alone() {
-        let configs = [
+    /// One optimizer of each kind: SGD with Nesterov momentum and weight decay, with momentum,
+    /// plain; Adam with weight decay.
+    fn kinds() -> [OptimizerConfig; 4] {
+        [
             OptimizerConfig::Sgd { lr: 0.05, momentum: 0.9, weight_decay: 1e-4, nesterov: true },
             OptimizerConfig::sgd(0.1),
             OptimizerConfig::Sgd { lr: 0.05, momentum: 0.0, weight_decay: 0.0, nesterov: false },
             OptimizerConfig::Adam { lr: 1e-3, beta1: 0.8, beta2: 0.99, eps: 1e-6, weight_decay: 0.01 },
-        ];
+        ]
+    }
+
+    #[test]
+    fn a_step_in_pieces_shows_each_piece_updated_and_equals_steps_of_the_pieces_alone() {
         let n = 2 * STEP_PIECE + 5;
-        for config in configs {
+        for config in kinds() {
             let mut whole = Optimizer::new(config.clone(), n).unwrap();
             let mut p = pseudo_random(n, 1);
             let mut alone: Vec<(Optimizer, Vec<f32>)> = p
@@ -622,14 +627,8 @@ mod tests {
 
     #[test]
     fn state_round_trip_gives_bit_identical_next_step() {
-        let configs = [
-            OptimizerConfig::Sgd { lr: 0.05, momentum: 0.9, weight_decay: 1e-4, nesterov: true },
-            OptimizerConfig::sgd(0.1),
-            OptimizerConfig::Sgd { lr: 0.05, momentum: 0.0, weight_decay: 0.0, nesterov: false },
-            OptimizerConfig::Adam { lr: 1e-3, beta1: 0.8, beta2: 0.99, eps: 1e-6, weight_decay: 0.01 },
-        ];
         let n = 1003;
-        for config in configs {
+        for config in kinds() {
             let mut a = Optimizer::new(config.clone(), n).unwrap();
             let mut p = pseudo_random(n, 1);
             for s in 0..3 {
