@@ -360,10 +360,22 @@ pub fn le_bytes_into(v: &[f32], out: &mut [u8]) {
 /// # Errors
 /// [`FlatError::BadBytes`] if the length is not a multiple of 4.
 pub fn from_le_bytes(bytes: &[u8]) -> Result<Vec<f32>, FlatError> {
+    let mut v = Vec::new();
+    from_le_bytes_into(bytes, &mut v)?;
+    Ok(v)
+}
+
+/// [`from_le_bytes`] into `out` (cleared first), reusing its allocation.
+///
+/// # Errors
+/// [`FlatError::BadBytes`] if the length is not a multiple of 4 (`out` is then unchanged).
+pub fn from_le_bytes_into(bytes: &[u8], out: &mut Vec<f32>) -> Result<(), FlatError> {
     if !bytes.len().is_multiple_of(4) {
         return Err(FlatError::BadBytes { len: bytes.len() });
     }
-    Ok(bytes.as_chunks::<4>().0.iter().map(|c| f32::from_le_bytes(*c)).collect())
+    out.clear();
+    out.extend(bytes.as_chunks::<4>().0.iter().map(|c| f32::from_le_bytes(*c)));
+    Ok(())
 }
 
 /// SHA-256 of the little-endian bytes of a flat vector (see [`digest`]).

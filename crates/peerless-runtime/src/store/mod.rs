@@ -159,12 +159,7 @@ pub trait Store: Send + Sync {
 /// Decodes `bytes`, the value at `key` (little-endian `f32`s), into `out`, reusing its
 /// allocation.
 fn floats_into(key: &str, bytes: &[u8], out: &mut Vec<f32>) -> Result<(), StoreError> {
-    if !bytes.len().is_multiple_of(4) {
-        return Err(not_floats(key, bytes.len()));
-    }
-    out.clear();
-    out.extend(bytes.as_chunks::<4>().0.iter().map(|c| f32::from_le_bytes(*c)));
-    Ok(())
+    peerless_core::flat::from_le_bytes_into(bytes, out).map_err(|_| not_floats(key, bytes.len()))
 }
 
 /// The error for a value of `len` bytes at `key` read as a vector.
