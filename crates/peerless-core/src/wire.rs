@@ -575,6 +575,47 @@ fn payload_len(msg: &Message) -> usize {
     }
 }
 
+/// The length of a [`Message::Gradient`]'s encoding before its vector data: a transport may
+/// read that data apart, straight into the `f32`s it becomes, and decode the message with
+/// [`decode_gradient`] (a megabyte a round not copied once more).
+pub const GRADIENT_HEAD: usize = 4 + 1 + 8 + 32 + 8 + 4 + 4;
+
+/// The number of `f32`s that follow `head` if it begins a [`Message::Gradient`] that is
+/// `frame` bytes long in all; `None` for any other message (whose bytes are then decoded
+/// whole with [`decode`]). Nothing else is checked: [`decode_gradient`] does that.
+pub fn gradient_len(head: &[u8; GRADIENT_HEAD], frame: usize) -> Option<usize> {
+    let n = u32::from_le_bytes(head[GRADIENT_HEAD - 4..].try_into().expect("invariant: 4 bytes")) as usize;
+    let whole = &head[..4] == MAGIC
+        && head[4] == kind::GRADIENT
+        && n.checked_mul(4).and_then(|b| b.checked_add(GRADIENT_HEAD)) == Some(frame);
+    whole.then_some(n)
+}
+
+/// Decodes and validates a [`Message::Gradient`] given as its first [`GRADIENT_HEAD`] bytes and
+/// its vector data, already as `f32`s: the checks of [`decode`], and the same message.
+pub fn decode_gradient(
+    head: &[u8; GRADIENT_HEAD],
+    grad: Vec<f32>,
+    limits: Limits,
+) -> Result<Message, WireError> {
+    let mut r = Reader { b: head, pos: 0 };
+    if r.take("magic", 4)? != MAGIC {
+        return Err(WireError::BadMagic);
+    }
+    match r.u8("kind")? {
+        kind::GRADIENT => {}
+        other => {
+            return Err(WireError::Malformed { field: "kind", reason: format!("{other} is not a gradient") });
+        }
+    }
+    let (fields, n) = r.gradient_head(limits)?;
+    if grad.len() != n {
+        return Err(WireError::Truncated { field: "vector data", need: 4 * n, have: 4 * grad.len() });
+    }
+    finite("gradient", &grad)?;
+    Ok(fields.with(grad))
+}
+
 /// Decodes and validates a message (see the module docs for what is checked).
 pub fn decode(bytes: &[u8], limits: Limits) -> Result<Message, WireError> {
     let mut r = Reader { b: bytes, pos: 0 };
@@ -583,12 +624,8 @@ pub fn decode(bytes: &[u8], limits: Limits) -> Result<Message, WireError> {
     }
     let msg = match r.u8("kind")? {
         kind::GRADIENT => {
-            let round = r.u64("round")?;
-            let digest = r.digest()?;
-            let samples = r.u64("samples")?;
-            let loss = r.f32("loss")?;
-            let grad = r.vec("gradient", limits.params)?;
-            Message::Gradient(GradientMsg { round, digest, samples, loss, grad })
+            let (fields, n) = r.gradient_head(limits)?;
+            fields.with(r.floats("gradient", "vector data", n)?)
         }
         kind::COMPRESSED => {
             let round = r.u64("round")?;
@@ -719,6 +756,32 @@ impl Writer {
     fn vec(&mut self, v: &[f32]) {
         self.u32(v.len() as u32);
         crate::flat::extend_le_bytes(&mut self.0, v);
+    }
+}
+
+/// A gradient's fields but its vector, as read ahead of the vector.
+struct GradientHead {
+    round: u64,
+    digest: Digest,
+    samples: u64,
+    loss: f32,
+}
+
+impl GradientHead {
+    fn with(self, grad: Vec<f32>) -> Message {
+        let GradientHead { round, digest, samples, loss } = self;
+        Message::Gradient(GradientMsg { round, digest, samples, loss, grad })
+    }
+}
+
+/// Every value of `v` finite, or the error naming `field` and the first that is not.
+fn finite(field: &str, v: &[f32]) -> Result<(), WireError> {
+    match crate::flat::check_finite(field, v) {
+        Ok(()) => Ok(()),
+        Err(crate::flat::FlatError::NonFinite { index, value, .. }) => {
+            Err(WireError::NonFinite { field: field.into(), index, value })
+        }
+        Err(e) => unreachable!("check_finite reports only non-finite values: {e}"),
     }
 }
 
@@ -863,13 +926,22 @@ impl<'a> Reader<'a> {
         // Converted, then checked: two loops that vectorize, where one loop that stops at the
         // first bad value does not.
         let v = crate::flat::from_le_bytes(raw).expect("invariant: a multiple of 4 bytes");
-        match crate::flat::check_finite(field, &v) {
-            Ok(()) => Ok(v),
-            Err(crate::flat::FlatError::NonFinite { index, value, .. }) => {
-                Err(WireError::NonFinite { field: field.into(), index, value })
-            }
-            Err(e) => unreachable!("check_finite reports only non-finite values: {e}"),
+        finite(field, &v)?;
+        Ok(v)
+    }
+
+    /// A gradient's fields after its kind, up to and with its vector's length (which must be
+    /// the model's).
+    fn gradient_head(&mut self, limits: Limits) -> Result<(GradientHead, usize), WireError> {
+        let round = self.u64("round")?;
+        let digest = self.digest()?;
+        let samples = self.u64("samples")?;
+        let loss = self.f32("loss")?;
+        let n = self.u32("vector length")? as usize;
+        if n != limits.params {
+            return Err(WireError::WrongLength { field: "gradient".into(), got: n, expected: limits.params });
         }
+        Ok((GradientHead { round, digest, samples, loss }, n))
     }
 
     fn vec(&mut self, field: &str, expected: usize) -> Result<Vec<f32>, WireError> {
@@ -1168,6 +1240,40 @@ mod tests {
         assert_eq!(got, "é".repeat(32_767));
     }
 
+    /// How a transport reads a gradient apart: [`gradient_len`] on its head, the rest as `f32`s.
+    fn decode_apart(b: &[u8], limits: Limits) -> Option<Result<Message, WireError>> {
+        let head: &[u8; GRADIENT_HEAD] = b.get(..GRADIENT_HEAD)?.try_into().ok()?;
+        gradient_len(head, b.len())?;
+        let grad = crate::flat::from_le_bytes(&b[GRADIENT_HEAD..]).expect("a multiple of 4 bytes");
+        Some(decode_gradient(head, grad, limits))
+    }
+
+    #[test]
+    fn a_gradient_read_apart_decodes_as_it_does_whole() {
+        for m in samples() {
+            let b = encode(&m);
+            let apart = decode_apart(&b, L);
+            assert_eq!(apart.is_some(), matches!(m, Message::Gradient(_)), "{}", m.kind_name());
+            if let Some(got) = apart {
+                assert_eq!(got.unwrap(), m);
+            }
+        }
+        let Message::Gradient(mut g) = samples().remove(0) else { panic!("the first sample is a gradient") };
+        let wrong = Limits { params: 4 };
+        let b = encode(&Message::Gradient(g.clone()));
+        assert_eq!(decode_apart(&b, wrong).unwrap(), Err(decode(&b, wrong).unwrap_err()));
+        g.grad[3] = f32::NAN;
+        let b = encode(&Message::Gradient(g));
+        let err = decode_apart(&b, L).unwrap().unwrap_err();
+        assert!(matches!(err, WireError::NonFinite { index: 3, .. }), "{err}");
+        // Compared as text: NaN is not equal to itself.
+        assert_eq!(err.to_string(), decode(&b, L).unwrap_err().to_string());
+        assert!(
+            decode_apart(&b[..b.len() - 4], L).is_none(),
+            "a frame shorter than its vector is read whole"
+        );
+    }
+
     proptest! {
         // The decoder is total: any bytes give a message or an error, never a panic.
         #[test]
@@ -1184,6 +1290,17 @@ mod tests {
             let p = pos % b.len();
             b[p] = byte;
             let _ = decode(&b, L);
+        }
+
+        // Any change to a gradient's bytes decodes the same read apart as whole.
+        #[test]
+        fn a_changed_gradient_read_apart_decodes_as_it_does_whole(pos in 0usize..81, byte in any::<u8>()) {
+            let mut b = encode(&samples()[0]);
+            b[pos] = byte;
+            if let Some(apart) = decode_apart(&b, L) {
+                // Compared as text: NaN is not equal to itself.
+                prop_assert_eq!(format!("{apart:?}"), format!("{:?}", decode(&b, L)));
+            }
         }
     }
 }

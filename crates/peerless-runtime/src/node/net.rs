@@ -18,7 +18,7 @@ use peerless_core::protocol::PeerIdx;
 use peerless_core::wire::{self, Limits, Message, WireError};
 
 use super::admit::{Denial, Gate};
-use super::lane::{Lane, LaneEvent, Token};
+use super::lane::{Lane, LaneEvent, Payload, Token};
 use super::transport::{self, Behaviour, BehaviourEvent};
 use super::{Files, NodeError, NodeEvent, NodeFile, io_err};
 
@@ -213,6 +213,14 @@ impl Net {
             }
         }
         self.request_connected(to, bytes)
+    }
+
+    /// Gives back vectors of gradients that were applied: the tensor lane reads the next
+    /// gradients into them.
+    pub(crate) fn recycle(&self, vs: impl IntoIterator<Item = Vec<f32>>) {
+        if let Some(lane) = &self.lane {
+            lane.recycle(vs);
+        }
     }
 
     fn send(&mut self, id: PeerId, bytes: Bytes) -> OutboundRequestId {
@@ -602,10 +610,14 @@ impl Net {
                 tracing::warn!(node = me, to = peer, %error, "the tensor lane could not be opened: gradients to this peer go over libp2p");
                 Vec::new()
             }
-            LaneEvent::Request { peer, conn, id, bytes } => {
-                self.bytes_in += bytes.len() as u64;
+            LaneEvent::Request { peer, conn, id, payload } => {
+                self.bytes_in += payload.len() as u64;
                 let channel = Reply::Lane { conn, id };
-                match decode(&bytes, self.limits) {
+                let msg = match payload {
+                    Payload::Bytes(bytes) => decode(&bytes, self.limits),
+                    Payload::Gradient { head, grad } => wire::decode_gradient(&head, grad, self.limits),
+                };
+                match msg {
                     Ok(m @ (Message::Gradient(_) | Message::Received { .. })) => {
                         vec![NetEvent::Request { from: peer, msg: Ok(m), channel }]
                     }

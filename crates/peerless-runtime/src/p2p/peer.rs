@@ -154,7 +154,10 @@ impl Peer {
         match action {
             Action::Compute { round, view } => self.compute(node, round, &view),
             Action::Broadcast { round, to } => self.broadcast(node, round, &to),
-            Action::Apply { round, inputs } => self.apply(node, round, &inputs)?,
+            Action::Apply { round, inputs } => {
+                self.apply(node, round, &inputs)?;
+                node.net.recycle(inputs.into_iter().map(|(_, g)| g));
+            }
             Action::Checkpoint { round } => {
                 self.replica.checkpoint(node, round, round / node.rpe)?;
                 node.event(NodeEvent::Checkpoint { round });

@@ -18,7 +18,7 @@ pub mod acl;
 #[cfg(feature = "drivers")]
 pub mod embedded;
 #[cfg(feature = "drivers")]
-mod floats;
+pub(crate) mod floats;
 #[cfg(feature = "drivers")]
 mod line;
 #[cfg(feature = "drivers")]
