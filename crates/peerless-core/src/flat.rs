@@ -410,6 +410,27 @@ pub fn fingerprint(v: &[f32]) -> Digest {
     f.finish()
 }
 
+/// [`fingerprint`] of `v` and [`check_finite`] of it (the same digest and error), in one pass
+/// over memory: each piece is checked while the fingerprint has it in cache. A function
+/// instance does both to every version of the parameters it reads.
+pub fn fingerprint_finite(what: &str, v: &[f32]) -> (Digest, Result<(), FlatError>) {
+    const PIECE: usize = 4096;
+    let mut f = Fingerprinter::new();
+    let mut finite = Ok(());
+    for (k, piece) in v.chunks(PIECE).enumerate() {
+        f.update(piece);
+        if finite.is_ok() {
+            finite = check_finite(what, piece).map_err(|e| match e {
+                FlatError::NonFinite { what, index, value } => {
+                    FlatError::NonFinite { what, index: k * PIECE + index, value }
+                }
+                other => other,
+            });
+        }
+    }
+    (f.finish(), finite)
+}
+
 /// [`fingerprint`] taken piece by piece: `update` with consecutive pieces of a vector, every
 /// piece but the last a multiple of 8 long, then `finish`, gives the fingerprint of the whole
 /// vector (so that it can be taken while each piece is still in cache, as an optimizer step
@@ -553,6 +574,28 @@ impl<'de> Deserialize<'de> for Digest {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn fingerprint_finite_is_fingerprint_and_check_finite_in_one() {
+        for len in [0usize, 5, 4096, 4097, 20_000] {
+            let mut v: Vec<f32> = (0..len).map(|i| i as f32 * 0.25 - 7.0).collect();
+            let (d, ok) = fingerprint_finite("parameters", &v);
+            assert_eq!((d, ok), (fingerprint(&v), Ok(())), "{len} values");
+            for (at, bad) in
+                [(len / 2, f32::NAN), (len.saturating_sub(1), f32::INFINITY), (len / 3, f32::NEG_INFINITY)]
+            {
+                if len == 0 {
+                    continue;
+                }
+                v[at] = bad;
+                let (d, err) = fingerprint_finite("parameters", &v);
+                assert_eq!(d, fingerprint(&v), "{len} values, {bad} at {at}");
+                // Compared as text: NaN is not equal to itself.
+                let want = check_finite("parameters", &v).unwrap_err().to_string();
+                assert_eq!(err.unwrap_err().to_string(), want, "{len} values, {bad} at {at}");
+            }
+        }
+    }
+
     #[test]
     fn a_fingerprint_taken_in_pieces_is_the_fingerprint_of_the_whole() {
         let v: Vec<f32> = (0..1003).map(|i| (i as f32 * 0.37).cos()).collect();

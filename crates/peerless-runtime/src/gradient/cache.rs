@@ -4,7 +4,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Instant;
 
-use peerless_core::flat::{Digest, check_finite, fingerprint};
+use peerless_core::flat::{Digest, fingerprint_finite};
 use peerless_ml::{Backend, Dataset, DatasetName, Model, ModelSpec};
 
 use super::error::GradientError;
@@ -130,7 +130,7 @@ impl<S: Store + Clone + 'static> GradientFunction<S> {
         // Fingerprinted right here, as the gradient is computed (see `compute`): an instance
         // serves one invocation at a time, and a blocking thread's two wake-ups cost more than
         // the ~0.05 ms of work for the MLP.
-        let actual = fingerprint(&values);
+        let (actual, finite) = fingerprint_finite("parameters", &values);
         if values.len() != n {
             return Err(bad(format!("{} values, the model has {n} parameters", values.len())));
         }
@@ -141,7 +141,7 @@ impl<S: Store + Clone + 'static> GradientFunction<S> {
                 actual: actual.to_string(),
             });
         }
-        check_finite("parameters", &values).map_err(|e| bad(e.to_string()))?;
+        finite.map_err(|e| bad(e.to_string()))?;
         tracing::debug!(key, digest = %want.short(), len = n, fetch_ms, "parameters fetched");
         let values = Arc::new(values);
         // Replace, never add: only the last version is kept.
