@@ -58,7 +58,8 @@ fn serve(role: Role, args: NodeArgs, index: &mut Option<u32>) -> Result<ExitCode
         .and_then(|()| std::fs::rename(&tmp, file.node.dir.join("pid")))
         .with_context(|| format!("writing the pid into {}", file.node.dir.display()))?;
     let exe = std::env::current_exe().context("locating the peerless executable")?;
-    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
+    let threads = file.node.runtime_threads();
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(threads).enable_all().build()?;
     let summary = rt.block_on(async move {
         let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
         tokio::spawn(async move {

@@ -121,6 +121,7 @@ pub(super) fn lay_out(
                 join: joins,
                 // Progress lines come from the nodes that hold the model.
                 progress: role != Role::Worker,
+                threads: node_threads(n),
                 halt_at_round: None,
                 attack: attacks.get(&i).copied(),
             };
@@ -258,6 +259,13 @@ fn free_ports(n: usize) -> Result<Vec<u16>> {
     held.iter().map(|l| Ok(l.local_addr()?.port())).collect()
 }
 
+/// The runtime threads of each of `nodes` nodes that share this machine: its share of the
+/// CPUs, 1 to 2 ([`NodeSection::threads`]).
+fn node_threads(nodes: usize) -> usize {
+    let cpus = std::thread::available_parallelism().map_or(1, |c| c.get());
+    (cpus / nodes.max(1)).clamp(1, 2)
+}
+
 fn random_secret() -> String {
     let mut b = [0u8; 16];
     if let Ok(mut f) = std::fs::File::open("/dev/urandom") {
@@ -288,6 +296,15 @@ fn dial_addr(proxy: Option<&Proxy>, from: usize, to: usize, port: u16) -> Result
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn nodes_share_the_cpus_with_one_or_two_threads_each() {
+        let cpus = std::thread::available_parallelism().map_or(1, |c| c.get());
+        assert_eq!(node_threads(1), cpus.min(2));
+        assert_eq!(node_threads(cpus), 1, "as many nodes as CPUs");
+        assert_eq!(node_threads(4 * cpus), 1, "more nodes than CPUs");
+        assert_eq!(node_threads(0), cpus.min(2));
+    }
 
     #[test]
     fn a_ps_run_is_laid_out_as_workers_dialling_the_ps_after_them() {
