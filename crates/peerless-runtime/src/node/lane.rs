@@ -86,14 +86,12 @@ impl Payload {
 
 /// Vectors of gradients already applied, kept to read the next gradients into. A vector read
 /// into is written whole; a new one would be zeroed first, a pass over a megabyte that
-/// measured as costly as the copy that reading in place saves.
+/// measured as costly as the copy that reading in place saves. At most as many are kept as
+/// the last round applied: the memory is what one round's gradients held anyway.
 #[derive(Debug, Default)]
 pub(crate) struct Spare(Mutex<Vec<Vec<f32>>>);
 
 impl Spare {
-    /// At most this many are kept (a round's worth at 16 peers).
-    const KEEP: usize = 16;
-
     /// A vector of `len` values, whatever they are (reading overwrites them).
     fn take(&self, len: usize) -> Vec<f32> {
         let mut v = self.0.lock().unwrap_or_else(PoisonError::into_inner).pop().unwrap_or_default();
@@ -102,11 +100,11 @@ impl Spare {
         v
     }
 
-    fn put(&self, v: Vec<f32>) {
+    /// Keeps the vectors of one round's gradients, up to as many as there are.
+    fn refill(&self, vs: Vec<Vec<f32>>) {
         let mut kept = self.0.lock().unwrap_or_else(PoisonError::into_inner);
-        if kept.len() < Self::KEEP && v.capacity() > 0 {
-            kept.push(v);
-        }
+        let room = vs.len().saturating_sub(kept.len());
+        kept.extend(vs.into_iter().filter(|v| v.capacity() > 0).take(room));
     }
 }
 
@@ -220,9 +218,10 @@ impl Lane {
         })
     }
 
-    /// Gives back vectors of gradients that were applied, to read the next gradients into.
-    pub(crate) fn recycle(&self, vs: impl IntoIterator<Item = Vec<f32>>) {
-        vs.into_iter().for_each(|v| self.spare.put(v));
+    /// Gives back the vectors of one round's gradients once applied, to read the next
+    /// gradients into.
+    pub(crate) fn recycle(&self, vs: Vec<Vec<f32>>) {
+        self.spare.refill(vs);
     }
 
     /// The listener's port.
@@ -581,6 +580,20 @@ mod tests {
         let orphans = a.closed(1, back);
         assert_eq!(orphans, vec![(id, Bytes::from_static(b"lost"))]);
         assert!(!a.is_up(1));
+    }
+
+    #[test]
+    fn spare_vectors_are_kept_up_to_one_rounds_worth_and_fit_any_length() {
+        let spare = Spare::default();
+        let kept = |s: &Spare| s.0.lock().unwrap().len();
+        assert_eq!(spare.take(3), vec![0.0; 3], "none kept: a new vector");
+        spare.refill(vec![vec![1.0; 4], vec![2.0; 4], Vec::new()]);
+        assert_eq!(kept(&spare), 2, "an empty vector is not kept");
+        spare.refill(vec![vec![3.0; 4]]);
+        assert_eq!(kept(&spare), 2, "no more than the last round applied");
+        assert_eq!(spare.take(6).len(), 6);
+        assert_eq!(spare.take(2).len(), 2);
+        assert_eq!(kept(&spare), 0);
     }
 
     #[tokio::test]

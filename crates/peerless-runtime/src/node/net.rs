@@ -215,9 +215,9 @@ impl Net {
         self.request_connected(to, bytes)
     }
 
-    /// Gives back vectors of gradients that were applied: the tensor lane reads the next
-    /// gradients into them.
-    pub(crate) fn recycle(&self, vs: impl IntoIterator<Item = Vec<f32>>) {
+    /// Gives back the vectors of one round's gradients once applied: the tensor lane reads
+    /// the next gradients into them.
+    pub(crate) fn recycle(&self, vs: Vec<Vec<f32>>) {
         if let Some(lane) = &self.lane {
             lane.recycle(vs);
         }

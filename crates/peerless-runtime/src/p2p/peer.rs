@@ -156,7 +156,7 @@ impl Peer {
             Action::Broadcast { round, to } => self.broadcast(node, round, &to),
             Action::Apply { round, inputs } => {
                 self.apply(node, round, &inputs)?;
-                node.net.recycle(inputs.into_iter().map(|(_, g)| g));
+                node.net.recycle(inputs.into_iter().map(|(_, g)| g).collect());
             }
             Action::Checkpoint { round } => {
                 self.replica.checkpoint(node, round, round / node.rpe)?;
