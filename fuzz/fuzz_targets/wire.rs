@@ -2,7 +2,9 @@
 //!
 //! First byte: bit 7 picks the mode, bits 0–2 the model size (`Limits::params`, 0–7).
 //! - Raw bytes: a message that decodes is valid (every float finite, every vector of the
-//!   model's length, at most 8 optimizer buffers) and re-encodes to exactly the same bytes.
+//!   model's length, at most 8 optimizer buffers) and re-encodes to exactly the same bytes; a
+//!   gradient read apart as the tensor lane reads it (`gradient_len`, `decode_gradient`)
+//!   decodes to the same message or error.
 //! - A message built from the input: `decode(encode(m))` is `m` when `m` is valid, and an
 //!   error naming the problem when it is not (a NaN, a wrong length, too many buffers); then
 //!   the encoding, with bytes overwritten by the rest of the input, goes through the raw check.
@@ -17,6 +19,7 @@ use peerless_core::wire::{
     CompressedMsg, GradientMsg, Limits, MAX_CERTIFICATE, MAX_MEMBERS, MAX_PEERS, MAX_STATE_PARTS, Message,
     ParamsMsg, StateMsg, WireError, decode, encode, max_state_len,
 };
+use peerless_core::wire::{GRADIENT_HEAD, decode_gradient, gradient_len};
 
 fuzz_target!(
     init: {
@@ -75,6 +78,7 @@ fuzz_target!(
 );
 
 fn check_decode(bytes: &[u8], limits: Limits) {
+    check_apart(bytes, limits);
     match decode(bytes, limits) {
         Ok(msg) => {
             if let Some(problem) = problem(&msg, limits) {
@@ -84,6 +88,27 @@ fn check_decode(bytes: &[u8], limits: Limits) {
         }
         Err(e) => assert!(!e.to_string().is_empty()),
     }
+}
+
+/// A gradient read as the tensor lane reads it, its head and then its vector as `f32`s, gives
+/// what `decode` gives.
+fn check_apart(bytes: &[u8], limits: Limits) {
+    let Some(head) = bytes.get(..GRADIENT_HEAD).and_then(|h| <&[u8; GRADIENT_HEAD]>::try_from(h).ok()) else {
+        return;
+    };
+    if gradient_len(head, bytes.len()).is_none() {
+        return;
+    }
+    let grad = bytes[GRADIENT_HEAD..]
+        .chunks_exact(4)
+        .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+        .collect();
+    // Compared as text: NaN is not equal to itself.
+    assert_eq!(
+        format!("{:?}", decode_gradient(head, grad, limits)),
+        format!("{:?}", decode(bytes, limits)),
+        "a gradient read apart decodes as it does whole"
+    );
 }
 
 fn check_round_trip(msg: &Message, limits: Limits, u: &mut Unstructured) {
