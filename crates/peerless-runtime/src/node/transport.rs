@@ -173,7 +173,14 @@ pub fn build_swarm(
             ),
             ping: ping::Behaviour::new(ping::Config::new().with_interval(Duration::from_secs(1))),
         })?
-        .with_swarm_config(|c| c.with_idle_connection_timeout(Duration::from_secs(24 * 3600)))
+        .with_swarm_config(|c| {
+            // A request's substream sends its data with its protocol's name instead of after
+            // the listener confirmed it (multistream-select's lazy dialer): every node speaks
+            // the one protocol, and each request (a gradient, a `Received`) no longer waits a
+            // round trip first, 40 ms over a link with 20 ms delay.
+            c.with_idle_connection_timeout(Duration::from_secs(24 * 3600))
+                .with_substream_upgrade_protocol_override(libp2p::core::upgrade::Version::V1Lazy)
+        })
         .build();
     Ok(swarm)
 }
