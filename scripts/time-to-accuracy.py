@@ -4,7 +4,9 @@
 #
 #   python3 scripts/time-to-accuracy.py --python V/bin/python3 [--peerless target/release/peerless]
 #       [--link 50,20]   # also over links capped at 50 Mbit/s with 20 ms delay (the fault proxy)
-#       [--only 'diloco H=200 int8,diloco H=200 int8 @50,20']   # just these runs
+#       [--only 'diloco H=200 int4,diloco H=200 int4 @50,20']   # just these runs
+#       [--repeat 3]   # each run 3 times, interleaved; the median is reported (every-step over
+#                      # a capped link runs once: it takes minutes)
 #       (every-step lanes: gradients on plain TCP lanes, --tensor-transport tcp; the capped runs
 #       stay on libp2p, which the fault proxy stands between)
 #
@@ -134,6 +136,13 @@ def peerless(a, name, extra, epochs=None):
                 hit = (float(r[h["wall_s"]]), int(r[h["bytes_out"]]))
     return {"time_s": hit and hit[0], "bytes_per_node": hit and hit[1], "accuracy": acc}
 
+def median(results):
+    # The run whose time to target is the median (one not reached counts as the slowest), with
+    # every run's time beside it.
+    times = [r["time_s"] for r in results]
+    ordered = sorted(results, key=lambda r: (r["time_s"] is None, r["time_s"] or 0.0))
+    return dict(ordered[(len(ordered) - 1) // 2], times_s=times)
+
 def main():
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("--python", default=os.environ.get("PEERLESS_PYTHON", sys.executable))
@@ -150,6 +159,7 @@ def main():
     p.add_argument("--link", help="MBIT,MS: also run over links capped at MBIT Mbit/s with MS ms delay")
     p.add_argument("--out", default="/tmp/peerless-time-to-accuracy")
     p.add_argument("--only", help="comma-separated run names to run (e.g. 'ddp,diloco H=200 int8'); default: all")
+    p.add_argument("--repeat", type=int, default=1, help="run each N times, interleaved, and report the median")
     p.add_argument("--rank", type=int)
     p.add_argument("--port", type=int)
     a = p.parse_args()
@@ -166,13 +176,15 @@ def main():
             ("every-step lanes", lambda: peerless(a, "every-step-lanes", ["--tensor-transport", "tcp"])),
             (h, lambda: peerless(a, "diloco", diloco)),
             (f"{h} int8", lambda: peerless(a, "diloco-int8", diloco + ["--compression", "int8"])),
+            (f"{h} int4", lambda: peerless(a, "diloco-int4", diloco + ["--compression", "int4"])),
             (f"{h} topk 1%", lambda: peerless(a, "diloco-topk", diloco + ["--compression", "topk"]))]
     if a.link:
         capped = link_scenario(a)
         # Every-step over a slow link is slow: its run is cut at 2 epochs (≈ 470 rounds).
         runs += [(f"every-step @{a.link}", lambda: peerless(a, "every-step-link", capped, epochs=2)),
                  (f"{h} @{a.link}", lambda: peerless(a, "diloco-link", diloco + capped)),
-                 (f"{h} int8 @{a.link}", lambda: peerless(a, "diloco-int8-link", diloco + ["--compression", "int8"] + capped))]
+                 (f"{h} int8 @{a.link}", lambda: peerless(a, "diloco-int8-link", diloco + ["--compression", "int8"] + capped)),
+                 (f"{h} int4 @{a.link}", lambda: peerless(a, "diloco-int4-link", diloco + ["--compression", "int4"] + capped))]
     if a.only:
         # A comma before a digit belongs to a link ("@50,20"), not between names.
         wanted = [w.strip() for w in re.split(r",(?!\d)", a.only)]
@@ -180,9 +192,17 @@ def main():
         if unknown:
             sys.exit(f"--only: no run named {unknown}; the runs are {[n for n, _ in runs]}")
         runs = [(n, r) for n, r in runs if n in wanted]
-    for name, run in runs:
-        print(f"  running {name} …", file=sys.stderr)
-        rows.append((name, run()))
+    if a.repeat < 1:
+        sys.exit("--repeat: at least 1")
+    tries = {name: [] for name, _ in runs}
+    for k in range(a.repeat):
+        for name, run in runs:
+            if k > 0 and name.startswith("every-step @"):
+                continue
+            print(f"  running {name} ({k + 1} of {a.repeat}) …" if a.repeat > 1 else f"  running {name} …",
+                  file=sys.stderr)
+            tries[name].append(run())
+    rows = [(name, median(tries[name])) for name, _ in runs]
     got = dict(rows)
     ddp_t = got.get("ddp", {}).get("time_s")
     every_b = got.get("every-step", {}).get("bytes_per_node")
@@ -194,6 +214,10 @@ def main():
               f"{fmt(b and b / 1e6, '{:>14.1f}'):>14}{fmt(b and every_b and every_b / b, '{:>14.1f}x'):>15}"
               f"{r['accuracy']:>10.4f}")
     print("\n(vs DDP: DDP's time / this one's, > 1 is faster; vs every-step: bytes saved)")
+    if a.repeat > 1:
+        print(f"(each the median of its runs; times to target of each run:)")
+        for name, r in rows:
+            print(f"  {name:<26}" + " ".join(f"{t:.2f}" if t is not None else "-" for t in r["times_s"]))
     times = dict((n, r["time_s"]) for n, r in rows)
     for n in [n for n in times if "@" in n]:
         base = times.get(n.split(" @")[0])

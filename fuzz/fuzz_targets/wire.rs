@@ -6,7 +6,8 @@
 //!   gradient read apart as the tensor lane reads it (`gradient_len`, `decode_gradient`)
 //!   decodes to the same message or error.
 //! - A message built from the input: `decode(encode(m))` is `m` when `m` is valid, and an
-//!   error naming the problem when it is not (a NaN, a wrong length, too many buffers); then
+//!   error naming the problem when it is not (a NaN, a wrong length, too many buffers, an
+//!   int4 value out of range); then
 //!   the encoding, with bytes overwritten by the rest of the input, goes through the raw check.
 #![no_main]
 
@@ -45,6 +46,13 @@ fuzz_target!(
                     samples: 64,
                     loss: 0.5,
                     grad: Compressed::Int8 { scales: vec![0.01], q: vec![-127, 3, 127] },
+                }),
+                Message::Compressed(CompressedMsg {
+                    round: 3,
+                    digest,
+                    samples: 64,
+                    loss: 0.5,
+                    grad: Compressed::Int4 { scales: vec![0.25], q: vec![-7, 3, 7] },
                 }),
                 Message::Compressed(CompressedMsg {
                     round: 3,
@@ -124,6 +132,8 @@ fn check_round_trip(msg: &Message, limits: Limits, u: &mut Unstructured) {
                 WireError::Malformed { field: "peer count", .. } => "too many peers",
                 WireError::Malformed { field: "peer indices", .. } => "not ascending",
                 WireError::Malformed { field: "int8 scales", .. } => "bad scale",
+                WireError::Malformed { field: "int4 scales", .. } => "bad scale",
+                WireError::Malformed { field: "int4 values", .. } => "bad int4 value",
                 WireError::Malformed { field: "top-k count", .. } => "bad count",
                 WireError::Malformed { field: "top-k indices", .. } => "bad indices",
                 WireError::Malformed { field: "certificate length", .. } => "certificate too long",
@@ -174,6 +184,12 @@ fn problem(msg: &Message, limits: Limits) -> Option<&'static str> {
                 Some("bad scale")
             }
             Compressed::Int8 { .. } => None,
+            Compressed::Int4 { scales, .. } if scales.iter().any(|s| !(s.is_finite() && *s >= 0.0)) => {
+                Some("bad scale")
+            }
+            // Encoded two to a byte: 8 and −8 both come back as −8.
+            Compressed::Int4 { q, .. } if q.iter().any(|x| !(-7..=7).contains(x)) => Some("bad int4 value"),
+            Compressed::Int4 { .. } => None,
             Compressed::TopK { n, idx, .. } if idx.len() > *n as usize || (idx.is_empty() && *n > 0) => {
                 Some("bad count")
             }
@@ -325,15 +341,23 @@ fn part(u: &mut Unstructured) -> Result<u16> {
     if u.ratio(1, 8)? { u.arbitrary() } else { u.int_in_range(0..=MAX_STATE_PARTS) }
 }
 
-/// Int8 with one scale a block (any values), or top-k with mostly ascending indices below n
+/// Int8 or int4 with one scale a block (any values; int4 mostly in −7..=7), or top-k with mostly ascending indices below n
 /// and mostly as many values as indices.
 fn compressed(u: &mut Unstructured, limits: Limits) -> Result<Compressed> {
     let n = if u.ratio(1, 8)? { u.int_in_range(0..=9)? } else { limits.params };
-    if u.arbitrary()? {
+    let codec: u8 = u.int_in_range(0..=2)?;
+    if codec < 2 {
         let scales =
             (0..n.div_ceil(INT8_BLOCK)).map(|_| Ok(f32::from_bits(u.arbitrary()?))).collect::<Result<_>>()?;
-        let q = (0..n).map(|_| u.arbitrary()).collect::<Result<_>>()?;
-        return Ok(Compressed::Int8 { scales, q });
+        if codec == 0 {
+            let q = (0..n).map(|_| u.arbitrary()).collect::<Result<_>>()?;
+            return Ok(Compressed::Int8 { scales, q });
+        }
+        let wide = u.ratio(1, 8)?;
+        let q = (0..n)
+            .map(|_| if wide { u.int_in_range(-8..=8) } else { u.int_in_range(-7..=7) })
+            .collect::<Result<_>>()?;
+        return Ok(Compressed::Int4 { scales, q });
     }
     let mut idx: Vec<u32> = u.arbitrary()?;
     if !u.ratio(1, 8)? {

@@ -288,6 +288,7 @@ pub const LANE_TOKEN: usize = 32;
 mod codec {
     pub const INT8: u8 = 1;
     pub const TOP_K: u8 = 2;
+    pub const INT4: u8 = 3;
 }
 
 /// Most members a [`Message::Members`] may list.
@@ -462,6 +463,12 @@ pub fn encode(msg: &Message) -> Vec<u8> {
                     w.0.extend(scales.iter().flat_map(|x| x.to_le_bytes()));
                     w.0.extend(q.iter().map(|&x| x as u8));
                 }
+                Compressed::Int4 { scales, q } => {
+                    w.u8(codec::INT4);
+                    w.u32(q.len() as u32);
+                    w.0.extend(scales.iter().flat_map(|x| x.to_le_bytes()));
+                    w.0.extend(pack_nibbles(q));
+                }
                 Compressed::TopK { n, idx, vals } => {
                     w.u8(codec::TOP_K);
                     w.u32(*n);
@@ -558,11 +565,35 @@ pub fn encode(msg: &Message) -> Vec<u8> {
     w.0
 }
 
+/// Two 4-bit values to a byte, the even-indexed one in the low half; an odd count's last high
+/// half is 0.
+fn pack_nibbles(q: &[i8]) -> impl Iterator<Item = u8> + '_ {
+    q.chunks(2).map(|p| (p[0] as u8 & 0x0f) | (p.get(1).map_or(0, |&x| x as u8) << 4))
+}
+
+/// The `n` values of [`pack_nibbles`]'s bytes, each in `−7..=7`.
+fn unpack_nibbles(packed: &[u8], n: usize) -> Result<Vec<i8>, String> {
+    let mut q = Vec::with_capacity(n);
+    for &b in packed {
+        // Sign-extended from 4 bits.
+        q.push(((b << 4) as i8) >> 4);
+        q.push((b as i8) >> 4);
+    }
+    if n % 2 == 1 && q.pop() != Some(0) {
+        return Err("the unused half of the last byte is not 0".into());
+    }
+    if let Some(x) = q.iter().find(|&&x| x == -8) {
+        return Err(format!("value {x} is outside −7..=7"));
+    }
+    Ok(q)
+}
+
 fn payload_len(msg: &Message) -> usize {
     match msg {
         Message::Gradient(g) => g.grad.len() * 4,
         Message::Compressed(c) => match &c.grad {
             Compressed::Int8 { scales, q } => scales.len() * 4 + q.len(),
+            Compressed::Int4 { scales, q } => scales.len() * 4 + q.len().div_ceil(2),
             Compressed::TopK { idx, .. } => idx.len() * 8,
         },
         Message::Params(p) => p.params.len() * 4,
@@ -882,7 +913,8 @@ impl<'a> Reader<'a> {
         Ok(peers)
     }
     /// A codec byte, the dense length (the model's), then the codec's fields, all checked:
-    /// int8 scales finite and non-negative; top-k indices strictly ascending below the length,
+    /// int8 and int4 scales finite and non-negative, int4 values in `−7..=7` (an odd count's
+    /// last byte with 0 as its high half, so a vector has one encoding); top-k indices strictly ascending below the length,
     /// at least one and at most the length of them, values finite.
     fn compressed(&mut self, params: usize) -> Result<Compressed, WireError> {
         let codec = self.u8("codec")?;
@@ -900,6 +932,16 @@ impl<'a> Reader<'a> {
                 }
                 let q = self.take("int8 values", n)?.iter().map(|&b| b as i8).collect();
                 Ok(Compressed::Int8 { scales, q })
+            }
+            codec::INT4 => {
+                let raw = self.take("int4 scales", n.div_ceil(INT8_BLOCK) * 4)?;
+                let scales = crate::flat::from_le_bytes(raw).expect("invariant: a multiple of 4 bytes");
+                if let Some(s) = scales.iter().find(|s| !(s.is_finite() && **s >= 0.0)) {
+                    return Err(malformed("int4 scales", format!("scale {s} is not finite and ≥ 0")));
+                }
+                let packed = self.take("int4 values", n.div_ceil(2))?;
+                let q = unpack_nibbles(packed, n).map_err(|reason| malformed("int4 values", reason))?;
+                Ok(Compressed::Int4 { scales, q })
             }
             codec::TOP_K => {
                 let k = self.u32("top-k count")? as usize;
@@ -1000,6 +1042,7 @@ mod tests {
             Message::Members { members: vec![] },
             Message::LaneOffer { port: 40123, token: [7; LANE_TOKEN] },
             compressed(Compressed::Int8 { scales: vec![0.02], q: vec![-127, 0, 5, 127, 1] }),
+            compressed(Compressed::Int4 { scales: vec![0.25], q: vec![-7, 0, 5, 7, -1] }),
             compressed(Compressed::TopK { n: 5, idx: vec![1, 4], vals: vec![-2.0, 3.5] }),
         ]
     }
@@ -1019,6 +1062,9 @@ mod tests {
         let refused = [
             (Compressed::Int8 { scales: vec![-1.0], q: vec![0; 5] }, "scale -1"),
             (Compressed::Int8 { scales: vec![f32::NAN], q: vec![0; 5] }, "scale NaN"),
+            (Compressed::Int4 { scales: vec![f32::INFINITY], q: vec![0; 5] }, "scale inf"),
+            (Compressed::Int4 { scales: vec![1.0], q: vec![0, 0, -8, 0, 0] }, "value -8 is outside"),
+            (Compressed::Int4 { scales: vec![1.0], q: vec![0, 0, 0, 0, 8] }, "value -8 is outside"),
             (Compressed::TopK { n: 5, idx: vec![3, 1], vals: vec![1.0, 1.0] }, "not strictly ascending"),
             (Compressed::TopK { n: 5, idx: vec![1, 5], vals: vec![1.0, 1.0] }, "below 5"),
             (Compressed::TopK { n: 5, idx: vec![], vals: vec![] }, "0 of 5"),
@@ -1042,6 +1088,21 @@ mod tests {
         let dense = encode(&Message::Gradient(m.densify())).len();
         let sparse = encode(&Message::Compressed(m)).len();
         assert_eq!(sparse + (4 + 5 * 4), dense + (1 + 4 + 4 + 2 * 8));
+    }
+
+    #[test]
+    fn int4_values_go_two_to_a_byte_and_an_odd_counts_spare_half_must_be_zero() {
+        let grad = Compressed::Int4 { scales: vec![0.5], q: vec![-7, 7, 3, -1, 2] };
+        let bytes = encode(&compressed(grad.clone()));
+        let dense = encode(&compressed(Compressed::Int8 { scales: vec![0.5], q: vec![0; 5] }));
+        assert_eq!(dense.len() - bytes.len(), 5 - 3, "five values in three bytes");
+        let Message::Compressed(back) = decode(&bytes, L).unwrap() else { panic!() };
+        assert_eq!(back.grad, grad);
+        assert_eq!(back.densify().grad, vec![-3.5, 3.5, 1.5, -0.5, 1.0]);
+        let mut spare = bytes.clone();
+        *spare.last_mut().unwrap() |= 0x10;
+        let err = decode(&spare, L).unwrap_err().to_string();
+        assert!(err.contains("unused half"), "{err}");
     }
 
     #[test]

@@ -420,7 +420,8 @@ pub struct P2pConfig {
     /// `diloco`: Nesterov momentum of the outer optimizer, in `[0, 1)`.
     pub outer_momentum: f64,
     /// What a node sends of its gradient (or DiLoCo delta), P2P and PS alike: `none`
-    /// (dense), `int8` (one byte an element, a scale per block) or `topk` (the `topk_fraction`
+    /// (dense), `int8` (one byte an element, a scale per block), `int4` (half a byte an
+    /// element, a scale per block) or `topk` (the `topk_fraction`
     /// largest); what is left out is kept per node and added to the next one (error feedback).
     pub compression: CompressionName,
     /// `topk`: the share of elements sent, in `(0, 1]`.
@@ -476,6 +477,8 @@ pub enum CompressionName {
     None,
     /// int8 with a scale per block of 1024.
     Int8,
+    /// int4 (`−7..=7`, two to a byte) with a scale per block of 1024.
+    Int4,
     /// Top-k by magnitude.
     Topk,
 }
@@ -535,6 +538,7 @@ impl P2pConfig {
         match self.compression {
             CompressionName::None => Compression::None,
             CompressionName::Int8 => Compression::Int8,
+            CompressionName::Int4 => Compression::Int4,
             CompressionName::Topk => Compression::TopK { fraction: self.topk_fraction },
         }
     }

@@ -245,7 +245,7 @@ pub struct TrainArgs {
     /// `p2p.outer_lr`: DiLoCo's outer learning rate (SGD with Nesterov momentum).
     #[arg(long)]
     pub outer_lr: Option<f64>,
-    /// `p2p.compression`: what nodes send of a gradient or delta: `none`, `int8` or `topk`
+    /// `p2p.compression`: what nodes send of a gradient or delta: `none`, `int8`, `int4` or `topk`
     /// (the `p2p.topk_fraction` largest), with error feedback.
     #[arg(long, value_parser = parse_name::<CompressionName>)]
     pub compression: Option<CompressionName>,

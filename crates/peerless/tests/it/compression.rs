@@ -1,4 +1,4 @@
-//! Compressed exchanges (`p2p.compression`): int8 and top-k with error feedback send a
+//! Compressed exchanges (`p2p.compression`): int8, int4 and top-k with error feedback send a
 //! fraction of the bytes, keep replicas identical, give the PS the same model as P2P, and a
 //! peer killed and restarted (its residual resumed from its checkpoint) still ends with the
 //! others' model.
@@ -28,10 +28,10 @@ fn compressed(arch: &str, compression: &str, out: &Path) -> (String, u64) {
 }
 
 #[test]
-fn int8_and_top_k_send_a_fraction_of_the_bytes_and_p2p_equals_the_ps() {
+fn int8_int4_and_top_k_send_a_fraction_of_the_bytes_and_p2p_equals_the_ps() {
     let tmp = tempfile::tempdir().unwrap();
     let mut sent = Vec::new();
-    for c in ["none", "int8", "topk"] {
+    for c in ["none", "int8", "int4", "topk"] {
         let out = tmp.path().join(c);
         std::fs::write(
             out.with_extension("toml"),
@@ -45,11 +45,14 @@ fn int8_and_top_k_send_a_fraction_of_the_bytes_and_p2p_equals_the_ps() {
         assert_eq!(p2p, ps, "{c}: P2P and PS differ");
         sent.push((c, p2p, bytes));
     }
-    let [(_, dense, d), (_, int8, i), (_, topk, t)] = &sent[..] else { unreachable!() };
-    assert!(dense != int8 && dense != topk && int8 != topk, "{sent:?}");
+    let [(_, dense, d), (_, int8, i), (_, int4, i4), (_, topk, t)] = &sent[..] else { unreachable!() };
+    let digests = [dense, int8, int4, topk];
+    assert!(digests.iter().enumerate().all(|(k, a)| digests[k + 1..].iter().all(|b| a != b)), "{sent:?}");
     // The MLP on digits has 2,410 parameters: a gradient message is ~9.7 KB dense, ~2.5 KB
-    // as int8 and ~1 KB as 5 % top-k; acknowledgements and lists are the same in all three.
+    // as int8, ~1.3 KB as int4 and ~1 KB as 5 % top-k; acknowledgements and lists are the
+    // same in all four.
     assert!(i * 2 < *d, "int8 sent {i} bytes, dense {d}");
+    assert!(i4 < i, "int4 sent {i4} bytes, int8 {i}");
     assert!(t * 3 < *d, "top-k sent {t} bytes, dense {d}");
 }
 
