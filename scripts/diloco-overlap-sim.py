@@ -10,17 +10,15 @@
 #
 #   V/bin/python3 scripts/diloco-overlap-sim.py --delay 1 [--inner-steps 200] [--outer-lr 0.7]
 #       [--outer-momentum 0.9] [--bits 0] [--rounds 8] [--seed 1]
-import argparse, gzip, struct, torch
+import argparse, importlib.util, torch
 from pathlib import Path
 
 def idx(path):
-    for p in (path, path.with_name(path.name + ".gz")):
-        if p.exists():
-            data = (gzip.open if p.suffix == ".gz" else open)(p, "rb").read()
-            dims = data[3]
-            shape = struct.unpack(">" + "I" * dims, data[4:4 + 4 * dims])
-            return data[4 + 4 * dims:], shape
-    raise SystemExit(f"no {path} (or .gz): run `peerless data fetch mnist`")
+    # The IDX reader of time-to-accuracy.py (a file name with hyphens: loaded by path).
+    spec = importlib.util.spec_from_file_location("tta", Path(__file__).with_name("time-to-accuracy.py"))
+    tta = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tta)
+    return tta.idx(path)
 
 def load(d, img, lbl):
     x, (n, h, w) = idx(d / img)
