@@ -167,7 +167,6 @@ def main():
         return ddp_rank(a)
     a.forward = ["--data-dir", a.data_dir, "--world", str(a.world), "--target", str(a.target), "--lr", str(a.lr),
                  "--eval-samples", str(a.eval_samples), "--max-epochs", str(a.max_epochs), "--seed", str(a.seed)]
-    rows = []
     print(f"time to {a.target:.0%} test accuracy, MNIST MLP, {a.world} nodes, batch 64 each", file=sys.stderr)
     diloco = ["--sync", "diloco", "--inner-steps", str(a.inner_steps)]
     h = f"diloco H={a.inner_steps}"
@@ -215,7 +214,7 @@ def main():
               f"{r['accuracy']:>10.4f}")
     print("\n(vs DDP: DDP's time / this one's, > 1 is faster; vs every-step: bytes saved)")
     if a.repeat > 1:
-        print(f"(each the median of its runs; times to target of each run:)")
+        print("(each the median of its runs; times to target of each run:)")
         for name, r in rows:
             print(f"  {name:<26}" + " ".join(f"{t:.2f}" if t is not None else "-" for t in r["times_s"]))
     times = dict((n, r["time_s"]) for n, r in rows)

@@ -914,8 +914,9 @@ impl<'a> Reader<'a> {
     }
     /// A codec byte, the dense length (the model's), then the codec's fields, all checked:
     /// int8 and int4 scales finite and non-negative, int4 values in `−7..=7` (an odd count's
-    /// last byte with 0 as its high half, so a vector has one encoding); top-k indices strictly ascending below the length,
-    /// at least one and at most the length of them, values finite.
+    /// last byte with 0 as its high half, so a vector has one encoding); top-k indices
+    /// strictly ascending below the length, at least one and at most the length of them,
+    /// values finite.
     fn compressed(&mut self, params: usize) -> Result<Compressed, WireError> {
         let codec = self.u8("codec")?;
         let n = self.u32("vector length")? as usize;
