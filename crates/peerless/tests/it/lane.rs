@@ -2,25 +2,15 @@
 //! libp2p, a lane between every ordered pair, a restarted peer back on lanes, lanes cut by the
 //! kernel mid-run, and the launcher's refusal of lanes its fault proxy could not see.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Stdio;
 use std::time::Duration;
 
-use crate::{assert_completed_and_agreed, digests, events, peer_round, peerless, run, summary, wait_for};
+use crate::{
+    assert_completed_and_agreed, calm_config, digests, events, peer_round, peerless, run, summary, wait_for,
+};
 
-/// A configuration under `dir` with which no round leaves a gradient out at a deadline or for
-/// a late heartbeat (either can come on a loaded machine): runs compared bit for bit use it.
-fn patient(dir: &Path) -> PathBuf {
-    let path = dir.join("patient.toml");
-    std::fs::write(
-        &path,
-        "[cluster]\ndeadline_floor_ms = 60000\ndeadline_ceiling_ms = 60000\n[p2p]\ndetection_ms = 60000\n",
-    )
-    .unwrap();
-    path
-}
-
-fn train(transport: &str, out: &Path, config: &Path) {
+fn train(transport: &str, out: &Path, config: &str) {
     let o = run(peerless()
         .args(["train", "--arch", "p2p", "--peers", "3", "--functions-per-peer", "2", "--dataset", "digits"])
         .args(["--rounds", "120", "--lr", "0.05", "--seed", "11", "--tensor-transport", transport])
@@ -46,7 +36,7 @@ fn lanes(out: &Path) -> Vec<(u64, u64)> {
 fn gradients_on_tcp_lanes_give_the_libp2p_model_bit_for_bit() {
     let tmp = tempfile::tempdir().unwrap();
     let (tcp, libp2p) = (tmp.path().join("tcp"), tmp.path().join("libp2p"));
-    let config = patient(tmp.path());
+    let config = calm_config(tmp.path());
     train("tcp", &tcp, &config);
     train("libp2p", &libp2p, &config);
     let (a, b) = (summary(&tcp), summary(&libp2p));
@@ -110,7 +100,7 @@ fn socket_kill_available() -> bool {
 /// Every lane connection is closed by the kernel (`ss -K`) while the run trains, its libp2p
 /// connections left up: the gradients in flight are asked for again, the `Received`
 /// announcements go again over libp2p, and the run ends with the model of a run whose lanes
-/// stayed up, bit for bit (both runs [`patient`]).
+/// stayed up, bit for bit (both runs with [`calm_config`]).
 #[test]
 fn lanes_cut_mid_run_leave_the_model_bit_for_bit_unchanged() {
     if !socket_kill_available() {
@@ -118,9 +108,9 @@ fn lanes_cut_mid_run_leave_the_model_bit_for_bit_unchanged() {
     }
     let tmp = tempfile::tempdir().unwrap();
     let (cut, calm) = (tmp.path().join("cut"), tmp.path().join("calm"));
-    let patient = patient(tmp.path());
+    let calm_cfg = calm_config(tmp.path());
     let mut cut_run = serverful("tcp", &cut);
-    cut_run.arg("--config").arg(&patient);
+    cut_run.arg("--config").arg(&calm_cfg);
     let child = cut_run.stdout(Stdio::null()).stderr(Stdio::piped()).spawn().unwrap();
     let lane_ports = || -> Vec<String> {
         (0..3)
@@ -148,7 +138,7 @@ fn lanes_cut_mid_run_leave_the_model_bit_for_bit_unchanged() {
     assert!(closed >= 3, "ss -K closed {closed} lane connection(s) of ports {ports:?}");
     assert!(at < 1400, "the lanes were cut only at round {at} of 1500");
     let mut calm_run = serverful("tcp", &calm);
-    calm_run.arg("--config").arg(&patient);
+    calm_run.arg("--config").arg(&calm_cfg);
     assert!(run(calm_run.stdout(Stdio::null())).status.success(), "the calm run failed");
     let (a, b) = (summary(&cut), summary(&calm));
     assert_completed_and_agreed(&a);

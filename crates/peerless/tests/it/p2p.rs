@@ -4,7 +4,7 @@ use std::path::Path;
 use std::process::{Child, Stdio};
 use std::time::Duration;
 
-use crate::{digests, events, peer_round, peerless, real_data, run, summary, wait_for};
+use crate::{calm_config, digests, events, peer_round, peerless, real_data, run, summary, wait_for};
 
 fn launch(args: &[&str], out: &Path) -> Child {
     peerless()
@@ -122,18 +122,6 @@ fn survivors_of_a_sigkilled_peer_continue_without_waiting_for_the_deadline() {
     }
     let exits = events(&out.join("events.jsonl"));
     assert!(exits.iter().any(|e| e["event"] == "peer_exit" && e["peer"] == 3));
-}
-
-/// A config whose round deadline (60 s) no loaded test machine reaches: runs compared digest
-/// for digest must not differ because a slow peer missed a deadline in one of them.
-fn calm_config(dir: &Path) -> String {
-    let p = dir.join("calm.toml");
-    std::fs::write(
-        &p,
-        "[cluster]\ndeadline_floor_ms = 60000\ndeadline_ceiling_ms = 60000\n[p2p]\ndetection_ms = 60000\n",
-    )
-    .unwrap();
-    p.display().to_string()
 }
 
 /// A digits cluster long enough to interfere with.
