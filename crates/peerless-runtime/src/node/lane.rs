@@ -13,7 +13,8 @@
 //! libp2p. A gradient in flight when its lane breaks is reported failed, not sent again (the
 //! receiver may have taken it in: a second copy would be a replay); a receiver missing it asks
 //! for it again (`Resend`), over libp2p, where the next gradients go too until a new lane is
-//! up.
+//! up, and so does any gradient sent after the kernel closed the connection, before this node's
+//! tasks reported it closed.
 //!
 //! On a lane connection the dialler first writes the token, then requests; the listener answers
 //! each. A frame is a `u64` request id, a `u32` length and that many bytes, little-endian.
@@ -136,20 +137,29 @@ impl Conn {
     /// Writes frame `id` of `bytes`: right here when nothing is queued before it and the
     /// socket takes it whole (a gradient fits the socket's buffer), else (or what is left of
     /// it) through the writing task, in order. Writing here spares a wake-up of that task, and
-    /// often of another runtime thread, for each frame: at 4 peers, a dozen a round. False
-    /// when the connection is gone.
+    /// often of another runtime thread, for each frame: at 4 peers, a dozen a round.
+    ///
+    /// False, with nothing written, when the connection is gone, even if this node has not
+    /// heard so from its tasks yet: the caller sends the frame another way. A frame queued on a
+    /// connection the kernel already closed would be lost with nobody to ask for it again (the
+    /// receiver asked for what was in flight when it saw the connection close, before this
+    /// frame existed).
     fn send(&self, id: u64, bytes: Bytes) -> bool {
+        // A closed TCP socket has no peer address: one system call, a frame of a megabyte.
+        if self.out.half.peer_addr().is_err() {
+            return false;
+        }
         let mut head = [0u8; 12];
         head[..8].copy_from_slice(&id.to_le_bytes());
         head[8..].copy_from_slice(&(bytes.len() as u32).to_le_bytes());
         let mut written = 0;
         if self.out.queued.load(Ordering::Acquire) == 0 {
-            // An error other than a full socket is met again, and reported, by the task.
-            if let Ok(n) = self.out.half.try_write_vectored(&[IoSlice::new(&head), IoSlice::new(&bytes)]) {
-                if n == head.len() + bytes.len() {
-                    return true;
-                }
-                written = n;
+            match self.out.half.try_write_vectored(&[IoSlice::new(&head), IoSlice::new(&bytes)]) {
+                Ok(n) if n == head.len() + bytes.len() => return true,
+                Ok(n) => written = n,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                // Closed since the check above: nothing of the frame went out.
+                Err(_) => return false,
             }
         }
         self.out.queued.fetch_add(1, Ordering::AcqRel);
@@ -579,6 +589,42 @@ mod tests {
         .await;
         let orphans = a.closed(1, back);
         assert_eq!(orphans, vec![(id, Bytes::from_static(b"lost"))]);
+        assert!(!a.is_up(1));
+    }
+
+    /// What `ss -K` does to a lane mid-run: the kernel closes the connection, and a frame
+    /// sent before this node has taken in its tasks' report of that is refused (the caller
+    /// sends it over libp2p), not queued on the dead connection and lost.
+    #[tokio::test]
+    async fn a_frame_for_a_connection_the_kernel_closed_is_refused_before_the_close_is_reported() {
+        let ip: IpAddr = "127.0.0.1".parse().unwrap();
+        let mut a = Lane::listen(ip).unwrap();
+        let far = TcpListener::bind(SocketAddr::new(ip, 0)).await.unwrap();
+        a.dial(1, far.local_addr().unwrap(), [7; LANE_TOKEN]);
+        let (far, _) = far.accept().await.unwrap();
+        let stream = until(&mut a, |e| match e {
+            LaneEvent::Dialed { peer: 1, stream } => Some(stream),
+            _ => None,
+        })
+        .await;
+        assert!(a.dialed(1, stream).is_empty());
+        let before = a.request(1, Bytes::from_static(b"before")).expect("the lane is up");
+        // The far end resets the connection; a's reading task reports it, a has not taken that
+        // in yet.
+        far.set_zero_linger().unwrap();
+        drop(far);
+        let conn = until(&mut a, |e| match e {
+            LaneEvent::Closed { peer: 1, conn, .. } => Some(conn),
+            _ => None,
+        })
+        .await;
+        assert!(a.is_up(1), "the close is not taken in yet");
+        assert_eq!(a.request(1, Bytes::from_static(b"after")), None, "a frame on a closed connection");
+        assert_eq!(
+            a.closed(1, conn),
+            vec![(before, Bytes::from_static(b"before"))],
+            "only the frame sent before"
+        );
         assert!(!a.is_up(1));
     }
 

@@ -5,17 +5,12 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Stdio};
 use std::time::Duration;
 
-use crate::{digests, events, peer_round, peerless, run, summary, wait_for};
+use crate::{calm_config, digests, events, peer_round, peerless, run, summary, wait_for};
 
 /// A 3-peer digits run with deadlines long enough that no peer misses one (so the digest
 /// depends on nothing but the seed).
 fn launch(dir: &Path, out: &Path) -> Child {
-    let calm = dir.join("calm.toml");
-    std::fs::write(
-        &calm,
-        "[cluster]\ndeadline_floor_ms = 60000\ndeadline_ceiling_ms = 60000\n[p2p]\ndetection_ms = 60000\n",
-    )
-    .unwrap();
+    let calm = calm_config(dir);
     peerless()
         .args(["train", "--arch", "p2p", "--peers", "3", "--functions-per-peer", "2", "--rounds", "300"])
         .args(["--lr", "0.05", "--seed", "7", "--config"])
@@ -258,12 +253,7 @@ fn three_peers_started_from_the_command_line_alone_with_one_bootstrap_address_tr
 {
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path();
-    let calm = dir.join("calm.toml");
-    std::fs::write(
-        &calm,
-        "[cluster]\ndeadline_floor_ms = 60000\ndeadline_ceiling_ms = 60000\n[p2p]\ndetection_ms = 60000\n",
-    )
-    .unwrap();
+    let calm = calm_config(dir);
     let flags =
         ["--peers", "3", "--functions-per-peer", "2", "--rounds", "60", "--lr", "0.05", "--seed", "7"];
     let reference = dir.join("reference");

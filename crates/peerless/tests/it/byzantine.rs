@@ -162,11 +162,11 @@ async fn a_poisoned_in_store_sum_is_refused_and_the_round_redone_from_checked_gr
         store.accumulate(&format!("peer{peer}/grad/8"), "hostile", 999, &vec![1.0; n]).await.unwrap();
     }
     let args = ["--peers", "2", "--functions-per-peer", "2", "--rounds", "16", "--lr", "0.05", "--seed", "5"];
-    let calm = "[cluster]\ndeadline_floor_ms = 60000\ndeadline_ceiling_ms = 60000\n";
     let mut digests = Vec::new();
     for (name, store) in [("poisoned", server.url()), ("clean", "embedded".to_string())] {
         let config = tmp.path().join(format!("{name}.toml"));
-        std::fs::write(&config, format!("{calm}store = \"{store}\"\n[p2p]\ndetection_ms = 60000\n")).unwrap();
+        std::fs::write(&config, crate::CALM.replace("[p2p]", &format!("store = \"{store}\"\n[p2p]")))
+            .unwrap();
         let out = tmp.path().join(name);
         let mut cmd = crate::peerless();
         cmd.args(["train", "--arch", "p2p", "--config"]).arg(&config).args(args).arg("--out").arg(&out);

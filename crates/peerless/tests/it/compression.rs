@@ -33,11 +33,7 @@ fn int8_int4_and_top_k_send_a_fraction_of_the_bytes_and_p2p_equals_the_ps() {
     let mut sent = Vec::new();
     for c in ["none", "int8", "int4", "topk"] {
         let out = tmp.path().join(c);
-        std::fs::write(
-            out.with_extension("toml"),
-            "[cluster]\ndeadline_floor_ms = 60000\ndeadline_ceiling_ms = 60000\n[p2p]\ndetection_ms = 60000\ntopk_fraction = 0.05\n",
-        )
-        .unwrap();
+        std::fs::write(out.with_extension("toml"), format!("{}topk_fraction = 0.05\n", crate::CALM)).unwrap();
         let (p2p, bytes) = compressed("p2p", c, &out);
         let ps_out = tmp.path().join(format!("{c}-ps"));
         std::fs::copy(out.with_extension("toml"), ps_out.with_extension("toml")).unwrap();

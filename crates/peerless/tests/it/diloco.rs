@@ -4,11 +4,11 @@
 
 use std::path::Path;
 
-use crate::{assert_completed_and_agreed, peerless, run, summary};
+use crate::{assert_completed_and_agreed, calm_config, peerless, run, summary};
 
 /// Trains `arch` on digits with DiLoCo (3 nodes × 2 functions, H = 5, 8 outer rounds).
 /// Returns the final parameter digest.
-fn diloco(arch: &str, compute: &str, out: &Path, calm: &Path) -> String {
+fn diloco(arch: &str, compute: &str, out: &Path, calm: &str) -> String {
     let o = run(peerless()
         .args(["train", "--arch", arch, "--compute", compute, "--sync", "diloco", "--inner-steps", "5"])
         .args(["--peers", "3", "--functions-per-peer", "2", "--rounds", "8", "--lr", "0.05", "--seed", "5"])
@@ -39,12 +39,7 @@ fn totals(s: &serde_json::Value) -> (u64, u64) {
 #[test]
 fn local_steps_in_the_node_in_functions_and_under_a_ps_give_the_same_model() {
     let tmp = tempfile::tempdir().unwrap();
-    let calm = tmp.path().join("calm.toml");
-    std::fs::write(
-        &calm,
-        "[cluster]\ndeadline_floor_ms = 60000\ndeadline_ceiling_ms = 60000\n[p2p]\ndetection_ms = 60000\n",
-    )
-    .unwrap();
+    let calm = calm_config(tmp.path());
     let local = diloco("p2p", "local", &tmp.path().join("local"), &calm);
     assert_eq!(local, diloco("p2p", "functions", &tmp.path().join("functions"), &calm), "node vs functions");
     assert_eq!(local, diloco("ps", "functions", &tmp.path().join("ps"), &calm), "P2P vs PS");

@@ -87,19 +87,20 @@ pub fn wait_for(what: &str, timeout: std::time::Duration, mut f: impl FnMut() ->
     }
 }
 
-/// The peers' final parameter digests in a cluster summary.
-/// A config whose round deadline (60 s) no loaded test machine reaches: runs compared digest
-/// for digest must not differ because a slow peer missed a deadline in one of them.
+/// Round deadlines and silence detection (60 s) that no loaded test machine reaches: runs
+/// compared digest for digest must not differ because a slow peer missed a deadline in one of
+/// them. Its last table is `[p2p]`: keys of that section may follow.
+pub const CALM: &str =
+    "[cluster]\ndeadline_floor_ms = 60000\ndeadline_ceiling_ms = 60000\n[p2p]\ndetection_ms = 60000\n";
+
+/// A config file of [`CALM`] in `dir`; its path.
 pub fn calm_config(dir: &Path) -> String {
     let p = dir.join("calm.toml");
-    std::fs::write(
-        &p,
-        "[cluster]\ndeadline_floor_ms = 60000\ndeadline_ceiling_ms = 60000\n[p2p]\ndetection_ms = 60000\n",
-    )
-    .unwrap();
+    std::fs::write(&p, CALM).unwrap();
     p.display().to_string()
 }
 
+/// The peers' final parameter digests in a cluster summary.
 pub fn digests(s: &serde_json::Value) -> Vec<String> {
     s["param_digests"].as_array().unwrap().iter().map(|d| d[1].as_str().unwrap().to_owned()).collect()
 }

@@ -78,12 +78,7 @@ fn survivors_of_a_sigkilled_peer_continue_without_waiting_for_the_deadline() {
     let out = tmp.path().join("run");
     // A 60 s deadline floor: a survivor that waited for the dead peer instead of dropping it
     // at once would show it in the round times and as a suspicion.
-    let cfg = tmp.path().join("run.toml");
-    std::fs::write(
-        &cfg,
-        "[cluster]\ndeadline_floor_ms = 60000\ndeadline_ceiling_ms = 60000\n[p2p]\ndetection_ms = 60000\n",
-    )
-    .unwrap();
+    let cfg = calm_config(tmp.path());
     let child = peerless()
         .args(["train", "--config"])
         .arg(&cfg)

@@ -90,14 +90,7 @@ impl Drop for RedisServer {
 /// A 2-peer digits run on the Redis at `store`, deadlines long enough that no peer misses one.
 fn launch(dir: &Path, out: &Path, store: &str, rounds: u32) -> Child {
     let config = dir.join("shared-redis.toml");
-    std::fs::write(
-        &config,
-        format!(
-            "[cluster]\nstore = \"{store}\"\ndeadline_floor_ms = 60000\ndeadline_ceiling_ms = 60000\n\
-             [p2p]\ndetection_ms = 60000\n"
-        ),
-    )
-    .unwrap();
+    std::fs::write(&config, crate::CALM.replace("[p2p]", &format!("store = \"{store}\"\n[p2p]"))).unwrap();
     peerless()
         .args(["train", "--arch", "p2p", "--peers", "2", "--functions-per-peer", "2"])
         .args(["--rounds", &rounds.to_string(), "--lr", "0.05", "--seed", "3", "--config"])
