@@ -208,8 +208,9 @@ def main():
     print(f"\n{'':<28}{'time to target':>15}{'vs DDP':>9}{'MB sent/node':>14}{'vs every-step':>15}{'last acc':>10}")
     for name, r in rows:
         t, b = r["time_s"], r["bytes_per_node"]
-        fmt = lambda v, f: f.format(v) if v is not None else "not reached"
-        print(f"{name:<28}{fmt(t, '{:>14.2f}s'):>15}{fmt(t and ddp_t and ddp_t / t, '{:>8.2f}x'):>9}"
+        # Not reached, or a run to compare with not among those run: "-" (never a false 0).
+        fmt = lambda v, f: f.format(v) if v is not None else "-"
+        print(f"{name:<28}{fmt(t, '{:>14.2f}s') if t is not None else 'not reached':>15}{fmt(t and ddp_t and ddp_t / t, '{:>8.2f}x'):>9}"
               f"{fmt(b and b / 1e6, '{:>14.1f}'):>14}{fmt(b and every_b and every_b / b, '{:>14.1f}x'):>15}"
               f"{r['accuracy']:>10.4f}")
     print("\n(vs DDP: DDP's time / this one's, > 1 is faster; vs every-step: bytes saved)")
